@@ -1,0 +1,703 @@
+"""The gateway's configuration: one typed, frozen, validated object.
+
+The schema is the contract of SPEC section 3.  Every field has a default, unknown
+keys are errors, and every error carries its field path (``routes[1].upstream``).
+Secrets never live in the file: fields ending in ``_env`` name an environment
+variable, resolved once at load time into :class:`Secrets`, kept apart from the
+config so that dumping the config can never leak one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_METHOD_RE = re.compile(r"^[A-Z]+$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+NonNegativeSeconds = Annotated[float, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+EnvName = Annotated[str, Field(pattern=_ENV_RE.pattern)]
+HeaderName = Annotated[str, Field(pattern=_TOKEN_RE.pattern, max_length=256)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+def _parse_networks(value: Any) -> Any:
+    """Parse CIDRs (a bare address means a /32 or /128); host bits set are an error."""
+    if not isinstance(value, list):
+        return value
+    out: list[IPNetwork] = []
+    for item in value:
+        if not isinstance(item, str):
+            msg = f"expected a CIDR string, got {item!r}"
+            raise ValueError(msg)  # noqa: TRY004 - pydantic turns ValueError into a field error
+        try:
+            out.append(ipaddress.ip_network(item.strip(), strict=True))
+        except ValueError as exc:
+            msg = f"invalid CIDR {item!r}: {exc}"
+            raise ValueError(msg) from None
+    return out
+
+
+class Listen(_Model):
+    host: str = "0.0.0.0"  # noqa: S104 - a sidecar listens on the pod's interfaces
+    port: Port = 8000
+
+
+class Admin(_Model):
+    host: str = "0.0.0.0"  # noqa: S104
+    port: Port = 9901
+    token_env: EnvName | None = "GATEWAY_ADMIN_TOKEN"
+
+
+class RequestLimits(_Model):
+    max_body_bytes: Annotated[int, Field(ge=0)] = 10_485_760
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 16_384
+    client_timeout_s: PositiveSeconds = 60
+    request_id_header: HeaderName = "X-Request-ID"
+
+
+class HealthCheck(_Model):
+    path: str = "/health"
+    interval_s: PositiveSeconds = 5
+    timeout_s: PositiveSeconds = 2
+    healthy_threshold: PositiveInt = 2
+    unhealthy_threshold: PositiveInt = 3
+    critical: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            msg = "must start with '/'"
+            raise ValueError(msg)
+        return v
+
+
+class CircuitBreaker(_Model):
+    consecutive_failures: PositiveInt = 5
+    failure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
+    min_requests: PositiveInt = 20
+    window_s: PositiveSeconds = 30
+    open_s: PositiveSeconds = 30
+    half_open_requests: PositiveInt = 3
+    failure_statuses: tuple[Annotated[int, Field(ge=100, le=599)], ...] = (502, 503, 504)
+    slow_call_s: PositiveSeconds | None = None
+
+
+class Retries(_Model):
+    attempts: PositiveInt = 2
+    backoff_s: NonNegativeSeconds = 0.05
+    backoff_max_s: NonNegativeSeconds = 1.0
+    budget_ratio: Annotated[float, Field(ge=0, le=1)] = 0.2
+
+
+class Upstream(_Model):
+    url: str
+    connect_timeout_s: PositiveSeconds = 2
+    timeout_s: PositiveSeconds = 30
+    max_connections: PositiveInt = 100
+    max_inflight: PositiveInt = 500
+    health: HealthCheck = HealthCheck()
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
+    retries: Retries = Retries()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from yarl import URL  # noqa: PLC0415 - only needed while validating
+
+        try:
+            url = URL(v)
+        except (ValueError, TypeError) as exc:
+            msg = f"invalid URL {v!r}: {exc}"
+            raise ValueError(msg) from None
+        if url.scheme not in ("http", "https") or not url.host:
+            msg = f"must be an http:// or https:// URL with a host, got {v!r}"
+            raise ValueError(msg)
+        if url.path not in ("", "/") or url.query_string or url.fragment:
+            msg = "must have no path, query or fragment (the client's path is sent as it is)"
+            raise ValueError(msg)
+        return str(url.origin())
+
+
+class SharedSecret(_Model):
+    header: HeaderName
+    value_env: EnvName
+
+
+class Route(_Model):
+    name: Annotated[str, Field(pattern=_NAME_RE.pattern)]
+    path_prefix: str = "/"
+    upstream: str
+    methods: tuple[str, ...] | None = None
+    source_cidrs: tuple[IPNetwork, ...] | None = None
+    shared_secret: SharedSecret | None = None
+    rate_limits: tuple[str, ...] = ()
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            msg = "must start with '/'"
+            raise ValueError(msg)
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return v
+        if not v:
+            msg = "must list at least one method (omit the field to allow any)"
+            raise ValueError(msg)
+        for m in v:
+            if not _METHOD_RE.match(m):
+                msg = f"{m!r} is not an upper-case HTTP method (methods are case-sensitive)"
+                raise ValueError(msg)
+        return v
+
+    @field_validator("source_cidrs", mode="before")
+    @classmethod
+    def _cidrs(cls, v: Any) -> Any:
+        return _parse_networks(v)
+
+
+class Policy(_Model):
+    requests: PositiveInt
+    period_s: PositiveSeconds
+    burst: PositiveInt | None = None
+    key: str = "ip"
+    mode: Literal["enforce", "shadow"] = "enforce"
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        if v in ("ip", "route", "ip_route"):
+            return v
+        if v.startswith("header:") and _TOKEN_RE.match(v[7:]):
+            return v
+        msg = f"must be ip, route, ip_route or header:NAME, got {v!r}"
+        raise ValueError(msg)
+
+    @property
+    def effective_burst(self) -> int:
+        return self.burst if self.burst is not None else self.requests
+
+
+def _default_policies() -> dict[str, Policy]:
+    return {"per-ip": Policy(requests=100, period_s=1, burst=200, key="ip")}
+
+
+def _default_upstreams() -> dict[str, Upstream]:
+    return {"api": Upstream(url="http://127.0.0.1:8080")}
+
+
+def _default_routes() -> tuple[Route, ...]:
+    return (Route(name="default", path_prefix="/", upstream="api", rate_limits=("per-ip",)),)
+
+
+class RateLimit(_Model):
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url_env: EnvName = "GATEWAY_REDIS_URL"
+    on_backend_error: Literal["local", "allow", "deny"] = "local"
+    ipv6_prefix: Annotated[int, Field(ge=1, le=128)] = 64
+    max_keys: Annotated[int, Field(ge=1000)] = 1_000_000
+    policies: dict[str, Policy] = Field(default_factory=_default_policies)
+
+
+class AbuseScores(_Model):
+    rate_limited: Annotated[float, Field(ge=0)] = 1
+    not_found: Annotated[float, Field(ge=0)] = 1
+    auth_failure: Annotated[float, Field(ge=0)] = 3
+    bad_request: Annotated[float, Field(ge=0)] = 2
+    suspicious_path: Annotated[float, Field(ge=0)] = 25
+
+
+class Abuse(_Model):
+    enabled: bool = True
+    window_s: PositiveSeconds = 60
+    ban_score: Annotated[float, Field(gt=0)] = 50
+    scores: AbuseScores = AbuseScores()
+    suspicious_paths: tuple[str, ...] = (
+        "/.env",
+        "/.git/",
+        "/wp-admin",
+        "/wp-login.php",
+        "/phpmyadmin",
+    )
+    ban_s: PositiveSeconds = 600
+    ban_multiplier: Annotated[float, Field(ge=1)] = 2
+    max_ban_s: PositiveSeconds = 86_400
+    ban_status: Annotated[int, Field(ge=400, le=599)] = 403
+    mode: Literal["enforce", "shadow"] = "enforce"
+
+
+class Hsts(_Model):
+    max_age_s: Annotated[int, Field(ge=0)] = 31_536_000
+    include_subdomains: bool = True
+
+
+def _default_security_headers() -> dict[str, str]:
+    return {
+        "X-Content-Type-Options": "nosniff",
+        "X-Frame-Options": "DENY",
+        "Referrer-Policy": "no-referrer",
+        "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+        "Cross-Origin-Opener-Policy": "same-origin",
+        "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+    }
+
+
+class SecurityHeaders(_Model):
+    enabled: bool = True
+    override: bool = False
+    hsts: Hsts = Hsts()
+    set: dict[HeaderName, str] = Field(default_factory=_default_security_headers)
+    remove: tuple[HeaderName, ...] = ("Server", "X-Powered-By")
+
+    @field_validator("set")
+    @classmethod
+    def _values(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if any(c in value for c in "\r\n\0"):
+                msg = f"value of {name!r} contains a control character"
+                raise ValueError(msg)
+        return v
+
+
+class DatabaseCheck(_Model):
+    name: Annotated[str, Field(pattern=_NAME_RE.pattern)]
+    query: str
+    degraded_above: float | None = None
+    unhealthy_above: float | None = None
+
+
+class Database(_Model):
+    dsn_env: EnvName = "GATEWAY_DATABASE_URL"
+    critical: bool = False
+    interval_s: PositiveSeconds = 10
+    timeout_s: PositiveSeconds = 2
+    degraded_latency_ms: Annotated[float, Field(ge=0)] = 100
+    required_tables: tuple[str, ...] = ()
+    checks: tuple[DatabaseCheck, ...] = ()
+
+
+class RedisHealth(_Model):
+    critical: bool = False
+    interval_s: PositiveSeconds = 5
+    timeout_s: PositiveSeconds = 1
+
+
+class Liveness(_Model):
+    max_event_loop_lag_s: PositiveSeconds = 5
+
+
+class Drain(_Model):
+    delay_s: NonNegativeSeconds = 5
+    timeout_s: NonNegativeSeconds = 25
+
+
+class Reload(_Model):
+    interval_s: PositiveSeconds = 5
+
+
+class AccessLog(_Model):
+    enabled: bool = True
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+
+class Metrics(_Model):
+    on_proxy_port: bool = False
+
+
+class Config(_Model):
+    """The whole configuration (SPEC section 3)."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        title="Gateway configuration",
+        json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
+    )
+
+    listen: Listen = Listen()
+    admin: Admin = Admin()
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    allow_cidrs: tuple[IPNetwork, ...] = ()
+    deny_cidrs: tuple[IPNetwork, ...] = ()
+    request: RequestLimits = RequestLimits()
+    upstreams: dict[Annotated[str, Field(pattern=_NAME_RE.pattern)], Upstream] = Field(
+        default_factory=_default_upstreams
+    )
+    routes: tuple[Route, ...] = Field(default_factory=_default_routes)
+    rate_limit: RateLimit = RateLimit()
+    abuse: Abuse = Abuse()
+    security_headers: SecurityHeaders = SecurityHeaders()
+    database: Database | None = None
+    redis_health: RedisHealth = RedisHealth()
+    liveness: Liveness = Liveness()
+    drain: Drain = Drain()
+    reload: Reload = Reload()
+    access_log: AccessLog = AccessLog()
+    metrics: Metrics = Metrics()
+
+    @field_validator("trusted_proxies", "allow_cidrs", "deny_cidrs", mode="before")
+    @classmethod
+    def _cidrs(cls, v: Any) -> Any:
+        return _parse_networks(v)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(h.lower() for h in v)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One error or warning, with the field path it is about."""
+
+    path: str
+    message: str
+    risky: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(Exception):
+    """The config is invalid; ``problems`` lists every error with its field path."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _known_fields(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names allowed at ``loc`` (for 'did you mean' hints)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            # dict-of-models (upstreams.NAME, policies.NAME): step into the value model
+            if model is Upstream or model is Policy:
+                continue
+            return []
+        ann = fields[part].annotation
+        model = _model_in(ann)
+        if model is None:
+            return []
+    fields = getattr(model, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def _model_in(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _pydantic_problems(exc: ValidationError) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = format_loc(loc)
+        if err["type"] == "extra_forbidden":
+            hint = ""
+            if loc and isinstance(loc[-1], str):
+                close = difflib.get_close_matches(loc[-1], _known_fields(loc), n=1)
+                if close:
+                    hint = f" (did you mean '{close[0]}'?)"
+            problems.append(Problem(path, f"unknown key{hint}"))
+            continue
+        msg = err["msg"]
+        msg = msg.removeprefix("Value error, ")
+        if (
+            err["type"] != "missing"
+            and "input" in err
+            and not isinstance(err["input"], dict | list)
+        ):
+            msg = f"{msg} (got {err['input']!r})"
+        problems.append(Problem(path, msg))
+    return problems
+
+
+def _cross_check(cfg: Config) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for i, route in enumerate(cfg.routes):
+        if route.name in seen:
+            problems.append(Problem(f"routes[{i}].name", f"duplicate route name {route.name!r}"))
+        seen.setdefault(route.name, i)
+        if route.upstream not in cfg.upstreams:
+            problems.append(
+                Problem(
+                    f"routes[{i}].upstream",
+                    f"unknown upstream {route.upstream!r}"
+                    f" (known: {', '.join(sorted(cfg.upstreams)) or 'none'})",
+                )
+            )
+        for j, pol in enumerate(route.rate_limits):
+            if pol not in cfg.rate_limit.policies:
+                problems.append(
+                    Problem(
+                        f"routes[{i}].rate_limits[{j}]",
+                        f"unknown policy {pol!r}"
+                        f" (known: {', '.join(sorted(cfg.rate_limit.policies)) or 'none'})",
+                    )
+                )
+    if not cfg.routes:
+        problems.append(Problem("routes", "at least one route is needed"))
+    if cfg.abuse.max_ban_s < cfg.abuse.ban_s:
+        problems.append(Problem("abuse.max_ban_s", "must be >= abuse.ban_s"))
+    for name, up in cfg.upstreams.items():
+        if up.retries.backoff_max_s < up.retries.backoff_s:
+            problems.append(
+                Problem(f"upstreams.{name}.retries.backoff_max_s", "must be >= backoff_s")
+            )
+    if cfg.database is not None:
+        names = [c.name for c in cfg.database.checks]
+        for i, n in enumerate(names):
+            if names.index(n) != i:
+                problems.append(Problem(f"database.checks[{i}].name", f"duplicate {n!r}"))
+    if (cfg.listen.host, cfg.listen.port) == (cfg.admin.host, cfg.admin.port) or (
+        cfg.listen.port == cfg.admin.port
+    ):
+        problems.append(Problem("admin.port", "must differ from listen.port"))
+    return problems
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """Values of the ``*_env`` fields, read from the environment at load time."""
+
+    admin_token: str | None = None
+    redis_url: str | None = None
+    database_dsn: str | None = None
+    route_secrets: Mapping[str, bytes] = field(default_factory=dict)
+
+
+def _env(environ: Mapping[str, str], name: str | None) -> str | None:
+    if not name:
+        return None
+    value = environ.get(name, "")
+    return value or None
+
+
+def resolve_secrets(cfg: Config, environ: Mapping[str, str]) -> tuple[Secrets, list[Problem]]:
+    warnings: list[Problem] = []
+    admin_token = _env(environ, cfg.admin.token_env)
+    if admin_token is None:
+        where = (
+            f"environment variable {cfg.admin.token_env} is not set"
+            if cfg.admin.token_env
+            else "no token_env"
+        )
+        warnings.append(
+            Problem(
+                "admin.token_env",
+                f"{where}: /admin/* endpoints refuse every call (403)",
+                risky=True,
+            )
+        )
+    redis_url = _env(environ, cfg.rate_limit.redis_url_env)
+    if cfg.rate_limit.backend == "redis" and redis_url is None:
+        warnings.append(
+            Problem(
+                "rate_limit.redis_url_env",
+                f"environment variable {cfg.rate_limit.redis_url_env} is not set:"
+                f" the redis backend is unavailable (on_backend_error:"
+                f" {cfg.rate_limit.on_backend_error} applies)",
+            )
+        )
+    dsn = None
+    if cfg.database is not None:
+        dsn = _env(environ, cfg.database.dsn_env)
+        if dsn is None:
+            warnings.append(
+                Problem(
+                    "database.dsn_env",
+                    f"environment variable {cfg.database.dsn_env} is not set:"
+                    " the database component reports unhealthy",
+                )
+            )
+    route_secrets: dict[str, bytes] = {}
+    for i, route in enumerate(cfg.routes):
+        if route.shared_secret is None:
+            continue
+        value = _env(environ, route.shared_secret.value_env)
+        if value is None:
+            warnings.append(
+                Problem(
+                    f"routes[{i}].shared_secret.value_env",
+                    f"environment variable {route.shared_secret.value_env} is not set:"
+                    " every request to this route is refused (403)",
+                )
+            )
+        else:
+            route_secrets[route.name] = value.encode()
+    return Secrets(admin_token, redis_url, dsn, route_secrets), warnings
+
+
+def risky_settings(cfg: Config) -> list[Problem]:
+    """Settings that serve, but that ``check-config --strict`` refuses."""
+    out = []
+    for i, net in enumerate(cfg.trusted_proxies):
+        if net.prefixlen == 0:
+            out.append(
+                Problem(
+                    f"trusted_proxies[{i}]",
+                    f"{net} trusts every address: any client can forge its IP",
+                    risky=True,
+                )
+            )
+    if cfg.metrics.on_proxy_port:
+        out.append(
+            Problem(
+                "metrics.on_proxy_port",
+                "metrics are served to every client on the proxy port",
+                risky=True,
+            )
+        )
+    if not cfg.security_headers.enabled:
+        out.append(Problem("security_headers.enabled", "security headers are off", risky=True))
+    if cfg.rate_limit.on_backend_error == "allow":
+        out.append(
+            Problem(
+                "rate_limit.on_backend_error",
+                "'allow' lifts every limit while the backend is down",
+                risky=True,
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """A loaded config: the validated object, its secrets, its warnings and its origin."""
+
+    config: Config
+    secrets: Secrets
+    warnings: tuple[Problem, ...]
+    source: str | None
+    digest: str
+
+    def summary(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "source": self.source or "built-in defaults",
+            "listen": f"{cfg.listen.host}:{cfg.listen.port}",
+            "admin": f"{cfg.admin.host}:{cfg.admin.port}",
+            "upstreams": {n: u.url for n, u in cfg.upstreams.items()},
+            "routes": [f"{r.name} {r.path_prefix} -> {r.upstream}" for r in cfg.routes],
+            "policies": {
+                n: f"{p.requests}/{p.period_s}s burst {p.effective_burst} key {p.key} {p.mode}"
+                for n, p in cfg.rate_limit.policies.items()
+            },
+            "backend": cfg.rate_limit.backend,
+            "warnings": [str(w) for w in self.warnings],
+        }
+
+    def summary_line(self) -> str:
+        cfg = self.config
+        n_warn = len(self.warnings)
+        return (
+            f"ok: {len(cfg.upstreams)} upstream(s), {len(cfg.routes)} route(s), "
+            f"{len(cfg.rate_limit.policies)} policy(ies), backend {cfg.rate_limit.backend}, "
+            f"listen :{cfg.listen.port}, admin :{cfg.admin.port}, {n_warn} warning(s)"
+        )
+
+
+def parse_config(data: Any) -> Config:
+    """Validate already-parsed YAML data; raise :class:`ConfigError` with every problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("", "the top level must be a mapping of keys")])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_problems(exc)) from None
+    problems = _cross_check(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_text(
+    text: str, *, source: str | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    try:
+        data = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([Problem("", f"invalid YAML: {where}{problem}")]) from None
+    cfg = parse_config(data)
+    secrets, warnings = resolve_secrets(cfg, os.environ if environ is None else environ)
+    warnings.extend(risky_settings(cfg))
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return Settings(cfg, secrets, tuple(warnings), source, digest)
+
+
+def load_file(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Settings:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem("", f"cannot read {p}: {exc}")]) from None
+    return load_text(text, source=str(p), environ=environ)
+
+
+def load_default(environ: Mapping[str, str] | None = None) -> Settings:
+    return load_text("", source=None, environ=environ)
+
+
+def json_schema() -> dict[str, Any]:
+    return Config.model_json_schema(mode="validation")

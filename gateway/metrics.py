@@ -1,0 +1,121 @@
+"""Prometheus metrics of SPEC section 6, on one registry owned by the gateway.
+
+Labels are bounded: route and upstream names come from the config, never a client
+address or a raw path.  Children for the label sets known at config time are made
+once (``bind``) so that recording a request is a few attribute look-ups.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import __version__
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+CIRCUIT_STATES = ("closed", "open", "half_open")
+HEALTH_STATUSES = ("healthy", "degraded", "unhealthy")
+
+__all__ = ["CIRCUIT_STATES", "CONTENT_TYPE_LATEST", "HEALTH_STATUSES", "Metrics"]
+
+
+class Metrics:
+    """Every metric the gateway exports, registered on its own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "gateway_"
+        self.requests_total = Counter(
+            p + "requests_total", "Requests answered.", ["route", "method", "code"], registry=r
+        )
+        self.request_duration = Histogram(
+            p + "request_duration_seconds",
+            "Time from request to the end of the response.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            p + "upstream_request_duration_seconds",
+            "Time of the exchange with the upstream, to the response headers.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            p + "upstream_errors_total",
+            "Upstream exchanges that failed, by kind.",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            p + "inflight_requests", "Requests in flight to the upstream.", ["upstream"], registry=r
+        )
+        self.ratelimit_decisions = Counter(
+            p + "ratelimit_decisions_total",
+            "Rate-limit decisions by policy.",
+            ["policy", "decision"],
+            registry=r,
+        )
+        self.ratelimit_backend_errors = Counter(
+            p + "ratelimit_backend_errors_total",
+            "Rate-limit decisions the shared backend could not make.",
+            registry=r,
+        )
+        self.bans_total = Counter(p + "bans_total", "Bans made, by reason.", ["reason"], registry=r)
+        self.active_bans = Gauge(p + "active_bans", "Bans in force.", registry=r)
+        self.circuit_state = Gauge(
+            p + "circuit_state",
+            "Circuit breaker state (1 for the current state).",
+            ["upstream", "state"],
+            registry=r,
+        )
+        self.circuit_transitions = Counter(
+            p + "circuit_transitions_total",
+            "Circuit breaker transitions.",
+            ["upstream", "from_state", "to_state"],
+            registry=r,
+        )
+        self.health_status = Gauge(
+            p + "health_status",
+            "Component health (1 for the current status).",
+            ["component", "status"],
+            registry=r,
+        )
+        self.health_check_duration = Histogram(
+            p + "health_check_duration_seconds",
+            "Duration of background health checks.",
+            ["component"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            p + "config_reloads_total", "Config reloads by result.", ["result"], registry=r
+        )
+        self.config_last_reload_success = Gauge(
+            p + "config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully.",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            p + "build_info", "Build information.", ["version", "python"], registry=r
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+
+    def set_circuit_state(self, upstream: str, state: str) -> None:
+        for s in CIRCUIT_STATES:
+            self.circuit_state.labels(upstream, s).set(1 if s == state else 0)
+
+    def set_health_status(self, component: str, status: str) -> None:
+        for s in HEALTH_STATUSES:
+            self.health_status.labels(component, s).set(1 if s == status else 0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

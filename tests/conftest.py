@@ -1,0 +1,131 @@
+"""Shared fixtures: real Redis and PostgreSQL when reachable, a clear skip when not."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _reachable(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.settimeout(0.5)
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """URL of the machine's Redis (database 15 is left to the tests); skip if absent."""
+    url = os.environ.get("GATEWAY_TEST_REDIS_URL", f"redis://{REDIS_HOST}:{REDIS_PORT}/0")
+    if not _redis_answers(REDIS_HOST, REDIS_PORT):
+        pytest.skip(
+            f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT}: start it with "
+            "`redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' "
+            "--appendonly no` (bash .ci/run does this)"
+        )
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> str:
+    """DSN of the machine's PostgreSQL database `test`; skip if absent."""
+    dsn = os.environ.get(
+        "GATEWAY_TEST_DATABASE_URL", f"postgresql://postgres@{PG_HOST}:{PG_PORT}/test"
+    )
+    if not _reachable(PG_HOST, PG_PORT):
+        pytest.skip(
+            f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT}: start it with "
+            "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` "
+            "(bash .ci/run does this)"
+        )
+    return dsn
+
+
+class RedisServer:
+    """A private redis-server on a free port, for outage and cluster tests."""
+
+    def __init__(self, port: int | None = None, *extra: str) -> None:
+        self.port = port or free_port()
+        self.extra = extra
+        self.dir = tempfile.mkdtemp(prefix="gw-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                *self.extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if _redis_answers("127.0.0.1", self.port):
+                return
+            time.sleep(0.05)
+        self.stop()
+        msg = f"redis-server on port {self.port} did not start"
+        raise RuntimeError(msg)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, stopped at the end."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
