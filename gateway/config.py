@@ -453,6 +453,7 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
         msg = msg.removeprefix("Value error, ")
         if (
             err["type"] != "missing"
+            and "got " not in msg
             and "input" in err
             and not isinstance(err["input"], dict | list)
         ):
@@ -670,7 +671,11 @@ def parse_config(data: Any) -> Config:
 
 
 def load_text(
-    text: str, *, source: str | None = None, environ: Mapping[str, str] | None = None
+    text: str,
+    *,
+    source: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    digest: str | None = None,
 ) -> Settings:
     try:
         data = yaml.safe_load(text) if text.strip() else None
@@ -682,17 +687,19 @@ def load_text(
     cfg = parse_config(data)
     secrets, warnings = resolve_secrets(cfg, os.environ if environ is None else environ)
     warnings.extend(risky_settings(cfg))
-    digest = hashlib.sha256(text.encode()).hexdigest()
+    digest = digest or hashlib.sha256(text.encode()).hexdigest()
     return Settings(cfg, secrets, tuple(warnings), source, digest)
 
 
 def load_file(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Settings:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([Problem("", f"cannot read {p}: {exc}")]) from None
-    return load_text(text, source=str(p), environ=environ)
+    digest = hashlib.sha256(raw).hexdigest()
+    return load_text(text, source=str(p), environ=environ, digest=digest)
 
 
 def load_default(environ: Mapping[str, str] | None = None) -> Settings:

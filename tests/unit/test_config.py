@@ -1,0 +1,187 @@
+"""The config contract: defaults, validation errors with field paths, secrets from env."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, json_schema, load_default, load_file, load_text
+
+DATA = Path(__file__).parent.parent / "data" / "config"
+CASES = sorted(DATA.glob("*.yaml"))
+ROOT = Path(__file__).parent.parent.parent
+
+
+def _expected(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: ")
+    return first[len("# expect: ") :]
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_each_invalid_file_names_its_field(path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_file(path, environ={})
+    messages = [str(p) for p in info.value.problems]
+    assert _expected(path) in messages, messages
+
+
+def test_empty_file_means_the_documented_defaults() -> None:
+    s = load_text("", environ={})
+    cfg = s.config
+    assert (cfg.listen.host, cfg.listen.port) == ("0.0.0.0", 8000)
+    assert cfg.admin.port == 9901
+    assert list(cfg.upstreams) == ["api"]
+    assert cfg.upstreams["api"].url == "http://127.0.0.1:8080"
+    assert [(r.name, r.path_prefix, r.upstream, r.rate_limits) for r in cfg.routes] == [
+        ("default", "/", "api", ("per-ip",))
+    ]
+    p = cfg.rate_limit.policies["per-ip"]
+    assert (p.requests, p.period_s, p.burst, p.key, p.mode) == (100, 1, 200, "ip", "enforce")
+    assert cfg.rate_limit.backend == "memory"
+    assert cfg.request.max_header_bytes == 16384
+    assert cfg.security_headers.set["X-Frame-Options"] == "DENY"
+    assert cfg.database is None
+    assert load_default(environ={}).config == cfg
+
+
+def test_partial_section_keeps_other_defaults() -> None:
+    cfg = load_text("request: {max_body_bytes: 5}\nabuse: {ban_s: 10}", environ={}).config
+    assert cfg.request.max_body_bytes == 5
+    assert cfg.request.max_header_bytes == 16384
+    assert cfg.abuse.ban_s == 10
+    assert cfg.abuse.ban_score == 50
+
+
+def test_policy_burst_defaults_to_requests() -> None:
+    cfg = load_text(
+        "rate_limit: {policies: {w: {requests: 30, period_s: 1, key: route}}}\n"
+        "routes: [{name: r, upstream: api, rate_limits: [w]}]",
+        environ={},
+    ).config
+    assert cfg.rate_limit.policies["w"].effective_burst == 30
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_text("", environ={}).config
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error
+        cfg.listen = cfg.listen  # type: ignore[misc]
+
+
+def test_env_fields_are_resolved_and_kept_out_of_the_config() -> None:
+    text = (
+        "routes: [{name: bot, upstream: api, shared_secret: {header: X-S, value_env: BOT_S}}]\n"
+        "rate_limit: {backend: redis}\n"
+        "database: {}\n"
+    )
+    env = {
+        "BOT_S": "s3cret",
+        "GATEWAY_ADMIN_TOKEN": "tok",
+        "GATEWAY_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "GATEWAY_DATABASE_URL": "postgresql://x@127.0.0.1/test",
+    }
+    s = load_text(text, environ=env)
+    assert s.secrets.route_secrets == {"bot": b"s3cret"}
+    assert s.secrets.admin_token == "tok"
+    assert s.secrets.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.secrets.database_dsn == "postgresql://x@127.0.0.1/test"
+    dumped = json.dumps(s.config.model_dump(mode="json"))
+    assert "s3cret" not in dumped
+    assert "tok" not in dumped.replace("token_env", "")
+    assert s.warnings == ()
+
+
+def test_missing_env_values_are_warnings_not_errors() -> None:
+    text = "routes: [{name: bot, upstream: api, shared_secret: {header: X-S, value_env: BOT_S}}]"
+    s = load_text(text, environ={})
+    paths = [w.path for w in s.warnings]
+    assert "routes[0].shared_secret.value_env" in paths
+    assert "admin.token_env" in paths
+
+
+@pytest.mark.parametrize(
+    ("text", "path"),
+    [
+        ("trusted_proxies: [0.0.0.0/0]", "trusted_proxies[0]"),
+        ("trusted_proxies: ['::/0']", "trusted_proxies[0]"),
+        ("metrics: {on_proxy_port: true}", "metrics.on_proxy_port"),
+        ("security_headers: {enabled: false}", "security_headers.enabled"),
+        ("rate_limit: {on_backend_error: allow}", "rate_limit.on_backend_error"),
+    ],
+)
+def test_risky_settings_are_flagged(text: str, path: str) -> None:
+    s = load_text(text, environ={"GATEWAY_ADMIN_TOKEN": "t"})
+    assert [w.path for w in s.warnings if w.risky] == [path]
+
+
+def test_durations_may_be_fractions() -> None:
+    cfg = load_text("drain: {delay_s: 0.5}\nreload: {interval_s: 0.25}", environ={}).config
+    assert cfg.drain.delay_s == 0.5
+    assert cfg.reload.interval_s == 0.25
+
+
+def test_published_schema_is_current() -> None:
+    path = ROOT / "config" / "gateway.schema.json"
+    current = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    assert path.read_text() == current, "run: gateway schema > config/gateway.schema.json"
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+
+
+def test_check_config_ok_prints_one_summary_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text("listen: {port: 8001}\n")
+    r = _cli("check-config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1
+    assert "ok" in r.stdout
+    assert "warning: admin.token_env" in r.stderr
+
+
+def test_check_config_error_exits_2_naming_the_field() -> None:
+    r = _cli("check-config", str(DATA / "unknown_upstream.yaml"))
+    assert r.returncode == 2
+    assert "routes[1].upstream: unknown upstream 'bott'" in r.stderr
+
+
+def test_check_config_missing_file_exits_2(tmp_path: Path) -> None:
+    r = _cli("check-config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2
+    assert "nope.yaml" in r.stderr
+
+
+def test_check_config_strict_refuses_risky_settings(tmp_path: Path) -> None:
+    cfg = tmp_path / "risky.yaml"
+    cfg.write_text("trusted_proxies: [0.0.0.0/0]\n")
+    env = {"GATEWAY_ADMIN_TOKEN": "t", "PATH": "/usr/bin:/bin"}
+    assert _cli("check-config", str(cfg), env=env).returncode == 0
+    r = _cli("check-config", "--strict", str(cfg), env=env)
+    assert r.returncode == 2
+    assert "trusted_proxies[0]" in r.stderr
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("")
+    assert _cli("check-config", "--strict", str(ok), env=env).returncode == 0
+    # no admin token is risky too
+    assert _cli("check-config", "--strict", str(ok), env={"PATH": "/usr/bin:/bin"}).returncode == 2
+
+
+def test_version() -> None:
+    r = _cli("--version")
+    assert r.returncode == 0
+    assert r.stdout.startswith("gateway ")
