@@ -246,6 +246,16 @@ class Abuse(_Model):
         "/phpmyadmin",
     )
     ban_s: PositiveSeconds = 600
+
+    @field_validator("suspicious_paths")
+    @classmethod
+    def _paths(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            if not p.startswith("/"):
+                msg = f"{p!r} must start with '/'"
+                raise ValueError(msg)
+        return v
+
     ban_multiplier: Annotated[float, Field(ge=1)] = 2
     max_ban_s: PositiveSeconds = 86_400
     ban_status: Annotated[int, Field(ge=400, le=599)] = 403

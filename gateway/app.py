@@ -1,0 +1,146 @@
+"""The gateway process: both ports, the reload triggers and the shutdown order.
+
+Startup: runtime (stores, health checks) -> proxy port -> admin port -> config watcher.
+Shutdown on SIGTERM (SPEC section 7), in this order:
+
+1. ``/readyz`` answers 503 at once (the kubelet takes the pod out of the Service);
+2. requests keep being served for ``drain.delay_s`` (endpoints propagate meanwhile);
+3. the proxy listener closes: no new connections; idle keep-alive ones are closed;
+4. open WebSockets are closed with 1001 (going away);
+5. in-flight requests finish, for up to ``drain.timeout_s``;
+6. the admin port, the config watcher, pools and stores close; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import WSCloseCode, web
+
+from gateway.admin import create_admin_app
+from gateway.pipeline.handler import ProxyHandler
+from gateway.reload import Reloader
+from gateway.runtime import Runtime
+from gateway.server import GatewayProtocol, GatewayRequest, GatewayServer
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+    from gateway.metrics import Metrics
+
+
+class Gateway:
+    """One gateway: create, ``start()``, later ``drain()``; or ``run()`` for both."""
+
+    def __init__(
+        self, settings: Settings, *, config_path: str | None = None, metrics: Metrics | None = None
+    ) -> None:
+        self.settings = settings
+        self.runtime = Runtime(settings, metrics=metrics)
+        self.reloader = Reloader(self.runtime, config_path)
+        self._proxy_runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        self.proxy_port: int | None = None
+        self.admin_port: int | None = None
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        rt = self.runtime
+        cfg = self.settings.config
+        rt.metrics.config_last_reload_success.set(time.time())
+        await rt.start()
+        handler = ProxyHandler(rt)
+        server = GatewayServer(
+            handler,
+            client_timeout_s=cfg.request.client_timeout_s,
+            max_header_bytes=cfg.request.max_header_bytes,
+            static_headers=rt.snapshot.response_headers.static_block(),
+            prepare_error_request=self._prepare_error_request,
+            on_parser_error=self._on_parser_error,
+        )
+        self._proxy_runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=cfg.drain.timeout_s
+        )
+        await self._proxy_runner.setup()
+        site = web.TCPSite(
+            self._proxy_runner, cfg.listen.host, cfg.listen.port, reuse_address=True, backlog=1024
+        )
+        await site.start()
+        self.proxy_port = _bound_port(self._proxy_runner, cfg.listen.port)
+
+        admin_app = create_admin_app(rt, self.reloader)
+        self._admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+        await self._admin_runner.setup()
+        admin_site = web.TCPSite(
+            self._admin_runner, cfg.admin.host, cfg.admin.port, reuse_address=True
+        )
+        await admin_site.start()
+        self.admin_port = _bound_port(self._admin_runner, cfg.admin.port)
+        await self.reloader.start()
+        rt.log.info("config_summary", **self.settings.summary())
+
+    def _prepare_error_request(self, request: GatewayRequest) -> None:
+        request.response_headers = self.runtime.snapshot.response_headers
+
+    def _on_parser_error(self, protocol: GatewayProtocol, status: int) -> None:
+        rt = self.runtime
+        if not rt.snapshot.abuse_enabled:
+            return
+        peer = protocol.transport.get_extra_info("peername") if protocol.transport else None
+        if peer:
+            from gateway.pipeline.client_ip import parse_ip  # noqa: PLC0415
+
+            ip = parse_ip(peer[0])
+            if ip is not None and not (rt.snapshot.allow and ip in rt.snapshot.allow):
+                rt.bans.report(str(ip), "bad_request")
+        rt.count_request("none", "OTHER", status, 0.0)
+
+    # ------------------------------------------------------------------ stop
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def drain(self) -> None:
+        rt = self.runtime
+        cfg = rt.settings.config
+        rt.monitor.draining = True
+        rt.log.info("drain_started", delay_s=cfg.drain.delay_s, timeout_s=cfg.drain.timeout_s)
+        started = time.monotonic()
+        await asyncio.sleep(cfg.drain.delay_s)
+        for ws in list(rt.websockets):
+            with contextlib.suppress(Exception):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
+        if self._proxy_runner is not None:
+            self._proxy_runner._shutdown_timeout = cfg.drain.timeout_s
+            await self._proxy_runner.cleanup()
+        await self.reloader.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        await rt.close()
+        rt.log.info("drain_finished", duration_s=round(time.monotonic() - started, 3))
+
+    async def run(self) -> None:
+        """Start, wait for SIGTERM/SIGINT (SIGHUP reloads), drain, return."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: asyncio.ensure_future(self.reloader.reload("sighup"))
+        )
+        await self._stopping.wait()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await self.drain()
+
+
+def _bound_port(runner: web.BaseRunner, default: int) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    return default

@@ -1,0 +1,106 @@
+"""The generic cell rate algorithm (GCRA): token-bucket limits in one number per key.
+
+Pure: no I/O, no clock; the caller passes ``now`` (seconds on any monotonic scale).
+
+A key's whole state is its *theoretical arrival time* (TAT): the instant at which its
+bucket is full again.  With the emission interval ``T = period_s / requests`` and the
+tolerance ``tau = T * burst``::
+
+    new_tat = max(tat, now) + cost * T
+    allowed = new_tat - tau <= now
+
+so a fresh key (no TAT, or a TAT in the past) may make ``burst`` requests at once and
+then one more every ``T`` seconds.  A refused request leaves the TAT unchanged.  A key
+whose TAT is in the past is indistinguishable from an absent key, which is what lets
+the stores forget it.
+
+A clock that steps backwards never grants more: the TAT only grows, so an earlier
+``now`` makes the test ``new_tat - tau <= now`` harder to pass, never easier.
+
+Float TATs accumulate rounding error over a burst (at most half an ulp of the clock
+value per admission); a request up to :data:`EPSILON_S` (1 microsecond) plus that bound
+early is treated as on time, so the last request of a burst is never lost to rounding.
+That tolerance cannot add a request over any span of time (each admission still
+advances the TAT by ``T``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.config import Policy
+
+__all__ = ["EPSILON_S", "Decision", "Rate", "decide"]
+
+EPSILON_S = 1e-6
+_ULP = 2.0**-52  # relative spacing of doubles: |x| * _ULP bounds one rounding error
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``requests`` per ``period_s`` seconds, with up to ``burst`` at once."""
+
+    requests: int
+    period_s: float
+    burst: int
+
+    def __post_init__(self) -> None:
+        if self.requests < 1:
+            raise ValueError(f"requests must be >= 1, got {self.requests}")
+        if not (self.period_s > 0 and math.isfinite(self.period_s)):
+            raise ValueError(f"period_s must be a positive number, got {self.period_s}")
+        if self.burst < 1:
+            raise ValueError(f"burst must be >= 1, got {self.burst}")
+
+    @property
+    def emission_s(self) -> float:
+        """Seconds between two requests at the sustained rate (``T``)."""
+        return self.period_s / self.requests
+
+    @property
+    def tolerance_s(self) -> float:
+        """How far ahead of ``now`` the TAT may run (``T * burst``)."""
+        return self.period_s * self.burst / self.requests
+
+    @classmethod
+    def from_policy(cls, policy: Policy) -> Rate:
+        return cls(policy.requests, float(policy.period_s), policy.effective_burst)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The answer for one key and one policy."""
+
+    allowed: bool
+    remaining: int  # requests left after this one (0 when refused)
+    retry_after_s: float  # 0.0 when allowed; else seconds until the next request would pass
+    reset_s: float  # seconds until the bucket is full again
+
+
+def decide(tat: float | None, now: float, rate: Rate, cost: int = 1) -> tuple[Decision, float]:
+    """Decide one request of ``cost`` units; return the decision and the new TAT.
+
+    ``tat`` is the key's stored TAT (``None`` for a key never seen).  When refused the
+    returned TAT is the one given (``now`` for an absent key, which is equivalent).
+    A ``cost`` above ``burst`` can never pass; its ``retry_after_s`` is then what it
+    would be with a bucket deep enough to hold it.
+    """
+    if cost < 1:
+        raise ValueError(f"cost must be >= 1, got {cost}")
+    t = rate.period_s / rate.requests
+    tau = t * rate.burst
+    base = now if tat is None or tat < now else tat
+    new_tat = base + cost * t
+    # How far the new TAT stays inside the tolerance; >= 0 means allowed.
+    slack = tau - (new_tat - now)
+    eps = EPSILON_S + rate.burst * abs(new_tat) * _ULP
+    if slack >= -eps:
+        allowed = Decision(
+            allowed=True, remaining=int((slack + eps) / t), retry_after_s=0.0, reset_s=new_tat - now
+        )
+        return allowed, new_tat
+    refused = Decision(allowed=False, remaining=0, retry_after_s=-slack, reset_s=base - now)
+    return refused, (now if tat is None else tat)

@@ -1,0 +1,86 @@
+"""The client's address behind trusted proxies.
+
+The peer's own address is the client unless the peer is a trusted proxy; then the
+``X-Forwarded-For`` chain is walked from the right, skipping trusted proxies, and
+the right-most untrusted address is the client (a client can prepend anything to
+the chain, but cannot forge what a trusted proxy appended).  The networks are
+parsed once with aiohttp-remotes' parser; its middlewares are not used on the hot
+path because ``XForwardedFiltered`` believes the header from any peer and both
+clone the request for every call.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from aiohttp_remotes.utils import parse_trusted_element
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """An address from text; IPv4-mapped IPv6 becomes IPv4; None if invalid."""
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        # "[::1]" or "1.2.3.4:5678" forms some proxies write
+        t = text.strip()
+        if t.startswith("["):
+            t = t[1 : t.find("]")] if "]" in t else t
+        elif t.count(":") == 1:
+            t = t.split(":", 1)[0]
+        else:
+            return None
+        try:
+            ip = ipaddress.ip_address(t)
+        except ValueError:
+            return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class Networks:
+    """A set of CIDRs with a membership test (parsed once)."""
+
+    __slots__ = ("_nets4", "_nets6")
+
+    def __init__(self, cidrs: Iterable[str | IPNetwork]) -> None:
+        nets = [
+            n if isinstance(n, IPNetwork) else ipaddress.ip_network(n)
+            for n in parse_trusted_element([str(c) for c in cidrs])
+        ]
+        self._nets4 = tuple(n for n in nets if n.version == 4)
+        self._nets6 = tuple(n for n in nets if n.version == 6)
+
+    def __bool__(self) -> bool:
+        return bool(self._nets4 or self._nets6)
+
+    def __contains__(self, ip: object) -> bool:
+        if isinstance(ip, ipaddress.IPv4Address):
+            return any(ip in n for n in self._nets4)
+        if isinstance(ip, ipaddress.IPv6Address):
+            return any(ip in n for n in self._nets6)
+        return False
+
+
+def resolve_client(
+    peer: IPAddress | None, forwarded_for: str | None, trusted: Networks
+) -> tuple[IPAddress | None, bool]:
+    """Return (client address, whether the peer is a trusted proxy)."""
+    if peer is None or not trusted or peer not in trusted:
+        return peer, False
+    if not forwarded_for:
+        return peer, True
+    client = peer
+    for part in reversed(forwarded_for.split(",")):
+        ip = parse_ip(part)
+        if ip is None:
+            # Unparseable hop: stop at the last address a trusted hop vouched for.
+            break
+        client = ip
+        if ip not in trusted:
+            break
+    return client, True

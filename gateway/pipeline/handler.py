@@ -1,0 +1,687 @@
+"""The request pipeline of the proxy port, as plain calls in SPEC order.
+
+    client IP -> request id -> probes -> deny/allow lists and bans -> host check
+      -> route match -> route guards -> rate limits -> breaker / bulkhead
+      -> stream to upstream -> (headers in the prepare hook) -> metrics + access log
+
+Each step either passes or raises :class:`Reject`, which becomes one problem+json
+response; what was decided is recorded once at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import math
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import hdrs, web
+
+from gateway import problem
+from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
+from gateway.pipeline.client_ip import parse_ip, resolve_client
+from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
+from gateway.probes import probe_response
+from gateway.proxy import FORWARDING, UpstreamError, filter_headers, splice_ws
+from gateway.stores.limiter import BackendUnavailable, Check
+
+if TYPE_CHECKING:
+    from gateway.core.gcra import Decision
+    from gateway.pipeline.client_ip import IPAddress
+    from gateway.pipeline.snapshot import CompiledPolicy, CompiledRoute, Snapshot
+    from gateway.runtime import Runtime
+    from gateway.server import GatewayProtocol, GatewayRequest
+    from gateway.upstreams import UpstreamState
+
+PROBE_PATHS = frozenset(("/livez", "/readyz", "/startupz", "/healthz"))
+_EXPECT_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_DROP_UP = FORWARDING | frozenset(("expect", "forwarded", "host"))
+_CHUNK = 65536
+
+
+class Reject(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Stop the pipeline with a problem+json answer."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+        event: str | None = None,
+        kind: str | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.type_ = type_
+        self.headers = headers
+        self.extra = extra
+        self.event = event  # abuse event to score
+        self.kind = kind  # upstream error kind to count
+
+
+class _BodyError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class Ctx:
+    """Per-request facts gathered along the pipeline (for the log line and metrics)."""
+
+    __slots__ = (
+        "body_error",
+        "bytes_out",
+        "client",
+        "client_ip",
+        "exempt",
+        "rid",
+        "route",
+        "status",
+        "upstream",
+    )
+
+    def __init__(self) -> None:
+        self.rid = ""
+        self.client: IPAddress | None = None
+        self.client_ip = ""
+        self.exempt = False
+        self.route: CompiledRoute | None = None
+        self.upstream: str | None = None
+        self.status = 0
+        self.bytes_out = 0
+        self.body_error: _BodyError | None = None
+
+
+def _quota_reject(violated: list[tuple[CompiledPolicy, Decision]], retry: float) -> Reject:
+    names = [p.name for p, _ in violated]
+    return Reject(
+        429,
+        f"rate limit exceeded: {', '.join(names)}",
+        type_=problem.QUOTA_EXCEEDED,
+        headers={
+            "Retry-After": str(max(1, math.ceil(retry))),
+            "RateLimit-Policy": ", ".join(p.policy_header for p, _ in violated),
+            "RateLimit": ", ".join(
+                f'"{p.name}";r=0;t={max(1, math.ceil(d.reset_s))}' for p, d in violated
+            ),
+        },
+        extra={"violated_policies": names},
+        event="rate_limited",
+    )
+
+
+def _peer(request: GatewayRequest) -> IPAddress | None:
+    transport = request.transport
+    if transport is None:
+        return None
+    peer = transport.get_extra_info("peername")
+    if not peer:
+        return None
+    return parse_ip(peer[0])
+
+
+class ProxyHandler:
+    """Callable handed to the proxy port's server; one per gateway process."""
+
+    __slots__ = ("_loop", "rt")
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+        self._loop = asyncio.get_running_loop()
+
+    # ------------------------------------------------------------------ entry
+
+    async def __call__(self, request: GatewayRequest) -> web.StreamResponse:
+        protocol: GatewayProtocol = request.protocol  # type: ignore[assignment]
+        protocol.request_started()
+        snap = self.rt.snapshot
+        start = self._loop.time()
+        ctx = Ctx()
+        headers = request.headers
+
+        # client IP (trusted proxies) and request id
+        client, via_proxy = resolve_client(
+            _peer(request), headers.get(hdrs.X_FORWARDED_FOR), snap.trusted
+        )
+        ctx.client = client
+        ctx.client_ip = str(client) if client is not None else "-"
+        rid = headers.get(snap.rid_header)
+        if rid is None or not REQUEST_ID_RE.match(rid):
+            rid = secrets.token_hex(16)
+        ctx.rid = rid
+        request.rid = rid
+        request.response_headers = snap.response_headers
+        request.https = via_proxy and headers.get(hdrs.X_FORWARDED_PROTO, "").lower() == "https"
+
+        path = request.path
+        if path in PROBE_PATHS or path.startswith("/readyz/"):
+            probe = await probe_response(request, self.rt.monitor)
+            if probe is not None:
+                return probe
+        if path == "/metrics" and snap.metrics_on_proxy:
+            return self.rt.metrics_response()
+
+        try:
+            resp = await self._pipeline(request, snap, ctx, via_proxy=via_proxy)
+        except Reject as rej:
+            resp = self._reject(request, snap, ctx, rej)
+        self._record(request, snap, ctx, resp, start)
+        return resp
+
+    # ------------------------------------------------------------------ steps
+
+    async def _pipeline(
+        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx, *, via_proxy: bool
+    ) -> web.StreamResponse:
+        rt = self.rt
+        client = ctx.client
+        if client is not None:
+            if snap.deny and client in snap.deny:
+                raise Reject(
+                    403, "the client address is denied", type_=problem.problem_type("denied")
+                )
+            ctx.exempt = bool(snap.allow) and client in snap.allow
+            if not ctx.exempt:
+                ban = rt.bans.banned(ctx.client_ip)
+                if ban is not None:
+                    raise self._banned(snap, ban.expires_at)
+
+        headers = request.headers
+        size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+        if size > snap.max_header_bytes:
+            raise Reject(431, "request header fields too large", event="bad_request")
+        if snap.allowed_hosts:
+            host = headers.get(hdrs.HOST, "").rsplit(":", 1)[0].strip("[]").lower()
+            if host not in snap.allowed_hosts:
+                raise Reject(
+                    400, "the Host header is not one this gateway serves", event="bad_request"
+                )
+
+        method = request.method
+        if method == "CONNECT":
+            raise Reject(
+                405,
+                "CONNECT is not supported",
+                headers={"Allow": "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"},
+            )
+        raw_path_qs = request.raw_path
+        if not raw_path_qs.startswith("/"):
+            # absolute-form target: the upstream is fixed by config; keep only path+query
+            url = request.rel_url
+            if not url.raw_path.startswith("/"):
+                raise Reject(400, "the request target is not a path", event="bad_request")
+            raw_path_qs = url.raw_path_qs
+        path = request.path
+
+        if snap.abuse_enabled and not ctx.exempt and snap.suspicious(path):
+            rt.bans.report(ctx.client_ip, "suspicious_path")
+            ban = rt.bans.banned(ctx.client_ip)
+            if ban is not None:
+                raise self._banned(snap, ban.expires_at)
+
+        route = snap.match(path)
+        if route is None:
+            raise Reject(404, "no route matches this path", event="not_found")
+        ctx.route = route
+        if route.methods is not None and method not in route.methods:
+            raise Reject(
+                405, f"{method} is not allowed on this route", headers={"Allow": route.allow}
+            )
+        if route.sources is not None and (client is None or client not in route.sources):
+            raise Reject(
+                403,
+                "the client address may not use this route",
+                type_=problem.problem_type("forbidden-source"),
+            )
+        if route.secret_header is not None:
+            given = headers.get(route.secret_header)
+            if (
+                route.secret is None
+                or given is None
+                or not hmac.compare_digest(given.encode(), route.secret)
+            ):
+                raise Reject(
+                    403,
+                    "missing or wrong shared secret",
+                    type_=problem.problem_type("forbidden"),
+                    event="auth_failure",
+                )
+
+        rl_headers: list[tuple[str, str]] | None = None
+        if route.policies and not ctx.exempt:
+            rl_headers = await self._rate_limit(request, snap, ctx, route)
+
+        clen = request.content_length
+        if clen is not None and clen > snap.max_body_bytes:
+            raise Reject(
+                413,
+                f"the request body is larger than {snap.max_body_bytes} bytes",
+                event="bad_request",
+            )
+
+        up = rt.upstreams[route.upstream]
+        ctx.upstream = up.name
+        if rl_headers:
+            request.extra_headers = rl_headers
+        if headers.get(hdrs.UPGRADE, "").lower() == "websocket" and method == "GET":
+            return await self._websocket(request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy)
+        return await self._forward(request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy)
+
+    def _banned(self, snap: Snapshot, expires_at: float) -> Reject:
+        retry = max(1, math.ceil(expires_at - time.time()))
+        if snap.ban_status == 429:
+            return Reject(
+                429,
+                "the client is temporarily banned for abnormal usage",
+                type_=problem.ABNORMAL_USAGE,
+                headers={"Retry-After": str(retry)},
+            )
+        hdr = {"Retry-After": str(retry)} if snap.ban_status == 503 else None
+        return Reject(
+            snap.ban_status,
+            "the client is temporarily banned",
+            type_=problem.problem_type("banned"),
+            headers=hdr,
+        )
+
+    def _key(
+        self,
+        request: GatewayRequest,
+        snap: Snapshot,
+        ctx: Ctx,
+        pol: CompiledPolicy,
+        route: CompiledRoute,
+    ) -> str:
+        kind = pol.key
+        if kind == "route":
+            return "route:" + route.name
+        ip = snap.ip_key(ctx.client) if ctx.client is not None else "-"
+        if kind == "ip":
+            return ip
+        if kind == "ip_route":
+            return ip + "|" + route.name
+        value = request.headers.get(pol.header or "")
+        if value:
+            return "h:" + value[:256]
+        return ip
+
+    async def _rate_limit(
+        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx, route: CompiledRoute
+    ) -> list[tuple[str, str]] | None:
+        rt = self.rt
+        checks = [
+            Check(p.name, p.rate, self._key(request, snap, ctx, p, route)) for p in route.policies
+        ]
+        decisions = rt.limiter.decide_local(checks)
+        if decisions is None:
+            try:
+                decisions = await rt.limiter.decide(checks)
+            except BackendUnavailable as exc:
+                raise Reject(
+                    503,
+                    "the rate-limit backend is unavailable",
+                    headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+                    type_=problem.problem_type("ratelimit-unavailable"),
+                ) from None
+        violated: list[tuple[CompiledPolicy, Decision]] = []
+        tightest: tuple[CompiledPolicy, Decision] | None = None
+        for pol, dec in zip(route.policies, decisions, strict=True):
+            counters = rt.rl_counters(pol.name)
+            if dec.allowed:
+                counters[0].inc()
+            elif pol.shadow:
+                counters[2].inc()
+                rt.log.info(
+                    "rate_limit_shadow",
+                    policy=pol.name,
+                    client_ip=ctx.client_ip,
+                    route=route.name,
+                    request_id=ctx.rid,
+                    retry_after_s=round(dec.retry_after_s, 3),
+                )
+                continue
+            else:
+                counters[1].inc()
+                violated.append((pol, dec))
+                continue
+            if not pol.shadow and (tightest is None or dec.remaining < tightest[1].remaining):
+                tightest = (pol, dec)
+        if violated:
+            retry = max(d.retry_after_s for _, d in violated)
+            rt.log.info(
+                "rate_limited",
+                policies=[p.name for p, _ in violated],
+                client_ip=ctx.client_ip,
+                route=route.name,
+                request_id=ctx.rid,
+                retry_after_s=round(retry, 3),
+            )
+            raise _quota_reject(violated, retry)
+        if tightest is None:
+            return None
+        pol, dec = tightest
+        return [
+            ("RateLimit-Policy", pol.policy_header),
+            ("RateLimit", f'"{pol.name}";r={dec.remaining};t={math.ceil(dec.reset_s)}'),
+        ]
+
+    # ------------------------------------------------------------------ upstream
+
+    def _upstream_headers(
+        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx, *, via_proxy: bool
+    ) -> Any:
+        headers = request.headers
+        out = filter_headers(headers, _DROP_UP)
+        host = headers.get(hdrs.HOST)
+        if host is not None:
+            out[hdrs.HOST] = host
+        chain = ctx.client_ip
+        proto = "http"
+        fwd_host = host
+        if via_proxy:
+            chain = forwarded_chain(headers.get(hdrs.X_FORWARDED_FOR), request, snap, ctx)
+            p = headers.get(hdrs.X_FORWARDED_PROTO)
+            if p:
+                proto = p.split(",", 1)[0].strip().lower() or "http"
+            h = headers.get(hdrs.X_FORWARDED_HOST)
+            if h:
+                fwd_host = h.split(",", 1)[0].strip()
+        out[hdrs.X_FORWARDED_FOR] = chain
+        out[hdrs.X_FORWARDED_PROTO] = proto
+        if fwd_host is not None:
+            out[hdrs.X_FORWARDED_HOST] = fwd_host
+        out["X-Real-IP"] = ctx.client_ip
+        out[snap.rid_header] = ctx.rid
+        return out
+
+    async def _body(
+        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx
+    ) -> AsyncIterator[bytes]:
+        if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+            await request.writer.write(_EXPECT_CONTINUE)
+        content = request.content
+        limit = snap.max_body_bytes
+        deadline = self._loop.time() + snap.client_timeout_s
+        total = 0
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await content.readany()
+            except TimeoutError:
+                ctx.body_error = _BodyError(408, "the request body was not received in time")
+                raise ctx.body_error from None
+            except aiohttp.ClientPayloadError as exc:
+                ctx.body_error = _BodyError(400, f"malformed request body: {exc}")
+                raise ctx.body_error from None
+            if not chunk:
+                return
+            total += len(chunk)
+            if total > limit:
+                ctx.body_error = _BodyError(413, f"the request body is larger than {limit} bytes")
+                raise ctx.body_error
+            yield chunk
+
+    async def _send(
+        self,
+        request: GatewayRequest,
+        snap: Snapshot,
+        ctx: Ctx,
+        up: UpstreamState,
+        raw_path_qs: str,
+        up_headers: Any,
+    ) -> tuple[aiohttp.ClientResponse, float]:
+        """Send with breaker, bulkhead and bounded retries; return (response, start time)."""
+        loop = self._loop
+        method = request.method
+        retries = up.config.retries
+        has_body = request.body_exists
+        idempotent = method in IDEMPOTENT_METHODS and not has_body
+        now = loop.time()
+        up.budget.record_request(now)
+        attempt = 0
+        while True:
+            now = loop.time()
+            if not up.breaker.acquire(now):
+                raise Reject(
+                    503,
+                    f"upstream {up.name!r} is failing: circuit open",
+                    type_=problem.problem_type("circuit-open"),
+                    headers={"Retry-After": str(max(1, math.ceil(up.breaker.retry_after(now))))},
+                    kind="circuit_open",
+                )
+            body = self._body(request, snap, ctx) if has_body else None
+            t0 = loop.time()
+            try:
+                resp = await up.client.send(method, raw_path_qs, up_headers, body)
+            except asyncio.CancelledError:
+                up.breaker.release(loop.time())  # the client went away: no outcome
+                raise
+            except _BodyError as err:
+                up.breaker.release(loop.time())  # the client's fault, not the upstream's
+                raise Reject(err.status, str(err), event="bad_request") from None
+            except UpstreamError as exc:
+                t1 = loop.time()
+                if ctx.body_error is not None:
+                    up.breaker.release(t1)
+                    err = ctx.body_error
+                    raise Reject(err.status, str(err), event="bad_request") from None
+                up.breaker.record(t1, failure=True)
+                up.errors[exc.kind].inc()
+                attempt += 1
+                if (
+                    not exc.sent
+                    and idempotent
+                    and attempt < retries.attempts
+                    and up.budget.can_retry(t1)
+                ):
+                    up.budget.record_retry(t1)
+                    await asyncio.sleep(backoff_s(attempt - 1, retries, random.random()))
+                    continue
+                if exc.kind == "timeout":
+                    raise Reject(504, f"upstream {up.name!r} did not answer in time") from None
+                raise Reject(
+                    502, f"upstream {up.name!r} is unreachable: {exc.kind} error"
+                ) from None
+            return resp, t0
+
+    async def _forward(
+        self,
+        request: GatewayRequest,
+        snap: Snapshot,
+        ctx: Ctx,
+        up: UpstreamState,
+        raw_path_qs: str,
+        *,
+        via_proxy: bool,
+    ) -> web.StreamResponse:
+        if up.inflight >= up.max_inflight:
+            raise Reject(
+                503,
+                f"upstream {up.name!r} has too many requests in flight",
+                type_=problem.problem_type("bulkhead-full"),
+                headers={"Retry-After": "1"},
+                kind="bulkhead_full",
+            )
+        up.inflight += 1
+        up.inflight_gauge.inc()
+        try:
+            up_headers = self._upstream_headers(request, snap, ctx, via_proxy=via_proxy)
+            up_resp, t0 = await self._send(request, snap, ctx, up, raw_path_qs, up_headers)
+            try:
+                now = self._loop.time()
+                elapsed = now - t0
+                up.duration.observe(elapsed)
+                status = up_resp.status
+                up.breaker.record(now, failure=up.breaker.is_failure(status, elapsed))
+                ctx.status = status
+                if not ctx.exempt and (status == 404 or status in (401, 403)):
+                    self.rt.bans.report(
+                        ctx.client_ip, "not_found" if status == 404 else "auth_failure"
+                    )
+                resp = web.StreamResponse(status=status, reason=up_resp.reason)
+                resp.headers.extend(filter_headers(up_resp.headers, frozenset()))
+                await resp.prepare(request)
+                written = 0
+                async for chunk in up_resp.content.iter_any():
+                    await resp.write(chunk)
+                    written += len(chunk)
+                ctx.bytes_out = written
+                await resp.write_eof()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # the upstream failed mid-response: nothing sane can follow on this connection
+                up.errors["protocol" if not isinstance(exc, TimeoutError) else "timeout"].inc()
+                ctx.status = ctx.status or 502
+                up_resp.close()
+                if request.transport is not None:
+                    request.transport.close()
+                raise ConnectionResetError from exc
+            finally:
+                up_resp.release()
+            return resp
+        finally:
+            up.inflight -= 1
+            up.inflight_gauge.dec()
+
+    async def _websocket(
+        self,
+        request: GatewayRequest,
+        snap: Snapshot,
+        ctx: Ctx,
+        up: UpstreamState,
+        raw_path_qs: str,
+        *,
+        via_proxy: bool,
+    ) -> web.StreamResponse:
+        headers = request.headers
+        protocols = [
+            p.strip() for p in headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(",") if p.strip()
+        ]
+        up_headers = self._upstream_headers(request, snap, ctx, via_proxy=via_proxy)
+        for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
+                  "Sec-WebSocket-Protocol"):  # fmt: skip
+            up_headers.popall(h, None)
+        now = self._loop.time()
+        if not up.breaker.acquire(now):
+            raise Reject(
+                503,
+                f"upstream {up.name!r} is failing: circuit open",
+                type_=problem.problem_type("circuit-open"),
+                headers={"Retry-After": str(max(1, math.ceil(up.breaker.retry_after(now))))},
+                kind="circuit_open",
+            )
+        try:
+            up_ws = await up.client.ws_connect(raw_path_qs, up_headers, protocols)
+        except UpstreamError as exc:
+            up.breaker.record(self._loop.time(), failure=True)
+            up.errors[exc.kind].inc()
+            raise Reject(
+                502 if exc.kind != "timeout" else 504, f"upstream {up.name!r}: {exc}"
+            ) from None
+        except aiohttp.WSServerHandshakeError as exc:
+            up.breaker.record(self._loop.time(), failure=exc.status >= 500)
+            raise Reject(
+                502, f"upstream {up.name!r} refused the WebSocket upgrade ({exc.status})"
+            ) from None
+        up.breaker.record(self._loop.time(), failure=False)
+        ws = web.WebSocketResponse(
+            protocols=[up_ws.protocol] if up_ws.protocol else (),
+            autoping=False,
+            autoclose=False,
+            max_msg_size=0,
+        )
+        await ws.prepare(request)
+        ctx.status = 101
+        self.rt.websockets.add(ws)
+        try:
+            await splice_ws(ws, up_ws)
+        finally:
+            self.rt.websockets.discard(ws)
+        return ws
+
+    # ------------------------------------------------------------------ outcome
+
+    def _reject(
+        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx, rej: Reject
+    ) -> web.StreamResponse:
+        ctx.status = rej.status
+        if rej.kind is not None and ctx.upstream is not None:
+            self.rt.upstreams[ctx.upstream].errors[rej.kind].inc()
+        if (
+            rej.event is not None
+            and snap.abuse_enabled
+            and not ctx.exempt
+            and ctx.client is not None
+        ):
+            self.rt.bans.report(ctx.client_ip, rej.event)
+        resp = problem.problem_response(
+            rej.status,
+            rej.detail,
+            request_id=ctx.rid,
+            type_=rej.type_,
+            headers=rej.headers,
+            extra=rej.extra,
+        )
+        if rej.status in (400, 408, 413, 431):
+            resp.force_close()
+        body = resp.body
+        ctx.bytes_out = len(body) if isinstance(body, bytes) else 0
+        # RateLimit headers of an allowed request must not reach an error that came later
+        if rej.status != 429:
+            request.extra_headers = None
+        return resp
+
+    def _record(
+        self,
+        request: GatewayRequest,
+        snap: Snapshot,
+        ctx: Ctx,
+        resp: web.StreamResponse,
+        start: float,
+    ) -> None:
+        rt = self.rt
+        status = ctx.status or resp.status
+        duration = self._loop.time() - start
+        route = ctx.route.name if ctx.route is not None else "none"
+        method = request.method if request.method in KNOWN_METHODS else "OTHER"
+        rt.count_request(route, method, status, duration)
+        ratio = snap.sample_ratio
+        if status >= 500 or (ratio > 0 and (ratio >= 1 or random.random() < ratio)):
+            rt.access_log.info(
+                "access",
+                request_id=ctx.rid,
+                client_ip=ctx.client_ip,
+                method=request.method,
+                path=request.path,
+                route=route,
+                status=status,
+                duration_ms=round(duration * 1000, 3),
+                bytes=ctx.bytes_out,
+                upstream=ctx.upstream,
+            )
+
+
+def forwarded_chain(xff: str | None, request: GatewayRequest, snap: Snapshot, ctx: Ctx) -> str:
+    """The X-Forwarded-For sent upstream: the client, the trusted hops after it, the peer."""
+    peer = _peer(request)
+    hops: list[str] = []
+    if xff:
+        for part in reversed(xff.split(",")):
+            ip = parse_ip(part)
+            if ip is None:
+                break
+            hops.append(str(ip))
+            if ip not in snap.trusted:
+                break
+    hops.reverse()
+    if peer is not None:
+        hops.append(str(peer))
+    return ", ".join(hops) if hops else ctx.client_ip

@@ -1,0 +1,137 @@
+"""A config compiled for the request path: everything a request reads, in one object.
+
+A request reads one snapshot from start to end; a reload builds a new one and swaps
+the reference, so no request ever sees half of two configs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gateway.core.abuse import PathMatcher
+from gateway.core.gcra import Rate
+from gateway.pipeline.client_ip import IPAddress, Networks
+from gateway.pipeline.headers import ResponseHeaders
+
+if TYPE_CHECKING:
+    from gateway.config import Policy, Route, Settings
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+KNOWN_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    name: str
+    rate: Rate
+    key: str  # ip | route | ip_route | header
+    header: str | None
+    shadow: bool
+    policy_header: str  # RateLimit-Policy item, e.g. "per-ip";q=100;w=1
+
+    @classmethod
+    def of(cls, name: str, p: Policy) -> CompiledPolicy:
+        header = p.key[7:] if p.key.startswith("header:") else None
+        kind = "header" if header else p.key
+        w = math.ceil(p.period_s) if p.period_s != int(p.period_s) else int(p.period_s)
+        return cls(
+            name=name,
+            rate=Rate.from_policy(p),
+            key=kind,
+            header=header,
+            shadow=p.mode == "shadow",
+            policy_header=f'"{name}";q={p.requests};w={w}',
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    name: str
+    prefix: str
+    upstream: str
+    methods: frozenset[str] | None
+    allow: str  # the Allow header for a 405
+    sources: Networks | None
+    secret_header: str | None
+    secret: bytes | None  # None with a secret_header: the env var is unset -> refuse all
+    policies: tuple[CompiledPolicy, ...]
+
+    @classmethod
+    def of(cls, r: Route, settings: Settings, policies: dict[str, CompiledPolicy]) -> CompiledRoute:
+        return cls(
+            name=r.name,
+            prefix=r.path_prefix,
+            upstream=r.upstream,
+            methods=frozenset(r.methods) if r.methods is not None else None,
+            allow=", ".join(r.methods or ()),
+            sources=Networks(r.source_cidrs) if r.source_cidrs is not None else None,
+            secret_header=r.shared_secret.header if r.shared_secret else None,
+            secret=settings.secrets.route_secrets.get(r.name),
+            policies=tuple(policies[p] for p in r.rate_limits),
+        )
+
+
+class Snapshot:
+    """Everything the request path reads, compiled from one :class:`Settings`."""
+
+    __slots__ = (
+        "abuse_enabled",
+        "allow",
+        "allowed_hosts",
+        "ban_status",
+        "client_timeout_s",
+        "config",
+        "deny",
+        "ipv6_prefix",
+        "max_body_bytes",
+        "max_header_bytes",
+        "metrics_on_proxy",
+        "policies",
+        "response_headers",
+        "rid_header",
+        "routes",
+        "sample_ratio",
+        "settings",
+        "suspicious",
+        "trusted",
+    )
+
+    def __init__(self, settings: Settings) -> None:
+        cfg = settings.config
+        self.settings = settings
+        self.config = cfg
+        self.trusted = Networks(cfg.trusted_proxies)
+        self.allow = Networks(cfg.allow_cidrs)
+        self.deny = Networks(cfg.deny_cidrs)
+        self.allowed_hosts = frozenset(cfg.allowed_hosts)
+        self.policies = {n: CompiledPolicy.of(n, p) for n, p in cfg.rate_limit.policies.items()}
+        self.routes = tuple(CompiledRoute.of(r, settings, self.policies) for r in cfg.routes)
+        self.response_headers = ResponseHeaders(cfg)
+        self.rid_header = cfg.request.request_id_header
+        self.max_body_bytes = cfg.request.max_body_bytes
+        self.max_header_bytes = cfg.request.max_header_bytes
+        self.client_timeout_s = cfg.request.client_timeout_s
+        self.ipv6_prefix = cfg.rate_limit.ipv6_prefix
+        self.suspicious = PathMatcher(cfg.abuse.suspicious_paths)
+        self.abuse_enabled = cfg.abuse.enabled
+        self.ban_status = cfg.abuse.ban_status
+        self.sample_ratio = cfg.access_log.sample_ratio if cfg.access_log.enabled else 0.0
+        self.metrics_on_proxy = cfg.metrics.on_proxy_port
+
+    def match(self, path: str) -> CompiledRoute | None:
+        for route in self.routes:
+            if path.startswith(route.prefix):
+                return route
+        return None
+
+    def ip_key(self, ip: IPAddress) -> str:
+        if ip.version == 6 and self.ipv6_prefix < 128:
+            net = ipaddress.IPv6Network((int(ip), self.ipv6_prefix), strict=False)
+            return str(net)
+        return str(ip)

@@ -1,0 +1,66 @@
+"""RFC 9457 problem details for every error the gateway makes itself."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+CONTENT_TYPE = "application/problem+json"
+
+# Problem types: the IETF rate-limit draft's for 429s and bans, ours otherwise.
+QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+ABNORMAL_USAGE = "https://iana.org/assignments/http-problem-types#abnormal-usage-detected"
+_OURS = "https://gateway.invalid/problems/"
+
+
+def problem_type(slug: str) -> str:
+    return _OURS + slug
+
+
+def problem_body(
+    status: int,
+    detail: str,
+    *,
+    request_id: str | None,
+    type_: str | None = None,
+    title: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    body: dict[str, Any] = {
+        "type": type_ or "about:blank",
+        "title": title or phrase,
+        "status": status,
+        "detail": detail,
+        "request_id": request_id,
+    }
+    if extra:
+        body.update(extra)
+    return orjson.dumps(body)
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    request_id: str | None,
+    type_: str | None = None,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> web.Response:
+    resp = web.Response(
+        status=status,
+        body=problem_body(
+            status, detail, request_id=request_id, type_=type_, title=title, extra=extra
+        ),
+        headers=headers,
+    )
+    resp.content_type = CONTENT_TYPE
+    return resp

@@ -1,0 +1,215 @@
+"""The upstream leg: one keep-alive pool per upstream, streaming both ways.
+
+Everything the request pipeline needs from an upstream goes through
+:class:`UpstreamClient`, so a leaner client can replace the aiohttp one without
+touching the pipeline.  Header rules (hop-by-hop, X-Forwarded-*) live here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+if TYPE_CHECKING:
+    from gateway.config import Upstream
+
+# RFC 9110 7.6.1 and the de-facto ones; plus whatever Connection names.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+# Never believed from an untrusted peer: the gateway sets its own.
+FORWARDING = frozenset(
+    h.lower() for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
+)
+_FORWARDED = "forwarded"
+
+
+def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+    """Header names listed in ``Connection`` (they are hop-by-hop too)."""
+    values = headers.getall(hdrs.CONNECTION, ())
+    if not values:
+        return frozenset()
+    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+
+
+def filter_headers(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+    drop: frozenset[str],
+) -> CIMultiDict[str]:
+    """A copy of ``headers`` without hop-by-hop ones and those in ``drop`` (lower-case)."""
+    listed = connection_tokens(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in drop or low in listed:
+            continue
+        out.add(name, value)
+    return out
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or did not answer in time."""
+
+    def __init__(self, kind: str, detail: str, *, sent: bool) -> None:
+        super().__init__(detail)
+        self.kind = kind  # connect | timeout | protocol
+        self.sent = sent  # whether any of the request may have reached the upstream
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """The part of an upstream's config that shapes its pool (a change rebuilds it)."""
+
+    url: str
+    connect_timeout_s: float
+    timeout_s: float
+    max_connections: int
+
+    @classmethod
+    def of(cls, cfg: Upstream) -> UpstreamSettings:
+        return cls(cfg.url, cfg.connect_timeout_s, cfg.timeout_s, cfg.max_connections)
+
+
+class UpstreamClient:
+    """A keep-alive pool to one upstream; ``send`` returns a streaming response."""
+
+    __slots__ = ("_session", "_timeout", "_ws_timeout", "base", "settings")
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+        self.base = URL(settings.url)
+        connector = aiohttp.TCPConnector(
+            limit=settings.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=30,
+            enable_cleanup_closed=False,
+            force_close=False,
+            use_dns_cache=True,
+            ttl_dns_cache=10,
+        )
+        self._timeout = aiohttp.ClientTimeout(
+            total=settings.timeout_s, connect=settings.connect_timeout_s
+        )
+        self._ws_timeout = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING),
+            timeout=self._timeout,
+            requote_redirect_url=False,
+            trust_env=False,
+        )
+
+    def url(self, raw_path_qs: str) -> URL:
+        return URL(self.settings.url + raw_path_qs, encoded=True)
+
+    async def send(
+        self,
+        method: str,
+        raw_path_qs: str,
+        headers: CIMultiDict[str],
+        body: AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request; raise :class:`UpstreamError` if no response head came back."""
+        try:
+            return await self._session.request(
+                method,
+                self.url(raw_path_qs),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+                chunked=None,
+                expect100=False,
+                raise_for_status=False,
+                auto_decompress=False,
+            )
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError("connect", str(exc) or "connection refused", sent=False) from exc
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamError("timeout", "upstream did not answer in time", sent=True) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError("protocol", str(exc) or type(exc).__name__, sent=True) from exc
+
+    async def ws_connect(
+        self, raw_path_qs: str, headers: CIMultiDict[str], protocols: Iterable[str]
+    ) -> aiohttp.ClientWebSocketResponse:
+        try:
+            return await self._session.ws_connect(
+                self.url(raw_path_qs),
+                headers=headers,
+                protocols=tuple(protocols),
+                timeout=self._ws_timeout,
+                autoclose=False,
+                autoping=False,
+                max_msg_size=0,
+                compress=0,
+            )
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError("connect", str(exc) or "connection refused", sent=False) from exc
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamError("timeout", "upstream did not answer in time", sent=True) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError("protocol", str(exc) or type(exc).__name__, sent=True) from exc
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+async def pump_ws(
+    src: aiohttp.ClientWebSocketResponse | aiohttp.web.WebSocketResponse,
+    dst: aiohttp.ClientWebSocketResponse | aiohttp.web.WebSocketResponse,
+) -> None:
+    """Copy WebSocket messages from ``src`` to ``dst`` until either side closes."""
+    async for msg in src:
+        if dst.closed:
+            break
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            await dst.send_str(msg.data)
+        elif msg.type is aiohttp.WSMsgType.BINARY:
+            await dst.send_bytes(msg.data)
+        elif msg.type is aiohttp.WSMsgType.PING:
+            await dst.ping(msg.data)
+        elif msg.type is aiohttp.WSMsgType.PONG:
+            await dst.pong(msg.data)
+        else:
+            break
+    if not dst.closed:
+        code = src.close_code or aiohttp.WSCloseCode.OK
+        await dst.close(code=code)
+
+
+async def splice_ws(
+    client: aiohttp.web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+) -> None:
+    """Run both directions until one ends, then close the other."""
+    a = asyncio.ensure_future(pump_ws(client, upstream))
+    b = asyncio.ensure_future(pump_ws(upstream, client))
+    try:
+        await asyncio.wait((a, b), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (a, b):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(a, b, return_exceptions=True)
+        if not upstream.closed:
+            await upstream.close()

@@ -1,0 +1,151 @@
+"""The gateway's state: one object holding the current snapshot and every stateful part.
+
+Stateful parts (rate-limit buckets, bans, breakers, pools, health checks) outlive a
+config reload; :meth:`Runtime.apply` swaps the snapshot and reconfigures them, keeping
+what did not change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from gateway.checks import HealthMonitor
+from gateway.logs import get_logger
+from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.pipeline.snapshot import Snapshot
+from gateway.stores.bans import make_ban_store
+from gateway.stores.limiter import make_limiter
+from gateway.upstreams import UpstreamState
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics import Counter, Histogram
+
+    from gateway.config import Settings
+
+
+class Runtime:
+    """Everything a request may touch, plus the means to reconfigure it."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        cfg = settings.config
+        self.metrics = metrics or Metrics()
+        self.log = get_logger("gateway")
+        self.access_log = get_logger("gateway.access")
+        self.settings = settings
+        self.snapshot = Snapshot(settings)
+        self.redis: Any | None = None
+        if cfg.rate_limit.backend == "redis" and settings.secrets.redis_url:
+            from gateway.stores.redis_client import make_redis  # noqa: PLC0415 - redis only
+
+            self.redis = make_redis(settings.secrets.redis_url)
+        self.limiter = make_limiter(
+            cfg.rate_limit, settings.secrets.redis_url, metrics=self.metrics, redis=self.redis
+        )
+        self.bans = make_ban_store(cfg.abuse, metrics=self.metrics, redis=self.redis)
+        self.monitor = HealthMonitor(settings, metrics=self.metrics, redis=self.redis)
+        self.upstreams = {
+            name: UpstreamState(name, up, self.metrics, self.log)
+            for name, up in cfg.upstreams.items()
+        }
+        self.websockets: set[web.WebSocketResponse] = set()
+        self._requests: dict[tuple[str, str, int], Counter] = {}
+        self._durations: dict[str, Histogram] = {}
+        self._rl: dict[str, tuple[Counter, Counter, Counter]] = {}
+        self._retired: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.limiter.start()
+        await self.bans.start()
+        await self.monitor.start()
+
+    async def close(self) -> None:
+        await self.monitor.close()
+        await self.bans.close()
+        await self.limiter.close()
+        for up in self.upstreams.values():
+            await up.close()
+        for task in list(self._retired):
+            task.cancel()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    # ------------------------------------------------------------------ reload
+
+    def apply(self, settings: Settings) -> list[str]:
+        """Swap in a new config; return what changed that needs a restart to apply."""
+        old = self.settings.config
+        cfg = settings.config
+        needs_restart = [
+            name
+            for name, a, b in (
+                ("listen", old.listen, cfg.listen),
+                ("admin", old.admin, cfg.admin),
+                ("rate_limit.backend", old.rate_limit.backend, cfg.rate_limit.backend),
+                ("rate_limit.redis_url_env", old.rate_limit.redis_url_env, cfg.rate_limit.redis_url_env),
+                ("request.max_header_bytes", old.request.max_header_bytes, cfg.request.max_header_bytes),
+            )
+            if a != b
+        ]
+        upstreams = {}
+        for name, up_cfg in cfg.upstreams.items():
+            state = self.upstreams.get(name)
+            if state is None or not state.reconfigure(up_cfg):
+                if state is not None:
+                    self._retire(state, up_cfg.timeout_s)
+                state = UpstreamState(name, up_cfg, self.metrics, self.log)
+            upstreams[name] = state
+        for name, state in self.upstreams.items():
+            if name not in upstreams:
+                self._retire(state, state.config.timeout_s)
+        snapshot = Snapshot(settings)
+        self.limiter.reconfigure({n: p.rate for n, p in snapshot.policies.items()})
+        self.bans.reconfigure(cfg.abuse)
+        self.monitor.reconfigure(settings)
+        # one assignment each: a request that started keeps the objects it read
+        self.upstreams = upstreams
+        self.snapshot = snapshot
+        self.settings = settings
+        return needs_restart
+
+    def _retire(self, state: UpstreamState, grace_s: float) -> None:
+        async def later() -> None:
+            await asyncio.sleep(grace_s + 1)
+            await state.close()
+
+        task = asyncio.ensure_future(later())
+        self._retired.add(task)
+        task.add_done_callback(self._retired.discard)
+
+    # ------------------------------------------------------------------ metrics
+
+    def count_request(self, route: str, method: str, status: int, duration: float) -> None:
+        key = (route, method, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.metrics.requests_total.labels(
+                route, method, str(status)
+            )
+        child.inc()
+        hist = self._durations.get(route)
+        if hist is None:
+            hist = self._durations[route] = self.metrics.request_duration.labels(route)
+        hist.observe(duration)
+
+    def rl_counters(self, policy: str) -> tuple[Counter, Counter, Counter]:
+        found = self._rl.get(policy)
+        if found is None:
+            m = self.metrics.ratelimit_decisions
+            found = self._rl[policy] = (
+                m.labels(policy, "allowed"),
+                m.labels(policy, "limited"),
+                m.labels(policy, "shadow_limited"),
+            )
+        return found
+
+    def metrics_response(self) -> web.Response:
+        resp = web.Response(body=self.metrics.exposition())
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp

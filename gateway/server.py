@@ -1,0 +1,196 @@
+"""The proxy port's HTTP server: aiohttp's low-level server with the gateway's limits.
+
+aiohttp's own limits are not the contract's (SPEC section 8): this module sets the
+parser's header limits from ``request.max_header_bytes``, answers a client that has
+not sent its request within ``client_timeout_s`` with a 408, turns parser errors
+into problem+json (431 for oversized headers), and gives each request a
+``_prepare_hook`` that adds the request id and security headers and removes the
+server banner on every response, streamed or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from gateway.problem import CONTENT_TYPE, problem_body
+
+if TYPE_CHECKING:
+    from aiohttp.abc import AbstractStreamWriter
+    from aiohttp.http_parser import RawRequestMessage
+    from aiohttp.streams import StreamReader
+
+    from gateway.pipeline.headers import ResponseHeaders
+
+
+class GatewayRequest(BaseRequest):
+    """A request carrying the gateway's per-request state."""
+
+    ATTRS = BaseRequest.ATTRS | frozenset(
+        ["rid", "response_headers", "https", "extra_headers"]
+    )
+    rid: str | None
+    response_headers: ResponseHeaders | None
+    https: bool
+    extra_headers: list[tuple[str, str]] | None
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        rh = self.response_headers
+        if rh is not None:
+            rh.apply(response.headers, self.rid, secure=self.https)
+        extra = self.extra_headers
+        if extra:
+            for name, value in extra:
+                response.headers[name] = value
+
+
+def _init_state(req: GatewayRequest) -> GatewayRequest:
+    req.rid = None
+    req.response_headers = None
+    req.https = False
+    req.extra_headers = None
+    return req
+
+
+class GatewayProtocol(RequestHandler):
+    """aiohttp's request handler with a request-head deadline (408) and problem+json errors."""
+
+    __slots__ = ("_head_timer", "_server")
+
+    def __init__(self, manager: GatewayServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._server = manager
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and not self._request_in_progress and data:
+            self._head_timer = self._loop.call_later(
+                self._server.client_timeout_s, self._head_timeout
+            )
+        super().data_received(data)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def request_started(self) -> None:
+        """Called by the pipeline once the request head is in: the head deadline is met."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def request_finished(self) -> None:
+        """Arm the deadline again for a pipelined next request already buffered."""
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if transport is None or self._request_in_progress:
+            return
+        body = problem_body(
+            408,
+            "the request was not received in time",
+            request_id=None,
+            type_=None,
+        )
+        head = (
+            "HTTP/1.1 408 Request Timeout\r\n"
+            f"Content-Type: {CONTENT_TYPE}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n"
+            f"{self._server.static_headers}\r\n"
+        ).encode("latin-1")
+        transport.write(head + body)
+        self._server.on_parser_error(self, 408)
+        self.force_close()
+        transport.close()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            msg = "response already started"
+            raise ConnectionError(msg)
+        detail = "the request could not be parsed"
+        if isinstance(exc, LineTooLong) or (
+            isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)
+        ):
+            status = 431
+            detail = "request header fields too large"
+        elif status == 500:
+            detail = "internal error"
+            self.log_exception("Error handling request", exc_info=exc)
+        resp = web.Response(
+            status=status,
+            body=problem_body(status, detail, request_id=None),
+            content_type=CONTENT_TYPE,
+        )
+        resp.force_close()
+        if isinstance(request, GatewayRequest):
+            self._server.prepare_error_request(request)
+        self._server.on_parser_error(self, status)
+        return resp
+
+
+Handler = Callable[[GatewayRequest], Awaitable[web.StreamResponse]]
+
+
+class GatewayServer(web.Server):
+    """Low-level server making :class:`GatewayProtocol` and :class:`GatewayRequest`."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        client_timeout_s: float,
+        max_header_bytes: int,
+        static_headers: str = "",
+        prepare_error_request: Callable[[GatewayRequest], None] | None = None,
+        on_parser_error: Callable[[GatewayProtocol, int], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            handler,  # type: ignore[arg-type]
+            request_factory=self._make_gateway_request,
+            max_line_size=max_header_bytes,
+            max_field_size=max_header_bytes,
+            max_headers=256,
+            access_log=None,
+            keepalive_timeout=75,
+            **kwargs,
+        )
+        self.client_timeout_s = client_timeout_s
+        self.static_headers = static_headers
+        self._prepare_error = prepare_error_request or (lambda _r: None)
+        self._on_parser_error = on_parser_error or (lambda _p, _s: None)
+
+    def prepare_error_request(self, request: GatewayRequest) -> None:
+        self._prepare_error(request)
+
+    def on_parser_error(self, protocol: GatewayProtocol, status: int) -> None:
+        self._on_parser_error(protocol, status)
+
+    def _make_gateway_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> BaseRequest:
+        return _init_state(GatewayRequest(message, payload, protocol, writer, task, self._loop))
+
+    def __call__(self) -> RequestHandler:
+        return GatewayProtocol(self, loop=self._loop, **self._kwargs)

@@ -1,0 +1,152 @@
+"""The rate-limiter interface shared by the memory and Redis backends, and its factory.
+
+The pipeline resolves each applicable policy to a :class:`Check` (policy name, its
+:class:`~gateway.core.gcra.Rate`, the client key) and asks a :class:`Limiter` for one
+:class:`~gateway.core.gcra.Decision` per check.
+
+Checks are decided independently: a request under several policies is refused when
+any of them refuses, and the budget of the policies that allowed it is still consumed
+(the behaviour of Envoy's ratelimit service).  Rolling back the others would need a
+second round trip to Redis, and would let a client that is over one limit probe the
+others for free.
+
+Every backend failure surfaces in one way only: :class:`BackendUnavailable`, raised
+by :meth:`Limiter.decide` when ``on_backend_error`` is ``deny``.  With ``local`` and
+``allow`` the limiter answers anyway and counts the failure in
+``gateway_ratelimit_backend_errors_total``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from gateway.config import RateLimit
+from gateway.core.gcra import Decision, Rate
+from gateway.metrics import Metrics
+
+__all__ = [
+    "MAX_KEY_CHARS",
+    "BackendUnavailable",
+    "Check",
+    "Clock",
+    "Limiter",
+    "bounded_key",
+    "make_limiter",
+    "rates_from_config",
+]
+
+Clock = Callable[[], float]
+
+MAX_KEY_CHARS = 64
+"""Client keys longer than this (``header:NAME`` policies) are stored as a digest."""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One policy to apply to one client key (already resolved by the pipeline)."""
+
+    policy: str
+    rate: Rate
+    key: str
+
+
+class BackendUnavailable(Exception):  # noqa: N818 - the name is the contract
+    """The shared backend cannot decide and ``on_backend_error`` is ``deny``."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"rate-limit backend unavailable, retry after {retry_after_s:.3f} s")
+        self.retry_after_s = retry_after_s
+
+
+class Limiter(ABC):
+    """Decides checks; one :class:`Decision` per :class:`Check`, in the same order."""
+
+    @abstractmethod
+    def decide_local(self, checks: Sequence[Check]) -> list[Decision] | None:
+        """Answer without I/O when possible (consuming budget), else ``None``.
+
+        ``None`` means the caller must ``await decide(checks)``.
+        """
+
+    @abstractmethod
+    async def decide(self, checks: Sequence[Check]) -> list[Decision]:
+        """Decide every check, consuming budget for the allowed ones."""
+
+    @abstractmethod
+    async def peek(self, checks: Sequence[Check]) -> list[Decision]:
+        """What :meth:`decide` would answer now, consuming nothing."""
+
+    @abstractmethod
+    def reconfigure(self, rates: Mapping[str, Rate]) -> None:
+        """Install new policies: keep the state of those whose rate is unchanged."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Start background work (sweeps, announcements)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Stop background work and release connections."""
+
+    @property
+    def backend_ok(self) -> bool:
+        """``False`` while the shared backend is failing."""
+        return True
+
+
+def rates_from_config(cfg: RateLimit) -> dict[str, Rate]:
+    return {name: Rate.from_policy(p) for name, p in cfg.policies.items()}
+
+
+def bounded_key(key: str) -> str:
+    """The key itself, or a fixed-size digest of it when longer than MAX_KEY_CHARS.
+
+    Keys from ``header:NAME`` policies are client-chosen and may be kilobytes long;
+    storing them whole would let a client inflate the limiter's memory.
+    """
+    if len(key) <= MAX_KEY_CHARS:
+        return key
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16)
+    return "#" + digest.hexdigest()
+
+
+def make_limiter(
+    cfg: RateLimit,
+    redis_url: str | None,
+    *,
+    metrics: Metrics,
+    redis: object | None = None,
+    clock: Clock = time.monotonic,
+    key_prefix: str = "gw:",
+) -> Limiter:
+    """The limiter for ``cfg.backend``.
+
+    ``redis`` is an existing client (from :func:`gateway.stores.redis_client.make_redis`)
+    to share; otherwise one is made from ``redis_url``.  ``key_prefix`` starts every
+    Redis key (two deployments sharing a Redis give different prefixes).
+    """
+    # Imported here: both backends import this module for the shared types.
+    from gateway.stores.memory_limiter import MemoryLimiter  # noqa: PLC0415
+
+    rates = rates_from_config(cfg)
+    if cfg.backend == "memory":
+        return MemoryLimiter(rates, max_keys=cfg.max_keys, clock=clock)
+
+    from gateway.stores.redis_limiter import RedisLimiter  # noqa: PLC0415
+
+    if redis is None and not redis_url:
+        raise ValueError(
+            f"rate_limit.backend is redis but no Redis URL is set (${cfg.redis_url_env})"
+        )
+    return RedisLimiter(
+        rates,
+        redis_url=redis_url,
+        redis=redis,
+        metrics=metrics,
+        on_backend_error=cfg.on_backend_error,
+        max_keys=cfg.max_keys,
+        clock=clock,
+        key_prefix=key_prefix,
+    )

@@ -1,0 +1,577 @@
+"""Bans shared by every replica through Redis (``rate_limit.backend: redis``).
+
+What lives in Redis (``P`` = the key prefix, ``gw:`` by default):
+
+- ``P abuse:<ip>``: one hash per scored IP, its score buckets, the end of its ban in
+  force and its offence count (with a TTL: ``2 * window_s``, or until its offences are
+  forgotten).  ``lua/bans_score.lua`` adds an IP's events and decides its ban atomically
+  with Redis TIME, so a scanner spread over the replicas is scored as one, and exactly
+  one replica makes the ban.
+- ``{P bans}`` and its companions (one hash tag, one cluster slot): the bans in force
+  (a hash of JSON records), their expiries, and a change log (a zset of IPs by sequence
+  number) that lets each replica fetch only what changed (``lua/bans_registry.lua``).
+  Bans survive a gateway restart; at most ``max_bans`` are kept (the ones closest to
+  their end make room).
+
+Each replica holds a local view of the bans in force, refreshed every
+``sync_interval_s`` (0.25 s) with one script call that also removes expired bans, so
+:meth:`RedisBanStore.banned` is a dict lookup and a ban made anywhere is in force
+everywhere within a second.  :meth:`RedisBanStore.report` only adds the event to a
+bounded batch (at most ``max_pending`` IPs; events of further IPs are scored locally)
+that a background task sends in pipelines.
+
+Redis trouble never reaches the caller.  On the first error the store logs
+``redis_unavailable`` and falls back to a :class:`MemoryBanStore`: events are scored
+and IPs banned locally, and the last synced view of the shared bans stays in force
+(expired bans dropped).  The sync task keeps trying; once Redis answers again it logs
+``redis_recovered``, writes the bans made locally meanwhile to Redis and hands them over
+to the shared view, and replays the unbans made meanwhile.  When Redis lost its data (a
+restart without persistence), each replica writes back the bans of its view, so a Redis
+restart does not lift them (offence counts and scores start again).  Every Redis call
+is bounded by ``io_timeout_s``, so a hung server is an outage too.
+
+Modes follow :class:`MemoryBanStore`; the mode of a ban in force is kept with it, so an
+IP shadow-banned before a switch to enforce is scored (and banned) again at once.
+
+Works with ``Redis`` and ``RedisCluster`` clients alike: each script call touches keys of
+one slot (an IP's hash, or the ``{P bans}`` group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Sequence
+from importlib import resources
+from typing import Any
+
+import orjson
+from redis.exceptions import NoScriptError, RedisError
+
+from gateway.config import Abuse
+from gateway.core.abuse import OFFENCE_MEMORY_FACTOR
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
+from gateway.stores.bans import Ban, BanStore, MemoryBanStore, event_points, unknown_event
+
+__all__ = ["RedisBanStore"]
+
+_ERRORS = (RedisError, OSError, TimeoutError)
+"""What a Redis outage looks like (connection refused or reset, timeouts)."""
+
+_Call = tuple[Sequence[str], Sequence[Any]]
+
+
+class _Script:
+    __slots__ = ("sha", "text")
+
+    def __init__(self, name: str) -> None:
+        self.text = resources.files("gateway.stores").joinpath("lua", name).read_text("utf-8")
+        self.sha = hashlib.sha1(self.text.encode(), usedforsecurity=False).hexdigest()
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(items: Sequence[Any]) -> Iterable[tuple[str, str]]:
+    for i in range(0, len(items) - 1, 2):
+        yield _str(items[i]), _str(items[i + 1])
+
+
+def _encode(ban: Ban) -> str:
+    record = {
+        "reason": ban.reason,
+        "score": ban.score,
+        "expires_at": ban.expires_at,
+        "offences": ban.offences,
+        "banned_at": ban.banned_at,
+    }
+    return orjson.dumps(record).decode()
+
+
+def _decode(ip: str, record: str) -> Ban | None:
+    try:
+        r = orjson.loads(record)
+        return Ban(
+            ip,
+            str(r["reason"]),
+            float(r["score"]),
+            float(r["expires_at"]),
+            int(r["offences"]),
+            float(r["banned_at"]),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+class RedisBanStore(BanStore):
+    """Scores and bans shared by all replicas through Redis, with a local fallback."""
+
+    def __init__(
+        self,
+        cfg: Abuse,
+        *,
+        metrics: Metrics,
+        redis: Any,
+        clock: Callable[[], float] = time.time,
+        key_prefix: str = "gw:",
+        sync_interval_s: float = 0.25,
+        io_timeout_s: float = 1.0,
+        max_pending: int = 10_000,
+        batch_size: int = 256,
+        max_bans: int = 100_000,
+        max_log: int = 100_000,
+        sync_limit: int = 10_000,
+        max_entries: int = 100_000,
+    ) -> None:
+        self._redis = redis
+        self._metrics = metrics
+        self._clock = clock
+        self._prefix = key_prefix
+        tag = "{" + key_prefix + "bans}"
+        self._registry_keys = [tag, tag + ":log", tag + ":seq", tag + ":exp", tag + ":trim"]
+        self._sync_interval_s = sync_interval_s
+        self._io_timeout_s = io_timeout_s
+        self._max_pending = max_pending
+        self._batch_size = batch_size
+        self._max_bans = max_bans
+        self._max_log = max_log
+        self._sync_limit = sync_limit
+        self._max_entries = max_entries
+        self._log = get_logger()
+        self._score_script = _Script("bans_score.lua")
+        self._registry_script = _Script("bans_registry.lua")
+        self._local = MemoryBanStore(
+            cfg,
+            metrics=metrics,
+            clock=clock,
+            max_entries=max_entries,
+            max_bans=max_bans,
+            publish_gauge=False,
+            on_ban=self._unsynced_ban,
+        )
+        self._view: dict[str, Ban] = {}  # bans in force, as last synced
+        self._seq = 0  # change-log position of the view
+        self._own: dict[str, tuple[int, Ban | None]] = {}  # our changes not yet synced back
+        self._unsynced: deque[Ban] = deque(maxlen=max_pending)  # local bans to write
+        self._unbans: dict[str, None] = {}  # unbans to replay once Redis is back
+        self._pending: dict[str, dict[str, float]] = {}  # ip -> event -> points, to send
+        self._scores: OrderedDict[str, tuple[float, float]] = OrderedDict()  # (score, at)
+        self._degraded = False
+        self._running = False
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reconfigure(cfg)
+
+    # -- configuration ---------------------------------------------------------------
+
+    def reconfigure(self, cfg: Abuse) -> None:
+        self._cfg = cfg
+        self._points = event_points(cfg)
+        self._enabled = cfg.enabled
+        self._enforce = cfg.mode == "enforce"
+        self._blocking = cfg.enabled and self._enforce
+        self._score_args = [
+            repr(float(cfg.window_s)),
+            repr(float(cfg.ban_score)),
+            repr(float(cfg.ban_s)),
+            repr(float(cfg.ban_multiplier)),
+            repr(float(cfg.max_ban_s)),
+            repr(OFFENCE_MEMORY_FACTOR),
+            cfg.mode,
+        ]
+        self._local.reconfigure(cfg)
+
+    @property
+    def degraded(self) -> bool:
+        """True while Redis is unreachable and the local fallback is in use."""
+        return self._degraded
+
+    # -- hot path --------------------------------------------------------------------
+
+    def banned(self, ip: str) -> Ban | None:
+        if not self._blocking:
+            return None
+        ban = self._view.get(ip)
+        if ban is not None and ban.expires_at > self._clock():
+            return ban
+        if self._local.bans:
+            return self._local.banned(ip)
+        return None
+
+    def report(self, ip: str, event: str) -> None:
+        points = self._points.get(event)
+        if points is None:
+            raise unknown_event(event)
+        if not self._enabled or points <= 0:
+            return
+        if self._degraded or not self._running:
+            self._local.add_points(ip, event, points)
+            return
+        pending = self._pending.get(ip)
+        if pending is not None:
+            pending[event] = pending.get(event, 0.0) + points
+            return
+        ban = self._view.get(ip)
+        if ban is not None and ban.expires_at > self._clock():
+            return  # already banned everywhere
+        if len(self._pending) >= self._max_pending:
+            self._local.add_points(ip, event, points)  # Redis is behind: score here
+            return
+        self._pending[ip] = {event: points}
+        self._wake.set()
+
+    def score(self, ip: str) -> float:
+        now = self._clock()
+        seen = self._scores.get(ip)
+        shared = seen[0] if seen is not None and now - seen[1] < self._cfg.window_s else 0.0
+        pending = sum(self._pending.get(ip, {}).values())
+        return shared + pending + self._local.score(ip)
+
+    # -- Redis calls -----------------------------------------------------------------
+
+    def _score_key(self, ip: str) -> str:
+        return f"{self._prefix}abuse:{ip}"
+
+    async def _run(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._redis.script_load(script.text)
+            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
+
+    async def _pipeline(self, script: _Script, calls: Sequence[_Call]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+    async def _run_many(self, script: _Script, calls: Sequence[_Call]) -> list[Any]:
+        """One pipeline of script calls; a result is an exception when its call failed."""
+        if not calls:
+            return []
+        results = await self._pipeline(script, calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await self._redis.script_load(script.text)
+            again = await self._pipeline(script, [calls[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    def _add_call(self, ban: Ban) -> _Call:
+        args = ["add", ban.ip, _encode(ban), repr(ban.expires_at), self._max_bans, self._max_log]
+        return self._registry_keys, args
+
+    def _set_degraded(self, exc: BaseException) -> None:
+        if not self._degraded:
+            self._degraded = True
+            self._log.warning(
+                "redis_unavailable",
+                component="bans",
+                error=repr(exc),
+                fallback="local scores and bans",
+            )
+
+    # -- sending events --------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._flush()
+            except Exception as exc:  # a malformed answer must not stop the flusher
+                self._log.error("abuse_flush_failed", error=repr(exc))
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = list(self._pending.items()), {}
+            for i in range(0, len(batch), self._batch_size):
+                await self._send(batch[i : i + self._batch_size])
+
+    async def _send(self, chunk: list[tuple[str, dict[str, float]]]) -> None:
+        if self._degraded:
+            self._score_locally(chunk)
+            return
+        calls: list[_Call] = []
+        for ip, events in chunk:
+            args: list[Any] = list(self._score_args)
+            for event, points in events.items():
+                args += (event, repr(points))
+            calls.append(([self._score_key(ip)], args))
+        try:
+            async with asyncio.timeout(self._io_timeout_s):
+                results = await self._run_many(self._score_script, calls)
+        except _ERRORS as exc:
+            self._set_degraded(exc)
+            self._score_locally(chunk)
+            return
+        bans: list[Ban] = []
+        now = self._clock()
+        for (ip, events), result in zip(chunk, results, strict=True):
+            if isinstance(result, BaseException):
+                self._log.warning("abuse_score_failed", ip=ip, error=repr(result))
+                self._score_locally([(ip, events)])
+                continue
+            ban = self._scored(ip, result, now)
+            if ban is not None:
+                bans.append(ban)
+        if bans:
+            await self._store_bans(bans)
+
+    def _score_locally(self, chunk: Iterable[tuple[str, dict[str, float]]]) -> None:
+        for ip, events in chunk:
+            for event, points in events.items():
+                self._local.add_points(ip, event, points)
+
+    def _scored(self, ip: str, result: Sequence[Any], now: float) -> Ban | None:
+        """Note the score Redis computed; log and count the ban it made, if any."""
+        banned = int(result[0]) == 1
+        score = float(_str(result[2]))
+        scores = self._scores
+        scores[ip] = (0.0 if banned else score, now)
+        scores.move_to_end(ip)
+        if len(scores) > self._max_entries:
+            scores.popitem(last=False)
+        if not banned:
+            return None
+        reason, ban_s, offences = _str(result[1]), float(_str(result[3])), int(_str(result[4]))
+        at, until = float(_str(result[5])), float(_str(result[6]))
+        ban = Ban(ip, reason, score, until, offences, at)
+        self._metrics.bans_total.labels(reason).inc()
+        self._log.info(
+            "ban" if self._enforce else "ban_shadow",
+            ip=ip,
+            reason=reason,
+            score=round(score, 3),
+            ban_s=ban_s,
+            offences=offences,
+            expires_at=until,
+        )
+        if not self._enforce:
+            return None
+        self._view[ip] = ban
+        self._update_gauge()
+        return ban
+
+    async def _store_bans(self, bans: list[Ban]) -> None:
+        """Write bans to the shared list; those that could not be written stay local."""
+        try:
+            async with asyncio.timeout(self._io_timeout_s):
+                results = await self._run_many(
+                    self._registry_script, [self._add_call(b) for b in bans]
+                )
+        except _ERRORS as exc:
+            self._set_degraded(exc)
+            results = [exc] * len(bans)
+        for ban, result in zip(bans, results, strict=True):
+            if isinstance(result, BaseException):
+                self._local.install(ban)
+                self._unsynced.append(ban)
+            else:
+                self._own[ban.ip] = (int(result), ban)
+
+    def _unsynced_ban(self, ban: Ban) -> None:
+        self._unsynced.append(ban)
+        self._update_gauge()
+
+    # -- syncing the view ------------------------------------------------------------
+
+    async def _syncer(self) -> None:
+        while True:
+            await asyncio.sleep(self._sync_interval_s)
+            await self.sync()
+
+    async def sync(self, *, full: bool = False) -> bool:
+        """Bring the local view up to date (the background task does this every
+        ``sync_interval_s``); False when Redis could not be reached."""
+        try:
+            async with asyncio.timeout(self._io_timeout_s * 2):
+                if self._unbans:
+                    await self._replay_unbans()
+                kind, seq, items = await self._fetch(full=full)
+                if kind == "full" and seq < self._seq and self._view:
+                    # Redis lost its data: write back the bans still in force here.
+                    await self._write_back(list(self._view.values()))
+                    kind, seq, items = await self._fetch(full=True)
+                if self._unsynced:
+                    await self._push_unsynced()
+        except _ERRORS as exc:
+            self._set_degraded(exc)
+            self._drop_expired_from_view()
+            return False
+        except Exception as exc:  # a malformed answer must not stop the sync task
+            self._log.error("ban_sync_failed", error=repr(exc))
+            return False
+        if self._degraded:
+            self._degraded = False
+            self._log.info("redis_recovered", component="bans")
+        self._apply(kind, seq, items)
+        return True
+
+    async def _lift(self, ip: str) -> int:
+        """Lift the shared ban of ``ip``; the change's sequence number, 0 if none."""
+        args = ["del", ip, self._max_log]
+        change = int(await self._run(self._registry_script, self._registry_keys, args))
+        await self._redis.hdel(self._score_key(ip), "bu")
+        if change > 0:
+            self._own[ip] = (change, None)
+        return change
+
+    async def _replay_unbans(self) -> None:
+        for ip in list(self._unbans):
+            await self._lift(ip)
+            del self._unbans[ip]
+
+    async def _fetch(self, *, full: bool) -> tuple[str, int, list[Any]]:
+        args = [
+            "sync",
+            self._seq,
+            self._sync_limit,
+            "1" if full else "0",
+            1000,
+            self._max_log,
+        ]
+        reply = await self._run(self._registry_script, self._registry_keys, args)
+        return _str(reply[0]), int(_str(reply[1])), list(reply[2])
+
+    def _apply(self, kind: str, seq: int, items: list[Any]) -> None:
+        if kind == "full":
+            view: dict[str, Ban] = {}
+            for ip, record in _pairs(items):
+                ban = _decode(ip, record)
+                if ban is not None:
+                    view[ip] = ban
+            self._view = view
+        elif kind == "delta":
+            for ip, record in _pairs(items):
+                ban = _decode(ip, record) if record else None
+                if ban is None:
+                    self._view.pop(ip, None)
+                else:
+                    self._view[ip] = ban
+        self._seq = seq
+        # Our own changes made after this answer was read: keep them over it.
+        for ip, (change, ban) in list(self._own.items()):
+            if change <= seq or change == 0:
+                del self._own[ip]
+            elif ban is None:
+                self._view.pop(ip, None)
+            else:
+                self._view[ip] = ban
+        self._update_gauge()
+
+    async def _write_back(self, bans: list[Ban]) -> None:
+        now = self._clock()
+        live = [b for b in bans if b.expires_at > now]
+        for i in range(0, len(live), self._batch_size):
+            chunk = live[i : i + self._batch_size]
+            results = await self._run_many(
+                self._registry_script, [self._add_call(b) for b in chunk]
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+
+    async def _push_unsynced(self) -> None:
+        """Write the bans made locally to Redis, then hand them over to the view."""
+        now = self._clock()
+        bans = list(self._unsynced)
+        await self._write_back(bans)
+        for ban in bans:
+            self._unsynced.popleft()
+            if ban.expires_at <= now:
+                continue
+            held = self._local.bans.get(ban.ip)
+            if held is ban:
+                self._local.discard(ban.ip)
+            self._view[ban.ip] = ban
+
+    def _drop_expired_from_view(self) -> None:
+        now = self._clock()
+        for ip in [ip for ip, b in self._view.items() if b.expires_at <= now]:
+            del self._view[ip]
+        self._update_gauge()
+
+    def _update_gauge(self) -> None:
+        local = sum(1 for ip in self._local.bans if ip not in self._view)
+        self._metrics.active_bans.set(len(self._view) + local)
+
+    # -- admin -----------------------------------------------------------------------
+
+    async def list_bans(self) -> list[Ban]:
+        now = self._clock()
+        bans: dict[str, Ban] = {}
+        try:
+            async with asyncio.timeout(self._io_timeout_s):
+                records = await self._redis.hgetall(self._registry_keys[0])
+            for key, record in records.items():
+                ip = _str(key)
+                ban = _decode(ip, _str(record))
+                if ban is not None:
+                    bans[ip] = ban
+        except _ERRORS as exc:
+            self._set_degraded(exc)
+            bans = dict(self._view)
+        for ip, ban in self._local.bans.items():
+            if ip not in bans or bans[ip].expires_at < ban.expires_at:
+                bans[ip] = ban
+        return sorted((b for b in bans.values() if b.expires_at > now), key=_banned_at)
+
+    async def unban(self, ip: str) -> bool:
+        now = self._clock()
+        local = self._local.discard(ip)
+        viewed = self._view.pop(ip, None)
+        unsynced = [b for b in self._unsynced if b.ip != ip]
+        if len(unsynced) != len(self._unsynced):
+            self._unsynced.clear()
+            self._unsynced.extend(unsynced)
+        shared = False
+        try:
+            async with asyncio.timeout(self._io_timeout_s):
+                shared = await self._lift(ip) > 0
+        except _ERRORS as exc:
+            self._set_degraded(exc)
+            if len(self._unbans) < self._max_pending:
+                self._unbans[ip] = None  # lifted in Redis too once it is back
+        self._update_gauge()
+        removed = shared or local is not None or (viewed is not None and viewed.expires_at > now)
+        if removed:
+            self._log.info("unban", ip=ip, by="admin")
+        return removed
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        await self.sync(full=True)
+        self._tasks = [
+            asyncio.create_task(self._syncer(), name="ban-sync"),
+            asyncio.create_task(self._flusher(), name="ban-flush"),
+        ]
+        await self._local.start()
+
+    async def close(self) -> None:
+        self._running = False
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._pending and not self._degraded:
+            with contextlib.suppress(*_ERRORS):
+                async with asyncio.timeout(self._io_timeout_s):
+                    await self._flush()
+        await self._local.close()
+
+
+def _banned_at(ban: Ban) -> float:
+    return ban.banned_at

@@ -1,0 +1,82 @@
+"""Start a real gateway in-process on free loopback ports, for integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import yaml
+
+from gateway.app import Gateway
+from gateway.config import load_text
+from tests.conftest import free_port
+
+
+def base_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
+    """A config with one upstream `api`, one catch-all route, no limits, fast drain."""
+    cfg: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "upstreams": {"api": {"url": upstream_url, "health": {"interval_s": 0.2}}},
+        "routes": [{"name": "api", "path_prefix": "/", "upstream": "api"}],
+        "drain": {"delay_s": 0, "timeout_s": 2},
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+@asynccontextmanager
+async def running_gateway(
+    cfg: Mapping[str, Any], env: Mapping[str, str] | None = None, *, path: str | None = None
+) -> AsyncIterator[Gateway]:
+    settings = load_text(yaml.safe_dump(dict(cfg)), environ=dict(env or {}), source=path)
+    gw = Gateway(settings, config_path=path)
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.drain()
+
+
+def url(gw: Gateway, path: str = "/") -> str:
+    return f"http://127.0.0.1:{gw.proxy_port}{path}"
+
+
+def admin_url(gw: Gateway, path: str = "/") -> str:
+    return f"http://127.0.0.1:{gw.admin_port}{path}"
+
+
+async def raw_exchange(port: int, data: bytes, *, wait_s: float = 1.0) -> bytes:
+    """Send raw bytes to the port and read what comes back until close or wait_s of quiet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    chunks = []
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), wait_s)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except TimeoutError:
+        pass
+    finally:
+        writer.close()
+    return b"".join(chunks)
+
+
+async def wait_for(pred: Callable[[], bool], timeout: float = 5.0, step: float = 0.02) -> bool:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if pred():
+            return True
+        await asyncio.sleep(step)
+    return pred()
+
+
+def port_closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0

@@ -1,0 +1,472 @@
+"""The proxy leg over real sockets: streaming, headers, limits, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.gw import base_config, raw_exchange, running_gateway, url
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Upstream:
+    """A real upstream that records what reached it."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.app = web.Application(
+            client_max_size=64 * 1024 * 1024, handler_args={"max_field_size": 65536}
+        )
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/health":
+            return web.Response(text="ok")
+        if request.path == "/ws":
+            ws = web.WebSocketResponse(protocols=("chat",))
+            await ws.prepare(request)
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    await ws.send_str("echo:" + msg.data)
+                elif msg.type is aiohttp.WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data[::-1])
+            return ws
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+        self.seen.append(
+            {
+                "method": request.method,
+                "raw_path": request.raw_path,
+                "headers": request.headers.copy(),
+                "size": size,
+                "chunked": "chunked" in request.headers.get("Transfer-Encoding", ""),
+            }
+        )
+        if request.path == "/slow":
+            await asyncio.sleep(float(request.query.get("s", "2")))
+        if request.path == "/stream":
+            resp = web.StreamResponse(headers={"X-Upstream": "yes"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(5):
+                await resp.write(f"part{i};".encode())
+                await asyncio.sleep(0.01)
+            await resp.write_eof()
+            return resp
+        if request.path == "/big":
+            n = int(request.query.get("n", "1000000"))
+            return web.Response(body=b"x" * n)
+        if request.path == "/hop":
+            return web.Response(
+                text="hop",
+                headers={
+                    "Connection": "X-Secret-Hop",
+                    "X-Secret-Hop": "1",
+                    "Keep-Alive": "timeout=5",
+                    "X-Powered-By": "php",
+                    "Server": "upstream/1.0",
+                    "X-Frame-Options": "SAMEORIGIN",
+                },
+            )
+        if request.path.startswith("/status/"):
+            return web.Response(status=int(request.path.rsplit("/", 1)[1]), text="from upstream")
+        return web.json_response({"ok": True, "size": size})
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Upstream, TestServer]]:
+    up = Upstream()
+    server = TestServer(up.app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield up, server
+    finally:
+        await server.close()
+
+
+def _url(server: TestServer) -> str:
+    return f"http://127.0.0.1:{server.port}"
+
+
+async def test_get_is_proxied_with_path_and_query_unchanged(upstream: Any) -> None:
+    up, server = upstream
+    async with (
+        running_gateway(base_config(_url(server))) as gw,
+        aiohttp.ClientSession() as s,
+        s.get(url(gw, "/a%2Fb/c?x=1&y=%20z&x=2"), allow_redirects=False) as r,
+    ):
+        assert r.status == 200
+        assert await r.json() == {"ok": True, "size": 0}
+    assert up.seen[-1]["raw_path"] == "/a%2Fb/c?x=1&y=%20z&x=2"
+
+
+async def test_request_id_is_kept_when_valid_and_replaced_when_not(upstream: Any) -> None:
+    up, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw, aiohttp.ClientSession() as s:
+        async with s.get(url(gw, "/x"), headers={"X-Request-ID": "abc.DEF-123_4"}) as r:
+            assert r.headers["X-Request-ID"] == "abc.DEF-123_4"
+        assert up.seen[-1]["headers"]["X-Request-ID"] == "abc.DEF-123_4"
+        async with s.get(url(gw, "/x"), headers={"X-Request-ID": "bad id!"}) as r:
+            new = r.headers["X-Request-ID"]
+            assert new != "bad id!"
+            assert 1 <= len(new) <= 128
+        assert up.seen[-1]["headers"]["X-Request-ID"] == new
+        async with s.get(url(gw, "/x"), headers={"X-Request-ID": "a" * 129}) as r:
+            assert r.headers["X-Request-ID"] != "a" * 129
+
+
+async def test_large_body_streams_both_ways(upstream: Any) -> None:
+    up, server = upstream
+    body = b"y" * (8 * 1024 * 1024)
+    async with running_gateway(base_config(_url(server))) as gw, aiohttp.ClientSession() as s:
+        async with s.post(url(gw, "/upload"), data=io.BytesIO(body)) as r:
+            assert r.status == 200
+            assert (await r.json())["size"] == len(body)
+        assert up.seen[-1]["size"] == len(body)
+        assert up.seen[-1]["headers"]["Content-Length"] == str(len(body))
+        async with s.get(url(gw, "/big?n=20000000")) as r:
+            assert r.headers["Content-Length"] == "20000000"
+            total = 0
+            async for chunk in r.content.iter_any():
+                total += len(chunk)
+            assert total == 20_000_000
+
+
+async def test_chunked_request_body_is_streamed(upstream: Any) -> None:
+    up, server = upstream
+
+    async def gen() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"z" * 1000
+            await asyncio.sleep(0.01)
+
+    async with (
+        running_gateway(base_config(_url(server))) as gw,
+        aiohttp.ClientSession() as s,
+        s.post(url(gw, "/chunked"), data=gen()) as r,
+    ):
+        assert r.status == 200
+        assert (await r.json())["size"] == 10_000
+    assert up.seen[-1]["size"] == 10_000
+
+
+async def test_streamed_response_arrives_in_parts_with_headers(upstream: Any) -> None:
+    _, server = upstream
+    async with (
+        running_gateway(base_config(_url(server))) as gw,
+        aiohttp.ClientSession() as s,
+        s.get(url(gw, "/stream")) as r,
+    ):
+        assert r.headers["X-Upstream"] == "yes"
+        assert r.headers["X-Content-Type-Options"] == "nosniff"
+        assert "X-Request-ID" in r.headers
+        assert await r.text() == "part0;part1;part2;part3;part4;"
+
+
+async def test_body_over_limit_is_413_by_content_length_and_by_chunks(upstream: Any) -> None:
+    up, server = upstream
+    cfg = base_config(_url(server), request={"max_body_bytes": 1000})
+    async with running_gateway(cfg) as gw:
+        async with aiohttp.ClientSession() as s, s.post(url(gw, "/up"), data=b"a" * 1001) as r:
+            assert r.status == 413
+            assert r.headers["Content-Type"] == "application/problem+json"
+            doc = await r.json(content_type=None)
+            assert doc["status"] == 413
+            assert doc["request_id"] == r.headers["X-Request-ID"]
+        assert not any(s["raw_path"] == "/up" for s in up.seen)
+
+        async def gen() -> AsyncIterator[bytes]:
+            for _ in range(100):
+                yield b"b" * 100
+
+        async with aiohttp.ClientSession() as s, s.post(url(gw, "/chunks"), data=gen()) as r:
+            assert r.status == 413
+
+
+async def test_headers_over_limit_get_431_and_12000_bytes_pass(upstream: Any) -> None:
+    _, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw, aiohttp.ClientSession() as s:
+        async with s.get(url(gw, "/h"), headers={"X-Big": "v" * 12000}) as r:
+            assert r.status == 200
+        async with s.get(url(gw, "/h"), headers={"X-Big": "v" * 17000}) as r:
+            assert r.status == 431
+            assert r.headers["Content-Type"] == "application/problem+json"
+        many = {f"X-H{i}": "v" * 1000 for i in range(17)}
+        async with s.get(url(gw, "/h"), headers=many) as r:
+            assert r.status == 431
+
+
+async def test_slow_request_head_gets_408(upstream: Any) -> None:
+    _, server = upstream
+    cfg = base_config(_url(server), request={"client_timeout_s": 0.5})
+    async with running_gateway(cfg) as gw:
+        assert gw.proxy_port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 408")
+        assert b"application/problem+json" in data
+
+
+async def test_hop_by_hop_headers_are_dropped_both_ways(upstream: Any) -> None:
+    up, server = upstream
+    async with (
+        running_gateway(base_config(_url(server))) as gw,
+        aiohttp.ClientSession() as s,
+        s.get(
+            url(gw, "/hop"),
+            headers={
+                "Connection": "keep-alive, X-Client-Hop",
+                "X-Client-Hop": "secret",
+                "Proxy-Authorization": "Basic abc",
+                "TE": "trailers",
+                "X-Kept": "1",
+            },
+        ) as r,
+    ):
+        assert r.status == 200
+        assert "X-Secret-Hop" not in r.headers
+        assert "Keep-Alive" not in r.headers
+        assert "X-Powered-By" not in r.headers
+        assert "Server" not in r.headers
+        # override: false keeps the upstream's own value
+        assert r.headers["X-Frame-Options"] == "SAMEORIGIN"
+    seen = up.seen[-1]["headers"]
+    assert "X-Client-Hop" not in seen
+    assert "Proxy-Authorization" not in seen
+    assert "TE" not in seen
+    assert seen["X-Kept"] == "1"
+
+
+async def test_forwarded_headers_from_untrusted_peer_are_replaced(upstream: Any) -> None:
+    up, server = upstream
+    async with (
+        running_gateway(base_config(_url(server))) as gw,
+        aiohttp.ClientSession() as s,
+        s.get(
+            url(gw, "/f"),
+            headers={
+                "X-Forwarded-For": "1.2.3.4",
+                "X-Forwarded-Proto": "https",
+                "X-Forwarded-Host": "evil.example",
+                "X-Real-IP": "1.2.3.4",
+                "Host": "api.example",
+            },
+        ) as r,
+    ):
+        assert r.status == 200
+        assert "Strict-Transport-Security" not in r.headers
+    h = up.seen[-1]["headers"]
+    assert h["X-Forwarded-For"] == "127.0.0.1"
+    assert h["X-Real-IP"] == "127.0.0.1"
+    assert h["X-Forwarded-Proto"] == "http"
+    assert h["X-Forwarded-Host"] == "api.example"
+    assert h["Host"] == "api.example"
+
+
+async def test_client_ip_behind_trusted_proxy_is_rightmost_untrusted(upstream: Any) -> None:
+    up, server = upstream
+    cfg = base_config(_url(server), trusted_proxies=["127.0.0.0/8", "10.0.0.0/8"])
+    async with (
+        running_gateway(cfg) as gw,
+        aiohttp.ClientSession() as s,
+        s.get(
+            url(gw, "/f"),
+            headers={
+                "X-Forwarded-For": "6.6.6.6, 203.0.113.9, 10.1.2.3",
+                "X-Forwarded-Proto": "https",
+                "X-Forwarded-Host": "public.example",
+            },
+        ) as r,
+    ):
+        assert r.status == 200
+        assert r.headers["Strict-Transport-Security"].startswith("max-age=31536000")
+    h = up.seen[-1]["headers"]
+    assert h["X-Real-IP"] == "203.0.113.9"
+    # the forged left part is dropped: the client, the trusted hops, the peer
+    assert h["X-Forwarded-For"] == "203.0.113.9, 10.1.2.3, 127.0.0.1"
+    assert h["X-Forwarded-Proto"] == "https"
+    assert h["X-Forwarded-Host"] == "public.example"
+
+
+async def test_routes_first_match_404_and_405_with_allow(upstream: Any) -> None:
+    up, server = upstream
+    cfg = base_config(
+        _url(server),
+        routes=[
+            {"name": "hook", "path_prefix": "/bot/", "upstream": "api", "methods": ["POST"]},
+            {"name": "api", "path_prefix": "/api/", "upstream": "api"},
+        ],
+    )
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        async with s.get(url(gw, "/bot/x")) as r:
+            assert r.status == 405
+            assert r.headers["Allow"] == "POST"
+            assert (await r.json(content_type=None))["status"] == 405
+        async with s.post(url(gw, "/bot/x"), data=b"{}") as r:
+            assert r.status == 200
+        async with s.get(url(gw, "/nothing")) as r:
+            assert r.status == 404
+            assert r.headers["Content-Type"] == "application/problem+json"
+            doc = await r.json(content_type=None)
+            assert set(doc) >= {"type", "title", "status", "detail", "request_id"}
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+        async with s.get(url(gw, "/api/ok")) as r:
+            assert r.status == 200
+
+
+async def test_upstream_down_is_502_and_slow_is_504(upstream: Any) -> None:
+    _, server = upstream
+    from tests.conftest import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = base_config(
+        _url(server),
+        upstreams={
+            "api": {"url": _url(server), "timeout_s": 0.5},
+            "dead": {"url": dead, "retries": {"attempts": 1}},
+        },
+        routes=[
+            {"name": "dead", "path_prefix": "/dead/", "upstream": "dead"},
+            {"name": "api", "path_prefix": "/", "upstream": "api"},
+        ],
+    )
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        async with s.get(url(gw, "/dead/x")) as r:
+            assert r.status == 502
+            assert r.headers["Content-Type"] == "application/problem+json"
+        async with s.get(url(gw, "/slow?s=2")) as r:
+            assert r.status == 504
+
+
+async def test_upstream_error_statuses_pass_through_unchanged(upstream: Any) -> None:
+    _, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw, aiohttp.ClientSession() as s:
+        async with s.get(url(gw, "/status/503")) as r:
+            assert r.status == 503
+            assert await r.text() == "from upstream"
+        async with s.get(url(gw, "/status/418")) as r:
+            assert r.status == 418
+
+
+async def test_websocket_is_proxied(upstream: Any) -> None:
+    _, server = upstream
+    async with (
+        running_gateway(base_config(_url(server))) as gw,
+        aiohttp.ClientSession() as s,
+        s.ws_connect(url(gw, "/ws"), protocols=("chat",)) as ws,
+    ):
+        assert ws.protocol == "chat"
+        await ws.send_str("hi")
+        assert (await ws.receive_str(timeout=5)) == "echo:hi"
+        await ws.send_bytes(b"abc")
+        assert (await ws.receive_bytes(timeout=5)) == b"cba"
+
+
+async def test_allowed_hosts(upstream: Any) -> None:
+    _, server = upstream
+    cfg = base_config(_url(server), allowed_hosts=["api.example"])
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        async with s.get(url(gw, "/x"), headers={"Host": "api.example:8000"}) as r:
+            assert r.status == 200
+        async with s.get(url(gw, "/x"), headers={"Host": "other.example"}) as r:
+            assert r.status == 400
+
+
+# ----------------------------------------------------------------- hostile framing
+
+
+def _req(*lines: str, body: bytes = b"") -> bytes:
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+SMUGGLING = [
+    pytest.param(
+        _req("POST /a HTTP/1.1", "Host: x", "Content-Length: 6", "Transfer-Encoding: chunked")
+        + b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        id="CL.TE",
+    ),
+    pytest.param(
+        _req("POST /a HTTP/1.1", "Host: x", "Content-Length: 4", "Content-Length: 40")
+        + b"abcdGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        id="two-content-lengths",
+    ),
+    pytest.param(
+        _req("POST /a HTTP/1.1", "Host: x", "Transfer-Encoding : chunked")
+        + b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        id="TE-space-before-colon",
+    ),
+    pytest.param(
+        _req("POST /a HTTP/1.1", "Host: x", "Transfer-Encoding: xchunked", "Content-Length: 5")
+        + b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        id="TE-obfuscated",
+    ),
+    pytest.param(
+        _req("POST /a HTTP/1.1", "Host: x", "Transfer-Encoding: chunked", "Transfer-Encoding: identity")
+        + b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        id="TE.TE",
+    ),
+    pytest.param(
+        _req("POST /a HTTP/1.1", "Host: x", "Transfer-Encoding: chunked")
+        + b"fffffffffffffffffffff\r\nx\r\n0\r\n\r\n",
+        id="oversized-chunk-size",
+    ),
+    pytest.param(
+        b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+        id="bare-CR-in-header",
+    ),
+    pytest.param(
+        b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+        id="NUL-in-header",
+    ),
+]
+
+
+@pytest.mark.parametrize("payload", SMUGGLING)
+async def test_smuggling_never_reaches_upstream_as_second_request(
+    upstream: Any, payload: bytes
+) -> None:
+    up, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw:
+        assert gw.proxy_port is not None
+        data = await raw_exchange(gw.proxy_port, payload, wait_s=1.0)
+    assert not any("smuggled" in s["raw_path"] for s in up.seen), up.seen
+    status_lines = [ln for ln in data.split(b"\r\n") if ln.startswith(b"HTTP/1.")]
+    # answered with a 4xx, or one normalised request; never a response to /smuggled
+    assert status_lines, data
+    assert status_lines[0][9:10] in (b"2", b"4"), status_lines
+    assert len(up.seen) <= 1
+
+
+async def test_absolute_form_target_goes_to_the_configured_upstream(upstream: Any) -> None:
+    up, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw:
+        assert gw.proxy_port is not None
+        data = await raw_exchange(
+            gw.proxy_port,
+            _req("GET http://169.254.169.254/latest/meta-data?x=1 HTTP/1.1", "Host: x", "Connection: close"),
+        )
+    assert data.startswith(b"HTTP/1.1 200"), data[:200]
+    assert up.seen[-1]["raw_path"] == "/latest/meta-data?x=1"
+
+
+async def test_connect_is_refused(upstream: Any) -> None:
+    up, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw:
+        assert gw.proxy_port is not None
+        data = await raw_exchange(
+            gw.proxy_port, _req("CONNECT 169.254.169.254:443 HTTP/1.1", "Host: 169.254.169.254:443")
+        )
+    assert data[9:12] in (b"400", b"405"), data[:100]
+    assert up.seen == []
