@@ -1,0 +1,187 @@
+"""The `gateway serve` process: start, SIGHUP reload, SIGTERM drain under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def slow_upstream() -> AsyncIterator[str]:
+    async def handle(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("s", "0.05")))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+def _config(tmp: Path, upstream: str, **extra: Any) -> tuple[Path, int, int]:
+    port, admin = free_port(), free_port()
+    cfg = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "admin": {"host": "127.0.0.1", "port": admin},
+        "upstreams": {"api": {"url": upstream, "health": {"interval_s": 0.2}}},
+        "routes": [{"name": "api", "path_prefix": "/", "upstream": "api"}],
+        "drain": {"delay_s": 1.0, "timeout_s": 5},
+        "reload": {"interval_s": 3600},
+        **extra,
+    }
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, port, admin
+
+
+async def _wait_ready(port: int, timeout: float = 10) -> float:
+    t0 = time.monotonic()
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() - t0 < timeout:
+            try:
+                async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                    if r.status == 200:
+                        return time.monotonic() - t0
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.02)
+    msg = "gateway did not become ready"
+    raise AssertionError(msg)
+
+
+def _spawn(path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "GATEWAY_ADMIN_TOKEN": "t"}
+    # logs go to a file: a pipe nobody reads would fill up and block the gateway
+    with (path.parent / "stdout.log").open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def _events(out: bytes) -> list[dict[str, Any]]:
+    lines = []
+    for line in out.decode().splitlines():
+        if line.strip():
+            lines.append(json.loads(line))  # every stdout line is one JSON object
+    return lines
+
+
+async def test_sigterm_under_load_drops_nothing_and_exits_0(
+    tmp_path: Path, slow_upstream: str
+) -> None:
+    path, port, _ = _config(tmp_path, slow_upstream)
+    proc = _spawn(path)
+    try:
+        await _wait_ready(port)
+        results: list[int | str] = []
+        stop = asyncio.Event()
+
+        async def client() -> None:
+            async with aiohttp.ClientSession() as s:
+                while not stop.is_set():
+                    try:
+                        async with s.get(f"http://127.0.0.1:{port}/work?s=0.05") as r:
+                            await r.read()
+                            results.append(r.status)
+                    except aiohttp.ClientConnectorError:
+                        # refused: the listener is closed, the request was never accepted
+                        await asyncio.sleep(0.01)
+                    except aiohttp.ClientError as exc:
+                        results.append(type(exc).__name__)
+
+        tasks = [asyncio.create_task(client()) for _ in range(50)]
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        unready_after = None
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() - t0 < 1.0:
+                async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                    if r.status == 503:
+                        unready_after = time.monotonic() - t0
+                        break
+                await asyncio.sleep(0.02)
+        assert unready_after is not None and unready_after < 1.0
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.gather(*tasks)
+        rc = await asyncio.to_thread(proc.wait, 15)
+        assert rc == 0
+        failed = [r for r in results if r != 200]
+        assert len(results) > 200
+        assert failed == [], f"{len(failed)} failed of {len(results)}: {failed[:5]}"
+        out = (path.parent / "stdout.log").read_bytes()
+        names = [e["event"] for e in _events(out)]
+        assert "config_summary" in names
+        assert names.index("drain_started") < names.index("drain_finished")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_sighup_reloads_and_cold_start_is_fast(tmp_path: Path, slow_upstream: str) -> None:
+    path, port, admin = _config(tmp_path, slow_upstream)
+    proc = _spawn(path)
+    try:
+        took = await _wait_ready(port)
+        assert took < 5
+        cfg = yaml.safe_load(path.read_text())
+        cfg["routes"][0]["path_prefix"] = "/only/"
+        path.write_text(yaml.safe_dump(cfg))
+        proc.send_signal(signal.SIGHUP)
+        async with aiohttp.ClientSession() as s:
+            for _ in range(100):
+                async with s.get(f"http://127.0.0.1:{port}/x") as r:
+                    if r.status == 404:
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("SIGHUP did not reload")
+            async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                text = await r.text()
+        assert 'gateway_config_reloads_total{result="success"} 1.0' in text
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_with_invalid_config_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("routes: [{name: a, upstream: nope}]\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert r.returncode == 2
+    assert b"routes[0].upstream" in r.stderr

@@ -1,0 +1,185 @@
+"""Hot reload: file replace, ConfigMap-style symlink swap, admin POST; bad configs kept out."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.app import Gateway
+from gateway.config import load_file
+from tests.gw import admin_url, base_config, url, wait_for
+
+TOKEN = "reload-test-token"
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", ok)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+def _write(path: Path, cfg: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg))
+    tmp.replace(path)
+
+
+def _cfg(upstream: str, burst: int, *, prefix: str = "/") -> dict[str, Any]:
+    return base_config(
+        upstream,
+        reload={"interval_s": 0.1},
+        routes=[{"name": "api", "path_prefix": prefix, "upstream": "api", "rate_limits": ["p"]}],
+        rate_limit={"policies": {"p": {"requests": 1, "period_s": 60, "burst": burst}}},
+    )
+
+
+async def _start(path: Path) -> Gateway:
+    os.environ["GATEWAY_ADMIN_TOKEN"] = TOKEN
+    gw = Gateway(load_file(path), config_path=str(path))
+    await gw.start()
+    return gw
+
+
+def _count(gw: Gateway, result: str) -> float:
+    v = gw.runtime.metrics.registry.get_sample_value(
+        "gateway_config_reloads_total", {"result": result}
+    )
+    return v or 0.0
+
+
+async def test_file_replace_applies_and_keeps_unchanged_policy_state(
+    tmp_path: Path, upstream: str
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    cfg = _cfg(upstream, burst=3)
+    _write(path, cfg)
+    gw = await _start(path)
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                async with s.get(url(gw, "/a")) as r:
+                    assert r.status == 200
+            async with s.get(url(gw, "/a")) as r:
+                assert r.status == 429
+            # change something else (a new route in front): the policy is unchanged
+            cfg["routes"].insert(0, {"name": "other", "path_prefix": "/other/", "upstream": "api"})
+            _write(path, cfg)
+            assert await wait_for(lambda: _count(gw, "success") >= 1)
+            assert [r.name for r in gw.runtime.snapshot.routes] == ["other", "api"]
+            async with s.get(url(gw, "/a")) as r:
+                assert r.status == 429, "an unchanged policy keeps its state"
+            async with s.get(url(gw, "/other/x")) as r:
+                assert r.status == 200
+    finally:
+        await gw.drain()
+
+
+async def test_symlink_swap_like_a_configmap(tmp_path: Path, upstream: str) -> None:
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    v1 = mount / "..2026_01_01"
+    v1.mkdir()
+    _write(v1 / "gateway.yaml", _cfg(upstream, burst=5))
+    (mount / "..data").symlink_to(v1.name)
+    (mount / "gateway.yaml").symlink_to("..data/gateway.yaml")
+    gw = await _start(mount / "gateway.yaml")
+    try:
+        v2 = mount / "..2026_01_02"
+        v2.mkdir()
+        _write(v2 / "gateway.yaml", _cfg(upstream, burst=5, prefix="/v2/"))
+        tmp_link = mount / "..data_tmp"
+        tmp_link.symlink_to(v2.name)
+        tmp_link.replace(mount / "..data")
+        assert await wait_for(lambda: gw.runtime.snapshot.routes[0].prefix == "/v2/")
+        async with aiohttp.ClientSession() as s, s.get(url(gw, "/x")) as r:
+            assert r.status == 404
+    finally:
+        await gw.drain()
+
+
+async def test_invalid_yaml_and_invalid_values_are_kept_out(tmp_path: Path, upstream: str) -> None:
+    path = tmp_path / "gateway.yaml"
+    _write(path, _cfg(upstream, burst=5))
+    gw = await _start(path)
+    try:
+        before = gw.runtime.settings
+        path.write_text("routes: [\n")
+        assert await wait_for(lambda: _count(gw, "failure") >= 1)
+        bad = _cfg(upstream, burst=5)
+        bad["routes"][0]["upstream"] = "nope"
+        _write(path, bad)
+        assert await wait_for(lambda: _count(gw, "failure") >= 2)
+        assert gw.runtime.settings is before
+        async with aiohttp.ClientSession() as s, s.get(url(gw, "/x")) as r:
+            assert r.status == 200
+        # a bad file is reported once, not every tick
+        count = _count(gw, "failure")
+        await _sleep(0.5)
+        assert _count(gw, "failure") == count
+    finally:
+        await gw.drain()
+
+
+async def _http(reader: Any, writer: Any, path: str) -> bytes:
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    await reader.readexactly(length)
+    return bytes(head.split(b"\r\n", 1)[0])
+
+
+async def test_admin_post_reload_and_keepalive_connection_survives(
+    tmp_path: Path, upstream: str
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    cfg = _cfg(upstream, burst=100)
+    cfg["reload"] = {"interval_s": 3600}
+    _write(path, cfg)
+    gw = await _start(path)
+    try:
+        assert gw.proxy_port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
+        assert await _http(reader, writer, "/a") == b"HTTP/1.1 200 OK"
+        cfg["routes"][0]["path_prefix"] = "/a"
+        _write(path, cfg)
+        async with aiohttp.ClientSession() as admin:
+            async with admin.post(admin_url(gw, "/admin/reload")) as r:
+                assert r.status == 401
+            async with admin.post(
+                admin_url(gw, "/admin/reload"), headers={"Authorization": f"Bearer {TOKEN}"}
+            ) as r:
+                assert r.status == 200
+                assert (await r.json())["reloaded"] is True
+        # the same connection still works, and sees the new config
+        assert await _http(reader, writer, "/a") == b"HTTP/1.1 200 OK"
+        assert await _http(reader, writer, "/b") == b"HTTP/1.1 404 Not Found"
+        writer.close()
+        assert _count(gw, "success") == 1
+    finally:
+        await gw.drain()
+
+
+async def _sleep(s: float) -> None:
+    await asyncio.sleep(s)
