@@ -10,12 +10,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.explain import explain_request
 from gateway.pipeline.client_ip import parse_ip
 from gateway.pipeline.headers import ResponseHeaders
 from gateway.probes import probe_response
 from gateway.problem import problem_response
-from gateway.explain import explain_request
-
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
 
@@ -49,7 +48,9 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     given = request.headers.get("Authorization", "")
     scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        value.strip().encode(), token.encode()
+    ):
         return problem_response(
             401,
             "a valid bearer token is required",

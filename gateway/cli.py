@@ -43,9 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = _load(path)
     except ConfigError as exc:
-        logs.get_logger().error(
-            "config_invalid", path=path, errors=[str(p) for p in exc.problems]
-        )
+        logs.get_logger().error("config_invalid", path=path, errors=[str(p) for p in exc.problems])
         _print_errors(exc, path or "defaults")
         return EXIT_CONFIG
 

@@ -12,8 +12,8 @@ from aiohttp import WSMsgType, web
 from gateway.app import Gateway
 from gateway.config import load_text
 
-DEMO_ADMIN_TOKEN = "demo-admin-token"  # noqa: S105 - the demo's own, printed for the user
-DEMO_BOT_SECRET = "demo-bot-secret"  # noqa: S105
+DEMO_ADMIN_TOKEN = "demo-admin-token"  # the demo's own, printed for the user
+DEMO_BOT_SECRET = "demo-bot-secret"
 
 
 async def _health(_: web.Request) -> web.Response:
@@ -103,7 +103,7 @@ async def run_demo(*, quiet: bool = False) -> None:
     gateway = Gateway(settings)
     await gateway.start()
     if not quiet:
-        print(  # noqa: T201 - the demo talks to a person
+        print(
             CURLS.format(
                 bot=os.environ["BOT_WEBHOOK_SECRET"], admin=os.environ["GATEWAY_ADMIN_TOKEN"]
             ),

@@ -84,8 +84,16 @@ class Runtime:
                 ("listen", old.listen, cfg.listen),
                 ("admin", old.admin, cfg.admin),
                 ("rate_limit.backend", old.rate_limit.backend, cfg.rate_limit.backend),
-                ("rate_limit.redis_url_env", old.rate_limit.redis_url_env, cfg.rate_limit.redis_url_env),
-                ("request.max_header_bytes", old.request.max_header_bytes, cfg.request.max_header_bytes),
+                (
+                    "rate_limit.redis_url_env",
+                    old.rate_limit.redis_url_env,
+                    cfg.rate_limit.redis_url_env,
+                ),
+                (
+                    "request.max_header_bytes",
+                    old.request.max_header_bytes,
+                    cfg.request.max_header_bytes,
+                ),
             )
             if a != b
         ]

@@ -32,9 +32,7 @@ if TYPE_CHECKING:
 class GatewayRequest(BaseRequest):
     """A request carrying the gateway's per-request state."""
 
-    ATTRS = BaseRequest.ATTRS | frozenset(
-        ["rid", "response_headers", "https", "extra_headers"]
-    )
+    ATTRS = BaseRequest.ATTRS | frozenset(["rid", "response_headers", "https", "extra_headers"])
     rid: str | None
     response_headers: ResponseHeaders | None
     https: bool
@@ -118,7 +116,7 @@ class GatewayProtocol(RequestHandler):
         request: BaseRequest,
         status: int = 500,
         exc: BaseException | None = None,
-        message: str | None = None,
+        message: str | None = None,  # noqa: ARG002 - aiohttp's signature
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             msg = "response already started"

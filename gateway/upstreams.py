@@ -40,7 +40,9 @@ class UpstreamState:
         self.name = name
         self.config = cfg
         self.client = UpstreamClient(UpstreamSettings.of(cfg))
-        self.breaker = Breaker(cfg.circuit_breaker, on_transition=breaker_observer(name, metrics, log))
+        self.breaker = Breaker(
+            cfg.circuit_breaker, on_transition=breaker_observer(name, metrics, log)
+        )
         metrics.set_circuit_state(name, "closed")
         self.budget = RetryBudget(cfg.retries.budget_ratio)
         self.inflight = 0

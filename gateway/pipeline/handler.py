@@ -465,9 +465,9 @@ class ProxyHandler:
             except asyncio.CancelledError:
                 up.breaker.release(loop.time())  # the client went away: no outcome
                 raise
-            except _BodyError as err:
+            except _BodyError as body_err:
                 up.breaker.release(loop.time())  # the client's fault, not the upstream's
-                raise Reject(err.status, str(err), event="bad_request") from None
+                raise Reject(body_err.status, str(body_err), event="bad_request") from None
             except UpstreamError as exc:
                 t1 = loop.time()
                 if ctx.body_error is not None:

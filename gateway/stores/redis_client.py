@@ -102,5 +102,5 @@ def make_redis(
         "max_connections": max_connections,
     }
     if cluster:
-        return RedisCluster.from_url(plain, cluster_error_retry_attempts=0, **common)
+        return RedisCluster.from_url(plain, **common)
     return Redis.from_url(plain, **common)

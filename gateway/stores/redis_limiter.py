@@ -7,7 +7,9 @@ Decisions
     interval is rounded up to a whole microsecond (a rate at most 1 ppm slower).
     Keys are ``<prefix>rl:{<policy>:<client key>}:<requests>:<period_s>:<burst>``:
     the hash tag keeps a key in one slot, and the rate in the name means a policy whose
-    rate changes starts afresh while the old keys expire by themselves.  Scripts run by
+    rate changes starts afresh while the old keys expire by themselves (every replica
+    agrees, whenever each reloads; a policy removed and put back unchanged before its
+    keys expire finds its state again).  Scripts run by
     SHA (``EVALSHA``); after a ``NOSCRIPT`` (a restarted or failed-over Redis) the
     script is loaded again and the calls retried once.
 
@@ -439,7 +441,9 @@ class RedisLimiter(Limiter):
     async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for command in commands:
-                pipe.evalsha(*command)
+                # execute_command: redis-py's cluster pipeline refuses .evalsha() by name,
+                # but routes EVALSHA by its keys (one slot per command here)
+                pipe.execute_command("EVALSHA", *command)
             return list(await pipe.execute(raise_on_error=False))
 
     @staticmethod

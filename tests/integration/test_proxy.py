@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.conftest import free_port
 from tests.gw import base_config, raw_exchange, running_gateway, url
 
 pytestmark = pytest.mark.timeout(60)
@@ -301,7 +302,7 @@ async def test_client_ip_behind_trusted_proxy_is_rightmost_untrusted(upstream: A
 
 
 async def test_routes_first_match_404_and_405_with_allow(upstream: Any) -> None:
-    up, server = upstream
+    _, server = upstream
     cfg = base_config(
         _url(server),
         routes=[
@@ -328,8 +329,6 @@ async def test_routes_first_match_404_and_405_with_allow(upstream: Any) -> None:
 
 async def test_upstream_down_is_502_and_slow_is_504(upstream: Any) -> None:
     _, server = upstream
-    from tests.conftest import free_port
-
     dead = f"http://127.0.0.1:{free_port()}"
     cfg = base_config(
         _url(server),
@@ -413,7 +412,12 @@ SMUGGLING = [
         id="TE-obfuscated",
     ),
     pytest.param(
-        _req("POST /a HTTP/1.1", "Host: x", "Transfer-Encoding: chunked", "Transfer-Encoding: identity")
+        _req(
+            "POST /a HTTP/1.1",
+            "Host: x",
+            "Transfer-Encoding: chunked",
+            "Transfer-Encoding: identity",
+        )
         + b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
         id="TE.TE",
     ),
@@ -455,7 +459,11 @@ async def test_absolute_form_target_goes_to_the_configured_upstream(upstream: An
         assert gw.proxy_port is not None
         data = await raw_exchange(
             gw.proxy_port,
-            _req("GET http://169.254.169.254/latest/meta-data?x=1 HTTP/1.1", "Host: x", "Connection: close"),
+            _req(
+                "GET http://169.254.169.254/latest/meta-data?x=1 HTTP/1.1",
+                "Host: x",
+                "Connection: close",
+            ),
         )
     assert data.startswith(b"HTTP/1.1 200"), data[:200]
     assert up.seen[-1]["raw_path"] == "/latest/meta-data?x=1"

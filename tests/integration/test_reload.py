@@ -52,8 +52,10 @@ def _cfg(upstream: str, burst: int, *, prefix: str = "/") -> dict[str, Any]:
 
 
 async def _start(path: Path) -> Gateway:
-    os.environ["GATEWAY_ADMIN_TOKEN"] = TOKEN
-    gw = Gateway(load_file(path), config_path=str(path))
+    gw = Gateway(
+        load_file(path, environ={**os.environ, "GATEWAY_ADMIN_TOKEN": TOKEN}),
+        config_path=str(path),
+    )
     await gw.start()
     return gw
 

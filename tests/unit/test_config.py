@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,8 @@ def test_published_schema_is_current() -> None:
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "GATEWAY_ADMIN_TOKEN"}
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
         capture_output=True,
