@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.explain import explain_request
 from gateway.pipeline.client_ip import parse_ip
@@ -131,12 +132,12 @@ async def explain(request: web.Request) -> web.StreamResponse:
     ip = parse_ip(q.get("ip", ""))
     if ip is None:
         return problem_response(400, "query parameter ip must be an IP address", request_id=None)
-    headers: dict[str, str] = {}
+    headers: CIMultiDict[str] = CIMultiDict()
     for h in q.getall("header", []):
         name, sep, value = h.partition(":")
         if not sep:
             return problem_response(400, f"header must be Name:Value, got {h!r}", request_id=None)
-        headers[name.strip()] = value.strip()
+        headers.add(name.strip(), value.strip())
     result = await explain_request(
         _rt(request), ip, q.get("path", "/"), q.get("method", "GET").upper(), headers
     )

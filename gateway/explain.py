@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING, Any
 from gateway.stores.limiter import Check
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from gateway.pipeline.client_ip import IPAddress
     from gateway.runtime import Runtime
 
 
 async def explain_request(
-    rt: Runtime, ip: IPAddress, path: str, method: str, headers: dict[str, str]
+    rt: Runtime, ip: IPAddress, path: str, method: str, headers: Mapping[str, str]
 ) -> dict[str, Any]:
     """Walk the pipeline's decisions for a hypothetical request without side effects."""
     snap = rt.snapshot
@@ -78,7 +80,7 @@ async def explain_request(
             elif p.key == "ip_route":
                 key = snap.ip_key(ip) + "|" + route.name
             elif p.key == "header" and headers.get(p.header or ""):
-                key = "h:" + headers[p.header or ""][:256]
+                key = "h:" + headers.get(p.header or "", "")[:256]
             else:
                 key = snap.ip_key(ip)
             checks.append(Check(p.name, p.rate, key))
