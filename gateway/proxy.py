@@ -8,7 +8,8 @@ touching the pipeline.  Header rules (hop-by-hop, X-Forwarded-*) live here too.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,6 +89,19 @@ class UpstreamSettings:
         return cls(cfg.url, cfg.connect_timeout_s, cfg.timeout_s, cfg.max_connections)
 
 
+@contextlib.contextmanager
+def _upstream_errors() -> Iterator[None]:
+    """Map the client's exceptions to :class:`UpstreamError` kinds."""
+    try:
+        yield
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamError("connect", str(exc) or "connection refused", sent=False) from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamError("timeout", "upstream did not answer in time", sent=True) from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError("protocol", str(exc) or type(exc).__name__, sent=True) from exc
+
+
 class UpstreamClient:
     """A keep-alive pool to one upstream; ``send`` returns a streaming response."""
 
@@ -130,7 +144,7 @@ class UpstreamClient:
         body: AsyncIterator[bytes] | None,
     ) -> aiohttp.ClientResponse:
         """Send a request; raise :class:`UpstreamError` if no response head came back."""
-        try:
+        with _upstream_errors():
             return await self._session.request(
                 method,
                 self.url(raw_path_qs),
@@ -143,17 +157,11 @@ class UpstreamClient:
                 raise_for_status=False,
                 auto_decompress=False,
             )
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError("connect", str(exc) or "connection refused", sent=False) from exc
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamError("timeout", "upstream did not answer in time", sent=True) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError("protocol", str(exc) or type(exc).__name__, sent=True) from exc
 
     async def ws_connect(
         self, raw_path_qs: str, headers: CIMultiDict[str], protocols: Iterable[str]
     ) -> aiohttp.ClientWebSocketResponse:
-        try:
+        with _upstream_errors():
             return await self._session.ws_connect(
                 self.url(raw_path_qs),
                 headers=headers,
@@ -164,12 +172,6 @@ class UpstreamClient:
                 max_msg_size=0,
                 compress=0,
             )
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError("connect", str(exc) or "connection refused", sent=False) from exc
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamError("timeout", "upstream did not answer in time", sent=True) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError("protocol", str(exc) or type(exc).__name__, sent=True) from exc
 
     async def close(self) -> None:
         await self._session.close()

@@ -119,6 +119,16 @@ def _quota_reject(violated: list[tuple[CompiledPolicy, Decision]], retry: float)
     )
 
 
+def _circuit_open(up: UpstreamState, now: float) -> Reject:
+    return Reject(
+        503,
+        f"upstream {up.name!r} is failing: circuit open",
+        type_=problem.problem_type("circuit-open"),
+        headers={"Retry-After": str(max(1, math.ceil(up.breaker.retry_after(now))))},
+        kind="circuit_open",
+    )
+
+
 def _peer(request: GatewayRequest) -> IPAddress | None:
     transport = request.transport
     if transport is None:
@@ -451,13 +461,7 @@ class ProxyHandler:
         while True:
             now = loop.time()
             if not up.breaker.acquire(now):
-                raise Reject(
-                    503,
-                    f"upstream {up.name!r} is failing: circuit open",
-                    type_=problem.problem_type("circuit-open"),
-                    headers={"Retry-After": str(max(1, math.ceil(up.breaker.retry_after(now))))},
-                    kind="circuit_open",
-                )
+                raise _circuit_open(up, now)
             body = self._body(request, snap, ctx) if has_body else None
             t0 = loop.time()
             try:
@@ -571,13 +575,7 @@ class ProxyHandler:
             up_headers.popall(h, None)
         now = self._loop.time()
         if not up.breaker.acquire(now):
-            raise Reject(
-                503,
-                f"upstream {up.name!r} is failing: circuit open",
-                type_=problem.problem_type("circuit-open"),
-                headers={"Retry-After": str(max(1, math.ceil(up.breaker.retry_after(now))))},
-                kind="circuit_open",
-            )
+            raise _circuit_open(up, now)
         try:
             up_ws = await up.client.ws_connect(raw_path_qs, up_headers, protocols)
         except UpstreamError as exc:

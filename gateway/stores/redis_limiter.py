@@ -233,7 +233,10 @@ class RedisLimiter(Limiter):
         return await pending.future
 
     async def peek(self, checks: Sequence[Check]) -> list[Decision]:
+        """Ask Redis without consuming (not batched, not cached: for /admin/explain)."""
         try:
+            if self._open_until and self._clock() < self._open_until:
+                raise ConnectionError("circuit open")  # noqa: TRY301 - one fallback path
             async with asyncio.timeout(self._timeout_s):
                 rows = await self._evaluate(
                     [(self._key(c), self._policy(c).emission_us, c.rate.burst) for c in checks],

@@ -11,6 +11,9 @@
 --   cost (integer >= 1)
 -- Returns a flat array, four integers per key:
 --   allowed (1 | 0), remaining, retry_after_us, reset_us
+if redis.replicate_commands then
+  redis.replicate_commands()  -- Redis < 5: replicate effects, so TIME may precede writes
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local consume = ARGV[1] == '1'

@@ -5,6 +5,9 @@
 -- ARGV[2]  time to live in milliseconds
 -- ARGV[3]  "1": announce; "0": withdraw
 -- Returns the number of live replicas.
+if redis.replicate_commands then
+  redis.replicate_commands()  -- Redis < 5: replicate effects, so TIME may precede writes
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
