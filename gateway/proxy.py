@@ -18,6 +18,8 @@ from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.upstream_http import LeanPool, LeanResponse, UpstreamError
+
 if TYPE_CHECKING:
     from gateway.config import Upstream
 
@@ -66,15 +68,6 @@ def filter_headers(
     return out
 
 
-class UpstreamError(Exception):
-    """The upstream could not be reached or did not answer in time."""
-
-    def __init__(self, kind: str, detail: str, *, sent: bool) -> None:
-        super().__init__(detail)
-        self.kind = kind  # connect | timeout | protocol
-        self.sent = sent  # whether any of the request may have reached the upstream
-
-
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     """The part of an upstream's config that shapes its pool (a change rebuilds it)."""
@@ -105,7 +98,7 @@ def _upstream_errors() -> Iterator[None]:
 class UpstreamClient:
     """A keep-alive pool to one upstream; ``send`` returns a streaming response."""
 
-    __slots__ = ("_session", "_timeout", "_ws_timeout", "base", "settings")
+    __slots__ = ("_pool", "_session", "_timeout", "_ws_timeout", "base", "settings")
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
@@ -123,6 +116,13 @@ class UpstreamClient:
             total=settings.timeout_s, connect=settings.connect_timeout_s
         )
         self._ws_timeout = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5)
+        self._pool = LeanPool(
+            self.base,
+            limit=settings.max_connections,
+            connect_timeout_s=settings.connect_timeout_s,
+            timeout_s=settings.timeout_s,
+        )
+        # WebSockets only: the HTTP leg goes through the lean pool
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -142,21 +142,14 @@ class UpstreamClient:
         raw_path_qs: str,
         headers: CIMultiDict[str],
         body: AsyncIterator[bytes] | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> LeanResponse:
         """Send a request; raise :class:`UpstreamError` if no response head came back."""
-        with _upstream_errors():
-            return await self._session.request(
-                method,
-                self.url(raw_path_qs),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                chunked=None,
-                expect100=False,
-                raise_for_status=False,
-                auto_decompress=False,
-            )
+        if hdrs.HOST not in headers:
+            headers[hdrs.HOST] = self._pool.host_header
+        chunked = body is not None and hdrs.CONTENT_LENGTH not in headers
+        return await self._pool.request(
+            method, raw_path_qs, list(headers.items()), body, chunked=chunked
+        )
 
     async def ws_connect(
         self, raw_path_qs: str, headers: CIMultiDict[str], protocols: Iterable[str]
@@ -174,6 +167,7 @@ class UpstreamClient:
             )
 
     async def close(self) -> None:
+        await self._pool.close()
         await self._session.close()
 
 

@@ -27,8 +27,9 @@ from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.pipeline.client_ip import parse_ip, resolve_client
 from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
 from gateway.probes import probe_response
-from gateway.proxy import FORWARDING, UpstreamError, filter_headers, splice_ws
+from gateway.proxy import FORWARDING, filter_headers, splice_ws
 from gateway.stores.limiter import BackendUnavailable, Check
+from gateway.upstream_http import LeanResponse, UpstreamError
 
 if TYPE_CHECKING:
     from gateway.core.gcra import Decision
@@ -448,7 +449,7 @@ class ProxyHandler:
         up: UpstreamState,
         raw_path_qs: str,
         up_headers: Any,
-    ) -> tuple[aiohttp.ClientResponse, float]:
+    ) -> tuple[LeanResponse, float]:
         """Send with breaker, bulkhead and bounded retries; return (response, start time)."""
         loop = self._loop
         method = request.method
@@ -535,14 +536,14 @@ class ProxyHandler:
                 resp.headers.extend(filter_headers(up_resp.headers, frozenset()))
                 await resp.prepare(request)
                 written = 0
-                async for chunk in up_resp.content.iter_any():
+                async for chunk in up_resp.iter_body():
                     await resp.write(chunk)
                     written += len(chunk)
                 ctx.bytes_out = written
                 await resp.write_eof()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except UpstreamError as exc:
                 # the upstream failed mid-response: nothing sane can follow on this connection
-                up.errors["protocol" if not isinstance(exc, TimeoutError) else "timeout"].inc()
+                up.errors[exc.kind].inc()
                 ctx.status = ctx.status or 502
                 up_resp.close()
                 if request.transport is not None:

@@ -1,0 +1,407 @@
+"""A lean HTTP/1.1 client for the upstream leg: keep-alive pool, C parser, streaming body.
+
+A full client stack (aiohttp's ClientSession) costs more CPU per request than the whole
+rest of the pipeline. The upstream of a sidecar is one fixed origin on loopback, so this
+client does only what that needs: one request at a time per connection, a pool of idle
+connections, llhttp (through ``httptools``) to parse the response, a body streamed as it
+arrives with back-pressure both ways, and deadlines as timer callbacks rather than a
+timeout context per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import httptools
+from multidict import CIMultiDict
+
+if TYPE_CHECKING:
+    from yarl import URL
+
+_HIGH_WATER = 1 << 20  # pause reading the upstream above this much unread body
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or did not answer in time."""
+
+    def __init__(self, kind: str, detail: str, *, sent: bool) -> None:
+        super().__init__(detail)
+        self.kind = kind  # connect | timeout | protocol (| closed, internal to the pool)
+        self.sent = sent  # whether any of the request may have reached the upstream
+
+
+class _Conn(asyncio.Protocol):
+    """One upstream connection; carries one exchange at a time."""
+
+    __slots__ = (
+        "_body",
+        "_body_waiter",
+        "_drain_waiter",
+        "_head",
+        "_headers",
+        "_loop",
+        "_parser",
+        "_paused",
+        "_reading_paused",
+        "_status",
+        "buffered",
+        "complete",
+        "error",
+        "got_bytes",
+        "keep_alive",
+        "transport",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._head: asyncio.Future[None] | None = None
+        self._headers: list[tuple[str, str]] = []
+        self._status = b""
+        self._body: collections.deque[bytes] = collections.deque()
+        self._body_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._reading_paused = False
+        self.buffered = 0
+        self.complete = False
+        self.keep_alive = True
+        self.got_bytes = False
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("protocol", "unexpected upgrade from upstream", sent=True))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError("protocol", f"malformed upstream response: {exc}", sent=True))
+
+    def connection_lost(self, exc: BaseException | None) -> None:  # noqa: ARG002
+        self.transport = None
+        self.keep_alive = False
+        if not self.complete:
+            if self._head is not None and not self._head.done() and not self.got_bytes:
+                # closed before any answer: nothing was processed, say so for retries
+                self._fail(UpstreamError("closed", "upstream closed the connection", sent=True))
+            else:
+                self._fail(UpstreamError("protocol", "upstream closed mid-response", sent=True))
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drain()
+
+    # ------------------------------------------------------------------ parser callbacks
+
+    def on_status(self, status: bytes) -> None:
+        self._status += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self._parser.should_keep_alive()
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake_body()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake_body()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.keep_alive = False
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(exc)
+        self._wake_body()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _wake_body(self) -> None:
+        w = self._body_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake_drain(self) -> None:
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def reset(self) -> None:
+        """Prepare for the next exchange on this connection."""
+        self._parser = httptools.HttpResponseParser(self)
+        self._head = self._loop.create_future()
+        self._headers = []
+        self._status = b""
+        self._body.clear()
+        self.buffered = 0
+        self.complete = False
+        self.got_bytes = False
+        self.error = None
+
+    async def drain(self) -> None:
+        if self._paused and self.transport is not None:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+            self._drain_waiter = None
+        if self.transport is None:
+            raise self.error or UpstreamError("protocol", "upstream connection lost", sent=True)
+
+    async def head(self) -> tuple[int, str, list[tuple[str, str]]]:
+        assert self._head is not None  # noqa: S101 - reset() made it
+        await self._head
+        return self._parser.get_status_code(), self._status.decode("latin-1"), self._headers
+
+    async def next_chunk(self) -> bytes:
+        """The next piece of the body; b"" at its end."""
+        while True:
+            if self._body:
+                chunk = self._body.popleft()
+                self.buffered -= len(chunk)
+                if self._reading_paused and self.buffered < _HIGH_WATER // 2 and self.transport:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                return chunk
+            if self.complete:
+                return b""
+            if self.error is not None:
+                raise self.error
+            self._body_waiter = self._loop.create_future()
+            try:
+                await self._body_waiter
+            finally:
+                self._body_waiter = None
+
+
+class LeanResponse:
+    """The upstream's answer: status, headers, and a body read as it arrives."""
+
+    __slots__ = ("_conn", "_pool", "_timer", "headers", "reason", "status")
+
+    def __init__(  # noqa: PLR0917 - built in one place, by the pool
+        self,
+        pool: LeanPool,
+        conn: _Conn,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        timer: asyncio.TimerHandle | None,
+    ) -> None:
+        self._pool = pool
+        self._conn: _Conn | None = conn
+        self._timer = timer
+        self.status = status
+        self.reason = reason
+        self.headers: CIMultiDict[str] = CIMultiDict(headers)
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        if conn is None:
+            return
+        while True:
+            chunk = await conn.next_chunk()
+            if not chunk:
+                return
+            yield chunk
+
+    def release(self) -> None:
+        """Give the connection back (kept alive only after a complete exchange)."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._pool.put_back(conn)
+
+    def close(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.keep_alive = False
+        self.release()
+
+
+class LeanPool:
+    """Keep-alive connections to one origin, at most ``limit`` open at once."""
+
+    __slots__ = (
+        "_closed",
+        "_connect_timeout",
+        "_host",
+        "_idle",
+        "_loop",
+        "_open",
+        "_port",
+        "_timeout",
+        "_waiters",
+        "host_header",
+        "limit",
+    )
+
+    def __init__(self, url: URL, *, limit: int, connect_timeout_s: float, timeout_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._host = url.host or "127.0.0.1"
+        self._port = url.port or 80
+        self.host_header = url.host_port_subcomponent or self._host
+        self.limit = limit
+        self._connect_timeout = connect_timeout_s
+        self._timeout = timeout_s
+        self._idle: collections.deque[_Conn] = collections.deque()
+        self._open = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._closed = False
+
+    async def _acquire(self) -> tuple[_Conn, bool]:
+        """A connection and whether it was reused."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn, True
+            self._open -= 1
+        while self._open >= self.limit:
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            await waiter
+            while idle:
+                conn = idle.pop()
+                if conn.transport is not None and not conn.transport.is_closing():
+                    return conn, True
+                self._open -= 1
+        self._open += 1
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await self._loop.create_connection(
+                    lambda: _Conn(self._loop), self._host, self._port
+                )
+        except TimeoutError:
+            self._release_slot()
+            raise UpstreamError("connect", "connect timed out", sent=False) from None
+        except OSError as exc:
+            self._release_slot()
+            raise UpstreamError("connect", str(exc) or "connection refused", sent=False) from exc
+        return conn, False
+
+    def _release_slot(self) -> None:
+        self._open -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+    def put_back(self, conn: _Conn) -> None:
+        transport = conn.transport
+        if (
+            self._closed
+            or not conn.keep_alive
+            or not conn.complete
+            or transport is None
+            or transport.is_closing()
+        ):
+            if transport is not None:
+                transport.close()
+            self._release_slot()
+            return
+        self._idle.append(conn)
+        self._wake_one()
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes] | None,
+        *,
+        chunked: bool,
+    ) -> LeanResponse:
+        """Send one request; raise :class:`UpstreamError` if no response head came back."""
+        lines = [f"{method} {target} HTTP/1.1"]
+        lines.extend(f"{k}: {v}" for k, v in headers)
+        if chunked:
+            lines.append("Transfer-Encoding: chunked")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        # A reused connection the upstream closed meanwhile fails before any answer: try once
+        # more on a fresh one when nothing of a body has been consumed.
+        for attempt in (0, 1):
+            conn, reused = await self._acquire()
+            conn.reset()
+            timer = self._loop.call_at(
+                self._loop.time() + self._timeout,
+                conn._fail,
+                UpstreamError("timeout", "upstream did not answer in time", sent=True),
+            )
+            transport = conn.transport
+            assert transport is not None  # noqa: S101 - just connected or checked
+            try:
+                transport.write(head)
+                if body is not None:
+                    await self._send_body(conn, body, chunked=chunked)
+                status, reason, raw = await conn.head()
+            except UpstreamError as exc:
+                timer.cancel()
+                conn.keep_alive = False
+                self.put_back(conn)
+                if exc.kind == "closed" and reused and body is None and attempt == 0:
+                    continue
+                if exc.kind == "closed":
+                    exc.kind = "protocol"
+                raise
+            except BaseException:
+                timer.cancel()
+                conn.keep_alive = False
+                self.put_back(conn)
+                raise
+            return LeanResponse(self, conn, status, reason, raw, timer)
+        msg = "unreachable"  # pragma: no cover
+        raise AssertionError(msg)  # pragma: no cover
+
+    async def _send_body(self, conn: _Conn, body: AsyncIterator[bytes], *, chunked: bool) -> None:
+        async for chunk in body:
+            transport = conn.transport
+            if transport is None:
+                raise conn.error or UpstreamError("protocol", "upstream went away", sent=True)
+            if chunked:
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                transport.write(chunk)
+            await conn.drain()
+        if chunked and conn.transport is not None:
+            conn.transport.write(b"0\r\n\r\n")
+
+    async def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.transport is not None:
+                conn.transport.close()
