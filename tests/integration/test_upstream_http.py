@@ -1,0 +1,206 @@
+"""The lean upstream client against raw TCP upstreams that misbehave on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from yarl import URL
+
+from gateway.upstream_http import LeanPool, UpstreamError
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def _serve(handler: Handler) -> tuple[asyncio.Server, int, list[int]]:
+    conns: list[int] = []
+
+    async def wrapped(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(1)
+        try:
+            await handler(r, w)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(wrapped, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], conns
+
+
+async def _read_head(r: asyncio.StreamReader) -> bytes:
+    return await r.readuntil(b"\r\n\r\n")
+
+
+async def _fetch(pool: LeanPool) -> bytes:
+    resp = await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+    body = await _body(resp.iter_body())
+    resp.release()
+    return body
+
+
+def _pool(port: int, *, limit: int = 10, timeout_s: float = 5) -> LeanPool:
+    return LeanPool(
+        URL(f"http://127.0.0.1:{port}"), limit=limit, connect_timeout_s=1, timeout_s=timeout_s
+    )
+
+
+async def _body(resp_iter: AsyncIterator[bytes]) -> bytes:
+    return b"".join([c async for c in resp_iter])
+
+
+async def test_keepalive_reuse_and_stale_connection_is_retried() -> None:
+    served = 0
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await _read_head(r)
+        w.write(OK)
+        await w.drain()
+        served += 1
+        # close the idle keep-alive connection behind the client's back
+        await asyncio.sleep(0.05)
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port)
+    try:
+        resp = await pool.request("GET", "/a", [("Host", "x")], None, chunked=False)
+        assert resp.status == 200
+        assert await _body(resp.iter_body()) == b"ok"
+        resp.release()
+        await asyncio.sleep(0.2)  # the server closed it
+        resp = await pool.request("GET", "/b", [("Host", "x")], None, chunked=False)
+        assert resp.status == 200
+        resp.release()
+        assert served == 2
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_pool_limit_queues_requests_on_one_connection() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_head(r)
+            await asyncio.sleep(0.02)
+            w.write(OK)
+            await w.drain()
+
+    server, port, conns = await _serve(handler)
+    pool = _pool(port, limit=1)
+
+    async def one() -> int:
+        resp = await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+        await _body(resp.iter_body())
+        resp.release()
+        return resp.status
+
+    try:
+        assert await asyncio.gather(*(one() for _ in range(5))) == [200] * 5
+        assert len(conns) == 1
+    finally:
+        await pool.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "protocol"),
+        (b"NOT HTTP AT ALL\r\n\r\n", "protocol"),
+        (b"", "protocol"),
+    ],
+    ids=["truncated-body", "garbage", "closed-at-once"],
+)
+async def test_broken_answers_are_upstream_errors(answer: bytes, kind: str) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(answer)
+        await w.drain()
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port)
+    try:
+        with pytest.raises(UpstreamError) as info:
+            await _fetch(pool)
+        assert info.value.kind == kind
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_timeout_and_refused_connection() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        await asyncio.sleep(5)
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port, timeout_s=0.2)
+    try:
+        with pytest.raises(UpstreamError) as info:
+            await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+        assert info.value.kind == "timeout"
+    finally:
+        await pool.close()
+        server.close()
+    await server.wait_closed()
+    refused = _pool(port)
+    with pytest.raises(UpstreamError) as info:
+        await refused.request("GET", "/", [("Host", "x")], None, chunked=False)
+    assert info.value.kind == "connect"
+    assert info.value.sent is False
+
+
+async def test_chunked_request_body_is_encoded() -> None:
+    got = asyncio.get_running_loop().create_future()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        head = await _read_head(r)
+        body = await r.readuntil(b"0\r\n\r\n")
+        got.set_result((head, body))
+        w.write(OK)
+        await w.drain()
+
+    async def gen() -> AsyncIterator[bytes]:
+        yield b"hello"
+        yield b" world!"
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port)
+    try:
+        resp = await pool.request("POST", "/p", [("Host", "x")], gen(), chunked=True)
+        resp.release()
+        head, body = await got
+        assert b"Transfer-Encoding: chunked\r\n" in head
+        assert body == b"5\r\nhello\r\n7\r\n world!\r\n0\r\n\r\n"
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_large_response_streams_with_back_pressure() -> None:
+    size = 8 * 1024 * 1024
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // 65536):
+            w.write(b"x" * 65536)
+            await w.drain()
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port)
+    try:
+        resp = await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+        total = 0
+        async for chunk in resp.iter_body():
+            total += len(chunk)
+            await asyncio.sleep(0)  # a slow reader
+        resp.release()
+        assert total == size
+    finally:
+        await pool.close()
+        server.close()
