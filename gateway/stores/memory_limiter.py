@@ -45,6 +45,12 @@ The hard cap (``rate_limit.max_keys``, all policies together)
       for at most ``burst * period_s / requests`` after the spray stops.  Clients
       already in the table are never touched by the ghost.
 
+Reload
+    :meth:`MemoryLimiter.reconfigure` keeps the tables of policies whose rate is
+    unchanged and drops the others.  A check is always decided with its own rate, so a
+    request still holding the previous config during a reload is decided against the
+    current state at the rate it knows.
+
 Time comes from an injectable monotonic clock.
 """
 
@@ -86,13 +92,13 @@ def compact_key(key: str) -> int | str:
     if first.isdigit() and len(key) <= 15 and key[-1].isdigit():
         try:
             return _from_bytes(_pton(_AF_INET, key), "big")
-        except OSError:
+        except (OSError, ValueError):  # not an address (ValueError: a NUL inside)
             pass
     elif ":" in key and len(key) <= 49 and (first in _HEX or first == ":"):
         address, slash, prefix = key.partition("/")
         try:
             value = _from_bytes(_pton(_AF_INET6, address), "big") | _IPV6_TAG
-        except OSError:
+        except (OSError, ValueError):  # not an address (ValueError: a NUL inside)
             pass
         else:
             if not slash:

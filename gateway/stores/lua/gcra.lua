@@ -5,10 +5,11 @@
 -- with an expiry at that instant, so a refilled key simply disappears.
 -- Redis's own clock is used (never the callers'): replicas' clocks differ.
 --
--- ARGV[1]               "1": consume the budget of allowed requests; "0": only answer
--- per key i (1-based), ARGV[2 + 3*(i-1) + 0..2]:
---   emission interval T in microseconds (integer >= 1), burst (integer >= 1),
---   cost (integer >= 1)
+-- KEYS     the keys to decide, one request each, in order (a key may repeat)
+-- ARGV[1]  "1": consume the budget of allowed requests; "0": only answer (peek)
+-- ARGV[2]  for each key, the 1-based index of its rate, space-separated ("1 1 2")
+-- ARGV[3], ARGV[4], ...  the rates: emission interval T in microseconds (integer
+--          >= 1) then burst (integer >= 1), for rate 1, rate 2, ...
 -- Returns a flat array, four integers per key:
 --   allowed (1 | 0), remaining, retry_after_us, reset_us
 if redis.replicate_commands then
@@ -18,16 +19,18 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local consume = ARGV[1] == '1'
 local out = {}
-for i, key in ipairs(KEYS) do
-  local a = 2 + 3 * (i - 1)
+local i = 0
+for index in string.gmatch(ARGV[2], '%d+') do
+  i = i + 1
+  local key = KEYS[i]
+  local a = 1 + 2 * tonumber(index)
   local emission = tonumber(ARGV[a])
   local tolerance = emission * tonumber(ARGV[a + 1])
-  local cost = tonumber(ARGV[a + 2])
   local tat = tonumber(redis.call('GET', key))
   if tat == nil or tat < now then
     tat = now
   end
-  local new_tat = tat + emission * cost
+  local new_tat = tat + emission
   local slack = tolerance - (new_tat - now)
   local n = #out
   if slack < 0 then
