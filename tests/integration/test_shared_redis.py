@@ -1,0 +1,97 @@
+"""Two gateway replicas sharing one Redis: limits and bans hold across them."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.gw import base_config, running_gateway, url
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[str]:
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", ok)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+def _cfg(upstream: str, policy: str) -> dict[str, Any]:
+    return base_config(
+        upstream,
+        trusted_proxies=["127.0.0.1/32"],
+        rate_limit={
+            "backend": "redis",
+            "policies": {policy: {"requests": 1, "period_s": 60, "burst": 10}},
+        },
+        routes=[{"name": "api", "path_prefix": "/", "upstream": "api", "rate_limits": [policy]}],
+    )
+
+
+async def test_two_replicas_admit_exactly_burst_and_share_bans(
+    redis_url: str, upstream: str
+) -> None:
+    policy = f"p-{uuid.uuid4().hex[:8]}"  # a fresh key space for this run
+    client = f"198.51.100.{uuid.uuid4().int % 250 + 1}"
+    env = {"GATEWAY_REDIS_URL": redis_url}
+    async with (
+        running_gateway(_cfg(upstream, policy), env) as a,
+        running_gateway(_cfg(upstream, policy), env) as b,
+        aiohttp.ClientSession() as s,
+    ):
+
+        async def hit(gw: Any) -> int:
+            async with s.get(url(gw, "/x"), headers={"X-Forwarded-For": client}) as r:
+                return r.status
+
+        statuses = await asyncio.gather(*(hit(a if i % 2 else b) for i in range(30)))
+        assert statuses.count(200) == 10
+        assert statuses.count(429) == 20
+
+        scanner = f"203.0.113.{uuid.uuid4().int % 250 + 1}"
+        for _ in range(2):
+            async with s.get(url(a, "/.env"), headers={"X-Forwarded-For": scanner}) as r:
+                pass
+        assert a.runtime.bans.banned(scanner) is not None
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while b.runtime.bans.banned(scanner) is None:
+            assert asyncio.get_running_loop().time() < deadline, "ban not shared within 1 s"
+            await asyncio.sleep(0.05)
+        async with s.get(url(b, "/x"), headers={"X-Forwarded-For": scanner}) as r:
+            assert r.status == 403
+        await a.runtime.bans.unban(scanner)
+
+    # a restarted replica still sees a ban made before
+    async with running_gateway(_cfg(upstream, policy), env) as c:
+        other = f"192.0.2.{uuid.uuid4().int % 250 + 1}"
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.get(url(c, "/.env"), headers={"X-Forwarded-For": other}) as r:
+                    pass
+    async with running_gateway(_cfg(upstream, policy), env) as d:
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while d.runtime.bans.banned(other) is None:
+            assert asyncio.get_running_loop().time() < deadline, "ban lost across a restart"
+            await asyncio.sleep(0.05)
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(url(d, "/x"), headers={"X-Forwarded-For": other}) as r,
+        ):
+            assert r.status == 403
+        await d.runtime.bans.unban(other)
