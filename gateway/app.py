@@ -89,16 +89,11 @@ class Gateway:
 
     def _on_parser_error(self, protocol: GatewayProtocol, status: int) -> None:
         rt = self.runtime
-        if not rt.snapshot.abuse_enabled:
-            return
-        peer = protocol.transport.get_extra_info("peername") if protocol.transport else None
-        if peer:
-            from gateway.pipeline.client_ip import parse_ip  # noqa: PLC0415
-
-            ip = parse_ip(peer[0])
-            if ip is not None and not (rt.snapshot.allow and ip in rt.snapshot.allow):
-                rt.bans.report(str(ip), "bad_request")
         rt.count_request("none", "OTHER", status, 0.0)
+        snap = rt.snapshot
+        ip, text = protocol.peer_address()
+        if snap.abuse_enabled and ip is not None and not (snap.allow and ip in snap.allow):
+            rt.bans.report(text, "bad_request")
 
     # ------------------------------------------------------------------ stop
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.checks import HealthMonitor
-from gateway.logs import get_logger
+from gateway.logs import AccessLog, get_logger
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.pipeline.snapshot import Snapshot
 from gateway.stores.bans import make_ban_store
@@ -33,7 +33,7 @@ class Runtime:
         cfg = settings.config
         self.metrics = metrics or Metrics()
         self.log = get_logger("gateway")
-        self.access_log = get_logger("gateway.access")
+        self.access_log = AccessLog()
         self.settings = settings
         self.snapshot = Snapshot(settings)
         self.redis: Any | None = None
@@ -57,6 +57,7 @@ class Runtime:
         self._retired: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        self.access_log.start()
         await self.limiter.start()
         await self.bans.start()
         await self.monitor.start()
@@ -71,6 +72,7 @@ class Runtime:
             task.cancel()
         if self.redis is not None:
             await self.redis.aclose()
+        self.access_log.close()
 
     # ------------------------------------------------------------------ reload
 

@@ -19,6 +19,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from gateway.pipeline.client_ip import IPAddress, parse_ip
 from gateway.problem import CONTENT_TYPE, problem_body
 
 if TYPE_CHECKING:
@@ -59,12 +60,23 @@ def _init_state(req: GatewayRequest) -> GatewayRequest:
 class GatewayProtocol(RequestHandler):
     """aiohttp's request handler with a request-head deadline (408) and problem+json errors."""
 
-    __slots__ = ("_head_timer", "_server")
+    __slots__ = ("_head_timer", "_server", "peer")
 
     def __init__(self, manager: GatewayServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._server = manager
         self._head_timer: asyncio.TimerHandle | None = None
+        # (address, its text) of the peer, parsed once per connection
+        self.peer: tuple[IPAddress | None, str] | None = None
+
+    def peer_address(self) -> tuple[IPAddress | None, str]:
+        peer = self.peer
+        if peer is None:
+            transport = self.transport
+            info = transport.get_extra_info("peername") if transport is not None else None
+            ip = parse_ip(info[0]) if info else None
+            peer = self.peer = (ip, str(ip) if ip is not None else "-")
+        return peer
 
     def data_received(self, data: bytes) -> None:
         if self._head_timer is None and not self._request_in_progress and data:

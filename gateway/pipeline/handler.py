@@ -131,13 +131,8 @@ def _circuit_open(up: UpstreamState, now: float) -> Reject:
 
 
 def _peer(request: GatewayRequest) -> IPAddress | None:
-    transport = request.transport
-    if transport is None:
-        return None
-    peer = transport.get_extra_info("peername")
-    if not peer:
-        return None
-    return parse_ip(peer[0])
+    protocol: GatewayProtocol = request.protocol  # type: ignore[assignment]
+    return protocol.peer_address()[0]
 
 
 class ProxyHandler:
@@ -160,11 +155,13 @@ class ProxyHandler:
         headers = request.headers
 
         # client IP (trusted proxies) and request id
-        client, via_proxy = resolve_client(
-            _peer(request), headers.get(hdrs.X_FORWARDED_FOR), snap.trusted
-        )
+        peer, peer_text = protocol.peer_address()
+        client, via_proxy = resolve_client(peer, headers.get(hdrs.X_FORWARDED_FOR), snap.trusted)
         ctx.client = client
-        ctx.client_ip = str(client) if client is not None else "-"
+        if client is peer:
+            ctx.client_ip = peer_text
+        else:
+            ctx.client_ip = str(client) if client is not None else "-"
         rid = headers.get(snap.rid_header)
         if rid is None or not REQUEST_ID_RE.match(rid):
             rid = secrets.token_hex(16)
@@ -315,7 +312,7 @@ class ProxyHandler:
         kind = pol.key
         if kind == "route":
             return "route:" + route.name
-        ip = snap.ip_key(ctx.client) if ctx.client is not None else "-"
+        ip = snap.ip_key(ctx.client, ctx.client_ip) if ctx.client is not None else "-"
         if kind == "ip":
             return ip
         if kind == "ip_route":
@@ -654,17 +651,18 @@ class ProxyHandler:
         rt.count_request(route, method, status, duration)
         ratio = snap.sample_ratio
         if status >= 500 or (ratio > 0 and (ratio >= 1 or random.random() < ratio)):
-            rt.access_log.info(
-                "access",
-                request_id=ctx.rid,
-                client_ip=ctx.client_ip,
-                method=request.method,
-                path=request.path,
-                route=route,
-                status=status,
-                duration_ms=round(duration * 1000, 3),
-                bytes=ctx.bytes_out,
-                upstream=ctx.upstream,
+            rt.access_log.emit(
+                {
+                    "request_id": ctx.rid,
+                    "client_ip": ctx.client_ip,
+                    "method": request.method,
+                    "path": request.path,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(duration * 1000, 3),
+                    "bytes": ctx.bytes_out,
+                    "upstream": ctx.upstream,
+                }
             )
 
 

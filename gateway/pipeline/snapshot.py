@@ -130,8 +130,9 @@ class Snapshot:
                 return route
         return None
 
-    def ip_key(self, ip: IPAddress) -> str:
+    def ip_key(self, ip: IPAddress, text: str | None = None) -> str:
+        """The rate-limit key of an address (IPv6 by its prefix); ``text`` is str(ip)."""
         if ip.version == 6 and self.ipv6_prefix < 128:
             net = ipaddress.IPv6Network((int(ip), self.ipv6_prefix), strict=False)
             return str(net)
-        return str(ip)
+        return text if text is not None else str(ip)

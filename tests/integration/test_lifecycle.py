@@ -137,8 +137,23 @@ async def test_sigterm_under_load_drops_nothing_and_exits_0(
         assert len(results) > 200
         assert failed == [], f"{len(failed)} failed of {len(results)}: {failed[:5]}"
         out = (path.parent / "stdout.log").read_bytes()
-        names = [e["event"] for e in _events(out)]
+        events = _events(out)
+        names = [e["event"] for e in events]
         assert "config_summary" in names
+        access = [e for e in events if e["event"] == "access"]
+        assert len(access) >= len(results)  # every answered request has its line
+        assert set(access[0]) >= {
+            "request_id",
+            "client_ip",
+            "method",
+            "path",
+            "route",
+            "status",
+            "duration_ms",
+            "bytes",
+            "upstream",
+            "ts",
+        }
         assert names.index("drain_started") < names.index("drain_finished")
     finally:
         if proc.poll() is None:

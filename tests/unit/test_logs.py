@@ -1,0 +1,40 @@
+"""The access log line: one JSON object with the request's facts, flushed in batches."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import orjson
+
+from gateway.logs import AccessLog
+
+
+def test_access_line_is_one_json_object_with_iso_timestamp() -> None:
+    buf = io.BytesIO()
+    log = AccessLog(buf)
+    log.emit({"request_id": "r1", "client_ip": "203.0.113.7", "status": 200, "path": "/a"})
+    log.emit({"request_id": "r2", "client_ip": "203.0.113.8", "status": 404, "path": "/b"})
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2
+    first = orjson.loads(lines[0])
+    assert first["event"] == "access"
+    assert first["level"] == "info"
+    assert first["request_id"] == "r1"
+    assert first["status"] == 200
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", first["ts"])
+    assert orjson.loads(lines[1])["path"] == "/b"
+
+
+def test_close_flushes() -> None:
+    class Stream(io.BytesIO):
+        flushed = 0
+
+        def flush(self) -> None:
+            Stream.flushed += 1
+
+    s = Stream()
+    log = AccessLog(s)
+    log.emit({"x": 1})
+    log.close()
+    assert Stream.flushed == 1
