@@ -42,6 +42,7 @@ class Gateway:
         self.runtime = Runtime(settings, metrics=metrics)
         self.reloader = Reloader(self.runtime, config_path)
         self._proxy_runner: web.ServerRunner | None = None
+        self._proxy_server: GatewayServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self.proxy_port: int | None = None
@@ -63,6 +64,7 @@ class Gateway:
             prepare_error_request=self._prepare_error_request,
             on_parser_error=self._on_parser_error,
         )
+        self._proxy_server = server
         self._proxy_runner = web.ServerRunner(
             server, handle_signals=False, shutdown_timeout=cfg.drain.timeout_s
         )
@@ -110,9 +112,20 @@ class Gateway:
         for ws in list(rt.websockets):
             with contextlib.suppress(Exception):
                 await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
-        if self._proxy_runner is not None:
-            self._proxy_runner._shutdown_timeout = cfg.drain.timeout_s
-            await self._proxy_runner.cleanup()
+        runner = self._proxy_runner
+        if runner is not None and self._proxy_server is not None:
+            # Stop accepting, then let what is in flight finish, request bodies included
+            # (aiohttp's own shutdown stops reading request bodies at once).
+            for site in list(runner.sites):
+                await site.stop()
+            server = self._proxy_server
+            server.start_draining()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + cfg.drain.timeout_s
+            while server.in_flight() and loop.time() < deadline:  # noqa: ASYNC110 - a count, polled
+                await asyncio.sleep(0.02)
+            runner._shutdown_timeout = max(0.0, min(1.0, deadline - loop.time()))
+            await runner.cleanup()
         await self.reloader.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

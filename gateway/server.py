@@ -38,8 +38,11 @@ class GatewayRequest(BaseRequest):
     response_headers: ResponseHeaders | None
     https: bool
     extra_headers: list[tuple[str, str]] | None
+    server: GatewayServer
 
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        if self.server.draining:
+            response.force_close()  # finish this exchange, then close the connection
         rh = self.response_headers
         if rh is not None:
             rh.apply(response.headers, self.rid, secure=self.https)
@@ -49,7 +52,8 @@ class GatewayRequest(BaseRequest):
                 response.headers[name] = value
 
 
-def _init_state(req: GatewayRequest) -> GatewayRequest:
+def _init_state(req: GatewayRequest, server: GatewayServer) -> GatewayRequest:
+    req.server = server
     req.rid = None
     req.response_headers = None
     req.https = False
@@ -90,6 +94,14 @@ class GatewayProtocol(RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
         super().connection_lost(exc)
+
+    def busy(self) -> bool:
+        """A request is being handled or waits in the queue."""
+        return bool(self._request_in_progress or self._messages)
+
+    def close_if_idle(self) -> None:
+        if not self.busy():
+            self.close()
 
     def request_started(self) -> None:
         """Called by the pipeline once the request head is in: the head deadline is met."""
@@ -183,8 +195,19 @@ class GatewayServer(web.Server):
         )
         self.client_timeout_s = client_timeout_s
         self.static_headers = static_headers
+        self.draining = False
         self._prepare_error = prepare_error_request or (lambda _r: None)
         self._on_parser_error = on_parser_error or (lambda _p, _s: None)
+
+    def in_flight(self) -> int:
+        return sum(1 for c in self._connections if isinstance(c, GatewayProtocol) and c.busy())
+
+    def start_draining(self) -> None:
+        """No more keep-alive: idle connections close now, busy ones after their response."""
+        self.draining = True
+        for conn in list(self._connections):
+            if isinstance(conn, GatewayProtocol):
+                conn.close_if_idle()
 
     def prepare_error_request(self, request: GatewayRequest) -> None:
         self._prepare_error(request)
@@ -200,7 +223,9 @@ class GatewayServer(web.Server):
         writer: AbstractStreamWriter,
         task: asyncio.Task[None],
     ) -> BaseRequest:
-        return _init_state(GatewayRequest(message, payload, protocol, writer, task, self._loop))
+        return _init_state(
+            GatewayRequest(message, payload, protocol, writer, task, self._loop), self
+        )
 
     def __call__(self) -> RequestHandler:
         return GatewayProtocol(self, loop=self._loop, **self._kwargs)

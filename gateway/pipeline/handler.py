@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 PROBE_PATHS = frozenset(("/livez", "/readyz", "/startupz", "/healthz"))
 _EXPECT_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _DROP_UP = FORWARDING | frozenset(("expect", "forwarded", "host"))
-_CHUNK = 65536
+_PREFETCH = 65536  # body bytes read before an upstream connection is taken
 
 
 class Reject(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -86,11 +86,13 @@ class Ctx:
         "exempt",
         "rid",
         "route",
+        "start",
         "status",
         "upstream",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, start: float) -> None:
+        self.start = start
         self.rid = ""
         self.client: IPAddress | None = None
         self.client_ip = ""
@@ -151,7 +153,7 @@ class ProxyHandler:
         protocol.request_started()
         snap = self.rt.snapshot
         start = self._loop.time()
-        ctx = Ctx()
+        ctx = Ctx(start)
         headers = request.headers
 
         # client IP (trusted proxies) and request id
@@ -163,7 +165,7 @@ class ProxyHandler:
         else:
             ctx.client_ip = str(client) if client is not None else "-"
         rid = headers.get(snap.rid_header)
-        if rid is None or not REQUEST_ID_RE.match(rid):
+        if rid is None or not REQUEST_ID_RE.fullmatch(rid):
             rid = secrets.token_hex(16)
         ctx.rid = rid
         request.rid = rid
@@ -411,25 +413,54 @@ class ProxyHandler:
         out[snap.rid_header] = ctx.rid
         return out
 
-    async def _body(
+    async def _read(self, request: GatewayRequest, ctx: Ctx, deadline: float) -> bytes:
+        """One piece of the request body (b"" at its end), within the request's deadline."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await request.content.readany()
+        except TimeoutError:
+            ctx.body_error = _BodyError(408, "the request body was not received in time")
+        except aiohttp.ClientPayloadError as exc:
+            ctx.body_error = _BodyError(400, f"malformed request body: {exc}")
+        raise ctx.body_error
+
+    async def _prefetch(
         self, request: GatewayRequest, snap: Snapshot, ctx: Ctx
-    ) -> AsyncIterator[bytes]:
+    ) -> tuple[list[bytes], bool]:
+        """Read the start of the body (all of a small one) before taking an upstream
+        connection, so a client that trickles its body holds no pool connection."""
         if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
             await request.writer.write(_EXPECT_CONTINUE)
-        content = request.content
-        limit = snap.max_body_bytes
-        deadline = self._loop.time() + snap.client_timeout_s
+        deadline = ctx.start + snap.client_timeout_s
+        head: list[bytes] = []
         total = 0
+        while total < _PREFETCH:
+            chunk = await self._read(request, ctx, deadline)
+            if not chunk:
+                return head, True
+            total += len(chunk)
+            if total > snap.max_body_bytes:
+                ctx.body_error = _BodyError(
+                    413, f"the request body is larger than {snap.max_body_bytes} bytes"
+                )
+                raise ctx.body_error
+            head.append(chunk)
+        return head, False
+
+    async def _body(
+        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx, head: list[bytes], eof: bool
+    ) -> AsyncIterator[bytes]:
+        """The prefetched start of the body, then the rest as it arrives."""
+        total = 0
+        for chunk in head:
+            total += len(chunk)
+            yield chunk
+        if eof:
+            return
+        limit = snap.max_body_bytes
+        deadline = ctx.start + snap.client_timeout_s
         while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    chunk = await content.readany()
-            except TimeoutError:
-                ctx.body_error = _BodyError(408, "the request body was not received in time")
-                raise ctx.body_error from None
-            except aiohttp.ClientPayloadError as exc:
-                ctx.body_error = _BodyError(400, f"malformed request body: {exc}")
-                raise ctx.body_error from None
+            chunk = await self._read(request, ctx, deadline)
             if not chunk:
                 return
             total += len(chunk)
@@ -452,7 +483,15 @@ class ProxyHandler:
         method = request.method
         retries = up.config.retries
         has_body = request.body_exists
-        idempotent = method in IDEMPOTENT_METHODS and not has_body
+        head: list[bytes] = []
+        eof = True
+        if has_body:
+            try:
+                head, eof = await self._prefetch(request, snap, ctx)
+            except _BodyError as body_err:
+                raise Reject(body_err.status, str(body_err), event="bad_request") from None
+        # a body read whole before sending can be sent again
+        idempotent = method in IDEMPOTENT_METHODS and eof
         now = loop.time()
         up.budget.record_request(now)
         attempt = 0
@@ -460,7 +499,7 @@ class ProxyHandler:
             now = loop.time()
             if not up.breaker.acquire(now):
                 raise _circuit_open(up, now)
-            body = self._body(request, snap, ctx) if has_body else None
+            body = self._body(request, snap, ctx, head, eof) if has_body else None
             t0 = loop.time()
             try:
                 resp = await up.client.send(method, raw_path_qs, up_headers, body)
@@ -626,7 +665,12 @@ class ProxyHandler:
             headers=rej.headers,
             extra=rej.extra,
         )
-        if rej.status in (400, 408, 413, 431):
+        if (
+            rej.status in (400, 408, 413, 431)
+            or request.method == "CONNECT"
+            or hdrs.UPGRADE in request.headers
+        ):
+            # what follows on this connection may be tunnel data, not a request
             resp.force_close()
         body = resp.body
         ctx.bytes_out = len(body) if isinstance(body, bytes) else 0

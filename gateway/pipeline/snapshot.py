@@ -20,7 +20,7 @@ from gateway.pipeline.headers import ResponseHeaders
 if TYPE_CHECKING:
     from gateway.config import Policy, Route, Settings
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 KNOWN_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 )
