@@ -86,3 +86,30 @@ class AccessLog:
         fields["ts"] = f"{self._stamp}.{int((now - sec) * 1e6):06d}Z"
         with contextlib.suppress(OSError, ValueError):
             self._write(orjson.dumps(fields, default=str) + b"\n")
+
+
+class EventBudget:
+    """At most ``rate`` lines a second (bursts of ``rate``) for one noisy event.
+
+    Under attack every refused request would log a line; past the budget lines are
+    dropped and counted, and the next line that passes says how many were dropped.
+    """
+
+    __slots__ = ("_last", "_rate", "_tokens", "suppressed")
+
+    def __init__(self, rate: float = 50.0) -> None:
+        self._rate = rate
+        self._tokens = rate
+        self._last = 0.0
+        self.suppressed = 0
+
+    def take(self, now: float) -> int | None:
+        """None: drop this line. Else the number of lines dropped since the last one."""
+        self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1:
+            self.suppressed += 1
+            return None
+        self._tokens -= 1
+        dropped, self.suppressed = self.suppressed, 0
+        return dropped

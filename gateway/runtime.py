@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.checks import HealthMonitor
-from gateway.logs import AccessLog, get_logger
+from gateway.logs import AccessLog, EventBudget, get_logger
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.pipeline.snapshot import Snapshot
 from gateway.stores.bans import make_ban_store
@@ -34,6 +34,9 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.log = get_logger("gateway")
         self.access_log = AccessLog()
+        # refusal events are capped so an attack cannot flood the logs (metrics count all)
+        self.limited_log_budget = EventBudget(50)
+        self.shadow_log_budget = EventBudget(50)
         self.settings = settings
         self.snapshot = Snapshot(settings)
         self.redis: Any | None = None

@@ -350,14 +350,17 @@ class ProxyHandler:
                 counters[0].inc()
             elif pol.shadow:
                 counters[2].inc()
-                rt.log.info(
-                    "rate_limit_shadow",
-                    policy=pol.name,
-                    client_ip=ctx.client_ip,
-                    route=route.name,
-                    request_id=ctx.rid,
-                    retry_after_s=round(dec.retry_after_s, 3),
-                )
+                dropped = rt.shadow_log_budget.take(self._loop.time())
+                if dropped is not None:
+                    rt.log.info(
+                        "rate_limit_shadow",
+                        policy=pol.name,
+                        client_ip=ctx.client_ip,
+                        route=route.name,
+                        request_id=ctx.rid,
+                        retry_after_s=round(dec.retry_after_s, 3),
+                        suppressed=dropped,
+                    )
                 continue
             else:
                 counters[1].inc()
@@ -367,14 +370,17 @@ class ProxyHandler:
                 tightest = (pol, dec)
         if violated:
             retry = max(d.retry_after_s for _, d in violated)
-            rt.log.info(
-                "rate_limited",
-                policies=[p.name for p, _ in violated],
-                client_ip=ctx.client_ip,
-                route=route.name,
-                request_id=ctx.rid,
-                retry_after_s=round(retry, 3),
-            )
+            dropped = rt.limited_log_budget.take(self._loop.time())
+            if dropped is not None:
+                rt.log.info(
+                    "rate_limited",
+                    policies=[p.name for p, _ in violated],
+                    client_ip=ctx.client_ip,
+                    route=route.name,
+                    request_id=ctx.rid,
+                    retry_after_s=round(retry, 3),
+                    suppressed=dropped,
+                )
             raise _quota_reject(violated, retry)
         if tightest is None:
             return None

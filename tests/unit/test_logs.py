@@ -38,3 +38,15 @@ def test_close_flushes() -> None:
     log.emit({"x": 1})
     log.close()
     assert Stream.flushed == 1
+
+
+def test_event_budget_caps_lines_and_reports_what_it_dropped() -> None:
+    from gateway.logs import EventBudget
+
+    b = EventBudget(rate=5)
+    got = [b.take(100.0) for _ in range(8)]
+    assert got[:5] == [0, 0, 0, 0, 0]
+    assert got[5:] == [None, None, None]
+    assert b.take(100.1) is None  # half a token refilled
+    assert b.take(100.3) == 4  # one token: the line passes and says 4 were dropped
+    assert b.take(100.3) is None
