@@ -61,6 +61,7 @@ class Gateway:
             client_timeout_s=cfg.request.client_timeout_s,
             max_header_bytes=cfg.request.max_header_bytes,
             static_headers=rt.snapshot.response_headers.static_block(),
+            rid_header=cfg.request.request_id_header,
             prepare_error_request=self._prepare_error_request,
             on_parser_error=self._on_parser_error,
         )

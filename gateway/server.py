@@ -11,6 +11,7 @@ server banner on every response, streamed or not.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -117,14 +118,11 @@ class GatewayProtocol(RequestHandler):
         transport = self.transport
         if transport is None or self._request_in_progress:
             return
-        body = problem_body(
-            408,
-            "the request was not received in time",
-            request_id=None,
-            type_=None,
-        )
+        rid = secrets.token_hex(16)
+        body = problem_body(408, "the request was not received in time", request_id=rid)
         head = (
             "HTTP/1.1 408 Request Timeout\r\n"
+            f"{self._server.rid_header}: {rid}\r\n"
             f"Content-Type: {CONTENT_TYPE}\r\n"
             f"Content-Length: {len(body)}\r\n"
             "Connection: close\r\n"
@@ -154,13 +152,15 @@ class GatewayProtocol(RequestHandler):
         elif status == 500:
             detail = "internal error"
             self.log_exception("Error handling request", exc_info=exc)
+        rid = secrets.token_hex(16)
         resp = web.Response(
             status=status,
-            body=problem_body(status, detail, request_id=None),
+            body=problem_body(status, detail, request_id=rid),
             content_type=CONTENT_TYPE,
         )
         resp.force_close()
         if isinstance(request, GatewayRequest):
+            request.rid = rid
             self._server.prepare_error_request(request)
         self._server.on_parser_error(self, status)
         return resp
@@ -179,6 +179,7 @@ class GatewayServer(web.Server):
         client_timeout_s: float,
         max_header_bytes: int,
         static_headers: str = "",
+        rid_header: str = "X-Request-ID",
         prepare_error_request: Callable[[GatewayRequest], None] | None = None,
         on_parser_error: Callable[[GatewayProtocol, int], None] | None = None,
         **kwargs: Any,
@@ -195,6 +196,7 @@ class GatewayServer(web.Server):
         )
         self.client_timeout_s = client_timeout_s
         self.static_headers = static_headers
+        self.rid_header = rid_header
         self.draining = False
         self._prepare_error = prepare_error_request or (lambda _r: None)
         self._on_parser_error = on_parser_error or (lambda _p, _s: None)

@@ -218,6 +218,7 @@ async def test_slow_request_head_gets_408(upstream: Any) -> None:
         writer.close()
         assert data.startswith(b"HTTP/1.1 408")
         assert b"application/problem+json" in data
+        assert b"\r\nX-Request-ID: " in data
 
 
 async def test_hop_by_hop_headers_are_dropped_both_ways(upstream: Any) -> None:
@@ -451,6 +452,7 @@ async def test_smuggling_never_reaches_upstream_as_second_request(
     assert status_lines, data
     assert status_lines[0][9:10] in (b"2", b"4"), status_lines
     assert len(up.seen) <= 1
+    assert b"\r\nX-Request-ID: " in data  # parser-level answers carry one too
 
 
 async def test_absolute_form_target_goes_to_the_configured_upstream(upstream: Any) -> None:
