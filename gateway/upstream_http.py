@@ -133,6 +133,9 @@ class _Conn(asyncio.Protocol):
 
     # ------------------------------------------------------------------ helpers
 
+    def timed_out(self) -> None:
+        self._fail(UpstreamError("timeout", "upstream did not answer in time", sent=True))
+
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
@@ -179,6 +182,16 @@ class _Conn(asyncio.Protocol):
         await self._head
         return self._parser.get_status_code(), self._status.decode("latin-1"), self._headers
 
+    def take_all(self) -> bytes | None:
+        """The whole body when it has already arrived complete, else None."""
+        if not self.complete:
+            return None
+        body = self._body
+        data = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        self.buffered = 0
+        return data
+
     async def next_chunk(self) -> bytes:
         """The next piece of the body; b"" at its end."""
         while True:
@@ -220,6 +233,11 @@ class LeanResponse:
         self.status = status
         self.reason = reason
         self.headers: CIMultiDict[str] = CIMultiDict(headers)
+
+    def body_if_complete(self) -> bytes | None:
+        """The whole body if it is already here (small answers usually are)."""
+        conn = self._conn
+        return conn.take_all() if conn is not None else b""
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         conn = self._conn
@@ -358,8 +376,7 @@ class LeanPool:
             conn.reset()
             timer = self._loop.call_at(
                 self._loop.time() + self._timeout,
-                conn._fail,
-                UpstreamError("timeout", "upstream did not answer in time", sent=True),
+                conn.timed_out,
             )
             transport = conn.transport
             assert transport is not None  # noqa: S101 - just connected or checked

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import math
 import random
 import secrets
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 PROBE_PATHS = frozenset(("/livez", "/readyz", "/startupz", "/healthz"))
 _EXPECT_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _DROP_UP = FORWARDING | frozenset(("expect", "forwarded", "host"))
+_DROP_FAST = frozenset(("content-length",))  # web.Response sets its own
 _PREFETCH = 65536  # body bytes read before an upstream connection is taken
 
 
@@ -140,11 +142,14 @@ def _peer(request: GatewayRequest) -> IPAddress | None:
 class ProxyHandler:
     """Callable handed to the proxy port's server; one per gateway process."""
 
-    __slots__ = ("_loop", "rt")
+    __slots__ = ("_loop", "_rid_prefix", "_rid_seq", "rt")
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self._loop = asyncio.get_running_loop()
+        # request ids: a random per-process prefix and a counter (unique, no syscall)
+        self._rid_prefix = secrets.token_hex(8)
+        self._rid_seq = itertools.count()
 
     # ------------------------------------------------------------------ entry
 
@@ -166,7 +171,7 @@ class ProxyHandler:
             ctx.client_ip = str(client) if client is not None else "-"
         rid = headers.get(snap.rid_header)
         if rid is None or not REQUEST_ID_RE.fullmatch(rid):
-            rid = secrets.token_hex(16)
+            rid = f"{self._rid_prefix}{next(self._rid_seq):016x}"
         ctx.rid = rid
         request.rid = rid
         request.response_headers = snap.response_headers
@@ -574,6 +579,17 @@ class ProxyHandler:
                     self.rt.bans.report(
                         ctx.client_ip, "not_found" if status == 404 else "auth_failure"
                     )
+                body = (
+                    up_resp.body_if_complete()
+                    if status >= 200 and status not in (204, 304) and request.method != "HEAD"
+                    else None
+                )
+                if body is not None:
+                    # all of it is here: headers and body leave in one write
+                    fast = web.Response(status=status, reason=up_resp.reason, body=body)
+                    fast.headers.extend(filter_headers(up_resp.headers, _DROP_FAST))
+                    ctx.bytes_out = len(body)
+                    return fast
                 resp = web.StreamResponse(status=status, reason=up_resp.reason)
                 resp.headers.extend(filter_headers(up_resp.headers, frozenset()))
                 await resp.prepare(request)

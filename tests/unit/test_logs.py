@@ -15,6 +15,8 @@ def test_access_line_is_one_json_object_with_iso_timestamp() -> None:
     log = AccessLog(buf)
     log.emit({"request_id": "r1", "client_ip": "203.0.113.7", "status": 200, "path": "/a"})
     log.emit({"request_id": "r2", "client_ip": "203.0.113.8", "status": 404, "path": "/b"})
+    assert buf.getvalue() == b""  # buffered until a flush
+    log.flush()
     lines = buf.getvalue().splitlines()
     assert len(lines) == 2
     first = orjson.loads(lines[0])
@@ -26,18 +28,15 @@ def test_access_line_is_one_json_object_with_iso_timestamp() -> None:
     assert orjson.loads(lines[1])["path"] == "/b"
 
 
-def test_close_flushes() -> None:
-    class Stream(io.BytesIO):
-        flushed = 0
-
-        def flush(self) -> None:
-            Stream.flushed += 1
-
-    s = Stream()
-    log = AccessLog(s)
+def test_close_flushes_and_a_full_buffer_is_written() -> None:
+    buf = io.BytesIO()
+    log = AccessLog(buf)
     log.emit({"x": 1})
     log.close()
-    assert Stream.flushed == 1
+    assert buf.getvalue().count(b"\n") == 1
+    for i in range(2000):
+        log.emit({"i": i, "pad": "p" * 50})
+    assert buf.getvalue().count(b"\n") > 500  # written out past 64 KiB, no flush needed
 
 
 def test_event_budget_caps_lines_and_reports_what_it_dropped() -> None:
