@@ -1,4 +1,4 @@
-"""Two gateway replicas sharing one Redis: limits and bans hold across them."""
+"""Gateway replicas sharing one Redis: limits and bans hold across them."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _cfg(upstream: str, policy: str) -> dict[str, Any]:
     )
 
 
-async def test_two_replicas_admit_exactly_burst_and_share_bans(
+async def test_three_replicas_admit_exactly_burst_and_share_bans(
     redis_url: str, upstream: str
 ) -> None:
     policy = f"p-{uuid.uuid4().hex[:8]}"  # a fresh key space for this run
@@ -53,6 +53,7 @@ async def test_two_replicas_admit_exactly_burst_and_share_bans(
     async with (
         running_gateway(_cfg(upstream, policy), env) as a,
         running_gateway(_cfg(upstream, policy), env) as b,
+        running_gateway(_cfg(upstream, policy), env) as c,
         aiohttp.ClientSession() as s,
     ):
 
@@ -60,9 +61,10 @@ async def test_two_replicas_admit_exactly_burst_and_share_bans(
             async with s.get(url(gw, "/x"), headers={"X-Forwarded-For": client}) as r:
                 return r.status
 
-        statuses = await asyncio.gather(*(hit(a if i % 2 else b) for i in range(30)))
-        assert statuses.count(200) == 10
-        assert statuses.count(429) == 20
+        replicas = (a, b, c)
+        statuses = await asyncio.gather(*(hit(replicas[i % 3]) for i in range(45)))
+        assert statuses.count(200) == 10  # the burst, exactly, across all three
+        assert statuses.count(429) == 35
 
         scanner = f"203.0.113.{uuid.uuid4().int % 250 + 1}"
         for _ in range(2):
