@@ -96,9 +96,9 @@ def _upstream_errors() -> Iterator[None]:
 
 
 class UpstreamClient:
-    """A keep-alive pool to one upstream; ``send`` returns a streaming response."""
+    """The way to one upstream: a lean keep-alive pool for HTTP, aiohttp for WebSockets."""
 
-    __slots__ = ("_pool", "_session", "_timeout", "_ws_timeout", "base", "settings")
+    __slots__ = ("_pool", "_session", "_ws_timeout", "base", "settings")
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
@@ -111,9 +111,6 @@ class UpstreamClient:
             force_close=False,
             use_dns_cache=True,
             ttl_dns_cache=10,
-        )
-        self._timeout = aiohttp.ClientTimeout(
-            total=settings.timeout_s, connect=settings.connect_timeout_s
         )
         self._ws_timeout = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5)
         self._pool = LeanPool(
@@ -128,7 +125,9 @@ class UpstreamClient:
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=(hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING),
-            timeout=self._timeout,
+            timeout=aiohttp.ClientTimeout(
+                total=settings.timeout_s, connect=settings.connect_timeout_s
+            ),
             requote_redirect_url=False,
             trust_env=False,
         )

@@ -110,9 +110,6 @@ class GatewayProtocol(RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
 
-    def request_finished(self) -> None:
-        """Arm the deadline again for a pipelined next request already buffered."""
-
     def _head_timeout(self) -> None:
         self._head_timer = None
         transport = self.transport
