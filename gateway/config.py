@@ -642,8 +642,10 @@ class Settings:
         cfg = self.config
         return {
             "source": self.source or "built-in defaults",
-            "listen": f"{cfg.listen.host}:{cfg.listen.port}",
-            "admin": f"{cfg.admin.host}:{cfg.admin.port}",
+            "listeners": {
+                "proxy": f"{cfg.listen.host}:{cfg.listen.port}",
+                "admin": f"{cfg.admin.host}:{cfg.admin.port}",
+            },
             "upstreams": {n: u.url for n, u in cfg.upstreams.items()},
             "routes": [f"{r.name} {r.path_prefix} -> {r.upstream}" for r in cfg.routes],
             "policies": {

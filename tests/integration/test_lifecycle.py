@@ -140,6 +140,16 @@ async def test_sigterm_under_load_drops_nothing_and_exits_0(
         events = _events(out)
         names = [e["event"] for e in events]
         assert "config_summary" in names
+        summary = events[names.index("config_summary")]
+        assert set(summary) >= {
+            "listeners",
+            "routes",
+            "upstreams",
+            "policies",
+            "backend",
+            "warnings",
+        }
+        assert summary["listeners"]["proxy"].endswith(f":{port}")
         access = [e for e in events if e["event"] == "access"]
         assert len(access) >= len(results)  # every answered request has its line
         assert set(access[0]) >= {
