@@ -84,3 +84,15 @@ def resolve_client(
         if ip not in trusted:
             break
     return client, True
+
+
+def forwarded_values(value: str, param: str) -> list[str]:
+    """The ``param`` values of an RFC 7239 ``Forwarded`` header, in order (``for``,
+    ``proto``, ``host``); quotes removed, addresses left as written (``[v6]:port``)."""
+    out = []
+    for element in value.split(","):
+        for pair in element.split(";"):
+            key, sep, v = pair.strip().partition("=")
+            if sep and key.strip().lower() == param:
+                out.append(v.strip().strip('"'))
+    return out

@@ -25,7 +25,7 @@ from aiohttp import hdrs, web
 
 from gateway import problem
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
-from gateway.pipeline.client_ip import parse_ip, resolve_client
+from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
 from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
 from gateway.probes import probe_response
 from gateway.proxy import FORWARDING, filter_headers, splice_ws
@@ -91,10 +91,12 @@ class Ctx:
         "start",
         "status",
         "upstream",
+        "xff",
     )
 
     def __init__(self, start: float) -> None:
         self.start = start
+        self.xff: str | None = None
         self.rid = ""
         self.client: IPAddress | None = None
         self.client_ip = ""
@@ -122,6 +124,18 @@ def _quota_reject(violated: list[tuple[CompiledPolicy, Decision]], retry: float)
         extra={"violated_policies": names},
         event="rate_limited",
     )
+
+
+def _proto(headers: Any) -> str:
+    """The scheme a trusted proxy says the client used ("" when it says nothing)."""
+    p = headers.get(hdrs.X_FORWARDED_PROTO)
+    if p:
+        return str(p).split(",", 1)[0].strip().lower()
+    if hdrs.FORWARDED in headers:
+        protos = forwarded_values(headers[hdrs.FORWARDED], "proto")
+        if protos:
+            return protos[0].lower()
+    return ""
 
 
 def _circuit_open(up: UpstreamState, now: float) -> Reject:
@@ -163,7 +177,12 @@ class ProxyHandler:
 
         # client IP (trusted proxies) and request id
         peer, peer_text = protocol.peer_address()
-        client, via_proxy = resolve_client(peer, headers.get(hdrs.X_FORWARDED_FOR), snap.trusted)
+        xff = headers.get(hdrs.X_FORWARDED_FOR)
+        if xff is None and hdrs.FORWARDED in headers:
+            # RFC 7239: its for= list is read like X-Forwarded-For
+            xff = ", ".join(forwarded_values(headers[hdrs.FORWARDED], "for")) or None
+        ctx.xff = xff
+        client, via_proxy = resolve_client(peer, xff, snap.trusted)
         ctx.client = client
         if client is peer:
             ctx.client_ip = peer_text
@@ -175,7 +194,7 @@ class ProxyHandler:
         ctx.rid = rid
         request.rid = rid
         request.response_headers = snap.response_headers
-        request.https = via_proxy and headers.get(hdrs.X_FORWARDED_PROTO, "").lower() == "https"
+        request.https = via_proxy and _proto(headers) == "https"
 
         path = request.path
         if path in PROBE_PATHS or path.startswith("/readyz/"):
@@ -409,13 +428,15 @@ class ProxyHandler:
         proto = "http"
         fwd_host = host
         if via_proxy:
-            chain = forwarded_chain(headers.get(hdrs.X_FORWARDED_FOR), request, snap, ctx)
-            p = headers.get(hdrs.X_FORWARDED_PROTO)
-            if p:
-                proto = p.split(",", 1)[0].strip().lower() or "http"
+            chain = forwarded_chain(ctx.xff, request, snap, ctx)
+            proto = _proto(headers) or "http"
             h = headers.get(hdrs.X_FORWARDED_HOST)
             if h:
                 fwd_host = h.split(",", 1)[0].strip()
+            elif hdrs.FORWARDED in headers:
+                hosts = forwarded_values(headers[hdrs.FORWARDED], "host")
+                if hosts:
+                    fwd_host = hosts[0]
         out[hdrs.X_FORWARDED_FOR] = chain
         out[hdrs.X_FORWARDED_PROTO] = proto
         if fwd_host is not None:

@@ -480,3 +480,25 @@ async def test_connect_is_refused(upstream: Any) -> None:
         )
     assert data[9:12] in (b"400", b"405"), data[:100]
     assert up.seen == []
+
+
+async def test_rfc7239_forwarded_is_believed_from_trusted_proxies_only(upstream: Any) -> None:
+    up, server = upstream
+    fwd = 'for=6.6.6.6, for="[2001:db8::7]:4711";proto=https;host=pub.example, for=10.1.2.3'
+    cfg = base_config(_url(server), trusted_proxies=["127.0.0.0/8", "10.0.0.0/8"])
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        async with s.get(url(gw, "/f"), headers={"Forwarded": fwd}) as r:
+            assert r.status == 200
+            assert "Strict-Transport-Security" in r.headers
+        h = up.seen[-1]["headers"]
+        assert h["X-Real-IP"] == "2001:db8::7"
+        assert h["X-Forwarded-For"] == "2001:db8::7, 10.1.2.3, 127.0.0.1"
+        assert h["X-Forwarded-Proto"] == "https"
+        assert h["X-Forwarded-Host"] == "pub.example"
+        assert "Forwarded" not in h
+    async with running_gateway(base_config(_url(server))) as gw, aiohttp.ClientSession() as s:
+        async with s.get(url(gw, "/f"), headers={"Forwarded": fwd}) as r:
+            assert "Strict-Transport-Security" not in r.headers
+        h = up.seen[-1]["headers"]
+        assert h["X-Real-IP"] == "127.0.0.1"
+        assert "Forwarded" not in h
