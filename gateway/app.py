@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from gateway.metrics import Metrics
 
 
+class StartupError(Exception):
+    """The gateway could not start (a port in use, an address not available)."""
+
+
 class Gateway:
     """One gateway: create, ``start()``, later ``drain()``; or ``run()`` for both."""
 
@@ -51,6 +55,19 @@ class Gateway:
     # ------------------------------------------------------------------ start
 
     async def start(self) -> None:
+        """Start both ports; a port that cannot be bound raises :class:`StartupError`."""
+        try:
+            await self._start()
+        except OSError as exc:
+            self.runtime.log.error("listen_failed", error=str(exc))  # noqa: TRY400 - no traceback needed
+            for runner in (self._proxy_runner, self._admin_runner):
+                if runner is not None:
+                    await runner.cleanup()
+            await self.runtime.close()
+            msg = f"cannot listen: {exc}"
+            raise StartupError(msg) from exc
+
+    async def _start(self) -> None:
         rt = self.runtime
         cfg = self.settings.config
         rt.metrics.config_last_reload_success.set(time.time())

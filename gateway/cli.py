@@ -36,7 +36,7 @@ def _print_errors(exc: ConfigError, source: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway import logs  # noqa: PLC0415 - import the server stack only to serve
-    from gateway.app import Gateway  # noqa: PLC0415
+    from gateway.app import Gateway, StartupError  # noqa: PLC0415
 
     logs.configure()
     path = args.config or os.environ.get("GATEWAY_CONFIG") or None
@@ -50,7 +50,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         await Gateway(settings, config_path=path).run()
 
-    _run(main())
+    try:
+        _run(main())
+    except StartupError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -211,3 +211,29 @@ def test_serve_with_invalid_config_exits_2(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert b"routes[0].upstream" in r.stderr
+
+
+def test_serve_on_a_port_in_use_exits_1_with_a_clear_message(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = tmp_path / "gateway.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {"listen": {"host": "127.0.0.1", "port": port},
+                 "admin": {"host": "127.0.0.1", "port": free_port()}}
+            )
+        )  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    assert r.returncode == 1
+    assert b"cannot listen" in r.stderr
+    assert b"Traceback" not in r.stderr
+    assert b'"event":"listen_failed"' in r.stdout
