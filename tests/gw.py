@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
 from gateway.config import load_text
 from tests.conftest import free_port
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def base_config(upstream_url: str, **overrides: Any) -> dict[str, Any]:
@@ -80,3 +84,19 @@ async def wait_for(pred: Callable[[], bool], timeout: float = 5.0, step: float =
 def port_closed(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@asynccontextmanager
+async def serve(target: web.Application | Handler) -> AsyncIterator[str]:
+    """Serve an app, or one catch-all handler, on a free loopback port; yield its URL."""
+    if isinstance(target, web.Application):
+        app = target
+    else:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", target)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()

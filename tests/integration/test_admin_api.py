@@ -10,11 +10,10 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
 from tests.conftest import free_port
-from tests.gw import admin_url, base_config, raw_exchange, running_gateway, url, wait_for
+from tests.gw import admin_url, base_config, raw_exchange, running_gateway, serve, url, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -48,12 +47,8 @@ class Upstream:
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
     up = Upstream()
-    server = TestServer(up.app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield up, f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
+    async with serve(up.app) as url_:
+        yield up, url_
 
 
 @pytest.fixture

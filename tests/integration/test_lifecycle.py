@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from tests.conftest import free_port
+from tests.gw import serve
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -30,14 +30,8 @@ async def slow_upstream() -> AsyncIterator[str]:
         await asyncio.sleep(float(request.query.get("s", "0.05")))
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
+    async with serve(handle) as url_:
+        yield url_
 
 
 def _config(tmp: Path, upstream: str, **extra: Any) -> tuple[Path, int, int]:

@@ -18,7 +18,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -27,7 +26,7 @@ from gateway.app import Gateway
 from gateway.config import load_text
 from gateway.runtime import Runtime
 from tests.conftest import free_port
-from tests.gw import admin_url, base_config, raw_exchange, running_gateway, url, wait_for
+from tests.gw import admin_url, base_config, raw_exchange, running_gateway, serve, url, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -120,12 +119,8 @@ class Exposition:
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
     up = Upstream()
-    server = TestServer(up.app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield up, f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
+    async with serve(up.app) as url_:
+        yield up, url_
 
 
 def _traffic_config(upstream_url: str) -> dict[str, Any]:

@@ -9,11 +9,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from gateway.problem import ABNORMAL_USAGE, QUOTA_EXCEEDED
 from tests.conftest import free_port
-from tests.gw import base_config, running_gateway, url
+from tests.gw import base_config, running_gateway, serve, url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,12 +43,8 @@ class Counting:
 @pytest.fixture
 async def up() -> AsyncIterator[tuple[Counting, str]]:
     c = Counting()
-    server = TestServer(c.app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield c, f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
+    async with serve(c.app) as url_:
+        yield c, url_
 
 
 def _limited(

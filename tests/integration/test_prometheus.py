@@ -16,10 +16,9 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from tests.conftest import free_port
-from tests.gw import base_config, running_gateway, url
+from tests.gw import base_config, running_gateway, serve, url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,14 +116,8 @@ async def upstream() -> AsyncIterator[str]:
     async def answer(request: web.Request) -> web.Response:
         return web.Response(status=404 if request.path == "/missing" else 200, text="ok")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
+    async with serve(answer) as url_:
+        yield url_
 
 
 @pytest.fixture

@@ -12,11 +12,10 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
 from gateway.config import load_file
-from tests.gw import admin_url, base_config, url, wait_for
+from tests.gw import admin_url, base_config, serve, url, wait_for
 
 TOKEN = "reload-test-token"
 
@@ -26,14 +25,8 @@ async def upstream() -> AsyncIterator[str]:
     async def ok(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", ok)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
+    async with serve(ok) as url_:
+        yield url_
 
 
 def _write(path: Path, cfg: dict[str, Any]) -> None:

@@ -10,9 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.gw import base_config, running_gateway, url
+from tests.gw import base_config, running_gateway, serve, url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,14 +21,8 @@ async def upstream() -> AsyncIterator[str]:
     async def ok(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", ok)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
+    async with serve(ok) as url_:
+        yield url_
 
 
 def _cfg(upstream: str, policy: str) -> dict[str, Any]:
