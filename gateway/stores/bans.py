@@ -136,6 +136,14 @@ class BanStore(ABC):
     def reconfigure(self, cfg: Abuse) -> None:
         """Apply a reloaded ``abuse`` section; scores and bans are kept."""
 
+    def _apply_mode(self, cfg: Abuse) -> None:
+        """The settings every store reads on the hot path, derived once per config."""
+        self._cfg = cfg
+        self._points = event_points(cfg)
+        self._enabled = cfg.enabled
+        self._enforce = cfg.mode == "enforce"
+        self._blocking = cfg.enabled and self._enforce
+
     @abstractmethod
     async def start(self) -> None:
         """Start background work (sweeps, sync); never raises for backend trouble."""
@@ -185,11 +193,7 @@ class MemoryBanStore(BanStore):
     # -- configuration ---------------------------------------------------------------
 
     def reconfigure(self, cfg: Abuse) -> None:
-        self._cfg = cfg
-        self._points = event_points(cfg)
-        self._enabled = cfg.enabled
-        self._enforce = cfg.mode == "enforce"
-        self._blocking = cfg.enabled and self._enforce
+        self._apply_mode(cfg)
         if self._enforce:
             self._shadow.clear()
 

@@ -55,7 +55,7 @@ from gateway.config import Abuse
 from gateway.core.abuse import OFFENCE_MEMORY_FACTOR
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.stores.bans import Ban, BanStore, MemoryBanStore, event_points, unknown_event
+from gateway.stores.bans import Ban, BanStore, MemoryBanStore, unknown_event
 
 __all__ = ["RedisBanStore"]
 
@@ -170,11 +170,7 @@ class RedisBanStore(BanStore):
     # -- configuration ---------------------------------------------------------------
 
     def reconfigure(self, cfg: Abuse) -> None:
-        self._cfg = cfg
-        self._points = event_points(cfg)
-        self._enabled = cfg.enabled
-        self._enforce = cfg.mode == "enforce"
-        self._blocking = cfg.enabled and self._enforce
+        self._apply_mode(cfg)
         self._score_args = [
             repr(float(cfg.window_s)),
             repr(float(cfg.ban_score)),
