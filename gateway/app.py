@@ -71,6 +71,7 @@ class Gateway:
         rt = self.runtime
         cfg = self.settings.config
         rt.metrics.config_last_reload_success.set(time.time())
+        rt.metrics.config_last_reload_successful.set(1)
         await rt.start()
         handler = ProxyHandler(rt)
         server = GatewayServer(

@@ -102,6 +102,11 @@ class Metrics:
             "When the config was last loaded successfully.",
             registry=r,
         )
+        self.config_last_reload_successful = Gauge(
+            p + "config_last_reload_successful",
+            "1 when the last config load or reload succeeded, 0 while the file is refused.",
+            registry=r,
+        )
         self.build_info = Gauge(
             p + "build_info", "Build information.", ["version", "python"], registry=r
         )

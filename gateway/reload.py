@@ -68,6 +68,7 @@ class Reloader:
             except ConfigError as exc:
                 errors = [str(p) for p in exc.problems]
                 rt.metrics.config_reloads.labels("failure").inc()
+                rt.metrics.config_last_reload_successful.set(0)
                 rt.log.error(  # noqa: TRY400 - the errors are listed, a traceback adds nothing
                     "config_reload_failed", trigger=trigger, path=str(self.path), errors=errors
                 )
@@ -75,6 +76,7 @@ class Reloader:
             self._seen = settings.digest
             needs_restart = rt.apply(settings)
             rt.metrics.config_reloads.labels("success").inc()
+            rt.metrics.config_last_reload_successful.set(1)
             rt.metrics.config_last_reload_success.set(time.time())
             rt.log.info(
                 "config_reloaded",

@@ -123,6 +123,8 @@ async def test_invalid_yaml_and_invalid_values_are_kept_out(tmp_path: Path, upst
         _write(path, bad)
         assert await wait_for(lambda: _count(gw, "failure") >= 2)
         assert gw.runtime.settings is before
+        ok = gw.runtime.metrics.registry.get_sample_value
+        assert ok("gateway_config_last_reload_successful", {}) == 0
         async with aiohttp.ClientSession() as s, s.get(url(gw, "/x")) as r:
             assert r.status == 200
         # a bad file is reported once, not every tick
