@@ -109,6 +109,10 @@ def unknown_event(event: str) -> ValueError:
 class BanStore(ABC):
     """Abuse scores and bans, as the request pipeline and the admin endpoints see them."""
 
+    _metrics: Metrics
+    _log: Any
+    _enforce: bool
+
     @abstractmethod
     def banned(self, ip: str) -> Ban | None:
         """The ban in force for ``ip``; ``None`` when there is none, when it expired,
@@ -135,6 +139,19 @@ class BanStore(ABC):
     @abstractmethod
     def reconfigure(self, cfg: Abuse) -> None:
         """Apply a reloaded ``abuse`` section; scores and bans are kept."""
+
+    def _announce(self, ban: Ban, ban_s: float) -> None:
+        """Count and log a new ban (``ban_shadow`` in shadow mode)."""
+        self._metrics.bans_total.labels(ban.reason).inc()
+        self._log.info(
+            "ban" if self._enforce else "ban_shadow",
+            ip=ban.ip,
+            reason=ban.reason,
+            score=round(ban.score, 3),
+            ban_s=ban_s,
+            offences=ban.offences,
+            expires_at=ban.expires_at,
+        )
 
     def _apply_mode(self, cfg: Abuse) -> None:
         """The settings every store reads on the hot path, derived once per config."""
@@ -264,16 +281,7 @@ class MemoryBanStore(BanStore):
         self._offences[ip] = (offences, offences_forget_at(ban.expires_at, cfg.max_ban_s))
         if len(self._offences) > self._max_bans:
             self._offences.popitem(last=False)
-        self._metrics.bans_total.labels(reason).inc()
-        self._log.info(
-            "ban" if self._enforce else "ban_shadow",
-            ip=ip,
-            reason=reason,
-            score=round(score, 3),
-            ban_s=duration,
-            offences=offences,
-            expires_at=ban.expires_at,
-        )
+        self._announce(ban, duration)
         if self._enforce:
             self.install(ban)
             if self._on_ban is not None:

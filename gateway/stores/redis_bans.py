@@ -339,16 +339,7 @@ class RedisBanStore(BanStore):
         reason, ban_s, offences = _str(result[1]), float(_str(result[3])), int(_str(result[4]))
         at, until = float(_str(result[5])), float(_str(result[6]))
         ban = Ban(ip, reason, score, until, offences, at)
-        self._metrics.bans_total.labels(reason).inc()
-        self._log.info(
-            "ban" if self._enforce else "ban_shadow",
-            ip=ip,
-            reason=reason,
-            score=round(score, 3),
-            ban_s=ban_s,
-            offences=offences,
-            expires_at=until,
-        )
+        self._announce(ban, ban_s)
         if not self._enforce:
             return None
         self._view[ip] = ban

@@ -14,7 +14,7 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -34,16 +34,6 @@ CLIENTS = 100
 DELAY_S = 1.0
 TIMEOUT_S = 10.0
 PART = b"u" * 8192
-
-
-@pytest.fixture
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    up.start()
-    try:
-        yield up
-    finally:
-        up.kill()
 
 
 async def _body(parts: int, pause_s: float) -> AsyncIterator[bytes]:

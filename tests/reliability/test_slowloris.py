@@ -12,7 +12,6 @@ import asyncio
 import csv
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,16 +36,6 @@ needs_tool = pytest.mark.skipif(
     reason="slowhttptest is not installed (Debian package `slowhttptest`: apt-get install -y"
     " slowhttptest; .ci/run installs it)",
 )
-
-
-@pytest.fixture
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    up.start()
-    try:
-        yield up
-    finally:
-        up.kill()
 
 
 @dataclass

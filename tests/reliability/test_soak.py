@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -32,16 +32,6 @@ SOAK_S = env_int("GATEWAY_SOAK_S", 45)
 CLIENTS = 12
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.timeout(SOAK_S + 60)]
-
-
-@pytest.fixture
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    up.start()
-    try:
-        yield up
-    finally:
-        up.kill()
 
 
 async def _chunks() -> AsyncIterator[bytes]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -31,16 +30,6 @@ FAILURES = 5
 OPEN_S = 2.0
 CLIENTS = 8
 CIRCUIT_OPEN = "circuit-open"
-
-
-@pytest.fixture
-def upstream() -> Iterator[UpstreamProcess]:
-    up = UpstreamProcess()
-    up.start()
-    try:
-        yield up
-    finally:
-        up.kill()
 
 
 @dataclass
