@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__
+from gateway.loopmetrics import LoopCounter, LoopGauge, LoopHistogram
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -30,37 +31,38 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         p = "gateway_"
-        self.requests_total = Counter(
-            p + "requests_total", "Requests answered.", ["route", "method", "code"], registry=r
+        # updated on every request, from the event loop only: lock-free (loopmetrics)
+        self.requests_total = LoopCounter(
+            p + "requests_total", "Requests answered.", ["route", "method", "code"], r
         )
-        self.request_duration = Histogram(
+        self.request_duration = LoopHistogram(
             p + "request_duration_seconds",
             "Time from request to the end of the response.",
             ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            r,
+            LATENCY_BUCKETS,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = LoopHistogram(
             p + "upstream_request_duration_seconds",
             "Time of the exchange with the upstream, to the response headers.",
             ["upstream"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            r,
+            LATENCY_BUCKETS,
         )
-        self.upstream_errors = Counter(
+        self.upstream_errors = LoopCounter(
             p + "upstream_errors_total",
             "Upstream exchanges that failed, by kind.",
             ["upstream", "kind"],
-            registry=r,
+            r,
         )
-        self.inflight = Gauge(
-            p + "inflight_requests", "Requests in flight to the upstream.", ["upstream"], registry=r
+        self.inflight = LoopGauge(
+            p + "inflight_requests", "Requests in flight to the upstream.", ["upstream"], r
         )
-        self.ratelimit_decisions = Counter(
+        self.ratelimit_decisions = LoopCounter(
             p + "ratelimit_decisions_total",
             "Rate-limit decisions by policy.",
             ["policy", "decision"],
-            registry=r,
+            r,
         )
         self.ratelimit_backend_errors = Counter(
             p + "ratelimit_backend_errors_total",

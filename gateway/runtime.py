@@ -21,9 +21,9 @@ from gateway.stores.limiter import make_limiter
 from gateway.upstreams import UpstreamState
 
 if TYPE_CHECKING:
-    from prometheus_client.metrics import Counter, Histogram
-
     from gateway.config import Settings
+    from gateway.loopmetrics import CounterChild as Counter
+    from gateway.loopmetrics import HistogramChild as Histogram
 
 
 class Runtime:
