@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from aiohttp import WSCloseCode, web
 
 from gateway.admin import create_admin_app
+from gateway.http1 import HttpProtocol, HttpServer
 from gateway.pipeline.handler import ProxyHandler
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
@@ -45,8 +46,8 @@ class Gateway:
         self.settings = settings
         self.runtime = Runtime(settings, metrics=metrics)
         self.reloader = Reloader(self.runtime, config_path)
-        self._proxy_runner: web.ServerRunner | None = None
-        self._proxy_server: GatewayServer | None = None
+        self._proxy_listener: asyncio.Server | None = None
+        self._proxy_server: HttpServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self.proxy_port: int | None = None
@@ -60,9 +61,12 @@ class Gateway:
             await self._start()
         except OSError as exc:
             self.runtime.log.error("listen_failed", error=str(exc))  # noqa: TRY400 - no traceback needed
-            for runner in (self._proxy_runner, self._admin_runner):
-                if runner is not None:
-                    await runner.cleanup()
+            if self._proxy_listener is not None:
+                self._proxy_listener.close()
+            if self._proxy_server is not None:
+                self._proxy_server.close()
+            if self._admin_runner is not None:
+                await self._admin_runner.cleanup()
             await self.runtime.close()
             msg = f"cannot listen: {exc}"
             raise StartupError(msg) from exc
@@ -74,25 +78,34 @@ class Gateway:
         rt.metrics.config_last_reload_successful.set(1)
         await rt.start()
         handler = ProxyHandler(rt)
-        server = GatewayServer(
+        req = cfg.request
+        static = rt.snapshot.response_headers.static_block()
+        upgrades = GatewayServer(
             handler,
-            client_timeout_s=cfg.request.client_timeout_s,
-            max_header_bytes=cfg.request.max_header_bytes,
-            static_headers=rt.snapshot.response_headers.static_block(),
-            rid_header=cfg.request.request_id_header,
+            client_timeout_s=req.client_timeout_s,
+            max_header_bytes=req.max_header_bytes,
+            static_headers=static,
+            rid_header=req.request_id_header,
             prepare_error_request=self._prepare_error_request,
             on_parser_error=self._on_parser_error,
         )
+        server = HttpServer(
+            handler,  # type: ignore[arg-type]
+            upgrade_server=upgrades,
+            client_timeout_s=req.client_timeout_s,
+            max_header_bytes=req.max_header_bytes,
+            static_headers=static,
+            rid_header=req.request_id_header,
+            on_parser_error=self._on_parser_error,
+            response_headers=lambda: rt.snapshot.response_headers,
+        )
         self._proxy_server = server
-        self._proxy_runner = web.ServerRunner(
-            server, handle_signals=False, shutdown_timeout=cfg.drain.timeout_s
+        loop = asyncio.get_running_loop()
+        self._proxy_listener = await loop.create_server(
+            server, cfg.listen.host, cfg.listen.port, reuse_address=True, backlog=1024
         )
-        await self._proxy_runner.setup()
-        site = web.TCPSite(
-            self._proxy_runner, cfg.listen.host, cfg.listen.port, reuse_address=True, backlog=1024
-        )
-        await site.start()
-        self.proxy_port = _bound_port(self._proxy_runner, cfg.listen.port)
+        sock = self._proxy_listener.sockets[0]
+        self.proxy_port = int(sock.getsockname()[1])
 
         admin_app = create_admin_app(rt, self.reloader)
         self._admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
@@ -108,7 +121,7 @@ class Gateway:
     def _prepare_error_request(self, request: GatewayRequest) -> None:
         request.response_headers = self.runtime.snapshot.response_headers
 
-    def _on_parser_error(self, protocol: GatewayProtocol, status: int) -> None:
+    def _on_parser_error(self, protocol: GatewayProtocol | HttpProtocol, status: int) -> None:
         rt = self.runtime
         rt.count_request("none", "OTHER", status, 0.0)
         snap = rt.snapshot
@@ -131,20 +144,17 @@ class Gateway:
         for ws in list(rt.websockets):
             with contextlib.suppress(Exception):
                 await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
-        runner = self._proxy_runner
-        if runner is not None and self._proxy_server is not None:
-            # Stop accepting, then let what is in flight finish, request bodies included
-            # (aiohttp's own shutdown stops reading request bodies at once).
-            for site in list(runner.sites):
-                await site.stop()
-            server = self._proxy_server
+        server = self._proxy_server
+        if self._proxy_listener is not None and server is not None:
+            # Stop accepting, then let what is in flight finish, request bodies included.
+            self._proxy_listener.close()
             server.start_draining()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + cfg.drain.timeout_s
             while server.in_flight() and loop.time() < deadline:  # noqa: ASYNC110 - a count, polled
                 await asyncio.sleep(0.02)
-            runner._shutdown_timeout = max(0.0, min(1.0, deadline - loop.time()))
-            await runner.cleanup()
+            server.close()
+            await server.upgrade_server.shutdown(max(0.0, min(1.0, deadline - loop.time())))
         await self.reloader.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

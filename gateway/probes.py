@@ -31,11 +31,16 @@ cached state: it never waits on a dependency.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import orjson
 from aiohttp import web
 
 from gateway.checks import HealthMonitor
 from gateway.core.health import NOT_CHECKED, ComponentHealth, Status, aggregate
+
+if TYPE_CHECKING:
+    from gateway.http1 import Request
 
 __all__ = ["PROBE_PATHS", "probe_response"]
 
@@ -104,21 +109,23 @@ def _line(kind: str, comp: ComponentHealth, passed: bool) -> str:
     return f"[+]{name} {comp.status.value}: {comp.message}{suffix}"
 
 
-def _wants_json(request: web.BaseRequest) -> bool:
+def _wants_json(request: web.BaseRequest | Request) -> bool:
     fmt = request.query.get("format")
     if fmt is not None:
         return fmt.lower() == "json"
     return "application/json" in request.headers.get("Accept", "")
 
 
-def _excluded(request: web.BaseRequest) -> set[str]:
+def _excluded(request: web.BaseRequest | Request) -> set[str]:
     out: set[str] = set()
     for value in request.query.getall("exclude", ()):
         out.update(part for part in value.split(",") if part)
     return out
 
 
-async def probe_response(request: web.BaseRequest, monitor: HealthMonitor) -> web.Response | None:
+async def probe_response(
+    request: web.BaseRequest | Request, monitor: HealthMonitor
+) -> web.Response | None:
     """The answer to a probe request, or None when ``request.path`` is not a probe."""
     path = request.path
     if not path.startswith(PROBE_PATHS):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import hdrs
@@ -43,6 +43,8 @@ FORWARDING = frozenset(
     h.lower() for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
 )
 _FORWARDED = "forwarded"
+# Request fields not passed upstream as they are (the gateway sets its own or none).
+DROP_UPSTREAM = FORWARDING | frozenset(("expect", "forwarded", "host"))
 
 
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
@@ -56,16 +58,26 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froz
 def filter_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     drop: frozenset[str],
-) -> CIMultiDict[str]:
-    """A copy of ``headers`` without hop-by-hop ones and those in ``drop`` (lower-case)."""
+) -> list[tuple[str, str]]:
+    """``headers`` without hop-by-hop ones and those in ``drop`` (lower-case)."""
     listed = connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        low = name.lower()
-        if low in HOP_BY_HOP or low in drop or low in listed:
-            continue
-        out.add(name, value)
-    return out
+    if listed:
+        drop = drop | listed
+    return [
+        (name, value)
+        for name, value in headers.items()
+        if (low := name.lower()) not in HOP_BY_HOP and low not in drop
+    ]
+
+
+def filter_header_list(
+    headers: list[tuple[str, str]], drop: frozenset[str]
+) -> list[tuple[str, str]]:
+    """The same for a plain list of fields (an upstream's answer)."""
+    listed = [v for n, v in headers if len(n) == 10 and n.lower() == "connection"]
+    if listed:
+        drop = drop | {t.strip().lower() for v in listed for t in v.split(",") if t.strip()}
+    return [(n, v) for n, v in headers if (low := n.lower()) not in HOP_BY_HOP and low not in drop]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,31 +144,36 @@ class UpstreamClient:
             trust_env=False,
         )
 
+    @property
+    def host_header(self) -> str:
+        return self._pool.host_header
+
     def url(self, raw_path_qs: str) -> URL:
         return URL(self.settings.url + raw_path_qs, encoded=True)
 
-    async def send(
+    def send(
         self,
         method: str,
         raw_path_qs: str,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
-    ) -> LeanResponse:
-        """Send a request; raise :class:`UpstreamError` if no response head came back."""
-        if hdrs.HOST not in headers:
-            headers[hdrs.HOST] = self._pool.host_header
-        chunked = body is not None and hdrs.CONTENT_LENGTH not in headers
-        return await self._pool.request(
-            method, raw_path_qs, list(headers.items()), body, chunked=chunked
-        )
+        *,
+        has_length: bool = False,
+    ) -> Coroutine[Any, Any, LeanResponse]:
+        """Send a request (await it); :class:`UpstreamError` if no response head came back.
+
+        Not a coroutine itself: one level less for every resumption of the request.
+        """
+        chunked = body is not None and not has_length
+        return self._pool.request(method, raw_path_qs, headers, body, chunked=chunked)
 
     async def ws_connect(
-        self, raw_path_qs: str, headers: CIMultiDict[str], protocols: Iterable[str]
+        self, raw_path_qs: str, headers: list[tuple[str, str]], protocols: Iterable[str]
     ) -> aiohttp.ClientWebSocketResponse:
         with _upstream_errors():
             return await self._session.ws_connect(
                 self.url(raw_path_qs),
-                headers=headers,
+                headers=CIMultiDict(headers),
                 protocols=tuple(protocols),
                 timeout=self._ws_timeout,
                 autoclose=False,

@@ -1,11 +1,15 @@
-"""The proxy port's HTTP server: aiohttp's low-level server with the gateway's limits.
+"""The upgrade protocol of the proxy port: aiohttp's low-level server with the gateway's limits.
+
+The proxy port is served by :mod:`gateway.http1`; a request asking for a protocol upgrade
+(a WebSocket) or a CONNECT is handed, bytes and all, to this protocol on the same
+connection, so WebSockets keep aiohttp's implementation.
 
 aiohttp's own limits are not the contract's (SPEC section 8): this module sets the
-parser's header limits from ``request.max_header_bytes``, answers a client that has
-not sent its request within ``client_timeout_s`` with a 408, turns parser errors
-into problem+json (431 for oversized headers), and gives each request a
-``_prepare_hook`` that adds the request id and security headers and removes the
-server banner on every response, streamed or not.
+parser's header limits from ``request.max_header_bytes``, answers a client that has not
+sent its request within ``client_timeout_s`` with a 408, turns parser errors into
+problem+json (431 for oversized headers), and gives each request a ``_prepare_hook`` that
+adds the request id and security headers and removes the server banner on every
+response, streamed or not.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from gateway.http1 import Response, to_web
 from gateway.pipeline.client_ip import IPAddress, parse_ip
 from gateway.problem import CONTENT_TYPE, problem_body
 
@@ -34,12 +39,39 @@ if TYPE_CHECKING:
 class GatewayRequest(BaseRequest):
     """A request carrying the gateway's per-request state."""
 
-    ATTRS = BaseRequest.ATTRS | frozenset(["rid", "response_headers", "https", "extra_headers"])
+    ATTRS = BaseRequest.ATTRS | frozenset(
+        ["rid", "response_headers", "https", "extra_headers", "stream"]
+    )
     rid: str | None
     response_headers: ResponseHeaders | None
     https: bool
     extra_headers: list[tuple[str, str]] | None
     server: GatewayServer
+    stream: web.StreamResponse | None
+
+    @property
+    def header_bytes(self) -> int:
+        return sum(len(k) + len(v) + 4 for k, v in self.raw_headers)
+
+    async def send_continue(self) -> None:
+        await self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    async def start_stream(
+        self, status: int, reason: str | None, headers: list[tuple[str, str]]
+    ) -> Response:
+        resp = web.StreamResponse(status=status, reason=reason)
+        resp.headers.extend(headers)
+        self.stream = resp
+        await resp.prepare(self)
+        return Response(status, reason, headers, None)
+
+    async def write(self, data: bytes) -> None:
+        if self.stream is not None:
+            await self.stream.write(data)
+
+    async def write_eof(self) -> None:
+        if self.stream is not None:
+            await self.stream.write_eof()
 
     async def _prepare_hook(self, response: web.StreamResponse) -> None:
         if self.server.draining:
@@ -59,6 +91,7 @@ def _init_state(req: GatewayRequest, server: GatewayServer) -> GatewayRequest:
     req.response_headers = None
     req.https = False
     req.extra_headers = None
+    req.stream = None
     return req
 
 
@@ -163,7 +196,7 @@ class GatewayProtocol(RequestHandler):
         return resp
 
 
-Handler = Callable[[GatewayRequest], Awaitable[web.StreamResponse]]
+Handler = Callable[[GatewayRequest], Awaitable[web.StreamResponse | Response]]
 
 
 class GatewayServer(web.Server):
@@ -181,8 +214,14 @@ class GatewayServer(web.Server):
         on_parser_error: Callable[[GatewayProtocol, int], None] | None = None,
         **kwargs: Any,
     ) -> None:
+        async def handle(request: GatewayRequest) -> web.StreamResponse:
+            resp = await handler(request)
+            if isinstance(resp, Response) and resp.body is None and request.stream is not None:
+                return request.stream  # streamed already
+            return to_web(resp)
+
         super().__init__(
-            handler,  # type: ignore[arg-type]
+            handle,  # type: ignore[arg-type]
             request_factory=self._make_gateway_request,
             max_line_size=max_header_bytes,
             max_field_size=max_header_bytes,

@@ -41,11 +41,13 @@ class _Conn(asyncio.Protocol):
         "_body_waiter",
         "_drain_waiter",
         "_head",
+        "_head_only",
         "_headers",
         "_loop",
         "_parser",
         "_paused",
         "_reading_paused",
+        "_renew",
         "_status",
         "buffered",
         "complete",
@@ -59,6 +61,8 @@ class _Conn(asyncio.Protocol):
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
+        self._renew = False  # the parser must be replaced before the next exchange
+        self._head_only = False  # the answer to HEAD: no body whatever its headers say
         self._head: asyncio.Future[None] | None = None
         self._headers: list[tuple[str, str]] = []
         self._status = b""
@@ -115,6 +119,11 @@ class _Conn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.keep_alive = self._parser.should_keep_alive()
+        if self._head_only:
+            # llhttp cannot be told a HEAD answer has no body: this exchange ends here
+            # and the next one gets a new parser
+            self.complete = True
+            self._renew = True
         head = self._head
         if head is not None and not head.done():
             head.set_result(None)
@@ -157,9 +166,12 @@ class _Conn(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
-    def reset(self) -> None:
-        """Prepare for the next exchange on this connection."""
-        self._parser = httptools.HttpResponseParser(self)
+    def reset(self, *, head_only: bool = False) -> None:
+        """Prepare for the next exchange on this connection (its parser is reused)."""
+        if self._renew:
+            self._parser = httptools.HttpResponseParser(self)
+            self._renew = False
+        self._head_only = head_only
         self._head = self._loop.create_future()
         self._headers = []
         self._status = b""
@@ -216,7 +228,7 @@ class _Conn(asyncio.Protocol):
 class LeanResponse:
     """The upstream's answer: status, headers, and a body read as it arrives."""
 
-    __slots__ = ("_conn", "_pool", "_timer", "headers", "reason", "status")
+    __slots__ = ("_conn", "_pool", "_timer", "header_list", "reason", "status")
 
     def __init__(  # noqa: PLR0917 - built in one place, by the pool
         self,
@@ -232,7 +244,11 @@ class LeanResponse:
         self._timer = timer
         self.status = status
         self.reason = reason
-        self.headers: CIMultiDict[str] = CIMultiDict(headers)
+        self.header_list = headers
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        return CIMultiDict(self.header_list)
 
     def body_if_complete(self) -> bytes | None:
         """The whole body if it is already here (small answers usually are)."""
@@ -364,16 +380,14 @@ class LeanPool:
         chunked: bool,
     ) -> LeanResponse:
         """Send one request; raise :class:`UpstreamError` if no response head came back."""
-        lines = [f"{method} {target} HTTP/1.1"]
-        lines.extend(f"{k}: {v}" for k, v in headers)
-        if chunked:
-            lines.append("Transfer-Encoding: chunked")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        fields = "".join([f"{k}: {v}\r\n" for k, v in headers])
+        te = "Transfer-Encoding: chunked\r\n" if chunked else ""
+        head = f"{method} {target} HTTP/1.1\r\n{fields}{te}\r\n".encode("latin-1")
         # A reused connection the upstream closed meanwhile fails before any answer: try once
         # more on a fresh one when nothing of a body has been consumed.
         for attempt in (0, 1):
             conn, reused = await self._acquire()
-            conn.reset()
+            conn.reset(head_only=method == "HEAD")
             timer = self._loop.call_at(
                 self._loop.time() + self._timeout,
                 conn.timed_out,

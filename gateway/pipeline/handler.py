@@ -17,7 +17,7 @@ import math
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -25,25 +25,28 @@ from aiohttp import hdrs, web
 
 from gateway import problem
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
+from gateway.http1 import BodyError, Request, Response
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
 from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
 from gateway.probes import probe_response
-from gateway.proxy import FORWARDING, filter_headers, splice_ws
+from gateway.proxy import filter_header_list, filter_headers, splice_ws
 from gateway.stores.limiter import BackendUnavailable, Check
 from gateway.upstream_http import LeanResponse, UpstreamError
 
 if TYPE_CHECKING:
     from gateway.core.gcra import Decision
+    from gateway.http1 import AnyResponse, HttpProtocol
     from gateway.pipeline.client_ip import IPAddress
     from gateway.pipeline.snapshot import CompiledPolicy, CompiledRoute, Snapshot
     from gateway.runtime import Runtime
     from gateway.server import GatewayProtocol, GatewayRequest
     from gateway.upstreams import UpstreamState
 
+    AnyRequest = Request | GatewayRequest
+
 PROBE_PATHS = frozenset(("/livez", "/readyz", "/startupz", "/healthz"))
-_EXPECT_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_DROP_UP = FORWARDING | frozenset(("expect", "forwarded", "host"))
-_DROP_FAST = frozenset(("content-length",))  # web.Response sets its own
+_DROP_FAST = frozenset(("content-length",))  # the server sets its own
+_NO_DROP: frozenset[str] = frozenset()
 _PREFETCH = 65536  # body bytes read before an upstream connection is taken
 
 
@@ -148,8 +151,8 @@ def _circuit_open(up: UpstreamState, now: float) -> Reject:
     )
 
 
-def _peer(request: GatewayRequest) -> IPAddress | None:
-    protocol: GatewayProtocol = request.protocol  # type: ignore[assignment]
+def _peer(request: AnyRequest) -> IPAddress | None:
+    protocol: GatewayProtocol | HttpProtocol = request.protocol  # type: ignore[assignment]
     return protocol.peer_address()[0]
 
 
@@ -167,8 +170,8 @@ class ProxyHandler:
 
     # ------------------------------------------------------------------ entry
 
-    async def __call__(self, request: GatewayRequest) -> web.StreamResponse:
-        protocol: GatewayProtocol = request.protocol  # type: ignore[assignment]
+    async def __call__(self, request: AnyRequest) -> AnyResponse | web.StreamResponse:
+        protocol: GatewayProtocol | HttpProtocol = request.protocol  # type: ignore[assignment]
         protocol.request_started()
         snap = self.rt.snapshot
         start = self._loop.time()
@@ -214,24 +217,23 @@ class ProxyHandler:
     # ------------------------------------------------------------------ steps
 
     async def _pipeline(
-        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx, *, via_proxy: bool
-    ) -> web.StreamResponse:
+        self, request: AnyRequest, snap: Snapshot, ctx: Ctx, *, via_proxy: bool
+    ) -> AnyResponse | web.StreamResponse:
         rt = self.rt
         client = ctx.client
         if client is not None:
-            if snap.deny and client in snap.deny:
+            if snap.has_deny and client in snap.deny:
                 raise Reject(
                     403, "the client address is denied", type_=problem.problem_type("denied")
                 )
-            ctx.exempt = bool(snap.allow) and client in snap.allow
+            ctx.exempt = snap.has_allow and client in snap.allow
             if not ctx.exempt:
                 ban = rt.bans.banned(ctx.client_ip)
                 if ban is not None:
                     raise self._banned(snap, ban.expires_at)
 
         headers = request.headers
-        size = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
-        if size > snap.max_header_bytes:
+        if request.header_bytes > snap.max_header_bytes:
             raise Reject(431, "request header fields too large", event="bad_request")
         if snap.allowed_hosts:
             host = headers.get(hdrs.HOST, "").rsplit(":", 1)[0].strip("[]").lower()
@@ -292,7 +294,14 @@ class ProxyHandler:
 
         rl_headers: list[tuple[str, str]] | None = None
         if route.policies and not ctx.exempt:
-            rl_headers = await self._rate_limit(request, snap, ctx, route)
+            checks = [
+                Check(p.name, p.rate, self._key(request, snap, ctx, p, route))
+                for p in route.policies
+            ]
+            decisions: Sequence[Decision] | None = rt.limiter.decide_local(checks)
+            if decisions is None:  # the shared backend is asked (an await only then)
+                decisions = await self._decide(checks)
+            rl_headers = self._rate_limit(ctx, route, decisions)
 
         clen = request.content_length
         if clen is not None and clen > snap.max_body_bytes:
@@ -307,6 +316,10 @@ class ProxyHandler:
         if rl_headers:
             request.extra_headers = rl_headers
         if headers.get(hdrs.UPGRADE, "").lower() == "websocket" and method == "GET":
+            if isinstance(request, Request):  # the upgrade protocol takes real upgrades
+                raise Reject(
+                    400, "a WebSocket upgrade needs Connection: Upgrade", event="bad_request"
+                )
             return await self._websocket(request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy)
         return await self._forward(request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy)
 
@@ -329,7 +342,7 @@ class ProxyHandler:
 
     def _key(
         self,
-        request: GatewayRequest,
+        request: AnyRequest,
         snap: Snapshot,
         ctx: Ctx,
         pol: CompiledPolicy,
@@ -348,24 +361,22 @@ class ProxyHandler:
             return "h:" + value[:256]
         return ip
 
-    async def _rate_limit(
-        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx, route: CompiledRoute
+    async def _decide(self, checks: list[Check]) -> Sequence[Decision]:
+        try:
+            return await self.rt.limiter.decide(checks)
+        except BackendUnavailable as exc:
+            raise Reject(
+                503,
+                "the rate-limit backend is unavailable",
+                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+                type_=problem.problem_type("ratelimit-unavailable"),
+            ) from None
+
+    def _rate_limit(
+        self, ctx: Ctx, route: CompiledRoute, decisions: Sequence[Decision]
     ) -> list[tuple[str, str]] | None:
+        """Count the decisions; raise the 429 or return the RateLimit headers to send."""
         rt = self.rt
-        checks = [
-            Check(p.name, p.rate, self._key(request, snap, ctx, p, route)) for p in route.policies
-        ]
-        decisions = rt.limiter.decide_local(checks)
-        if decisions is None:
-            try:
-                decisions = await rt.limiter.decide(checks)
-            except BackendUnavailable as exc:
-                raise Reject(
-                    503,
-                    "the rate-limit backend is unavailable",
-                    headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
-                    type_=problem.problem_type("ratelimit-unavailable"),
-                ) from None
         violated: list[tuple[CompiledPolicy, Decision]] = []
         tightest: tuple[CompiledPolicy, Decision] | None = None
         for pol, dec in zip(route.policies, decisions, strict=True):
@@ -417,13 +428,13 @@ class ProxyHandler:
     # ------------------------------------------------------------------ upstream
 
     def _upstream_headers(
-        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx, *, via_proxy: bool
-    ) -> Any:
+        self, request: AnyRequest, snap: Snapshot, ctx: Ctx, *, via_proxy: bool
+    ) -> list[tuple[str, str]]:
         headers = request.headers
-        out = filter_headers(headers, _DROP_UP)
+        out = filter_headers(headers, snap.drop_upstream)
         host = headers.get(hdrs.HOST)
         if host is not None:
-            out[hdrs.HOST] = host
+            out.append((hdrs.HOST, host))
         chain = ctx.client_ip
         proto = "http"
         fwd_host = host
@@ -437,32 +448,32 @@ class ProxyHandler:
                 hosts = forwarded_values(headers[hdrs.FORWARDED], "host")
                 if hosts:
                     fwd_host = hosts[0]
-        out[hdrs.X_FORWARDED_FOR] = chain
-        out[hdrs.X_FORWARDED_PROTO] = proto
+        out.append((hdrs.X_FORWARDED_FOR, chain))
+        out.append((hdrs.X_FORWARDED_PROTO, proto))
         if fwd_host is not None:
-            out[hdrs.X_FORWARDED_HOST] = fwd_host
-        out["X-Real-IP"] = ctx.client_ip
-        out[snap.rid_header] = ctx.rid
+            out.append((hdrs.X_FORWARDED_HOST, fwd_host))
+        out.append(("X-Real-IP", ctx.client_ip))
+        out.append((snap.rid_header, ctx.rid))
         return out
 
-    async def _read(self, request: GatewayRequest, ctx: Ctx, deadline: float) -> bytes:
+    async def _read(self, request: AnyRequest, ctx: Ctx, deadline: float) -> bytes:
         """One piece of the request body (b"" at its end), within the request's deadline."""
         try:
             async with asyncio.timeout_at(deadline):
                 return await request.content.readany()
         except TimeoutError:
             ctx.body_error = _BodyError(408, "the request body was not received in time")
-        except aiohttp.ClientPayloadError as exc:
+        except (aiohttp.ClientPayloadError, BodyError) as exc:
             ctx.body_error = _BodyError(400, f"malformed request body: {exc}")
         raise ctx.body_error
 
     async def _prefetch(
-        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx
+        self, request: AnyRequest, snap: Snapshot, ctx: Ctx
     ) -> tuple[list[bytes], bool]:
         """Read the start of the body (all of a small one) before taking an upstream
         connection, so a client that trickles its body holds no pool connection."""
         if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
-            await request.writer.write(_EXPECT_CONTINUE)
+            await request.send_continue()
         deadline = ctx.start + snap.client_timeout_s
         head: list[bytes] = []
         total = 0
@@ -480,7 +491,7 @@ class ProxyHandler:
         return head, False
 
     async def _body(
-        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx, head: list[bytes], eof: bool
+        self, request: AnyRequest, snap: Snapshot, ctx: Ctx, head: list[bytes], eof: bool
     ) -> AsyncIterator[bytes]:
         """The prefetched start of the body, then the rest as it arrives."""
         total = 0
@@ -503,12 +514,12 @@ class ProxyHandler:
 
     async def _send(
         self,
-        request: GatewayRequest,
+        request: AnyRequest,
         snap: Snapshot,
         ctx: Ctx,
         up: UpstreamState,
         raw_path_qs: str,
-        up_headers: Any,
+        up_headers: list[tuple[str, str]],
     ) -> tuple[LeanResponse, float]:
         """Send with breaker, bulkhead and bounded retries; return (response, start time)."""
         loop = self._loop
@@ -534,7 +545,13 @@ class ProxyHandler:
             body = self._body(request, snap, ctx, head, eof) if has_body else None
             t0 = loop.time()
             try:
-                resp = await up.client.send(method, raw_path_qs, up_headers, body)
+                resp = await up.client.send(
+                    method,
+                    raw_path_qs,
+                    up_headers,
+                    body,
+                    has_length=request.content_length is not None,
+                )
             except asyncio.CancelledError:
                 up.breaker.release(loop.time())  # the client went away: no outcome
                 raise
@@ -568,14 +585,14 @@ class ProxyHandler:
 
     async def _forward(
         self,
-        request: GatewayRequest,
+        request: AnyRequest,
         snap: Snapshot,
         ctx: Ctx,
         up: UpstreamState,
         raw_path_qs: str,
         *,
         via_proxy: bool,
-    ) -> web.StreamResponse:
+    ) -> Response:
         if up.inflight >= up.max_inflight:
             raise Reject(
                 503,
@@ -588,6 +605,8 @@ class ProxyHandler:
         up.inflight_gauge.inc()
         try:
             up_headers = self._upstream_headers(request, snap, ctx, via_proxy=via_proxy)
+            if hdrs.HOST not in request.headers:
+                up_headers.append((hdrs.HOST, up.client.host_header))
             up_resp, t0 = await self._send(request, snap, ctx, up, raw_path_qs, up_headers)
             try:
                 now = self._loop.time()
@@ -607,19 +626,22 @@ class ProxyHandler:
                 )
                 if body is not None:
                     # all of it is here: headers and body leave in one write
-                    fast = web.Response(status=status, reason=up_resp.reason, body=body)
-                    fast.headers.extend(filter_headers(up_resp.headers, _DROP_FAST))
                     ctx.bytes_out = len(body)
-                    return fast
-                resp = web.StreamResponse(status=status, reason=up_resp.reason)
-                resp.headers.extend(filter_headers(up_resp.headers, frozenset()))
-                await resp.prepare(request)
+                    return Response(
+                        status,
+                        up_resp.reason,
+                        filter_header_list(up_resp.header_list, _DROP_FAST),
+                        body,
+                    )
+                resp = await request.start_stream(
+                    status, up_resp.reason, filter_header_list(up_resp.header_list, _NO_DROP)
+                )
                 written = 0
                 async for chunk in up_resp.iter_body():
-                    await resp.write(chunk)
+                    await request.write(chunk)
                     written += len(chunk)
                 ctx.bytes_out = written
-                await resp.write_eof()
+                await request.write_eof()
             except UpstreamError as exc:
                 # the upstream failed mid-response: nothing sane can follow on this connection
                 up.errors[exc.kind].inc()
@@ -650,9 +672,7 @@ class ProxyHandler:
             p.strip() for p in headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(",") if p.strip()
         ]
         up_headers = self._upstream_headers(request, snap, ctx, via_proxy=via_proxy)
-        for h in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
-                  "Sec-WebSocket-Protocol"):  # fmt: skip
-            up_headers.popall(h, None)
+        up_headers = [h for h in up_headers if not h[0].lower().startswith("sec-websocket-")]
         now = self._loop.time()
         if not up.breaker.acquire(now):
             raise _circuit_open(up, now)
@@ -687,9 +707,7 @@ class ProxyHandler:
 
     # ------------------------------------------------------------------ outcome
 
-    def _reject(
-        self, request: GatewayRequest, snap: Snapshot, ctx: Ctx, rej: Reject
-    ) -> web.StreamResponse:
+    def _reject(self, request: AnyRequest, snap: Snapshot, ctx: Ctx, rej: Reject) -> web.Response:
         ctx.status = rej.status
         if rej.kind is not None and ctx.upstream is not None:
             self.rt.upstreams[ctx.upstream].errors[rej.kind].inc()
@@ -724,10 +742,10 @@ class ProxyHandler:
 
     def _record(
         self,
-        request: GatewayRequest,
+        request: AnyRequest,
         snap: Snapshot,
         ctx: Ctx,
-        resp: web.StreamResponse,
+        resp: AnyResponse | web.StreamResponse,
         start: float,
     ) -> None:
         rt = self.rt
@@ -753,7 +771,7 @@ class ProxyHandler:
             )
 
 
-def forwarded_chain(xff: str | None, request: GatewayRequest, snap: Snapshot, ctx: Ctx) -> str:
+def forwarded_chain(xff: str | None, request: AnyRequest, snap: Snapshot, ctx: Ctx) -> str:
     """The X-Forwarded-For sent upstream: the client, the trusted hops after it, the peer."""
     peer = _peer(request)
     hops: list[str] = []

@@ -14,41 +14,69 @@ if TYPE_CHECKING:
 
 
 class ResponseHeaders:
-    """Applied in the response-prepare hook, so streamed and error responses get them too."""
+    """Applied to every response, streamed and error ones included."""
 
-    __slots__ = ("_hsts", "_override", "_remove", "_rid_header", "_set")
+    __slots__ = (
+        "_drop",
+        "_drop_hsts",
+        "_hsts",
+        "_override",
+        "_rid_header",
+        "_rid_lower",
+        "_set",
+        "_set_lower",
+    )
 
     def __init__(self, cfg: Config) -> None:
         sh = cfg.security_headers
         self._rid_header = cfg.request.request_id_header
+        self._rid_lower = self._rid_header.lower()
+        remove: tuple[str, ...] = ()
         if sh.enabled:
-            self._set = tuple(sh.set.items())
-            self._remove = tuple(sh.remove)
+            self._set: tuple[tuple[str, str], ...] = tuple(sh.set.items())
+            remove = tuple(sh.remove)
             hsts = f"max-age={sh.hsts.max_age_s}"
             if sh.hsts.include_subdomains:
                 hsts += "; includeSubDomains"
             self._hsts: str | None = hsts if sh.hsts.max_age_s > 0 else None
         else:
             self._set = ()
-            self._remove = ()
             self._hsts = None
         self._override = sh.override
+        self._set_lower = tuple((n.lower(), (n, v)) for n, v in self._set)
+        # names dropped before the gateway's own are added (lower-case)
+        drop = {n.lower() for n in remove}
+        if self._override:
+            drop.update(n.lower() for n, _ in self._set)
+        self._drop = frozenset(drop)
+        self._drop_hsts = frozenset(
+            (drop | {"strict-transport-security"}) if self._override else drop
+        )
+
+    def apply_list(self, headers: list[tuple[str, str]], rid: str | None, *, secure: bool) -> None:
+        """Apply to a header list in place: remove, set (or add when absent), request id."""
+        drop = self._drop_hsts if secure and self._hsts is not None else self._drop
+        rid_lower = self._rid_lower if rid is not None else ""
+        out = [h for h in headers if (low := h[0].lower()) not in drop and low != rid_lower]
+        if self._override:
+            out.extend(self._set)
+            if secure and self._hsts is not None:
+                out.append(("Strict-Transport-Security", self._hsts))
+        else:
+            present = {h[0].lower() for h in out}
+            out.extend([h for low, h in self._set_lower if low not in present])
+            if secure and self._hsts is not None and "strict-transport-security" not in present:
+                out.append(("Strict-Transport-Security", self._hsts))
+        if rid is not None:
+            out.append((self._rid_header, rid))
+        headers[:] = out
 
     def apply(self, headers: CIMultiDict[str], rid: str | None, *, secure: bool) -> None:
-        if rid is not None:
-            headers[self._rid_header] = rid
-        for name in self._remove:
-            headers.popall(name, None)
-        if self._override:
-            for name, value in self._set:
-                headers[name] = value
-            if secure and self._hsts is not None:
-                headers["Strict-Transport-Security"] = self._hsts
-        else:
-            for name, value in self._set:
-                headers.setdefault(name, value)
-            if secure and self._hsts is not None:
-                headers.setdefault("Strict-Transport-Security", self._hsts)
+        """The same on a multidict (responses of the upgrade protocol)."""
+        pairs = list(headers.items())
+        self.apply_list(pairs, rid, secure=secure)
+        headers.clear()
+        headers.extend(pairs)
 
     def static_block(self) -> str:
         """The headers as raw lines, for responses written below aiohttp (the 408)."""

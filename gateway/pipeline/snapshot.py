@@ -16,6 +16,7 @@ from gateway.core.abuse import PathMatcher
 from gateway.core.gcra import Rate
 from gateway.pipeline.client_ip import IPAddress, Networks
 from gateway.pipeline.headers import ResponseHeaders
+from gateway.proxy import DROP_UPSTREAM
 
 if TYPE_CHECKING:
     from gateway.config import Policy, Route, Settings
@@ -88,6 +89,9 @@ class Snapshot:
         "client_timeout_s",
         "config",
         "deny",
+        "drop_upstream",
+        "has_allow",
+        "has_deny",
         "ipv6_prefix",
         "max_body_bytes",
         "max_header_bytes",
@@ -109,11 +113,15 @@ class Snapshot:
         self.trusted = Networks(cfg.trusted_proxies)
         self.allow = Networks(cfg.allow_cidrs)
         self.deny = Networks(cfg.deny_cidrs)
+        self.has_allow = bool(self.allow)
+        self.has_deny = bool(self.deny)
         self.allowed_hosts = frozenset(cfg.allowed_hosts)
         self.policies = {n: CompiledPolicy.of(n, p) for n, p in cfg.rate_limit.policies.items()}
         self.routes = tuple(CompiledRoute.of(r, settings, self.policies) for r in cfg.routes)
         self.response_headers = ResponseHeaders(cfg)
         self.rid_header = cfg.request.request_id_header
+        # request fields not sent upstream (the request id is set anew)
+        self.drop_upstream = DROP_UPSTREAM | {self.rid_header.lower()}
         self.max_body_bytes = cfg.request.max_body_bytes
         self.max_header_bytes = cfg.request.max_header_bytes
         self.client_timeout_s = cfg.request.client_timeout_s

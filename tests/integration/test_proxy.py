@@ -502,3 +502,23 @@ async def test_rfc7239_forwarded_is_believed_from_trusted_proxies_only(upstream:
         h = up.seen[-1]["headers"]
         assert h["X-Real-IP"] == "127.0.0.1"
         assert "Forwarded" not in h
+
+
+async def test_head_is_answered_with_the_upstream_length_and_no_body(upstream: Any) -> None:
+    """A HEAD answer announces a length but has no body: nobody waits for one."""
+    _, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw:
+        t0 = asyncio.get_running_loop().time()
+        raw = await raw_exchange(
+            gw.proxy_port or 0,
+            b"HEAD /big?n=5000 HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /big?n=3 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            wait_s=3,
+        )
+        took = asyncio.get_running_loop().time() - t0
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"Content-Length: 5000" in head.split(b"\r\n")
+    assert rest.startswith(b"HTTP/1.1 200 ")  # the next answer follows at once: no body
+    assert rest.endswith(b"\r\n\r\nxxx")
+    assert took < 2

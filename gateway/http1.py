@@ -1,0 +1,875 @@
+"""The proxy port's HTTP/1.1 server: llhttp (through ``httptools``) under a lean protocol.
+
+A general-purpose server stack costs more CPU per request than the rest of the
+gateway's pipeline; this one does what a sidecar's proxy port needs and no more:
+
+* requests are parsed by llhttp; a request head that arrives in one packet costs no
+  timer, a slower one gets ``client_timeout_s`` to complete, then a 408;
+* the head (request line and header fields) is bounded by ``max_header_bytes`` and 256
+  fields (431 beyond), and every parse error is a problem+json 400 that closes the
+  connection;
+* one request is handled at a time per connection; pipelined requests wait their turn
+  (reading pauses meanwhile), and a request body is read with back-pressure;
+* a response whose body is all known leaves in one write; a streamed one is sent as it
+  comes (``Content-Length`` when known, else chunked; raw then close for HTTP/1.0);
+* every response gets the request id, the security headers and a ``Date``; the server
+  banner is never sent;
+* an upgrade request (WebSocket) or a CONNECT is handed, with its bytes, to the
+  :mod:`gateway.server` (aiohttp) protocol on the same connection: those are rare and
+  keep aiohttp's WebSocket implementation;
+* idle keep-alive connections close after ``keepalive_s``; draining closes idle ones at
+  once and busy ones after their response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import logging
+import secrets
+from collections.abc import Callable, Coroutine
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict, MultiDict, MultiDictProxy
+from yarl import URL
+
+from gateway.pipeline.client_ip import IPAddress, parse_ip
+from gateway.problem import CONTENT_TYPE, problem_body
+
+if TYPE_CHECKING:
+    from gateway.pipeline.headers import ResponseHeaders
+    from gateway.server import GatewayServer
+
+__all__ = ["BodyError", "HttpProtocol", "HttpServer", "Request", "Response"]
+
+_log = logging.getLogger("gateway.http1")
+
+MAX_FIELDS = 256
+_BODY_HIGH = 256 * 1024  # pause reading the client above this much unread body
+_BODY_LOW = 64 * 1024
+_LINGER_S = 5.0  # how long an unread request body is drained after the answer
+_NO_BODY_STATUS = frozenset((204, 304))
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_ONE_WRITE = 16 * 1024  # bodies up to this size are joined to the head
+
+
+_PHRASES: dict[int, str] = {s.value: s.phrase for s in HTTPStatus}
+_STATUS_LINES: dict[int, bytes] = {
+    code: f"HTTP/1.1 {code} {phrase}\r\n".encode("latin-1") for code, phrase in _PHRASES.items()
+}
+
+
+def _phrase(status: int) -> str:
+    return _PHRASES.get(status, "Unknown")
+
+
+def status_line(status: int, reason: str | None) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is not None and (not reason or reason == _PHRASES[status]):
+        return line
+    reason = (reason or _phrase(status)).replace("\r", " ").replace("\n", " ")
+    return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1", "replace")
+
+
+class BodyError(Exception):
+    """The client's request body could not be read (malformed, or the client left)."""
+
+
+class Response:
+    """An answer whose headers are a plain list; ``body`` None once a stream was sent."""
+
+    __slots__ = ("body", "close", "headers", "reason", "status")
+
+    def __init__(
+        self,
+        status: int,
+        reason: str | None,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.close = False
+
+    def force_close(self) -> None:
+        self.close = True
+
+
+AnyResponse = Response | web.Response
+
+
+class Body:
+    """A request body as it arrives, read with :meth:`readany` (b"" at its end)."""
+
+    __slots__ = ("_chunks", "_eof", "_exc", "_proto", "_size", "_waiter")
+
+    def __init__(self, proto: HttpProtocol) -> None:
+        self._proto = proto
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._eof = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > _BODY_HIGH:
+            self._proto.pause_body()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def feed_error(self, exc: BaseException) -> None:
+        if not self._eof:
+            self._exc = exc
+            self._wake()
+
+    @property
+    def complete(self) -> bool:
+        return self._eof
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def readany(self) -> bytes:
+        while not self._chunks:
+            if self._exc is not None:
+                raise self._exc
+            if self._eof:
+                return b""
+            self._waiter = self._proto.loop.create_future()
+            await self._waiter
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        self._proto.resume_body()
+        return data
+
+
+class Request:
+    """One request on the proxy port, with the gateway's per-request state."""
+
+    __slots__ = (
+        "_query",
+        "_rel_url",
+        "_stream_mode",
+        "body_exists",
+        "content",
+        "content_length",
+        "extra_headers",
+        "head_sent",
+        "header_bytes",
+        "headers",
+        "https",
+        "keep_alive",
+        "method",
+        "path",
+        "protocol",
+        "raw_path",
+        "response_headers",
+        "rid",
+        "version",
+    )
+
+    def __init__(  # noqa: PLR0917 - built in one place, by the protocol
+        self,
+        protocol: HttpProtocol,
+        method: str,
+        target: str,
+        version: str,
+        headers: CIMultiDict[str],
+        header_bytes: int,
+        keep_alive: bool,
+    ) -> None:
+        self.protocol = protocol
+        self.method = method
+        self.raw_path = target
+        self.version = version
+        self.headers = headers
+        self.header_bytes = header_bytes
+        self.keep_alive = keep_alive
+        self.content = Body(protocol)
+        if target[:1] == "/":
+            path = target.partition("?")[0]
+            if "%" in path:
+                path = URL.build(path=path, encoded=True).path
+            self.path = path
+            self._rel_url: URL | None = None
+        else:
+            self._rel_url = URL(target, encoded=True).relative()
+            self.path = self._rel_url.path
+        self._query: MultiDictProxy[str] | None = None
+        cl = headers.get("Content-Length")
+        self.content_length = int(cl) if cl is not None else None
+        te = headers.get("Transfer-Encoding")
+        self.body_exists = bool(self.content_length) or te is not None
+        self.rid: str | None = None
+        self.response_headers: ResponseHeaders | None = None
+        self.https = False
+        self.extra_headers: list[tuple[str, str]] | None = None
+        self.head_sent = False
+        self._stream_mode = 0  # 0 raw, 1 chunked, 2 no body (HEAD, 204, 304)
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.protocol.transport
+
+    @property
+    def rel_url(self) -> URL:
+        if self._rel_url is None:
+            self._rel_url = URL(self.raw_path, encoded=True)
+        return self._rel_url
+
+    @property
+    def query(self) -> MultiDictProxy[str]:
+        if self._query is None:
+            self._query = (
+                self.rel_url.query if "?" in self.raw_path else MultiDictProxy(MultiDict())
+            )
+        return self._query
+
+    # ------------------------------------------------------------------ answering
+
+    async def send_continue(self) -> None:
+        transport = self.protocol.transport
+        if transport is not None and not self.head_sent:
+            transport.write(_CONTINUE)
+
+    async def start_stream(
+        self, status: int, reason: str | None, headers: list[tuple[str, str]]
+    ) -> Response:
+        """Send the head of a streamed answer; the body follows with :meth:`write`."""
+        proto = self.protocol
+        resp = Response(status, reason, headers, None)
+        if status in _NO_BODY_STATUS or self.method == "HEAD" or status < 200:
+            mode = 2
+        elif any(n.lower() == "content-length" for n, _ in headers):
+            mode = 0
+        elif self.version == "1.1":
+            headers.append(("Transfer-Encoding", "chunked"))
+            mode = 1
+        else:
+            mode = 0
+            self.keep_alive = False  # HTTP/1.0: the end of the body is the end of the connection
+        self._stream_mode = mode
+        head = proto.server.render_head(self, resp, None)
+        self.head_sent = True
+        transport = proto.transport
+        if transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        transport.write(head)
+        await proto.drain()
+        return resp
+
+    async def write(self, data: bytes) -> None:
+        mode = self._stream_mode
+        if not data or mode == 2:
+            return
+        transport = self.protocol.transport
+        if transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        if mode == 1:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+        await self.protocol.drain()
+
+    async def write_eof(self) -> None:
+        if self._stream_mode == 1:
+            self._stream_mode = 2
+            transport = self.protocol.transport
+            if transport is None:
+                raise ConnectionResetError("the client closed the connection")
+            transport.write(b"0\r\n\r\n")
+
+
+Handler = Callable[[Request], Coroutine[Any, Any, AnyResponse]]
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection on the proxy port."""
+
+    __slots__ = (
+        "_body_paused",
+        "_current",
+        "_discarding",
+        "_drain_waiter",
+        "_fields",
+        "_handoff",
+        "_head_bytes",
+        "_head_size",
+        "_head_timer",
+        "_in_head",
+        "_keep_waiting",
+        "_linger",
+        "_parser",
+        "_pending",
+        "_pending_error",
+        "_pipeline_paused",
+        "_raw_fields",
+        "_url",
+        "_waiter",
+        "_write_paused",
+        "idle_since",
+        "loop",
+        "peer",
+        "server",
+        "transport",
+    )
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.peer: tuple[IPAddress | None, str] | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._fields: list[tuple[str, str]] = []
+        self._raw_fields: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._head_size = 0
+        self._in_head = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._current: Request | None = None
+        self._pending: collections.deque[Request] = collections.deque()
+        self._pending_error: tuple[int, str] | None = None
+        self._handoff: bytes | None = None
+        self._discarding = False
+        self._linger: asyncio.TimerHandle | None = None
+        self._body_paused = False
+        self._pipeline_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[Request | None] | None = None  # the task waits for a request
+        self._keep_waiting = False
+        self.idle_since = self.loop.time()
+
+    # ------------------------------------------------------------------ connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:  # noqa: ARG002
+        self.transport = None
+        self.server.connections.discard(self)
+        self._cancel_head_timer()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        gone = BodyError("the client closed the connection")
+        for req in (self._current, *self._pending):
+            if req is not None:
+                req.content.feed_error(gone)
+        self._pending.clear()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("the client closed the connection"))
+        self._drain_waiter = None
+        if self._waiter is not None:
+            if not self._waiter.done():
+                self._waiter.set_result(None)
+            self._waiter = None
+
+    def peer_address(self) -> tuple[IPAddress | None, str]:
+        peer = self.peer
+        if peer is None:
+            transport = self.transport
+            info = transport.get_extra_info("peername") if transport is not None else None
+            ip = parse_ip(info[0]) if info else None
+            peer = self.peer = (ip, str(ip) if ip is not None else "-")
+        return peer
+
+    def busy(self) -> bool:
+        return self._current is not None or bool(self._pending)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def request_started(self) -> None:
+        """The pipeline's hook (the head deadline is already met here)."""
+
+    # ------------------------------------------------------------------ flow control
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def drain(self) -> None:
+        if self._write_paused:
+            if self.transport is None:
+                raise ConnectionResetError("the client closed the connection")
+            waiter = self._drain_waiter = self.loop.create_future()
+            await waiter
+
+    def pause_body(self) -> None:
+        if not self._body_paused and self.transport is not None:
+            self._body_paused = True
+            if not self._pipeline_paused:
+                self.transport.pause_reading()
+
+    def resume_body(self) -> None:
+        if self._body_paused and self.transport is not None:
+            self._body_paused = False
+            if not self._pipeline_paused:
+                self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ parsing
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            if self._linger is not None:  # lingering: parse only to find the body's end
+                try:
+                    self._parser.feed_data(data)
+                except Exception:
+                    self.close()
+            return
+        if self._handoff is not None:
+            self._handoff += data  # the parser stopped at the upgrade: bytes go along
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade(data[exc.args[0] :])
+            return
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._parse_error(431, "request header fields too large")
+            else:
+                self._parse_error(400, "the request could not be parsed")
+            return
+        if self._in_head:
+            if self._head_bytes > 2 * self.server.max_header_bytes + 8192:
+                self._parse_error(431, "request header fields too large")
+                return
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(
+                    self.server.client_timeout_s, self._head_timeout
+                )
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._fields = []
+        self._raw_fields = []
+        self._head_bytes = 0
+        self._head_size = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.server.max_header_bytes:
+            raise _HeadTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        fields = self._raw_fields
+        fields.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if len(fields) > MAX_FIELDS:
+            raise _HeadTooLarge
+        self._fields.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_head_timer()
+        parser = self._parser
+        if parser.should_upgrade() or self._discarding:
+            return  # handed over in data_received, with the bytes that follow the head
+        size = len(self._url) + self._head_size
+        if size > self.server.max_header_bytes:
+            raise _HeadTooLarge
+        req = Request(
+            self,
+            parser.get_method().decode("latin-1"),
+            self._url.decode("latin-1"),
+            parser.get_http_version(),
+            CIMultiDict(self._fields),
+            size,
+            parser.should_keep_alive(),
+        )
+        if self._current is None:
+            self._start(req)
+        else:
+            self._pending.append(req)
+            self._pause_pipeline()
+
+    def on_body(self, body: bytes) -> None:
+        req = self._pending[-1] if self._pending else self._current
+        if req is not None:
+            req.content.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._discarding:
+            self.close()  # the unread body is over: the answer was sent, close
+            return
+        req = self._pending[-1] if self._pending else self._current
+        if req is not None:
+            req.content.feed_eof()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _pause_pipeline(self) -> None:
+        if not self._pipeline_paused and self.transport is not None:
+            self._pipeline_paused = True
+            if not self._body_paused:
+                self.transport.pause_reading()
+
+    def _resume_pipeline(self) -> None:
+        if self._pipeline_paused and self.transport is not None:
+            self._pipeline_paused = False
+            if not self._body_paused:
+                self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ errors
+
+    def _parse_error(self, status: int, detail: str) -> None:
+        req = self._current
+        if req is not None and not self._pending and not req.content.complete:
+            # the body of the request being handled is malformed: it answers
+            req.content.feed_error(BodyError(f"malformed request body: {detail}"))
+            req.keep_alive = False
+            self._pause_pipeline()
+            return
+        if self.busy():
+            self._pending_error = (status, detail)  # answered after those before it
+            self._pause_pipeline()
+            return
+        self._write_error(status, detail)
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.busy():
+            self._write_error(408, "the request was not received in time")
+
+    def _write_error(self, status: int, detail: str) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        self._discarding = True  # nothing after this is parsed
+        server = self.server
+        rid = secrets.token_hex(16)
+        body = problem_body(status, detail, request_id=rid)
+        head = (
+            f"HTTP/1.1 {status} {_phrase(status)}\r\n"
+            f"{server.rid_header}: {rid}\r\n"
+            f"Content-Type: {CONTENT_TYPE}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n"
+            f"{server.static_headers}\r\n"
+        ).encode("latin-1")
+        transport.write(head + body)
+        server.on_parser_error(self, status)
+        transport.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def _start(self, req: Request) -> None:
+        """Serve ``req`` now: wake this connection's task, or start one."""
+        self._current = req
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set_result(req)
+        else:
+            self.loop.create_task(self._serve(req))
+
+    async def _serve(self, req: Request) -> None:
+        """This connection's task: one request after the other, while the connection lives.
+
+        One task a connection (not one a request) and plain awaits: the handler's answer
+        is written synchronously as soon as it returns.
+        """
+        handler = self.server.handler
+        while True:
+            resp: AnyResponse | None = None
+            try:
+                resp = await handler(req)
+            except (ConnectionError, BodyError):
+                req.keep_alive = False
+            except asyncio.CancelledError:
+                self._current = None
+                raise
+            except Exception:
+                _log.exception("error handling a request")
+                req.keep_alive = False
+                if not req.head_sent:
+                    resp = self.server.internal_error(req)
+            nxt = self._finish(req, resp)
+            if nxt is None:
+                if not self._keep_waiting:
+                    return
+                waiter = self._waiter = self.loop.create_future()
+                nxt = await waiter
+                if nxt is None:
+                    return
+            req = nxt
+
+    def _finish(self, req: Request, resp: AnyResponse | None) -> Request | None:
+        """Write the answer; return the next request to serve (None: wait or stop)."""
+        self._current = None
+        self._keep_waiting = False
+        transport = self.transport
+        if transport is None:
+            return None
+        if not req.content.complete:
+            req.keep_alive = False  # the rest of the body is drained, then the connection closes
+        if resp is not None and not req.head_sent:
+            keep = self.server.write_response(req, resp, transport)
+        else:
+            keep = req.keep_alive and not self.server.draining
+        self.idle_since = self.loop.time()
+        if not keep:
+            self._close_after(req)
+            return None
+        return self._next()
+
+    def _next(self) -> Request | None:
+        """What follows a kept-alive exchange: a queued request, an error, a handover, a wait."""
+        if self._pending:
+            nxt = self._current = self._pending.popleft()
+            if not self._pending:
+                self._resume_pipeline()
+            return nxt
+        if self._pending_error is not None:
+            status, detail = self._pending_error
+            self._write_error(status, detail)
+            return None
+        if self._handoff is not None:
+            self._do_handoff(self._handoff)
+            return None
+        self._resume_pipeline()
+        if self.server.draining:
+            self.close()
+            return None
+        self._keep_waiting = True
+        return None
+
+    def _close_after(self, req: Request) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        self._pending.clear()
+        if req.content.complete:
+            transport.close()
+            return
+        # linger: read and drop what the client still sends, so it gets the answer
+        self._discarding = True
+        self._body_paused = self._pipeline_paused = False
+        transport.resume_reading()
+        self._linger = self.loop.call_later(_LINGER_S, transport.close)
+
+    # ------------------------------------------------------------------ upgrades
+
+    def _upgrade(self, rest: bytes) -> None:
+        parser = self._parser
+        lines = [
+            parser.get_method() + b" " + self._url + b" HTTP/" + parser.get_http_version().encode()
+        ]
+        lines.extend(n + b": " + v for n, v in self._raw_fields)
+        data = b"\r\n".join(lines) + b"\r\n\r\n" + rest
+        if self.busy():
+            self._handoff = data
+            self._pause_pipeline()
+        else:
+            self._do_handoff(data)
+
+    def _do_handoff(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        self._cancel_head_timer()
+        self.server.connections.discard(self)
+        self._pipeline_paused = self._body_paused = False
+        transport.resume_reading()
+        proto = self.server.upgrade_server()
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        proto.data_received(data)
+        self.transport = None
+
+
+class _HeadTooLarge(Exception):  # noqa: N818 - a signal out of a parser callback
+    pass
+
+
+class HttpServer:
+    """Makes :class:`HttpProtocol` for each connection; tracks them for draining."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        upgrade_server: GatewayServer,
+        client_timeout_s: float,
+        max_header_bytes: int,
+        static_headers: str = "",
+        rid_header: str = "X-Request-ID",
+        on_parser_error: Callable[[Any, int], None] | None = None,
+        response_headers: Callable[[], ResponseHeaders] | None = None,
+        keepalive_s: float = 75.0,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handler = handler
+        self.upgrade_server = upgrade_server
+        self.client_timeout_s = client_timeout_s
+        self.max_header_bytes = max_header_bytes
+        self.static_headers = static_headers
+        self.rid_header = rid_header
+        self._on_parser_error = on_parser_error or (lambda _p, _s: None)
+        self._response_headers = response_headers
+        self.keepalive_s = keepalive_s
+        self.connections: set[HttpProtocol] = set()
+        self.draining = False
+        self.date = b""
+        self._tick: asyncio.TimerHandle | None = None
+        self._tick_date()
+
+    def __call__(self) -> HttpProtocol:
+        return HttpProtocol(self)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _tick_date(self) -> None:
+        """Refresh the Date header and close idle keep-alive connections (once a second)."""
+        self.date = b"Date: " + email.utils.formatdate(usegmt=True).encode() + b"\r\n"
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if not conn.busy() and now - conn.idle_since > self.keepalive_s:
+                conn.close()
+        self._tick = self.loop.call_later(1.0, self._tick_date)
+
+    def close(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        for conn in list(self.connections):
+            conn.close()
+
+    def in_flight(self) -> int:
+        return sum(1 for c in self.connections if c.busy()) + self.upgrade_server.in_flight()
+
+    def start_draining(self) -> None:
+        """No more keep-alive: idle connections close now, busy ones after their answer."""
+        self.draining = True
+        for conn in list(self.connections):
+            if not conn.busy():
+                conn.close()
+        self.upgrade_server.start_draining()
+
+    def on_parser_error(self, protocol: HttpProtocol, status: int) -> None:
+        self._on_parser_error(protocol, status)
+
+    # ------------------------------------------------------------------ answers
+
+    def internal_error(self, req: Request) -> Response:
+        rid = req.rid or secrets.token_hex(16)
+        req.rid = rid
+        if req.response_headers is None and self._response_headers is not None:
+            req.response_headers = self._response_headers()
+        resp = Response(
+            500,
+            None,
+            [("Content-Type", CONTENT_TYPE)],
+            problem_body(500, "internal error", request_id=rid),
+        )
+        resp.force_close()
+        return resp
+
+    def render_head(self, req: Request, resp: Response, body_len: int | None) -> bytes:
+        """The status line and header block of ``resp`` with the gateway's headers."""
+        headers = resp.headers
+        rh = req.response_headers
+        if rh is not None:
+            rh.apply_list(headers, req.rid, secure=req.https)
+        extra = req.extra_headers
+        if extra:
+            names = {n.lower() for n, _ in extra}
+            headers[:] = [h for h in headers if h[0].lower() not in names]
+            headers.extend(extra)
+        block = "".join([f"{name}: {value}\r\n" for name, value in headers])
+        parts = [status_line(resp.status, resp.reason), block.encode("latin-1", "replace")]
+        low = block.lower()
+        if not low.startswith("date:") and "\ndate:" not in low:
+            parts.append(self.date)
+        if body_len is not None:
+            parts.append(b"Content-Length: %d\r\n" % body_len)
+        if resp.close or self.draining:
+            req.keep_alive = False
+        if not req.keep_alive:
+            parts.append(b"Connection: close\r\n\r\n")
+        elif req.version == "1.0":
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def write_response(self, req: Request, resp: AnyResponse, transport: asyncio.Transport) -> bool:
+        """Write a whole answer; True when the connection stays open."""
+        if isinstance(resp, web.Response):
+            resp = from_web(resp)
+        body = resp.body or b""
+        status = resp.status
+        no_body = status in _NO_BODY_STATUS or status < 200
+        head = self.render_head(req, resp, None if no_body else len(body))
+        req.head_sent = True
+        if no_body or req.method == "HEAD" or not body:
+            transport.write(head)
+        elif len(body) <= _ONE_WRITE:
+            transport.write(head + body)
+        else:
+            transport.writelines((head, body))
+        return req.keep_alive
+
+
+def from_web(resp: web.Response) -> Response:
+    """An aiohttp response of shared code (probes, problems, metrics) as a :class:`Response`."""
+    body = resp.body
+    headers = [(n, v) for n, v in resp.headers.items() if n.lower() != "content-length"]
+    out = Response(
+        resp.status,
+        resp.reason,
+        headers,
+        bytes(body) if isinstance(body, bytes | bytearray) else b"",
+    )
+    if resp.keep_alive is False:
+        out.force_close()
+    return out
+
+
+def to_web(resp: AnyResponse | web.StreamResponse) -> web.StreamResponse:
+    """A :class:`Response` as aiohttp's, for requests served by the upgrade protocol."""
+    if isinstance(resp, web.StreamResponse):
+        return resp
+    out = web.Response(status=resp.status, reason=resp.reason, body=resp.body)
+    for name, value in resp.headers:
+        if name.lower() != "content-length":
+            out.headers.add(name, value)
+    if resp.close:
+        out.force_close()
+    return out

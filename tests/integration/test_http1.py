@@ -1,0 +1,292 @@
+"""The proxy port's HTTP/1.1 server on its own, with a small handler, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from gateway.http1 import HttpServer, Request, Response
+from gateway.server import GatewayRequest, GatewayServer
+from tests.gw import raw_exchange
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _handler(request: Request) -> Response | web.Response:
+    path = request.path
+    if path == "/boom":
+        msg = "handler bug"
+        raise RuntimeError(msg)
+    if path == "/reject":  # answers without reading the body
+        return Response(413, None, [("Content-Type", "text/plain")], b"too big")
+    if path == "/stream":
+        await request.start_stream(200, None, [("Content-Type", "text/plain")])
+        for part in (b"one,", b"two,", b"three"):
+            await request.write(part)
+        await request.write_eof()
+        return Response(200, None, [], None)
+    if path == "/echo":
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+        return Response(200, None, [("Content-Type", "text/plain")], str(size).encode())
+    if path == "/slow":
+        await asyncio.sleep(0.3)
+    return Response(200, None, [("Content-Type", "text/plain")], ("path=" + path).encode())
+
+
+async def _ws_handler(request: GatewayRequest) -> web.StreamResponse:
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type is aiohttp.WSMsgType.TEXT:
+            await ws.send_str("echo:" + msg.data)
+    return ws
+
+
+@asynccontextmanager
+async def serving(**kwargs: Any) -> AsyncIterator[tuple[HttpServer, int, list[int]]]:
+    errors: list[int] = []
+    opts: dict[str, Any] = {
+        "client_timeout_s": 5.0,
+        "max_header_bytes": 4096,
+        "static_headers": "X-Frame-Options: DENY\r\n",
+        "on_parser_error": lambda _p, status: errors.append(status),
+    }
+    opts.update(kwargs)
+    keepalive = opts.pop("keepalive_s", 75.0)
+    upgrades = GatewayServer(_ws_handler, **opts)
+    server = HttpServer(_handler, upgrade_server=upgrades, keepalive_s=keepalive, **opts)
+    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    port = int(listener.sockets[0].getsockname()[1])
+    try:
+        yield server, port, errors
+    finally:
+        listener.close()
+        server.close()
+        await upgrades.shutdown(0.5)
+
+
+def _responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """Split raw Content-Length-framed responses."""
+    out = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = {k.lower(): v for k, _, v in (ln.partition(": ") for ln in lines[1:])}
+        n = int(headers.get("content-length", "0"))
+        out.append((status, headers, rest[:n]))
+        raw = rest[n:]
+    return out
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    async with serving() as (_, port, _errors):
+        raw = await raw_exchange(
+            port,
+            b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /two HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /three HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+    answers = _responses(raw)
+    assert [b for _, _, b in answers] == [b"path=/slow", b"path=/two", b"path=/three"]
+    assert answers[-1][1]["connection"] == "close"
+
+
+async def test_head_sent_byte_by_byte_is_served() -> None:
+    async with serving() as (_, port, _errors):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for b in b"GET /bytes HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n":
+            writer.write(bytes([b]))
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        raw = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    ((status, headers, body),) = _responses(raw)
+    assert (status, body) == (200, b"path=/bytes")
+    assert "date" in headers
+    assert "server" not in headers
+
+
+async def test_incomplete_head_gets_408_after_the_client_timeout() -> None:
+    async with serving(client_timeout_s=0.3) as (_, port, errors):
+        t0 = asyncio.get_running_loop().time()
+        raw = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\n", wait_s=3)
+        took = asyncio.get_running_loop().time() - t0
+    ((status, headers, body),) = _responses(raw)
+    assert status == 408
+    assert 0.25 < took < 2.5
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    assert headers["x-frame-options"] == "DENY"
+    assert json.loads(body)["request_id"] == headers["x-request-id"]
+    assert errors == [408]
+
+
+async def test_oversized_head_and_too_many_fields_get_431() -> None:
+    async with serving() as (_, port, errors):
+        big = await raw_exchange(port, b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 5000 + b"\r\n\r\n")
+        many = b"".join(b"X-F%d: v\r\n" % i for i in range(300))
+        fields = await raw_exchange(port, b"GET / HTTP/1.1\r\n" + many + b"\r\n")
+        ok = await raw_exchange(
+            port, b"GET /ok HTTP/1.1\r\nConnection: close\r\nX-Big: " + b"v" * 3000 + b"\r\n\r\n"
+        )
+    assert _responses(big)[0][0] == 431
+    assert _responses(fields)[0][0] == 431
+    assert _responses(ok)[0][:3:2] == (200, b"path=/ok")
+    assert errors == [431, 431]
+
+
+async def test_garbage_gets_problem_400_and_the_connection_closes() -> None:
+    async with serving() as (_, port, errors):
+        raw = await raw_exchange(port, b"HELLO THERE\r\n\r\nGET / HTTP/1.1\r\n\r\n", wait_s=2)
+    answers = _responses(raw)
+    assert len(answers) == 1  # nothing after the bad request is served
+    status, _, body = answers[0]
+    assert status == 400
+    assert json.loads(body)["status"] == 400
+    assert errors == [400]
+
+
+async def test_http10_closes_unless_keep_alive_is_asked() -> None:
+    async with serving() as (_, port, _errors):
+        plain = await raw_exchange(port, b"GET /a HTTP/1.0\r\n\r\nGET /b HTTP/1.0\r\n\r\n")
+        kept = await raw_exchange(
+            port,
+            b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\n\r\n",
+        )
+    assert [b for _, _, b in _responses(plain)] == [b"path=/a"]
+    answers = _responses(kept)
+    assert [b for _, _, b in answers] == [b"path=/a", b"path=/b"]
+    assert answers[0][1]["connection"] == "keep-alive"
+
+
+async def test_head_request_gets_length_but_no_body() -> None:
+    async with serving() as (_, port, _errors):
+        raw = await raw_exchange(
+            port,
+            b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /after HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"Content-Length: 7" in head.split(b"\r\n")  # len("path=/h")
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n")  # the next answer follows at once
+    assert rest.endswith(b"path=/after")
+
+
+async def test_streamed_answer_is_chunked_for_11_and_raw_then_close_for_10() -> None:
+    async with serving() as (_, port, _errors):
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/stream") as r:
+            assert r.headers["Transfer-Encoding"] == "chunked"
+            assert await r.read() == b"one,two,three"
+        raw10 = await raw_exchange(port, b"GET /stream HTTP/1.0\r\n\r\n")
+    head, _, body = raw10.partition(b"\r\n\r\n")
+    assert b"chunked" not in head
+    assert b"Connection: close" in head
+    assert body == b"one,two,three"
+
+
+async def test_chunked_request_body_is_read() -> None:
+    async with serving() as (_, port, _errors):
+        raw = await raw_exchange(
+            port,
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        )
+    assert _responses(raw)[0][2] == b"11"
+
+
+async def test_large_body_is_streamed_with_back_pressure() -> None:
+    payload = b"x" * (8 * 1024 * 1024)
+    async with (
+        serving() as (_, port, _errors),
+        aiohttp.ClientSession() as s,
+        s.post(f"http://127.0.0.1:{port}/echo", data=io.BytesIO(payload)) as r,
+    ):
+        assert await r.text() == str(len(payload))
+
+
+async def test_early_answer_to_an_upload_reaches_the_client() -> None:
+    """The server answers before the body is in; the client still gets the answer."""
+    async with serving() as (_, port, _errors):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        size = 4 * 1024 * 1024
+        writer.write(b"POST /reject HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+        sent = 0
+        while sent < size:  # the server reads (and drops) it all: no reset
+            writer.write(b"y" * 65536)
+            sent += 65536
+            await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert raw.startswith(b"HTTP/1.1 413 ")
+    assert b"Connection: close" in raw
+    assert raw.endswith(b"too big")
+
+
+async def test_handler_error_is_a_problem_500() -> None:
+    async with serving() as (_, port, _errors):
+        raw = await raw_exchange(port, b"GET /boom HTTP/1.1\r\nHost: a\r\n\r\n")
+    ((status, headers, body),) = _responses(raw)
+    assert status == 500
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"
+    assert json.loads(body)["detail"] == "internal error"
+
+
+async def test_websocket_upgrade_after_a_pipelined_request_is_handed_over() -> None:
+    async with serving() as (_, port, _errors):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        first = await asyncio.wait_for(reader.readuntil(b"path=/first"), 5)
+        upgraded = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        # a masked text frame "hi"
+        mask = b"\x01\x02\x03\x04"
+        writer.write(b"\x81\x82" + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(b"hi")))
+        frame = await asyncio.wait_for(reader.readexactly(9), 5)
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert upgraded.startswith(b"HTTP/1.1 101 Switching Protocols")
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in upgraded
+    assert frame == b"\x81\x07echo:hi"
+
+
+async def test_idle_keep_alive_connections_are_closed() -> None:
+    async with serving(keepalive_s=0.3) as (_, port, _errors):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"path=/x"), 5)
+        rest = await asyncio.wait_for(reader.read(), 5)  # b"" once the server closes
+        writer.close()
+    assert rest == b""
+
+
+async def test_draining_closes_idle_connections_and_busy_ones_after_their_answer() -> None:
+    async with serving() as (server, port, _errors):
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        idle_w.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.wait_for(idle_r.readuntil(b"path=/x"), 5)
+        busy_r, busy_w = await asyncio.open_connection("127.0.0.1", port)
+        busy_w.write(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.sleep(0.1)
+        assert server.in_flight() == 1
+        server.start_draining()
+        assert await asyncio.wait_for(idle_r.read(), 5) == b""
+        busy = await asyncio.wait_for(busy_r.read(), 5)
+        idle_w.close()
+        busy_w.close()
+    head, _, body = busy.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head
+    assert body == b"path=/slow"
