@@ -92,6 +92,7 @@ class Gateway:
         server = HttpServer(
             handler,  # type: ignore[arg-type]
             upgrade_server=upgrades,
+            answer_now=handler.answer_now,
             client_timeout_s=req.client_timeout_s,
             max_header_bytes=req.max_header_bytes,
             static_headers=static,

@@ -511,6 +511,11 @@ class HttpProtocol(asyncio.Protocol):
             parser.should_keep_alive(),
         )
         if self._current is None:
+            if not req.body_exists:
+                quick = self.server.answer_now(req)
+                if quick is not None:
+                    self._answer_now(req, quick)
+                    return
             self._start(req)
         else:
             self._pending.append(req)
@@ -588,6 +593,16 @@ class HttpProtocol(asyncio.Protocol):
         transport.close()
 
     # ------------------------------------------------------------------ requests
+
+    def _answer_now(self, req: Request, resp: AnyResponse) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        keep = self.server.write_response(req, resp, transport)
+        self.idle_since = self.loop.time()
+        if not keep:
+            self._discarding = True  # whatever follows in this packet is not served
+            transport.close()
 
     def _start(self, req: Request) -> None:
         """Serve ``req`` now: wake this connection's task, or start one."""
@@ -726,6 +741,7 @@ class HttpServer:
         handler: Handler,
         *,
         upgrade_server: GatewayServer,
+        answer_now: Callable[[Request], AnyResponse | None] | None = None,
         client_timeout_s: float,
         max_header_bytes: int,
         static_headers: str = "",
@@ -736,6 +752,7 @@ class HttpServer:
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.handler = handler
+        self.answer_now = answer_now or (lambda _r: None)
         self.upgrade_server = upgrade_server
         self.client_timeout_s = client_timeout_s
         self.max_header_bytes = max_header_bytes

@@ -42,7 +42,7 @@ from gateway.core.health import NOT_CHECKED, ComponentHealth, Status, aggregate
 if TYPE_CHECKING:
     from gateway.http1 import Request
 
-__all__ = ["PROBE_PATHS", "probe_response"]
+__all__ = ["PROBE_PATHS", "probe_answer", "probe_response"]
 
 PROBE_PATHS = ("/livez", "/startupz", "/readyz", "/healthz")
 _KINDS = frozenset(p[1:] for p in PROBE_PATHS)
@@ -127,6 +127,11 @@ async def probe_response(
     request: web.BaseRequest | Request, monitor: HealthMonitor
 ) -> web.Response | None:
     """The answer to a probe request, or None when ``request.path`` is not a probe."""
+    return probe_answer(request, monitor)
+
+
+def probe_answer(request: web.BaseRequest | Request, monitor: HealthMonitor) -> web.Response | None:
+    """:func:`probe_response` without the coroutine: it never waits on anything."""
     path = request.path
     if not path.startswith(PROBE_PATHS):
         return None

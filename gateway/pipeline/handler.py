@@ -28,7 +28,7 @@ from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.http1 import BodyError, Request, Response
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
 from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
-from gateway.probes import probe_response
+from gateway.probes import probe_answer
 from gateway.proxy import filter_header_list, filter_headers, splice_ws
 from gateway.stores.limiter import BackendUnavailable, Check
 from gateway.upstream_http import LeanResponse, UpstreamError
@@ -170,13 +170,28 @@ class ProxyHandler:
 
     # ------------------------------------------------------------------ entry
 
-    async def __call__(self, request: AnyRequest) -> AnyResponse | web.StreamResponse:
-        protocol: GatewayProtocol | HttpProtocol = request.protocol  # type: ignore[assignment]
-        protocol.request_started()
+    def answer_now(self, request: Request) -> AnyResponse | None:
+        """Probes (and /metrics when on this port), answered as soon as the head is parsed.
+
+        They read cached state only, so the server writes them from its parsing callback:
+        a probe never queues behind the requests of a saturated proxy.
+        """
+        path = request.path
         snap = self.rt.snapshot
-        start = self._loop.time()
-        ctx = Ctx(start)
+        if path in PROBE_PATHS or path.startswith("/readyz/"):
+            resp = probe_answer(request, self.rt.monitor)
+        elif path == "/metrics" and snap.metrics_on_proxy:
+            resp = self.rt.metrics_response()
+        else:
+            return None
+        if resp is not None:
+            self._identify(request, snap, Ctx(self._loop.time()))
+        return resp
+
+    def _identify(self, request: AnyRequest, snap: Snapshot, ctx: Ctx) -> bool:
+        """Client address (through trusted proxies) and request id; True when via a proxy."""
         headers = request.headers
+        protocol: GatewayProtocol | HttpProtocol = request.protocol  # type: ignore[assignment]
 
         # client IP (trusted proxies) and request id
         peer, peer_text = protocol.peer_address()
@@ -198,10 +213,19 @@ class ProxyHandler:
         request.rid = rid
         request.response_headers = snap.response_headers
         request.https = via_proxy and _proto(headers) == "https"
+        return via_proxy
+
+    async def __call__(self, request: AnyRequest) -> AnyResponse | web.StreamResponse:
+        protocol: GatewayProtocol | HttpProtocol = request.protocol  # type: ignore[assignment]
+        protocol.request_started()
+        snap = self.rt.snapshot
+        start = self._loop.time()
+        ctx = Ctx(start)
+        via_proxy = self._identify(request, snap, ctx)
 
         path = request.path
         if path in PROBE_PATHS or path.startswith("/readyz/"):
-            probe = await probe_response(request, self.rt.monitor)
+            probe = probe_answer(request, self.rt.monitor)
             if probe is not None:
                 return probe
         if path == "/metrics" and snap.metrics_on_proxy:

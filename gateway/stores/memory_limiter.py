@@ -153,7 +153,15 @@ class MemoryLimiter(Limiter):
 
     def decide_local(self, checks: Sequence[Check]) -> list[Decision]:
         now = self._clock()
-        return [self._decide(c, now, commit=True) for c in checks]
+        if len(checks) == 1:
+            return [self._decide(checks[0], now, commit=True)]
+        out = []
+        last: tuple[str, int | str] = ("", "")
+        for c in checks:  # policies keyed alike (two on the client address) share one key
+            if c.key != last[0]:
+                last = (c.key, compact_key(c.key))
+            out.append(self._decide(c, now, commit=True, key=last[1]))
+        return out
 
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
         return self.decide_local(checks)
@@ -205,12 +213,15 @@ class MemoryLimiter(Limiter):
 
     # ------------------------------------------------------------------ internals
 
-    def _decide(self, check: Check, now: float, *, commit: bool) -> Decision:
+    def _decide(
+        self, check: Check, now: float, *, commit: bool, key: int | str | None = None
+    ) -> Decision:
         table = self._tables.get(check.policy)
         if table is None:
             # A policy not (yet) announced by reconfigure(): start a table for it.
             table = self._tables[check.policy] = _Table(check.rate)
-        key = compact_key(check.key)
+        if key is None:
+            key = compact_key(check.key)
         tats = table.tats
         tat = tats.get(key)
         if tat is not None:

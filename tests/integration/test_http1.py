@@ -22,6 +22,8 @@ pytestmark = pytest.mark.asyncio
 
 async def _handler(request: Request) -> Response | web.Response:
     path = request.path
+    if path == "/now":  # as the gateway's handler does for probes that had to queue
+        return Response(200, None, [], b"now (queued)")
     if path == "/boom":
         msg = "handler bug"
         raise RuntimeError(msg)
@@ -41,6 +43,12 @@ async def _handler(request: Request) -> Response | web.Response:
     if path == "/slow":
         await asyncio.sleep(0.3)
     return Response(200, None, [("Content-Type", "text/plain")], ("path=" + path).encode())
+
+
+def _answer_now(request: Request) -> Response | None:
+    if request.path == "/now":
+        return Response(200, None, [("Content-Type", "text/plain")], b"now")
+    return None
 
 
 async def _ws_handler(request: GatewayRequest) -> web.StreamResponse:
@@ -64,7 +72,13 @@ async def serving(**kwargs: Any) -> AsyncIterator[tuple[HttpServer, int, list[in
     opts.update(kwargs)
     keepalive = opts.pop("keepalive_s", 75.0)
     upgrades = GatewayServer(_ws_handler, **opts)
-    server = HttpServer(_handler, upgrade_server=upgrades, keepalive_s=keepalive, **opts)
+    server = HttpServer(
+        _handler,
+        upgrade_server=upgrades,
+        keepalive_s=keepalive,
+        answer_now=_answer_now,
+        **opts,
+    )
     listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
     port = int(listener.sockets[0].getsockname()[1])
     try:
@@ -290,3 +304,22 @@ async def test_draining_closes_idle_connections_and_busy_ones_after_their_answer
     head, _, body = busy.partition(b"\r\n\r\n")
     assert b"Connection: close" in head
     assert body == b"path=/slow"
+
+
+async def test_immediate_answers_keep_their_place_in_a_pipeline() -> None:
+    async with serving() as (_, port, _errors):
+        alone = await raw_exchange(port, b"GET /now HTTP/1.1\r\nHost: a\r\n\r\n")
+        queued = await raw_exchange(
+            port,
+            b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /now HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /now HTTP/1.0\r\n\r\n"
+            b"GET /never HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+    assert [b for _, _, b in _responses(alone)] == [b"now"]
+    # the HTTP/1.0 one closes the connection: what follows it is not served
+    assert [b for _, _, b in _responses(queued)] == [
+        b"path=/slow",
+        b"now (queued)",
+        b"now (queued)",
+    ]
