@@ -189,9 +189,12 @@ class _Conn(asyncio.Protocol):
         if self.transport is None:
             raise self.error or UpstreamError("protocol", "upstream connection lost", sent=True)
 
-    async def head(self) -> tuple[int, str, list[tuple[str, str]]]:
+    def head(self) -> asyncio.Future[None]:
+        """Done when the response head is in (see :meth:`status`)."""
         assert self._head is not None  # noqa: S101 - reset() made it
-        await self._head
+        return self._head
+
+    def status(self) -> tuple[int, str, list[tuple[str, str]]]:
         return self._parser.get_status_code(), self._status.decode("latin-1"), self._headers
 
     def take_all(self) -> bytes | None:
@@ -312,6 +315,16 @@ class LeanPool:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
 
+    def _idle_conn(self) -> _Conn | None:
+        """An idle kept-alive connection, without waiting (None when there is none)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn
+            self._open -= 1
+        return None
+
     async def _acquire(self) -> tuple[_Conn, bool]:
         """A connection and whether it was reused."""
         idle = self._idle
@@ -386,7 +399,10 @@ class LeanPool:
         # A reused connection the upstream closed meanwhile fails before any answer: try once
         # more on a fresh one when nothing of a body has been consumed.
         for attempt in (0, 1):
-            conn, reused = await self._acquire()
+            conn = self._idle_conn()
+            reused = conn is not None
+            if conn is None:
+                conn, reused = await self._acquire()
             conn.reset(head_only=method == "HEAD")
             timer = self._loop.call_at(
                 self._loop.time() + self._timeout,
@@ -398,7 +414,8 @@ class LeanPool:
                 transport.write(head)
                 if body is not None:
                     await self._send_body(conn, body, chunked=chunked)
-                status, reason, raw = await conn.head()
+                await conn.head()
+                status, reason, raw = conn.status()
             except UpstreamError as exc:
                 timer.cancel()
                 conn.keep_alive = False
