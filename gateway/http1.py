@@ -37,8 +37,8 @@ from aiohttp import web
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
-from gateway.pipeline.client_ip import IPAddress, parse_ip
-from gateway.problem import CONTENT_TYPE, problem_body
+from gateway.pipeline.client_ip import IPAddress, peer_of
+from gateway.problem import CONTENT_TYPE, problem_body, raw_problem
 
 if TYPE_CHECKING:
     from gateway.pipeline.headers import ResponseHeaders
@@ -388,10 +388,7 @@ class HttpProtocol(asyncio.Protocol):
     def peer_address(self) -> tuple[IPAddress | None, str]:
         peer = self.peer
         if peer is None:
-            transport = self.transport
-            info = transport.get_extra_info("peername") if transport is not None else None
-            ip = parse_ip(info[0]) if info else None
-            peer = self.peer = (ip, str(ip) if ip is not None else "-")
+            peer = self.peer = peer_of(self.transport)
         return peer
 
     def busy(self) -> bool:
@@ -578,17 +575,11 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._discarding = True  # nothing after this is parsed
         server = self.server
-        rid = secrets.token_hex(16)
-        body = problem_body(status, detail, request_id=rid)
-        head = (
-            f"HTTP/1.1 {status} {_phrase(status)}\r\n"
-            f"{server.rid_header}: {rid}\r\n"
-            f"Content-Type: {CONTENT_TYPE}\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "Connection: close\r\n"
-            f"{server.static_headers}\r\n"
-        ).encode("latin-1")
-        transport.write(head + body)
+        transport.write(
+            raw_problem(
+                status, detail, rid_header=server.rid_header, static_headers=server.static_headers
+            )
+        )
         server.on_parser_error(self, status)
         transport.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from http import HTTPStatus
 from typing import Any
 
@@ -43,6 +44,29 @@ def problem_body(
     if extra:
         body.update(extra)
     return orjson.dumps(body)
+
+
+def raw_problem(status: int, detail: str, *, rid_header: str, static_headers: str) -> bytes:
+    """A whole problem+json answer that closes the connection, as bytes for a transport.
+
+    For answers written below any request object (parse errors, the 408 of a request
+    head that never completed); ``static_headers`` are ready ``Name: value\r\n`` lines.
+    """
+    rid = secrets.token_hex(16)
+    body = problem_body(status, detail, request_id=rid)
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\n"
+        f"{rid_header}: {rid}\r\n"
+        f"Content-Type: {CONTENT_TYPE}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n"
+        f"{static_headers}\r\n"
+    ).encode("latin-1")
+    return head + body
 
 
 def problem_response(

@@ -25,8 +25,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from gateway.http1 import Response, to_web
-from gateway.pipeline.client_ip import IPAddress, parse_ip
-from gateway.problem import CONTENT_TYPE, problem_body
+from gateway.pipeline.client_ip import IPAddress, peer_of
+from gateway.problem import CONTENT_TYPE, problem_body, raw_problem
 
 if TYPE_CHECKING:
     from aiohttp.abc import AbstractStreamWriter
@@ -110,10 +110,7 @@ class GatewayProtocol(RequestHandler):
     def peer_address(self) -> tuple[IPAddress | None, str]:
         peer = self.peer
         if peer is None:
-            transport = self.transport
-            info = transport.get_extra_info("peername") if transport is not None else None
-            ip = parse_ip(info[0]) if info else None
-            peer = self.peer = (ip, str(ip) if ip is not None else "-")
+            peer = self.peer = peer_of(self.transport)
         return peer
 
     def data_received(self, data: bytes) -> None:
@@ -148,18 +145,16 @@ class GatewayProtocol(RequestHandler):
         transport = self.transport
         if transport is None or self._request_in_progress:
             return
-        rid = secrets.token_hex(16)
-        body = problem_body(408, "the request was not received in time", request_id=rid)
-        head = (
-            "HTTP/1.1 408 Request Timeout\r\n"
-            f"{self._server.rid_header}: {rid}\r\n"
-            f"Content-Type: {CONTENT_TYPE}\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "Connection: close\r\n"
-            f"{self._server.static_headers}\r\n"
-        ).encode("latin-1")
-        transport.write(head + body)
-        self._server.on_parser_error(self, 408)
+        server = self._server
+        transport.write(
+            raw_problem(
+                408,
+                "the request was not received in time",
+                rid_header=server.rid_header,
+                static_headers=server.static_headers,
+            )
+        )
+        server.on_parser_error(self, 408)
         self.force_close()
         transport.close()
 

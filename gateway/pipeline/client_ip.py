@@ -11,6 +11,7 @@ clone the request for every call.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Iterable
 
@@ -96,3 +97,10 @@ def forwarded_values(value: str, param: str) -> list[str]:
             if sep and key.strip().lower() == param:
                 out.append(v.strip().strip('"'))
     return out
+
+
+def peer_of(transport: asyncio.BaseTransport | None) -> tuple[IPAddress | None, str]:
+    """The peer address of a connection and its text ("-" when unknown)."""
+    info = transport.get_extra_info("peername") if transport is not None else None
+    ip = parse_ip(info[0]) if info else None
+    return ip, str(ip) if ip is not None else "-"
