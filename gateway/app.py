@@ -133,6 +133,9 @@ class Gateway:
     # ------------------------------------------------------------------ stop
 
     def request_stop(self) -> None:
+        # /readyz turns 503 the moment the signal is handled, before the drain task runs:
+        # probes are answered from the parsing callback and would otherwise race it
+        self.runtime.monitor.draining = True
         self._stopping.set()
 
     async def drain(self) -> None:

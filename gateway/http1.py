@@ -321,6 +321,7 @@ class HttpProtocol(asyncio.Protocol):
         "_pending_error",
         "_pipeline_paused",
         "_raw_fields",
+        "_task",
         "_url",
         "_waiter",
         "_write_paused",
@@ -356,6 +357,7 @@ class HttpProtocol(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[Request | None] | None = None  # the task waits for a request
         self._keep_waiting = False
+        self._task: asyncio.Task[None] | None = None
         self.idle_since = self.loop.time()
 
     # ------------------------------------------------------------------ connection
@@ -603,7 +605,7 @@ class HttpProtocol(asyncio.Protocol):
             self._waiter = None
             waiter.set_result(req)
         else:
-            self.loop.create_task(self._serve(req))
+            self._task = self.loop.create_task(self._serve(req))
 
     async def _serve(self, req: Request) -> None:
         """This connection's task: one request after the other, while the connection lives.
@@ -709,6 +711,9 @@ class HttpProtocol(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        if self._waiter is not None:  # this connection's task ends: aiohttp serves it now
+            self._waiter.set_result(None)
+            self._waiter = None
         self._cancel_head_timer()
         self.server.connections.discard(self)
         self._pipeline_paused = self._body_paused = False

@@ -323,3 +323,25 @@ async def test_immediate_answers_keep_their_place_in_a_pipeline() -> None:
         b"now (queued)",
         b"now (queued)",
     ]
+
+
+async def test_upgrade_on_an_idle_kept_alive_connection_ends_its_task() -> None:
+    """After a handover nothing of the old protocol is left waiting (no task leak)."""
+    async with serving() as (server, port, _errors):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"path=/first"), 5)
+        (proto,) = server.connections
+        task = proto._task  # the connection's task, waiting for a request
+        assert task is not None
+        assert not task.done()
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        upgraded = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        await asyncio.sleep(0.05)
+        writer.close()
+    assert upgraded.startswith(b"HTTP/1.1 101 ")
+    assert task.done()
+    assert not server.connections
