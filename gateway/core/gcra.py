@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from gateway.config import Policy
@@ -70,9 +70,8 @@ class Rate:
         return cls(policy.requests, float(policy.period_s), policy.effective_burst)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The answer for one key and one policy."""
+class Decision(NamedTuple):
+    """The answer for one key and one policy (a named tuple: made on every request)."""
 
     allowed: bool
     remaining: int  # requests left after this one (0 when refused)

@@ -22,7 +22,7 @@ import hashlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.config import RateLimit
 from gateway.core.gcra import Decision, Rate
@@ -45,8 +45,7 @@ MAX_KEY_CHARS = 64
 """Client keys longer than this (``header:NAME`` policies) are stored as a digest."""
 
 
-@dataclass(frozen=True, slots=True)
-class Check:
+class Check(NamedTuple):
     """One policy to apply to one client key (already resolved by the pipeline)."""
 
     policy: str
