@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ import pytest
 import yaml
 from aiohttp import web
 
+from gateway.app import Gateway
+from gateway.config import load_file
 from tests.conftest import free_port
 from tests.gw import serve
 
@@ -231,3 +234,21 @@ def test_serve_on_a_port_in_use_exits_1_with_a_clear_message(tmp_path: Path) -> 
     assert b"cannot listen" in r.stderr
     assert b"Traceback" not in r.stderr
     assert b'"event":"listen_failed"' in r.stdout
+
+
+async def test_run_keeps_startup_objects_out_of_full_collections(tmp_path: Path) -> None:
+    """`run()` (what `gateway serve` does) freezes what exists once started."""
+    path, port, _ = _config(tmp_path, "http://127.0.0.1:9")
+    gw = Gateway(load_file(str(path)), config_path=str(path))
+    gc.unfreeze()
+    task = asyncio.create_task(gw.run())
+    try:
+        deadline = time.monotonic() + 10
+        while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert gw.proxy_port == port
+        assert gc.get_freeze_count() > 0
+    finally:
+        gw.request_stop()
+        await asyncio.wait_for(task, 15)
+        gc.unfreeze()
