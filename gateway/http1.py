@@ -818,12 +818,10 @@ class HttpServer:
         """The status line and header block of ``resp`` with the gateway's headers."""
         headers = resp.headers
         rh = req.response_headers
-        if rh is not None:
-            rh.apply_list(headers, req.rid, secure=req.https)
         extra = req.extra_headers
-        if extra:
-            names = {n.lower() for n, _ in extra}
-            headers[:] = [h for h in headers if h[0].lower() not in names]
+        if rh is not None:
+            rh.apply_list(headers, req.rid, secure=req.https, extra=extra)
+        elif extra:
             headers.extend(extra)
         block = "".join([f"{name}: {value}\r\n" for name, value in headers])
         parts = [status_line(resp.status, resp.reason), block.encode("latin-1", "replace")]

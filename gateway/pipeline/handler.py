@@ -318,9 +318,9 @@ class ProxyHandler:
 
         rl_headers: list[tuple[str, str]] | None = None
         if route.policies and not ctx.exempt:
+            ip = snap.ip_key(client, ctx.client_ip) if client is not None else "-"
             checks = [
-                Check(p.name, p.rate, self._key(request, snap, ctx, p, route))
-                for p in route.policies
+                Check(p.name, p.rate, self._key(request, ip, p, route)) for p in route.policies
             ]
             decisions: Sequence[Decision] | None = rt.limiter.decide_local(checks)
             if decisions is None:  # the shared backend is asked (an await only then)
@@ -364,20 +364,14 @@ class ProxyHandler:
             headers=hdr,
         )
 
-    def _key(
-        self,
-        request: AnyRequest,
-        snap: Snapshot,
-        ctx: Ctx,
-        pol: CompiledPolicy,
-        route: CompiledRoute,
-    ) -> str:
+    @staticmethod
+    def _key(request: AnyRequest, ip: str, pol: CompiledPolicy, route: CompiledRoute) -> str:
+        """The client key of one policy; ``ip`` is the client address's key."""
         kind = pol.key
-        if kind == "route":
-            return "route:" + route.name
-        ip = snap.ip_key(ctx.client, ctx.client_ip) if ctx.client is not None else "-"
         if kind == "ip":
             return ip
+        if kind == "route":
+            return "route:" + route.name
         if kind == "ip_route":
             return ip + "|" + route.name
         value = request.headers.get(pol.header or "")

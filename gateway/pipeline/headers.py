@@ -13,12 +13,18 @@ if TYPE_CHECKING:
     from gateway.config import Config
 
 
+# the fields the rate-limit step adds to an allowed request's answer (lower-case)
+RATE_LIMIT_FIELDS = frozenset(("ratelimit", "ratelimit-policy"))
+
+
 class ResponseHeaders:
     """Applied to every response, streamed and error ones included."""
 
     __slots__ = (
         "_drop",
+        "_drop_extra",
         "_drop_hsts",
+        "_drop_hsts_extra",
         "_hsts",
         "_override",
         "_rid_header",
@@ -52,10 +58,26 @@ class ResponseHeaders:
         self._drop_hsts = frozenset(
             (drop | {"strict-transport-security"}) if self._override else drop
         )
+        self._drop_extra = self._drop | RATE_LIMIT_FIELDS
+        self._drop_hsts_extra = self._drop_hsts | RATE_LIMIT_FIELDS
 
-    def apply_list(self, headers: list[tuple[str, str]], rid: str | None, *, secure: bool) -> None:
-        """Apply to a header list in place: remove, set (or add when absent), request id."""
-        drop = self._drop_hsts if secure and self._hsts is not None else self._drop
+    def apply_list(
+        self,
+        headers: list[tuple[str, str]],
+        rid: str | None,
+        *,
+        secure: bool,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """Apply to a header list in place: remove, set (or add when absent), request id.
+
+        ``extra`` are RateLimit fields (:data:`RATE_LIMIT_FIELDS`): they replace any the
+        upstream sent.
+        """
+        if extra:
+            drop = self._drop_hsts_extra if secure and self._hsts is not None else self._drop_extra
+        else:
+            drop = self._drop_hsts if secure and self._hsts is not None else self._drop
         rid_lower = self._rid_lower if rid is not None else ""
         out = [h for h in headers if (low := h[0].lower()) not in drop and low != rid_lower]
         if self._override:
@@ -69,6 +91,8 @@ class ResponseHeaders:
                 out.append(("Strict-Transport-Security", self._hsts))
         if rid is not None:
             out.append((self._rid_header, rid))
+        if extra:
+            out.extend(extra)
         headers[:] = out
 
     def apply(self, headers: CIMultiDict[str], rid: str | None, *, secure: bool) -> None:
