@@ -136,6 +136,7 @@ class RedisBanStore(BanStore):
         self._registry_keys = [tag, tag + ":log", tag + ":seq", tag + ":exp", tag + ":trim"]
         self._sync_interval_s = sync_interval_s
         self._io_timeout_s = io_timeout_s
+        self._flushing = asyncio.Lock()  # held while the flusher talks to Redis
         self._max_pending = max_pending
         self._batch_size = batch_size
         self._max_bans = max_bans
@@ -279,10 +280,11 @@ class RedisBanStore(BanStore):
         while True:
             await self._wake.wait()
             self._wake.clear()
-            try:
-                await self._flush()
-            except Exception as exc:  # a malformed answer must not stop the flusher
-                self._log.error("abuse_flush_failed", error=repr(exc))
+            async with self._flushing:
+                try:
+                    await self._flush()
+                except Exception as exc:  # a malformed answer must not stop the flusher
+                    self._log.error("abuse_flush_failed", error=repr(exc))
 
     async def _flush(self) -> None:
         while self._pending:
@@ -547,6 +549,10 @@ class RedisBanStore(BanStore):
 
     async def close(self) -> None:
         self._running = False
+        # a flush under way finishes first: cancelling it could lose the scores it carries
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._io_timeout_s), self._flushing:
+                pass
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

@@ -331,3 +331,15 @@ async def test_clients_that_decode_responses_work_too(replicas: Replicas) -> Non
     assert await a.list_bans() == await b.list_bans() == [ban]
     assert await a.unban(IP) is True
     await eventually(lambda: b.banned(IP) is None, 1.0)
+
+
+async def test_scores_in_flight_when_a_replica_stops_are_not_lost(replicas: Replicas) -> None:
+    """close() lets a flush under way finish instead of cancelling what it carries."""
+    a = await replicas.store()
+    await replicas.client().execute_command("CLIENT", "PAUSE", "300", "WRITE")
+    a.report(IP, "suspicious_path")
+    a.report(IP, "suspicious_path")
+    await asyncio.sleep(0.05)  # the scores are on their way, held by the paused server
+    await a.close()
+    again = await replicas.store()
+    assert again.banned(IP) is not None
