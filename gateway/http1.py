@@ -82,7 +82,7 @@ class BodyError(Exception):
 class Response:
     """An answer whose headers are a plain list; ``body`` None once a stream was sent."""
 
-    __slots__ = ("body", "close", "headers", "reason", "status")
+    __slots__ = ("body", "close", "headers", "reason", "skip", "status")
 
     def __init__(
         self,
@@ -90,12 +90,15 @@ class Response:
         reason: str | None,
         headers: list[tuple[str, str]],
         body: bytes | None,
+        skip: frozenset[str] | None = None,
     ) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
         self.body = body
         self.close = False
+        # None, or UPSTREAM_SKIP: ``headers`` are an upstream's as they came
+        self.skip = skip
 
     def force_close(self) -> None:
         self.close = True
@@ -820,9 +823,12 @@ class HttpServer:
         rh = req.response_headers
         extra = req.extra_headers
         if rh is not None:
-            rh.apply_list(headers, req.rid, secure=req.https, extra=extra)
-        elif extra:
-            headers.extend(extra)
+            rh.apply_list(headers, req.rid, secure=req.https, extra=extra, skip=resp.skip)
+        else:
+            if resp.skip is not None:
+                headers = [h for h in headers if h[0].lower() not in resp.skip]
+            if extra:
+                headers.extend(extra)
         block = "".join([f"{name}: {value}\r\n" for name, value in headers])
         parts = [status_line(resp.status, resp.reason), block.encode("latin-1", "replace")]
         low = block.lower()
@@ -878,8 +884,9 @@ def to_web(resp: AnyResponse | web.StreamResponse) -> web.StreamResponse:
     if isinstance(resp, web.StreamResponse):
         return resp
     out = web.Response(status=resp.status, reason=resp.reason, body=resp.body)
+    skip = resp.skip or frozenset(("content-length",))
     for name, value in resp.headers:
-        if name.lower() != "content-length":
+        if name.lower() not in skip:
             out.headers.add(name, value)
     if resp.close:
         out.force_close()

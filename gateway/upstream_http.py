@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from yarl import URL
 
 _HIGH_WATER = 1 << 20  # pause reading the upstream above this much unread body
+_PLAIN = frozenset((b"keep-alive", b"close"))  # Connection values that name no other field
 
 
 class UpstreamError(Exception):
@@ -54,6 +55,7 @@ class _Conn(asyncio.Protocol):
         "error",
         "got_bytes",
         "keep_alive",
+        "listed",
         "transport",
     )
 
@@ -75,6 +77,7 @@ class _Conn(asyncio.Protocol):
         self.complete = False
         self.keep_alive = True
         self.got_bytes = False
+        self.listed = False
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------------ protocol
@@ -116,6 +119,8 @@ class _Conn(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        if len(name) == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
+            self.listed = True  # Connection names other fields: they are hop-by-hop too
 
     def on_headers_complete(self) -> None:
         self.keep_alive = self._parser.should_keep_alive()
@@ -174,6 +179,7 @@ class _Conn(asyncio.Protocol):
         self._head_only = head_only
         self._head = self._loop.create_future()
         self._headers = []
+        self.listed = False
         self._status = b""
         self._body.clear()
         self.buffered = 0
@@ -231,7 +237,7 @@ class _Conn(asyncio.Protocol):
 class LeanResponse:
     """The upstream's answer: status, headers, and a body read as it arrives."""
 
-    __slots__ = ("_conn", "_pool", "_timer", "header_list", "reason", "status")
+    __slots__ = ("_conn", "_pool", "_timer", "header_list", "listed", "reason", "status")
 
     def __init__(  # noqa: PLR0917 - built in one place, by the pool
         self,
@@ -248,6 +254,8 @@ class LeanResponse:
         self.status = status
         self.reason = reason
         self.header_list = headers
+        # whether Connection names fields to drop beyond the hop-by-hop ones
+        self.listed = conn.listed
 
     @property
     def headers(self) -> CIMultiDict[str]:

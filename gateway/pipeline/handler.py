@@ -27,6 +27,7 @@ from gateway import problem
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.http1 import BodyError, Request, Response
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
+from gateway.pipeline.headers import UPSTREAM_SKIP
 from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
 from gateway.probes import probe_answer
 from gateway.proxy import filter_header_list, filter_headers, splice_ws
@@ -645,11 +646,12 @@ class ProxyHandler:
                 if body is not None:
                     # all of it is here: headers and body leave in one write
                     ctx.bytes_out = len(body)
+                    if up_resp.listed:  # Connection names more fields to drop
+                        fields = filter_header_list(up_resp.header_list, _DROP_FAST)
+                        return Response(status, up_resp.reason, fields, body)
+                    # filtered where the gateway's own fields are applied: one pass
                     return Response(
-                        status,
-                        up_resp.reason,
-                        filter_header_list(up_resp.header_list, _DROP_FAST),
-                        body,
+                        status, up_resp.reason, up_resp.header_list, body, UPSTREAM_SKIP
                     )
                 resp = await request.start_stream(
                     status, up_resp.reason, filter_header_list(up_resp.header_list, _NO_DROP)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from gateway.proxy import HOP_BY_HOP
+
 if TYPE_CHECKING:
     from multidict import CIMultiDict
 
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
 
 # the fields the rate-limit step adds to an allowed request's answer (lower-case)
 RATE_LIMIT_FIELDS = frozenset(("ratelimit", "ratelimit-policy"))
+# an upstream's fields never passed on as they are: hop-by-hop ones and the length
+UPSTREAM_SKIP = HOP_BY_HOP | {"content-length"}
 
 
 class ResponseHeaders:
@@ -22,9 +26,7 @@ class ResponseHeaders:
 
     __slots__ = (
         "_drop",
-        "_drop_extra",
-        "_drop_hsts",
-        "_drop_hsts_extra",
+        "_drops",
         "_hsts",
         "_override",
         "_rid_header",
@@ -55,11 +57,19 @@ class ResponseHeaders:
         if self._override:
             drop.update(n.lower() for n, _ in self._set)
         self._drop = frozenset(drop)
-        self._drop_hsts = frozenset(
-            (drop | {"strict-transport-security"}) if self._override else drop
-        )
-        self._drop_extra = self._drop | RATE_LIMIT_FIELDS
-        self._drop_hsts_extra = self._drop_hsts | RATE_LIMIT_FIELDS
+        drop_hsts = frozenset((drop | {"strict-transport-security"}) if self._override else drop)
+        # every combination a response can need, made once:
+        # (upstream fields to skip, HSTS sent, RateLimit fields added) -> names dropped
+        self._drops: dict[tuple[frozenset[str] | None, bool, bool], frozenset[str]] = {}
+        for skip in (None, UPSTREAM_SKIP):
+            for hsts_on in (False, True):
+                for extra_on in (False, True):
+                    names = drop_hsts if hsts_on and self._hsts is not None else self._drop
+                    if extra_on:
+                        names |= RATE_LIMIT_FIELDS
+                    if skip is not None:
+                        names |= skip
+                    self._drops[skip, hsts_on, extra_on] = frozenset(names)
 
     def apply_list(
         self,
@@ -68,16 +78,15 @@ class ResponseHeaders:
         *,
         secure: bool,
         extra: list[tuple[str, str]] | None = None,
+        skip: frozenset[str] | None = None,
     ) -> None:
         """Apply to a header list in place: remove, set (or add when absent), request id.
 
         ``extra`` are RateLimit fields (:data:`RATE_LIMIT_FIELDS`): they replace any the
-        upstream sent.
+        upstream sent.  ``skip`` is None or :data:`UPSTREAM_SKIP`, for an upstream's
+        fields as they came (hop-by-hop ones and its length go in the same pass).
         """
-        if extra:
-            drop = self._drop_hsts_extra if secure and self._hsts is not None else self._drop_extra
-        else:
-            drop = self._drop_hsts if secure and self._hsts is not None else self._drop
+        drop = self._drops[skip, secure, bool(extra)]
         rid_lower = self._rid_lower if rid is not None else ""
         out = [h for h in headers if (low := h[0].lower()) not in drop and low != rid_lower]
         if self._override:

@@ -78,6 +78,18 @@ class Upstream:
                     "X-Frame-Options": "SAMEORIGIN",
                 },
             )
+        if request.path == "/hop-plain":  # hop-by-hop fields, none named by Connection
+            return web.Response(
+                text="plain",
+                headers={
+                    "Keep-Alive": "timeout=5",
+                    "Proxy-Authenticate": "Basic",
+                    "Trailer": "X-Checksum",
+                    "Upgrade": "h2c",
+                    "X-Kept": "1",
+                    "X-Frame-Options": "SAMEORIGIN",
+                },
+            )
         if request.path.startswith("/status/"):
             return web.Response(status=int(request.path.rsplit("/", 1)[1]), text="from upstream")
         return web.json_response({"ok": True, "size": size})
@@ -522,3 +534,22 @@ async def test_head_is_answered_with_the_upstream_length_and_no_body(upstream: A
     assert rest.startswith(b"HTTP/1.1 200 ")  # the next answer follows at once: no body
     assert rest.endswith(b"\r\n\r\nxxx")
     assert took < 2
+
+
+async def test_hop_by_hop_fields_of_an_answer_are_dropped_without_connection_tokens(
+    upstream: Any,
+) -> None:
+    _, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw:
+        raw = await raw_exchange(
+            gw.proxy_port or 0, b"GET /hop-plain HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        )
+    head, _, body = raw.partition(b"\r\n\r\n")
+    names = [line.split(b":", 1)[0].lower() for line in head.split(b"\r\n")[1:]]
+    assert body == b"plain"
+    for hop in (b"keep-alive", b"proxy-authenticate", b"trailer", b"upgrade"):
+        assert hop not in names
+    assert names.count(b"content-length") == 1
+    assert names.count(b"x-frame-options") == 1  # the upstream's, kept (override: false)
+    assert b"x-kept" in names
+    assert b"x-request-id" in names
