@@ -37,6 +37,7 @@ from aiohttp import web
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
+from gateway.batchwrite import WriteBatcher
 from gateway.pipeline.client_ip import IPAddress, peer_of
 from gateway.problem import CONTENT_TYPE, problem_body, raw_problem
 
@@ -250,6 +251,7 @@ class Request:
     async def send_continue(self) -> None:
         transport = self.protocol.transport
         if transport is not None and not self.head_sent:
+            self.protocol.server.batcher.flush()
             transport.write(_CONTINUE)
 
     async def start_stream(
@@ -274,6 +276,7 @@ class Request:
         transport = proto.transport
         if transport is None:
             raise ConnectionResetError("the client closed the connection")
+        proto.server.batcher.flush()
         transport.write(head)
         await proto.drain()
         return resp
@@ -401,6 +404,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self.server.batcher.flush()  # what is queued for it goes first
             self.transport.close()
 
     def request_started(self) -> None:
@@ -580,6 +584,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._discarding = True  # nothing after this is parsed
         server = self.server
+        server.batcher.flush()
         transport.write(
             raw_problem(
                 status, detail, rid_header=server.rid_header, static_headers=server.static_headers
@@ -598,7 +603,7 @@ class HttpProtocol(asyncio.Protocol):
         self.idle_since = self.loop.time()
         if not keep:
             self._discarding = True  # whatever follows in this packet is not served
-            transport.close()
+            self.close()
 
     def _start(self, req: Request) -> None:
         """Serve ``req`` now: wake this connection's task, or start one."""
@@ -687,7 +692,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._pending.clear()
         if req.content.complete:
-            transport.close()
+            self.close()
             return
         # linger: read and drop what the client still sends, so it gets the answer
         self._discarding = True
@@ -718,6 +723,7 @@ class HttpProtocol(asyncio.Protocol):
             self._waiter.set_result(None)
             self._waiter = None
         self._cancel_head_timer()
+        self.server.batcher.flush()  # the other protocol writes directly
         self.server.connections.discard(self)
         self._pipeline_paused = self._body_paused = False
         transport.resume_reading()
@@ -761,6 +767,7 @@ class HttpServer:
         self._response_headers = response_headers
         self.keepalive_s = keepalive_s
         self.connections: set[HttpProtocol] = set()
+        self.batcher = WriteBatcher(self.loop)  # whole answers, sent at the end of a round
         self.draining = False
         self.date = b""
         self._tick: asyncio.TimerHandle | None = None
@@ -855,12 +862,14 @@ class HttpServer:
         no_body = status in _NO_BODY_STATUS or status < 200
         head = self.render_head(req, resp, None if no_body else len(body))
         req.head_sent = True
+        batcher = self.batcher
         if no_body or req.method == "HEAD" or not body:
-            transport.write(head)
+            batcher.write(transport, head)
         elif len(body) <= _ONE_WRITE:
-            transport.write(head + body)
+            batcher.write(transport, head + body)
         else:
-            transport.writelines((head, body))
+            batcher.write(transport, head)
+            batcher.write(transport, body)
         return req.keep_alive
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import httptools
 from multidict import CIMultiDict
 
+from gateway.batchwrite import WriteBatcher
+
 if TYPE_CHECKING:
     from yarl import URL
 
@@ -297,6 +299,7 @@ class LeanPool:
     """Keep-alive connections to one origin, at most ``limit`` open at once."""
 
     __slots__ = (
+        "_batcher",
         "_closed",
         "_connect_timeout",
         "_host",
@@ -322,6 +325,7 @@ class LeanPool:
         self._open = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
+        self._batcher = WriteBatcher(self._loop)
 
     def _idle_conn(self) -> _Conn | None:
         """An idle kept-alive connection, without waiting (None when there is none)."""
@@ -419,8 +423,10 @@ class LeanPool:
             transport = conn.transport
             assert transport is not None  # noqa: S101 - just connected or checked
             try:
-                transport.write(head)
-                if body is not None:
+                if body is None:
+                    self._batcher.write(transport, head)  # sent at the end of this round
+                else:
+                    transport.write(head)
                     await self._send_body(conn, body, chunked=chunked)
                 await conn.head()
                 status, reason, raw = conn.status()

@@ -1,0 +1,82 @@
+"""Writes queued during a round of the loop reach their peers, in order, at its end."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.batchwrite import WriteBatcher
+
+pytestmark = pytest.mark.asyncio
+
+
+class _Sink(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+
+@pytest.fixture
+async def two() -> AsyncIterator[tuple[list[asyncio.Transport], list[_Sink]]]:
+    """Two real loopback connections: our transports and what their peers received."""
+    loop = asyncio.get_running_loop()
+    sinks: list[_Sink] = []
+
+    def make() -> _Sink:
+        sink = _Sink()
+        sinks.append(sink)
+        return sink
+
+    server = await loop.create_server(make, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transports = []
+    for _ in range(2):
+        transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        transports.append(transport)
+    await asyncio.sleep(0.05)
+    try:
+        yield transports, sinks
+    finally:
+        for t in transports:
+            t.close()
+        server.close()
+
+
+async def _settle() -> None:
+    await asyncio.sleep(0.05)
+
+
+async def test_queued_writes_leave_at_the_end_of_the_round_in_order(two: Any) -> None:
+    (t1, t2), (s1, s2) = two
+    batcher = WriteBatcher(asyncio.get_running_loop())
+    batcher.write(t1, b"a")
+    batcher.write(t2, b"x")
+    batcher.write(t1, b"b")
+    assert t1.get_write_buffer_size() == 0  # nothing written yet
+    await _settle()
+    assert (s1.data, s2.data) == (b"ab", b"x")
+
+
+async def test_flush_sends_at_once_and_keeps_order_with_a_direct_write(two: Any) -> None:
+    (t1, _t2), (s1, _s2) = two
+    batcher = WriteBatcher(asyncio.get_running_loop())
+    batcher.write(t1, b"queued;")
+    batcher.flush()  # as the server does before writing directly
+    t1.write(b"direct")
+    await _settle()
+    assert s1.data == b"queued;direct"
+
+
+async def test_a_closing_transport_is_skipped(two: Any) -> None:
+    (t1, t2), (s1, s2) = two
+    batcher = WriteBatcher(asyncio.get_running_loop())
+    batcher.write(t1, b"lost")
+    batcher.write(t2, b"kept")
+    t1.close()
+    await _settle()
+    assert (s1.data, s2.data) == (b"", b"kept")
