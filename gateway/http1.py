@@ -51,7 +51,6 @@ _log = logging.getLogger("gateway.http1")
 
 MAX_FIELDS = 256
 _BODY_HIGH = 256 * 1024  # pause reading the client above this much unread body
-_BODY_LOW = 64 * 1024
 _LINGER_S = 5.0  # how long an unread request body is drained after the answer
 _NO_BODY_STATUS = frozenset((204, 304))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -406,9 +405,6 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.server.batcher.flush()  # what is queued for it goes first
             self.transport.close()
-
-    def request_started(self) -> None:
-        """The pipeline's hook (the head deadline is already met here)."""
 
     # ------------------------------------------------------------------ flow control
 

@@ -9,13 +9,13 @@ one; a valid one is applied atomically (see :meth:`Runtime.apply`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.config import ConfigError, load_file
+from gateway.tasks import stop_task
 
 if TYPE_CHECKING:
     from gateway.runtime import Runtime
@@ -36,11 +36,8 @@ class Reloader:
             self._task = asyncio.create_task(self._watch(), name="config-watch")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
 
     def _digest(self) -> str | None:
         assert self.path is not None  # noqa: S101 - only called when watching a file

@@ -135,7 +135,7 @@ class GatewayProtocol(RequestHandler):
             self.close()
 
     def request_started(self) -> None:
-        """Called by the pipeline once the request head is in: the head deadline is met."""
+        """Called once the request head is in: the head deadline is met."""
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -210,6 +210,8 @@ class GatewayServer(web.Server):
         **kwargs: Any,
     ) -> None:
         async def handle(request: GatewayRequest) -> web.StreamResponse:
+            protocol: GatewayProtocol = request.protocol  # type: ignore[assignment]
+            protocol.request_started()  # the head is in: its deadline is met
             resp = await handler(request)
             if isinstance(resp, Response) and resp.body is None and request.stream is not None:
                 return request.stream  # streamed already

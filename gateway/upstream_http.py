@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import httptools
-from multidict import CIMultiDict
 
 from gateway.batchwrite import WriteBatcher
 
@@ -258,10 +257,6 @@ class LeanResponse:
         self.header_list = headers
         # whether Connection names fields to drop beyond the hop-by-hop ones
         self.listed = conn.listed
-
-    @property
-    def headers(self) -> CIMultiDict[str]:
-        return CIMultiDict(self.header_list)
 
     def body_if_complete(self) -> bytes | None:
         """The whole body if it is already here (small answers usually are)."""

@@ -217,8 +217,6 @@ class ProxyHandler:
         return via_proxy
 
     async def __call__(self, request: AnyRequest) -> AnyResponse | web.StreamResponse:
-        protocol: GatewayProtocol | HttpProtocol = request.protocol  # type: ignore[assignment]
-        protocol.request_started()
         snap = self.rt.snapshot
         start = self._loop.time()
         ctx = Ctx(start)

@@ -25,7 +25,6 @@ class ResponseHeaders:
     """Applied to every response, streamed and error ones included."""
 
     __slots__ = (
-        "_drop",
         "_drops",
         "_hsts",
         "_override",
@@ -56,7 +55,7 @@ class ResponseHeaders:
         drop = {n.lower() for n in remove}
         if self._override:
             drop.update(n.lower() for n, _ in self._set)
-        self._drop = frozenset(drop)
+        plain = frozenset(drop)
         drop_hsts = frozenset((drop | {"strict-transport-security"}) if self._override else drop)
         # every combination a response can need, made once:
         # (upstream fields to skip, HSTS sent, RateLimit fields added) -> names dropped
@@ -64,7 +63,7 @@ class ResponseHeaders:
         for skip in (None, UPSTREAM_SKIP):
             for hsts_on in (False, True):
                 for extra_on in (False, True):
-                    names = drop_hsts if hsts_on and self._hsts is not None else self._drop
+                    names = drop_hsts if hsts_on and self._hsts is not None else plain
                     if extra_on:
                         names |= RATE_LIMIT_FIELDS
                     if skip is not None:

@@ -33,7 +33,6 @@ still escalates.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import time
 from abc import ABC, abstractmethod
@@ -54,6 +53,7 @@ from gateway.core.abuse import (
 )
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
+from gateway.tasks import stop_task
 
 __all__ = [
     "SWEEP_STEP",
@@ -410,10 +410,7 @@ class MemoryBanStore(BanStore):
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
     async def _sweeper(self) -> None:
         while True:

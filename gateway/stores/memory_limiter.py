@@ -57,7 +57,6 @@ Time comes from an injectable monotonic clock.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import socket
 import time
@@ -66,6 +65,7 @@ from collections.abc import Mapping, Sequence
 
 from gateway.core.gcra import Decision, Rate, decide
 from gateway.stores.limiter import Check, Clock, Limiter, bounded_key
+from gateway.tasks import stop_task
 
 __all__ = ["MemoryLimiter", "compact_key"]
 
@@ -190,10 +190,7 @@ class MemoryLimiter(Limiter):
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
 
     # ------------------------------------------------------------------ inspection
 

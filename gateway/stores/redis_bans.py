@@ -56,6 +56,7 @@ from gateway.core.abuse import OFFENCE_MEMORY_FACTOR
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.stores.bans import Ban, BanStore, MemoryBanStore, unknown_event
+from gateway.tasks import stop_task
 
 __all__ = ["RedisBanStore"]
 
@@ -555,10 +556,7 @@ class RedisBanStore(BanStore):
                 pass
         tasks, self._tasks = self._tasks, []
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
         if self._pending and not self._degraded:
             with contextlib.suppress(*_ERRORS):
                 async with asyncio.timeout(self._io_timeout_s):

@@ -94,6 +94,7 @@ from gateway.stores.resp import (
     bulk_string,
     pack_command,
 )
+from gateway.tasks import stop_task
 
 __all__ = ["RedisLimiter", "load_script"]
 
@@ -376,13 +377,7 @@ class RedisLimiter(Limiter):
     async def close(self) -> None:
         announcer, self._announcer = self._announcer, None
         if announcer is not None:
-            # redis-py (8.1) may swallow a cancellation delivered while it connects:
-            # cancel again until the task has ended
-            while not announcer.done():
-                announcer.cancel()
-                await asyncio.wait((announcer,), timeout=self._timeout_s)
-            with contextlib.suppress(asyncio.CancelledError):
-                await announcer
+            await stop_task(announcer, retry_s=self._timeout_s)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._timeout_s):
                     await self._run_announce(live=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -80,3 +81,21 @@ async def test_a_closing_transport_is_skipped(two: Any) -> None:
     t1.close()
     await _settle()
     assert (s1.data, s2.data) == (b"", b"kept")
+
+
+async def test_nothing_reaches_the_peer_before_the_round_ends() -> None:
+    """A direct write would be in the peer's socket at once; a queued one is not."""
+    loop = asyncio.get_running_loop()
+    ours, peer = socket.socketpair()
+    peer.settimeout(0.0)  # non-blocking
+    transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=ours)
+    try:
+        batcher = WriteBatcher(loop)
+        batcher.write(transport, b"late")
+        with pytest.raises(BlockingIOError):
+            peer.recv(16)
+        await asyncio.sleep(0.01)
+        assert peer.recv(16) == b"late"
+    finally:
+        transport.close()
+        peer.close()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.reliability.support import UpstreamProcess
+from tests.reliability.support import RawUpstream, UpstreamProcess
 
 
 @pytest.fixture
@@ -18,3 +18,14 @@ def upstream() -> Iterator[UpstreamProcess]:
         yield up
     finally:
         up.kill()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    """An in-process upstream answering at once (see :class:`RawUpstream`)."""
+    up = RawUpstream()
+    await up.start()
+    try:
+        yield up
+    finally:
+        await up.close()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -44,16 +43,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(60 + SPRAY_N // 2000),
 ]
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[RawUpstream]:
-    up = RawUpstream()
-    await up.start()
-    try:
-        yield up
-    finally:
-        await up.close()
 
 
 def _address(i: int) -> bytes:
@@ -123,9 +112,9 @@ async def _violated(gw: GatewayProcess, address: bytes) -> list[str]:
         writer.close()
 
 
-async def test_address_spray_keeps_memory_bounded(upstream: RawUpstream) -> None:
+async def test_address_spray_keeps_memory_bounded(raw_upstream: RawUpstream) -> None:
     cfg = gateway_config(
-        upstream.url,
+        raw_upstream.url,
         trusted_proxies=["127.0.0.1/32"],
         routes=[
             {"name": "api", "path_prefix": "/", "upstream": "api", "rate_limits": ["spray", "gate"]}

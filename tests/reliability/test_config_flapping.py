@@ -14,7 +14,6 @@ import copy
 import itertools
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +36,6 @@ pytestmark = [pytest.mark.reliability, pytest.mark.timeout(90)]
 FLAP_S = 3.0
 PERIOD_S = 0.1
 VERSION = "X-Config-Version"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[RawUpstream]:
-    up = RawUpstream()
-    await up.start()
-    try:
-        yield up
-    finally:
-        await up.close()
 
 
 def _valid(base: dict[str, Any], n: int) -> dict[str, Any]:
@@ -88,8 +77,8 @@ def _invalid_texts(base: dict[str, Any], n: int) -> list[bytes]:
     ]
 
 
-async def test_config_flapping_under_load(upstream: RawUpstream) -> None:
-    base = gateway_config(upstream.url, reload={"interval_s": 0.05})
+async def test_config_flapping_under_load(raw_upstream: RawUpstream) -> None:
+    base = gateway_config(raw_upstream.url, reload={"interval_s": 0.05})
     first = _valid(base, 0)
     async with (
         gateway_process(first, name="flap") as gw,

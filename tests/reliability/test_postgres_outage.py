@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,16 +123,6 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         pg.cleanup()
 
 
-@pytest.fixture
-async def upstream() -> AsyncIterator[RawUpstream]:
-    up = RawUpstream()
-    await up.start()
-    try:
-        yield up
-    finally:
-        await up.close()
-
-
 @dataclass
 class ProbeLog:
     """(time, status, latency) of every probe answer, per gateway and path."""
@@ -163,18 +153,18 @@ def _cfg(upstream_url: str, *, critical: bool) -> dict[str, object]:
 
 
 async def test_postgres_stopped_and_started(
-    private_postgres: PrivatePostgres, upstream: RawUpstream
+    private_postgres: PrivatePostgres, raw_upstream: RawUpstream
 ) -> None:
     env = {"GATEWAY_DATABASE_URL": private_postgres.dsn}
     async with AsyncExitStack() as stack:
         crit = await stack.enter_async_context(
             gateway_process(
-                _cfg(upstream.url, critical=True), env=env, name="pg-crit", probe="/readyz"
+                _cfg(raw_upstream.url, critical=True), env=env, name="pg-crit", probe="/readyz"
             )
         )
         soft = await stack.enter_async_context(
             gateway_process(
-                _cfg(upstream.url, critical=False), env=env, name="pg-soft", probe="/readyz"
+                _cfg(raw_upstream.url, critical=False), env=env, name="pg-soft", probe="/readyz"
             )
         )
         s = await stack.enter_async_context(aiohttp.ClientSession())

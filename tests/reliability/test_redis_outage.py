@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -33,16 +32,6 @@ pytestmark = [pytest.mark.reliability, pytest.mark.timeout(90)]
 
 BACKEND_ERRORS = "gateway_ratelimit_backend_errors_total"
 QUOTA_BURST = 10
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[RawUpstream]:
-    up = RawUpstream()
-    await up.start()
-    try:
-        yield up
-    finally:
-        await up.close()
 
 
 def _config(upstream_url: str) -> dict[str, Any]:
@@ -99,15 +88,15 @@ async def _backend_errors(gw: GatewayProcess) -> float:
 
 
 async def test_redis_killed_and_restarted_under_load(
-    private_redis: RedisServer, upstream: RawUpstream
+    private_redis: RedisServer, raw_upstream: RawUpstream
 ) -> None:
     env = {"GATEWAY_REDIS_URL": private_redis.url}
     async with AsyncExitStack() as stack:
         a = await stack.enter_async_context(
-            gateway_process(_config(upstream.url), env=env, name="redis-a")
+            gateway_process(_config(raw_upstream.url), env=env, name="redis-a")
         )
         b = await stack.enter_async_context(
-            gateway_process(_config(upstream.url), env=env, name="redis-b")
+            gateway_process(_config(raw_upstream.url), env=env, name="redis-b")
         )
         s = await stack.enter_async_context(aiohttp.ClientSession())
         gws = [a, b]
