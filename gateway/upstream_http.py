@@ -4,8 +4,8 @@ A full client stack (aiohttp's ClientSession) costs more CPU per request than th
 rest of the pipeline. The upstream of a sidecar is one fixed origin on loopback, so this
 client does only what that needs: one request at a time per connection, a pool of idle
 connections, llhttp (through ``httptools``) to parse the response, a body streamed as it
-arrives with back-pressure both ways, and deadlines as timer callbacks rather than a
-timeout context per request.
+arrives with back-pressure both ways, and deadlines checked by one sweep per pool rather
+than a timer or a timeout context per request.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class _Conn(asyncio.Protocol):
         "_status",
         "buffered",
         "complete",
+        "deadline",
         "error",
         "got_bytes",
         "keep_alive",
@@ -76,6 +77,7 @@ class _Conn(asyncio.Protocol):
         self._reading_paused = False
         self.buffered = 0
         self.complete = False
+        self.deadline = 0.0  # loop time by which the exchange in progress must be over
         self.keep_alive = True
         self.got_bytes = False
         self.listed = False
@@ -238,20 +240,13 @@ class _Conn(asyncio.Protocol):
 class LeanResponse:
     """The upstream's answer: status, headers, and a body read as it arrives."""
 
-    __slots__ = ("_conn", "_pool", "_timer", "header_list", "listed", "reason", "status")
+    __slots__ = ("_conn", "_pool", "header_list", "listed", "reason", "status")
 
-    def __init__(  # noqa: PLR0917 - built in one place, by the pool
-        self,
-        pool: LeanPool,
-        conn: _Conn,
-        status: int,
-        reason: str,
-        headers: list[tuple[str, str]],
-        timer: asyncio.TimerHandle | None,
+    def __init__(
+        self, pool: LeanPool, conn: _Conn, status: int, reason: str, headers: list[tuple[str, str]]
     ) -> None:
         self._pool = pool
         self._conn: _Conn | None = conn
-        self._timer = timer
         self.status = status
         self.reason = reason
         self.header_list = headers
@@ -279,8 +274,6 @@ class LeanResponse:
         if conn is None:
             return
         self._conn = None
-        if self._timer is not None:
-            self._timer.cancel()
         self._pool.put_back(conn)
 
     def close(self) -> None:
@@ -295,6 +288,7 @@ class LeanPool:
 
     __slots__ = (
         "_batcher",
+        "_busy",
         "_closed",
         "_connect_timeout",
         "_host",
@@ -302,6 +296,8 @@ class LeanPool:
         "_loop",
         "_open",
         "_port",
+        "_sweep_s",
+        "_sweeper",
         "_timeout",
         "_waiters",
         "host_header",
@@ -321,6 +317,19 @@ class LeanPool:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
         self._batcher = WriteBatcher(self._loop)
+        # exchanges in progress, their deadlines checked every _sweep_s while there are any:
+        # a deadline fires at most a tenth of the timeout (and at most 0.5 s) late
+        self._busy: set[_Conn] = set()
+        self._sweep_s = min(0.5, timeout_s / 10)
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def _sweep(self) -> None:
+        busy = self._busy
+        now = self._loop.time()
+        for conn in [c for c in busy if c.deadline <= now]:
+            busy.discard(conn)
+            conn.timed_out()
+        self._sweeper = self._loop.call_later(self._sweep_s, self._sweep) if busy else None
 
     def _idle_conn(self) -> _Conn | None:
         """An idle kept-alive connection, without waiting (None when there is none)."""
@@ -375,6 +384,7 @@ class LeanPool:
                 return
 
     def put_back(self, conn: _Conn) -> None:
+        self._busy.discard(conn)
         transport = conn.transport
         if (
             self._closed
@@ -411,10 +421,10 @@ class LeanPool:
             if conn is None:
                 conn, reused = await self._acquire()
             conn.reset(head_only=method == "HEAD")
-            timer = self._loop.call_at(
-                self._loop.time() + self._timeout,
-                conn.timed_out,
-            )
+            conn.deadline = self._loop.time() + self._timeout
+            self._busy.add(conn)
+            if self._sweeper is None:
+                self._sweeper = self._loop.call_later(self._sweep_s, self._sweep)
             transport = conn.transport
             assert transport is not None  # noqa: S101 - just connected or checked
             try:
@@ -426,7 +436,6 @@ class LeanPool:
                 await conn.head()
                 status, reason, raw = conn.status()
             except UpstreamError as exc:
-                timer.cancel()
                 conn.keep_alive = False
                 self.put_back(conn)
                 if exc.kind == "closed" and reused and body is None and attempt == 0:
@@ -435,11 +444,10 @@ class LeanPool:
                     exc.kind = "protocol"
                 raise
             except BaseException:
-                timer.cancel()
                 conn.keep_alive = False
                 self.put_back(conn)
                 raise
-            return LeanResponse(self, conn, status, reason, raw, timer)
+            return LeanResponse(self, conn, status, reason, raw)
         msg = "unreachable"  # pragma: no cover
         raise AssertionError(msg)  # pragma: no cover
 

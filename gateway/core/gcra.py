@@ -27,7 +27,7 @@ advances the TAT by ``T``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ __all__ = ["EPSILON_S", "Decision", "Rate", "decide"]
 
 EPSILON_S = 1e-6
 _ULP = 2.0**-52  # relative spacing of doubles: |x| * _ULP bounds one rounding error
+_tuple_new = tuple.__new__  # a Decision without its keyword-argument __new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,11 @@ class Rate:
     requests: int
     period_s: float
     burst: int
+    # derived once (a rate is read on every request): T, tau, and the rounding allowance
+    emission_s: float = field(init=False, repr=False, compare=False)
+    tolerance_s: float = field(init=False, repr=False, compare=False)
+    _eps_s: float = field(init=False, repr=False, compare=False)
+    _eps_per_s: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.requests < 1:
@@ -54,16 +60,13 @@ class Rate:
             raise ValueError(f"period_s must be a positive number, got {self.period_s}")
         if self.burst < 1:
             raise ValueError(f"burst must be >= 1, got {self.burst}")
-
-    @property
-    def emission_s(self) -> float:
-        """Seconds between two requests at the sustained rate (``T``)."""
-        return self.period_s / self.requests
-
-    @property
-    def tolerance_s(self) -> float:
-        """How far ahead of ``now`` the TAT may run (``T * burst``)."""
-        return self.period_s * self.burst / self.requests
+        t = self.period_s / self.requests
+        setattr_ = object.__setattr__
+        setattr_(self, "emission_s", t)
+        setattr_(self, "tolerance_s", self.period_s * self.burst / self.requests)
+        # below half an emission interval, so the allowance never admits one more
+        setattr_(self, "_eps_s", min(EPSILON_S, t / 2))
+        setattr_(self, "_eps_per_s", self.burst * _ULP)
 
     @classmethod
     def from_policy(cls, policy: Policy) -> Rate:
@@ -87,19 +90,18 @@ def decide(tat: float | None, now: float, rate: Rate, cost: int = 1) -> tuple[De
     A ``cost`` above ``burst`` can never pass; its ``retry_after_s`` is then what it
     would be with a bucket deep enough to hold it.
     """
-    if cost < 1:
+    if cost != 1 and cost < 1:
         raise ValueError(f"cost must be >= 1, got {cost}")
-    t = rate.period_s / rate.requests
-    tau = t * rate.burst
-    base = now if tat is None or tat < now else tat
+    t = rate.emission_s
+    base = tat if tat is not None and tat > now else now
     new_tat = base + cost * t
     # How far the new TAT stays inside the tolerance; >= 0 means allowed.
-    slack = tau - (new_tat - now)
-    eps = EPSILON_S + rate.burst * abs(new_tat) * _ULP
+    slack = rate.tolerance_s - (new_tat - now)
+    eps = rate._eps_s + rate._eps_per_s * abs(new_tat)
     if slack >= -eps:
-        allowed = Decision(
-            allowed=True, remaining=int((slack + eps) / t), retry_after_s=0.0, reset_s=new_tat - now
-        )
-        return allowed, new_tat
-    refused = Decision(allowed=False, remaining=0, retry_after_s=-slack, reset_s=base - now)
+        remaining = int((slack + eps) / t)
+        most = rate.burst - cost  # a full bucket after this request
+        remaining = min(remaining, most)
+        return _tuple_new(Decision, (True, remaining, 0.0, new_tat - now)), new_tat
+    refused = _tuple_new(Decision, (False, 0, -slack, base - now))
     return refused, (now if tat is None else tat)

@@ -318,9 +318,12 @@ class ProxyHandler:
         rl_headers: list[tuple[str, str]] | None = None
         if route.policies and not ctx.exempt:
             ip = snap.ip_key(client, ctx.client_ip) if client is not None else "-"
-            checks = [
-                Check(p.name, p.rate, self._key(request, ip, p, route)) for p in route.policies
-            ]
+            if route.ip_keyed:
+                checks = [Check(p.name, p.rate, ip) for p in route.policies]
+            else:
+                checks = [
+                    Check(p.name, p.rate, self._key(request, ip, p, route)) for p in route.policies
+                ]
             decisions: Sequence[Decision] | None = rt.limiter.decide_local(checks)
             if decisions is None:  # the shared backend is asked (an await only then)
                 decisions = await self._decide(checks)
@@ -394,14 +397,16 @@ class ProxyHandler:
     ) -> list[tuple[str, str]] | None:
         """Count the decisions; raise the 429 or return the RateLimit headers to send."""
         rt = self.rt
-        violated: list[tuple[CompiledPolicy, Decision]] = []
-        tightest: tuple[CompiledPolicy, Decision] | None = None
+        violated: list[tuple[CompiledPolicy, Decision]] | None = None
+        tightest: CompiledPolicy | None = None
+        least = 0
         for pol, dec in zip(route.policies, decisions, strict=True):
-            counters = rt.rl_counters(pol.name)
             if dec.allowed:
-                counters[0].inc()
+                rt.rl_counters(pol.name)[0].inc()
+                if not pol.shadow and (tightest is None or dec.remaining < least):
+                    tightest, least, reset = pol, dec.remaining, dec.reset_s
             elif pol.shadow:
-                counters[2].inc()
+                rt.rl_counters(pol.name)[2].inc()
                 dropped = rt.shadow_log_budget.take(self._loop.time())
                 if dropped is not None:
                     rt.log.info(
@@ -413,13 +418,11 @@ class ProxyHandler:
                         retry_after_s=round(dec.retry_after_s, 3),
                         suppressed=dropped,
                     )
-                continue
             else:
-                counters[1].inc()
+                rt.rl_counters(pol.name)[1].inc()
+                if violated is None:
+                    violated = []
                 violated.append((pol, dec))
-                continue
-            if not pol.shadow and (tightest is None or dec.remaining < tightest[1].remaining):
-                tightest = (pol, dec)
         if violated:
             retry = max(d.retry_after_s for _, d in violated)
             dropped = rt.limited_log_budget.take(self._loop.time())
@@ -436,10 +439,9 @@ class ProxyHandler:
             raise _quota_reject(violated, retry)
         if tightest is None:
             return None
-        pol, dec = tightest
         return [
-            ("RateLimit-Policy", pol.policy_header),
-            ("RateLimit", f'"{pol.name}";r={dec.remaining};t={math.ceil(dec.reset_s)}'),
+            ("RateLimit-Policy", tightest.policy_header),
+            ("RateLimit", f'"{tightest.name}";r={least};t={math.ceil(reset)}'),
         ]
 
     # ------------------------------------------------------------------ upstream

@@ -62,6 +62,7 @@ class CompiledRoute:
     secret_header: str | None
     secret: bytes | None  # None with a secret_header: the env var is unset -> refuse all
     policies: tuple[CompiledPolicy, ...]
+    ip_keyed: bool  # every policy is keyed by the client address alone
 
     @classmethod
     def of(cls, r: Route, settings: Settings, policies: dict[str, CompiledPolicy]) -> CompiledRoute:
@@ -75,6 +76,7 @@ class CompiledRoute:
             secret_header=r.shared_secret.header if r.shared_secret else None,
             secret=settings.secrets.route_secrets.get(r.name),
             policies=tuple(policies[p] for p in r.rate_limits),
+            ip_keyed=all(policies[p].key == "ip" for p in r.rate_limits),
         )
 
 

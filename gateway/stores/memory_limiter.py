@@ -153,14 +153,25 @@ class MemoryLimiter(Limiter):
 
     def decide_local(self, checks: Sequence[Check]) -> list[Decision]:
         now = self._clock()
-        if len(checks) == 1:
-            return [self._decide(checks[0], now, commit=True)]
-        out = []
-        last: tuple[str, int | str] = ("", "")
+        tables = self._tables
+        out: list[Decision] = []
+        last_key = ""
+        key: int | str = ""
         for c in checks:  # policies keyed alike (two on the client address) share one key
-            if c.key != last[0]:
-                last = (c.key, compact_key(c.key))
-            out.append(self._decide(c, now, commit=True, key=last[1]))
+            if c.key != last_key or not out:
+                last_key = c.key
+                key = compact_key(last_key)
+            table = tables.get(c.policy)
+            if table is not None:
+                tats = table.tats
+                tat = tats.get(key)
+                if tat is not None:  # a known key: no insertion, no ghost
+                    decision, new_tat = decide(tat, now, c.rate)
+                    if decision.allowed:
+                        tats[key] = new_tat
+                    out.append(decision)
+                    continue
+            out.append(self._decide(c, now, commit=True, key=key))
         return out
 
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:

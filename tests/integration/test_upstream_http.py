@@ -154,6 +154,42 @@ async def test_timeout_and_refused_connection() -> None:
     assert info.value.sent is False
 
 
+async def test_deadline_covers_the_body_and_the_sweep_stops_when_idle() -> None:
+    loop = asyncio.get_running_loop()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            head = await _read_head(r)
+            if b"GET /stall" in head:
+                # the head and part of the body, then nothing
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+                await w.drain()
+                await asyncio.sleep(5)
+            w.write(OK)
+            await w.drain()
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port, timeout_s=0.3)
+    try:
+        assert await _fetch(pool) == b"ok"
+        resp = await pool.request("GET", "/stall", [("Host", "x")], None, chunked=False)
+        t0 = loop.time()
+        with pytest.raises(UpstreamError) as info:
+            await _body(resp.iter_body())
+        waited = loop.time() - t0
+        resp.release()
+        assert info.value.kind == "timeout"
+        # the deadline is checked every 0.03 s (a tenth of the timeout)
+        assert 0.2 < waited < 0.6, waited
+        # a fresh connection serves the next request; with none in progress the sweep stops
+        assert await _fetch(pool) == b"ok"
+        await asyncio.sleep(0.1)
+        assert pool._sweeper is None
+    finally:
+        await pool.close()
+        server.close()
+
+
 async def test_chunked_request_body_is_encoded() -> None:
     got = asyncio.get_running_loop().create_future()
 

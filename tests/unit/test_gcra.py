@@ -35,7 +35,17 @@ def run(rate: Rate, times: list[float], tat: float | None = None) -> list[Decisi
 
 @pytest.mark.parametrize(
     ("requests", "period_s", "burst"),
-    [(1, 1.0, 1), (20, 1.0, 40), (100, 1.0, 200), (5000, 3600.0, 5000), (3, 1.0, 7), (7, 0.2, 2)],
+    [
+        (1, 1.0, 1),
+        (20, 1.0, 40),
+        (100, 1.0, 200),
+        (5000, 3600.0, 5000),
+        (3, 1.0, 7),
+        (7, 0.2, 2),
+        # emission intervals below the 1 us rounding allowance: it must not add requests
+        (10_000_000, 1.0, 1000),
+        (2_000_000, 1.0, 5),
+    ],
 )
 def test_fresh_key_gets_exactly_burst_at_once(requests: int, period_s: float, burst: int) -> None:
     rate = Rate(requests, period_s, burst)
@@ -44,8 +54,9 @@ def test_fresh_key_gets_exactly_burst_at_once(requests: int, period_s: float, bu
     assert [d.remaining for d in decisions[:burst]] == list(range(burst - 1, -1, -1))
     refused = decisions[burst]
     assert refused.remaining == 0
-    assert refused.retry_after_s == pytest.approx(period_s / requests)
-    assert refused.reset_s == pytest.approx(period_s * burst / requests)
+    # (sums of a sub-microsecond T at T0 = 1000 s carry float rounding)
+    assert refused.retry_after_s == pytest.approx(period_s / requests, rel=1e-3)
+    assert refused.reset_s == pytest.approx(period_s * burst / requests, rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -238,6 +249,16 @@ def test_from_policy(policy: Policy, expected: Rate) -> None:
     rate = Rate.from_policy(policy)
     assert rate == expected
     assert isinstance(rate.period_s, float)
+
+
+def test_remaining_never_exceeds_the_bucket_at_extreme_rates() -> None:
+    # 10 M/s with a 10 M burst: T is 0.1 us, far below the rounding allowance
+    rate = Rate(10_000_000, 1.0, 10_000_000)
+    d, tat = decide(None, 1.7e6, rate)
+    assert d.remaining == 10_000_000 - 1
+    d, _ = decide(tat, 1.7e6 + 1e-6, rate)
+    assert d.allowed
+    assert d.remaining <= 10_000_000 - 1
 
 
 def test_rate_properties() -> None:
