@@ -822,20 +822,22 @@ class HttpServer:
 
     def render_head(self, req: Request, resp: Response, body_len: int | None) -> bytes:
         """The status line and header block of ``resp`` with the gateway's headers."""
-        headers = resp.headers
         rh = req.response_headers
-        extra = req.extra_headers
         if rh is not None:
-            rh.apply_list(headers, req.rid, secure=req.https, extra=extra, skip=resp.skip)
+            block, has_date = rh.render(
+                resp.headers, req.rid, secure=req.https, extra=req.extra_headers, skip=resp.skip
+            )
         else:
+            headers = resp.headers
             if resp.skip is not None:
                 headers = [h for h in headers if h[0].lower() not in resp.skip]
-            if extra:
-                headers.extend(extra)
-        block = "".join([f"{name}: {value}\r\n" for name, value in headers])
+            if req.extra_headers:
+                headers = [*headers, *req.extra_headers]
+            block = "".join([f"{name}: {value}\r\n" for name, value in headers])
+            low = block.lower()
+            has_date = low.startswith("date:") or "\ndate:" in low
         parts = [status_line(resp.status, resp.reason), block.encode("latin-1", "replace")]
-        low = block.lower()
-        if not low.startswith("date:") and "\ndate:" not in low:
+        if not has_date:
             parts.append(self.date)
         if body_len is not None:
             parts.append(b"Content-Length: %d\r\n" % body_len)

@@ -318,15 +318,18 @@ class ProxyHandler:
         rl_headers: list[tuple[str, str]] | None = None
         if route.policies and not ctx.exempt:
             ip = snap.ip_key(client, ctx.client_ip) if client is not None else "-"
-            if route.ip_keyed:
-                checks = [Check(p.name, p.rate, ip) for p in route.policies]
+            decisions: Sequence[Decision] | None
+            if route.ip_keyed:  # the common case: no Check objects unless Redis is asked
+                decisions = rt.limiter.decide_key(route.rates, ip)
+                if decisions is None:  # the shared backend is asked (an await only then)
+                    decisions = await self._decide([Check(n, r, ip) for n, r in route.rates])
             else:
                 checks = [
                     Check(p.name, p.rate, self._key(request, ip, p, route)) for p in route.policies
                 ]
-            decisions: Sequence[Decision] | None = rt.limiter.decide_local(checks)
-            if decisions is None:  # the shared backend is asked (an await only then)
-                decisions = await self._decide(checks)
+                decisions = rt.limiter.decide_local(checks)
+                if decisions is None:
+                    decisions = await self._decide(checks)
             rl_headers = self._rate_limit(ctx, route, decisions)
 
         clen = request.content_length

@@ -25,13 +25,17 @@ class ResponseHeaders:
     """Applied to every response, streamed and error ones included."""
 
     __slots__ = (
+        "_block",
+        "_block_hsts",
         "_drops",
+        "_drops_rid",
         "_hsts",
         "_override",
         "_rid_header",
         "_rid_lower",
         "_set",
         "_set_lower",
+        "_set_names",
     )
 
     def __init__(self, cfg: Config) -> None:
@@ -51,6 +55,14 @@ class ResponseHeaders:
             self._hsts = None
         self._override = sh.override
         self._set_lower = tuple((n.lower(), (n, v)) for n, v in self._set)
+        # the gateway's fields an upstream may send itself (then, without override, it wins)
+        self._set_names = frozenset(low for low, _ in self._set_lower) | {
+            "strict-transport-security"
+        }
+        # the fields the gateway sets, as header lines: added whole when none is present
+        self._block = "".join(f"{n}: {v}\r\n" for n, v in self._set)
+        hsts_line = f"Strict-Transport-Security: {self._hsts}\r\n" if self._hsts else ""
+        self._block_hsts = self._block + hsts_line
         # names dropped before the gateway's own are added (lower-case)
         drop = {n.lower() for n in remove}
         if self._override:
@@ -69,6 +81,39 @@ class ResponseHeaders:
                     if skip is not None:
                         names |= skip
                     self._drops[skip, hsts_on, extra_on] = frozenset(names)
+        # the same with the request id field, which the gateway always sets itself
+        self._drops_rid = {k: v | {self._rid_lower} for k, v in self._drops.items()}
+
+    def render(
+        self,
+        headers: list[tuple[str, str]],
+        rid: str | None,
+        *,
+        secure: bool,
+        extra: list[tuple[str, str]] | None = None,
+        skip: frozenset[str] | None = None,
+    ) -> tuple[str, bool]:
+        """What :meth:`apply_list` makes of ``headers``, as header lines (CRLF after each),
+        and whether a Date field is among them; the list itself is left as it is."""
+        drops = self._drops_rid if rid is not None else self._drops
+        drop = drops[skip, secure, bool(extra)]
+        lows = [h[0].lower() for h in headers]
+        lines = [
+            f"{h[0]}: {h[1]}\r\n" for h, low in zip(headers, lows, strict=True) if low not in drop
+        ]
+        hsts = secure and self._hsts is not None
+        if self._override or self._set_names.isdisjoint(lows):
+            lines.append(self._block_hsts if hsts else self._block)
+        else:  # the upstream's own values win: add only what it did not send
+            present = self._set_names.intersection(lows).difference(drop)
+            lines.extend([f"{n}: {v}\r\n" for low, (n, v) in self._set_lower if low not in present])
+            if hsts and "strict-transport-security" not in present:
+                lines.append(f"Strict-Transport-Security: {self._hsts}\r\n")
+        if rid is not None:
+            lines.append(f"{self._rid_header}: {rid}\r\n")
+        if extra:
+            lines.extend([f"{n}: {v}\r\n" for n, v in extra])
+        return "".join(lines), "date" in lows and "date" not in drop
 
     def apply_list(
         self,

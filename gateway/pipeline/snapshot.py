@@ -63,6 +63,7 @@ class CompiledRoute:
     secret: bytes | None  # None with a secret_header: the env var is unset -> refuse all
     policies: tuple[CompiledPolicy, ...]
     ip_keyed: bool  # every policy is keyed by the client address alone
+    rates: tuple[tuple[str, Rate], ...]  # (name, rate) of each policy
 
     @classmethod
     def of(cls, r: Route, settings: Settings, policies: dict[str, CompiledPolicy]) -> CompiledRoute:
@@ -77,6 +78,7 @@ class CompiledRoute:
             secret=settings.secrets.route_secrets.get(r.name),
             policies=tuple(policies[p] for p in r.rate_limits),
             ip_keyed=all(policies[p].key == "ip" for p in r.rate_limits),
+            rates=tuple((p, policies[p].rate) for p in r.rate_limits),
         )
 
 

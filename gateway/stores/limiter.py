@@ -71,6 +71,10 @@ class Limiter(ABC):
         ``None`` means the caller must ``await decide(checks)``.
         """
 
+    def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision] | None:
+        """:meth:`decide_local` for policies (name, rate) that all apply to one key."""
+        return self.decide_local([Check(name, rate, key) for name, rate in policies])
+
     @abstractmethod
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
         """Decide every check, consuming budget for the allowed ones."""

@@ -153,7 +153,6 @@ class MemoryLimiter(Limiter):
 
     def decide_local(self, checks: Sequence[Check]) -> list[Decision]:
         now = self._clock()
-        tables = self._tables
         out: list[Decision] = []
         last_key = ""
         key: int | str = ""
@@ -161,18 +160,28 @@ class MemoryLimiter(Limiter):
             if c.key != last_key or not out:
                 last_key = c.key
                 key = compact_key(last_key)
-            table = tables.get(c.policy)
-            if table is not None:
-                tats = table.tats
-                tat = tats.get(key)
-                if tat is not None:  # a known key: no insertion, no ghost
-                    decision, new_tat = decide(tat, now, c.rate)
-                    if decision.allowed:
-                        tats[key] = new_tat
-                    out.append(decision)
-                    continue
-            out.append(self._decide(c, now, commit=True, key=key))
+            out.append(self._commit(c.policy, c.rate, c.key, key, now))
         return out
+
+    def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision]:
+        now = self._clock()
+        compact = compact_key(key)
+        return [self._commit(name, rate, key, compact, now) for name, rate in policies]
+
+    def _commit(
+        self, policy: str, rate: Rate, key: str, compact: int | str, now: float
+    ) -> Decision:
+        """Decide and consume one request of ``key`` (``compact`` is its compact form)."""
+        table = self._tables.get(policy)
+        if table is not None:
+            tats = table.tats
+            tat = tats.get(compact)
+            if tat is not None:  # a known key: no insertion, no ghost
+                decision, new_tat = decide(tat, now, rate)
+                if decision.allowed:
+                    tats[compact] = new_tat
+                return decision
+        return self._decide(Check(policy, rate, key), now, commit=True, key=compact)
 
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
         return self.decide_local(checks)

@@ -260,6 +260,11 @@ class RedisLimiter(Limiter):
         """Live replicas last seen in Redis (at least 1)."""
         return self._replicas
 
+    def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision] | None:
+        if not (self._open_until or self._blocked):
+            return None  # Redis decides: no Check objects made twice
+        return super().decide_key(policies, key)
+
     def decide_local(self, checks: Sequence[Check]) -> list[Decision] | None:
         if not (self._open_until or self._blocked):
             return None

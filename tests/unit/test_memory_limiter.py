@@ -266,3 +266,22 @@ async def test_background_sweep_reclaims_idle_keys() -> None:
 def test_invalid_max_keys() -> None:
     with pytest.raises(ValueError, match="max_keys"):
         MemoryLimiter({}, max_keys=0)
+
+
+@pytest.mark.parametrize("key", ["203.0.113.7", "2001:db8::/64", "h:some-api-key"])
+def test_decide_key_answers_and_consumes_as_decide_local(key: str) -> None:
+    clock = FakeClock()
+    policies = (("burst", Rate(10, 1.0, 3)), ("hourly", Rate(5, 3600.0, 5)))
+    by_key = MemoryLimiter(dict(policies), clock=clock)
+    by_checks = MemoryLimiter(dict(policies), clock=clock)
+    seen = []
+    for step in range(12):
+        clock.t += 0.05 * (step % 3)
+        got = by_key.decide_key(policies, key)
+        assert got == by_checks.decide_local([Check(n, r, key) for n, r in policies])
+        seen.append(tuple(d.allowed for d in got))
+    # both budgets were used up at some point: the comparison covered refusals too
+    assert seen[0] == (True, True)
+    assert (True, False) in seen
+    assert sum(hourly for _, hourly in seen) == 5
+    assert by_key.key_count == by_checks.key_count == 2
