@@ -163,6 +163,28 @@ class Body:
         return data
 
 
+class _NoBody:
+    """The body of a request that announced none (most of them): nothing to read or hold."""
+
+    __slots__ = ()
+    complete = True
+
+    def feed(self, data: bytes) -> None:
+        pass  # the parser gives no body to a request without a length or chunking
+
+    def feed_eof(self) -> None:
+        pass
+
+    def feed_error(self, exc: BaseException) -> None:
+        pass
+
+    async def readany(self) -> bytes:
+        return b""
+
+
+NO_BODY = _NoBody()
+
+
 class Request:
     """One request on the proxy port, with the gateway's per-request state."""
 
@@ -205,7 +227,6 @@ class Request:
         self.headers = headers
         self.header_bytes = header_bytes
         self.keep_alive = keep_alive
-        self.content = Body(protocol)
         if target[:1] == "/":
             path = target.partition("?")[0]
             if "%" in path:
@@ -220,6 +241,7 @@ class Request:
         self.content_length = int(cl) if cl is not None else None
         te = headers.get("Transfer-Encoding")
         self.body_exists = bool(self.content_length) or te is not None
+        self.content: Body | _NoBody = Body(protocol) if self.body_exists else NO_BODY
         self.rid: str | None = None
         self.response_headers: ResponseHeaders | None = None
         self.https = False

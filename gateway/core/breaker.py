@@ -51,7 +51,16 @@ class RollingCounts:
     ``window_s * (buckets - 1) / buckets`` and ``window_s`` seconds of history.
     """
 
-    __slots__ = ("_epoch", "_marked", "_marked_sum", "_total", "_total_sum", "_width")
+    __slots__ = (
+        "_epoch",
+        "_index",
+        "_marked",
+        "_marked_sum",
+        "_next_at",
+        "_total",
+        "_total_sum",
+        "_width",
+    )
 
     def __init__(self, window_s: float, buckets: int = BUCKETS) -> None:
         if window_s <= 0 or buckets < 1:
@@ -62,6 +71,10 @@ class RollingCounts:
         self._total_sum = 0
         self._marked_sum = 0
         self._epoch: int | None = None
+        # the current slot, and the instant the next one starts: adding within a slot is
+        # an index, not a division (the slot's math is done once per slot)
+        self._index = 0
+        self._next_at = -math.inf
 
     def reset(self) -> None:
         n = len(self._total)
@@ -70,12 +83,13 @@ class RollingCounts:
         self._total_sum = 0
         self._marked_sum = 0
         self._epoch = None
+        self._next_at = -math.inf
 
     def _advance(self, now: float) -> int:
         epoch = math.floor(now / self._width)
         last = self._epoch
         if last is None:
-            self._epoch = epoch
+            self._set_epoch(epoch)
             return epoch
         if epoch <= last:  # same bucket, or a clock that went back: stay in the newest one
             return last
@@ -89,11 +103,17 @@ class RollingCounts:
                 self._marked_sum -= self._marked[i]
                 self._total[i] = 0
                 self._marked[i] = 0
-        self._epoch = epoch
+        self._set_epoch(epoch)
         return epoch
 
+    def _set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+        self._index = epoch % len(self._total)
+        self._next_at = (epoch + 1) * self._width
+
     def add(self, now: float, total: int = 1, marked: int = 0) -> None:
-        i = self._advance(now) % len(self._total)
+        # before the next slot starts: the current one (a clock that went back stays there)
+        i = self._index if now < self._next_at else self._advance(now) % len(self._total)
         self._total[i] += total
         self._marked[i] += marked
         self._total_sum += total

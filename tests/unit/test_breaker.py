@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.config import CircuitBreaker
 from gateway.core.breaker import Breaker, RollingCounts, State
@@ -353,3 +356,45 @@ def test_rolling_counts(
 def test_rolling_counts_rejects_bad_window() -> None:
     with pytest.raises(ValueError, match="window_s"):
         RollingCounts(0)
+
+
+def _reference_sums(ops: list[tuple[str, float, int, int]], width: float, n: int) -> list[object]:
+    """RollingCounts' rules, the slow way: every add kept with its slot."""
+    kept: list[tuple[int, int, int]] = []
+    last: int | None = None
+    out: list[object] = []
+    for op, t, total, marked in ops:
+        slot = math.floor(t / width)
+        last = slot if last is None else max(slot, last)  # a clock going back: newest slot
+        if op == "add":
+            kept.append((last, total, marked))
+        else:
+            live = [(tt, mm) for s, tt, mm in kept if s > last - n]
+            out.append((sum(x for x, _ in live), sum(y for _, y in live)))
+    return out
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "add", "add", "sums"]),
+            st.floats(min_value=-0.5, max_value=3.0),  # steps, some of them backwards
+            st.integers(0, 3),
+            st.integers(0, 3),
+        ),
+        max_size=60,
+    )
+)
+def test_rolling_counts_matches_a_reference(steps: list[tuple[str, float, int, int]]) -> None:
+    counts = RollingCounts(10, buckets=5)
+    t = 100.0
+    ops = []
+    got: list[object] = []
+    for op, step, total, marked in steps:
+        t += step
+        ops.append((op, t, total, marked))
+        if op == "add":
+            counts.add(t, total, marked)
+        else:
+            got.append(counts.sums(t))
+    assert got == _reference_sums(ops, 2.0, 5)
