@@ -91,7 +91,7 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         fields["event"] = "access"
         fields["level"] = "info"
-        fields["ts"] = f"{self._stamp}.{int((now - sec) * 1e6):06d}Z"
+        fields["ts"] = "%s.%06dZ" % (self._stamp, (now - sec) * 1e6)  # noqa: UP031 - faster
         buf = self._buf
         buf += orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE)
         if len(buf) > self.LIMIT:

@@ -59,15 +59,12 @@ def filter_headers(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     drop: frozenset[str],
 ) -> list[tuple[str, str]]:
-    """``headers`` without hop-by-hop ones and those in ``drop`` (lower-case)."""
+    """``headers`` without those in ``drop`` (lower-case; it includes :data:`HOP_BY_HOP`)
+    and those the ``Connection`` field names."""
     listed = connection_tokens(headers)
     if listed:
         drop = drop | listed
-    return [
-        (name, value)
-        for name, value in headers.items()
-        if (low := name.lower()) not in HOP_BY_HOP and low not in drop
-    ]
+    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
 
 
 def filter_header_list(

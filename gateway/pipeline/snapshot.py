@@ -16,7 +16,7 @@ from gateway.core.abuse import PathMatcher
 from gateway.core.gcra import Rate
 from gateway.pipeline.client_ip import IPAddress, Networks
 from gateway.pipeline.headers import ResponseHeaders
-from gateway.proxy import DROP_UPSTREAM
+from gateway.proxy import DROP_UPSTREAM, HOP_BY_HOP
 
 if TYPE_CHECKING:
     from gateway.config import Policy, Route, Settings
@@ -125,7 +125,8 @@ class Snapshot:
         self.response_headers = ResponseHeaders(cfg)
         self.rid_header = cfg.request.request_id_header
         # request fields not sent upstream (the request id is set anew)
-        self.drop_upstream = DROP_UPSTREAM | {self.rid_header.lower()}
+        # the request fields not passed upstream as they are, hop-by-hop ones included
+        self.drop_upstream = DROP_UPSTREAM | HOP_BY_HOP | {self.rid_header.lower()}
         self.max_body_bytes = cfg.request.max_body_bytes
         self.max_header_bytes = cfg.request.max_header_bytes
         self.client_timeout_s = cfg.request.client_timeout_s
