@@ -34,6 +34,7 @@ __all__ = [
     "Check",
     "Clock",
     "Limiter",
+    "NoRedisLimiter",
     "bounded_key",
     "make_limiter",
     "rates_from_config",
@@ -137,12 +138,14 @@ def make_limiter(
     if cfg.backend == "memory":
         return MemoryLimiter(rates, max_keys=cfg.max_keys, clock=clock)
 
+    if redis is None and not redis_url:
+        # the config loader warned about the unset variable: on_backend_error applies
+        return NoRedisLimiter(
+            rates, metrics=metrics, on_backend_error=cfg.on_backend_error, max_keys=cfg.max_keys
+        )
+
     from gateway.stores.redis_limiter import RedisLimiter  # noqa: PLC0415
 
-    if redis is None and not redis_url:
-        raise ValueError(
-            f"rate_limit.backend is redis but no Redis URL is set (${cfg.redis_url_env})"
-        )
     return RedisLimiter(
         rates,
         redis_url=redis_url,
@@ -153,3 +156,61 @@ def make_limiter(
         clock=clock,
         key_prefix=key_prefix,
     )
+
+
+class NoRedisLimiter(Limiter):
+    """The redis backend with no Redis URL set: every decision is a backend error.
+
+    What follows is ``on_backend_error``: ``deny`` refuses (503), ``allow`` lets all
+    through, ``local`` applies the limits in this process alone.
+    """
+
+    RETRY_AFTER_S = 2.0
+
+    def __init__(
+        self,
+        rates: Mapping[str, Rate],
+        *,
+        metrics: Metrics,
+        on_backend_error: str,
+        max_keys: int = 1_000_000,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        from gateway.stores.memory_limiter import MemoryLimiter  # noqa: PLC0415
+
+        self._metrics = metrics
+        self._deny = on_backend_error == "deny"
+        self._local = (
+            MemoryLimiter(rates, max_keys=max_keys, clock=clock)
+            if on_backend_error == "local"
+            else None
+        )
+
+    def _answer(self, checks: Sequence[Check], *, commit: bool) -> list[Decision]:
+        self._metrics.ratelimit_backend_errors.inc(len(checks))
+        if self._deny:
+            raise BackendUnavailable(self.RETRY_AFTER_S)
+        if self._local is not None:
+            local = self._local
+            return local.decide_local(checks) if commit else local.peek_local(checks)
+        return [
+            Decision(allowed=True, remaining=r.burst - 1, retry_after_s=0.0, reset_s=r.emission_s)
+            for r in (c.rate for c in checks)
+        ]
+
+    def decide_local(self, checks: Sequence[Check]) -> list[Decision] | None:
+        return None if self._deny else self._answer(checks, commit=True)
+
+    async def decide(self, checks: Sequence[Check]) -> list[Decision]:
+        return self._answer(checks, commit=True)
+
+    async def peek(self, checks: Sequence[Check]) -> list[Decision]:
+        return self._answer(checks, commit=False)
+
+    def reconfigure(self, rates: Mapping[str, Rate]) -> None:
+        if self._local is not None:
+            self._local.reconfigure(rates)
+
+    @property
+    def backend_ok(self) -> bool:
+        return False
