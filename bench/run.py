@@ -794,8 +794,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=50, help="wrk connections when saturating")
     p.add_argument(
         "--redis-url",
-        default=os.environ.get("GATEWAY_REDIS_URL", DEFAULT_REDIS_URL),
-        help=f"Redis for the gw-redis variant (default $GATEWAY_REDIS_URL or {DEFAULT_REDIS_URL})",
+        default=os.environ.get("GATEWAY_REDIS_URL"),
+        help="an existing Redis for the gw-redis variant (default $GATEWAY_REDIS_URL; when"
+        " neither is set, a private redis-server pinned to the load CPU, else"
+        f" {DEFAULT_REDIS_URL})",
     )
     p.add_argument("--skip-redis", action="store_true", help="leave out the redis variant")
     p.add_argument("--no-install", action="store_true", help="never run apt-get")
@@ -825,6 +827,25 @@ def redis_reachable(url: str) -> bool:
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def start_redis(children: Children, *, cpu: int) -> tuple[str, Proc | None]:
+    """A private redis-server on the load CPU (like the upstream), or the default URL."""
+    server = _which("redis-server")
+    if server is None:
+        return DEFAULT_REDIS_URL, None
+    port = free_port()
+    argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+            "no", "--daemonize", "no"]  # fmt: skip
+    proc = children.spawn("redis", argv, cpu=cpu, port=port)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 5
+    while not redis_reachable(url):
+        if time.monotonic() > deadline or not proc.alive():
+            children.stop(proc)
+            return DEFAULT_REDIS_URL, None
+        time.sleep(0.05)
+    return url, proc
 
 
 def redis_server_pid(url: str) -> int | None:
@@ -892,6 +913,8 @@ def start_targets(
     proc = spawn_gateway(children, "gw-memory", cfg, port=port, cpu=proxy_cpu, redis_url=None)
     targets.append(Target("gw-memory", "the gateway, full pipeline, memory backend", proc, admin))
 
+    if not args.skip_redis and args.redis_url is None:
+        args.redis_url, args.redis_proc = start_redis(children, cpu=cpus()[0])
     if args.skip_redis:
         extra.notes.append("gw-redis skipped (--skip-redis)")
     elif not redis_reachable(args.redis_url):
@@ -928,7 +951,8 @@ def measure(
         wrk.run(t.url, args.connections, args.warmup)
 
     red = next((t for t in targets if t.key == "gw-redis"), None)
-    redis_pid = redis_server_pid(args.redis_url) if red is not None else None
+    private = getattr(args, "redis_proc", None)
+    redis_pid = (private.pid if private else redis_server_pid(args.redis_url)) if red else None
     redis_cpu, redis_reqs = 0.0, 0
     print(
         f"saturating rounds: {args.rounds} x {len(targets)} targets x {args.duration:.0f} s, "
@@ -949,7 +973,8 @@ def measure(
             )
     if redis_pid and redis_reqs:
         extra.notes.append(
-            f"redis-server (pid {redis_pid}, not pinned) used "
+            f"redis-server (pid {redis_pid}, "
+            f"{'private, on the load CPU' if private else 'not pinned'}) used "
             f"{redis_cpu / redis_reqs * 1e6:.1f} µs CPU per gw-redis request, "
             "on top of the gateway's own (not in the table)"
         )

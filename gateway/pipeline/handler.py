@@ -319,17 +319,27 @@ class ProxyHandler:
         if route.policies and not ctx.exempt:
             ip = snap.ip_key(client, ctx.client_ip) if client is not None else "-"
             decisions: Sequence[Decision] | None
-            if route.ip_keyed:  # the common case: no Check objects unless Redis is asked
-                decisions = rt.limiter.decide_key(route.rates, ip)
-                if decisions is None:  # the shared backend is asked (an await only then)
-                    decisions = await self._decide([Check(n, r, ip) for n, r in route.rates])
-            else:
-                checks = [
-                    Check(p.name, p.rate, self._key(request, ip, p, route)) for p in route.policies
-                ]
-                decisions = rt.limiter.decide_local(checks)
-                if decisions is None:
-                    decisions = await self._decide(checks)
+            limiter = rt.limiter
+            try:
+                if route.ip_keyed:  # the common case: no Check objects unless Redis is asked
+                    decisions = limiter.decide_key(route.rates, ip)
+                    if decisions is None:  # the shared backend is asked (an await only then)
+                        decisions = await limiter.decide([Check(n, r, ip) for n, r in route.rates])
+                else:
+                    checks = [
+                        Check(p.name, p.rate, self._key(request, ip, p, route))
+                        for p in route.policies
+                    ]
+                    decisions = limiter.decide_local(checks)
+                    if decisions is None:
+                        decisions = await limiter.decide(checks)
+            except BackendUnavailable as exc:
+                raise Reject(
+                    503,
+                    "the rate-limit backend is unavailable",
+                    headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+                    type_=problem.problem_type("ratelimit-unavailable"),
+                ) from None
             rl_headers = self._rate_limit(ctx, route, decisions)
 
         clen = request.content_length
@@ -383,17 +393,6 @@ class ProxyHandler:
         if value:
             return "h:" + value[:256]
         return ip
-
-    async def _decide(self, checks: list[Check]) -> Sequence[Decision]:
-        try:
-            return await self.rt.limiter.decide(checks)
-        except BackendUnavailable as exc:
-            raise Reject(
-                503,
-                "the rate-limit backend is unavailable",
-                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
-                type_=problem.problem_type("ratelimit-unavailable"),
-            ) from None
 
     def _rate_limit(
         self, ctx: Ctx, route: CompiledRoute, decisions: Sequence[Decision]

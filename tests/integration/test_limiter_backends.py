@@ -27,7 +27,13 @@ from structlog.testing import capture_logs
 from gateway.config import RateLimit
 from gateway.core.gcra import Decision, Rate
 from gateway.metrics import Metrics
-from gateway.stores.limiter import BackendUnavailable, Check, Limiter, make_limiter
+from gateway.stores.limiter import (
+    BackendUnavailable,
+    Check,
+    Limiter,
+    NoRedisLimiter,
+    make_limiter,
+)
 from gateway.stores.memory_limiter import MemoryLimiter
 from gateway.stores.redis_client import is_cluster_url, make_redis, redact_url
 from gateway.stores.redis_limiter import RedisLimiter
@@ -773,5 +779,7 @@ async def test_factory_builds_each_backend(redis_url: str) -> None:
         assert await client.ping()  # a client passed in is not closed by the limiter
     finally:
         await client.aclose()
-    with pytest.raises(ValueError, match="GATEWAY_REDIS_URL"):
-        make_limiter(RateLimit(backend="redis"), None, metrics=metrics)
+    # no URL: the config loader warned; every decision is a backend error
+    unset = make_limiter(RateLimit(backend="redis"), None, metrics=metrics)
+    assert isinstance(unset, NoRedisLimiter)
+    assert not unset.backend_ok
