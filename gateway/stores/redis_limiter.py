@@ -99,6 +99,7 @@ from gateway.tasks import stop_task
 __all__ = ["RedisLimiter", "load_script"]
 
 OnBackendError = Literal["local", "allow", "deny"]
+_tuple_new = tuple.__new__
 
 
 def load_script(name: str) -> str:
@@ -497,14 +498,14 @@ class RedisLimiter(Limiter):
             sent_at = batch.sent_at
             it = iter(reply)
             for allowed, remaining, retry_us, reset_us in zip(it, it, it, it, strict=True):
-                if allowed:
-                    append(Decision(True, remaining, 0.0, reset_us / 1e6))  # noqa: FBT003
+                if allowed:  # a Decision without its keyword-argument __new__
+                    append(_tuple_new(Decision, (True, remaining, 0.0, reset_us / 1e6)))
                     continue
                 retry, reset = retry_us / 1e6, reset_us / 1e6
                 if len(blocked) >= self._blocked_cap:
                     blocked.clear()  # O(n) once per cap insertions: amortised O(1)
                 blocked[keys[len(decisions)]] = (sent_at + retry, sent_at + reset)
-                append(Decision(False, 0, retry, reset))  # noqa: FBT003
+                append(_tuple_new(Decision, (False, 0, retry, reset)))
             for future in batch.futures:
                 if not future.done():
                     future.set_result(decisions)
