@@ -312,10 +312,14 @@ class RedisLimiter(Limiter):
         if cached is None:
             batch.checks += checks
             add_key, add_pk = batch.keys.append, batch.pks.append
+            last, raw = None, b""
             for check in checks:
                 pk = self._policy(check)
                 add_pk(pk)
-                add_key(pk.head + bounded_key(check.key).encode("utf-8", "surrogatepass") + pk.tail)
+                if check.key is not last:  # policies on the client address share its key
+                    last = check.key
+                    raw = bounded_key(last).encode("utf-8", "surrogatepass")
+                add_key(pk.head + raw + pk.tail)
         else:
             assert keys is not None  # noqa: S101 - computed with cached
             for check, key, decision in zip(checks, keys, cached, strict=True):
