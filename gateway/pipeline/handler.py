@@ -324,7 +324,7 @@ class ProxyHandler:
                 if route.ip_keyed:  # the common case: no Check objects unless Redis is asked
                     decisions = limiter.decide_key(route.rates, ip)
                     if decisions is None:  # the shared backend is asked (an await only then)
-                        decisions = await limiter.decide([Check(n, r, ip) for n, r in route.rates])
+                        decisions = await limiter.submit([Check(n, r, ip) for n, r in route.rates])
                 else:
                     checks = [
                         Check(p.name, p.rate, self._key(request, ip, p, route))
@@ -332,7 +332,7 @@ class ProxyHandler:
                     ]
                     decisions = limiter.decide_local(checks)
                     if decisions is None:
-                        decisions = await limiter.decide(checks)
+                        decisions = await limiter.submit(checks)
             except BackendUnavailable as exc:
                 raise Reject(
                     503,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NamedTuple
 
 from gateway.config import RateLimit
@@ -79,6 +79,10 @@ class Limiter(ABC):
     @abstractmethod
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
         """Decide every check, consuming budget for the allowed ones."""
+
+    def submit(self, checks: Sequence[Check]) -> Awaitable[list[Decision]]:
+        """:meth:`decide` as something to await (a shared backend gives its future)."""
+        return self.decide(checks)
 
     @abstractmethod
     async def peek(self, checks: Sequence[Check]) -> list[Decision]:

@@ -71,9 +71,9 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
@@ -119,19 +119,31 @@ class _PolicyKeys:
         self.rate_args = bulk_string(params[0]) + bulk_string(params[1])
 
 
+class _Part(NamedTuple):
+    """One decide() call in a batch: its checks are ``size`` from ``start`` on."""
+
+    future: asyncio.Future[list[Decision]]
+    start: int
+    size: int
+    cached: list[Decision | None] | None  # answers known locally, None where Redis answers
+
+    def answer(self, decisions: list[Decision]) -> list[Decision]:
+        """This call's decisions out of the batch's."""
+        if self.cached is None:
+            return decisions[self.start : self.start + self.size]
+        answers = iter(decisions[self.start :])
+        return [d if d is not None else next(answers) for d in self.cached]
+
+
 class _Batch(Waiter):
-    """Checks of one loop turn sharing a round trip; one future per decide() call.
+    """Checks of one loop turn sharing a round trip; one future per decide() call."""
 
-    Each call takes the slice of the batch's decisions starting where its checks were
-    added (the future's result is the whole batch's list).
-    """
-
-    __slots__ = ("checks", "futures", "keys", "limiter", "payload", "pks", "retried", "sent_at")
+    __slots__ = ("checks", "keys", "limiter", "parts", "payload", "pks", "retried", "sent_at")
 
     def __init__(self, limiter: RedisLimiter, deadline: float) -> None:
         self.deadline = deadline  # loop time: first queued + timeout_s
         self.limiter = limiter
-        self.futures: list[asyncio.Future[list[Decision]]] = []
+        self.parts: list[_Part] = []
         self.checks: list[Check] = []
         self.keys: list[bytes] = []
         self.pks: list[_PolicyKeys] = []
@@ -141,6 +153,15 @@ class _Batch(Waiter):
 
     def resolve(self, reply: Any) -> None:
         self.limiter._on_reply(self, reply)
+
+    def settle(self, decisions: list[Decision]) -> None:
+        for part in self.parts:
+            if not part.future.done():
+                part.future.set_result(part.answer(decisions))
+
+    def cancel(self) -> None:
+        for part in self.parts:
+            part.future.cancel()
 
 
 class _Discard(Waiter):
@@ -285,23 +306,31 @@ class RedisLimiter(Limiter):
         return out
 
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
+        return await self.submit(checks)
+
+    def submit(self, checks: Sequence[Check]) -> Awaitable[list[Decision]]:
+        """The decisions as a future: the caller awaits it, no coroutine in between."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Decision]] = loop.create_future()
         if not checks:
-            return []
+            future.set_result([])
+            return future
         keys: list[bytes] | None = None
         cached: list[Decision | None] | None = None
         if self._open_until or self._blocked:
             now = self._clock()
             if self._open_until:
                 if not self._may_try_redis(now):
-                    return self._fallback_or_raise(checks, now)
+                    future.set_result(self._fallback_or_raise(checks, now))
+                    return future
                 self._probing = True  # this decision probes Redis; others keep the fallback
             if self._blocked:
                 keys = [self._key(c) for c in checks]
                 cached = [self._cached(key, now) for key in keys]
                 if all(d is not None for d in cached):
                     self._probing = False
-                    return cached  # type: ignore[return-value]
-        loop = asyncio.get_running_loop()
+                    future.set_result(cached)  # type: ignore[arg-type]
+                    return future
         batch = self._open
         if batch is None:
             batch = self._open = _Batch(self, loop.time() + self._timeout_s)
@@ -329,13 +358,8 @@ class RedisLimiter(Limiter):
                     batch.pks.append(self._policy(check))
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
-        future: asyncio.Future[list[Decision]] = loop.create_future()
-        batch.futures.append(future)
-        decisions = await future
-        if cached is None:
-            return decisions[start : start + len(checks)]
-        answers = iter(decisions[start:])
-        return [d if d is not None else next(answers) for d in cached]
+        batch.parts.append(_Part(future, start, len(checks), cached))
+        return future
 
     async def peek(self, checks: Sequence[Check]) -> list[Decision]:
         """Ask Redis without consuming (not batched, not cached: for /admin/explain)."""
@@ -396,8 +420,7 @@ class RedisLimiter(Limiter):
             self._flush_handle.cancel()
             self._flush_handle = None
         for batch in self._queue:
-            for future in batch.futures:
-                future.cancel()
+            batch.cancel()
         self._queue.clear()
         self._open = None
         if self._client is not None:
@@ -469,8 +492,7 @@ class RedisLimiter(Limiter):
             async with asyncio.timeout_at(batch.deadline):
                 reply: Any = await self._evaluate(batch.keys, batch.pks, consume=True)
         except asyncio.CancelledError:
-            for future in batch.futures:
-                future.cancel()
+            batch.cancel()
             raise
         except Exception as exc:
             reply = exc
@@ -490,8 +512,7 @@ class RedisLimiter(Limiter):
     def _complete(self, batch: _Batch, reply: Any) -> None:
         self._inflight -= 1
         if self._closed:
-            for future in batch.futures:
-                future.cancel()
+            batch.cancel()
             return
         keys = batch.keys
         if type(reply) is list and len(reply) == 4 * len(keys):
@@ -510,9 +531,7 @@ class RedisLimiter(Limiter):
                     blocked.clear()  # O(n) once per cap insertions: amortised O(1)
                 blocked[keys[len(decisions)]] = (sent_at + retry, sent_at + reset)
                 append(_tuple_new(Decision, (False, 0, retry, reset)))
-            for future in batch.futures:
-                if not future.done():
-                    future.set_result(decisions)
+            batch.settle(decisions)
         else:
             if not isinstance(reply, Exception):
                 reply = RedisConnectionError(f"unexpected script reply: {reply!r:.200}")
@@ -523,7 +542,7 @@ class RedisLimiter(Limiter):
     def _fail_batch(self, batch: _Batch, exc: Exception) -> None:
         self._on_failure(exc)
         now = self._clock()
-        futures = [f for f in batch.futures if not f.done()]
+        futures = [p.future for p in batch.parts if not p.future.done()]
         if not futures:
             return
         if self._on_error == "deny":
@@ -532,9 +551,7 @@ class RedisLimiter(Limiter):
             for future in futures:
                 future.set_exception(BackendUnavailable(retry_after))
             return
-        answers = self._fallback_decisions(batch.checks)
-        for future in futures:
-            future.set_result(answers)
+        batch.settle(self._fallback_decisions(batch.checks))
 
     def _pack(self, keys: Sequence[bytes], pks: Sequence[_PolicyKeys], flag: bytes) -> bytes:
         """``EVALSHA`` of the GCRA script over ``keys``, as RESP.
