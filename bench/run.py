@@ -264,9 +264,9 @@ def ensure_tools(tmp: Path, *, install: bool) -> dict[str, str]:
             tools = {name: _which(name) for name in ("nginx", "wrk")}
     missing = [n for n, p in tools.items() if p is None]
     if missing:
-        pkgs = " ".join("nginx-light (or nginx)" if n == "nginx" else n for n in missing)
+        wanted = " ".join("nginx-light (or nginx)" if n == "nginx" else n for n in missing)
         raise BenchError(
-            f"missing tool(s): {', '.join(missing)}; install the Debian package(s): {pkgs}\n"
+            f"missing tool(s): {', '.join(missing)}; install the Debian package(s): {wanted}\n"
             "  e.g. apt-get update && apt-get install -y nginx-light wrk"
         )
     return {n: p for n, p in tools.items() if p is not None}
@@ -626,7 +626,7 @@ def machine() -> dict[str, str]:
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: PLC0415
 
-        info["uvloop"] = uvloop.__version__
+        info["uvloop"] = str(getattr(uvloop, "__version__", "?"))
     return info
 
 
