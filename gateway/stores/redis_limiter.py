@@ -268,6 +268,7 @@ class RedisLimiter(Limiter):
         self._flush_handle: asyncio.Handle | None = None
         self._inflight = 0
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop of the first decision
         self._tasks: set[asyncio.Task[None]] = set()
         self._announcer: asyncio.Task[None] | None = None
 
@@ -310,7 +311,10 @@ class RedisLimiter(Limiter):
 
     def submit(self, checks: Sequence[Check]) -> Awaitable[list[Decision]]:
         """The decisions as a future: the caller awaits it, no coroutine in between."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            # once: asyncio.get_running_loop() is a getpid() system call on Python 3.11
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Decision]] = loop.create_future()
         if not checks:
             future.set_result([])
@@ -536,8 +540,8 @@ class RedisLimiter(Limiter):
             if not isinstance(reply, Exception):
                 reply = RedisConnectionError(f"unexpected script reply: {reply!r:.200}")
             self._fail_batch(batch, reply)
-        if self._queue and self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+        if self._queue and self._flush_handle is None and self._loop is not None:
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     def _fail_batch(self, batch: _Batch, exc: Exception) -> None:
         self._on_failure(exc)
