@@ -362,7 +362,7 @@ class RedisLimiter(Limiter):
                     batch.pks.append(self._policy(check))
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
-        batch.parts.append(_Part(future, start, len(checks), cached))
+        batch.parts.append(_tuple_new(_Part, (future, start, len(checks), cached)))
         return future
 
     async def peek(self, checks: Sequence[Check]) -> list[Decision]:
