@@ -4,29 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
-from aiohttp import web
 
 from gateway.app import Gateway
 from gateway.config import load_file
-from tests.gw import admin_url, base_config, serve, url, wait_for
+from tests.gw import admin_url, base_config, url, wait_for
 
 TOKEN = "reload-test-token"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[str]:
-    async def ok(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async with serve(ok) as url_:
-        yield url_
 
 
 def _write(path: Path, cfg: dict[str, Any]) -> None:

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.gw import base_config, running_gateway, serve, url
+from tests.gw import base_config, running_gateway, url
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[str]:
-    async def ok(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async with serve(ok) as url_:
-        yield url_
 
 
 def _fresh_ip(first: int) -> str:
