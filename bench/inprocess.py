@@ -41,6 +41,7 @@ from yarl import URL
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from gateway.app import YOUNG_GC_THRESHOLD  # noqa: E402
 from gateway.config import load_file  # noqa: E402
 from gateway.http1 import HttpServer, Request, Response  # noqa: E402
 from gateway.logs import AccessLog  # noqa: E402
@@ -211,6 +212,7 @@ async def main(args: argparse.Namespace) -> None:
             await rig.round()
     gc.collect()
     gc.freeze()  # as `gateway serve` does
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
     results: dict[str, list[float]] = {k: [] for k in rigs}
     for _ in range(args.samples):
         for key, rig in rigs.items():

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from gateway.app import Gateway
+from gateway.app import YOUNG_GC_THRESHOLD, Gateway
 from gateway.config import load_file
 from tests.conftest import free_port
 from tests.gw import serve
@@ -241,6 +241,7 @@ async def test_run_keeps_startup_objects_out_of_full_collections(tmp_path: Path)
     path, port, _ = _config(tmp_path, "http://127.0.0.1:9")
     gw = Gateway(load_file(str(path)), config_path=str(path))
     gc.unfreeze()
+    before = gc.get_threshold()
     task = asyncio.create_task(gw.run())
     try:
         deadline = time.monotonic() + 10
@@ -248,7 +249,10 @@ async def test_run_keeps_startup_objects_out_of_full_collections(tmp_path: Path)
             await asyncio.sleep(0.02)
         assert gw.proxy_port == port
         assert gc.get_freeze_count() > 0
+        # young-generation passes are rarer while serving, and back to normal after
+        assert gc.get_threshold()[0] == YOUNG_GC_THRESHOLD
     finally:
         gw.request_stop()
         await asyncio.wait_for(task, 15)
         gc.unfreeze()
+    assert gc.get_threshold() == before
