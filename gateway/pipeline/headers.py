@@ -93,8 +93,15 @@ class ResponseHeaders:
         extra: list[tuple[str, str]] | None = None,
         skip: frozenset[str] | None = None,
     ) -> tuple[str, bool]:
-        """What :meth:`apply_list` makes of ``headers``, as header lines (CRLF after each),
-        and whether a Date field is among them; the list itself is left as it is."""
+        """``headers`` with the gateway's rules applied, as header lines (CRLF after each),
+        and whether a Date field is among them; the list itself is left as it is.
+
+        Dropped: the ``remove`` names, the request id field (``rid`` replaces it), any
+        RateLimit fields when ``extra`` (the rate-limit step's) is given, and ``skip``
+        (None, or :data:`UPSTREAM_SKIP` for an upstream's fields as they came). Added: the
+        ``set`` fields (with ``override`` always, else those absent), HSTS when ``secure``,
+        the request id, then ``extra``.
+        """
         drops = self._drops_rid if rid is not None else self._drops
         drop = drops[skip, secure, bool(extra)]
         lows = [h[0].lower() for h in headers]
@@ -115,46 +122,16 @@ class ResponseHeaders:
             lines.extend([f"{n}: {v}\r\n" for n, v in extra])
         return "".join(lines), "date" in lows and "date" not in drop
 
-    def apply_list(
-        self,
-        headers: list[tuple[str, str]],
-        rid: str | None,
-        *,
-        secure: bool,
-        extra: list[tuple[str, str]] | None = None,
-        skip: frozenset[str] | None = None,
-    ) -> None:
-        """Apply to a header list in place: remove, set (or add when absent), request id.
-
-        ``extra`` are RateLimit fields (:data:`RATE_LIMIT_FIELDS`): they replace any the
-        upstream sent.  ``skip`` is None or :data:`UPSTREAM_SKIP`, for an upstream's
-        fields as they came (hop-by-hop ones and its length go in the same pass).
-        """
-        drop = self._drops[skip, secure, bool(extra)]
-        rid_lower = self._rid_lower if rid is not None else ""
-        out = [h for h in headers if (low := h[0].lower()) not in drop and low != rid_lower]
-        if self._override:
-            out.extend(self._set)
-            if secure and self._hsts is not None:
-                out.append(("Strict-Transport-Security", self._hsts))
-        else:
-            present = {h[0].lower() for h in out}
-            out.extend([h for low, h in self._set_lower if low not in present])
-            if secure and self._hsts is not None and "strict-transport-security" not in present:
-                out.append(("Strict-Transport-Security", self._hsts))
-        if rid is not None:
-            out.append((self._rid_header, rid))
-        if extra:
-            out.extend(extra)
-        headers[:] = out
-
     def apply(self, headers: CIMultiDict[str], rid: str | None, *, secure: bool) -> None:
-        """The same on a multidict (responses of the upgrade protocol)."""
-        pairs = list(headers.items())
-        self.apply_list(pairs, rid, secure=secure)
+        """The same on a multidict in place (responses of the upgrade protocol, admin)."""
+        block, _ = self.render(list(headers.items()), rid, secure=secure)
         headers.clear()
-        headers.extend(pairs)
+        # names hold no ":" and values no CR/LF (aiohttp and the config refuse them)
+        for line in block.split("\r\n"):
+            if line:
+                name, _, value = line.partition(": ")
+                headers.add(name, value)
 
     def static_block(self) -> str:
         """The headers as raw lines, for responses written below aiohttp (the 408)."""
-        return "".join(f"{n}: {v}\r\n" for n, v in self._set)
+        return self._block
