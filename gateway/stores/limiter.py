@@ -38,6 +38,7 @@ __all__ = [
     "bounded_key",
     "make_limiter",
     "rates_from_config",
+    "unlimited",
 ]
 
 Clock = Callable[[], float]
@@ -102,6 +103,13 @@ class Limiter(ABC):
     def backend_ok(self) -> bool:
         """``False`` while the shared backend is failing."""
         return True
+
+
+def unlimited(rate: Rate) -> Decision:
+    """The answer when limits are not applied (``on_backend_error: allow``)."""
+    return Decision(
+        allowed=True, remaining=rate.burst - 1, retry_after_s=0.0, reset_s=rate.emission_s
+    )
 
 
 def rates_from_config(cfg: RateLimit) -> dict[str, Rate]:
@@ -197,10 +205,7 @@ class NoRedisLimiter(Limiter):
         if self._local is not None:
             local = self._local
             return local.decide_local(checks) if commit else local.peek_local(checks)
-        return [
-            Decision(allowed=True, remaining=r.burst - 1, retry_after_s=0.0, reset_s=r.emission_s)
-            for r in (c.rate for c in checks)
-        ]
+        return [unlimited(c.rate) for c in checks]
 
     def decide_local(self, checks: Sequence[Check]) -> list[Decision] | None:
         return None if self._deny else self._answer(checks, commit=True)

@@ -83,7 +83,14 @@ from redis.exceptions import NoScriptError, ResponseError
 from gateway.core.gcra import Decision, Rate
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.stores.limiter import BackendUnavailable, Check, Clock, Limiter, bounded_key
+from gateway.stores.limiter import (
+    BackendUnavailable,
+    Check,
+    Clock,
+    Limiter,
+    bounded_key,
+    unlimited,
+)
 from gateway.stores.memory_limiter import MemoryLimiter
 from gateway.stores.redis_client import make_redis
 from gateway.stores.resp import (
@@ -386,7 +393,7 @@ class RedisLimiter(Limiter):
                 raise BackendUnavailable(self._retry_after(self._clock())) from None
             if self._fallback is not None:
                 return self._fallback.peek_local(self._divided_checks(checks))
-            return [self._optimistic(c.rate) for c in checks]
+            return [unlimited(c.rate) for c in checks]
         it = iter(reply)
         return [
             Decision(bool(allowed), int(remaining), retry_us / 1e6, reset_us / 1e6)
@@ -716,13 +723,7 @@ class RedisLimiter(Limiter):
         self._metrics.ratelimit_backend_errors.inc(len(checks))
         if self._fallback is not None:
             return self._fallback.decide_local(self._divided_checks(checks))
-        return [self._optimistic(c.rate) for c in checks]
-
-    @staticmethod
-    def _optimistic(rate: Rate) -> Decision:
-        return Decision(
-            allowed=True, remaining=rate.burst - 1, retry_after_s=0.0, reset_s=rate.emission_s
-        )
+        return [unlimited(c.rate) for c in checks]
 
     # ------------------------------------------------------------------ replicas
 
