@@ -90,7 +90,7 @@ def decide(tat: float | None, now: float, rate: Rate, cost: int = 1) -> tuple[De
     A ``cost`` above ``burst`` can never pass; its ``retry_after_s`` is then what it
     would be with a bucket deep enough to hold it.
     """
-    if cost != 1 and cost < 1:
+    if cost < 1:
         raise ValueError(f"cost must be >= 1, got {cost}")
     t = rate.emission_s
     base = tat if tat is not None and tat > now else now

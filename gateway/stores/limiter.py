@@ -199,7 +199,8 @@ class NoRedisLimiter(Limiter):
         )
 
     def _answer(self, checks: Sequence[Check], *, commit: bool) -> list[Decision]:
-        self._metrics.ratelimit_backend_errors.inc(len(checks))
+        if commit:  # counted as the Redis backend counts them: decisions, not peeks
+            self._metrics.ratelimit_backend_errors.inc(len(checks))
         if self._deny:
             raise BackendUnavailable(self.RETRY_AFTER_S)
         if self._local is not None:
@@ -219,6 +220,14 @@ class NoRedisLimiter(Limiter):
     def reconfigure(self, rates: Mapping[str, Rate]) -> None:
         if self._local is not None:
             self._local.reconfigure(rates)
+
+    async def start(self) -> None:
+        if self._local is not None:
+            await self._local.start()  # its sweep of refilled keys
+
+    async def close(self) -> None:
+        if self._local is not None:
+            await self._local.close()
 
     @property
     def backend_ok(self) -> bool:

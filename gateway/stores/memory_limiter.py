@@ -160,28 +160,13 @@ class MemoryLimiter(Limiter):
             if c.key != last_key or not out:
                 last_key = c.key
                 key = compact_key(last_key)
-            out.append(self._commit(c.policy, c.rate, c.key, key, now))
+            out.append(self._decide(c.policy, c.rate, key, now, commit=True))
         return out
 
     def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision]:
         now = self._clock()
         compact = compact_key(key)
-        return [self._commit(name, rate, key, compact, now) for name, rate in policies]
-
-    def _commit(
-        self, policy: str, rate: Rate, key: str, compact: int | str, now: float
-    ) -> Decision:
-        """Decide and consume one request of ``key`` (``compact`` is its compact form)."""
-        table = self._tables.get(policy)
-        if table is not None:
-            tats = table.tats
-            tat = tats.get(compact)
-            if tat is not None:  # a known key: no insertion, no ghost
-                decision, new_tat = decide(tat, now, rate)
-                if decision.allowed:
-                    tats[compact] = new_tat
-                return decision
-        return self._decide(Check(policy, rate, key), now, commit=True, key=compact)
+        return [self._decide(name, rate, compact, now, commit=True) for name, rate in policies]
 
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
         return self.decide_local(checks)
@@ -191,7 +176,9 @@ class MemoryLimiter(Limiter):
 
     def peek_local(self, checks: Sequence[Check]) -> list[Decision]:
         now = self._clock()
-        return [self._decide(c, now, commit=False) for c in checks]
+        return [
+            self._decide(c.policy, c.rate, compact_key(c.key), now, commit=False) for c in checks
+        ]
 
     def reconfigure(self, rates: Mapping[str, Rate]) -> None:
         tables = self._tables
@@ -231,18 +218,17 @@ class MemoryLimiter(Limiter):
     # ------------------------------------------------------------------ internals
 
     def _decide(
-        self, check: Check, now: float, *, commit: bool, key: int | str | None = None
+        self, policy: str, rate: Rate, key: int | str, now: float, *, commit: bool
     ) -> Decision:
-        table = self._tables.get(check.policy)
+        """One request of ``key`` (in its compact form) under ``policy``."""
+        table = self._tables.get(policy)
         if table is None:
             # A policy not (yet) announced by reconfigure(): start a table for it.
-            table = self._tables[check.policy] = _Table(check.rate)
-        if key is None:
-            key = compact_key(check.key)
+            table = self._tables[policy] = _Table(rate)
         tats = table.tats
         tat = tats.get(key)
-        if tat is not None:
-            decision, new_tat = decide(tat, now, check.rate)
+        if tat is not None:  # a known key: no insertion, no ghost
+            decision, new_tat = decide(tat, now, rate)
             if commit and decision.allowed:
                 tats[key] = new_tat
             return decision
@@ -251,7 +237,7 @@ class MemoryLimiter(Limiter):
             remembered = ghost[self._slot(key)]
             if remembered > now:
                 tat = remembered
-        decision, new_tat = decide(tat, now, check.rate)
+        decision, new_tat = decide(tat, now, rate)
         if commit and decision.allowed:
             self._insert(table, key, new_tat, now)
         return decision

@@ -256,6 +256,7 @@ class RedisLimiter(Limiter):
         self._policy_keys: dict[str, _PolicyKeys] = {}
         # key -> (refused until, full again at), on the limiter clock
         self._blocked: dict[bytes, tuple[float, float]] = {}
+        self._blocked_until = 0.0  # when the last refusal in the cache ends
 
         self._replicas = 1
         self._divided: dict[Rate, Rate] = {}
@@ -291,8 +292,10 @@ class RedisLimiter(Limiter):
         return self._replicas
 
     def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision] | None:
-        if not (self._open_until or self._blocked):
-            return None  # Redis decides: no Check objects made twice
+        # Refused keys are answered by submit() from the local cache, with a finished
+        # future (no round trip, no wait): here only the open breaker's fallback.
+        if not self._open_until:
+            return None
         return super().decide_key(policies, key)
 
     def decide_local(self, checks: Sequence[Check]) -> list[Decision] | None:
@@ -303,7 +306,7 @@ class RedisLimiter(Limiter):
             if self._on_error == "deny":
                 return None  # decide() raises BackendUnavailable without I/O
             return self._fallback_decisions(checks)
-        if not self._blocked:
+        if not self._still_blocked(now):
             return None
         out = []
         for check in checks:
@@ -335,7 +338,7 @@ class RedisLimiter(Limiter):
                     future.set_result(self._fallback_or_raise(checks, now))
                     return future
                 self._probing = True  # this decision probes Redis; others keep the fallback
-            if self._blocked:
+            if self._still_blocked(now):
                 keys = [self._key(c) for c in checks]
                 cached = [self._cached(key, now) for key in keys]
                 if all(d is not None for d in cached):
@@ -436,10 +439,8 @@ class RedisLimiter(Limiter):
         self._open = None
         if self._client is not None:
             await self._client.aclose()  # batches in flight: cancelled (_complete)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in list(self._tasks):  # redis-py may swallow a cancellation while connecting
+            await stop_task(task, retry_s=self._timeout_s)
         if self._fallback is not None:
             await self._fallback.close()
         if self._owns_redis:
@@ -465,6 +466,14 @@ class RedisLimiter(Limiter):
     def _key(self, check: Check) -> bytes:
         pk = self._policy(check)
         return pk.head + bounded_key(check.key).encode("utf-8", "surrogatepass") + pk.tail
+
+    def _still_blocked(self, now: float) -> bool:
+        """Whether any refusal is still running (once all have ended, the cache empties,
+        and decisions take the plain path again)."""
+        blocked = self._blocked
+        if blocked and now >= self._blocked_until:
+            blocked.clear()
+        return bool(blocked)
 
     def _cached(self, key: bytes, now: float) -> Decision | None:
         entry = self._blocked.get(key)
@@ -540,7 +549,9 @@ class RedisLimiter(Limiter):
                 retry, reset = retry_us / 1e6, reset_us / 1e6
                 if len(blocked) >= self._blocked_cap:
                     blocked.clear()  # O(n) once per cap insertions: amortised O(1)
-                blocked[keys[len(decisions)]] = (sent_at + retry, sent_at + reset)
+                until = sent_at + retry
+                blocked[keys[len(decisions)]] = (until, sent_at + reset)
+                self._blocked_until = max(self._blocked_until, until)
                 append(_tuple_new(Decision, (False, 0, retry, reset)))
             batch.settle(decisions)
         else:

@@ -256,6 +256,29 @@ async def test_decisions_of_one_loop_turn_share_one_round_trip(private_redis: Re
         await lim.close()
 
 
+async def test_refusals_by_key_are_answered_without_a_round_trip_and_then_forgotten(
+    private_redis: RedisServer,
+) -> None:
+    lim = redis_limiter(private_redis.url, unique_prefix(), announce_interval_s=0)
+    pairs = [(c.policy, c.rate) for c in [check()]]
+    try:
+        assert lim.decide_key(pairs, check().key) is None  # Redis decides
+        for _ in range(6):
+            await lim.submit([check()])
+        before = await evalsha_calls(private_redis.url)
+        assert lim.decide_key(pairs, check().key) is None  # breaker closed: submit answers
+        answer = lim.submit([check()])
+        assert isinstance(answer, asyncio.Future)
+        assert answer.done()  # from the local cache: no round trip, no wait
+        assert not answer.result()[0].allowed
+        assert await evalsha_calls(private_redis.url) == before
+        await asyncio.sleep(0.12)  # every refusal has ended: the cache empties
+        assert (await lim.submit([check(key="other")]))[0].allowed
+        assert lim._blocked == {}  # decisions take the plain path again
+    finally:
+        await lim.close()
+
+
 async def test_an_over_limit_key_is_answered_locally(private_redis: RedisServer) -> None:
     lim = redis_limiter(private_redis.url, unique_prefix(), announce_interval_s=0)
     try:
