@@ -161,7 +161,7 @@ class Gateway:
             deadline = loop.time() + cfg.drain.timeout_s
             while server.in_flight() and loop.time() < deadline:  # noqa: ASYNC110 - a count, polled
                 await asyncio.sleep(0.02)
-            server.close()
+            await server.shutdown(1.0)
             await server.upgrade_server.shutdown(max(0.0, min(1.0, deadline - loop.time())))
         await self.reloader.close()
         if self._admin_runner is not None:
@@ -199,11 +199,11 @@ class Gateway:
             signal.SIGHUP, lambda: asyncio.ensure_future(self.reloader.reload("sighup"))
         )
         try:
-            await self._stopping.wait()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        try:
+            try:
+                await self._stopping.wait()
+            finally:  # a second SIGTERM/SIGINT during the drain acts as it did before
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
             await self.drain()
         finally:
             gc.set_threshold(*gc_threshold)

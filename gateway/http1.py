@@ -431,10 +431,14 @@ class HttpProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ flow control
 
     def pause_writing(self) -> None:
+        # A client that sends requests but does not read its answers gets no more served
+        # until it does: without this, pipelined answers would pile up in memory.
         self._write_paused = True
+        self._set_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._set_reading()
         waiter = self._drain_waiter
         if waiter is not None:
             self._drain_waiter = None
@@ -449,16 +453,26 @@ class HttpProtocol(asyncio.Protocol):
             await waiter
 
     def pause_body(self) -> None:
-        if not self._body_paused and self.transport is not None:
+        if not self._body_paused:
             self._body_paused = True
-            if not self._pipeline_paused:
-                self.transport.pause_reading()
+            self._set_reading()
 
     def resume_body(self) -> None:
-        if self._body_paused and self.transport is not None:
+        if self._body_paused:
             self._body_paused = False
-            if not self._pipeline_paused:
-                self.transport.resume_reading()
+            self._set_reading()
+
+    def _set_reading(self) -> None:
+        """Read while nothing holds reading back: an unread request body over its high
+        mark, requests queued behind the one being served, answers the client does not
+        read. (Lingering reads on, to drop what the client still sends.)"""
+        transport = self.transport
+        if transport is None or self._discarding:
+            return
+        if self._body_paused or self._pipeline_paused or self._write_paused:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
 
     # ------------------------------------------------------------------ parsing
 
@@ -535,8 +549,12 @@ class HttpProtocol(asyncio.Protocol):
             parser.should_keep_alive(),
         )
         if self._current is None:
-            if not req.body_exists:
-                quick = self.server.answer_now(req)
+            if not req.body_exists and not self._write_paused:
+                try:
+                    quick = self.server.answer_now(req)
+                except Exception:  # a bug there is not the client's parse error
+                    _log.exception("error answering a request from the parser")
+                    quick = None
                 if quick is not None:
                     self._answer_now(req, quick)
                     return
@@ -564,16 +582,14 @@ class HttpProtocol(asyncio.Protocol):
             self._head_timer = None
 
     def _pause_pipeline(self) -> None:
-        if not self._pipeline_paused and self.transport is not None:
+        if not self._pipeline_paused:
             self._pipeline_paused = True
-            if not self._body_paused:
-                self.transport.pause_reading()
+            self._set_reading()
 
     def _resume_pipeline(self) -> None:
-        if self._pipeline_paused and self.transport is not None:
+        if self._pipeline_paused:
             self._pipeline_paused = False
-            if not self._body_paused:
-                self.transport.resume_reading()
+            self._set_reading()
 
     # ------------------------------------------------------------------ errors
 
@@ -662,6 +678,12 @@ class HttpProtocol(asyncio.Protocol):
                 nxt = await waiter
                 if nxt is None:
                     return
+            elif self._write_paused:  # the client is not reading: no more answers until it does
+                try:
+                    await self.drain()
+                except ConnectionError:
+                    self._current = None
+                    return
             req = nxt
 
     def _finish(self, req: Request, resp: AnyResponse | None) -> Request | None:
@@ -715,7 +737,7 @@ class HttpProtocol(asyncio.Protocol):
         # linger: read and drop what the client still sends, so it gets the answer
         self._discarding = True
         self._body_paused = self._pipeline_paused = False
-        transport.resume_reading()
+        transport.resume_reading()  # whatever held reading back (_set_reading now no-ops)
         self._linger = self.loop.call_later(_LINGER_S, transport.close)
 
     # ------------------------------------------------------------------ upgrades
@@ -811,6 +833,16 @@ class HttpServer:
             self._tick = None
         for conn in list(self.connections):
             conn.close()
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """:meth:`close`, and cancel the requests still being served (the drain is over:
+        what they use, upstream pools included, is about to close)."""
+        tasks = [c._task for c in self.connections if c._task is not None and not c._task.done()]
+        self.close()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
 
     def in_flight(self) -> int:
         return sum(1 for c in self.connections if c.busy()) + self.upgrade_server.in_flight()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,9 +16,13 @@ from aiohttp import web
 
 from gateway.http1 import HttpServer, Request, Response
 from gateway.server import GatewayRequest, GatewayServer
-from tests.gw import raw_exchange
+from tests.gw import raw_exchange, wait_for
 
 pytestmark = pytest.mark.asyncio
+
+
+BIG = b"x" * 262_144
+CANCELLED: list[str] = []
 
 
 async def _handler(request: Request) -> Response | web.Response:
@@ -42,10 +47,22 @@ async def _handler(request: Request) -> Response | web.Response:
         return Response(200, None, [("Content-Type", "text/plain")], str(size).encode())
     if path == "/slow":
         await asyncio.sleep(0.3)
+    if path == "/big":  # as a proxied answer: the loop turns while it is fetched
+        await asyncio.sleep(0)
+        return Response(200, None, [("Content-Type", "text/plain")], BIG)
+    if path == "/forever":
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            CANCELLED.append(path)
+            raise
     return Response(200, None, [("Content-Type", "text/plain")], ("path=" + path).encode())
 
 
 def _answer_now(request: Request) -> Response | None:
+    if request.path == "/probe-bug":
+        msg = "probe bug"
+        raise RuntimeError(msg)
     if request.path == "/now":
         return Response(200, None, [("Content-Type", "text/plain")], b"now")
     return None
@@ -345,3 +362,46 @@ async def test_upgrade_on_an_idle_kept_alive_connection_ends_its_task() -> None:
     assert upgraded.startswith(b"HTTP/1.1 101 ")
     assert task.done()
     assert not server.connections
+
+
+async def test_a_client_that_does_not_read_its_answers_holds_back_the_next_ones() -> None:
+    """Pipelined answers do not pile up in memory while the client reads nothing."""
+    n = 200  # 50 MiB of answers
+    async with serving() as (server, port, _errors):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.setblocking(False)  # noqa: FBT003 - the socket API
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n" * n)
+        await asyncio.sleep(0.5)
+        (proto,) = server.connections
+        assert proto.transport is not None
+        assert proto.transport.get_write_buffer_size() < 8 * 1024 * 1024
+        # once the client reads, every answer comes, in order
+        got = 0
+        for _ in range(n):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            got += len(await asyncio.wait_for(reader.readexactly(len(BIG)), 10))
+        writer.close()
+    assert got == n * len(BIG)
+
+
+async def test_an_error_answering_from_the_parser_leaves_the_request_to_the_handler() -> None:
+    async with serving() as (_, port, errors):
+        raw = await raw_exchange(port, b"GET /probe-bug HTTP/1.1\r\nHost: a\r\n\r\n")
+    # served as a request instead: the handler answers it
+    assert _responses(raw)[0][:1] == (200,)
+    assert errors == []  # not counted against the client as a malformed request
+
+
+async def test_shutdown_cancels_the_requests_still_being_served() -> None:
+    CANCELLED.clear()
+    async with serving() as (server, port, _errors):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /forever HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert await wait_for(lambda: server.in_flight() == 1)
+        await asyncio.wait_for(server.shutdown(1.0), 5)
+        assert CANCELLED == ["/forever"]
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
