@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
 from gateway.config import load_text
+from gateway.metrics import Metrics
 from tests.conftest import free_port
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -100,3 +101,9 @@ async def serve(target: web.Application | Handler) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{server.port}"
     finally:
         await server.close()
+
+
+def backend_errors(metrics: Metrics) -> float:
+    """``gateway_ratelimit_backend_errors_total`` as exported."""
+    value = metrics.registry.get_sample_value("gateway_ratelimit_backend_errors_total")
+    return value or 0.0

@@ -58,7 +58,8 @@ async def test_queued_writes_leave_at_the_end_of_the_round_in_order(two: Any) ->
     batcher.write(t1, b"a")
     batcher.write(t2, b"x")
     batcher.write(t1, b"b")
-    assert t1.get_write_buffer_size() == 0  # nothing written yet
+    assert t1.get_write_buffer_size() == 0  # (a direct write would not buffer either:
+    # that nothing reaches the peer before the round ends is the test further down)
     await _settle()
     assert (s1.data, s2.data) == (b"ab", b"x")
 
@@ -81,6 +82,22 @@ async def test_a_closing_transport_is_skipped(two: Any) -> None:
     t1.close()
     await _settle()
     assert (s1.data, s2.data) == (b"", b"kept")
+
+
+class _Closing(asyncio.Transport):
+    """A transport that is closing and must not be written to."""
+
+    def is_closing(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pytest.fail(f"wrote {bytes(data)!r} to a closing transport")
+
+
+async def test_the_batcher_itself_skips_a_closing_transport() -> None:
+    batcher = WriteBatcher(asyncio.get_running_loop())
+    batcher.write(_Closing(), b"lost")
+    batcher.flush()  # would fail the test if it wrote
 
 
 async def test_nothing_reaches_the_peer_before_the_round_ends() -> None:

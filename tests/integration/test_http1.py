@@ -311,8 +311,7 @@ async def test_draining_closes_idle_connections_and_busy_ones_after_their_answer
         await asyncio.wait_for(idle_r.readuntil(b"path=/x"), 5)
         busy_r, busy_w = await asyncio.open_connection("127.0.0.1", port)
         busy_w.write(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
-        await asyncio.sleep(0.1)
-        assert server.in_flight() == 1
+        assert await wait_for(lambda: server.in_flight() == 1)
         server.start_draining()
         assert await asyncio.wait_for(idle_r.read(), 5) == b""
         busy = await asyncio.wait_for(busy_r.read(), 5)

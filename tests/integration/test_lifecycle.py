@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway.app import YOUNG_GC_THRESHOLD, Gateway
 from gateway.config import load_file
 from tests.conftest import free_port
-from tests.gw import serve
+from tests.gw import serve, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -244,9 +244,7 @@ async def test_run_keeps_startup_objects_out_of_full_collections(tmp_path: Path)
     before = gc.get_threshold()
     task = asyncio.create_task(gw.run())
     try:
-        deadline = time.monotonic() + 10
-        while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        await wait_for(lambda: gc.get_freeze_count() > 0, 10)
         assert gw.proxy_port == port
         assert gc.get_freeze_count() > 0
         # young-generation passes are rarer while serving, and back to normal after

@@ -38,6 +38,7 @@ from gateway.stores.memory_limiter import MemoryLimiter
 from gateway.stores.redis_client import is_cluster_url, make_redis, redact_url
 from gateway.stores.redis_limiter import RedisLimiter
 from tests.conftest import RedisServer
+from tests.gw import backend_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -228,11 +229,6 @@ def redis_limiter(url: str, prefix: str, **kwargs: Any) -> RedisLimiter:
     kwargs.setdefault("metrics", Metrics())
     rates = kwargs.pop("rates", {"p": FAST})
     return RedisLimiter(rates, redis_url=url, key_prefix=prefix, **kwargs)
-
-
-def backend_errors(metrics: Metrics) -> float:
-    value = metrics.registry.get_sample_value("gateway_ratelimit_backend_errors_total")
-    return value or 0.0
 
 
 async def evalsha_calls(url: str) -> int:
@@ -806,3 +802,7 @@ async def test_factory_builds_each_backend(redis_url: str) -> None:
     unset = make_limiter(RateLimit(backend="redis"), None, metrics=metrics)
     assert isinstance(unset, NoRedisLimiter)
     assert not unset.backend_ok
+    before = backend_errors(metrics)
+    assert (await unset.decide([check()]))[0].allowed  # on_backend_error: local (default)
+    await unset.peek([check()])  # an explain is not a decision
+    assert backend_errors(metrics) == before + 1

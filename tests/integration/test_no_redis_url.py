@@ -7,7 +7,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.gw import base_config, running_gateway, url
+from tests.gw import backend_errors, base_config, running_gateway, url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,5 +50,4 @@ async def test_on_backend_error_applies(upstream: str, on_error: str, expected: 
         if on_error == "deny":
             problem = got[0][1]
             assert problem["type"].endswith("ratelimit-unavailable")
-        errors = gw.runtime.metrics.ratelimit_backend_errors
-        assert errors._value.get() == 5
+        assert backend_errors(gw.runtime.metrics) == 5

@@ -551,5 +551,6 @@ async def test_hop_by_hop_fields_of_an_answer_are_dropped_without_connection_tok
         assert hop not in names
     assert names.count(b"content-length") == 1
     assert names.count(b"x-frame-options") == 1  # the upstream's, kept (override: false)
+    assert b"X-Frame-Options: SAMEORIGIN" in head.split(b"\r\n")
     assert b"x-kept" in names
     assert b"x-request-id" in names

@@ -28,6 +28,7 @@ from gateway.stores.limiter import Check
 from gateway.stores.redis_limiter import RedisLimiter
 from gateway.stores.resp import Endpoint, FutureWaiter, RespClient, pack_command
 from tests.conftest import RedisServer, free_port
+from tests.gw import backend_errors
 
 RATE = Rate(1, 3600.0, 4)
 
@@ -36,11 +37,6 @@ def client_for(url: str, timeout_s: float = 1.0) -> RespClient:
     endpoint = Endpoint.from_url(url)
     assert endpoint is not None
     return RespClient(endpoint, connect_timeout_s=timeout_s)
-
-
-def backend_errors(metrics: Metrics) -> float:
-    value = metrics.registry.get_sample_value("gateway_ratelimit_backend_errors_total")
-    return value or 0.0
 
 
 @pytest.fixture
@@ -187,7 +183,7 @@ async def test_reconnects_after_the_server_closes_the_connection(
 
 
 async def test_reconnects_after_a_restart(private_redis: RedisServer) -> None:
-    client = client_for(private_redis.url, timeout_s=0.25)
+    client = client_for(private_redis.url, timeout_s=1.0)
     try:
         assert await client.execute("PING", timeout_s=1) == b"PONG"
         private_redis.stop()
@@ -196,7 +192,7 @@ async def test_reconnects_after_a_restart(private_redis: RedisServer) -> None:
         started = time.monotonic()
         with pytest.raises(RedisConnectionError, match="Error connecting"):
             await client.execute("PING", timeout_s=1)  # refused: fails fast
-        assert time.monotonic() - started < 0.2
+        assert time.monotonic() - started < 0.5  # well before the 1 s connect timeout
         private_redis.start()
         assert await client.execute("PING", timeout_s=1) == b"PONG"
     finally:
@@ -227,11 +223,11 @@ async def test_a_server_that_never_answers_times_out_and_the_next_command_reconn
         with pytest.raises(RedisTimeoutError):
             await client.execute("PING", timeout_s=0.1)
         elapsed = time.monotonic() - started
-        assert 0.09 <= elapsed < 0.3
+        assert 0.09 <= elapsed < 0.45  # not the slow command's 0.5 s
         # the connection is dropped: everything it held fails with it
         with pytest.raises(RedisTimeoutError):
             await slow
-        assert time.monotonic() - started < 0.3
+        assert time.monotonic() - started < 0.45
         assert silent.accepted == 1
         with pytest.raises(RedisTimeoutError):
             await client.execute("PING", timeout_s=0.05)
@@ -491,7 +487,7 @@ async def test_limiter_batch_deadline_against_a_silent_server(silent: QuietServe
     try:
         started = time.monotonic()
         first = await asyncio.gather(*[lim.decide([Check("p", RATE, f"k{i}")]) for i in range(10)])
-        assert 0.09 <= time.monotonic() - started < 0.25
+        assert 0.09 <= time.monotonic() - started < 0.5  # one deadline, not ten in a row
         assert all(r[0].allowed for r in first)  # the local fallback
         assert backend_errors(metrics) == 10
         await lim.decide([Check("p", RATE, "again")])

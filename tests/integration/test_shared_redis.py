@@ -69,7 +69,7 @@ async def test_three_replicas_admit_exactly_burst_and_share_bans(
 
     # a restarted replica still sees a ban made before
     async with running_gateway(_cfg(upstream, policy), env) as c:
-        other = f"192.0.2.{uuid.uuid4().int % 250 + 1}"
+        other = _fresh_ip(12)
         async with aiohttp.ClientSession() as s:
             for _ in range(2):
                 async with s.get(url(c, "/.env"), headers={"X-Forwarded-For": other}) as r:
