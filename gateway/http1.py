@@ -347,7 +347,6 @@ class HttpProtocol(asyncio.Protocol):
         "_pending",
         "_pending_error",
         "_pipeline_paused",
-        "_raw_fields",
         "_task",
         "_url",
         "_waiter",
@@ -367,7 +366,6 @@ class HttpProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._fields: list[tuple[str, str]] = []
-        self._raw_fields: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._head_size = 0
         self._in_head = False
@@ -513,7 +511,6 @@ class HttpProtocol(asyncio.Protocol):
         self._in_head = True
         self._url = b""
         self._fields = []
-        self._raw_fields = []
         self._head_bytes = 0
         self._head_size = 0
 
@@ -523,12 +520,11 @@ class HttpProtocol(asyncio.Protocol):
             raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        fields = self._raw_fields
-        fields.append((name, value))
+        fields = self._fields
+        fields.append((name.decode("latin-1"), value.decode("latin-1")))
         self._head_size += len(name) + len(value) + 4
         if len(fields) > MAX_FIELDS:
             raise _HeadTooLarge
-        self._fields.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -747,7 +743,8 @@ class HttpProtocol(asyncio.Protocol):
         lines = [
             parser.get_method() + b" " + self._url + b" HTTP/" + parser.get_http_version().encode()
         ]
-        lines.extend(n + b": " + v for n, v in self._raw_fields)
+        # the head again for the other protocol (latin-1 gives back the very bytes)
+        lines.extend(f"{n}: {v}".encode("latin-1") for n, v in self._fields)
         data = b"\r\n".join(lines) + b"\r\n\r\n" + rest
         if self.busy():
             self._handoff = data

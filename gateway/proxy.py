@@ -42,7 +42,6 @@ HOP_BY_HOP = frozenset(
 FORWARDING = frozenset(
     h.lower() for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
 )
-_FORWARDED = "forwarded"
 # Request fields not passed upstream as they are (the gateway sets its own or none).
 DROP_UPSTREAM = FORWARDING | frozenset(("expect", "forwarded", "host"))
 

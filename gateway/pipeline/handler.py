@@ -29,7 +29,7 @@ from gateway.http1 import BodyError, Request, Response
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
 from gateway.pipeline.headers import UPSTREAM_SKIP
 from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
-from gateway.probes import probe_answer
+from gateway.probes import PROBE_PATHS, probe_answer
 from gateway.proxy import filter_header_list, filter_headers, splice_ws
 from gateway.stores.limiter import BackendUnavailable, Check
 from gateway.upstream_http import LeanResponse, UpstreamError
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     AnyRequest = Request | GatewayRequest
 
-PROBE_PATHS = frozenset(("/livez", "/readyz", "/startupz", "/healthz"))
+_PROBES = frozenset(PROBE_PATHS)
 _DROP_FAST = frozenset(("content-length",))  # the server sets its own
 _NO_DROP: frozenset[str] = frozenset()
 _PREFETCH = 65536  # body bytes read before an upstream connection is taken
@@ -177,17 +177,20 @@ class ProxyHandler:
         They read cached state only, so the server writes them from its parsing callback:
         a probe never queues behind the requests of a saturated proxy.
         """
-        path = request.path
         snap = self.rt.snapshot
-        if path in PROBE_PATHS or path.startswith("/readyz/"):
-            resp = probe_answer(request, self.rt.monitor)
-        elif path == "/metrics" and snap.metrics_on_proxy:
-            resp = self.rt.metrics_response()
-        else:
-            return None
+        resp = self._local_answer(request, snap)
         if resp is not None:
             self._identify(request, snap, Ctx(self._loop.time()))
         return resp
+
+    def _local_answer(self, request: AnyRequest, snap: Snapshot) -> AnyResponse | None:
+        """A probe's or /metrics' answer (on this port), or None for the pipeline."""
+        path = request.path
+        if path in _PROBES or path.startswith("/readyz/"):
+            return probe_answer(request, self.rt.monitor)
+        if path == "/metrics" and snap.metrics_on_proxy:
+            return self.rt.metrics_response()
+        return None
 
     def _identify(self, request: AnyRequest, snap: Snapshot, ctx: Ctx) -> bool:
         """Client address (through trusted proxies) and request id; True when via a proxy."""
@@ -222,13 +225,9 @@ class ProxyHandler:
         ctx = Ctx(start)
         via_proxy = self._identify(request, snap, ctx)
 
-        path = request.path
-        if path in PROBE_PATHS or path.startswith("/readyz/"):
-            probe = probe_answer(request, self.rt.monitor)
-            if probe is not None:
-                return probe
-        if path == "/metrics" and snap.metrics_on_proxy:
-            return self.rt.metrics_response()
+        local = self._local_answer(request, snap)
+        if local is not None:
+            return local
 
         try:
             resp = await self._pipeline(request, snap, ctx, via_proxy=via_proxy)
