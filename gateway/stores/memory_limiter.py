@@ -166,7 +166,22 @@ class MemoryLimiter(Limiter):
     def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision]:
         now = self._clock()
         compact = compact_key(key)
-        return [self._decide(name, rate, compact, now, commit=True) for name, rate in policies]
+        tables = self._tables
+        out: list[Decision] = []
+        for name, rate in policies:
+            table = tables.get(name)
+            if table is not None:
+                tats = table.tats
+                tat = tats.get(compact)
+                if tat is not None:  # a known key, decided inline
+                    decision, new_tat = decide(tat, now, rate)
+                    if decision[0]:
+                        tats[compact] = new_tat
+                    out.append(decision)
+                    continue
+            # a new key (or policy): insertion, ghost, sweep
+            out.append(self._decide(name, rate, compact, now, commit=True))
+        return out
 
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
         return self.decide_local(checks)
