@@ -1,0 +1,79 @@
+"""bench/run.py's report: c=1 added latency is judged in both placements, apart."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_run() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+run: Any = _load_run()
+
+
+def _wrk(p50_us: float, *, rps: float = 10_000.0, cpu_s: float = 0.5) -> Any:
+    return run.WrkResult(
+        requests=int(rps), seconds=1.0, rps=rps, p50_us=p50_us, p99_us=2 * p50_us, errors=0,
+        cpu_s=cpu_s,
+    )  # fmt: skip
+
+
+def _target(key: str, two_cpus: float, one_cpu: float) -> Any:
+    proc = run.Proc(name=key, popen=None, port=1, log=Path("/dev/null"), cpu=1)
+    t = run.Target(key=key, what=key, proc=proc)
+    t.saturated.append(_wrk(1000.0))
+    t.single.append(_wrk(two_cpus))
+    t.single_one_cpu.append(_wrk(one_cpu))
+    return t
+
+
+def _rows(lines: list[str]) -> dict[str, list[str]]:
+    rows = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_each_placement_is_judged_against_the_direct_run() -> None:
+    extra = run.Extra()
+    extra.direct_c1.append(_wrk(10.0))
+    targets = [
+        _target("nginx", two_cpus=170.0, one_cpu=30.0),
+        _target("gw-memory", two_cpus=280.0, one_cpu=110.0),
+        _target("gw-redis", two_cpus=400.0, one_cpu=175.0),
+    ]
+    rows = _rows(run.checks(targets, extra, 10.0))
+
+    two = rows["gw-memory c=1 added p50, two CPUs"]
+    assert two[1].startswith("270.0 µs")
+    assert "nginx: 160.0 µs" in two[1]
+    assert two[2] == "FAIL"
+    one = rows["gw-memory c=1 added p50, one CPU"]
+    assert one[1].startswith("100.0 µs")
+    assert "nginx: 20.0 µs" in one[1]
+    assert one[2] == "PASS"
+    assert rows["gw-redis c=1 added p50, one CPU"][2] == "FAIL"  # 165 µs
+
+
+def test_the_table_shows_both_placements() -> None:
+    targets = [_target("gw-memory", two_cpus=280.0, one_cpu=110.0)]
+    lines = run.table(targets, 10.0)
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = dict(zip(header, [c.strip() for c in lines[3].strip("|").split("|")], strict=True))
+    assert row["c=1 p50 µs"] == "280.0"
+    assert row["c=1 added p50 µs, two CPUs"] == "270.0"
+    assert row["c=1 added p50 µs, one CPU"] == "100.0"
