@@ -904,7 +904,8 @@ class HttpServer:
 
     def write_response(self, req: Request, resp: AnyResponse, transport: asyncio.Transport) -> bool:
         """Write a whole answer; True when the connection stays open."""
-        if isinstance(resp, web.Response):
+        # the exact type first: isinstance() on aiohttp's class (an ABC) costs ~0.5 µs
+        if type(resp) is not Response and isinstance(resp, web.Response):
             resp = from_web(resp)
         body = resp.body or b""
         status = resp.status

@@ -70,6 +70,7 @@ from gateway.tasks import stop_task
 __all__ = ["MemoryLimiter", "compact_key"]
 
 _SWEEP_PER_INSERT = 2
+_RECENT_KEYS = 4096  # compact forms remembered (cleared when full): a dict hit, not a parse
 _EVICTION_SAMPLE = 8
 _MIX = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd: spreads hash bits
 _MASK64 = (1 << 64) - 1
@@ -138,6 +139,7 @@ class MemoryLimiter(Limiter):
         self._clock = clock
         self._max_keys = max_keys
         self._count = 0
+        self._recent: dict[str, int | str] = {}  # key -> compact_key(key), bounded
         self._tables: dict[str, _Table] = {name: _Table(rate) for name, rate in rates.items()}
         self._salt = secrets.randbits(64)
         ghost_bits = 10
@@ -165,7 +167,12 @@ class MemoryLimiter(Limiter):
 
     def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision]:
         now = self._clock()
-        compact = compact_key(key)
+        recent = self._recent
+        compact = recent.get(key)
+        if compact is None:
+            if len(recent) >= _RECENT_KEYS:
+                recent.clear()
+            compact = recent[key] = compact_key(key)
         tables = self._tables
         out: list[Decision] = []
         for name, rate in policies:

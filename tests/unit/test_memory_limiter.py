@@ -285,3 +285,18 @@ def test_decide_key_answers_and_consumes_as_decide_local(key: str) -> None:
     assert (True, False) in seen
     assert sum(hourly for _, hourly in seen) == 5
     assert by_key.key_count == by_checks.key_count == 2
+
+
+def test_decide_key_keeps_each_key_state_across_many_other_keys() -> None:
+    """decide_key remembers recent compact keys in a bounded map; past its bound, keys
+    are still decided on their own state (the map only saves parsing them again)."""
+    clock = FakeClock()
+    policies = (("p", RATE),)
+    lim = MemoryLimiter(dict(policies), clock=clock)
+    first = [lim.decide_key(policies, "203.0.113.7")[0].allowed for _ in range(RATE.burst)]
+    assert all(first)
+    for i in range(10_000):  # more distinct keys than the map holds
+        assert lim.decide_key(policies, ip(i))[0].allowed
+    assert not lim.decide_key(policies, "203.0.113.7")[0].allowed  # its burst is still spent
+    assert lim.decide_key(policies, ip(3))[0].remaining == RATE.burst - 2
+    assert len(lim._recent) <= 4096  # bounded whatever the number of clients
