@@ -59,6 +59,19 @@ class Gateway:
 
     # ------------------------------------------------------------------ start
 
+    def _follow_reload(
+        self, settings: Settings, server: HttpServer, upgrades: GatewayServer
+    ) -> None:
+        """What the proxy port's servers copied at start, from a reloaded config: the
+        client timeout of the 408, and the request id field and security headers of the
+        answers they write themselves (parse errors, timeouts)."""
+        req = settings.config.request
+        static = self.runtime.snapshot.response_headers.static_block()
+        for s in (server, upgrades):
+            s.client_timeout_s = req.client_timeout_s
+            s.rid_header = req.request_id_header
+            s.static_headers = static
+
     async def start(self) -> None:
         """Start both ports; a port that cannot be bound raises :class:`StartupError`."""
         try:
@@ -105,6 +118,7 @@ class Gateway:
             response_headers=lambda: rt.snapshot.response_headers,
         )
         self._proxy_server = server
+        rt.on_apply.append(lambda settings: self._follow_reload(settings, server, upgrades))
         loop = asyncio.get_running_loop()
         self._proxy_listener = await loop.create_server(
             server, cfg.listen.host, cfg.listen.port, reuse_address=True, backlog=1024

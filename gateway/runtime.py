@@ -21,6 +21,8 @@ from gateway.stores.limiter import make_limiter
 from gateway.upstreams import UpstreamState
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from gateway.config import Settings
     from gateway.loopmetrics import CounterChild as Counter
     from gateway.loopmetrics import HistogramChild as Histogram
@@ -58,6 +60,9 @@ class Runtime:
         self._durations: dict[str, Histogram] = {}
         self._rl: dict[str, tuple[Counter, Counter, Counter]] = {}
         self._retired: set[asyncio.Task[None]] = set()
+        # called with the new settings once a reload has been applied (the proxy port's
+        # servers copy a few of them)
+        self.on_apply: list[Callable[[Settings], None]] = []
 
     async def start(self) -> None:
         self.access_log.start()
@@ -121,6 +126,8 @@ class Runtime:
         self.upstreams = upstreams
         self.snapshot = snapshot
         self.settings = settings
+        for listener in self.on_apply:
+            listener(settings)
         return needs_restart
 
     def _retire(self, state: UpstreamState, grace_s: float) -> None:

@@ -168,3 +168,55 @@ async def test_admin_post_reload_and_keepalive_connection_survives(
 
 async def _sleep(s: float) -> None:
     await asyncio.sleep(s)
+
+
+async def _raw_answer(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(65536), 10)
+    finally:
+        writer.close()
+
+
+async def test_the_proxy_ports_own_answers_follow_a_reload(tmp_path: Path, upstream: str) -> None:
+    """Answers the proxy port's server writes itself (a request that cannot be parsed,
+    a head that never ends) use the reloaded request id field, security headers and
+    client timeout, like every other answer."""
+    path = tmp_path / "gateway.yaml"
+    cfg = _cfg(upstream, burst=100)
+    cfg["reload"] = {"interval_s": 3600}
+    cfg["request"] = {"client_timeout_s": 30}
+    _write(path, cfg)
+    gw = await _start(path)
+    try:
+        port = gw.proxy_port
+        assert port is not None
+        before = await _raw_answer(port, b"GET / HTTP/1.1\r\nHost: x\r\nBad Field\r\n\r\n")
+        assert before.startswith(b"HTTP/1.1 400 ")
+        assert b"\r\nX-Request-ID: " in before
+        assert b"X-Frame-Options: DENY\r\n" in before
+
+        cfg["request"] = {"client_timeout_s": 0.5, "request_id_header": "X-Trace-Id"}
+        cfg["security_headers"] = {"set": {"X-Frame-Options": "SAMEORIGIN"}}
+        _write(path, cfg)
+        async with aiohttp.ClientSession() as admin:
+            async with admin.post(
+                admin_url(gw, "/admin/reload"), headers={"Authorization": f"Bearer {TOKEN}"}
+            ) as r:
+                assert r.status == 200
+
+        after = await _raw_answer(port, b"GET / HTTP/1.1\r\nHost: x\r\nBad Field\r\n\r\n")
+        assert after.startswith(b"HTTP/1.1 400 ")
+        assert b"\r\nX-Trace-Id: " in after
+        assert b"X-Request-ID" not in after
+        assert b"X-Frame-Options: SAMEORIGIN\r\n" in after
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        slow = await _raw_answer(port, b"GET / HTTP/1.1\r\nHost: x\r\n")  # never ends
+        assert slow.startswith(b"HTTP/1.1 408 ")
+        assert loop.time() - t0 < 5, "the 408 came after the old 30 s timeout"
+        assert b"X-Frame-Options: SAMEORIGIN\r\n" in slow
+    finally:
+        await gw.drain()
