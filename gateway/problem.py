@@ -15,6 +15,8 @@ CONTENT_TYPE = "application/problem+json"
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 ABNORMAL_USAGE = "https://iana.org/assignments/http-problem-types#abnormal-usage-detected"
 _OURS = "https://gateway.invalid/problems/"
+# reason phrases by code, looked up without building an HTTPStatus on every error
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}
 
 
 def problem_type(slug: str) -> str:
@@ -30,13 +32,9 @@ def problem_body(
     title: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> bytes:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
     body: dict[str, Any] = {
         "type": type_ or "about:blank",
-        "title": title or phrase,
+        "title": title or _PHRASES.get(status, "Error"),
         "status": status,
         "detail": detail,
         "request_id": request_id,
@@ -54,10 +52,7 @@ def raw_problem(status: int, detail: str, *, rid_header: str, static_headers: st
     """
     rid = secrets.token_hex(16)
     body = problem_body(status, detail, request_id=rid)
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
+    phrase = _PHRASES.get(status, "Error")
     head = (
         f"HTTP/1.1 {status} {phrase}\r\n"
         f"{rid_header}: {rid}\r\n"

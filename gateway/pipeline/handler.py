@@ -728,7 +728,7 @@ class ProxyHandler:
 
     # ------------------------------------------------------------------ outcome
 
-    def _reject(self, request: AnyRequest, snap: Snapshot, ctx: Ctx, rej: Reject) -> web.Response:
+    def _reject(self, request: AnyRequest, snap: Snapshot, ctx: Ctx, rej: Reject) -> Response:
         ctx.status = rej.status
         if rej.kind is not None and ctx.upstream is not None:
             self.rt.upstreams[ctx.upstream].errors[rej.kind].inc()
@@ -739,14 +739,13 @@ class ProxyHandler:
             and ctx.client is not None
         ):
             self.rt.bans.report(ctx.client_ip, rej.event)
-        resp = problem.problem_response(
-            rej.status,
-            rej.detail,
-            request_id=ctx.rid,
-            type_=rej.type_,
-            headers=rej.headers,
-            extra=rej.extra,
+        # a plain answer (the upgrade protocol's server converts it when it serves one)
+        body = problem.problem_body(
+            rej.status, rej.detail, request_id=ctx.rid, type_=rej.type_, extra=rej.extra
         )
+        fields = [*rej.headers.items()] if rej.headers else []
+        fields.append((hdrs.CONTENT_TYPE, problem.CONTENT_TYPE))
+        resp = Response(rej.status, None, fields, body)
         if (
             rej.status in (400, 408, 413, 431)
             or request.method == "CONNECT"
@@ -754,8 +753,7 @@ class ProxyHandler:
         ):
             # what follows on this connection may be tunnel data, not a request
             resp.force_close()
-        body = resp.body
-        ctx.bytes_out = len(body) if isinstance(body, bytes) else 0
+        ctx.bytes_out = len(body)
         # RateLimit headers of an allowed request must not reach an error that came later
         if rej.status != 429:
             request.extra_headers = None

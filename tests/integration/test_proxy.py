@@ -386,6 +386,33 @@ async def test_websocket_is_proxied(upstream: Any) -> None:
         assert (await ws.receive_bytes(timeout=5)) == b"cba"
 
 
+async def test_a_refused_websocket_upgrade_gets_a_problem_and_the_connection_closes(
+    upstream: Any,
+) -> None:
+    """A refusal on the upgrade protocol's path (its server takes real upgrades) is the
+    same problem+json answer as on the plain path, and the connection closes after it."""
+    _, server = upstream
+    cfg = base_config(_url(server))
+    cfg["routes"] = [{"name": "api", "path_prefix": "/api/", "upstream": "api"}]
+    async with running_gateway(cfg) as gw:
+        assert gw.proxy_port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
+        writer.write(
+            b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: the gateway closes
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ")
+    assert b"\r\nContent-Type: application/problem+json" in head
+    assert b"\r\nX-Frame-Options: DENY" in head
+    assert b"\r\nX-Request-ID: " in head
+    assert b'"status":404' in body
+    assert b"no route matches this path" in body
+
+
 async def test_allowed_hosts(upstream: Any) -> None:
     _, server = upstream
     cfg = base_config(_url(server), allowed_hosts=["api.example"])
