@@ -29,7 +29,6 @@ import email.utils
 import logging
 import secrets
 from collections.abc import Callable, Coroutine
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -39,7 +38,7 @@ from yarl import URL
 
 from gateway.batchwrite import WriteBatcher
 from gateway.pipeline.client_ip import IPAddress, peer_of
-from gateway.problem import CONTENT_TYPE, problem_body, raw_problem
+from gateway.problem import CONTENT_TYPE, PHRASES, problem_body, raw_problem
 
 if TYPE_CHECKING:
     from gateway.pipeline.headers import ResponseHeaders
@@ -57,19 +56,18 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _ONE_WRITE = 16 * 1024  # bodies up to this size are joined to the head
 
 
-_PHRASES: dict[int, str] = {s.value: s.phrase for s in HTTPStatus}
 _STATUS_LINES: dict[int, bytes] = {
-    code: f"HTTP/1.1 {code} {phrase}\r\n".encode("latin-1") for code, phrase in _PHRASES.items()
+    code: f"HTTP/1.1 {code} {phrase}\r\n".encode("latin-1") for code, phrase in PHRASES.items()
 }
 
 
 def _phrase(status: int) -> str:
-    return _PHRASES.get(status, "Unknown")
+    return PHRASES.get(status, "Unknown")
 
 
 def status_line(status: int, reason: str | None) -> bytes:
     line = _STATUS_LINES.get(status)
-    if line is not None and (not reason or reason == _PHRASES[status]):
+    if line is not None and (not reason or reason == PHRASES[status]):
         return line
     reason = (reason or _phrase(status)).replace("\r", " ").replace("\n", " ")
     return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1", "replace")

@@ -16,7 +16,7 @@ QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded
 ABNORMAL_USAGE = "https://iana.org/assignments/http-problem-types#abnormal-usage-detected"
 _OURS = "https://gateway.invalid/problems/"
 # reason phrases by code, looked up without building an HTTPStatus on every error
-_PHRASES = {s.value: s.phrase for s in HTTPStatus}
+PHRASES: dict[int, str] = {s.value: s.phrase for s in HTTPStatus}
 
 
 def problem_type(slug: str) -> str:
@@ -34,7 +34,7 @@ def problem_body(
 ) -> bytes:
     body: dict[str, Any] = {
         "type": type_ or "about:blank",
-        "title": title or _PHRASES.get(status, "Error"),
+        "title": title or PHRASES.get(status, "Error"),
         "status": status,
         "detail": detail,
         "request_id": request_id,
@@ -52,7 +52,7 @@ def raw_problem(status: int, detail: str, *, rid_header: str, static_headers: st
     """
     rid = secrets.token_hex(16)
     body = problem_body(status, detail, request_id=rid)
-    phrase = _PHRASES.get(status, "Error")
+    phrase = PHRASES.get(status, "Error")
     head = (
         f"HTTP/1.1 {status} {phrase}\r\n"
         f"{rid_header}: {rid}\r\n"

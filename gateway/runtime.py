@@ -127,7 +127,10 @@ class Runtime:
         self.snapshot = snapshot
         self.settings = settings
         for listener in self.on_apply:
-            listener(settings)
+            try:
+                listener(settings)
+            except Exception:  # the config is applied: a listener's bug must not undo that
+                self.log.exception("config_listener_failed")
         return needs_restart
 
     def _retire(self, state: UpstreamState, grace_s: float) -> None:

@@ -413,6 +413,37 @@ async def test_a_refused_websocket_upgrade_gets_a_problem_and_the_connection_clo
     assert b"no route matches this path" in body
 
 
+async def test_a_rate_limited_websocket_upgrade_gets_the_429_fields(upstream: Any) -> None:
+    _, server = upstream
+    cfg = base_config(
+        _url(server),
+        routes=[{"name": "api", "path_prefix": "/", "upstream": "api", "rate_limits": ["p"]}],
+        rate_limit={"policies": {"p": {"requests": 1, "period_s": 60, "burst": 1}}},
+    )
+    async with running_gateway(cfg) as gw:
+        assert gw.proxy_port is not None
+        async with aiohttp.ClientSession() as s, s.get(url(gw, "/x")) as r:
+            assert r.status == 200  # the one request of the budget
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 429 ")
+    fields = dict(
+        line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:] if ": " in line
+    )
+    assert fields["Content-Type"] == "application/problem+json"
+    assert 1 <= int(fields["Retry-After"]) <= 60
+    assert fields["RateLimit-Policy"] == '"p";q=1;w=60'
+    assert fields["RateLimit"].startswith('"p";r=0;t=')
+    assert b"quota-exceeded" in body
+
+
 async def test_allowed_hosts(upstream: Any) -> None:
     _, server = upstream
     cfg = base_config(_url(server), allowed_hosts=["api.example"])

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from gateway.app import Gateway
@@ -218,5 +219,38 @@ async def test_the_proxy_ports_own_answers_follow_a_reload(tmp_path: Path, upstr
         assert slow.startswith(b"HTTP/1.1 408 ")
         assert loop.time() - t0 < 5, "the 408 came after the old 30 s timeout"
         assert b"X-Frame-Options: SAMEORIGIN\r\n" in slow
+    finally:
+        await gw.drain()
+
+
+async def test_a_failing_reload_listener_does_not_undo_or_stop_reloads(
+    tmp_path: Path, upstream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)  # reloads read secrets again
+    path = tmp_path / "gateway.yaml"
+    cfg = _cfg(upstream, burst=100)
+    cfg["reload"] = {"interval_s": 3600}
+    _write(path, cfg)
+    gw = await _start(path)
+
+    def broken(_settings: Any) -> None:
+        raise RuntimeError("listener bug")
+
+    gw.runtime.on_apply.insert(0, broken)
+    try:
+        async with aiohttp.ClientSession() as s:
+            for prefix in ("/a", "/b"):  # twice: reloads keep working after the failure
+                cfg["routes"][0]["path_prefix"] = prefix
+                _write(path, cfg)
+                async with s.post(
+                    admin_url(gw, "/admin/reload"), headers={"Authorization": f"Bearer {TOKEN}"}
+                ) as r:
+                    assert r.status == 200
+                    assert (await r.json())["reloaded"] is True
+                async with s.get(url(gw, prefix + "/x")) as r:
+                    assert r.status == 200
+                async with s.get(url(gw, "/c/x")) as r:
+                    assert r.status == 404
+        assert _count(gw, "success") == 2
     finally:
         await gw.drain()
