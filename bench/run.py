@@ -125,13 +125,17 @@ class Proc:
         """Run every thread of this process (and its children) on ``cpu`` for a while."""
 
         def pin(where: int) -> None:
-            for pid in self.pids():
-                for task in Path(f"/proc/{pid}/task").iterdir():
-                    with contextlib.suppress(OSError):
-                        os.sched_setaffinity(int(task.name), {where})
+            for _ in range(2):  # twice: a thread started during the first pass is caught
+                for pid in self.pids():
+                    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                        for task in Path(f"/proc/{pid}/task").iterdir():
+                            with contextlib.suppress(ProcessLookupError):
+                                os.sched_setaffinity(int(task.name), {where})
 
-        pin(cpu)
         try:
+            pin(cpu)
+            if os.sched_getaffinity(self.pid) != {cpu}:
+                raise BenchError(f"{self.name}: could not be moved to CPU {cpu}")
             yield
         finally:
             pin(self.cpu)
@@ -658,14 +662,17 @@ def cpuidle() -> str:
     """The idle driver, and on a KVM guest its halt polling: with ``guest_halt_poll_ns 0``
     an idle vCPU halts at once, and every wake-up is a round trip through the host (it
     weighs on the c=1 figures with two CPUs)."""
-    base = Path("/sys/devices/system/cpu/cpuidle/current_driver")
+    base = Path("/sys/devices/system/cpu/cpuidle")
     try:
-        driver = base.read_text().strip()
+        driver = (base / "current_driver").read_text().strip()
     except OSError:
         return ""
     with contextlib.suppress(OSError):
-        ns = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns").read_text().strip()
-        return f"{driver} (guest_halt_poll_ns {ns})"
+        driver += ", governor " + (base / "current_governor_ro").read_text().strip()
+    if driver.startswith("haltpoll"):
+        with contextlib.suppress(OSError):
+            ns = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns").read_text().strip()
+            driver += f", guest_halt_poll_ns {ns}"
     return driver
 
 
@@ -1041,10 +1048,13 @@ def measure(
                 extra.direct_c1.append(res)
                 print(f"  round {i + 1} {t.key:10s} c=1 p50 {res.p50_us:8.1f} µs")
                 continue
-            res = wrk.run(t.url, 1, args.c1_duration)
-            t.single.append(res)
+            if i % 2 == 0:  # the order of the two placements alternates with the rounds
+                res = wrk.run(t.url, 1, args.c1_duration)
             with t.proc.moved_to(wrk.cpu):  # the proxy joins wrk and the upstream
                 one = wrk.run(t.url, 1, args.c1_duration)
+            if i % 2 == 1:
+                res = wrk.run(t.url, 1, args.c1_duration)
+            t.single.append(res)
             t.single_one_cpu.append(one)
             print(
                 f"  round {i + 1} {t.key:10s} c=1 p50 {res.p50_us:8.1f} µs (two CPUs), "
