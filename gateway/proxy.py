@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,16 +54,23 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froz
     return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
 
 
-def filter_headers(
+def filter_header_lines(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     drop: frozenset[str],
-) -> list[tuple[str, str]]:
+) -> list[str]:
     """``headers`` without those in ``drop`` (lower-case; it includes :data:`HOP_BY_HOP`)
-    and those the ``Connection`` field names."""
+    and those the ``Connection`` field names, as ``Name: value\r\n`` lines."""
     listed = connection_tokens(headers)
     if listed:
         drop = drop | listed
-    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
+    return [f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() not in drop]
+
+
+def header_pairs(lines: str) -> list[tuple[str, str]]:
+    """``Name: value\r\n`` lines back as (name, value) pairs (for aiohttp's client)."""
+    return [
+        (name, value) for name, _, value in (ln.partition(": ") for ln in lines.split("\r\n") if ln)
+    ]
 
 
 def filter_header_list(
@@ -151,12 +158,14 @@ class UpstreamClient:
         self,
         method: str,
         raw_path_qs: str,
-        headers: list[tuple[str, str]],
+        headers: str | Sequence[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
         *,
         has_length: bool = False,
     ) -> Coroutine[Any, Any, LeanResponse]:
         """Send a request (await it); :class:`UpstreamError` if no response head came back.
+
+        ``headers``: ``Name: value\r\n`` lines, or (name, value) pairs.
 
         Not a coroutine itself: one level less for every resumption of the request.
         """

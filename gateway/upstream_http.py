@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 import httptools
@@ -404,13 +404,18 @@ class LeanPool:
         self,
         method: str,
         target: str,
-        headers: list[tuple[str, str]],
+        headers: str | Sequence[tuple[str, str]],
         body: AsyncIterator[bytes] | None,
         *,
         chunked: bool,
     ) -> LeanResponse:
-        """Send one request; raise :class:`UpstreamError` if no response head came back."""
-        fields = "".join([f"{k}: {v}\r\n" for k, v in headers])
+        """Send one request; raise :class:`UpstreamError` if no response head came back.
+
+        ``headers``: the header fields as ``Name: value\r\n`` lines, or (name, value) pairs.
+        """
+        fields = (
+            headers if isinstance(headers, str) else "".join([f"{k}: {v}\r\n" for k, v in headers])
+        )
         te = "Transfer-Encoding: chunked\r\n" if chunked else ""
         head = f"{method} {target} HTTP/1.1\r\n{fields}{te}\r\n".encode("latin-1")
         # A reused connection the upstream closed meanwhile fails before any answer: try once

@@ -30,7 +30,7 @@ from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_clien
 from gateway.pipeline.headers import UPSTREAM_SKIP
 from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
 from gateway.probes import PROBE_PATHS, probe_answer
-from gateway.proxy import filter_header_list, filter_headers, splice_ws
+from gateway.proxy import filter_header_lines, filter_header_list, header_pairs, splice_ws
 from gateway.stores.limiter import BackendUnavailable, Check
 from gateway.upstream_http import LeanResponse, UpstreamError
 
@@ -447,14 +447,21 @@ class ProxyHandler:
 
     # ------------------------------------------------------------------ upstream
 
-    def _upstream_headers(
-        self, request: AnyRequest, snap: Snapshot, ctx: Ctx, *, via_proxy: bool
-    ) -> list[tuple[str, str]]:
+    def _upstream_fields(
+        self,
+        request: AnyRequest,
+        snap: Snapshot,
+        ctx: Ctx,
+        up: UpstreamState,
+        *,
+        via_proxy: bool,
+    ) -> str:
+        """The header fields sent upstream, as ``Name: value\r\n`` lines: the client's
+        end-to-end fields, then Host, X-Forwarded-*, X-Real-IP and the request id (the
+        upstream's own Host last when the client sent none)."""
         headers = request.headers
-        out = filter_headers(headers, snap.drop_upstream)
+        kept = filter_header_lines(headers, snap.drop_upstream)
         host = headers.get(hdrs.HOST)
-        if host is not None:
-            out.append((hdrs.HOST, host))
         chain = ctx.client_ip
         proto = "http"
         fwd_host = host
@@ -468,13 +475,16 @@ class ProxyHandler:
                 hosts = forwarded_values(headers[hdrs.FORWARDED], "host")
                 if hosts:
                     fwd_host = hosts[0]
-        out.append((hdrs.X_FORWARDED_FOR, chain))
-        out.append((hdrs.X_FORWARDED_PROTO, proto))
-        if fwd_host is not None:
-            out.append((hdrs.X_FORWARDED_HOST, fwd_host))
-        out.append(("X-Real-IP", ctx.client_ip))
-        out.append((snap.rid_header, ctx.rid))
-        return out
+        if host is not None:
+            kept.append(f"Host: {host}\r\n")
+        xfh = f"X-Forwarded-Host: {fwd_host}\r\n" if fwd_host is not None else ""
+        kept.append(  # one string for the fields the gateway sets
+            f"X-Forwarded-For: {chain}\r\nX-Forwarded-Proto: {proto}\r\n{xfh}"
+            f"X-Real-IP: {ctx.client_ip}\r\n{snap.rid_header}: {ctx.rid}\r\n"
+        )
+        if host is None:
+            kept.append(f"Host: {up.client.host_header}\r\n")
+        return "".join(kept)
 
     async def _read(self, request: AnyRequest, ctx: Ctx, deadline: float) -> bytes:
         """One piece of the request body (b"" at its end), within the request's deadline."""
@@ -539,7 +549,7 @@ class ProxyHandler:
         ctx: Ctx,
         up: UpstreamState,
         raw_path_qs: str,
-        up_headers: list[tuple[str, str]],
+        up_fields: str,
     ) -> tuple[LeanResponse, float]:
         """Send with breaker, bulkhead and bounded retries; return (response, start time)."""
         loop = self._loop
@@ -568,7 +578,7 @@ class ProxyHandler:
                 resp = await up.client.send(
                     method,
                     raw_path_qs,
-                    up_headers,
+                    up_fields,
                     body,
                     has_length=request.content_length is not None,
                 )
@@ -624,10 +634,8 @@ class ProxyHandler:
         up.inflight += 1
         up.inflight_gauge.inc()
         try:
-            up_headers = self._upstream_headers(request, snap, ctx, via_proxy=via_proxy)
-            if hdrs.HOST not in request.headers:
-                up_headers.append((hdrs.HOST, up.client.host_header))
-            up_resp, t0 = await self._send(request, snap, ctx, up, raw_path_qs, up_headers)
+            up_fields = self._upstream_fields(request, snap, ctx, up, via_proxy=via_proxy)
+            up_resp, t0 = await self._send(request, snap, ctx, up, raw_path_qs, up_fields)
             try:
                 now = self._loop.time()
                 elapsed = now - t0
@@ -692,7 +700,9 @@ class ProxyHandler:
         protocols = [
             p.strip() for p in headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(",") if p.strip()
         ]
-        up_headers = self._upstream_headers(request, snap, ctx, via_proxy=via_proxy)
+        up_headers = header_pairs(
+            self._upstream_fields(request, snap, ctx, up, via_proxy=via_proxy)
+        )
         up_headers = [h for h in up_headers if not h[0].lower().startswith("sec-websocket-")]
         now = self._loop.time()
         if not up.breaker.acquire(now):

@@ -289,6 +289,24 @@ async def test_forwarded_headers_from_untrusted_peer_are_replaced(upstream: Any)
     assert h["Host"] == "api.example"
 
 
+async def test_a_request_without_host_gets_the_upstreams_and_each_field_once(
+    upstream: Any,
+) -> None:
+    up, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw:
+        assert gw.proxy_port is not None
+        answer = await raw_exchange(gw.proxy_port, b"GET /f HTTP/1.0\r\nX-Kept: 1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    h = up.seen[-1]["headers"]
+    assert h["Host"] == server.host + ":" + str(server.port)
+    assert "X-Forwarded-Host" not in h  # the client named no host
+    assert h["X-Kept"] == "1"
+    for name in ("Host", "X-Forwarded-For", "X-Forwarded-Proto", "X-Real-IP", "X-Request-ID"):
+        assert len(h.getall(name)) == 1, name
+    assert h["X-Forwarded-For"] == h["X-Real-IP"] == "127.0.0.1"
+    assert h["X-Forwarded-Proto"] == "http"
+
+
 async def test_client_ip_behind_trusted_proxy_is_rightmost_untrusted(upstream: Any) -> None:
     up, server = upstream
     cfg = base_config(_url(server), trusted_proxies=["127.0.0.0/8", "10.0.0.0/8"])
