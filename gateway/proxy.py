@@ -46,19 +46,26 @@ FORWARDING = frozenset(
 DROP_UPSTREAM = FORWARDING | frozenset(("expect", "forwarded", "host"))
 
 
+# Never dropped because Connection lists it: the body sent upstream is framed by it
+# (without it, and without chunked coding, the upstream would read the body as the next
+# request on its keep-alive connection).
+_FRAMING = frozenset(("content-length",))
+
+
 def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
-    """Header names listed in ``Connection`` (they are hop-by-hop too)."""
+    """Header names listed in ``Connection`` (they are hop-by-hop too), framing excepted."""
     values = headers.getall(hdrs.CONNECTION, ())
     if not values:
         return frozenset()
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+    tokens = frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+    return tokens - _FRAMING
 
 
 def filter_header_lines(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     drop: frozenset[str],
 ) -> list[str]:
-    """``headers`` without those in ``drop`` (lower-case; it includes :data:`HOP_BY_HOP`)
+    r"""``headers`` without those in ``drop`` (lower-case; it includes :data:`HOP_BY_HOP`)
     and those the ``Connection`` field names, as ``Name: value\r\n`` lines."""
     listed = connection_tokens(headers)
     if listed:
@@ -67,7 +74,7 @@ def filter_header_lines(
 
 
 def header_pairs(lines: str) -> list[tuple[str, str]]:
-    """``Name: value\r\n`` lines back as (name, value) pairs (for aiohttp's client)."""
+    r"""``Name: value\r\n`` lines back as (name, value) pairs (for aiohttp's client)."""
     return [
         (name, value) for name, _, value in (ln.partition(": ") for ln in lines.split("\r\n") if ln)
     ]
@@ -163,7 +170,7 @@ class UpstreamClient:
         *,
         has_length: bool = False,
     ) -> Coroutine[Any, Any, LeanResponse]:
-        """Send a request (await it); :class:`UpstreamError` if no response head came back.
+        r"""Send a request (await it); :class:`UpstreamError` if no response head came back.
 
         ``headers``: ``Name: value\r\n`` lines, or (name, value) pairs.
 

@@ -409,7 +409,7 @@ class LeanPool:
         *,
         chunked: bool,
     ) -> LeanResponse:
-        """Send one request; raise :class:`UpstreamError` if no response head came back.
+        r"""Send one request; raise :class:`UpstreamError` if no response head came back.
 
         ``headers``: the header fields as ``Name: value\r\n`` lines, or (name, value) pairs.
         """

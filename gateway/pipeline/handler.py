@@ -456,7 +456,7 @@ class ProxyHandler:
         *,
         via_proxy: bool,
     ) -> str:
-        """The header fields sent upstream, as ``Name: value\r\n`` lines: the client's
+        r"""The header fields sent upstream, as ``Name: value\r\n`` lines: the client's
         end-to-end fields, then Host, X-Forwarded-*, X-Real-IP and the request id (the
         upstream's own Host last when the client sent none)."""
         headers = request.headers

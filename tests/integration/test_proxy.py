@@ -307,6 +307,28 @@ async def test_a_request_without_host_gets_the_upstreams_and_each_field_once(
     assert h["X-Forwarded-Proto"] == "http"
 
 
+async def test_connection_cannot_strip_the_body_length(upstream: Any) -> None:
+    """``Connection: Content-Length`` must not drop the field that frames the body sent
+    upstream: without it the upstream would read the body as its next request."""
+    up, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw:
+        assert gw.proxy_port is not None
+        body = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        head = (
+            f"POST /p HTTP/1.1\r\nHost: x\r\nConnection: Content-Length\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        first = await raw_exchange(gw.proxy_port, head + body)
+        second = await raw_exchange(gw.proxy_port, b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200 ")
+    assert second.startswith(b"HTTP/1.1 200 ")
+    paths = [seen["raw_path"] for seen in up.seen]
+    assert "/smuggled" not in paths
+    assert paths[-2:] == ["/p", "/after"]
+    assert up.seen[-2]["headers"]["Content-Length"] == str(len(body))
+    assert up.seen[-2]["size"] == len(body)
+
+
 async def test_client_ip_behind_trusted_proxy_is_rightmost_untrusted(upstream: Any) -> None:
     up, server = upstream
     cfg = base_config(_url(server), trusted_proxies=["127.0.0.0/8", "10.0.0.0/8"])
