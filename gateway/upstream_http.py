@@ -35,6 +35,10 @@ class UpstreamError(Exception):
         self.sent = sent  # whether any of the request may have reached the upstream
 
 
+class _OutOfStepError(Exception):
+    """The upstream sent a message when no answer was due."""
+
+
 class _Conn(asyncio.Protocol):
     """One upstream connection; carries one exchange at a time."""
 
@@ -45,6 +49,7 @@ class _Conn(asyncio.Protocol):
         "_head",
         "_head_only",
         "_headers",
+        "_interim",
         "_loop",
         "_parser",
         "_paused",
@@ -66,6 +71,7 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._renew = False  # the parser must be replaced before the next exchange
+        self._interim = False  # the message being parsed is a 1xx, not the answer
         self._head_only = False  # the answer to HEAD: no body whatever its headers say
         self._head: asyncio.Future[None] | None = None
         self._headers: list[tuple[str, str]] = []
@@ -117,6 +123,15 @@ class _Conn(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parser callbacks
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # a second answer to one request, or bytes on an idle connection: the upstream
+            # is out of step, and whatever it sends next would reach the wrong client
+            raise _OutOfStepError
+        self._status = b""
+        self._headers = []
+        self.listed = False
+
     def on_status(self, status: bytes) -> None:
         self._status += status
 
@@ -126,6 +141,10 @@ class _Conn(asyncio.Protocol):
             self.listed = True  # Connection names other fields: they are hop-by-hop too
 
     def on_headers_complete(self) -> None:
+        if self._parser.get_status_code() < 200:
+            # 100 Continue, 102 Processing, 103 Early Hints: interim, the answer follows
+            self._interim = True
+            return
         self.keep_alive = self._parser.should_keep_alive()
         if self._head_only:
             # llhttp cannot be told a HEAD answer has no body: this exchange ends here
@@ -145,6 +164,9 @@ class _Conn(asyncio.Protocol):
         self._wake_body()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
         self.complete = True
         self._wake_body()
 
@@ -181,9 +203,7 @@ class _Conn(asyncio.Protocol):
             self._renew = False
         self._head_only = head_only
         self._head = self._loop.create_future()
-        self._headers = []
-        self.listed = False
-        self._status = b""
+        self._interim = False
         self._body.clear()
         self.buffered = 0
         self.complete = False

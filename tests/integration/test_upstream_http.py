@@ -240,3 +240,59 @@ async def test_large_response_streams_with_back_pressure() -> None:
     finally:
         await pool.close()
         server.close()
+
+
+async def test_interim_1xx_answers_are_skipped_and_the_connection_stays_in_step() -> None:
+    """A 103/100/102 before the answer is not the answer: taking it as one would pool the
+    connection mid-exchange and hand this answer to the next request."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            head = await _read_head(r)
+            path = head.split(b" ")[1]
+            if path == b"/first":
+                w.write(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+                w.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+                await w.drain()
+                await asyncio.sleep(0.05)
+            body = b"answer for " + path
+            w.write(b"HTTP/1.1 200 OK\r\nX-Path: %s\r\nContent-Length: %d\r\n\r\n%s" % (
+                path, len(body), body))  # fmt: skip
+            await w.drain()
+
+    server, port, conns = await _serve(handler)
+    pool = _pool(port, limit=1)
+    try:
+        for path in ("/first", "/second"):
+            resp = await pool.request("GET", path, [("Host", "x")], None, chunked=False)
+            assert resp.status == 200
+            assert resp.reason == "OK"
+            assert resp.header_list[0] == ("X-Path", path)  # none of the 1xx fields
+            assert await _body(resp.iter_body()) == b"answer for " + path.encode()
+            resp.release()
+        assert len(conns) == 1  # the connection stayed usable
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_bytes_after_the_answer_retire_the_connection() -> None:
+    """An upstream that sends a second answer (or anything) when none is due is out of
+    step: its connection is closed, never given to the next request."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        extra = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"
+        w.write(OK + extra)  # one answer too many
+        await w.drain()
+        await asyncio.sleep(5)
+
+    server, port, conns = await _serve(handler)
+    pool = _pool(port, limit=1)
+    try:
+        assert await _fetch(pool) == b"ok"
+        assert await _fetch(pool) == b"ok"  # a fresh connection, not the stale answer
+        assert len(conns) == 2
+    finally:
+        await pool.close()
+        server.close()
