@@ -200,9 +200,14 @@ class ProxyHandler:
         # client IP (trusted proxies) and request id
         peer, peer_text = protocol.peer_address()
         xff = headers.get(hdrs.X_FORWARDED_FOR)
-        if xff is None and hdrs.FORWARDED in headers:
+        if xff is not None:
+            fields = headers.getall(hdrs.X_FORWARDED_FOR)
+            if len(fields) > 1:  # several fields are one list, in order (RFC 9110 5.3)
+                xff = ", ".join(fields)
+        elif hdrs.FORWARDED in headers:
             # RFC 7239: its for= list is read like X-Forwarded-For
-            xff = ", ".join(forwarded_values(headers[hdrs.FORWARDED], "for")) or None
+            forwarded = ", ".join(headers.getall(hdrs.FORWARDED))
+            xff = ", ".join(forwarded_values(forwarded, "for")) or None
         ctx.xff = xff
         client, via_proxy = resolve_client(peer, xff, snap.trusted)
         ctx.client = client

@@ -307,6 +307,48 @@ async def test_a_request_without_host_gets_the_upstreams_and_each_field_once(
     assert h["X-Forwarded-Proto"] == "http"
 
 
+@pytest.mark.parametrize(
+    ("fields", "chain"),
+    [
+        (
+            ["X-Forwarded-For: 10.1.2.3", "X-Forwarded-For: 203.0.113.9"],
+            "203.0.113.9, 127.0.0.1",
+        ),
+        (["Forwarded: for=10.1.2.3", "Forwarded: for=203.0.113.9"], "203.0.113.9, 127.0.0.1"),
+    ],
+    ids=["x-forwarded-for", "forwarded"],
+)
+async def test_several_forwarding_fields_are_one_list(
+    upstream: Any, fields: list[str], chain: str
+) -> None:
+    """A trusted proxy that adds its own field line (HAProxy's option forwardfor does)
+    must not leave the client's forged first line in charge of the client address."""
+    up, server = upstream
+    cfg = base_config(
+        _url(server),
+        trusted_proxies=["127.0.0.0/8"],
+        routes=[
+            {"name": "internal", "path_prefix": "/internal/", "upstream": "api",
+             "source_cidrs": ["10.0.0.0/8"]},
+            {"name": "api", "path_prefix": "/", "upstream": "api"},
+        ],
+    )  # fmt: skip
+    async with running_gateway(cfg) as gw:
+        assert gw.proxy_port is not None
+        lines = "\r\n".join(fields)
+        forged = await raw_exchange(
+            gw.proxy_port, f"GET /internal/x HTTP/1.1\r\nHost: x\r\n{lines}\r\n\r\n".encode()
+        )
+        assert forged.startswith(b"HTTP/1.1 403 "), "the forged 10.x address was believed"
+        answer = await raw_exchange(
+            gw.proxy_port, f"GET /f HTTP/1.1\r\nHost: x\r\n{lines}\r\n\r\n".encode()
+        )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    h = up.seen[-1]["headers"]
+    assert h["X-Real-IP"] == "203.0.113.9"
+    assert h["X-Forwarded-For"] == chain
+
+
 async def test_connection_cannot_strip_the_body_length(upstream: Any) -> None:
     """``Connection: Content-Length`` must not drop the field that frames the body sent
     upstream: without it the upstream would read the body as its next request."""
