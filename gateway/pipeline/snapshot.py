@@ -27,6 +27,31 @@ KNOWN_METHODS = frozenset(
 )
 
 
+def normalize_path(path: str) -> str:
+    """``path`` without dot segments (RFC 3986 5.2.4) and with empty segments merged.
+
+    Routes are matched on this form: an upstream that normalises ``/x/../admin`` or
+    ``//admin`` serves ``/admin``, so such a request must meet ``/admin``'s guards.
+    """
+    segments = path.split("/")
+    out: list[str] = []
+    for seg in segments[1:-1]:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg not in ("", "."):
+            out.append(seg)
+    last = segments[-1] if len(segments) > 1 else ""
+    if last == "..":
+        if out:
+            out.pop()
+        last = ""
+    elif last == ".":
+        last = ""
+    out.append(last)
+    return "/" + "/".join(out) if out != [""] else "/"
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledPolicy:
     name: str
@@ -138,6 +163,10 @@ class Snapshot:
         self.metrics_on_proxy = cfg.metrics.on_proxy_port
 
     def match(self, path: str) -> CompiledRoute | None:
+        """The first route whose prefix the path has, once normalised (the target itself
+        goes upstream as sent)."""
+        if "/." in path or "//" in path:
+            path = normalize_path(path)
         for route in self.routes:
             if path.startswith(route.prefix):
                 return route

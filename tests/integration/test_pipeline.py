@@ -12,7 +12,7 @@ from aiohttp import web
 
 from gateway.problem import ABNORMAL_USAGE, QUOTA_EXCEEDED
 from tests.conftest import free_port
-from tests.gw import base_config, running_gateway, serve, url
+from tests.gw import base_config, raw_exchange, running_gateway, serve, url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -244,6 +244,40 @@ async def test_route_guards_source_cidrs_and_shared_secret(up: Any) -> None:
         assert gw.runtime.bans.score("127.0.0.1") >= 6  # two auth failures at 3
         async with s.get(url(gw, "/tg/x")) as r:
             assert r.status == 403
+    assert c.hits == 1
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/x/../admin/users",
+        "/x/%2e%2e/admin/users",
+        "/x%2F..%2Fadmin/users",
+        "//admin/users",
+        "/admin/./users",
+        "http://h/x/../admin/users",
+    ],
+)
+async def test_a_guarded_route_cannot_be_reached_around_its_prefix(up: Any, target: str) -> None:
+    """Dot segments and doubled slashes do not get a request past a guarded route: an
+    upstream that normalises the path would serve the guarded resource."""
+    c, u = up
+    cfg = base_config(
+        u,
+        routes=[
+            {"name": "admin", "path_prefix": "/admin/", "upstream": "api",
+             "shared_secret": {"header": "X-Secret", "value_env": "ADMIN_S"}},
+            {"name": "api", "path_prefix": "/", "upstream": "api"},
+        ],
+    )  # fmt: skip
+    async with running_gateway(cfg, env={"ADMIN_S": "right"}) as gw:
+        assert gw.proxy_port is not None
+        answer = await raw_exchange(
+            gw.proxy_port, f"GET {target} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        assert answer.startswith(b"HTTP/1.1 403 "), answer[:60]
+        plain = await raw_exchange(gw.proxy_port, b"GET /x/y/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert plain.startswith(b"HTTP/1.1 200 ")
     assert c.hits == 1
 
 
