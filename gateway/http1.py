@@ -54,6 +54,7 @@ _LINGER_S = 5.0  # how long an unread request body is drained after the answer
 _NO_BODY_STATUS = frozenset((204, 304))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _ONE_WRITE = 16 * 1024  # bodies up to this size are joined to the head
+_READ_MAX = 256 * 1024  # the most one read delivers (uvloop's buffer)
 
 
 _STATUS_LINES: dict[int, bytes] = {
@@ -330,10 +331,13 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_body_paused",
+        "_chunked",
+        "_chunks",
         "_current",
         "_discarding",
         "_drain_waiter",
         "_fields",
+        "_framing",
         "_handoff",
         "_head_bytes",
         "_head_size",
@@ -367,6 +371,10 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes = 0
         self._head_size = 0
         self._in_head = False
+        # a chunked body: bytes read that were not body (chunk lines, trailer fields)
+        self._chunked = False
+        self._chunks = 0
+        self._framing = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._current: Request | None = None
         self._pending: collections.deque[Request] = collections.deque()
@@ -474,7 +482,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
-            if self._linger is not None:  # lingering: parse only to find the body's end
+            # lingering: parse only to find the body's end (past the bound, drop unparsed)
+            if self._linger is not None and not self._framing_over(data):
                 try:
                     self._parser.feed_data(data)
                 except Exception:
@@ -496,6 +505,9 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self._parse_error(400, "the request could not be parsed")
             return
+        if self._framing_over(data):
+            self._parse_error(431, "request trailer fields too large")
+            return
         if self._in_head:
             if self._head_bytes > 2 * self.server.max_header_bytes + 8192:
                 self._parse_error(431, "request header fields too large")
@@ -505,7 +517,19 @@ class HttpProtocol(asyncio.Protocol):
                     self.server.client_timeout_s, self._head_timeout
                 )
 
+    def _framing_over(self, data: bytes) -> bool:
+        """Whether a chunked body carries too much besides its data. Trailer fields are
+        gathered by the parser before any callback, so they are bounded here: the head,
+        chunk lines and one read's worth of slack."""
+        if not self._chunked:
+            return False
+        self._framing += len(data)
+        return self._framing > 2 * self.server.max_header_bytes + 64 * self._chunks + _READ_MAX
+
     def on_message_begin(self) -> None:
+        self._chunked = False
+        self._chunks = 0
+        self._framing = 0
         self._in_head = True
         self._url = b""
         self._fields = []
@@ -557,12 +581,18 @@ class HttpProtocol(asyncio.Protocol):
             self._pending.append(req)
             self._pause_pipeline()
 
+    def on_chunk_header(self) -> None:
+        self._chunked = True
+        self._chunks += 1
+
     def on_body(self, body: bytes) -> None:
+        self._framing -= len(body)
         req = self._pending[-1] if self._pending else self._current
         if req is not None:
             req.content.feed(body)
 
     def on_message_complete(self) -> None:
+        self._chunked = False
         if self._discarding:
             self.close()  # the unread body is over: the answer was sent, close
             return

@@ -235,6 +235,17 @@ async def test_chunked_request_body_is_read() -> None:
     assert _responses(raw)[0][2] == b"11"
 
 
+async def test_many_small_chunks_and_a_trailer_are_read() -> None:
+    chunks = b"".join(b"1\r\n%c\r\n" % (97 + i % 26) for i in range(20_000))
+    async with serving() as (_, port, _errors):
+        raw = await raw_exchange(
+            port,
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n" + chunks + b"0\r\nX-Checksum: 1\r\n\r\n",
+        )
+    assert _responses(raw)[0][2] == b"20000"
+
+
 async def test_large_body_is_streamed_with_back_pressure() -> None:
     payload = b"x" * (8 * 1024 * 1024)
     async with (

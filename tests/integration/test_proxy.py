@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from collections.abc import AsyncIterator
 from typing import Any
@@ -347,6 +348,28 @@ async def test_several_forwarding_fields_are_one_list(
     h = up.seen[-1]["headers"]
     assert h["X-Real-IP"] == "203.0.113.9"
     assert h["X-Forwarded-For"] == chain
+
+
+async def test_a_trailer_without_end_is_refused_before_it_grows(upstream: Any) -> None:
+    """Trailer fields are gathered by the parser before the gateway sees them: what a
+    chunked body carries besides its data is bounded, and the request is refused."""
+    _, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw:
+        assert gw.proxy_port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
+        writer.write(
+            b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nX-T: "
+        )
+        piece = b"a" * 16384
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            for _ in range(128):  # 2 MiB of one trailer field, never ended
+                writer.write(piece)
+                await asyncio.wait_for(writer.drain(), 2)
+        # without the bound the answer would wait for the body's end (client_timeout_s)
+        answer = await asyncio.wait_for(reader.read(65536), 5)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+    assert b"trailer" in answer
 
 
 async def test_connection_cannot_strip_the_body_length(upstream: Any) -> None:
