@@ -483,7 +483,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             # lingering: parse only to find the body's end (past the bound, drop unparsed)
-            if self._linger is not None and not self._framing_over(data):
+            if self._linger is not None and not (self._chunked and self._framing_over(data)):
                 try:
                     self._parser.feed_data(data)
                 except Exception:
@@ -505,7 +505,7 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self._parse_error(400, "the request could not be parsed")
             return
-        if self._framing_over(data):
+        if self._chunked and self._framing_over(data):
             self._parse_error(431, "request trailer fields too large")
             return
         if self._in_head:
@@ -520,9 +520,7 @@ class HttpProtocol(asyncio.Protocol):
     def _framing_over(self, data: bytes) -> bool:
         """Whether a chunked body carries too much besides its data. Trailer fields are
         gathered by the parser before any callback, so they are bounded here: the head,
-        chunk lines and one read's worth of slack."""
-        if not self._chunked:
-            return False
+        chunk lines and one read's worth of slack. Called while ``_chunked``."""
         self._framing += len(data)
         return self._framing > 2 * self.server.max_header_bytes + 64 * self._chunks + _READ_MAX
 

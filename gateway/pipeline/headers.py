@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.proxy import HOP_BY_HOP
+from gateway.proxy import HOP_BY_HOP, header_pairs
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
@@ -127,10 +127,7 @@ class ResponseHeaders:
         block, _ = self.render(list(headers.items()), rid, secure=secure)
         headers.clear()
         # names hold no ":" and values no CR/LF (aiohttp and the config refuse them)
-        for line in block.split("\r\n"):
-            if line:
-                name, _, value = line.partition(": ")
-                headers.add(name, value)
+        headers.extend(header_pairs(block))
 
     def static_block(self) -> str:
         """The headers as raw lines, for responses written below aiohttp (the 408)."""

@@ -71,7 +71,7 @@ __all__ = ["MemoryLimiter", "compact_key"]
 
 _SWEEP_PER_INSERT = 2
 _RECENT_KEYS = 4096  # compact forms remembered (cleared when full): a dict hit, not a parse
-_RECENT_KEY_CHARS = 49  # the longest key compact_key can turn into an int ("addr/prefix")
+_ADDRESS_CHARS = 49  # the longest key compact_key can turn into an int ("addr/prefix")
 _EVICTION_SAMPLE = 8
 _MIX = 0x9E3779B97F4A7C15  # 2**64 / golden ratio, odd: spreads hash bits
 _MASK64 = (1 << 64) - 1
@@ -96,7 +96,7 @@ def compact_key(key: str) -> int | str:
             return _from_bytes(_pton(_AF_INET, key), "big")
         except (OSError, ValueError):  # not an address (ValueError: a NUL inside)
             pass
-    elif ":" in key and len(key) <= _RECENT_KEY_CHARS and (first in _HEX or first == ":"):
+    elif ":" in key and len(key) <= _ADDRESS_CHARS and (first in _HEX or first == ":"):
         address, slash, prefix = key.partition("/")
         try:
             value = _from_bytes(_pton(_AF_INET6, address), "big") | _IPV6_TAG
@@ -172,7 +172,7 @@ class MemoryLimiter(Limiter):
         compact = recent.get(key)
         if compact is None:
             compact = compact_key(key)
-            if len(key) <= _RECENT_KEY_CHARS:  # addresses; never a long header-derived key
+            if len(key) <= _ADDRESS_CHARS:  # addresses; never a long header-derived key
                 if len(recent) >= _RECENT_KEYS:
                     recent.clear()
                 recent[key] = compact
