@@ -106,6 +106,9 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:  # noqa: ARG002
         self.transport = None
         self.keep_alive = False
+        if not self.complete and self.error is None and self._until_close():
+            self.complete = True  # the close ends a body framed by neither length nor chunks
+            self._wake_body()
         if not self.complete:
             if self._head is not None and not self._head.done() and not self.got_bytes:
                 # closed before any answer: nothing was processed, say so for retries
@@ -113,6 +116,22 @@ class _Conn(asyncio.Protocol):
             else:
                 self._fail(UpstreamError("protocol", "upstream closed mid-response", sent=True))
         self._wake_drain()
+
+    def _until_close(self) -> bool:
+        """Whether the answer whose head is in has a body that ends at the close: no
+        Content-Length and not chunked (RFC 9112 section 6.3, rule 8)."""
+        head = self._head
+        if head is None or not head.done() or head.cancelled() or self._interim:
+            return False
+        if head.exception() is not None:
+            return False
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == "content-length":
+                return False
+            if lname == "transfer-encoding" and value.rstrip(" \t").lower().endswith("chunked"):
+                return False
+        return True
 
     def pause_writing(self) -> None:
         self._paused = True

@@ -717,3 +717,36 @@ async def test_hop_by_hop_fields_of_an_answer_are_dropped_without_connection_tok
     assert b"X-Frame-Options: SAMEORIGIN" in head.split(b"\r\n")
     assert b"x-kept" in names
     assert b"x-request-id" in names
+
+
+async def test_an_upstream_answer_ended_by_the_close_reaches_the_client_whole() -> None:
+    """An upstream that frames its body by closing (HTTP/1.0 style, no Content-Length):
+    the client gets the whole body, chunked (HTTP/1.1) or delimited by the close (1.0)."""
+    body = b"x" * 100_000
+
+    async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            head = await r.readuntil(b"\r\n\r\n")
+            if head.startswith(b"GET /health"):
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            else:
+                w.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+            await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with running_gateway(base_config(f"http://127.0.0.1:{port}")) as gw:
+            async with aiohttp.ClientSession() as s, s.get(url(gw, "/file")) as r:
+                assert r.status == 200
+                assert r.headers["Content-Type"] == "text/plain"
+                assert await r.read() == body
+            assert gw.proxy_port is not None
+            data = await raw_exchange(
+                gw.proxy_port, b"GET /file HTTP/1.0\r\nHost: t\r\n\r\n", wait_s=2.0
+            )
+            assert data.startswith(b"HTTP/1.1 200 ")
+            assert data.endswith(b"\r\n\r\n" + body)
+    finally:
+        server.close()

@@ -296,3 +296,31 @@ async def test_bytes_after_the_answer_retire_the_connection() -> None:
     finally:
         await pool.close()
         server.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n", b"HTTP/1.0 200 OK\r\n"],
+    ids=["http11-no-length", "http10"],
+)
+async def test_an_answer_delimited_by_the_close_is_whole(head: bytes) -> None:
+    """No Content-Length, not chunked: the body ends where the upstream closes (RFC 9112
+    6.3 rule 8), in several writes; the connection is not reused."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(head + b"\r\n" + b"a" * 70_000)
+        await w.drain()
+        await asyncio.sleep(0.02)
+        w.write(b"b" * 10)
+        await w.drain()
+
+    server, port, conns = await _serve(handler)
+    pool = _pool(port)
+    try:
+        assert await _fetch(pool) == b"a" * 70_000 + b"b" * 10
+        assert await _fetch(pool) == b"a" * 70_000 + b"b" * 10
+        assert len(conns) == 2
+    finally:
+        await pool.close()
+        server.close()
