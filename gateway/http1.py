@@ -55,6 +55,11 @@ _NO_BODY_STATUS = frozenset((204, 304))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _ONE_WRITE = 16 * 1024  # bodies up to this size are joined to the head
 _READ_MAX = 256 * 1024  # the most one read delivers (uvloop's buffer)
+_SLICE = 2048  # what is parsed at a time of a read that may hold pipelined requests
+# Requests queued behind the one being served, at most. A slice holds fewer (the shortest
+# request is 18 bytes); only bytes parsed whole with a body in progress can reach it:
+# then the last one queued is answered with Connection: close and nothing more is read.
+_MAX_QUEUED = _SLICE // 16
 
 
 _STATUS_LINES: dict[int, bytes] = {
@@ -330,6 +335,7 @@ class HttpProtocol(asyncio.Protocol):
     """One client connection on the proxy port."""
 
     __slots__ = (
+        "_backlog",
         "_body_paused",
         "_chunked",
         "_chunks",
@@ -379,6 +385,7 @@ class HttpProtocol(asyncio.Protocol):
         self._current: Request | None = None
         self._pending: collections.deque[Request] = collections.deque()
         self._pending_error: tuple[int, str] | None = None
+        self._backlog = b""  # bytes read behind a queued request, not parsed yet
         self._handoff: bytes | None = None
         self._discarding = False
         self._linger: asyncio.TimerHandle | None = None
@@ -492,30 +499,60 @@ class HttpProtocol(asyncio.Protocol):
         if self._handoff is not None:
             self._handoff += data  # the parser stopped at the upgrade: bytes go along
             return
+        if self._pending:
+            self._backlog += data  # a request waits already: parsed once it is served
+            return
+        if len(data) <= _SLICE:
+            self._feed(data, b"")
+        else:
+            self._take(data)
+
+    def _take(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time, and keep what follows unparsed once a
+        request waits behind the one being served: a client that pipelines thousands of
+        tiny requests in one read holds one read of bytes, not thousands of requests.
+        The body of the request being served is parsed whole."""
+        start, n = 0, len(data)
+        while start < n:
+            if self._pending:
+                self._backlog = data[start:]
+                return
+            current = self._current
+            end = n if current is not None and not current.content.complete else start + _SLICE
+            if not self._feed(data[start:end], data[end:]):
+                return
+            start = end
+
+    def _feed(self, data: bytes, rest: bytes) -> bool:
+        """Parse ``data`` (``rest`` follows it); False when no more may be parsed."""
         if self._in_head:
             self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self._upgrade(data[exc.args[0] :])
-            return
+            self._upgrade(data[exc.args[0] :] + rest)
+            return False
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _HeadTooLarge):
+            if isinstance(exc.__context__, _QueueFull):
+                self._discarding = True  # those queued are served; nothing more is parsed
+                self._backlog = b""
+            elif isinstance(exc.__context__, _HeadTooLarge):
                 self._parse_error(431, "request header fields too large")
             else:
                 self._parse_error(400, "the request could not be parsed")
-            return
+            return False
         if self._chunked and self._framing_over(data):
             self._parse_error(431, "request trailer fields too large")
-            return
+            return False
         if self._in_head:
             if self._head_bytes > 2 * self.server.max_header_bytes + 8192:
                 self._parse_error(431, "request header fields too large")
-                return
+                return False
             if self._head_timer is None:
                 self._head_timer = self.loop.call_later(
                     self.server.client_timeout_s, self._head_timeout
                 )
+        return not self._discarding
 
     def _framing_over(self, data: bytes) -> bool:
         """Whether a chunked body carries too much besides its data. Trailer fields are
@@ -578,6 +615,9 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._pending.append(req)
             self._pause_pipeline()
+            if len(self._pending) >= _MAX_QUEUED:
+                req.keep_alive = False  # answered last, then the connection closes
+                raise _QueueFull
 
     def on_chunk_header(self) -> None:
         self._chunked = True
@@ -731,6 +771,10 @@ class HttpProtocol(asyncio.Protocol):
         """What follows a kept-alive exchange: a queued request, an error, a handover, a wait."""
         if self._pending:
             nxt = self._current = self._pending.popleft()
+            backlog = self._backlog
+            if backlog and not self._pending:
+                self._backlog = b""
+                self._take(backlog)  # may queue the next request again
             if not self._pending:
                 self._resume_pipeline()
             return nxt
@@ -753,6 +797,7 @@ class HttpProtocol(asyncio.Protocol):
         if transport is None:
             return
         self._pending.clear()
+        self._backlog = b""
         if req.content.complete:
             self.close()
             return
@@ -795,6 +840,10 @@ class HttpProtocol(asyncio.Protocol):
         proto.connection_made(transport)
         proto.data_received(data)
         self.transport = None
+
+
+class _QueueFull(Exception):  # noqa: N818 - a signal out of a parser callback
+    """Too many requests queued behind the one being served: parse no more."""
 
 
 class _HeadTooLarge(Exception):  # noqa: N818 - a signal out of a parser callback

@@ -415,3 +415,46 @@ async def test_shutdown_cancels_the_requests_still_being_served() -> None:
         assert CANCELLED == ["/forever"]
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
+
+
+async def test_a_pipelined_flood_is_parsed_only_as_it_is_served() -> None:
+    """256 KiB of tiny pipelined requests behind a slow one: the bytes wait unparsed
+    (no thousands of queued requests in memory), and every request is answered in order."""
+    tiny = b"GET /t HTTP/1.1\r\n\r\n"
+    n = 262_144 // len(tiny)
+    async with serving() as (server, port, _errors):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n" + tiny * n)
+        await writer.drain()
+        await asyncio.sleep(0.15)  # /slow is being served; everything else has been read
+        (proto,) = server.connections
+        queued = len(proto._pending)  # the memory this test is about
+        assert 1 <= queued < 128, queued
+        answers = 0
+        first = await asyncio.wait_for(reader.readuntil(b"path=/slow"), 5)
+        while answers < n:
+            await asyncio.wait_for(reader.readuntil(b"path=/t"), 5)
+            answers += 1
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200 OK")
+    assert answers == n
+
+
+async def test_a_flood_behind_an_upload_is_cut_at_the_queue_bound() -> None:
+    """Tiny requests sent in one read with the end of a body: 128 are queued and answered,
+    the last with Connection: close; the rest are never parsed, and the connection ends."""
+    tiny = b"GET /t HTTP/1.1\r\n\r\n"
+    async with serving() as (server, port, _errors):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the upload is being served, its body in progress
+        writer.write(b"12345" + tiny * 5000)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)  # until the gateway closes
+        writer.close()
+        assert not server.connections
+    answers = _responses(raw)
+    assert answers[0][2] == b"5"
+    assert [b for _, _, b in answers[1:]] == [b"path=/t"] * 128
+    assert answers[-1][1]["connection"] == "close"
