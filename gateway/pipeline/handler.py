@@ -328,7 +328,7 @@ class ProxyHandler:
                 if route.ip_keyed:  # the common case: no Check objects unless Redis is asked
                     decisions = limiter.decide_key(route.rates, ip)
                     if decisions is None:  # the shared backend is asked (an await only then)
-                        decisions = await limiter.submit([Check(n, r, ip) for n, r in route.rates])
+                        decisions = await limiter.submit_key(route.rates, ip)
                 else:
                     checks = [
                         Check(p.name, p.rate, self._key(request, ip, p, route))

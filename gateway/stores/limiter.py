@@ -85,6 +85,12 @@ class Limiter(ABC):
         """:meth:`decide` as something to await (a shared backend gives its future)."""
         return self.decide(checks)
 
+    def submit_key(
+        self, policies: Sequence[tuple[str, Rate]], key: str
+    ) -> Awaitable[list[Decision]]:
+        """:meth:`submit` for policies (name, rate) that all apply to one key."""
+        return self.submit([Check(name, rate, key) for name, rate in policies])
+
     @abstractmethod
     async def peek(self, checks: Sequence[Check]) -> list[Decision]:
         """What :meth:`decide` would answer now, consuming nothing."""

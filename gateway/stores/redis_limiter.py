@@ -254,6 +254,8 @@ class RedisLimiter(Limiter):
         self._evalsha_head = b"$7\r\nEVALSHA\r\n" + bulk_string(self._gcra.sha)
         self._announce_script = _Script("replicas.lua")
         self._policy_keys: dict[str, _PolicyKeys] = {}
+        # id(a route's policies) -> (those policies, their key parts), for submit_key
+        self._route_keys: dict[int, tuple[Sequence[tuple[str, Rate]], list[_PolicyKeys]]] = {}
         # key -> (refused until, full again at), on the limiter clock
         self._blocked: dict[bytes, tuple[float, float]] = {}
         self._blocked_until = 0.0  # when the last refusal in the cache ends
@@ -319,6 +321,52 @@ class RedisLimiter(Limiter):
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
         return await self.submit(checks)
 
+    def submit_key(
+        self, policies: Sequence[tuple[str, Rate]], key: str
+    ) -> Awaitable[list[Decision]]:
+        """:meth:`submit` for a route's policies on one key (the client's address): no
+        Check built by the caller, the key encoded once, the policies' key parts cached
+        per route."""
+        loop = self._loop
+        if self._open_until or self._blocked or loop is None or loop.is_closed():
+            return self.submit([_tuple_new(Check, (name, rate, key)) for name, rate in policies])
+        entry = self._route_keys.get(id(policies))
+        if entry is None or entry[0] is not policies:
+            entry = self._route_entry(policies)
+        future: asyncio.Future[list[Decision]] = loop.create_future()
+        batch = self._batch(loop)
+        start = len(batch.keys)
+        raw = bounded_key(key).encode("utf-8", "surrogatepass")
+        add_check, add_key = batch.checks.append, batch.keys.append
+        for policy, pk in zip(policies, entry[1], strict=True):
+            add_check(_tuple_new(Check, (policy[0], policy[1], key)))
+            add_key(pk.head + raw + pk.tail)
+        batch.pks += entry[1]
+        if len(batch.keys) >= self._max_batch:
+            self._open = None  # full: the next decision starts another batch
+        batch.parts.append(_tuple_new(_Part, (future, start, len(policies), None)))
+        return future
+
+    def _route_entry(
+        self, policies: Sequence[tuple[str, Rate]]
+    ) -> tuple[Sequence[tuple[str, Rate]], list[_PolicyKeys]]:
+        cache = self._route_keys
+        if len(cache) >= 256:
+            cache.clear()  # routes of many reloads ago
+        entry = (policies, [self._policy(Check(name, rate, "")) for name, rate in policies])
+        cache[id(policies)] = entry  # the entry holds the policies: their id is not reused
+        return entry
+
+    def _batch(self, loop: asyncio.AbstractEventLoop) -> _Batch:
+        """The batch new checks join; a new one, queued, when there is none open."""
+        batch = self._open
+        if batch is None:
+            batch = self._open = _Batch(self, loop.time() + self._timeout_s)
+            self._queue.append(batch)
+            if self._flush_handle is None:
+                self._flush_handle = loop.call_soon(self._flush)
+        return batch
+
     def submit(self, checks: Sequence[Check]) -> Awaitable[list[Decision]]:
         """The decisions as a future: the caller awaits it, no coroutine in between."""
         loop = self._loop
@@ -345,12 +393,7 @@ class RedisLimiter(Limiter):
                     self._probing = False
                     future.set_result(cached)  # type: ignore[arg-type]
                     return future
-        batch = self._open
-        if batch is None:
-            batch = self._open = _Batch(self, loop.time() + self._timeout_s)
-            self._queue.append(batch)
-            if self._flush_handle is None:
-                self._flush_handle = loop.call_soon(self._flush)
+        batch = self._batch(loop)
         start = len(batch.keys)
         if cached is None:
             batch.checks += checks
@@ -407,6 +450,7 @@ class RedisLimiter(Limiter):
         # Redis keys carry the rate: unchanged policies keep their keys, changed ones
         # get new keys (the old ones expire by themselves).
         self._policy_keys.clear()
+        self._route_keys.clear()
         self._blocked.clear()
         if self._fallback is not None:
             self._fallback.reconfigure(self._divide_all(rates))

@@ -177,6 +177,33 @@ async def test_several_policies_are_decided_independently(harness: Harness) -> N
     assert d.remaining == 1
 
 
+async def test_submit_key_decides_as_submit_and_shares_its_buckets(harness: Harness) -> None:
+    """A route's policies on one key through submit_key: the decisions and the buckets
+    of checks through submit, also when both join one loop turn (one Redis batch), and
+    after a refusal (answered from the Redis backend's cache of refused keys)."""
+    tight, loose = Rate(1, 60.0, 2), Rate(1, 60.0, 4)
+    policies = (("tight", tight), ("loose", loose))
+    lim, ip = harness.limiter, "203.0.113.9"
+    got = [await lim.submit_key(policies, ip)]
+    got += await asyncio.gather(
+        lim.submit_key(policies, ip),
+        lim.submit([Check("tight", tight, ip), Check("loose", loose, ip)]),
+    )
+    got.append(await lim.submit_key(policies, ip))
+    got.append(await lim.submit_key(policies, ip))
+    assert [(a.allowed, b.allowed) for a, b in got] == [
+        (True, True),
+        (True, True),
+        (False, True),
+        (False, True),
+        (False, False),
+    ]
+    assert [b.remaining for _, b in got] == [3, 2, 1, 0, 0]
+    assert all(a.retry_after_s > 0 for a, _ in got[2:])
+    [d] = await lim.submit_key((("tight", tight),), "198.51.100.1")
+    assert d.remaining == 1
+
+
 async def test_peek_does_not_consume(harness: Harness) -> None:
     for _ in range(10):
         [d] = await harness.limiter.peek([check()])
