@@ -694,8 +694,20 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and nan_or(a) and nan_or(b) else float("nan")
 
 
-def verdict(ok: bool | None) -> str:
+INFO = "info"  # a row that is reported, not judged
+
+
+def verdict(ok: bool | str | None) -> str:
+    if isinstance(ok, str):
+        return ok
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def paired_ratio(a: Target, b: Target) -> float:
+    """The median over rounds of a's req/s over b's in the same round."""
+    rounds = zip(a.saturated, b.saturated, strict=False)  # a target may have lost a round
+    pairs = [x.rps / y.rps for x, y in rounds if y.rps > 0]
+    return statistics.median(pairs) if pairs else float("nan")
 
 
 def at_least(value: float, want: float) -> bool | None:
@@ -742,7 +754,7 @@ def table(targets: list[Target], direct_p50: float) -> list[str]:
 def checks(targets: list[Target], extra: Extra, direct_p50: float) -> list[str]:
     by = {t.key: t for t in targets}
     nginx, naive, mem, red = (by.get(k) for k in ("nginx", "naive", "gw-memory", "gw-redis"))
-    rows: list[tuple[str, str, str, bool | None]] = []
+    rows: list[tuple[str, str, str, bool | str | None]] = []
     if mem is not None and nginx is not None:
         r = ratio(mem.per_cpu_s, nginx.per_cpu_s)
         rows.append(
@@ -756,11 +768,17 @@ def checks(targets: list[Target], extra: Extra, direct_p50: float) -> list[str]:
              at_least(r, TARGET_VS_NAIVE))
         )  # fmt: skip
     if mem is not None and red is not None:
-        r = ratio(red.rps, mem.rps)
+        # paired: the two ran next to each other in each round, so the machine's drift
+        # between rounds (other tenants of a VM's host) cancels out of each ratio
+        r = paired_ratio(red, mem)
+        medians = ratio(red.rps, mem.rps)
         per_cpu = ratio(red.per_cpu_s, mem.per_cpu_s)
+        got = (
+            f"{fmt(r, 3)}x (median of {len(red.saturated)} rounds, each paired; ratio of "
+            f"the medians {fmt(medians, 3)}x; req per CPU-s {fmt(per_cpu, 3)}x)"
+        )
         rows.append(
-            ("gw-redis vs gw-memory, req/s", f">= {TARGET_REDIS_VS_MEMORY}x",
-             f"{fmt(r, 3)}x (req per CPU-s: {fmt(per_cpu, 3)}x)",
+            ("gw-redis vs gw-memory, req/s", f">= {TARGET_REDIS_VS_MEMORY}x", got,
              at_least(r, TARGET_REDIS_VS_MEMORY))
         )  # fmt: skip
     elif mem is not None:
@@ -769,18 +787,21 @@ def checks(targets: list[Target], extra: Extra, direct_p50: float) -> list[str]:
     floor_one = (nginx.c1_one_cpu_p50_us - direct_p50) if nginx is not None else float("nan")
     for t in (mem, red):
         if t is not None:
-            added = t.c1_p50_us - direct_p50
-            rows.append(
-                (f"{t.key} c=1 added p50, two CPUs", f"<= {TARGET_ADDED_P50_US:.0f} µs",
-                 f"{fmt(added, 1)} µs (nginx: {fmt(floor, 1)} µs)",
-                 at_most(added, TARGET_ADDED_P50_US))
-            )  # fmt: skip
+            # judged where the proxy shares the direct run's placement (one CPU); with a
+            # CPU of its own, four crossings between CPUs are added that the direct run
+            # does not make: reported beside nginx's figure there, not judged
             added = t.c1_one_cpu_p50_us - direct_p50
             rows.append(
                 (f"{t.key} c=1 added p50, one CPU", f"<= {TARGET_ADDED_P50_US:.0f} µs",
                  f"{fmt(added, 1)} µs (nginx: {fmt(floor_one, 1)} µs)",
                  at_most(added, TARGET_ADDED_P50_US))
             )  # fmt: skip
+            added = t.c1_p50_us - direct_p50
+            got = (
+                f"{fmt(added, 1)} µs (nginx: {fmt(floor, 1)} µs; gateway - nginx "
+                f"{fmt(added - floor, 1)} µs)"
+            )
+            rows.append((f"{t.key} c=1 added p50, two CPUs", "reported", got, INFO))
     rz = extra.readyz
     if rz is not None:
         p99 = rz.p99_us / 1e3
@@ -1127,8 +1148,8 @@ def after_run_notes(targets: list[Target], extra: Extra) -> None:
         "c=1 added p50, two CPUs: the proxy on its own CPU, so each request crosses CPUs "
         "four times (wrk -> proxy -> upstream and back) where the direct run crosses none; "
         "on a VM each crossing wakes an idle vCPU, and nginx's figure is this placement's "
-        "floor. One CPU: wrk, proxy and upstream share the load CPU, as direct does: what "
-        "the proxy's own work adds"
+        "floor (reported, not judged). One CPU: wrk, proxy and upstream share the load "
+        "CPU, as direct does: what the proxy's own work adds (judged)"
     )
 
 
