@@ -245,6 +245,8 @@ class Request:
         self.content_length = int(cl) if cl is not None else None
         te = headers.get("Transfer-Encoding")
         self.body_exists = bool(self.content_length) or te is not None
+        if te is not None and version == "1.0":
+            self.keep_alive = False  # its framing is faulty: close after it (RFC 9112 6.1)
         self.content: Body | _NoBody = Body(protocol) if self.body_exists else NO_BODY
         self.rid: str | None = None
         self.response_headers: ResponseHeaders | None = None

@@ -201,6 +201,20 @@ async def test_http10_closes_unless_keep_alive_is_asked() -> None:
     assert answers[0][1]["connection"] == "keep-alive"
 
 
+async def test_http10_with_transfer_encoding_is_answered_then_closed() -> None:
+    """RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing; it is
+    served, then the connection closes (what follows is not read as a request)."""
+    async with serving() as (_, port, _errors):
+        raw = await raw_exchange(
+            port,
+            b"POST /echo HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n"
+            b"\r\n3\r\nabc\r\n0\r\n\r\nGET /b HTTP/1.0\r\n\r\n",
+        )
+    answers = _responses(raw)
+    assert [b for _, _, b in answers] == [b"3"]
+    assert answers[0][1].get("connection") != "keep-alive"
+
+
 async def test_head_request_gets_length_but_no_body() -> None:
     async with serving() as (_, port, _errors):
         raw = await raw_exchange(
