@@ -58,7 +58,8 @@ _READ_MAX = 256 * 1024  # the most one read delivers (uvloop's buffer)
 _SLICE = 2048  # what is parsed at a time of a read that may hold pipelined requests
 # Requests queued behind the one being served, at most. A slice holds fewer (the shortest
 # request is 18 bytes); only bytes parsed whole with a body in progress can reach it:
-# then the last one queued is answered with Connection: close and nothing more is read.
+# then the last one queued is answered with Connection: close, the connection is
+# half-closed, and what the client still sends is dropped unread.
 _MAX_QUEUED = _SLICE // 16
 
 
@@ -338,10 +339,12 @@ class HttpProtocol(asyncio.Protocol):
 
     __slots__ = (
         "_backlog",
+        "_backlog_at",
         "_body_paused",
         "_chunked",
         "_chunks",
         "_current",
+        "_cut",
         "_discarding",
         "_drain_waiter",
         "_fields",
@@ -357,6 +360,7 @@ class HttpProtocol(asyncio.Protocol):
         "_pending",
         "_pending_error",
         "_pipeline_paused",
+        "_quick_ok",
         "_task",
         "_url",
         "_waiter",
@@ -387,7 +391,10 @@ class HttpProtocol(asyncio.Protocol):
         self._current: Request | None = None
         self._pending: collections.deque[Request] = collections.deque()
         self._pending_error: tuple[int, str] | None = None
-        self._backlog = b""  # bytes read behind a queued request, not parsed yet
+        self._backlog = b""  # bytes read behind a queued request, not parsed yet ...
+        self._backlog_at = 0  # ... from this offset on
+        self._cut = False  # the queue bound was reached: nothing more is read
+        self._quick_ok = True  # an answer from the parser may be given in this read
         self._handoff: bytes | None = None
         self._discarding = False
         self._linger: asyncio.TimerHandle | None = None
@@ -491,8 +498,13 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._discarding:
-            # lingering: parse only to find the body's end (past the bound, drop unparsed)
-            if self._linger is not None and not (self._chunked and self._framing_over(data)):
+            # lingering: parse only to find the body's end (past the bound, or after the
+            # queue was cut, drop unparsed)
+            if (
+                self._linger is not None
+                and not self._cut
+                and not (self._chunked and self._framing_over(data))
+            ):
                 try:
                     self._parser.feed_data(data)
                 except Exception:
@@ -502,41 +514,46 @@ class HttpProtocol(asyncio.Protocol):
             self._handoff += data  # the parser stopped at the upgrade: bytes go along
             return
         if self._pending:
-            self._backlog += data  # a request waits already: parsed once it is served
+            # a request waits already: parsed once it is served
+            self._backlog = self._backlog[self._backlog_at :] + data
+            self._backlog_at = 0
             return
+        self._quick_ok = True  # one answer from the parser a read (they are not queued)
         if len(data) <= _SLICE:
-            self._feed(data, b"")
+            self._feed(data, data, len(data))
         else:
-            self._take(data)
+            self._take(data, 0)
 
-    def _take(self, data: bytes) -> None:
-        """Parse ``data`` a slice at a time, and keep what follows unparsed once a
-        request waits behind the one being served: a client that pipelines thousands of
-        tiny requests in one read holds one read of bytes, not thousands of requests.
-        The body of the request being served is parsed whole."""
-        start, n = 0, len(data)
+    def _take(self, data: bytes, start: int) -> None:
+        """Parse ``data`` from ``start`` a slice at a time, and keep what follows unparsed
+        once a request waits behind the one being served: a client that pipelines
+        thousands of tiny requests in one read holds one read of bytes, not thousands of
+        requests. The body of the request being served is parsed whole."""
+        n = len(data)
         while start < n:
             if self._pending:
-                self._backlog = data[start:]
+                self._backlog, self._backlog_at = data, start
                 return
             current = self._current
             end = n if current is not None and not current.content.complete else start + _SLICE
-            if not self._feed(data[start:end], data[end:]):
+            if not self._feed(data[start:end] if start or end < n else data, data, end):
                 return
             start = end
 
-    def _feed(self, data: bytes, rest: bytes) -> bool:
-        """Parse ``data`` (``rest`` follows it); False when no more may be parsed."""
+    def _feed(self, data: bytes, whole: bytes, end: int) -> bool:
+        """Parse ``data``, which ``whole[end:]`` follows; False when no more may be parsed."""
         if self._in_head:
             self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self._upgrade(data[exc.args[0] :] + rest)
+            self._upgrade(data[exc.args[0] :] + whole[end:])
             return False
         except httptools.HttpParserError as exc:
             if isinstance(exc.__context__, _QueueFull):
-                self._discarding = True  # those queued are served; nothing more is parsed
+                # those queued are served, the last with Connection: close; nothing more
+                # is parsed, and what the client still sends is dropped
+                self._discarding = self._cut = True
                 self._backlog = b""
             elif isinstance(exc.__context__, _HeadTooLarge):
                 self._parse_error(431, "request header fields too large")
@@ -604,7 +621,8 @@ class HttpProtocol(asyncio.Protocol):
             parser.should_keep_alive(),
         )
         if self._current is None:
-            if not req.body_exists and not self._write_paused:
+            if not req.body_exists and not self._write_paused and self._quick_ok:
+                self._quick_ok = False
                 try:
                     quick = self.server.answer_now(req)
                 except Exception:  # a bug there is not the client's parse error
@@ -617,9 +635,6 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._pending.append(req)
             self._pause_pipeline()
-            if len(self._pending) >= _MAX_QUEUED:
-                req.keep_alive = False  # answered last, then the connection closes
-                raise _QueueFull
 
     def on_chunk_header(self) -> None:
         self._chunked = True
@@ -636,9 +651,13 @@ class HttpProtocol(asyncio.Protocol):
         if self._discarding:
             self.close()  # the unread body is over: the answer was sent, close
             return
-        req = self._pending[-1] if self._pending else self._current
+        pending = self._pending
+        req = pending[-1] if pending else self._current
         if req is not None:
             req.content.feed_eof()
+        if len(pending) >= _MAX_QUEUED:  # checked once its body is in, if it has one
+            pending[-1].keep_alive = False  # answered last, then the connection closes
+            raise _QueueFull
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -673,8 +692,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def _head_timeout(self) -> None:
         self._head_timer = None
-        if self._in_head and not self.busy():
-            self._write_error(408, "the request was not received in time")
+        if not self._in_head:
+            return
+        if self.busy():  # a head behind a request being served: its time starts again
+            self._head_timer = self.loop.call_later(
+                self.server.client_timeout_s, self._head_timeout
+            )
+            return
+        self._write_error(408, "the request was not received in time")
 
     def _write_error(self, status: int, detail: str) -> None:
         transport = self.transport
@@ -776,9 +801,9 @@ class HttpProtocol(asyncio.Protocol):
             backlog = self._backlog
             if backlog and not self._pending:
                 self._backlog = b""
-                self._take(backlog)  # may queue the next request again
-            if not self._pending:
-                self._resume_pipeline()
+                self._take(backlog, self._backlog_at)  # may queue the next request again
+            if not self._pending and self._handoff is None and self._pending_error is None:
+                self._resume_pipeline()  # (an upgrade or an error found there: no more reads)
             return nxt
         if self._pending_error is not None:
             status, detail = self._pending_error
@@ -800,9 +825,16 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._pending.clear()
         self._backlog = b""
-        if req.content.complete:
+        if req.content.complete and not self._cut:
             self.close()
             return
+        if self._cut:
+            # the client may still be sending requests that were not read: closing now
+            # would reset the connection and could lose answers not sent yet. The end of
+            # the answers is signalled, and what comes is dropped until the client closes.
+            self.server.batcher.flush()
+            if transport.can_write_eof():
+                transport.write_eof()
         # linger: read and drop what the client still sends, so it gets the answer
         self._discarding = True
         self._body_paused = self._pipeline_paused = False

@@ -103,10 +103,10 @@ class _Conn(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError("protocol", f"malformed upstream response: {exc}", sent=True))
 
-    def connection_lost(self, exc: BaseException | None) -> None:  # noqa: ARG002
+    def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
         self.keep_alive = False
-        if not self.complete and self.error is None and self._until_close():
+        if exc is None and not self.complete and self.error is None and self._until_close():
             self.complete = True  # the close ends a body framed by neither length nor chunks
             self._wake_body()
         if not self.complete:
@@ -119,19 +119,16 @@ class _Conn(asyncio.Protocol):
 
     def _until_close(self) -> bool:
         """Whether the answer whose head is in has a body that ends at the close: no
-        Content-Length and not chunked (RFC 9112 section 6.3, rule 8)."""
+        Content-Length and no Transfer-Encoding (RFC 9112 section 6.3, rule 8; a coding
+        other than chunked is not passed on, so such an answer stays an error)."""
         head = self._head
         if head is None or not head.done() or head.cancelled() or self._interim:
             return False
         if head.exception() is not None:
             return False
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == "content-length":
-                return False
-            if lname == "transfer-encoding" and value.rstrip(" \t").lower().endswith("chunked"):
-                return False
-        return True
+        return not any(
+            name.lower() in ("content-length", "transfer-encoding") for name, _ in self._headers
+        )
 
     def pause_writing(self) -> None:
         self._paused = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import socket
@@ -455,20 +456,71 @@ async def test_a_pipelined_flood_is_parsed_only_as_it_is_served() -> None:
 
 
 async def test_a_flood_behind_an_upload_is_cut_at_the_queue_bound() -> None:
-    """Tiny requests sent in one read with the end of a body: 128 are queued and answered,
-    the last with Connection: close; the rest are never parsed, and the connection ends."""
+    """Requests sent in one read with the end of a body: 128 are queued and answered (the
+    128th, an upload itself, with its body), the last with Connection: close. The rest
+    are dropped unread while the client goes on sending, and the client gets every
+    answer, then the end of the connection (no reset that could lose answers)."""
     tiny = b"GET /t HTTP/1.1\r\n\r\n"
+    upload = b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+    flood = b"12345" + tiny * 127 + upload + tiny * 200_000  # 3.8 MB
+    loop = asyncio.get_running_loop()
     async with serving() as (server, port, _errors):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
-        await writer.drain()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)  # noqa: FBT003 - the socket API
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\n")
         await asyncio.sleep(0.05)  # the upload is being served, its body in progress
-        writer.write(b"12345" + tiny * 5000)
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), 5)  # until the gateway closes
-        writer.close()
-        assert not server.connections
+        sending = loop.create_task(loop.sock_sendall(sock, flood))
+        raw = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 4096), 5):
+            raw += chunk  # read slowly: the client is still sending meanwhile
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(sending, 5)  # all of it was taken (and dropped)
+        sock.close()
+        assert await wait_for(lambda: not server.connections)
     answers = _responses(raw)
+    assert len(answers) == 1 + 128
     assert answers[0][2] == b"5"
-    assert [b for _, _, b in answers[1:]] == [b"path=/t"] * 128
+    assert [b for _, _, b in answers[1:-1]] == [b"path=/t"] * 127
+    assert answers[-1][2] == b"3"
     assert answers[-1][1]["connection"] == "close"
+
+
+async def test_one_answer_from_the_parser_a_read_the_rest_queue() -> None:
+    """Probes answered from the parser are not queued: one a read, the rest go through
+    the handler in order, so a read full of them cannot pile answers up at once."""
+    async with serving() as (_, port, _errors):
+        raw = await raw_exchange(port, b"GET /now HTTP/1.1\r\n\r\n" * 20)
+    assert [b for _, _, b in _responses(raw)] == [b"now"] + [b"now (queued)"] * 19
+
+
+async def test_a_head_behind_a_request_being_served_still_times_out() -> None:
+    async with serving(client_timeout_s=0.2) as (_, port, _errors):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\n\r\nGET /partial HTTP/1.1\r\nX-Y: 1")
+        raw = await asyncio.wait_for(reader.read(), 3)  # the gateway closes after its 408
+        writer.close()
+    assert [status for status, _, _ in _responses(raw)] == [200, 408]
+
+
+async def test_bytes_after_an_upgrade_wait_unread_while_the_request_before_it_is_served() -> None:
+    """An upgrade queued behind a request: reading stays paused until the handover, so
+    what the client sends meanwhile does not pile up in memory."""
+    upgrade = (
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    async with serving() as (server, port, _errors):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /x HTTP/1.1\r\n\r\nGET /forever HTTP/1.1\r\n\r\n" + upgrade)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # /x answered, /forever being served, the upgrade waits
+        for _ in range(20):
+            writer.write(b"\x00" * 1_000_000)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(writer.drain(), 1)
+        (proto,) = server.connections
+        held = len(proto._handoff or b"")  # what the handover will carry
+        writer.close()
+    assert held < 1_000_000, held

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -112,8 +114,10 @@ async def test_pool_limit_queues_requests_on_one_connection() -> None:
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "protocol"),
         (b"NOT HTTP AT ALL\r\n\r\n", "protocol"),
         (b"", "protocol"),
+        # a coding other than chunked is not passed on: not a body that ends at the close
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nx\x9c\x03\x00", "protocol"),
     ],
-    ids=["truncated-body", "garbage", "closed-at-once"],
+    ids=["truncated-body", "garbage", "closed-at-once", "transfer-coding-gzip"],
 )
 async def test_broken_answers_are_upstream_errors(answer: bytes, kind: str) -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -321,6 +325,30 @@ async def test_an_answer_delimited_by_the_close_is_whole(head: bytes) -> None:
         assert await _fetch(pool) == b"a" * 70_000 + b"b" * 10
         assert await _fetch(pool) == b"a" * 70_000 + b"b" * 10
         assert len(conns) == 2
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def test_a_reset_cuts_an_answer_delimited_by_the_close() -> None:
+    """A reset is not the close that ends such a body: the answer is an error, not a
+    shorter body passed on as whole."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + b"a" * 1000)
+        await w.drain()
+        await asyncio.sleep(0.05)
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()  # RST instead of FIN
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port)
+    try:
+        with pytest.raises(UpstreamError) as info:
+            await _fetch(pool)
+        assert info.value.kind == "protocol"
     finally:
         await pool.close()
         server.close()
