@@ -444,6 +444,7 @@ class HttpProtocol(asyncio.Protocol):
         return self._current is not None or bool(self._pending)
 
     def close(self) -> None:
+        self._cancel_head_timer()
         if self.transport is not None:
             self.server.batcher.flush()  # what is queued for it goes first
             self.transport.close()
@@ -692,8 +693,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _head_timeout(self) -> None:
         self._head_timer = None
-        if not self._in_head:
-            return
+        transport = self.transport
+        if not self._in_head or self._discarding or transport is None or transport.is_closing():
+            return  # no head is awaited any more: the connection is ending
         if self.busy():  # a head behind a request being served: its time starts again
             self._head_timer = self.loop.call_later(
                 self.server.client_timeout_s, self._head_timeout
@@ -706,6 +708,7 @@ class HttpProtocol(asyncio.Protocol):
         if transport is None:
             return
         self._discarding = True  # nothing after this is parsed
+        self._cancel_head_timer()
         server = self.server
         server.batcher.flush()
         transport.write(

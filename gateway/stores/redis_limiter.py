@@ -328,7 +328,7 @@ class RedisLimiter(Limiter):
         Check built by the caller, the key encoded once, the policies' key parts cached
         per route."""
         loop = self._loop
-        if self._open_until or self._blocked or loop is None or loop.is_closed():
+        if self._open_until or self._blocked or loop is None or loop.is_closed() or not policies:
             return self.submit([_tuple_new(Check, (name, rate, key)) for name, rate in policies])
         entry = self._route_keys.get(id(policies))
         if entry is None or entry[0] is not policies:

@@ -48,6 +48,9 @@ async def _handler(request: Request) -> Response | web.Response:
         return Response(200, None, [("Content-Type", "text/plain")], str(size).encode())
     if path == "/slow":
         await asyncio.sleep(0.3)
+    if path == "/slow-big":  # an answer that stays in the send buffer of a slow reader
+        await asyncio.sleep(0.3)
+        return Response(200, None, [("Content-Type", "text/plain")], BIG * 32)
     if path == "/big":  # as a proxied answer: the loop turns while it is fetched
         await asyncio.sleep(0)
         return Response(200, None, [("Content-Type", "text/plain")], BIG)
@@ -524,3 +527,26 @@ async def test_bytes_after_an_upgrade_wait_unread_while_the_request_before_it_is
         held = len(proto._handoff or b"")  # what the handover will carry
         writer.close()
     assert held < 1_000_000, held
+
+
+async def test_a_closing_connection_gets_no_408_for_the_head_behind_its_last_answer() -> None:
+    """Draining while a request is served, a head half sent behind it: the answer closes
+    the connection, and nothing follows it, however long the client takes to read it."""
+    loop = asyncio.get_running_loop()
+    async with serving(client_timeout_s=0.2) as (server, port, errors):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)  # noqa: FBT003 - the socket API
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, b"GET /slow-big HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\nX: 1")
+        await asyncio.sleep(0.05)
+        server.start_draining()
+        await asyncio.sleep(1.0)  # not reading: the answer waits in the send buffer
+        raw = b""
+        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 5):
+            raw += chunk
+        sock.close()
+    answers = _responses(raw)
+    assert [status for status, _, _ in answers] == [200]
+    assert answers[0][1]["connection"] == "close"
+    assert errors == []

@@ -202,6 +202,7 @@ async def test_submit_key_decides_as_submit_and_shares_its_buckets(harness: Harn
     assert all(a.retry_after_s > 0 for a, _ in got[2:])
     [d] = await lim.submit_key((("tight", tight),), "198.51.100.1")
     assert d.remaining == 1
+    assert await lim.submit_key((), ip) == []
 
 
 async def test_peek_does_not_consume(harness: Harness) -> None:
