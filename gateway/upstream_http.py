@@ -35,6 +35,10 @@ class UpstreamError(Exception):
         self.sent = sent  # whether any of the request may have reached the upstream
 
 
+class _CodedError(Exception):
+    """The answer has a transfer coding other than chunked."""
+
+
 class _OutOfStepError(Exception):
     """The upstream sent a message when no answer was due."""
 
@@ -101,7 +105,11 @@ class _Conn(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol", "unexpected upgrade from upstream", sent=True))
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError("protocol", f"malformed upstream response: {exc}", sent=True))
+            if isinstance(exc.__context__, _CodedError):
+                detail = "upstream used a transfer coding other than chunked"
+            else:
+                detail = f"malformed upstream response: {exc}"
+            self._fail(UpstreamError("protocol", detail, sent=True))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
@@ -155,6 +163,15 @@ class _Conn(asyncio.Protocol):
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
         if len(name) == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
             self.listed = True  # Connection names other fields: they are hop-by-hop too
+        elif (
+            len(name) == 17
+            and name.lower() == b"transfer-encoding"
+            and value.strip(b" \t").lower() != b"chunked"
+        ):
+            # gzip, compress...: the gateway asks for none (it sends no TE field), and it
+            # frames answers anew, so the coding would be lost: the body would reach the
+            # client still coded with nothing saying so
+            raise _CodedError
 
     def on_headers_complete(self) -> None:
         if self._parser.get_status_code() < 200:

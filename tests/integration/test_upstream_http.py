@@ -15,6 +15,9 @@ from gateway.upstream_http import LeanPool, UpstreamError
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+TWO_CODING_LINES = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n"
+)
 
 
 async def _serve(handler: Handler) -> tuple[asyncio.Server, int, list[int]]:
@@ -116,8 +119,18 @@ async def test_pool_limit_queues_requests_on_one_connection() -> None:
         (b"", "protocol"),
         # a coding other than chunked is not passed on: not a body that ends at the close
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nx\x9c\x03\x00", "protocol"),
+        # chunked last: the framing is clear, but the body is still coded once unchunked
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "protocol"),
+        (TWO_CODING_LINES, "protocol"),
     ],
-    ids=["truncated-body", "garbage", "closed-at-once", "transfer-coding-gzip"],
+    ids=[
+        "truncated-body",
+        "garbage",
+        "closed-at-once",
+        "transfer-coding-gzip",
+        "gzip-then-chunked",
+        "two-coding-lines",
+    ],
 )
 async def test_broken_answers_are_upstream_errors(answer: bytes, kind: str) -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
