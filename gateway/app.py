@@ -14,7 +14,6 @@ Shutdown on SIGTERM (SPEC section 7), in this order:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import signal
 import time
@@ -35,6 +34,19 @@ if TYPE_CHECKING:
 
 
 YOUNG_GC_THRESHOLD = 10_000  # while serving; Python's default is 700
+
+
+_WS_CLOSE_S = 1.0  # how long a WebSocket's close may take during the drain
+
+
+async def _close_ws(ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
+    """Close a client's WebSocket with 1001 within a second, else drop its connection."""
+    try:
+        async with asyncio.timeout(_WS_CLOSE_S):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
+    except Exception:  # a timeout or a broken connection: drop it
+        if transport is not None:
+            transport.abort()
 
 
 class StartupError(Exception):
@@ -163,9 +175,8 @@ class Gateway:
         rt.log.info("drain_started", delay_s=cfg.drain.delay_s, timeout_s=cfg.drain.timeout_s)
         started = time.monotonic()
         await asyncio.sleep(cfg.drain.delay_s)
-        for ws in list(rt.websockets):
-            with contextlib.suppress(Exception):
-                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
+        # all at once, each bounded: a client that reads nothing cannot hold the drain
+        await asyncio.gather(*[_close_ws(ws, t) for ws, t in list(rt.websockets.items())])
         server = self._proxy_server
         if self._proxy_listener is not None and server is not None:
             # Stop accepting, then let what is in flight finish, request bodies included.
@@ -176,7 +187,9 @@ class Gateway:
             while server.in_flight() and loop.time() < deadline:  # noqa: ASYNC110 - a count, polled
                 await asyncio.sleep(0.02)
             await server.shutdown(1.0)
-            await server.upgrade_server.shutdown(max(0.0, min(1.0, deadline - loop.time())))
+            # at least a moment: aiohttp reads a timeout of 0 as none, and would wait for
+            # an upgraded connection's handler (a WebSocket) without end
+            await server.upgrade_server.shutdown(max(0.05, min(1.0, deadline - loop.time())))
         await self.reloader.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

@@ -126,7 +126,10 @@ class UpstreamClient:
         self.settings = settings
         self.base = URL(settings.url)
         connector = aiohttp.TCPConnector(
-            limit=settings.max_connections,
+            # WebSockets only; the handler caps them at max_connections and refuses the
+            # next one at once: a wait for a free connection here would time out and
+            # count against the breaker, which one client holding sockets could open
+            limit=0,
             limit_per_host=0,
             keepalive_timeout=30,
             enable_cleanup_closed=False,
@@ -180,7 +183,12 @@ class UpstreamClient:
         return self._pool.request(method, raw_path_qs, headers, body, chunked=chunked)
 
     async def ws_connect(
-        self, raw_path_qs: str, headers: list[tuple[str, str]], protocols: Iterable[str]
+        self,
+        raw_path_qs: str,
+        headers: list[tuple[str, str]],
+        protocols: Iterable[str],
+        *,
+        max_msg_size: int,
     ) -> aiohttp.ClientWebSocketResponse:
         with _upstream_errors():
             return await self._session.ws_connect(
@@ -190,7 +198,7 @@ class UpstreamClient:
                 timeout=self._ws_timeout,
                 autoclose=False,
                 autoping=False,
-                max_msg_size=0,
+                max_msg_size=max_msg_size,
                 compress=0,
             )
 

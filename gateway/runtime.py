@@ -55,7 +55,8 @@ class Runtime:
             name: UpstreamState(name, up, self.metrics, self.log)
             for name, up in cfg.upstreams.items()
         }
-        self.websockets: set[web.WebSocketResponse] = set()
+        # open WebSockets, with their client transport (aborted if a close cannot be sent)
+        self.websockets: dict[web.WebSocketResponse, asyncio.Transport | None] = {}
         self._requests: dict[tuple[str, str, int], Counter] = {}
         self._durations: dict[str, Histogram] = {}
         self._rl: dict[str, tuple[Counter, Counter, Counter]] = {}

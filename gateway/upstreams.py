@@ -34,6 +34,7 @@ class UpstreamState:
         "inflight_gauge",
         "max_inflight",
         "name",
+        "websockets",
     )
 
     def __init__(self, name: str, cfg: Upstream, metrics: Metrics, log: Any) -> None:
@@ -47,6 +48,7 @@ class UpstreamState:
         self.budget = RetryBudget(cfg.retries.budget_ratio)
         self.inflight = 0
         self.max_inflight = cfg.max_inflight
+        self.websockets = 0  # open WebSockets to it, at most config.max_connections
         self.inflight_gauge = metrics.inflight.labels(name)
         self.duration = metrics.upstream_duration.labels(name)
         self.errors = {k: metrics.upstream_errors.labels(name, k) for k in _ERROR_KINDS}

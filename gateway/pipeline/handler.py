@@ -11,6 +11,8 @@ response; what was decided is recorded once at the end.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import itertools
 import math
@@ -140,6 +142,18 @@ def _proto(headers: Any) -> str:
         if protos:
             return protos[0].lower()
     return ""
+
+
+def _ws_handshake_ok(request: GatewayRequest) -> bool:
+    """Whether the client's opening handshake is one the gateway can accept (version 13,
+    a 16-byte key: RFC 6455 section 4.2.1)."""
+    if request.headers.get(hdrs.SEC_WEBSOCKET_VERSION, "").strip() != "13":
+        return False
+    key = request.headers.get(hdrs.SEC_WEBSOCKET_KEY, "").strip()
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
 
 
 def _circuit_open(up: UpstreamState, now: float) -> Reject:
@@ -709,36 +723,61 @@ class ProxyHandler:
             self._upstream_fields(request, snap, ctx, up, via_proxy=via_proxy)
         )
         up_headers = [h for h in up_headers if not h[0].lower().startswith("sec-websocket-")]
+        # a message is held whole before it is passed on: it is bounded like a body
+        # (aiohttp refuses one of max_msg_size bytes or more, and stops inflating there)
+        max_msg = snap.max_body_bytes + 1
+        if not _ws_handshake_ok(request):  # checked before the upstream is bothered
+            raise Reject(400, "not a valid WebSocket handshake", event="bad_request")
+        if up.websockets >= up.config.max_connections:
+            raise Reject(
+                503,
+                f"upstream {up.name!r} has too many WebSockets open",
+                type_=problem.problem_type("bulkhead-full"),
+                headers={"Retry-After": "1"},
+                kind="bulkhead_full",
+            )
         now = self._loop.time()
         if not up.breaker.acquire(now):
             raise _circuit_open(up, now)
+        up.websockets += 1
         try:
-            up_ws = await up.client.ws_connect(raw_path_qs, up_headers, protocols)
-        except UpstreamError as exc:
-            up.breaker.record(self._loop.time(), failure=True)
-            up.errors[exc.kind].inc()
-            raise Reject(
-                502 if exc.kind != "timeout" else 504, f"upstream {up.name!r}: {exc}"
-            ) from None
-        except aiohttp.WSServerHandshakeError as exc:
-            up.breaker.record(self._loop.time(), failure=exc.status >= 500)
-            raise Reject(
-                502, f"upstream {up.name!r} refused the WebSocket upgrade ({exc.status})"
-            ) from None
-        up.breaker.record(self._loop.time(), failure=False)
-        ws = web.WebSocketResponse(
-            protocols=[up_ws.protocol] if up_ws.protocol else (),
-            autoping=False,
-            autoclose=False,
-            max_msg_size=0,
-        )
-        await ws.prepare(request)
-        ctx.status = 101
-        self.rt.websockets.add(ws)
-        try:
-            await splice_ws(ws, up_ws)
+            try:
+                up_ws = await up.client.ws_connect(
+                    raw_path_qs, up_headers, protocols, max_msg_size=max_msg
+                )
+            except UpstreamError as exc:
+                up.breaker.record(self._loop.time(), failure=True)
+                up.errors[exc.kind].inc()
+                raise Reject(
+                    502 if exc.kind != "timeout" else 504, f"upstream {up.name!r}: {exc}"
+                ) from None
+            except aiohttp.WSServerHandshakeError as exc:
+                up.breaker.record(self._loop.time(), failure=exc.status >= 500)
+                raise Reject(
+                    502, f"upstream {up.name!r} refused the WebSocket upgrade ({exc.status})"
+                ) from None
+            up.breaker.record(self._loop.time(), failure=False)
+            ws = web.WebSocketResponse(
+                protocols=[up_ws.protocol] if up_ws.protocol else (),
+                autoping=False,
+                autoclose=False,
+                max_msg_size=max_msg,
+                compress=False,  # no permessage-deflate toward clients: no inflating bombs
+            )
+            try:
+                await ws.prepare(request)
+            except BaseException:
+                await up_ws.close()  # the client went away during the upstream handshake
+                raise
+            ctx.status = 101
+            websockets = self.rt.websockets
+            websockets[ws] = request.transport
+            try:
+                await splice_ws(ws, up_ws)
+            finally:
+                websockets.pop(ws, None)
         finally:
-            self.rt.websockets.discard(ws)
+            up.websockets -= 1
         return ws
 
     # ------------------------------------------------------------------ outcome

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import socket
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -24,6 +25,8 @@ class Upstream:
 
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
+        self.ws_opened = 0
+        self.ws_sizes: list[int] = []  # sizes of the WebSocket messages that reached it
         self.app = web.Application(
             client_max_size=64 * 1024 * 1024, handler_args={"max_field_size": 65536}
         )
@@ -32,10 +35,20 @@ class Upstream:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/health":
             return web.Response(text="ok")
+        if request.path == "/ws-flood":  # sends until the gateway goes away
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            with contextlib.suppress(ConnectionError):
+                while not ws.closed:
+                    await ws.send_bytes(b"f" * 1_000_000)
+            return ws
         if request.path == "/ws":
-            ws = web.WebSocketResponse(protocols=("chat",))
+            self.ws_opened += 1
+            ws = web.WebSocketResponse(protocols=("chat",), max_msg_size=0)
             await ws.prepare(request)
             async for msg in ws:
+                if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                    self.ws_sizes.append(len(msg.data))
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     await ws.send_str("echo:" + msg.data)
                 elif msg.type is aiohttp.WSMsgType.BINARY:
@@ -750,3 +763,101 @@ async def test_an_upstream_answer_ended_by_the_close_reaches_the_client_whole() 
             assert data.endswith(b"\r\n\r\n" + body)
     finally:
         server.close()
+
+
+async def test_a_websocket_message_is_bounded_like_a_body(upstream: Any) -> None:
+    """A message over max_body_bytes closes the WebSocket with 1009 and never reaches the
+    upstream; the gateway offers no compression (no inflating a small frame into a big
+    message)."""
+    up, server = upstream
+    cfg = base_config(_url(server), request={"max_body_bytes": 100_000})
+    async with (
+        running_gateway(cfg) as gw,
+        aiohttp.ClientSession() as s,
+        s.ws_connect(url(gw, "/ws"), compress=15) as ws,
+    ):
+        assert ws.compress == 0  # permessage-deflate was not accepted
+        await ws.send_bytes(b"a" * 100_000)
+        assert (await ws.receive_bytes(timeout=5)) == b"a" * 100_000
+        await ws.send_bytes(b"b" * 100_001)
+        msg = await ws.receive(timeout=5)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+    assert up.ws_sizes == [100_000]
+
+
+async def test_a_bad_websocket_handshake_is_refused_before_the_upstream_is_asked(
+    upstream: Any,
+) -> None:
+    up, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw:
+        assert gw.proxy_port is not None
+        for version, key in ((b"99", b"dGhlIHNhbXBsZSBub25jZQ=="), (b"13", b"c2hvcnQ=")):
+            answer = await raw_exchange(
+                gw.proxy_port,
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                b"Sec-WebSocket-Version: "
+                + version
+                + b"\r\nSec-WebSocket-Key: "
+                + key
+                + b"\r\n\r\n",
+            )
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+            assert b"application/problem+json" in answer
+            assert b"not a valid WebSocket handshake" in answer
+    assert up.ws_opened == 0
+
+
+async def test_websockets_past_the_pool_size_are_refused_at_once_and_leave_the_breaker_closed(
+    upstream: Any,
+) -> None:
+    """One client holding every upstream connection with idle WebSockets: the next
+    upgrade is a 503 at once (no wait for a connection that would time out and count
+    against the breaker), and plain requests still pass."""
+    _, server = upstream
+    cfg = base_config(_url(server))
+    cfg["upstreams"]["api"]["max_connections"] = 2
+    cfg["upstreams"]["api"]["connect_timeout_s"] = 0.2
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        held = [await s.ws_connect(url(gw, "/ws")) for _ in range(2)]
+        for _ in range(6):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await s.ws_connect(url(gw, "/ws"))
+            assert info.value.status == 503
+        async with s.get(url(gw, "/plain")) as r:
+            assert r.status == 200
+        await held[0].close()
+        again = await s.ws_connect(url(gw, "/ws"))  # a slot is free again
+        await again.send_str("x")
+        assert (await again.receive_str(timeout=5)) == "echo:x"
+        for ws in (again, held[1]):
+            await ws.close()
+
+
+async def test_the_drain_ends_although_a_websocket_client_reads_nothing(upstream: Any) -> None:
+    """The upstream floods a WebSocket whose client has stopped reading: closing it
+    cannot be sent, so its connection is dropped and the drain still ends in time."""
+    _, server = upstream
+    cm = running_gateway(base_config(_url(server)))
+    gw = await cm.__aenter__()
+    drained = False
+    try:
+        assert gw.proxy_port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
+        writer.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 4096
+        )
+        writer.write(
+            b"GET /ws-flood HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        cast("asyncio.Transport", writer.transport).pause_reading()  # reads nothing more
+        await asyncio.sleep(0.5)  # the gateway's send buffer toward it fills up
+        await asyncio.wait_for(cm.__aexit__(None, None, None), 8)  # drain.timeout_s is 2
+        drained = True
+        writer.transport.abort()
+    finally:
+        if not drained:
+            await cm.__aexit__(None, None, None)
