@@ -115,10 +115,12 @@ async def unban(request: web.Request) -> web.StreamResponse:
     ip = parse_ip(request.match_info["ip"])
     if ip is None:
         return problem_response(400, "not an IP address", request_id=None)
-    removed = await _rt(request).bans.unban(str(ip))
+    rt = _rt(request)
+    key = rt.snapshot.ip_key(ip)  # an IPv6 address is banned as its prefix
+    removed = await rt.bans.unban(key)
     if not removed:
-        return problem_response(404, f"{ip} is not banned", request_id=None)
-    return _json({"unbanned": str(ip)})
+        return problem_response(404, f"{key} is not banned", request_id=None)
+    return _json({"unbanned": key})
 
 
 async def reload(request: web.Request) -> web.StreamResponse:

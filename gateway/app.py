@@ -158,7 +158,7 @@ class Gateway:
         snap = rt.snapshot
         ip, text = protocol.peer_address()
         if snap.abuse_enabled and ip is not None and not (snap.allow and ip in snap.allow):
-            rt.bans.report(text, "bad_request")
+            rt.bans.report(snap.ip_key(ip, text), "bad_request")
 
     # ------------------------------------------------------------------ stop
 

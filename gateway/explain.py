@@ -40,13 +40,13 @@ async def explain_request(
     out["allow_listed"] = exempt
     if denied:
         stop(403, "client address is in deny_cidrs")
-    ban = rt.bans.banned(ip_str)
+    ban = rt.bans.banned(snap.ip_key(ip, ip_str))
     out["ban"] = (
         None
         if ban is None
         else {"reason": ban.reason, "expires_at": ban.expires_at, "offences": ban.offences}
     )
-    out["abuse_score"] = rt.bans.score(ip_str)
+    out["abuse_score"] = rt.bans.score(snap.ip_key(ip, ip_str))
     out["suspicious_path"] = snap.suspicious(path)
     if ban is not None and not exempt:
         stop(snap.ban_status, f"client is banned ({ban.reason})")

@@ -87,6 +87,7 @@ class Ctx:
     """Per-request facts gathered along the pipeline (for the log line and metrics)."""
 
     __slots__ = (
+        "ban_key",
         "body_error",
         "bytes_out",
         "client",
@@ -106,6 +107,7 @@ class Ctx:
         self.rid = ""
         self.client: IPAddress | None = None
         self.client_ip = ""
+        self.ban_key = ""  # the client's key for scores, bans and limits (IPv6: its prefix)
         self.exempt = False
         self.route: CompiledRoute | None = None
         self.upstream: str | None = None
@@ -229,6 +231,13 @@ class ProxyHandler:
             ctx.client_ip = peer_text
         else:
             ctx.client_ip = str(client) if client is not None else "-"
+        # an IPv6 client is its prefix (rate_limit.ipv6_prefix): rotating the rest of its
+        # address must not give it a clean score, a lifted ban or a fresh budget
+        ctx.ban_key = (
+            snap.ip_key(client, ctx.client_ip)
+            if client is not None and client.version == 6
+            else ctx.client_ip
+        )
         rid = headers.get(snap.rid_header)
         if rid is None or not REQUEST_ID_RE.fullmatch(rid):
             rid = f"{self._rid_prefix}{next(self._rid_seq):016x}"
@@ -269,7 +278,7 @@ class ProxyHandler:
                 )
             ctx.exempt = snap.has_allow and client in snap.allow
             if not ctx.exempt:
-                ban = rt.bans.banned(ctx.client_ip)
+                ban = rt.bans.banned(ctx.ban_key)
                 if ban is not None:
                     raise self._banned(snap, ban.expires_at)
 
@@ -300,8 +309,8 @@ class ProxyHandler:
         path = request.path
 
         if snap.abuse_enabled and not ctx.exempt and snap.suspicious(path):
-            rt.bans.report(ctx.client_ip, "suspicious_path")
-            ban = rt.bans.banned(ctx.client_ip)
+            rt.bans.report(ctx.ban_key, "suspicious_path")
+            ban = rt.bans.banned(ctx.ban_key)
             if ban is not None:
                 raise self._banned(snap, ban.expires_at)
 
@@ -335,7 +344,7 @@ class ProxyHandler:
 
         rl_headers: list[tuple[str, str]] | None = None
         if route.policies and not ctx.exempt:
-            ip = snap.ip_key(client, ctx.client_ip) if client is not None else "-"
+            ip = ctx.ban_key if client is not None else "-"
             decisions: Sequence[Decision] | None
             limiter = rt.limiter
             try:
@@ -664,7 +673,7 @@ class ProxyHandler:
                 ctx.status = status
                 if not ctx.exempt and (status == 404 or status in (401, 403)):
                     self.rt.bans.report(
-                        ctx.client_ip, "not_found" if status == 404 else "auth_failure"
+                        ctx.ban_key, "not_found" if status == 404 else "auth_failure"
                     )
                 body = (
                     up_resp.body_if_complete()
@@ -792,7 +801,7 @@ class ProxyHandler:
             and not ctx.exempt
             and ctx.client is not None
         ):
-            self.rt.bans.report(ctx.client_ip, rej.event)
+            self.rt.bans.report(ctx.ban_key, rej.event)
         # a plain answer (the upgrade protocol's server converts it when it serves one)
         body = problem.problem_body(
             rej.status, rej.detail, request_id=ctx.rid, type_=rej.type_, extra=rej.extra

@@ -519,3 +519,30 @@ async def test_explain_shared_secret(
     assert secret not in orjson.dumps(valid).decode()
     assert valid["shared_secret"] == "valid"
     assert "proxied" in valid["verdict"]
+
+
+async def test_an_ipv6_client_is_scored_and_banned_by_its_prefix(
+    upstream: tuple[Upstream, str], session: aiohttp.ClientSession
+) -> None:
+    """Behind a trusted proxy, an IPv6 client that changes the rest of its address on
+    every request is still one client (rate_limit.ipv6_prefix, /64): the second
+    suspicious path bans the prefix, and any address in it lifts the ban."""
+    _, up_url = upstream
+    cfg = base_config(up_url, trusted_proxies=["127.0.0.1/32"])
+    async with running_gateway(cfg, ENV) as gw:
+
+        async def get(path: str, host_part: int) -> int:
+            xff = {"X-Forwarded-For": f"2001:db8:1:2::{host_part:x}"}
+            return (await call(session, "GET", url(gw, path), xff))[0]
+
+        assert [await get("/.env", i) for i in (1, 2)] == [200, 403]
+        assert await get("/hello", 3) == 403  # a new address in the prefix: still banned
+        other = {"X-Forwarded-For": "2001:db8:1:3::1"}  # another /64
+        assert (await call(session, "GET", url(gw, "/hello"), other))[0] == 200
+
+        status, body, _ = await call(session, "GET", admin_url(gw, "/admin/bans"), AUTH)
+        assert [b["ip"] for b in body["bans"]] == ["2001:db8:1:2::/64"]
+        target = admin_url(gw, "/admin/bans/2001:db8:1:2::77")
+        status, body, _ = await call(session, "DELETE", target, AUTH)
+        assert (status, body) == (200, {"unbanned": "2001:db8:1:2::/64"})
+        assert await get("/hello", 4) == 200
