@@ -329,15 +329,18 @@ class RedisBanStore(BanStore):
                 self._local.add_points(ip, event, points)
 
     def _scored(self, ip: str, result: Sequence[Any], now: float) -> Ban | None:
-        """Note the score Redis computed; log and count the ban it made, if any."""
-        banned = int(result[0]) == 1
+        """Note the score Redis computed; log and count the ban it made, if any (or give
+        back a ban in force this replica does not know, to be published again)."""
+        code = int(result[0])
         score = float(_str(result[2]))
         scores = self._scores
-        scores[ip] = (0.0 if banned else score, now)
+        scores[ip] = (0.0 if code else score, now)
         scores.move_to_end(ip)
         if len(scores) > self._max_entries:
             scores.popitem(last=False)
-        if not banned:
+        if code == 2:
+            return self._missed_ban(ip, result)
+        if code != 1:
             return None
         reason, ban_s, offences = _str(result[1]), float(_str(result[3])), int(_str(result[4]))
         at, until = float(_str(result[5])), float(_str(result[6]))
@@ -345,6 +348,21 @@ class RedisBanStore(BanStore):
         self._announce(ban, ban_s)
         if not self._enforce:
             return None
+        self._view[ip] = ban
+        self._update_gauge()
+        return ban
+
+    def _missed_ban(self, ip: str, result: Sequence[Any]) -> Ban | None:
+        """A ban in force in the client's score whose making this replica never heard of
+        (the reply was lost to a timeout, so it never reached the shared list either):
+        installed here and returned, to be added to the list (an idempotent add). Not
+        announced again: it was counted where it was made, or is lost with that reply."""
+        until = float(_str(result[6]))
+        known = self._view.get(ip)
+        if not self._enforce or (known is not None and known.expires_at >= until - 0.001):
+            return None
+        reason, score = _str(result[1]), float(_str(result[2]))
+        ban = Ban(ip, reason, score, until, int(_str(result[4])), float(_str(result[5])))
         self._view[ip] = ban
         self._update_gauge()
         return ban

@@ -343,3 +343,31 @@ async def test_scores_in_flight_when_a_replica_stops_are_not_lost(replicas: Repl
     await a.close()
     again = await replicas.store()
     assert again.banned(IP) is not None
+
+
+async def test_a_ban_whose_reply_was_lost_is_published_at_the_next_event(
+    replicas: Replicas,
+) -> None:
+    """The scoring script bans a client, but its reply never comes back (a Redis timeout
+    at that moment): the ban is in the client's score, not in the shared list. The
+    client's next scored event finds it and publishes it, so every replica enforces it
+    (it used to be ignored until it ended: "banned, do not score")."""
+    a, b = await replicas.store(), await replicas.store()
+    client = replicas.client()
+    store_args = [*a._score_args, "suspicious_path", "25", "suspicious_path", "25"]
+    answer = await client.eval(
+        a._score_script.text, 1, a._score_key(IP), *store_args
+    )  # the reply that was lost
+    assert int(answer[0]) == 1
+    await asyncio.sleep(0.3)  # a sync round: nobody knows of it
+    assert a.banned(IP) is None
+    assert b.banned(IP) is None
+
+    a.report(IP, "not_found")
+    await eventually(lambda: b.banned(IP) is not None, 2.0)
+    ban = b.banned(IP)
+    assert ban is not None
+    assert ban.reason == "suspicious_path"
+    assert ban.score == 50
+    assert ban.expires_at == pytest.approx(time.time() + 600, abs=5)
+    assert a.banned(IP) == ban

@@ -3,12 +3,16 @@
 -- time is Redis TIME, so every replica scores on the same clock.
 --
 -- KEYS[1]  the IP's hash: st, cur, prev (score buckets), bu, bm (end and mode of the
---          ban in force), off, ou (offence count and when it is forgotten)
+--          ban in force), br, bs, ba (its reason, score and start), off, ou (offence
+--          count and when it is forgotten)
 -- ARGV     window_s, ban_score, ban_s, multiplier, max_ban_s, offence_memory_factor,
 --          mode ('enforce' or 'shadow'), then event, points pairs in the order they
 --          happened.  While a ban is in force the IP's events are not scored, except
 --          that a shadow ban does not hold back an enforcing replica.
--- Returns  {banned 0|1, reason, score, ban_s, offences, now, ban_until}
+-- Returns  {banned 0|1, reason, score, ban_s, offences, now, ban_until}, or, while a
+--          ban is in force, {2, its reason, its score, '0', offences, its start, its end}:
+--          a replica that never learnt of it (the reply that made it was lost) publishes
+--          it then, rather than letting the client go unbanned until it ends
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local window = tonumber(ARGV[1])
@@ -23,7 +27,8 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
-local h = redis.call('HMGET', KEYS[1], 'st', 'cur', 'prev', 'bu', 'off', 'ou', 'bm')
+local h = redis.call('HMGET', KEYS[1], 'st', 'cur', 'prev', 'bu', 'off', 'ou', 'bm', 'br',
+  'bs', 'ba')
 local st = tonumber(h[1]) or now
 local cur = tonumber(h[2]) or 0
 local prev = tonumber(h[3]) or 0
@@ -33,7 +38,7 @@ local ou = tonumber(h[6]) or 0
 
 if now < bu and not (h[7] == 'shadow' and mode == 'enforce') then
   -- a ban (enforced or shadow) is in force: its events are not scored
-  return {0, '', '0', '0', tostring(off), fmt(now), fmt(bu)}
+  return {2, h[8] or 'abuse', h[9] or '0', '0', tostring(off), h[10] or fmt(now), fmt(bu)}
 end
 
 if cur == 0 and prev == 0 then
@@ -81,6 +86,7 @@ end
 bu = now + dur
 ou = bu + factor * max_ban_s
 redis.call('HSET', KEYS[1], 'st', fmt(now), 'cur', '0', 'prev', '0', 'bu', fmt(bu),
-  'bm', mode, 'off', tostring(off), 'ou', fmt(ou))
+  'bm', mode, 'br', reason, 'bs', fmt(score), 'ba', fmt(now), 'off', tostring(off),
+  'ou', fmt(ou))
 redis.call('PEXPIRE', KEYS[1], math.ceil((ou - now) * 1000))
 return {1, reason, fmt(score), fmt(dur), tostring(off), fmt(now), fmt(bu)}
