@@ -146,6 +146,16 @@ def _proto(headers: Any) -> str:
     return ""
 
 
+def _bulkhead_full(up: UpstreamState, what: str) -> Reject:
+    return Reject(
+        503,
+        f"upstream {up.name!r} has too many {what}",
+        type_=problem.problem_type("bulkhead-full"),
+        headers={"Retry-After": "1"},
+        kind="bulkhead_full",
+    )
+
+
 def _ws_handshake_ok(request: GatewayRequest) -> bool:
     """Whether the client's opening handshake is one the gateway can accept (version 13,
     a 16-byte key: RFC 6455 section 4.2.1)."""
@@ -652,13 +662,7 @@ class ProxyHandler:
         via_proxy: bool,
     ) -> Response:
         if up.inflight >= up.max_inflight:
-            raise Reject(
-                503,
-                f"upstream {up.name!r} has too many requests in flight",
-                type_=problem.problem_type("bulkhead-full"),
-                headers={"Retry-After": "1"},
-                kind="bulkhead_full",
-            )
+            raise _bulkhead_full(up, "requests in flight")
         up.inflight += 1
         up.inflight_gauge.inc()
         try:
@@ -738,13 +742,7 @@ class ProxyHandler:
         if not _ws_handshake_ok(request):  # checked before the upstream is bothered
             raise Reject(400, "not a valid WebSocket handshake", event="bad_request")
         if up.websockets >= up.config.max_connections:
-            raise Reject(
-                503,
-                f"upstream {up.name!r} has too many WebSockets open",
-                type_=problem.problem_type("bulkhead-full"),
-                headers={"Retry-After": "1"},
-                kind="bulkhead_full",
-            )
+            raise _bulkhead_full(up, "WebSockets open")
         now = self._loop.time()
         if not up.breaker.acquire(now):
             raise _circuit_open(up, now)
