@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -112,15 +113,25 @@ async def bans(request: web.Request) -> web.StreamResponse:
 
 
 async def unban(request: web.Request) -> web.StreamResponse:
-    ip = parse_ip(request.match_info["ip"])
+    raw = request.match_info["ip"]
+    if "/" in raw:  # a prefix, as GET /admin/bans lists an IPv6 client's ban
+        try:
+            prefix = str(ipaddress.ip_network(raw, strict=False))
+        except ValueError:
+            return problem_response(400, "not an IP address or prefix", request_id=None)
+        if await _rt(request).bans.unban(prefix):
+            return _json({"unbanned": prefix})
+        return problem_response(404, f"{prefix} is not banned", request_id=None)
+    ip = parse_ip(raw)
     if ip is None:
         return problem_response(400, "not an IP address", request_id=None)
     rt = _rt(request)
     key = rt.snapshot.ip_key(ip)  # an IPv6 address is banned as its prefix
-    removed = await rt.bans.unban(key)
-    if not removed:
-        return problem_response(404, f"{key} is not banned", request_id=None)
-    return _json({"unbanned": key})
+    # the address itself too: a ban made under another rate_limit.ipv6_prefix
+    for candidate in (key, str(ip)) if key != str(ip) else (key,):
+        if await rt.bans.unban(candidate):
+            return _json({"unbanned": candidate})
+    return problem_response(404, f"{key} is not banned", request_id=None)
 
 
 async def reload(request: web.Request) -> web.StreamResponse:
@@ -158,7 +169,7 @@ def create_admin_app(runtime: Runtime, reloader: Reloader) -> web.Application:
         r.add_get(path, probe)
     r.add_get("/admin/config", config)
     r.add_get("/admin/bans", bans)
-    r.add_delete("/admin/bans/{ip}", unban)
+    r.add_delete("/admin/bans/{ip:.+}", unban)  # an address, or a prefix as listed
     r.add_post("/admin/reload", reload)
     r.add_get("/admin/explain", explain)
     return app

@@ -175,26 +175,36 @@ class Gateway:
         rt.log.info("drain_started", delay_s=cfg.drain.delay_s, timeout_s=cfg.drain.timeout_s)
         started = time.monotonic()
         await asyncio.sleep(cfg.drain.delay_s)
-        # all at once, each bounded: a client that reads nothing cannot hold the drain
-        await asyncio.gather(*[_close_ws(ws, t) for ws, t in list(rt.websockets.items())])
         server = self._proxy_server
         if self._proxy_listener is not None and server is not None:
-            # Stop accepting, then let what is in flight finish, request bodies included.
+            # Stop accepting (a client that reconnects on 1001 must not get a new
+            # WebSocket), close the WebSockets, then let what is in flight finish,
+            # request bodies included.
             self._proxy_listener.close()
             server.start_draining()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + cfg.drain.timeout_s
-            while server.in_flight() and loop.time() < deadline:  # noqa: ASYNC110 - a count, polled
+            await self._close_websockets()
+            while server.in_flight() and loop.time() < deadline:  # a count, polled
+                if rt.websockets:  # upgraded meanwhile on a connection already open
+                    await self._close_websockets()
                 await asyncio.sleep(0.02)
             await server.shutdown(1.0)
             # at least a moment: aiohttp reads a timeout of 0 as none, and would wait for
             # an upgraded connection's handler (a WebSocket) without end
             await server.upgrade_server.shutdown(max(0.05, min(1.0, deadline - loop.time())))
+        else:
+            await self._close_websockets()
         await self.reloader.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         await rt.close()
         rt.log.info("drain_finished", duration_s=round(time.monotonic() - started, 3))
+
+    async def _close_websockets(self) -> None:
+        """All at once, each bounded: a client that reads nothing cannot hold the drain."""
+        websockets = self.runtime.websockets
+        await asyncio.gather(*[_close_ws(ws, t) for ws, t in list(websockets.items())])
 
     async def run(self) -> None:
         """Start, wait for SIGTERM/SIGINT (SIGHUP reloads), drain, return."""

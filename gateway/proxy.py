@@ -106,9 +106,12 @@ class UpstreamSettings:
 
 @contextlib.contextmanager
 def _upstream_errors() -> Iterator[None]:
-    """Map the client's exceptions to :class:`UpstreamError` kinds."""
+    """Map the client's exceptions to :class:`UpstreamError` kinds (an upstream's refusal
+    of a WebSocket upgrade is its answer, not an error: it passes through as it is)."""
     try:
         yield
+    except aiohttp.WSServerHandshakeError:
+        raise
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamError("connect", str(exc) or "connection refused", sent=False) from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:

@@ -740,7 +740,12 @@ class ProxyHandler:
         # (aiohttp refuses one of max_msg_size bytes or more, and stops inflating there)
         max_msg = snap.max_body_bytes + 1
         if not _ws_handshake_ok(request):  # checked before the upstream is bothered
-            raise Reject(400, "not a valid WebSocket handshake", event="bad_request")
+            raise Reject(
+                400,
+                "not a valid WebSocket handshake",
+                event="bad_request",
+                headers={hdrs.SEC_WEBSOCKET_VERSION: "13"},  # the one spoken (RFC 6455 4.4)
+            )
         if up.websockets >= up.config.max_connections:
             raise _bulkhead_full(up, "WebSockets open")
         now = self._loop.time()

@@ -161,6 +161,7 @@ class RedisBanStore(BanStore):
         self._own: dict[str, tuple[int, Ban | None]] = {}  # our changes not yet synced back
         self._unsynced: deque[Ban] = deque(maxlen=max_pending)  # local bans to write
         self._unbans: dict[str, None] = {}  # unbans to replay once Redis is back
+        self._lifted: dict[str, float] = {}  # ip -> when an admin lifted its ban (bounded)
         self._pending: dict[str, dict[str, float]] = {}  # ip -> event -> points, to send
         self._scores: OrderedDict[str, tuple[float, float]] = OrderedDict()  # (score, at)
         self._degraded = False
@@ -303,6 +304,7 @@ class RedisBanStore(BanStore):
             for event, points in events.items():
                 args += (event, repr(points))
             calls.append(([self._score_key(ip)], args))
+        sent_at = self._clock()
         try:
             async with asyncio.timeout(self._io_timeout_s):
                 results = await self._run_many(self._score_script, calls)
@@ -311,17 +313,28 @@ class RedisBanStore(BanStore):
             self._score_locally(chunk)
             return
         bans: list[Ban] = []
+        missed: list[Ban] = []
         now = self._clock()
         for (ip, events), result in zip(chunk, results, strict=True):
             if isinstance(result, BaseException):
                 self._log.warning("abuse_score_failed", ip=ip, error=repr(result))
                 self._score_locally([(ip, events)])
                 continue
+            if int(result[0]) == 2:
+                ban = self._missed_ban(ip, result, sent_at)
+                if ban is not None:
+                    missed.append(ban)
+                continue
             ban = self._scored(ip, result, now)
             if ban is not None:
                 bans.append(ban)
-        if bans:
-            await self._store_bans(bans)
+        if bans or missed:
+            await self._store_bans(bans + missed)
+        for ban in missed:
+            if self._own.get(ban.ip, (0, None))[0] > 0:
+                # the shared list did not have it: the reply that made it was lost, and
+                # its log line and count with it
+                self._announce(ban, ban.ban_s)
 
     def _score_locally(self, chunk: Iterable[tuple[str, dict[str, float]]]) -> None:
         for ip, events in chunk:
@@ -329,18 +342,15 @@ class RedisBanStore(BanStore):
                 self._local.add_points(ip, event, points)
 
     def _scored(self, ip: str, result: Sequence[Any], now: float) -> Ban | None:
-        """Note the score Redis computed; log and count the ban it made, if any (or give
-        back a ban in force this replica does not know, to be published again)."""
-        code = int(result[0])
+        """Note the score Redis computed; log and count the ban it made, if any."""
+        banned = int(result[0]) == 1
         score = float(_str(result[2]))
         scores = self._scores
-        scores[ip] = (0.0 if code else score, now)
+        scores[ip] = (0.0 if banned else score, now)
         scores.move_to_end(ip)
         if len(scores) > self._max_entries:
             scores.popitem(last=False)
-        if code == 2:
-            return self._missed_ban(ip, result)
-        if code != 1:
+        if not banned:
             return None
         reason, ban_s, offences = _str(result[1]), float(_str(result[3])), int(_str(result[4]))
         at, until = float(_str(result[5])), float(_str(result[6]))
@@ -352,14 +362,18 @@ class RedisBanStore(BanStore):
         self._update_gauge()
         return ban
 
-    def _missed_ban(self, ip: str, result: Sequence[Any]) -> Ban | None:
-        """A ban in force in the client's score whose making this replica never heard of
-        (the reply was lost to a timeout, so it never reached the shared list either):
-        installed here and returned, to be added to the list (an idempotent add). Not
-        announced again: it was counted where it was made, or is lost with that reply."""
+    def _missed_ban(self, ip: str, result: Sequence[Any], sent_at: float) -> Ban | None:
+        """A ban in force in the client's score that this replica does not know: its
+        making's reply was lost (a timeout), so it never reached the shared list either,
+        or the view is not synced yet. Installed here and returned, to be added to the
+        list (an idempotent add). Not when an unban came after the call was sent: the
+        answer may predate it."""
         until = float(_str(result[6]))
         known = self._view.get(ip)
         if not self._enforce or (known is not None and known.expires_at >= until - 0.001):
+            return None
+        lifted = self._lifted.get(ip)
+        if lifted is not None and lifted >= sent_at:
             return None
         reason, score = _str(result[1]), float(_str(result[2]))
         ban = Ban(ip, reason, score, until, int(_str(result[4])), float(_str(result[5])))
@@ -533,6 +547,10 @@ class RedisBanStore(BanStore):
 
     async def unban(self, ip: str) -> bool:
         now = self._clock()
+        lifted = self._lifted
+        if len(lifted) >= self._max_pending:
+            lifted.clear()  # those of long ago: no answer in flight is that old
+        lifted[ip] = now
         local = self._local.discard(ip)
         viewed = self._view.pop(ip, None)
         unsynced = [b for b in self._unsynced if b.ip != ip]
@@ -547,6 +565,7 @@ class RedisBanStore(BanStore):
             self._set_degraded(exc)
             if len(self._unbans) < self._max_pending:
                 self._unbans[ip] = None  # lifted in Redis too once it is back
+        lifted[ip] = self._clock()  # scoring answers sent before this may predate the lift
         self._update_gauge()
         removed = shared or local is not None or (viewed is not None and viewed.expires_at > now)
         if removed:

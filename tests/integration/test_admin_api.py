@@ -546,3 +546,17 @@ async def test_an_ipv6_client_is_scored_and_banned_by_its_prefix(
         status, body, _ = await call(session, "DELETE", target, AUTH)
         assert (status, body) == (200, {"unbanned": "2001:db8:1:2::/64"})
         assert await get("/hello", 4) == 200
+
+        # lifted by the value the list shows, too
+        assert [await get("/.env", i) for i in (5, 6)] == [200, 403]
+        target = admin_url(gw, "/admin/bans/2001:db8:1:2::/64")
+        status, body, _ = await call(session, "DELETE", target, AUTH)
+        assert (status, body) == (200, {"unbanned": "2001:db8:1:2::/64"})
+        # a ban kept under the whole address (made under another ipv6_prefix)
+        for _ in range(2):
+            gw.runtime.bans.report("2001:db8:9::1", "suspicious_path")
+        target = admin_url(gw, "/admin/bans/2001:db8:9::1")
+        status, body, _ = await call(session, "DELETE", target, AUTH)
+        assert (status, body) == (200, {"unbanned": "2001:db8:9::1"})
+        status, _, _ = await call(session, "DELETE", admin_url(gw, "/admin/bans/10.0.0.0/x"), AUTH)
+        assert status == 400

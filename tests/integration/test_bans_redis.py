@@ -352,7 +352,8 @@ async def test_a_ban_whose_reply_was_lost_is_published_at_the_next_event(
     at that moment): the ban is in the client's score, not in the shared list. The
     client's next scored event finds it and publishes it, so every replica enforces it
     (it used to be ignored until it ended: "banned, do not score")."""
-    a, b = await replicas.store(), await replicas.store()
+    metrics = Metrics()
+    a, b = await replicas.store(metrics), await replicas.store()
     client = replicas.client()
     store_args = [*a._score_args, "suspicious_path", "25", "suspicious_path", "25"]
     answer = await client.eval(
@@ -371,3 +372,11 @@ async def test_a_ban_whose_reply_was_lost_is_published_at_the_next_event(
     assert ban.score == 50
     assert ban.expires_at == pytest.approx(time.time() + 600, abs=5)
     assert a.banned(IP) == ban
+    assert bans_total(metrics) == 1  # counted where it was published (the reply was lost)
+
+    # an answer that was on its way when an admin lifted the ban does not bring it back
+    sent_at = a._clock()
+    assert await a.unban(IP)
+    in_flight = [2, "suspicious_path", "50", "0", "1", repr(time.time()), repr(ban.expires_at)]
+    assert a._missed_ban(IP, in_flight, sent_at) is None
+    assert a.banned(IP) is None

@@ -42,6 +42,8 @@ class Upstream:
                 while not ws.closed:
                     await ws.send_bytes(b"f" * 1_000_000)
             return ws
+        if request.path == "/ws-private":  # refuses upgrades without a login
+            return web.Response(status=401, text="log in first")
         if request.path == "/ws":
             self.ws_opened += 1
             ws = web.WebSocketResponse(protocols=("chat",), max_msg_size=0)
@@ -803,6 +805,7 @@ async def test_a_bad_websocket_handshake_is_refused_before_the_upstream_is_asked
                 + b"\r\n\r\n",
             )
             assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]
+            assert b"\r\nSec-WebSocket-Version: 13\r\n" in answer
             assert b"application/problem+json" in answer
             assert b"not a valid WebSocket handshake" in answer
     assert up.ws_opened == 0
@@ -861,3 +864,20 @@ async def test_the_drain_ends_although_a_websocket_client_reads_nothing(upstream
     finally:
         if not drained:
             await cm.__aexit__(None, None, None)
+
+
+async def test_an_upstream_refusing_upgrades_is_no_failure_of_the_breaker(upstream: Any) -> None:
+    """An upstream that answers an upgrade with 401 has answered: five refused upgrades
+    do not open the breaker for everyone's requests."""
+    _, server = upstream
+    cfg = base_config(_url(server))
+    cfg["upstreams"]["api"]["circuit_breaker"] = {"consecutive_failures": 3}
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        for _ in range(5):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await s.ws_connect(url(gw, "/ws-private"))
+            assert info.value.status == 502
+        async with s.get(url(gw, "/plain")) as r:
+            assert r.status == 200
+        now = asyncio.get_running_loop().time()
+        assert gw.runtime.upstreams["api"].breaker.state(now) == "closed"
