@@ -885,7 +885,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (4.0 if args.quick else 8.0)
     args.c1_duration = max(2.0, args.duration / 2)
-    args.warmup = 1.0 if args.quick else 2.0
+    args.warmup = 1.0 if args.quick else 6.0
     args.cold_runs = 1 if args.quick else 3
     return args
 
