@@ -778,8 +778,14 @@ class ProxyHandler:
             )
             try:
                 await ws.prepare(request)
+            except ConnectionError:
+                # the client went away during the upstream handshake: no error of anyone's
+                # (aiohttp takes the answer's failed write as the client gone, quietly)
+                await up_ws.close()
+                ctx.status = 499
+                return web.Response(status=499)
             except BaseException:
-                await up_ws.close()  # the client went away during the upstream handshake
+                await up_ws.close()
                 raise
             ctx.status = 101
             websockets = self.rt.websockets

@@ -42,6 +42,12 @@ class Upstream:
                 while not ws.closed:
                     await ws.send_bytes(b"f" * 1_000_000)
             return ws
+        if request.path == "/ws-slow":  # a slow handshake
+            await asyncio.sleep(0.3)
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await ws.close()
+            return ws
         if request.path == "/ws-private":  # refuses upgrades without a login
             return web.Response(status=401, text="log in first")
         if request.path == "/ws":
@@ -881,3 +887,30 @@ async def test_an_upstream_refusing_upgrades_is_no_failure_of_the_breaker(upstre
             assert r.status == 200
         now = asyncio.get_running_loop().time()
         assert gw.runtime.upstreams["api"].breaker.state(now) == "closed"
+
+
+async def test_a_client_gone_during_the_upstream_handshake_is_no_error(upstream: Any) -> None:
+    """The client leaves while the upstream's handshake is slow: counted as 499, no 500,
+    no traceback, and nothing scored against the connection's peer (behind a trusted
+    proxy, the proxy)."""
+    _, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw:
+        assert gw.proxy_port is not None
+        for _ in range(3):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
+            writer.write(
+                b"GET /ws-slow HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.transport.abort()
+        await asyncio.sleep(0.5)  # the upstream's handshakes end meanwhile
+        m = gw.runtime.metrics.registry.get_sample_value
+        codes = {"route": "api", "method": "GET"}
+        assert m("gateway_requests_total", {**codes, "code": "499"}) == 3
+        assert (
+            m("gateway_requests_total", {"route": "none", "method": "OTHER", "code": "500"}) is None
+        )
+        assert gw.runtime.bans.score("127.0.0.1") == 0
