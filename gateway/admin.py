@@ -114,24 +114,24 @@ async def bans(request: web.Request) -> web.StreamResponse:
 
 async def unban(request: web.Request) -> web.StreamResponse:
     raw = request.match_info["ip"]
+    rt = _rt(request)
+    keys: tuple[str, ...]
     if "/" in raw:  # a prefix, as GET /admin/bans lists an IPv6 client's ban
         try:
-            prefix = str(ipaddress.ip_network(raw, strict=False))
+            keys = (str(ipaddress.ip_network(raw, strict=False)),)
         except ValueError:
             return problem_response(400, "not an IP address or prefix", request_id=None)
-        if await _rt(request).bans.unban(prefix):
-            return _json({"unbanned": prefix})
-        return problem_response(404, f"{prefix} is not banned", request_id=None)
-    ip = parse_ip(raw)
-    if ip is None:
-        return problem_response(400, "not an IP address", request_id=None)
-    rt = _rt(request)
-    key = rt.snapshot.ip_key(ip)  # an IPv6 address is banned as its prefix
-    # the address itself too: a ban made under another rate_limit.ipv6_prefix
-    for candidate in (key, str(ip)) if key != str(ip) else (key,):
-        if await rt.bans.unban(candidate):
-            return _json({"unbanned": candidate})
-    return problem_response(404, f"{key} is not banned", request_id=None)
+    else:
+        ip = parse_ip(raw)
+        if ip is None:
+            return problem_response(400, "not an IP address", request_id=None)
+        # an IPv6 address is banned as its prefix; the address itself too: a ban made
+        # under another rate_limit.ipv6_prefix
+        keys = tuple(dict.fromkeys((rt.snapshot.ip_key(ip), str(ip))))
+    for key in keys:
+        if await rt.bans.unban(key):
+            return _json({"unbanned": key})
+    return problem_response(404, f"{keys[0]} is not banned", request_id=None)
 
 
 async def reload(request: web.Request) -> web.StreamResponse:

@@ -127,8 +127,9 @@ class _Conn(asyncio.Protocol):
 
     def _until_close(self) -> bool:
         """Whether the answer whose head is in has a body that ends at the close: no
-        Content-Length and no Transfer-Encoding (RFC 9112 section 6.3, rule 8; a coding
-        other than chunked is not passed on, so such an answer stays an error)."""
+        Content-Length and no Transfer-Encoding (RFC 9112 section 6.3, rule 8; one here is
+        chunked, any other was refused in :meth:`on_header`, and a chunked body ends at
+        its last chunk, so a close before it is an error)."""
         head = self._head
         if head is None or not head.done() or head.cancelled() or self._interim:
             return False

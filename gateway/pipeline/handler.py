@@ -11,8 +11,6 @@ response; what was decided is recorded once at the end.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hmac
 import itertools
 import math
@@ -154,18 +152,6 @@ def _bulkhead_full(up: UpstreamState, what: str) -> Reject:
         headers={"Retry-After": "1"},
         kind="bulkhead_full",
     )
-
-
-def _ws_handshake_ok(request: GatewayRequest) -> bool:
-    """Whether the client's opening handshake is one the gateway can accept (version 13,
-    a 16-byte key: RFC 6455 section 4.2.1)."""
-    if request.headers.get(hdrs.SEC_WEBSOCKET_VERSION, "").strip() != "13":
-        return False
-    key = request.headers.get(hdrs.SEC_WEBSOCKET_KEY, "").strip()
-    try:
-        return len(base64.b64decode(key, validate=True)) == 16
-    except binascii.Error:
-        return False
 
 
 def _circuit_open(up: UpstreamState, now: float) -> Reject:
@@ -732,14 +718,8 @@ class ProxyHandler:
         protocols = [
             p.strip() for p in headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(",") if p.strip()
         ]
-        up_headers = header_pairs(
-            self._upstream_fields(request, snap, ctx, up, via_proxy=via_proxy)
-        )
-        up_headers = [h for h in up_headers if not h[0].lower().startswith("sec-websocket-")]
-        # a message is held whole before it is passed on: it is bounded like a body
-        # (aiohttp refuses one of max_msg_size bytes or more, and stops inflating there)
-        max_msg = snap.max_body_bytes + 1
-        if not _ws_handshake_ok(request):  # checked before the upstream is bothered
+        # the handshake prepare() will check (version, key), before the upstream is bothered
+        if not web.WebSocketResponse().can_prepare(request).ok:
             raise Reject(
                 400,
                 "not a valid WebSocket handshake",
@@ -748,6 +728,13 @@ class ProxyHandler:
             )
         if up.websockets >= up.config.max_connections:
             raise _bulkhead_full(up, "WebSockets open")
+        up_headers = header_pairs(
+            self._upstream_fields(request, snap, ctx, up, via_proxy=via_proxy)
+        )
+        up_headers = [h for h in up_headers if not h[0].lower().startswith("sec-websocket-")]
+        # a message is held whole before it is passed on: it is bounded like a body
+        # (aiohttp refuses one of max_msg_size bytes or more, and stops inflating there)
+        max_msg = snap.max_body_bytes + 1
         now = self._loop.time()
         if not up.breaker.acquire(now):
             raise _circuit_open(up, now)

@@ -128,6 +128,14 @@ async def upstream() -> AsyncIterator[tuple[Upstream, TestServer]]:
         await server.close()
 
 
+def _upgrade_request(path: str) -> bytes:
+    """A valid WebSocket opening handshake for ``path``, as raw bytes."""
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ).encode()
+
+
 def _url(server: TestServer) -> str:
     return f"http://127.0.0.1:{server.port}"
 
@@ -523,11 +531,7 @@ async def test_a_refused_websocket_upgrade_gets_a_problem_and_the_connection_clo
     async with running_gateway(cfg) as gw:
         assert gw.proxy_port is not None
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
-        writer.write(
-            b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
+        writer.write(_upgrade_request("/nowhere"))
         answer = await asyncio.wait_for(reader.read(), 5)  # to EOF: the gateway closes
         writer.close()
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -551,11 +555,7 @@ async def test_a_rate_limited_websocket_upgrade_gets_the_429_fields(upstream: An
         async with aiohttp.ClientSession() as s, s.get(url(gw, "/x")) as r:
             assert r.status == 200  # the one request of the budget
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
-        writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
+        writer.write(_upgrade_request("/ws"))
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -856,11 +856,7 @@ async def test_the_drain_ends_although_a_websocket_client_reads_nothing(upstream
         writer.transport.get_extra_info("socket").setsockopt(
             socket.SOL_SOCKET, socket.SO_RCVBUF, 4096
         )
-        writer.write(
-            b"GET /ws-flood HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        )
+        writer.write(_upgrade_request("/ws-flood"))
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
         cast("asyncio.Transport", writer.transport).pause_reading()  # reads nothing more
         await asyncio.sleep(0.5)  # the gateway's send buffer toward it fills up
@@ -898,11 +894,7 @@ async def test_a_client_gone_during_the_upstream_handshake_is_no_error(upstream:
         assert gw.proxy_port is not None
         for _ in range(3):
             _reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
-            writer.write(
-                b"GET /ws-slow HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-            )
+            writer.write(_upgrade_request("/ws-slow"))
             await writer.drain()
             await asyncio.sleep(0.1)
             writer.transport.abort()
