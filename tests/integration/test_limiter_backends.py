@@ -280,6 +280,48 @@ async def test_decisions_of_one_loop_turn_share_one_round_trip(private_redis: Re
         await lim.close()
 
 
+async def redis_calls(url: str, command: str) -> int:
+    client = Redis.from_url(url)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_a_key_repeated_in_one_round_trip_is_read_and_written_once(
+    private_redis: RedisServer,
+) -> None:
+    """One client's concurrent requests share a batch: the script decides them in order
+    (exactly the burst allowed, remaining counting down) with one GET and one SET per
+    key, and the key's TAT and expiry are those of its last allowed request."""
+    prefix = unique_prefix()
+    lim = redis_limiter(private_redis.url, prefix, announce_interval_s=0)
+    client = Redis.from_url(private_redis.url)
+    try:
+        await lim.decide([check(key="warm")])  # connects and loads the script
+        await client.config_resetstat()
+        results = await asyncio.gather(
+            *[lim.decide([check(), check(key="other")]) for _ in range(8)]
+        )
+        assert await redis_calls(private_redis.url, "evalsha") == 1
+        assert await redis_calls(private_redis.url, "get") == 2
+        assert await redis_calls(private_redis.url, "set") == 2
+        for column in (0, 1):  # each key: 5 allowed (the burst) counting down, then refused
+            got = [r[column] for r in results]
+            assert [d.allowed for d in got] == [True] * 5 + [False] * 3
+            assert [d.remaining for d in got[:5]] == [4, 3, 2, 1, 0]
+            assert all(0.0 < d.retry_after_s <= 0.1 for d in got[5:])
+        stored = int(await client.get(f"{prefix}rl:{{p:203.0.113.7}}:10:1.0:5"))
+        assert 400 < await client.pttl(f"{prefix}rl:{{p:203.0.113.7}}:10:1.0:5") <= 500  # 5 x T
+        server_now = await client.time()
+        now_us = server_now[0] * 1_000_000 + server_now[1]
+        assert 0.4e6 < stored - now_us <= 0.5e6  # the TAT of the fifth request
+    finally:
+        await client.aclose()
+        await lim.close()
+
+
 async def test_refusals_by_key_are_answered_without_a_round_trip_and_then_forgotten(
     private_redis: RedisServer,
 ) -> None:

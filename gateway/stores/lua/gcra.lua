@@ -5,7 +5,8 @@
 -- with an expiry at that instant, so a refilled key simply disappears.
 -- Redis's own clock is used (never the callers'): replicas' clocks differ.
 --
--- KEYS     the keys to decide, one request each, in order (a key may repeat)
+-- KEYS     the keys to decide, one request each, in order (a key may repeat: it is
+--          read and written once, its requests decided in order)
 -- ARGV[1]  "1": consume the budget of allowed requests; "0": only answer (peek)
 -- ARGV[2]  for each key, the 1-based index of its rate, space-separated ("1 1 2")
 -- ARGV[3], ARGV[4], ...  the rates: emission interval T in microseconds (integer
@@ -19,6 +20,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local consume = ARGV[1] == '1'
 local out = {}
+-- A key may come many times in one call (one client's concurrent requests): it is read
+-- once, decided in order in `tats`, and written once at the end with its last TAT.
+local tats = {}
+local dirty = {}
 local i = 0
 for index in string.gmatch(ARGV[2], '%d+') do
   i = i + 1
@@ -26,27 +31,37 @@ for index in string.gmatch(ARGV[2], '%d+') do
   local a = 1 + 2 * tonumber(index)
   local emission = tonumber(ARGV[a])
   local tolerance = emission * tonumber(ARGV[a + 1])
-  local tat = tonumber(redis.call('GET', key))
-  if tat == nil or tat < now then
+  local tat = tats[key]
+  if tat == nil then
+    tat = tonumber(redis.call('GET', key)) or now
+  end
+  if tat < now then
     tat = now
   end
   local new_tat = tat + emission
   local slack = tolerance - (new_tat - now)
   local n = #out
   if slack < 0 then
+    tats[key] = tat
     out[n + 1] = 0
     out[n + 2] = 0
     out[n + 3] = -slack
     out[n + 4] = tat - now
   else
     if consume then
-      redis.call('SET', key, string.format('%.0f', new_tat),
-                 'PX', math.ceil((new_tat - now) / 1000))
+      tats[key] = new_tat
+      dirty[key] = true
+    else
+      tats[key] = tat
     end
     out[n + 1] = 1
     out[n + 2] = math.floor(slack / emission)
     out[n + 3] = 0
     out[n + 4] = new_tat - now
   end
+end
+for key in pairs(dirty) do
+  local tat = tats[key]
+  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
 end
 return out
