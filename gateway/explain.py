@@ -21,9 +21,10 @@ async def explain_request(
     """Walk the pipeline's decisions for a hypothetical request without side effects."""
     snap = rt.snapshot
     ip_str = str(ip)
+    client_key = snap.ip_key(ip, ip_str)  # its scores, bans and limits (IPv6: its prefix)
     out: dict[str, Any] = {
         "client_ip": ip_str,
-        "client_key": snap.ip_key(ip),
+        "client_key": client_key,
         "method": method,
         "path": path,
     }
@@ -40,13 +41,13 @@ async def explain_request(
     out["allow_listed"] = exempt
     if denied:
         stop(403, "client address is in deny_cidrs")
-    ban = rt.bans.banned(snap.ip_key(ip, ip_str))
+    ban = rt.bans.banned(client_key)
     out["ban"] = (
         None
         if ban is None
         else {"reason": ban.reason, "expires_at": ban.expires_at, "offences": ban.offences}
     )
-    out["abuse_score"] = rt.bans.score(snap.ip_key(ip, ip_str))
+    out["abuse_score"] = rt.bans.score(client_key)
     out["suspicious_path"] = snap.suspicious(path)
     if ban is not None and not exempt:
         stop(snap.ban_status, f"client is banned ({ban.reason})")
@@ -78,11 +79,11 @@ async def explain_request(
             if p.key == "route":
                 key = "route:" + route.name
             elif p.key == "ip_route":
-                key = snap.ip_key(ip) + "|" + route.name
+                key = client_key + "|" + route.name
             elif p.key == "header" and headers.get(p.header or ""):
                 key = "h:" + headers.get(p.header or "", "")[:256]
             else:
-                key = snap.ip_key(ip)
+                key = client_key
             checks.append(Check(p.name, p.rate, key))
         try:
             decisions = await rt.limiter.peek(checks)
