@@ -33,18 +33,24 @@ WORKDIR /src
 
 RUN python -m venv "${VIRTUAL_ENV}"
 
-# Dependencies in a layer of their own: it is rebuilt when pyproject.toml changes, not on
-# every change of the source. The list is read from [project].dependencies.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep=chr(10))" > requirements.txt \
-    && pip install --no-cache-dir --requirement requirements.txt
+# Dependencies in a layer of their own, from the hashed lock (exact versions, every file
+# checked against its hash): the image built next month holds what CI tested today. The
+# layer is rebuilt when a lock changes, not on every change of the source. build.lock is
+# what pip needs to install the gateway itself (setuptools, wheel), also hashed.
+COPY requirements/runtime.lock requirements/build.lock ./requirements/
+RUN pip install --no-cache-dir --require-hashes \
+        --requirement requirements/runtime.lock --requirement requirements/build.lock
 
 # The gateway itself, without touching the dependencies again (pip compiles its .pyc
 # here, so the read-only runtime never needs to write one). README.md stays out: setuptools
-# only warns, and a documentation change does not rebuild this layer.
+# only warns, and a documentation change does not rebuild this layer. Then the installers
+# leave the venv: it runs without pip, setuptools or wheel, and a package manager has no
+# business in a read-only container.
+COPY pyproject.toml ./
 COPY gateway/ ./gateway/
-RUN pip install --no-cache-dir --no-deps . \
-    && gateway --version
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && gateway --version \
+    && pip uninstall --yes --no-cache-dir setuptools wheel packaging pip
 
 # --------------------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime

@@ -22,6 +22,7 @@ import yaml
 
 import gateway
 from gateway.config import load_file
+from tests.deploy.locks import LOCKS, canonical, read_lock
 from tests.deploy.support import K8S, REFERENCE_CONFIG, ROOT, secret_env, tool
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -159,16 +160,23 @@ def test_kubernetes_runs_the_image_as_it_is_built() -> None:
         assert gw["args"] == cmd
 
 
-def test_dependencies_are_installed_before_the_source_is_copied() -> None:
+def test_dependencies_are_installed_from_the_hashed_lock_before_the_source_is_copied() -> None:
     build = _stage("build")
     steps = [(i.keyword, i.args) for i in build]
     deps = next(n for n, (k, a) in enumerate(steps) if k == "RUN" and "--requirement" in a)
     source = next(n for n, (k, a) in enumerate(steps) if k == "COPY" and a.startswith("gateway"))
     assert deps < source
     copied_before = [a for k, a in steps[:deps] if k == "COPY"]
-    assert copied_before == ["pyproject.toml ./"]
+    assert copied_before == ["requirements/runtime.lock requirements/build.lock ./requirements/"]
+    install = steps[deps][1]
+    assert "--require-hashes" in install
+    assert "--requirement requirements/runtime.lock" in install
+    assert "--requirement requirements/build.lock" in install
     final_install = next(a for k, a in steps[source:] if k == "RUN" and "pip install" in a)
     assert "--no-deps" in final_install
+    # No build isolation: setuptools and wheel come from the hashed build.lock, not from
+    # whatever the index serves that day.
+    assert "--no-build-isolation" in final_install
     assert all("--no-cache-dir" in a for k, a in steps if k == "RUN" and "pip install" in a)
 
 
@@ -254,7 +262,16 @@ def test_dockerignore_keeps_what_copy_needs_and_nothing_else() -> None:
     assert "pyproject.toml" in context
     assert "gateway/config.py" in context
     assert "config/gateway.yaml" in context
-    assert {f.split("/")[0] for f in context} == {"pyproject.toml", "gateway", "config"}
+    assert {f.split("/")[0] for f in context} == {
+        "pyproject.toml",
+        "gateway",
+        "config",
+        "requirements",
+    }
+    assert sorted(f for f in context if f.startswith("requirements/")) == [
+        "requirements/build.lock",
+        "requirements/runtime.lock",
+    ]
     assert [f for f in context if f.startswith("config/")] == ["config/gateway.yaml"]
 
 
@@ -355,7 +372,32 @@ def test_build_stage_installs_a_working_gateway(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert gateway.__version__ in proc.stdout
-    # The dependencies came from pyproject.toml, in the venv that the runtime stage copies.
+    # The dependencies came from the runtime lock, at its versions, in the venv that the
+    # runtime stage copies; the installers are gone from it.
     site = next((venv / "lib").glob("python3.*/site-packages"))
     for module in ("aiohttp", "redis", "asyncpg", "prometheus_client", "pydantic", "uvloop"):
         assert (site / module).is_dir(), module
+    installed = _distributions(venv / "bin" / "python", env)
+    locked = {
+        name: pin.version for name, pin in read_lock(LOCKS / "runtime.lock").items() if pin.applies
+    }
+    assert installed == locked
+    for installer in ("pip", "setuptools", "wheel", "pkg_resources", "_distutils_hack"):
+        assert not (site / installer).exists(), f"{installer} is left in the runtime venv"
+    assert not list((venv / "bin").glob("pip*")), "a pip script is left in the runtime venv"
+    assert not list((venv / "bin").glob("wheel*"))
+
+
+def _distributions(python: Path, env: dict[str, str]) -> dict[str, str]:
+    """{normalised name: version} of what a venv holds, asked of the venv's own Python."""
+    code = (
+        "import importlib.metadata as m, json;"
+        "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    )
+    proc = subprocess.run(
+        [str(python), "-c", code], env=env, capture_output=True, text=True, timeout=30, check=True
+    )
+    found: dict[str, str] = json.loads(proc.stdout)
+    return {
+        canonical(name): version for name, version in found.items() if canonical(name) != "gateway"
+    }
