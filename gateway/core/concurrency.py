@@ -1,0 +1,240 @@
+"""Overload protection: the pure decisions of SPEC section 10, with the clock passed in.
+
+Two pieces, apart from any I/O:
+
+- :func:`admits`: whether a request of a priority may start now, given the upstream's
+  in-flight counts, its concurrency limit and its hard cap (``max_inflight``).
+- :class:`GradientLimit`: the adaptive limit, learned from latency.
+
+The adaptive limit is a gradient over the upstream's no-load latency, in the family of
+TCP Vegas, Netflix's concurrency-limits ``GradientLimit`` and Envoy's adaptive
+concurrency filter:
+
+- Completed requests are averaged over short windows (a few no-load round trips).  At the
+  end of a window the limit moves to ``limit * gradient + sqrt(limit)``, where
+  ``gradient = no_load / window_average`` (kept within 0.5 and 1).  While the average
+  stays at the no-load latency the limit grows by its square root a window (seconds from
+  ``min`` to a few hundred); as soon as requests queue inside the upstream, its latency
+  grows with the queue and the limit falls in proportion.  The fixed point sits a square
+  root above the upstream's real concurrency: a short queue that keeps it busy, and
+  requests that wait about ``sqrt(limit) / limit`` of a service time.
+- The no-load latency is the lowest window average seen, so an upstream that gets faster
+  is followed at once.  Under a steady load no window is ever free of the queue the
+  limit keeps, so that minimum would go stale, and it could not follow an upstream that
+  got slower for good.  So, like Envoy, the limit measures it again: every
+  ``probe_interval_s`` of load it admits half the limit for a moment (the upstream then
+  runs below its real concurrency, with no queue), takes the average latency of the
+  requests admitted in that moment as the new no-load latency, and goes back.  Unlike
+  Envoy it halves the limit instead of pinning it to ``min``: half of a limit that sits
+  a square root above the real concurrency is below it, which is all the probe needs,
+  and the flood loses a few per cent of one probe's moment instead of almost all of it.
+  An idle or lightly loaded upstream is never probed: its windows already show its
+  no-load latency, and nothing is ever refused for a probe.
+
+Netflix's Gradient2 follows a long average of the latency instead of a minimum and
+reacts to changes of it, not to its level: a flood that grows slowly drives it to its
+maximum, with the upstream's queue (and every request's latency) growing with it.  AIMD
+needs a drop or a timeout to back off, by then the queue is long.  Neither keeps the
+latency near the no-load figure, which is what a critical route needs.
+
+Every method is O(1); the gateway calls :meth:`GradientLimit.on_sample` once a request.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import IntEnum
+
+__all__ = ["GradientLimit", "Priority", "admits", "critical_reserve"]
+
+
+class Priority(IntEnum):
+    """A route's priority; a higher value is refused later."""
+
+    BULK = 0
+    NORMAL = 1
+    CRITICAL = 2
+
+
+def critical_reserve(limit: int) -> int:
+    """What ``normal`` leaves free for ``critical`` on an upstream a critical route uses."""
+    return max(1, limit // 10)
+
+
+def admits(
+    priority: Priority,
+    *,
+    inflight: int,
+    critical_inflight: int,
+    limit: int,
+    cap: int,
+    reserve: int,
+) -> bool:
+    """Whether a request may start now (SPEC section 10).
+
+    ``inflight`` counts every priority, ``critical_inflight`` the critical ones; ``limit``
+    is the concurrency limit (``cap`` in fixed mode), ``cap`` the hard ``max_inflight``;
+    ``reserve`` is :func:`critical_reserve` on an upstream a critical route uses, else 0.
+    Any request starts on an upstream with nothing in flight, so a limit can never shut
+    an upstream off (below the hard cap, which is at least 1).
+    """
+    if inflight == 0:
+        return True
+    if inflight >= cap:
+        return False
+    if priority is Priority.CRITICAL:
+        return critical_inflight < limit
+    if priority is Priority.NORMAL:
+        return inflight < limit - reserve
+    return inflight * 2 < limit
+
+
+class GradientLimit:
+    """An upstream's concurrency limit, learned from the latency of its requests.
+
+    ``limit`` is what admission reads; it stays within ``minimum`` and ``maximum``.
+    Feed it every completed request with :meth:`on_sample` (its latency, the time it
+    ended, and the in-flight count it started with).  Requests that failed without an
+    answer (connect errors) are better left out: their latency says nothing of the
+    upstream's queue.
+    """
+
+    __slots__ = (
+        "_count",
+        "_estimate",
+        "_loaded",
+        "_no_load",
+        "_phase_started",
+        "_probe_count",
+        "_probe_due",
+        "_probe_limit",
+        "_probe_sum",
+        "_sum",
+        "_window_end",
+        "limit",
+        "maximum",
+        "minimum",
+        "probe_interval_s",
+    )
+
+    WINDOW_ROUND_TRIPS = 4
+    """A window lasts this many no-load latencies ..."""
+    MIN_WINDOW_S = 0.05
+    MAX_WINDOW_S = 1.0
+    """... within these bounds ..."""
+    MIN_SAMPLES = 8
+    """... and holds at least this many requests (a quiet upstream's window is longer)."""
+    PROBE_SAMPLES = 8
+    """Requests whose average latency is the probe's no-load latency."""
+    PROBE_TIMEOUT_S = 2.0
+    """A probe that has not got its samples by then gives up (the old figure stays)."""
+    INITIAL = 20
+
+    def __init__(
+        self,
+        *,
+        minimum: int,
+        maximum: int,
+        now: float,
+        probe_interval_s: float = 10.0,
+    ) -> None:
+        if not 1 <= minimum <= maximum:
+            raise ValueError(f"need 1 <= minimum <= maximum, got {minimum} and {maximum}")
+        if probe_interval_s <= 0:
+            raise ValueError("probe_interval_s must be positive")
+        self.minimum = minimum
+        self.maximum = maximum
+        self.probe_interval_s = probe_interval_s
+        self._estimate = float(min(maximum, max(minimum, self.INITIAL)))
+        self.limit = int(self._estimate)
+        self._no_load = math.inf
+        self._sum = 0.0
+        self._count = 0
+        self._loaded = False
+        self._window_end = math.inf
+        self._probe_due = now + probe_interval_s
+        self._phase_started = math.inf  # when the probe in progress began
+        self._probe_limit = 0
+        self._probe_sum = 0.0
+        self._probe_count = 0
+
+    @property
+    def no_load_s(self) -> float:
+        """The no-load latency in force (``inf`` before the first window)."""
+        return self._no_load
+
+    @property
+    def probing(self) -> bool:
+        return self._phase_started != math.inf
+
+    def on_sample(self, latency_s: float, now: float, inflight: int) -> None:
+        """One completed request: its latency, when it ended, and the in-flight count when
+        it was admitted (itself included)."""
+        if self._phase_started != math.inf:
+            self._probe(latency_s, now, inflight)
+            return
+        self._sum += latency_s
+        self._count += 1
+        if inflight * 2 >= self.limit:
+            self._loaded = True
+        if self._window_end == math.inf:
+            self._window_end = now + self._window_s()
+        if now >= self._window_end and self._count >= self.MIN_SAMPLES:
+            self._end_window(now)
+
+    def _window_s(self) -> float:
+        if self._no_load == math.inf:
+            return self.MIN_WINDOW_S
+        span = self._no_load * self.WINDOW_ROUND_TRIPS
+        return min(self.MAX_WINDOW_S, max(self.MIN_WINDOW_S, span))
+
+    def _end_window(self, now: float) -> None:
+        average = self._sum / self._count
+        loaded = self._loaded
+        self._sum = 0.0
+        self._count = 0
+        self._loaded = False
+        self._window_end = now + self._window_s()
+        self._no_load = min(self._no_load, average)
+        gradient = min(1.0, max(0.5, self._no_load / average)) if average > 0 else 1.0
+        estimate = self._estimate * gradient + math.sqrt(self._estimate)
+        if not loaded:
+            # The upstream was not asked for half the limit: its latency says nothing
+            # about a higher one (Netflix's "app-limited" rule), so the limit may only fall.
+            estimate = min(estimate, self._estimate)
+        self._set(estimate)
+        if loaded and now >= self._probe_due:
+            self._begin_probe(now)
+
+    def _set(self, estimate: float) -> None:
+        self._estimate = min(float(self.maximum), max(float(self.minimum), estimate))
+        self.limit = int(self._estimate)
+
+    def _begin_probe(self, now: float) -> None:
+        self._phase_started = now
+        self._probe_limit = max(self.minimum, self.limit // 2)
+        self._probe_sum = 0.0
+        self._probe_count = 0
+        self.limit = self._probe_limit
+
+    def _probe(self, latency_s: float, now: float, inflight: int) -> None:
+        # A request admitted during the probe with at most the probe's limit in flight
+        # (everything counted, what was admitted before the probe included) found the
+        # upstream below its real concurrency: its latency is the no-load latency.
+        if now - latency_s >= self._phase_started and inflight <= self._probe_limit:
+            self._probe_sum += latency_s
+            self._probe_count += 1
+        if self._probe_count >= self.PROBE_SAMPLES:
+            self._no_load = self._probe_sum / self._probe_count
+            self._end_probe(now)
+        elif now - self._phase_started >= self.PROBE_TIMEOUT_S:
+            self._end_probe(now)
+
+    def _end_probe(self, now: float) -> None:
+        self._phase_started = math.inf
+        self._probe_due = now + self.probe_interval_s
+        self.limit = int(self._estimate)
+        self._sum = 0.0
+        self._count = 0
+        self._loaded = False
+        self._window_end = now + self._window_s()

@@ -1,0 +1,291 @@
+"""Overload protection's pure decisions: priority admission and the adaptive limit.
+
+The adaptive limit is driven by a small discrete-event model of an upstream (a number of
+workers, a service time, a FIFO queue inside it) and closed-loop clients, on a simulated
+clock: no sockets, no sleeps, the same result every run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.core.concurrency import GradientLimit, Priority, admits, critical_reserve
+
+B, N, C = Priority.BULK, Priority.NORMAL, Priority.CRITICAL
+
+
+@pytest.mark.parametrize(
+    ("priority", "inflight", "critical_inflight", "limit", "cap", "reserve", "admitted"),
+    [
+        # An idle upstream admits anything, whatever the limit.
+        (B, 0, 0, 1, 1, 0, True),
+        (N, 0, 0, 1, 1, 1, True),
+        # bulk: under half the limit.
+        (B, 4, 0, 10, 100, 1, True),
+        (B, 5, 0, 10, 100, 1, False),
+        (B, 4, 0, 9, 100, 0, True),  # 8 < 9
+        (B, 5, 0, 9, 100, 0, False),  # 10 >= 9
+        # normal: under the limit less the critical reserve ...
+        (N, 8, 0, 10, 100, 1, True),
+        (N, 9, 0, 10, 100, 1, False),
+        # ... which is 0 on an upstream no critical route uses (version-1 behaviour).
+        (N, 9, 0, 10, 100, 0, True),
+        (N, 10, 0, 10, 100, 0, False),
+        # critical: while critical alone does not fill the limit, under the hard cap.
+        (C, 50, 9, 10, 100, 1, True),
+        (C, 50, 10, 10, 100, 1, False),
+        (C, 100, 0, 10, 100, 1, False),
+        # The hard cap binds every priority.
+        (N, 10, 0, 20, 10, 0, False),
+        (C, 10, 0, 20, 10, 0, False),
+    ],
+)
+def test_admission_table(  # noqa: PLR0917 (one parameter a column of the table)
+    priority: Priority,
+    inflight: int,
+    critical_inflight: int,
+    limit: int,
+    cap: int,
+    reserve: int,
+    admitted: bool,
+) -> None:
+    got = admits(
+        priority,
+        inflight=inflight,
+        critical_inflight=critical_inflight,
+        limit=limit,
+        cap=cap,
+        reserve=reserve,
+    )
+    assert got is admitted
+
+
+@pytest.mark.parametrize(
+    ("limit", "reserve"), [(1, 1), (9, 1), (10, 1), (19, 1), (20, 2), (500, 50)]
+)
+def test_critical_reserve_is_a_tenth_at_least_one(limit: int, reserve: int) -> None:
+    assert critical_reserve(limit) == reserve
+
+
+def test_bulk_is_refused_before_normal_and_normal_before_critical() -> None:
+    limit, cap = 20, 500
+    reserve = critical_reserve(limit)
+    refused_at = {
+        p: next(
+            n
+            for n in range(1, cap + 1)
+            if not admits(p, inflight=n, critical_inflight=0, limit=limit, cap=cap, reserve=reserve)
+        )
+        for p in Priority
+    }
+    assert refused_at[B] < refused_at[N] < refused_at[C]
+    assert (refused_at[B], refused_at[N], refused_at[C]) == (10, 18, cap)
+
+
+@pytest.mark.parametrize(("minimum", "maximum"), [(0, 10), (5, 4), (-1, 1)])
+def test_limit_bounds_are_checked(minimum: int, maximum: int) -> None:
+    with pytest.raises(ValueError, match="minimum"):
+        GradientLimit(minimum=minimum, maximum=maximum, now=0.0)
+
+
+# --------------------------------------------------------------------------- a simulated upstream
+
+
+@dataclass
+class Upstream:
+    workers: int
+    service_s: float
+    jitter: float = 0.1
+    busy: int = 0
+    queue: list[tuple[float, int]] = field(default_factory=list)  # (admitted at, inflight)
+
+
+@dataclass
+class Run:
+    """What a simulated run saw, from ``since`` on."""
+
+    completions: int = 0
+    latency_sum: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    limits: list[int] = field(default_factory=list)
+    refused: int = 0
+
+    @property
+    def mean_latency(self) -> float:
+        return self.latency_sum / self.completions
+
+    def p99(self) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[int(len(ordered) * 0.99)]
+
+
+def simulate(
+    limiter: GradientLimit,
+    upstream: Upstream,
+    *,
+    clients: int,
+    until: float,
+    since: float,
+    start: float = 0.0,
+    retry_s: float = 0.005,
+    think_s: float = 0.0,
+    seed: int = 7,
+    changes: dict[float, tuple[int, float]] | None = None,
+) -> Run:
+    """Closed-loop clients (each sends again when answered, or ``retry_s`` after a refusal)
+    in front of an upstream of ``workers`` x ``service_s``; the limiter admits ``normal``."""
+    rng = random.Random(seed)
+    run = Run()
+    seq = itertools.count()
+    events: list[tuple[float, int, str, float, int]] = []
+    inflight = 0
+    pending = sorted((changes or {}).items())
+
+    def service() -> float:
+        return upstream.service_s * (1 + upstream.jitter * (rng.random() * 2 - 1))
+
+    for _ in range(clients):
+        heapq.heappush(events, (start + rng.random() * 0.01, next(seq), "send", 0.0, 0))
+    while events:
+        now, _, kind, admitted_at, at_admission = heapq.heappop(events)
+        if now > until:
+            break
+        while pending and pending[0][0] <= now:
+            upstream.workers, upstream.service_s = pending.pop(0)[1]
+        if kind == "send":
+            ok = admits(
+                Priority.NORMAL,
+                inflight=inflight,
+                critical_inflight=0,
+                limit=limiter.limit,
+                cap=limiter.maximum,
+                reserve=0,
+            )
+            if not ok:
+                run.refused += now >= since
+                heapq.heappush(events, (now + retry_s, next(seq), "send", 0.0, 0))
+                continue
+            inflight += 1
+            if upstream.busy < upstream.workers:
+                upstream.busy += 1
+                heapq.heappush(events, (now + service(), next(seq), "done", now, inflight))
+            else:
+                upstream.queue.append((now, inflight))
+        else:  # done
+            inflight -= 1
+            latency = now - admitted_at
+            limiter.on_sample(latency, now, at_admission)
+            if now >= since:
+                run.completions += 1
+                run.latency_sum += latency
+                run.latencies.append(latency)
+                run.limits.append(limiter.limit)
+            if upstream.queue and upstream.busy <= upstream.workers:
+                queued_at, queued_inflight = upstream.queue.pop(0)
+                heapq.heappush(
+                    events, (now + service(), next(seq), "done", queued_at, queued_inflight)
+                )
+            else:
+                upstream.busy -= 1
+            heapq.heappush(events, (now + think_s, next(seq), "send", 0.0, 0))
+    return run
+
+
+def _limiter(**kwargs: float) -> GradientLimit:
+    return GradientLimit(minimum=4, maximum=500, now=0.0, probe_interval_s=kwargs.get("probe", 5.0))
+
+
+def test_the_limit_settles_just_above_the_upstreams_real_concurrency() -> None:
+    """8 workers x 20 ms (400 req/s), 64 greedy clients: the gateway keeps the upstream
+    busy (goodput >= 90 % of its capacity) with a short queue inside it (latency near the
+    no-load 20 ms instead of 64 / 8 x 20 = 160 ms)."""
+    limiter = _limiter()
+    run = simulate(limiter, Upstream(8, 0.020), clients=64, until=20.0, since=5.0)
+    goodput = run.completions / 15.0
+    assert goodput >= 0.9 * 400
+    assert run.mean_latency <= 1.6 * 0.020
+    median_limit = sorted(run.limits)[len(run.limits) // 2]
+    assert 8 <= median_limit <= 16
+
+
+def test_twice_the_capacity_gets_about_twice_the_limit() -> None:
+    small = simulate(_limiter(), Upstream(8, 0.020), clients=96, until=15.0, since=5.0)
+    large = simulate(_limiter(), Upstream(16, 0.020), clients=96, until=15.0, since=5.0)
+    ratio = (sum(large.limits) / len(large.limits)) / (sum(small.limits) / len(small.limits))
+    assert 1.6 <= ratio <= 2.4
+    assert large.completions / 10.0 >= 0.9 * 800
+
+
+def test_the_limit_rises_within_seconds_when_the_upstream_gets_more_capacity() -> None:
+    limiter = _limiter()
+    run = simulate(
+        limiter,
+        Upstream(8, 0.020),
+        clients=96,
+        until=14.0,
+        since=11.0,
+        changes={8.0: (16, 0.020)},
+    )
+    assert run.completions / 3.0 >= 0.9 * 800
+    assert min(run.limits) >= 16
+
+
+def test_the_limit_follows_an_upstream_that_gets_slower_for_good() -> None:
+    """Service time 20 -> 60 ms at t=8: the limit falls at once (latency triples), the
+    next probe measures the new no-load latency, and goodput returns near capacity."""
+    limiter = _limiter()
+    run = simulate(
+        limiter,
+        Upstream(8, 0.020),
+        clients=64,
+        until=24.0,
+        since=16.0,
+        changes={8.0: (8, 0.060)},
+    )
+    assert run.completions / 8.0 >= 0.9 * 8 / 0.060
+    assert run.mean_latency <= 1.6 * 0.060
+    assert limiter.no_load_s == pytest.approx(0.060, rel=0.15)
+
+
+def test_the_limit_never_passes_its_bounds() -> None:
+    tight = GradientLimit(minimum=6, maximum=10, now=0.0)
+    run = simulate(tight, Upstream(50, 0.010), clients=40, until=5.0, since=0.0)
+    assert max(run.limits) <= 10
+    assert run.limits[-1] == 10  # a fast upstream: the limit climbs to the cap
+    floor = GradientLimit(minimum=6, maximum=100, now=0.0)
+    run = simulate(floor, Upstream(2, 0.050), clients=40, until=10.0, since=0.0)
+    assert min(run.limits) >= 3  # half of the minimum during a probe, never less
+    assert min(lim for lim in run.limits[-50:]) >= 6 or floor.probing
+
+
+def test_a_lightly_loaded_upstream_is_never_probed_and_its_limit_does_not_creep() -> None:
+    """Two clients never ask for half the limit: the limit stays where it started, and no
+    probe ever lowers it."""
+    limiter = _limiter(probe=1.0)
+    run = simulate(limiter, Upstream(8, 0.020), clients=2, until=10.0, since=0.0)
+    assert set(run.limits) == {GradientLimit.INITIAL}
+    assert run.refused == 0
+    assert limiter.no_load_s == pytest.approx(0.020, rel=0.15)
+
+
+def test_a_probe_gives_up_when_its_samples_do_not_come() -> None:
+    limiter = GradientLimit(minimum=4, maximum=100, now=0.0, probe_interval_s=0.1)
+    t = 0.0
+    # A loaded window (each request admitted with the limit in flight), past the probe's
+    # due time: the probe starts and halves the limit.
+    while not limiter.probing:
+        t += 0.01
+        limiter.on_sample(0.05, t, limiter.limit)
+    halved = limiter.limit
+    # Only requests admitted before the probe come back: none counts.
+    t += GradientLimit.PROBE_TIMEOUT_S
+    limiter.on_sample(5.0, t, 100)
+    assert not limiter.probing
+    assert limiter.limit > halved
+    assert math.isfinite(limiter.no_load_s)
