@@ -1,0 +1,232 @@
+"""Verified JWTs (SPEC section 11): which tokens count as an identity, and their claims.
+
+Verification is PyJWT's, with the algorithm pinned by the key, never by the token:
+
+- ``RS256``, ``ES256`` and ``EdDSA`` tokens verify only against a public key of the JWKS
+  file of that family (RSA, EC P-256, OKP Ed25519), chosen by ``kid`` when the token names
+  one; ``HS256`` tokens verify only against the shared secret. So ``alg: none``, an
+  ``HS256`` token signed with an RSA public key as its secret, or an ``RS256`` token
+  against an HMAC secret, never verify: no key of the right family is ever offered.
+- ``exp`` is required; ``nbf``, and ``iss``/``aud`` when configured, are checked, each
+  with ``leeway_s``.
+
+Verified tokens are cached by the SHA-256 of the token until their ``exp`` (bounded, the
+oldest entry goes first), so a client that sends the same token again costs a digest and
+a dict look-up instead of a signature check. Refused tokens are not cached: a refusal is
+cheap for malformed tokens, and caching them would let garbage push valid tokens out.
+
+Nothing here logs a token; refusals carry a short reason (``expired``, ``bad_signature``,
+...) for logs and metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+import orjson
+from jwt.api_jwk import PyJWK
+
+__all__ = [
+    "ASYMMETRIC",
+    "JwksError",
+    "Refused",
+    "TokenVerifier",
+    "Verified",
+    "bearer_token",
+    "load_jwks",
+]
+
+ASYMMETRIC = frozenset({"RS256", "ES256", "EdDSA"})
+"""The algorithms a JWKS key may verify (each key serves exactly one of them)."""
+
+_KTY = {"RS256": "RSA", "ES256": "EC", "EdDSA": "OKP"}
+_CURVE = {"ES256": "P-256", "EdDSA": "Ed25519"}
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k"})
+
+
+class JwksError(ValueError):
+    """A JWKS document that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    claims: Mapping[str, Any]
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: str
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` field (scheme in any case)."""
+    if authorization is None or len(authorization) < 8:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip(" ")
+    return token or None
+
+
+def load_jwks(text: str) -> dict[str | None, list[PyJWK]]:
+    """The public keys of a JWKS document, by ``kid`` (``None`` for keys without one).
+
+    Raises :class:`JwksError` for a document that is not JSON, has no ``keys`` list, or
+    holds a key that is not a public RSA, EC P-256 or Ed25519 key.
+    """
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise JwksError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+        raise JwksError('not a JWKS document: expected {"keys": [...]}')
+    keys: dict[str | None, list[PyJWK]] = {}
+    for n, entry in enumerate(data["keys"]):
+        where = f"keys[{n}]"
+        if not isinstance(entry, dict):
+            raise JwksError(f"{where}: not an object")
+        if _PRIVATE_MEMBERS & entry.keys():
+            raise JwksError(f"{where}: holds private key material; the JWKS takes public keys")
+        if entry.get("use", "sig") != "sig":
+            continue  # an encryption key: not ours to verify with
+        alg = entry.get("alg")
+        if alg is not None and alg not in ASYMMETRIC:
+            raise JwksError(f"{where}: alg {alg!r} is not one of {sorted(ASYMMETRIC)}")
+        try:
+            key = PyJWK(entry)
+        except jwt.PyJWTError as exc:
+            raise JwksError(f"{where}: {exc}") from None
+        name = key.algorithm_name
+        if name not in ASYMMETRIC or entry.get("kty") != _KTY[name]:
+            raise JwksError(f"{where}: {entry.get('kty')} keys for {name} are not supported")
+        if name in _CURVE and entry.get("crv") != _CURVE[name]:
+            raise JwksError(f"{where}: curve {entry.get('crv')!r} is not {_CURVE[name]}")
+        kid = entry.get("kid")
+        keys.setdefault(kid if isinstance(kid, str) else None, []).append(key)
+    return keys
+
+
+class TokenVerifier:
+    """Verifies bearer tokens against a JWKS and an optional HS256 secret."""
+
+    __slots__ = (
+        "_all_keys",
+        "_audience",
+        "_cache",
+        "_cache_size",
+        "_clock",
+        "_issuer",
+        "_keys",
+        "_leeway",
+        "_options",
+        "_secret",
+    )
+
+    def __init__(
+        self,
+        *,
+        keys: Mapping[str | None, list[PyJWK]],
+        hs256_secret: bytes | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway_s: float = 30.0,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._keys = dict(keys)
+        self._all_keys = [k for ks in keys.values() for k in ks]
+        self._secret = hs256_secret or None
+        self._issuer = issuer
+        self._audience = audience
+        self._leeway = leeway_s
+        self._cache: dict[bytes, Verified] = {}
+        self._cache_size = cache_size
+        self._clock = clock
+        self._options: dict[str, Any] = {
+            "require": ["exp"],
+            "verify_aud": audience is not None,
+            "verify_iss": issuer is not None,
+        }
+
+    def verify(self, token: str) -> Verified | Refused:
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        hit = self._cache.get(digest)
+        if hit is not None:
+            if self._clock() < hit.expires_at + self._leeway:
+                return hit
+            del self._cache[digest]
+            return Refused("expired")
+        outcome = self._verify(token)
+        if isinstance(outcome, Verified):
+            if len(self._cache) >= self._cache_size:
+                del self._cache[next(iter(self._cache))]
+            self._cache[digest] = outcome
+        return outcome
+
+    def _verify(self, token: str) -> Verified | Refused:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return Refused("malformed")
+        alg = header.get("alg")
+        candidates = self._candidates(alg, header.get("kid"))
+        if isinstance(candidates, Refused):
+            return candidates
+        algorithms = [str(alg)]  # one of the known names: _candidates checked it
+        reason = "bad_signature"
+        for key in candidates:
+            try:
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=algorithms,
+                    audience=self._audience,
+                    issuer=self._issuer,
+                    leeway=self._leeway,
+                    options=self._options,  # type: ignore[arg-type]
+                )
+            except jwt.PyJWTError as exc:
+                reason = _reason(exc)
+                if reason in {"bad_signature", "malformed"}:
+                    continue  # another key of the same kid may have signed it
+                return Refused(reason)
+            exp = claims.get("exp")
+            if not isinstance(exp, int | float) or isinstance(exp, bool):
+                return Refused("malformed")
+            return Verified(claims, float(exp))
+        return Refused(reason)
+
+    def _candidates(self, alg: object, kid: object) -> list[Any] | Refused:
+        """The keys that may verify a token of ``alg``: the key decides, never the token."""
+        if alg == "HS256":
+            return [self._secret] if self._secret is not None else Refused("algorithm")
+        if alg not in ASYMMETRIC:
+            return Refused("algorithm")
+        pool = self._keys.get(kid, []) if isinstance(kid, str) else self._all_keys
+        keys = [k.key for k in pool if k.algorithm_name == alg]
+        return keys or Refused("unknown_key")
+
+
+_REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.InvalidSignatureError, "bad_signature"),
+    (jwt.ExpiredSignatureError, "expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid"),
+    (jwt.InvalidIssuerError, "wrong_issuer"),
+    (jwt.InvalidAudienceError, "wrong_audience"),
+    (jwt.MissingRequiredClaimError, "missing_claim"),
+)
+
+
+def _reason(exc: jwt.PyJWTError) -> str:
+    """A short, token-free word for a refusal (logs and metrics carry it)."""
+    for kind, reason in _REASONS:
+        if isinstance(exc, kind):
+            return reason
+    return "malformed"

@@ -1,0 +1,124 @@
+"""API-key files and JSON-body keys: parsing, look-up, the pointer's rules."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from gateway.identity.api_keys import ApiKeyError, ApiKeys
+from gateway.identity.body import MAX_BODY, JsonPointer, is_json_media_type
+
+
+def _sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+KEYS = f"""
+keys:
+  - {{id: team-a, sha256: {_sha("key-a")}, plan: pro}}
+  - {{id: team-b, sha256: "{_sha("key-b").upper()}"}}
+"""
+
+
+def test_a_listed_key_is_found_by_its_digest() -> None:
+    keys = ApiKeys.from_text(KEYS)
+    assert len(keys) == 2
+    a = keys.lookup("key-a")
+    assert a is not None
+    assert (a.id, a.plan) == ("team-a", "pro")
+    b = keys.lookup("key-b")
+    assert b is not None
+    assert (b.id, b.plan) == ("team-b", None)
+
+
+@pytest.mark.parametrize("raw", ["", "key-c", "KEY-A", "key-a ", _sha("key-a"), "\udcff"])
+def test_other_keys_are_not_found(raw: str) -> None:
+    assert ApiKeys.from_text(KEYS).lookup(raw) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("keys: [", "not YAML"),
+        ("[]", "'keys' list"),
+        ("keys: {}", "'keys' list"),
+        ("keys: []\nextra: 1", "extra: unknown field"),
+        ("keys: [1]", r"keys\[0\]: expected a mapping"),
+        (f"keys: [{{sha256: {_sha('x')}}}]", r"keys\[0\].id:"),
+        ("keys: [{id: a, sha256: abc}]", r"keys\[0\].sha256: 64 hex digits"),
+        ("keys: [{id: a, sha256: " + "g" * 64 + "}]", r"keys\[0\].sha256"),
+        (f"keys: [{{id: 'a b', sha256: {_sha('x')}}}]", r"keys\[0\].id"),
+        (f"keys: [{{id: a, sha256: {_sha('x')}, plan: ''}}]", r"keys\[0\].plan"),
+        (f"keys: [{{id: a, sha256: {_sha('x')}, key: x}}]", r"keys\[0\].key: unknown field"),
+        (
+            f"keys: [{{id: a, sha256: {_sha('x')}}}, {{id: a, sha256: {_sha('y')}}}]",
+            r"keys\[1\].id: 'a' is listed twice",
+        ),
+        (
+            f"keys: [{{id: a, sha256: {_sha('x')}}}, {{id: b, sha256: {_sha('x')}}}]",
+            r"keys\[1\].sha256: the same key is listed twice",
+        ),
+    ],
+)
+def test_bad_key_files_name_the_field(text: str, message: str) -> None:
+    with pytest.raises(ApiKeyError, match=message):
+        ApiKeys.from_text(text)
+
+
+@pytest.mark.parametrize(
+    ("pointer", "body", "key"),
+    [
+        ("/message/chat/id", b'{"message": {"chat": {"id": 123}}}', "123"),
+        ("/message/chat/id", b'{"message": {"chat": {"id": "123"}}}', '"123"'),
+        ("/message/chat/id", b'{"message": {"chat": {"id": -100123}}}', "-100123"),
+        ("/a", b'{"a": {"y": 1, "x": 2}}', '{"x":2,"y":1}'),  # one text for one value
+        ("/a", b'{"a": null}', "null"),
+        ("/a", b'{"a": true}', "true"),
+        ("/a/1", b'{"a": [10, 20]}', "20"),
+        ("/a/0", b'{"a": [10, 20]}', "10"),
+        ("/a~1b", b'{"a/b": 1}', "1"),
+        ("/a~0b", b'{"a~b": 2}', "2"),
+        ("/", b'{"": 3}', "3"),
+        ("", b"[1]", "[1]"),
+        # No key: the fallback applies.
+        ("/a/2", b'{"a": [10, 20]}', None),
+        ("/a/01", b'{"a": [10, 20]}', None),
+        ("/a/-", b'{"a": [10, 20]}', None),
+        ("/a/x", b'{"a": [10, 20]}', None),
+        ("/a/b", b'{"a": 1}', None),
+        ("/missing", b'{"a": 1}', None),
+        ("/a", b"not json", None),
+        ("/a", b'{"a": 1', None),
+        ("/a", b"", None),
+        ("/a", b'{"a": 1}' + b" " * MAX_BODY, None),  # over the size read
+    ],
+)
+def test_json_pointer_keys(pointer: str, body: bytes, key: str | None) -> None:
+    assert JsonPointer(pointer).key(body) == key
+
+
+@pytest.mark.parametrize("pointer", ["a/b", "/a~2", "/a~", "#/a"])
+def test_bad_pointers_are_refused(pointer: str) -> None:
+    with pytest.raises(ValueError, match="JSON pointer"):
+        JsonPointer(pointer)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "json"),
+    [
+        ("application/json", True),
+        ("Application/JSON; charset=utf-8", True),
+        ("application/vnd.api+json", True),
+        ("application/merge-patch+json", True),
+        ("text/json", False),
+        ("application/jsonp", False),
+        ("application/+json", False),
+        ("application/x-www-form-urlencoded", False),
+        ("json", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_json_media_types(content_type: str | None, json: bool) -> None:
+    assert is_json_media_type(content_type) is json
