@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
 
-from gateway.admin import create_admin_app
+from gateway.admin import AdminRunner, create_admin_app
 from gateway.http1 import HttpProtocol, HttpServer
 from gateway.pipeline.handler import ProxyHandler
 from gateway.reload import Reloader
@@ -139,7 +139,7 @@ class Gateway:
         self.proxy_port = int(sock.getsockname()[1])
 
         admin_app = create_admin_app(rt, self.reloader)
-        self._admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+        self._admin_runner = AdminRunner(admin_app, handle_signals=False, access_log=None)
         await self._admin_runner.setup()
         admin_site = web.TCPSite(
             self._admin_runner, cfg.admin.host, cfg.admin.port, reuse_address=True
