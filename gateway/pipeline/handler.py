@@ -199,7 +199,7 @@ class ProxyHandler:
         """A probe's or /metrics' answer (on this port), or None for the pipeline."""
         path = request.path
         if path in _PROBES or path.startswith("/readyz/"):
-            return probe_answer(request, self.rt.monitor)
+            return probe_answer(request, self.rt.monitor, public=True)
         if path == "/metrics" and snap.metrics_on_proxy:
             return self.rt.metrics_response()
         return None
