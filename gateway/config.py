@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -703,13 +704,63 @@ def load_text(
     return Settings(cfg, secrets, tuple(warnings), source, digest)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # far above any real config; bounds what a read may take
+
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_config_bytes(path: Path) -> bytes:
+    """The bytes of the config file at ``path``: a regular file of at most 1 MiB.
+
+    Anything else is a :class:`ConfigError` at once, never a read that blocks or never
+    ends (a path swapped for a symlink to a FIFO wedged the reload thread for good, and
+    kept the process alive after SIGTERM; ``/dev/zero`` would fill memory).  The file is
+    opened without blocking (a FIFO opens at once) and the opened descriptor is checked,
+    not the path: a swap between a check and the open cannot slip a FIFO through.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ConfigError([Problem("", f"cannot read {path}: {exc.strerror}")]) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _NOT_REGULAR if test(mode)), "special")
+            msg = f"{path} is not a regular file ({kind}): refused"
+            raise ConfigError([Problem("", msg)])
+        chunks: list[bytes] = []
+        left = MAX_CONFIG_BYTES + 1  # one byte more tells a file that is too large
+        while left > 0:
+            chunk = os.read(fd, min(left, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:  # EAGAIN of a file that would block, EIO...
+        raise ConfigError([Problem("", f"cannot read {path}: {exc.strerror}")]) from None
+    finally:
+        os.close(fd)
+    if left <= 0:
+        msg = f"{path} is larger than 1 MiB ({MAX_CONFIG_BYTES} bytes): refused"
+        raise ConfigError([Problem("", msg)])
+    return b"".join(chunks)
+
+
 def load_file(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Settings:
     p = Path(path)
+    raw = read_config_bytes(p)
     try:
-        raw = p.read_bytes()
         text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem("", f"cannot read {p}: {exc}")]) from None
+    except UnicodeDecodeError as exc:
+        msg = f"{p} is not UTF-8 text (byte {exc.start}): refused"
+        raise ConfigError([Problem("", msg)]) from None
     digest = hashlib.sha256(raw).hexdigest()
     return load_text(text, source=str(p), environ=environ, digest=digest)
 

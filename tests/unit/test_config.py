@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, json_schema, load_default, load_file, load_text
+from tests.files import NOT_A_CONFIG, ONE_MIB, make_not_a_config, unblock_fifos
 
 DATA = Path(__file__).parent.parent / "data" / "config"
 CASES = sorted(DATA.glob("*.yaml"))
@@ -188,3 +189,45 @@ def test_version() -> None:
     r = _cli("--version")
     assert r.returncode == 0
     assert r.stdout.startswith("gateway ")
+
+
+@pytest.mark.parametrize("kind", list(NOT_A_CONFIG))
+def test_only_a_regular_file_of_at_most_1_mib_is_read(tmp_path: Path, kind: str) -> None:
+    """A FIFO, a device, a directory, a socket, a symlink loop, a huge or non-UTF-8 file
+    is a ConfigError at once: never a read that blocks or never ends."""
+    path = make_not_a_config(kind, tmp_path)
+    try:
+        with pytest.raises(ConfigError) as info:
+            load_file(path, environ={})
+    finally:
+        unblock_fifos(tmp_path)
+    (problem,) = info.value.problems
+    assert NOT_A_CONFIG[kind] in problem.message, problem.message
+    assert str(path) in problem.message
+
+
+def test_a_file_of_exactly_1_mib_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    line = b"listen: {port: 8001}\n"
+    path.write_bytes(line + b"#" * (ONE_MIB - len(line) - 1) + b"\n")
+    assert path.stat().st_size == ONE_MIB
+    assert load_file(path, environ={}).config.listen.port == 8001
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "symlink-to-fifo", "dev-zero", "directory"])
+def test_check_config_of_a_path_that_is_not_a_file_exits_2(tmp_path: Path, kind: str) -> None:
+    path = make_not_a_config(kind, tmp_path)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "gateway", "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    finally:
+        unblock_fifos(tmp_path)
+    assert r.returncode == 2
+    assert NOT_A_CONFIG[kind] in r.stderr
+    assert "Traceback" not in r.stderr
