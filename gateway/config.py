@@ -473,47 +473,109 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
     return problems
 
 
-def _cross_check(cfg: Config) -> list[Problem]:
+def _section(data: Any, key: str) -> Any:
+    """``data[key]`` when ``data`` is a mapping, else None (its type error is reported)."""
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _number(value: Any, default: float) -> float | None:
+    """A number as validation would read it (``"10"`` is 10); None when it is not one."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _names(value: Any, default: Mapping[str, Any]) -> set[str] | None:
+    """The keys of a mapping of named entries (the defaults when absent); None if not one."""
+    if value is None:
+        return set(default)
+    return {str(k) for k in value} if isinstance(value, dict) else None
+
+
+def _cross_check(data: Mapping[str, Any]) -> list[Problem]:
+    """Rules across fields (references between sections, orders between values).
+
+    They run on plain data, the raw YAML or a validated config's dump: when type
+    validation fails the operator still sees these errors in the same run.  A part with
+    the wrong shape is skipped here (validation reports it).
+    """
     problems: list[Problem] = []
-    seen: dict[str, int] = {}
-    for i, route in enumerate(cfg.routes):
-        if route.name in seen:
-            problems.append(Problem(f"routes[{i}].name", f"duplicate route name {route.name!r}"))
-        seen.setdefault(route.name, i)
-        if route.upstream not in cfg.upstreams:
-            problems.append(
-                Problem(
-                    f"routes[{i}].upstream",
-                    f"unknown upstream {route.upstream!r}"
-                    f" (known: {', '.join(sorted(cfg.upstreams)) or 'none'})",
-                )
-            )
-        for j, pol in enumerate(route.rate_limits):
-            if pol not in cfg.rate_limit.policies:
+    upstreams_raw = data.get("upstreams")
+    upstreams = _names(upstreams_raw, _default_upstreams())
+    policies = _names(_section(data.get("rate_limit"), "policies"), _default_policies())
+    routes = data.get("routes")
+    if routes is None:  # absent: the default route (whose upstream is 'api')
+        routes = [r.model_dump() for r in _default_routes()]
+    if isinstance(routes, list | tuple):
+        if not routes:
+            problems.append(Problem("routes", "at least one route is needed"))
+        seen: set[str] = set()
+        for i, route in enumerate(routes):
+            if not isinstance(route, dict):
+                continue
+            name = route.get("name")
+            if isinstance(name, str):
+                if name in seen:
+                    problems.append(Problem(f"routes[{i}].name", f"duplicate route name {name!r}"))
+                seen.add(name)
+            upstream = route.get("upstream")
+            if upstreams is not None and isinstance(upstream, str) and upstream not in upstreams:
                 problems.append(
                     Problem(
-                        f"routes[{i}].rate_limits[{j}]",
-                        f"unknown policy {pol!r}"
-                        f" (known: {', '.join(sorted(cfg.rate_limit.policies)) or 'none'})",
+                        f"routes[{i}].upstream",
+                        f"unknown upstream {upstream!r}"
+                        f" (known: {', '.join(sorted(upstreams)) or 'none'})",
                     )
                 )
-    if not cfg.routes:
-        problems.append(Problem("routes", "at least one route is needed"))
-    if cfg.abuse.max_ban_s < cfg.abuse.ban_s:
-        problems.append(Problem("abuse.max_ban_s", "must be >= abuse.ban_s"))
-    for name, up in cfg.upstreams.items():
-        if up.retries.backoff_max_s < up.retries.backoff_s:
-            problems.append(
-                Problem(f"upstreams.{name}.retries.backoff_max_s", "must be >= backoff_s")
+            limits = route.get("rate_limits")
+            if policies is None or not isinstance(limits, list | tuple):
+                continue
+            for j, pol in enumerate(limits):
+                if isinstance(pol, str) and pol not in policies:
+                    problems.append(
+                        Problem(
+                            f"routes[{i}].rate_limits[{j}]",
+                            f"unknown policy {pol!r}"
+                            f" (known: {', '.join(sorted(policies)) or 'none'})",
+                        )
+                    )
+    abuse = data.get("abuse") or {}
+    if isinstance(abuse, dict):
+        ban_s = _number(abuse.get("ban_s"), Abuse.model_fields["ban_s"].default)
+        max_ban_s = _number(abuse.get("max_ban_s"), Abuse.model_fields["max_ban_s"].default)
+        if ban_s is not None and max_ban_s is not None and max_ban_s < ban_s:
+            problems.append(Problem("abuse.max_ban_s", "must be >= abuse.ban_s"))
+    if isinstance(upstreams_raw, dict):
+        for name, up in upstreams_raw.items():
+            retries = _section(up, "retries") or {}
+            if not isinstance(retries, dict):
+                continue
+            backoff = _number(retries.get("backoff_s"), Retries.model_fields["backoff_s"].default)
+            backoff_max = _number(
+                retries.get("backoff_max_s"), Retries.model_fields["backoff_max_s"].default
             )
-    if cfg.database is not None:
-        names = [c.name for c in cfg.database.checks]
+            if backoff is not None and backoff_max is not None and backoff_max < backoff:
+                problems.append(
+                    Problem(f"upstreams.{name}.retries.backoff_max_s", "must be >= backoff_s")
+                )
+    checks = _section(data.get("database"), "checks")
+    if isinstance(checks, list | tuple):
+        names = [_section(c, "name") for c in checks]
         for i, n in enumerate(names):
-            if names.index(n) != i:
+            if isinstance(n, str) and names.index(n) != i:
                 problems.append(Problem(f"database.checks[{i}].name", f"duplicate {n!r}"))
-    if (cfg.listen.host, cfg.listen.port) == (cfg.admin.host, cfg.admin.port) or (
-        cfg.listen.port == cfg.admin.port
-    ):
+    listen_port = _number(_section(data.get("listen"), "port"), Listen.model_fields["port"].default)
+    admin_port = _number(_section(data.get("admin"), "port"), Admin.model_fields["port"].default)
+    if listen_port is not None and listen_port == admin_port:
         problems.append(Problem("admin.port", "must differ from listen.port"))
     return problems
 
@@ -676,8 +738,9 @@ def parse_config(data: Any) -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_pydantic_problems(exc)) from None
-    problems = _cross_check(cfg)
+        # the cross-reference errors too, read from the raw data: all errors in one run
+        raise ConfigError(_pydantic_problems(exc) + _cross_check(data)) from None
+    problems = _cross_check(cfg.model_dump())
     if problems:
         raise ConfigError(problems)
     return cfg

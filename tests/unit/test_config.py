@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway.config import ConfigError, json_schema, load_default, load_file, load_text
 from tests.files import NOT_A_CONFIG, ONE_MIB, make_not_a_config, unblock_fifos
@@ -18,18 +19,23 @@ CASES = sorted(DATA.glob("*.yaml"))
 ROOT = Path(__file__).parent.parent.parent
 
 
-def _expected(path: Path) -> str:
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# expect: ")
-    return first[len("# expect: ") :]
+def _expected(path: Path) -> list[str]:
+    """The ``# expect: `` lines at the top of a case file: every error it must report."""
+    lines = path.read_text().splitlines()
+    expected = [line[len("# expect: ") :] for line in lines if line.startswith("# expect: ")]
+    assert expected
+    assert lines[0].startswith("# expect: ")
+    return expected
 
 
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
 def test_each_invalid_file_names_its_field(path: Path) -> None:
+    """Every error in one run: type errors and cross-reference errors together."""
     with pytest.raises(ConfigError) as info:
         load_file(path, environ={})
     messages = [str(p) for p in info.value.problems]
-    assert _expected(path) in messages, messages
+    missing = [e for e in _expected(path) if e not in messages]
+    assert missing == [], messages
 
 
 def test_empty_file_means_the_documented_defaults() -> None:
@@ -164,6 +170,15 @@ def test_check_config_error_exits_2_naming_the_field() -> None:
     assert "routes[1].upstream: unknown upstream 'bott'" in r.stderr
 
 
+def test_check_config_reports_type_and_reference_errors_in_one_run() -> None:
+    path = DATA / "type_and_reference_errors.yaml"
+    r = _cli("check-config", str(path))
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert lines[0] == f"{path}: invalid config ({len(_expected(path))} error(s))"
+    assert [line.strip() for line in lines[1:]] == _expected(path)
+
+
 def test_check_config_missing_file_exits_2(tmp_path: Path) -> None:
     r = _cli("check-config", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2
@@ -231,3 +246,21 @@ def test_check_config_of_a_path_that_is_not_a_file_exits_2(tmp_path: Path, kind:
     assert r.returncode == 2
     assert NOT_A_CONFIG[kind] in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_a_type_error_elsewhere_hides_no_other_error(path: Path) -> None:
+    """Each case file with one more type error (in a section it does not use) still
+    reports all its own errors: cross-reference checks run on the raw data too."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        pytest.skip("not YAML: nothing else can be checked")
+    if not isinstance(data, dict) or "request" in data:
+        pytest.skip("the case is not a mapping, or uses the section the type error goes in")
+    data["request"] = {"max_body_bytes": "lots"}
+    with pytest.raises(ConfigError) as info:
+        load_text(yaml.safe_dump(data), environ={})
+    messages = [str(p) for p in info.value.problems]
+    assert [e for e in _expected(path) if e not in messages] == [], messages
+    assert any(m.startswith("request.max_body_bytes: ") for m in messages)
