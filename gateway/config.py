@@ -755,12 +755,16 @@ def load_text(
 ) -> Settings:
     try:
         data = yaml.safe_load(text) if text.strip() else None
+        cfg = parse_config(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([Problem("", f"invalid YAML: {where}{problem}")]) from None
-    cfg = parse_config(data)
+    except RecursionError:
+        # PyYAML's parser recurses once a nesting level: a few KB of "[[[[" exceed
+        # Python's limit; no real config comes near it
+        raise ConfigError([Problem("", "invalid YAML: nested too deeply")]) from None
     secrets, warnings = resolve_secrets(cfg, os.environ if environ is None else environ)
     warnings.extend(risky_settings(cfg))
     digest = digest or hashlib.sha256(text.encode()).hexdigest()

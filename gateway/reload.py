@@ -68,8 +68,11 @@ class Reloader:
         async with self._lock:
             try:
                 settings = await asyncio.to_thread(load_file, self.path)
-            except ConfigError as exc:
-                errors = [str(p) for p in exc.problems]
+            except Exception as exc:  # whatever the file holds, a failed reload
+                if isinstance(exc, ConfigError):
+                    errors = [str(p) for p in exc.problems]
+                else:  # a bug of ours: still a failed reload, and the watcher lives on
+                    errors = [f"internal error: {type(exc).__name__}: {exc}"]
                 rt.metrics.config_reloads.labels("failure").inc()
                 rt.metrics.config_last_reload_successful.set(0)
                 rt.log.error(  # noqa: TRY400 - the errors are listed, a traceback adds nothing

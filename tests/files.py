@@ -1,4 +1,5 @@
-"""Config paths that are not a readable regular file of at most 1 MiB, for load and reload tests."""
+"""Config paths that are not a readable config file (a regular file of at most 1 MiB, of
+UTF-8 YAML the parser can nest), for load and reload tests."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ NOT_A_CONFIG = {
     "huge": "larger than 1 MiB",
     "huge-sparse": "larger than 1 MiB",
     "not-utf8": "not UTF-8",
+    "deep-nesting": "nested too deeply",
 }
 
 
@@ -54,6 +56,8 @@ def make_not_a_config(kind: str, where: Path) -> Path:
             f.truncate(1 << 30)
     elif kind == "not-utf8":
         path.write_bytes(b"listen: {host: \xff\xfe}\n")
+    elif kind == "deep-nesting":  # small, but deeper than the parser's recursion allows
+        path.write_text("listen: " + "[" * 50_000 + "\n")
     else:
         raise ValueError(kind)
     return path

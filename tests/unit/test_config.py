@@ -208,8 +208,9 @@ def test_version() -> None:
 
 @pytest.mark.parametrize("kind", list(NOT_A_CONFIG))
 def test_only_a_regular_file_of_at_most_1_mib_is_read(tmp_path: Path, kind: str) -> None:
-    """A FIFO, a device, a directory, a socket, a symlink loop, a huge or non-UTF-8 file
-    is a ConfigError at once: never a read that blocks or never ends."""
+    """A FIFO, a device, a directory, a socket, a symlink loop, a huge or non-UTF-8 file,
+    YAML nested past the parser's recursion, is a ConfigError at once: never a read that
+    blocks or never ends, never another exception."""
     path = make_not_a_config(kind, tmp_path)
     try:
         with pytest.raises(ConfigError) as info:
@@ -218,7 +219,8 @@ def test_only_a_regular_file_of_at_most_1_mib_is_read(tmp_path: Path, kind: str)
         unblock_fifos(tmp_path)
     (problem,) = info.value.problems
     assert NOT_A_CONFIG[kind] in problem.message, problem.message
-    assert str(path) in problem.message
+    if kind != "deep-nesting":  # the file itself is refused: the message names it
+        assert str(path) in problem.message
 
 
 def test_a_file_of_exactly_1_mib_is_read(tmp_path: Path) -> None:
