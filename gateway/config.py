@@ -691,6 +691,31 @@ def risky_settings(cfg: Config) -> list[Problem]:
 # --------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last value silently: a second ``routes:`` would drop the first
+    block's routes (and their guards) without a word.  Keys merged in with ``<<`` may
+    still be overridden, as YAML means them to be.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (the first one would be silently ignored)",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """A loaded config: the validated object, its secrets, its warnings and its origin."""
@@ -754,7 +779,7 @@ def load_text(
     digest: str | None = None,
 ) -> Settings:
     try:
-        data = yaml.safe_load(text) if text.strip() else None
+        data = yaml.load(text, Loader=_Loader) if text.strip() else None  # noqa: S506 - a SafeLoader
         cfg = parse_config(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

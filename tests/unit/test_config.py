@@ -258,6 +258,8 @@ def test_a_type_error_elsewhere_hides_no_other_error(path: Path) -> None:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
         pytest.skip("not YAML: nothing else can be checked")
+    if any(e.startswith("invalid YAML") for e in _expected(path)):
+        pytest.skip("the case is about the YAML itself")
     if not isinstance(data, dict) or "request" in data:
         pytest.skip("the case is not a mapping, or uses the section the type error goes in")
     data["request"] = {"max_body_bytes": "lots"}
