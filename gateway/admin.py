@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
 from gateway.explain import explain_request
@@ -25,6 +29,9 @@ RELOADER = web.AppKey("reloader", Reloader)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token: methods, names
+_FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # controls but HTAB
+
 
 def _rt(request: web.Request) -> Runtime:
     return request.app[RUNTIME]
@@ -33,6 +40,41 @@ def _rt(request: web.Request) -> Runtime:
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.Response(
         body=orjson.dumps(data, default=str), status=status, content_type="application/json"
+    )
+
+
+@web.middleware
+async def _problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The router's own 404 and 405 (and any other HTTP error) as problem+json."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:  # a redirect is not an error
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        detail = (
+            f"{request.method} is not allowed here"
+            if exc.status == 405
+            else "no such admin endpoint"
+            if exc.status == 404
+            else exc.reason
+        )
+        return problem_response(exc.status, detail, request_id=None, headers=headers)
+
+
+def _bearer_ok(request: web.Request, token: bytes) -> bool:
+    """Exactly one Authorization field, ``Bearer <token>``; any bytes compare safely.
+
+    aiohttp decodes field values as UTF-8 with surrogate escapes: encoding them back
+    the same way gives the bytes the client sent, so a value that is not UTF-8 is just
+    another wrong token.  Two fields are refused: a front proxy may read the other one.
+    """
+    given = request.headers.getall("Authorization", ())
+    if len(given) != 1:
+        return False
+    scheme, _, value = given[0].partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        value.strip().encode("utf-8", "surrogateescape"), token
     )
 
 
@@ -48,11 +90,7 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             "no admin token is configured (admin.token_env): the admin API is disabled",
             request_id=None,
         )
-    given = request.headers.get("Authorization", "")
-    scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        value.strip().encode(), token.encode()
-    ):
+    if not _bearer_ok(request, token.encode()):
         return problem_response(
             401,
             "a valid bearer token is required",
@@ -140,26 +178,103 @@ async def reload(request: web.Request) -> web.StreamResponse:
     return _json({"reloaded": ok, "errors": errors}, status=200 if ok else 422)
 
 
-async def explain(request: web.Request) -> web.StreamResponse:
-    q = request.query
-    ip = parse_ip(q.get("ip", ""))
-    if ip is None:
-        return problem_response(400, "query parameter ip must be an IP address", request_id=None)
+class _BadQueryError(Exception):
+    """A query parameter of /admin/explain is not usable; the message says which."""
+
+
+def _single(q: Any, name: str, default: str) -> str:
+    values: list[str] = q.getall(name, [])
+    if len(values) > 1:
+        msg = f"query parameter {name} is given more than once"
+        raise _BadQueryError(msg)
+    return values[0] if values else default
+
+
+def _explain_args(q: Any) -> tuple[str, str, str, CIMultiDict[str]]:
+    """(ip, path, method, headers) of an explain query, each checked as a request would be."""
+    ip = _single(q, "ip", "")
+    path = _single(q, "path", "/")
+    method = _single(q, "method", "GET").upper()
+    if not path.startswith("/") or _FIELD_VALUE_BAD.search(path):
+        msg = "query parameter path must start with '/' and hold no control character"
+        raise _BadQueryError(msg)
+    if not _TOKEN_RE.match(method):
+        msg = "query parameter method must be an HTTP method"
+        raise _BadQueryError(msg)
     headers: CIMultiDict[str] = CIMultiDict()
     for h in q.getall("header", []):
         name, sep, value = h.partition(":")
-        if not sep:
-            return problem_response(400, f"header must be Name:Value, got {h!r}", request_id=None)
-        headers.add(name.strip(), value.strip())
-    result = await explain_request(
-        _rt(request), ip, q.get("path", "/"), q.get("method", "GET").upper(), headers
-    )
+        name, value = name.strip(), value.strip()
+        if not sep or not _TOKEN_RE.match(name) or _FIELD_VALUE_BAD.search(value):
+            msg = "query parameter header must be Name:Value (a field name, a field value)"
+            raise _BadQueryError(msg)
+        headers.add(name, value)
+    return ip, path, method, headers
+
+
+async def explain(request: web.Request) -> web.StreamResponse:
+    try:
+        raw_ip, path, method, headers = _explain_args(request.query)
+    except _BadQueryError as exc:
+        return problem_response(400, str(exc), request_id=None)
+    ip = parse_ip(raw_ip)
+    if ip is None:
+        return problem_response(400, "query parameter ip must be an IP address", request_id=None)
+    result = await explain_request(_rt(request), ip, path, method, headers)
     return _json(result)
+
+
+class _AdminProtocol(RequestHandler):
+    """aiohttp's connection handler whose own errors (a request the parser refuses, a
+    handler that failed) are problem+json without the request echoed, and whose parse
+    errors log no traceback: a client can send any bytes, that is not our error."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,  # noqa: ARG002 - aiohttp's signature
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            msg = "response already started"
+            raise ConnectionError(msg)
+        detail = "the request could not be parsed"
+        if isinstance(exc, LineTooLong) or (
+            isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)
+        ):
+            status = 431
+            detail = "request header fields too large"
+        elif status >= 500:  # a bug of ours: worth its traceback
+            detail = "internal error"
+            self.log_exception("Error handling request", exc_info=exc)
+        resp = problem_response(status, detail, request_id=None)
+        resp.force_close()
+        return resp
+
+
+class _AdminServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _AdminProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class AdminRunner(web.AppRunner):
+    """``web.AppRunner`` serving with :class:`_AdminProtocol`."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return _AdminServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,  # the loop and options AppRunner set up
+            **server._kwargs,
+        )
 
 
 def create_admin_app(runtime: Runtime, reloader: Reloader) -> web.Application:
     """The admin port's application (explicit factory; no global state)."""
-    app = web.Application(middlewares=[_auth])
+    app = web.Application(middlewares=[_problems, _auth])
     app[RUNTIME] = runtime
     app[RELOADER] = reloader
     app.on_response_prepare.append(_on_prepare)

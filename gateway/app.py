@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
 
-from gateway.admin import create_admin_app
+from gateway.admin import AdminRunner, create_admin_app
 from gateway.http1 import HttpProtocol, HttpServer
+from gateway.listen import dual_stack_socket, is_any_ipv6
 from gateway.pipeline.handler import ProxyHandler
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
@@ -132,18 +133,27 @@ class Gateway:
         self._proxy_server = server
         rt.on_apply.append(lambda settings: self._follow_reload(settings, server, upgrades))
         loop = asyncio.get_running_loop()
-        self._proxy_listener = await loop.create_server(
-            server, cfg.listen.host, cfg.listen.port, reuse_address=True, backlog=1024
-        )
+        if is_any_ipv6(cfg.listen.host):
+            self._proxy_listener = await loop.create_server(
+                server, sock=dual_stack_socket(cfg.listen.port), backlog=1024
+            )
+        else:
+            self._proxy_listener = await loop.create_server(
+                server, cfg.listen.host, cfg.listen.port, reuse_address=True, backlog=1024
+            )
         sock = self._proxy_listener.sockets[0]
         self.proxy_port = int(sock.getsockname()[1])
 
         admin_app = create_admin_app(rt, self.reloader)
-        self._admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
+        self._admin_runner = AdminRunner(admin_app, handle_signals=False, access_log=None)
         await self._admin_runner.setup()
-        admin_site = web.TCPSite(
-            self._admin_runner, cfg.admin.host, cfg.admin.port, reuse_address=True
-        )
+        admin_site: web.BaseSite
+        if is_any_ipv6(cfg.admin.host):
+            admin_site = web.SockSite(self._admin_runner, dual_stack_socket(cfg.admin.port))
+        else:
+            admin_site = web.TCPSite(
+                self._admin_runner, cfg.admin.host, cfg.admin.port, reuse_address=True
+            )
         await admin_site.start()
         self.admin_port = _bound_port(self._admin_runner, cfg.admin.port)
         await self.reloader.start()

@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -472,47 +473,109 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
     return problems
 
 
-def _cross_check(cfg: Config) -> list[Problem]:
+def _section(data: Any, key: str) -> Any:
+    """``data[key]`` when ``data`` is a mapping, else None (its type error is reported)."""
+    return data.get(key) if isinstance(data, dict) else None
+
+
+def _number(value: Any, default: float) -> float | None:
+    """A number as validation would read it (``"10"`` is 10); None when it is not one."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _names(value: Any, default: Mapping[str, Any]) -> set[str] | None:
+    """The keys of a mapping of named entries (the defaults when absent); None if not one."""
+    if value is None:
+        return set(default)
+    return {str(k) for k in value} if isinstance(value, dict) else None
+
+
+def _cross_check(data: Mapping[str, Any]) -> list[Problem]:
+    """Rules across fields (references between sections, orders between values).
+
+    They run on plain data, the raw YAML or a validated config's dump: when type
+    validation fails the operator still sees these errors in the same run.  A part with
+    the wrong shape is skipped here (validation reports it).
+    """
     problems: list[Problem] = []
-    seen: dict[str, int] = {}
-    for i, route in enumerate(cfg.routes):
-        if route.name in seen:
-            problems.append(Problem(f"routes[{i}].name", f"duplicate route name {route.name!r}"))
-        seen.setdefault(route.name, i)
-        if route.upstream not in cfg.upstreams:
-            problems.append(
-                Problem(
-                    f"routes[{i}].upstream",
-                    f"unknown upstream {route.upstream!r}"
-                    f" (known: {', '.join(sorted(cfg.upstreams)) or 'none'})",
-                )
-            )
-        for j, pol in enumerate(route.rate_limits):
-            if pol not in cfg.rate_limit.policies:
+    upstreams_raw = data.get("upstreams")
+    upstreams = _names(upstreams_raw, _default_upstreams())
+    policies = _names(_section(data.get("rate_limit"), "policies"), _default_policies())
+    routes = data.get("routes")
+    if routes is None:  # absent: the default route (whose upstream is 'api')
+        routes = [r.model_dump() for r in _default_routes()]
+    if isinstance(routes, list | tuple):
+        if not routes:
+            problems.append(Problem("routes", "at least one route is needed"))
+        seen: set[str] = set()
+        for i, route in enumerate(routes):
+            if not isinstance(route, dict):
+                continue
+            name = route.get("name")
+            if isinstance(name, str):
+                if name in seen:
+                    problems.append(Problem(f"routes[{i}].name", f"duplicate route name {name!r}"))
+                seen.add(name)
+            upstream = route.get("upstream")
+            if upstreams is not None and isinstance(upstream, str) and upstream not in upstreams:
                 problems.append(
                     Problem(
-                        f"routes[{i}].rate_limits[{j}]",
-                        f"unknown policy {pol!r}"
-                        f" (known: {', '.join(sorted(cfg.rate_limit.policies)) or 'none'})",
+                        f"routes[{i}].upstream",
+                        f"unknown upstream {upstream!r}"
+                        f" (known: {', '.join(sorted(upstreams)) or 'none'})",
                     )
                 )
-    if not cfg.routes:
-        problems.append(Problem("routes", "at least one route is needed"))
-    if cfg.abuse.max_ban_s < cfg.abuse.ban_s:
-        problems.append(Problem("abuse.max_ban_s", "must be >= abuse.ban_s"))
-    for name, up in cfg.upstreams.items():
-        if up.retries.backoff_max_s < up.retries.backoff_s:
-            problems.append(
-                Problem(f"upstreams.{name}.retries.backoff_max_s", "must be >= backoff_s")
+            limits = route.get("rate_limits")
+            if policies is None or not isinstance(limits, list | tuple):
+                continue
+            for j, pol in enumerate(limits):
+                if isinstance(pol, str) and pol not in policies:
+                    problems.append(
+                        Problem(
+                            f"routes[{i}].rate_limits[{j}]",
+                            f"unknown policy {pol!r}"
+                            f" (known: {', '.join(sorted(policies)) or 'none'})",
+                        )
+                    )
+    abuse = data.get("abuse") or {}
+    if isinstance(abuse, dict):
+        ban_s = _number(abuse.get("ban_s"), Abuse.model_fields["ban_s"].default)
+        max_ban_s = _number(abuse.get("max_ban_s"), Abuse.model_fields["max_ban_s"].default)
+        if ban_s is not None and max_ban_s is not None and max_ban_s < ban_s:
+            problems.append(Problem("abuse.max_ban_s", "must be >= abuse.ban_s"))
+    if isinstance(upstreams_raw, dict):
+        for name, up in upstreams_raw.items():
+            retries = _section(up, "retries") or {}
+            if not isinstance(retries, dict):
+                continue
+            backoff = _number(retries.get("backoff_s"), Retries.model_fields["backoff_s"].default)
+            backoff_max = _number(
+                retries.get("backoff_max_s"), Retries.model_fields["backoff_max_s"].default
             )
-    if cfg.database is not None:
-        names = [c.name for c in cfg.database.checks]
+            if backoff is not None and backoff_max is not None and backoff_max < backoff:
+                problems.append(
+                    Problem(f"upstreams.{name}.retries.backoff_max_s", "must be >= backoff_s")
+                )
+    checks = _section(data.get("database"), "checks")
+    if isinstance(checks, list | tuple):
+        names = [_section(c, "name") for c in checks]
         for i, n in enumerate(names):
-            if names.index(n) != i:
+            if isinstance(n, str) and names.index(n) != i:
                 problems.append(Problem(f"database.checks[{i}].name", f"duplicate {n!r}"))
-    if (cfg.listen.host, cfg.listen.port) == (cfg.admin.host, cfg.admin.port) or (
-        cfg.listen.port == cfg.admin.port
-    ):
+    listen_port = _number(_section(data.get("listen"), "port"), Listen.model_fields["port"].default)
+    admin_port = _number(_section(data.get("admin"), "port"), Admin.model_fields["port"].default)
+    if listen_port is not None and listen_port == admin_port:
         problems.append(Problem("admin.port", "must differ from listen.port"))
     return problems
 
@@ -628,6 +691,31 @@ def risky_settings(cfg: Config) -> list[Problem]:
 # --------------------------------------------------------------------------- loading
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last value silently: a second ``routes:`` would drop the first
+    block's routes (and their guards) without a word.  Keys merged in with ``<<`` may
+    still be overridden, as YAML means them to be.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (the first one would be silently ignored)",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """A loaded config: the validated object, its secrets, its warnings and its origin."""
@@ -675,8 +763,9 @@ def parse_config(data: Any) -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_pydantic_problems(exc)) from None
-    problems = _cross_check(cfg)
+        # the cross-reference errors too, read from the raw data: all errors in one run
+        raise ConfigError(_pydantic_problems(exc) + _cross_check(data)) from None
+    problems = _cross_check(cfg.model_dump())
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -690,26 +779,80 @@ def load_text(
     digest: str | None = None,
 ) -> Settings:
     try:
-        data = yaml.safe_load(text) if text.strip() else None
+        data = yaml.load(text, Loader=_Loader) if text.strip() else None  # noqa: S506 - a SafeLoader
+        cfg = parse_config(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([Problem("", f"invalid YAML: {where}{problem}")]) from None
-    cfg = parse_config(data)
+    except RecursionError:
+        # PyYAML's parser recurses once a nesting level: a few KB of "[[[[" exceed
+        # Python's limit; no real config comes near it
+        raise ConfigError([Problem("", "invalid YAML: nested too deeply")]) from None
     secrets, warnings = resolve_secrets(cfg, os.environ if environ is None else environ)
     warnings.extend(risky_settings(cfg))
     digest = digest or hashlib.sha256(text.encode()).hexdigest()
     return Settings(cfg, secrets, tuple(warnings), source, digest)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # far above any real config; bounds what a read may take
+
+_NOT_REGULAR = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_config_bytes(path: Path) -> bytes:
+    """The bytes of the config file at ``path``: a regular file of at most 1 MiB.
+
+    Anything else is a :class:`ConfigError` at once, never a read that blocks or never
+    ends (a path swapped for a symlink to a FIFO wedged the reload thread for good, and
+    kept the process alive after SIGTERM; ``/dev/zero`` would fill memory).  The file is
+    opened without blocking (a FIFO opens at once) and the opened descriptor is checked,
+    not the path: a swap between a check and the open cannot slip a FIFO through.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ConfigError([Problem("", f"cannot read {path}: {exc.strerror}")]) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _NOT_REGULAR if test(mode)), "special")
+            msg = f"{path} is not a regular file ({kind}): refused"
+            raise ConfigError([Problem("", msg)])
+        chunks: list[bytes] = []
+        left = MAX_CONFIG_BYTES + 1  # one byte more tells a file that is too large
+        while left > 0:
+            chunk = os.read(fd, min(left, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:  # EAGAIN of a file that would block, EIO...
+        raise ConfigError([Problem("", f"cannot read {path}: {exc.strerror}")]) from None
+    finally:
+        os.close(fd)
+    if left <= 0:
+        msg = f"{path} is larger than 1 MiB ({MAX_CONFIG_BYTES} bytes): refused"
+        raise ConfigError([Problem("", msg)])
+    return b"".join(chunks)
+
+
 def load_file(path: str | Path, *, environ: Mapping[str, str] | None = None) -> Settings:
     p = Path(path)
+    raw = read_config_bytes(p)
     try:
-        raw = p.read_bytes()
         text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([Problem("", f"cannot read {p}: {exc}")]) from None
+    except UnicodeDecodeError as exc:
+        msg = f"{p} is not UTF-8 text (byte {exc.start}): refused"
+        raise ConfigError([Problem("", msg)]) from None
     digest = hashlib.sha256(raw).hexdigest()
     return load_text(text, source=str(p), environ=environ, digest=digest)
 

@@ -25,6 +25,11 @@ Formats, Kubernetes style:
   status of the components shown and ``passed`` the probe's verdict;
 - ``?exclude=NAME`` (repeatable, or comma-separated) leaves components out.
 
+On the proxy port (``public=True``) the answer tells the internet nothing inside: the
+text lines and the JSON give component names, statuses and ``critical`` only, never a
+check's message (a connect error names an internal address), URL, latency or time;
+the admin port gives the full detail.
+
 Every answer carries ``Cache-Control: no-store``.  A probe only reads the monitor's
 cached state: it never waits on a dependency.
 """
@@ -98,14 +103,18 @@ def _passes(kind: str, comp: ComponentHealth, single: bool) -> bool:
     return comp.status is not Status.UNHEALTHY
 
 
-def _line(kind: str, comp: ComponentHealth, passed: bool) -> str:
+def _line(kind: str, comp: ComponentHealth, passed: bool, public: bool) -> str:
     name = comp.name
     if not passed:
+        if public:
+            return f"[-]{name} failed"
         message = NOT_CHECKED if kind == "startupz" else comp.message
         return f"[-]{name} failed: {message}"
     if kind == "startupz" or comp.status is Status.HEALTHY:
         return f"[+]{name} ok"
     suffix = " (not critical)" if comp.status is Status.UNHEALTHY else ""
+    if public:
+        return f"[+]{name} {comp.status.value}{suffix}"
     return f"[+]{name} {comp.status.value}: {comp.message}{suffix}"
 
 
@@ -130,8 +139,13 @@ async def probe_response(
     return probe_answer(request, monitor)
 
 
-def probe_answer(request: web.BaseRequest | Request, monitor: HealthMonitor) -> web.Response | None:
-    """:func:`probe_response` without the coroutine: it never waits on anything."""
+def probe_answer(
+    request: web.BaseRequest | Request, monitor: HealthMonitor, *, public: bool = False
+) -> web.Response | None:
+    """:func:`probe_response` without the coroutine: it never waits on anything.
+
+    ``public``: the proxy port's answer, with names, statuses and ``critical`` only.
+    """
     path = request.path
     if not path.startswith(PROBE_PATHS):
         return None
@@ -174,7 +188,9 @@ def probe_answer(request: web.BaseRequest | Request, monitor: HealthMonitor) -> 
                 "status": aggregate(shown).value,
                 "passed": passed,
                 "draining": monitor.draining,
-                "components": {c.name: c.to_json() for c in shown},
+                "components": {
+                    c.name: c.to_public_json() if public else c.to_json() for c in shown
+                },
             }
         )
         return web.Response(
@@ -187,7 +203,7 @@ def probe_answer(request: web.BaseRequest | Request, monitor: HealthMonitor) -> 
     if passed and not verbose:
         text = "ok\n"
     else:
-        lines = [_line(kind, c, ok) for c, ok in verdicts if verbose or not ok]
+        lines = [_line(kind, c, ok, public) for c, ok in verdicts if verbose or not ok]
         if kind == "readyz" and not single:
             if monitor.draining:
                 lines.append("[-]shutdown failed: draining")

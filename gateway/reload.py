@@ -4,6 +4,10 @@ A Kubernetes ConfigMap update swaps the ``..data`` symlink of the mounted
 directory; the file's own mtime does not change, so the watcher compares a hash of
 the content read through the path instead.  An invalid config keeps the last good
 one; a valid one is applied atomically (see :meth:`Runtime.apply`).
+
+Only a regular file of at most 1 MiB is read, opened without blocking
+(:func:`~gateway.config.read_config_bytes`): a path swapped for a FIFO, a device or a
+symlink loop is a failed reload, reported once, and never holds the watcher thread.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.config import ConfigError, load_file
+from gateway.config import ConfigError, load_file, read_config_bytes
 from gateway.tasks import stop_task
 
 if TYPE_CHECKING:
@@ -39,18 +43,20 @@ class Reloader:
         task, self._task = self._task, None
         await stop_task(task)
 
-    def _digest(self) -> str | None:
+    def _digest(self) -> str:
+        """A hash of the content, or the read error: a new error is a change too, so a
+        path that turns into a FIFO or a directory is reported (once) as a failed reload."""
         assert self.path is not None  # noqa: S101 - only called when watching a file
         try:
-            return hashlib.sha256(self.path.read_bytes()).hexdigest()
-        except OSError:
-            return None
+            return hashlib.sha256(read_config_bytes(self.path)).hexdigest()
+        except ConfigError as exc:
+            return "unreadable: " + "; ".join(str(p) for p in exc.problems)
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.rt.settings.config.reload.interval_s)
             digest = await asyncio.to_thread(self._digest)
-            if digest is not None and digest != self._seen:
+            if digest != self._seen:
                 self._seen = digest  # a bad file is reported once, not every tick
                 await self.reload("file_change")
 
@@ -62,8 +68,11 @@ class Reloader:
         async with self._lock:
             try:
                 settings = await asyncio.to_thread(load_file, self.path)
-            except ConfigError as exc:
-                errors = [str(p) for p in exc.problems]
+            except Exception as exc:  # whatever the file holds, a failed reload
+                if isinstance(exc, ConfigError):
+                    errors = [str(p) for p in exc.problems]
+                else:  # a bug of ours: still a failed reload, and the watcher lives on
+                    errors = [f"internal error: {type(exc).__name__}: {exc}"]
                 rt.metrics.config_reloads.labels("failure").inc()
                 rt.metrics.config_last_reload_successful.set(0)
                 rt.log.error(  # noqa: TRY400 - the errors are listed, a traceback adds nothing

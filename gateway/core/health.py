@@ -68,6 +68,11 @@ class ComponentHealth:
             "details": self.details,
         }
 
+    def to_public_json(self) -> dict[str, Any]:
+        """What the proxy port may show: the name's status and weight, nothing inside
+        (a message, a detail or a latency tells an attacker addresses and timings)."""
+        return {"status": str(self.status), "critical": self.critical}
+
 
 def not_checked(name: str, critical: bool) -> ComponentHealth:
     """A component whose first check has not finished yet."""

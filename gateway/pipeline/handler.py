@@ -199,7 +199,7 @@ class ProxyHandler:
         """A probe's or /metrics' answer (on this port), or None for the pipeline."""
         path = request.path
         if path in _PROBES or path.startswith("/readyz/"):
-            return probe_answer(request, self.rt.monitor)
+            return probe_answer(request, self.rt.monitor, public=True)
         if path == "/metrics" and snap.metrics_on_proxy:
             return self.rt.metrics_response()
         return None
@@ -747,8 +747,10 @@ class ProxyHandler:
             except UpstreamError as exc:
                 up.breaker.record(self._loop.time(), failure=True)
                 up.errors[exc.kind].inc()
+                # the kind only, as for a request: the error's text names internal addresses
                 raise Reject(
-                    502 if exc.kind != "timeout" else 504, f"upstream {up.name!r}: {exc}"
+                    502 if exc.kind != "timeout" else 504,
+                    f"upstream {up.name!r} is unreachable: {exc.kind} error",
                 ) from None
             except aiohttp.WSServerHandshakeError as exc:
                 up.breaker.record(self._loop.time(), failure=exc.status >= 500)

@@ -560,3 +560,142 @@ async def test_an_ipv6_client_is_scored_and_banned_by_its_prefix(
         assert (status, body) == (200, {"unbanned": "2001:db8:9::1"})
         status, _, _ = await call(session, "DELETE", admin_url(gw, "/admin/bans/10.0.0.0/x"), AUTH)
         assert status == 400
+
+
+# --------------------------------------------------------------------------- hostile input
+# The admin port answers any input with a 4xx problem+json, never a 500 (SPEC section 9).
+
+
+def _raw(target: bytes, *fields: bytes, method: bytes = b"GET", auth: bool = True) -> bytes:
+    head = [method + b" " + target + b" HTTP/1.1", b"Host: a", b"Connection: close"]
+    if auth:
+        head.append(b"Authorization: Bearer " + TOKEN.encode())
+    return b"\r\n".join([*head, *fields, b"", b""])
+
+
+def _parse_reply(reply: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    fields = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    return int(status_line.split(" ", 2)[1]), fields, body
+
+
+_EXPLAIN = b"/admin/explain?ip=10.1.2.3&path=/x"
+HOSTILE_ADMIN_INPUT = [
+    # the token: any bytes that are not the token are a 401
+    pytest.param(
+        _raw(b"/admin/config", b"Authorization: Bearer \xff\xfe", auth=False),
+        401,
+        id="token-not-utf8",
+    ),
+    pytest.param(
+        _raw(b"/admin/config", b"Authorization: Bearer " + TOKEN.encode() + b"\xff", auth=False),
+        401,
+        id="token-then-non-utf8",
+    ),
+    pytest.param(
+        _raw(b"/admin/config", b"Authorization: \xff\xfe " + TOKEN.encode(), auth=False),
+        401,
+        id="scheme-not-utf8",
+    ),
+    pytest.param(
+        _raw(b"/admin/config", b"Authorization: Bearer \xc3\xa9\xe2\x82\xac", auth=False),
+        401,
+        id="token-utf8-non-ascii",
+    ),
+    pytest.param(
+        _raw(b"/admin/config", b"Authorization: Bearer \x01\x7f", auth=False), None, id="token-ctl"
+    ),
+    pytest.param(
+        _raw(b"/admin/config", b"Authorization: Bearer x"), 401, id="token-twice-right-first"
+    ),
+    pytest.param(
+        _raw(b"/admin/config", b"Authorization: Bearer " + TOKEN.encode(), auth=False)[:-2]
+        + b"Authorization: Bearer x\r\n\r\n",
+        401,
+        id="token-twice-wrong-last",
+    ),
+    # routing: unknown paths and methods
+    pytest.param(_raw(b"/nope", auth=False), 404, id="404-no-token"),
+    pytest.param(_raw(b"/admin/nope"), 404, id="404-admin"),
+    pytest.param(_raw(b"/admin/%ff"), 404, id="404-percent-non-utf8"),
+    pytest.param(_raw(b"/metrics", b"Content-Length: 0", method=b"POST"), 405, id="405-metrics"),
+    pytest.param(_raw(b"/admin/config", b"Content-Length: 0", method=b"PUT"), 405, id="405-admin"),
+    pytest.param(_raw(b"/livez", method=b"TRACE", auth=False), 405, id="405-trace"),
+    pytest.param(_raw(b"*", method=b"OPTIONS", auth=False), None, id="options-asterisk"),
+    pytest.param(_raw(b"a:1", method=b"CONNECT", auth=False), None, id="connect"),
+    # the parser's own rejections
+    pytest.param(_raw(b"/\xff", auth=False), 400, id="path-not-utf8"),
+    pytest.param(_raw(b"/readyz/\xff", auth=False), 400, id="probe-name-not-utf8"),
+    pytest.param(_raw(b"/admin/config?x=\xff"), 400, id="query-not-utf8"),
+    pytest.param(_raw(b"/admin/" + b"a" * 9000), 431, id="target-too-long"),
+    pytest.param(_raw(b"/metrics", b"X: " + b"a" * 9000, auth=False), 431, id="field-too-long"),
+    pytest.param(b"GARBAGE\r\n\r\n", 400, id="not-http"),
+    # /admin/explain: every parameter is checked
+    pytest.param(_raw(b"/admin/explain?ip=garbage"), 400, id="explain-ip-garbage"),
+    pytest.param(_raw(b"/admin/explain?ip=%ff%fe"), 400, id="explain-ip-bad-encoding"),
+    pytest.param(_raw(b"/admin/explain?ip=%zz"), 400, id="explain-ip-bad-escape"),
+    pytest.param(_raw(b"/admin/explain?ip=" + b"1" * 7000), 400, id="explain-ip-huge"),
+    pytest.param(_raw(b"/admin/explain"), 400, id="explain-ip-missing"),
+    pytest.param(_raw(_EXPLAIN + b"&ip=10.9.9.9"), 400, id="explain-ip-repeated"),
+    pytest.param(_raw(_EXPLAIN + b"&path=/admin"), 400, id="explain-path-repeated"),
+    pytest.param(_raw(_EXPLAIN + b"&method=GET&method=POST"), 400, id="explain-method-repeated"),
+    pytest.param(_raw(b"/admin/explain?ip=10.1.2.3&path=x"), 400, id="explain-path-relative"),
+    pytest.param(_raw(b"/admin/explain?ip=10.1.2.3&path=/%00"), 400, id="explain-path-nul"),
+    pytest.param(_raw(_EXPLAIN + b"&method=%00"), 400, id="explain-method-nul"),
+    pytest.param(_raw(_EXPLAIN + b"&method=G%20T"), 400, id="explain-method-space"),
+    pytest.param(_raw(_EXPLAIN + b"&header=novalue"), 400, id="explain-header-no-colon"),
+    pytest.param(_raw(_EXPLAIN + b"&header=:v"), 400, id="explain-header-no-name"),
+    pytest.param(_raw(_EXPLAIN + b"&header=X%20Y:v"), 400, id="explain-header-bad-name"),
+    pytest.param(_raw(_EXPLAIN + b"&header=X:a%0d%0aY:%20b"), 400, id="explain-header-crlf"),
+    # DELETE /admin/bans/<garbage>
+    pytest.param(_raw(b"/admin/bans/%ff", method=b"DELETE"), 400, id="unban-bad-encoding"),
+    pytest.param(_raw(b"/admin/bans/%00", method=b"DELETE"), 400, id="unban-nul"),
+    pytest.param(_raw(b"/admin/bans/1.2.3.4/999", method=b"DELETE"), 400, id="unban-bad-prefix"),
+    pytest.param(_raw(b"/admin/bans/::1/a/b", method=b"DELETE"), 400, id="unban-garbage-prefix"),
+    pytest.param(_raw(b"/admin/bans/" + b"9" * 7000, method=b"DELETE"), 400, id="unban-huge"),
+    pytest.param(_raw(b"/admin/bans/", method=b"DELETE"), 404, id="unban-empty"),
+    # POST: the body is not read, whatever it is
+    pytest.param(
+        _raw(
+            b"/admin/reload",
+            b"Content-Type: application/json",
+            b"Content-Length: 5",
+            method=b"POST",
+        )
+        + b"{{{{{",
+        422,
+        id="reload-bad-json",
+    ),
+]
+
+
+@pytest.mark.parametrize(("request_", "status"), HOSTILE_ADMIN_INPUT)
+async def test_hostile_admin_input_is_a_4xx_problem(
+    upstream: tuple[Upstream, str],
+    caplog: pytest.LogCaptureFixture,
+    request_: bytes,
+    status: int | None,
+) -> None:
+    """Whatever the bytes, the admin port answers a 4xx problem+json (None: any 4xx),
+    and logs no traceback for it."""
+    _, up_url = upstream
+    async with running_gateway(base_config(up_url), ENV) as gw:
+        reply = await raw_exchange(gw.admin_port or 0, request_, wait_s=2)
+    got, fields, body = _parse_reply(reply)
+    assert got == status if status is not None else 400 <= got < 500, reply[:300]
+    if got == 422:  # POST /admin/reload's own answer: the errors, as JSON
+        assert orjson.loads(body)["reloaded"] is False
+        return
+    assert fields["content-type"] == "application/problem+json", reply[:300]
+    problem = orjson.loads(body)
+    assert problem["status"] == got
+    assert TOKEN not in body.decode(errors="replace")
+    if got == 405:
+        assert fields["allow"]
+    # aiohttp logs "Error handling request" with a traceback for what it calls an error
+    tracebacks = [r.getMessage() for r in caplog.records if r.name.startswith("aiohttp.")]
+    assert tracebacks == []

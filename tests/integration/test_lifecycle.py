@@ -22,6 +22,7 @@ from aiohttp import web
 from gateway.app import YOUNG_GC_THRESHOLD, Gateway
 from gateway.config import load_file
 from tests.conftest import free_port
+from tests.files import make_not_a_config, unblock_fifos
 from tests.gw import serve, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -208,6 +209,86 @@ def test_serve_with_invalid_config_exits_2(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert b"routes[0].upstream" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink-to-fifo", "dev-urandom", "directory"])
+def test_serve_with_a_path_that_is_not_a_file_exits_2(tmp_path: Path, kind: str) -> None:
+    path = make_not_a_config(kind, tmp_path)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(path)],
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
+    finally:
+        unblock_fifos(tmp_path)
+    assert r.returncode == 2
+    assert b"is not a regular file" in r.stderr
+    assert b"Traceback" not in r.stderr
+
+
+async def _reloads(admin: int, result: str) -> float:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{admin}/metrics") as r,
+    ):
+        text = await r.text()
+    prefix = f'gateway_config_reloads_total{{result="{result}"}} '
+    line = next((ln for ln in text.splitlines() if ln.startswith(prefix)), prefix + "0")
+    return float(line[len(prefix) :])
+
+
+async def test_a_config_swapped_for_a_fifo_never_wedges_reload_or_sigterm(
+    tmp_path: Path, slow_upstream: str
+) -> None:
+    """The config path swapped for a symlink to a FIFO: a failed reload, counted and
+    logged; the next good file still applies; SIGTERM still ends the process (exit 0)."""
+    real, port, admin = _config(tmp_path, slow_upstream, reload={"interval_s": 0.2})
+    path = tmp_path / "link.yaml"
+    path.symlink_to(real)
+    proc = _spawn(path)
+    try:
+        await _wait_ready(port)
+        fifo = make_not_a_config("fifo", tmp_path)
+        swap = tmp_path / "swap.yaml"
+        swap.symlink_to(fifo)
+        swap.replace(path)
+        for _ in range(100):
+            if await _reloads(admin, "failure") == 1:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the swap to a FIFO was not reported as a failed reload")
+        cfg = yaml.safe_load(real.read_text())
+        cfg["routes"][0]["path_prefix"] = "/only/"
+        real.write_text(yaml.safe_dump(cfg))
+        swap.symlink_to(real)
+        swap.replace(path)
+        for _ in range(100):
+            if await _reloads(admin, "success") == 1:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("a good file after the FIFO did not reload")
+        # once more, and SIGTERM while the path is a FIFO
+        swap.symlink_to(fifo)
+        swap.replace(path)
+        for _ in range(100):
+            if await _reloads(admin, "failure") == 2:  # the second swap
+                break
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+        events = _events((tmp_path / "stdout.log").read_bytes())
+        failed = [e for e in events if e["event"] == "config_reload_failed"]
+        assert len(failed) == 2
+        assert "is not a regular file (a FIFO)" in failed[0]["errors"][0]
+    finally:
+        unblock_fifos(tmp_path)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_serve_on_a_port_in_use_exits_1_with_a_clear_message(tmp_path: Path) -> None:

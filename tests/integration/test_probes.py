@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -19,6 +20,8 @@ from gateway.config import load_text
 from gateway.core.health import Status
 from gateway.metrics import Metrics
 from gateway.probes import probe_response
+from tests.conftest import free_port
+from tests.gw import admin_url, base_config, running_gateway, serve, url, wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -338,3 +341,107 @@ async def test_probe_work_is_well_under_a_millisecond(env: Env) -> None:
             assert response is not None
         per_call = (time.perf_counter() - t0) / len(requests)
         assert per_call < 0.001, (path, per_call)
+
+
+# --------------------------------------------------------------------------- the proxy port
+# Probes there answer the internet: names, statuses and `critical` only (SPEC section 9).
+
+PUBLIC_PROBES = [
+    "/healthz",
+    "/healthz?verbose",
+    "/healthz?verbose&format=json",
+    "/healthz?format=json&verbose=1",
+    "/readyz?verbose",
+    "/readyz?format=json",
+    "/readyz/upstream:down",
+    "/readyz/upstream:down?verbose",
+    "/readyz/upstream:down?format=json",
+    "/readyz/database?verbose",
+    "/readyz/database:rows?format=json",
+    "/startupz?verbose&format=json",
+    "/livez?verbose",
+    "/livez?format=json",
+]
+# what a failing check's message, details or timing would show
+INTERNALS = ("127.0.0.1", "http://", "postgresql", "connect", "refused", "not set", "latency",
+             "last_checked", "message", "details", "lag", "HTTP 200", "SELECT")  # fmt: skip
+
+
+@pytest.fixture
+async def probed() -> AsyncIterator[tuple[str, str, int]]:
+    """A gateway with a healthy upstream, one refusing connections on an internal
+    address, and a database whose server is not there; yields its two base URLs."""
+
+    async def ok(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    down_port = free_port()
+    async with serve(ok) as up:
+        cfg = base_config(
+            up,
+            upstreams={
+                "api": {"url": up, "health": {"interval_s": 0.2}},
+                "down": {
+                    "url": f"http://127.0.0.1:{down_port}",
+                    "health": {"interval_s": 0.2, "critical": False},
+                },
+            },
+            database={
+                "interval_s": 0.2,
+                "timeout_s": 0.5,
+                "checks": [{"name": "rows", "query": "SELECT 1"}],
+            },
+        )
+        env = {"GATEWAY_DATABASE_URL": f"postgresql://gw:s3cret@127.0.0.1:{free_port()}/app"}
+        async with running_gateway(cfg, env) as gw:
+            comps = gw.runtime.monitor.components
+
+            def checked() -> bool:
+                return gw.runtime.monitor.started and all(
+                    c.last_checked is not None for c in comps().values()
+                )
+
+            assert await wait_for(checked)
+            assert comps()["upstream:down"].status is Status.UNHEALTHY
+            yield url(gw, ""), admin_url(gw, ""), down_port
+
+
+@pytest.mark.parametrize("target", PUBLIC_PROBES)
+async def test_probes_on_the_proxy_port_show_names_and_statuses_only(
+    probed: tuple[str, str, int], target: str
+) -> None:
+    proxy, admin, down_port = probed
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy + target) as resp:
+            public = await resp.read()
+            public_status = resp.status
+            json_wanted = "format=json" in target
+            assert resp.content_type == ("application/json" if json_wanted else "text/plain")
+        async with s.get(admin + target) as resp:
+            full = await resp.read()
+            assert resp.status == public_status  # the same verdict on both ports
+    text = public.decode()
+    for word in (*INTERNALS, str(down_port)):
+        assert word not in text, (word, text)
+    if json_wanted:
+        body = orjson.loads(public)
+        assert set(body) == {"status", "passed", "draining", "components"}
+        for name, comp in body["components"].items():
+            assert set(comp) == {"status", "critical"}, name
+            assert comp["status"] in {"healthy", "degraded", "unhealthy"}
+    # the admin port keeps the detail
+    if "down" in target or target.startswith("/healthz?"):
+        assert f"127.0.0.1:{down_port}".encode() in full or b"connect" in full, full
+
+
+async def test_accept_json_on_the_proxy_port_is_redacted_too(probed: tuple[str, str, int]) -> None:
+    proxy, _, down_port = probed
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(proxy + "/healthz", headers={"Accept": "application/json"}) as resp,
+    ):
+        body = orjson.loads(await resp.read())
+    assert resp.status == 503
+    assert body["components"]["upstream:down"] == {"status": "unhealthy", "critical": False}
+    assert body["components"]["upstream:api"] == {"status": "healthy", "critical": True}
+    assert str(down_port) not in orjson.dumps(body).decode()

@@ -13,6 +13,7 @@ import yaml
 
 from gateway.app import Gateway
 from gateway.config import load_file
+from tests.files import NOT_A_CONFIG, make_not_a_config, unblock_fifos
 from tests.gw import admin_url, base_config, url, wait_for
 
 TOKEN = "reload-test-token"
@@ -253,4 +254,45 @@ async def test_a_failing_reload_listener_does_not_undo_or_stop_reloads(
                     assert r.status == 404
         assert _count(gw, "success") == 2
     finally:
+        await gw.drain()
+
+
+@pytest.mark.parametrize("kind", list(NOT_A_CONFIG))
+async def test_a_path_that_is_not_a_config_file_is_a_failed_reload(
+    tmp_path: Path, upstream: str, kind: str
+) -> None:
+    """The path swapped (as a ConfigMap swaps it) for a FIFO, a device, a directory, a
+    loop, a huge or non-UTF-8 file: the watcher and POST /admin/reload each report one
+    failed reload at once, probes keep answering, and the next good file applies."""
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    good = mount / "good.yaml"
+    _write(good, _cfg(upstream, burst=5))
+    path = mount / "gateway.yaml"
+    path.symlink_to(good)
+    gw = await _start(path)
+    try:
+        bad = make_not_a_config(kind, tmp_path)
+        link = mount / "tmp-link"
+        link.symlink_to(bad)
+        link.replace(path)
+        assert await wait_for(lambda: _count(gw, "failure") == 1), "the watcher saw nothing"
+        async with aiohttp.ClientSession() as s:
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            async with asyncio.timeout(5):
+                async with s.post(admin_url(gw, "/admin/reload"), headers=auth) as r:
+                    assert r.status == 422
+                    errors = (await r.json())["errors"]
+                async with s.get(url(gw, "/readyz")) as r:
+                    assert r.status == 200
+            assert any(NOT_A_CONFIG[kind] in e for e in errors), errors
+            assert _count(gw, "failure") == 2
+            # later reloads are not held: a good file applies by itself
+            _write(good, _cfg(upstream, burst=5, prefix="/v2/"))
+            link.symlink_to(good)
+            link.replace(path)
+            assert await wait_for(lambda: gw.runtime.snapshot.routes[0].prefix == "/v2/")
+            assert _count(gw, "failure") == 2  # the bad path was reported once by the watcher
+    finally:
+        unblock_fifos(tmp_path)
         await gw.drain()

@@ -9,26 +9,33 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway.config import ConfigError, json_schema, load_default, load_file, load_text
+from tests.files import NOT_A_CONFIG, ONE_MIB, make_not_a_config, unblock_fifos
 
 DATA = Path(__file__).parent.parent / "data" / "config"
 CASES = sorted(DATA.glob("*.yaml"))
 ROOT = Path(__file__).parent.parent.parent
 
 
-def _expected(path: Path) -> str:
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("# expect: ")
-    return first[len("# expect: ") :]
+def _expected(path: Path) -> list[str]:
+    """The ``# expect: `` lines at the top of a case file: every error it must report."""
+    lines = path.read_text().splitlines()
+    expected = [line[len("# expect: ") :] for line in lines if line.startswith("# expect: ")]
+    assert expected
+    assert lines[0].startswith("# expect: ")
+    return expected
 
 
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
 def test_each_invalid_file_names_its_field(path: Path) -> None:
+    """Every error in one run: type errors and cross-reference errors together."""
     with pytest.raises(ConfigError) as info:
         load_file(path, environ={})
     messages = [str(p) for p in info.value.problems]
-    assert _expected(path) in messages, messages
+    missing = [e for e in _expected(path) if e not in messages]
+    assert missing == [], messages
 
 
 def test_empty_file_means_the_documented_defaults() -> None:
@@ -163,6 +170,15 @@ def test_check_config_error_exits_2_naming_the_field() -> None:
     assert "routes[1].upstream: unknown upstream 'bott'" in r.stderr
 
 
+def test_check_config_reports_type_and_reference_errors_in_one_run() -> None:
+    path = DATA / "type_and_reference_errors.yaml"
+    r = _cli("check-config", str(path))
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert lines[0] == f"{path}: invalid config ({len(_expected(path))} error(s))"
+    assert [line.strip() for line in lines[1:]] == _expected(path)
+
+
 def test_check_config_missing_file_exits_2(tmp_path: Path) -> None:
     r = _cli("check-config", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2
@@ -188,3 +204,67 @@ def test_version() -> None:
     r = _cli("--version")
     assert r.returncode == 0
     assert r.stdout.startswith("gateway ")
+
+
+@pytest.mark.parametrize("kind", list(NOT_A_CONFIG))
+def test_only_a_regular_file_of_at_most_1_mib_is_read(tmp_path: Path, kind: str) -> None:
+    """A FIFO, a device, a directory, a socket, a symlink loop, a huge or non-UTF-8 file,
+    YAML nested past the parser's recursion, is a ConfigError at once: never a read that
+    blocks or never ends, never another exception."""
+    path = make_not_a_config(kind, tmp_path)
+    try:
+        with pytest.raises(ConfigError) as info:
+            load_file(path, environ={})
+    finally:
+        unblock_fifos(tmp_path)
+    (problem,) = info.value.problems
+    assert NOT_A_CONFIG[kind] in problem.message, problem.message
+    if kind != "deep-nesting":  # the file itself is refused: the message names it
+        assert str(path) in problem.message
+
+
+def test_a_file_of_exactly_1_mib_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.yaml"
+    line = b"listen: {port: 8001}\n"
+    path.write_bytes(line + b"#" * (ONE_MIB - len(line) - 1) + b"\n")
+    assert path.stat().st_size == ONE_MIB
+    assert load_file(path, environ={}).config.listen.port == 8001
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["fifo", "symlink-to-fifo", "dev-zero", "directory"])
+def test_check_config_of_a_path_that_is_not_a_file_exits_2(tmp_path: Path, kind: str) -> None:
+    path = make_not_a_config(kind, tmp_path)
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "gateway", "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+    finally:
+        unblock_fifos(tmp_path)
+    assert r.returncode == 2
+    assert NOT_A_CONFIG[kind] in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
+def test_a_type_error_elsewhere_hides_no_other_error(path: Path) -> None:
+    """Each case file with one more type error (in a section it does not use) still
+    reports all its own errors: cross-reference checks run on the raw data too."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        pytest.skip("not YAML: nothing else can be checked")
+    if any(e.startswith("invalid YAML") for e in _expected(path)):
+        pytest.skip("the case is about the YAML itself")
+    if not isinstance(data, dict) or "request" in data:
+        pytest.skip("the case is not a mapping, or uses the section the type error goes in")
+    data["request"] = {"max_body_bytes": "lots"}
+    with pytest.raises(ConfigError) as info:
+        load_text(yaml.safe_dump(data), environ={})
+    messages = [str(p) for p in info.value.problems]
+    assert [e for e in _expected(path) if e not in messages] == [], messages
+    assert any(m.startswith("request.max_body_bytes: ") for m in messages)
