@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from gateway import problem
+from gateway.core.keys import policy_key, wire_form
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.http1 import BodyError, Request, Response
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
@@ -405,17 +406,10 @@ class ProxyHandler:
     @staticmethod
     def _key(request: AnyRequest, ip: str, pol: CompiledPolicy, route: CompiledRoute) -> str:
         """The client key of one policy; ``ip`` is the client address's key."""
-        kind = pol.key
-        if kind == "ip":
-            return ip
-        if kind == "route":
-            return "route:" + route.name
-        if kind == "ip_route":
-            return ip + "|" + route.name
-        value = request.headers.get(pol.header or "")
-        if value:
-            return "h:" + value[:256]
-        return ip
+        value = request.headers.get(pol.header) if pol.header else None
+        if value and not isinstance(request, Request):  # aiohttp decoded it as UTF-8
+            value = wire_form(value)
+        return policy_key(pol.key, ip, route.name, value)
 
     def _rate_limit(
         self, ctx: Ctx, route: CompiledRoute, decisions: Sequence[Decision]
