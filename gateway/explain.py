@@ -78,7 +78,8 @@ async def explain_request(
         checks = []
         for p in route.policies:
             value = wire_form(headers.get(p.header, "")) if p.header else None
-            checks.append(Check(p.name, p.rate, policy_key(p.key, client_key, route.name, value)))
+            key = policy_key(p.key, client_key, route.name, p.header, value)
+            checks.append(Check(p.name, p.rate, key))
         try:
             decisions = await rt.limiter.peek(checks)
         except Exception as exc:  # the backend may be down: say so

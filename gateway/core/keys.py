@@ -22,12 +22,23 @@ import base64
 import hashlib
 from typing import Literal
 
-__all__ = ["MAX_VALUE_BYTES", "digest", "policy_key", "value_key", "wire_form"]
+__all__ = [
+    "CREDENTIAL_FIELDS",
+    "MAX_VALUE_BYTES",
+    "credential_form",
+    "digest",
+    "policy_key",
+    "value_key",
+    "wire_form",
+]
 
 MAX_VALUE_BYTES = 64
 """Key values longer than this (bytes as sent) are replaced by their digest."""
 
 KeyKind = Literal["ip", "route", "ip_route", "header"]
+
+CREDENTIAL_FIELDS = frozenset(("authorization", "proxy-authorization"))
+"""Fields read as ``scheme credentials`` (:func:`credential_form`)."""
 
 
 def wire_form(value: str) -> str:
@@ -59,12 +70,24 @@ def value_key(tag: str, value: str) -> str:
     return tag + "#" + digest(value)
 
 
-def policy_key(kind: KeyKind | str, client_key: str, route: str, value: str | None) -> str:
+def credential_form(value: str) -> str:
+    """An ``Authorization`` value as its server reads it: the scheme is case-insensitive
+    and one or more spaces part it from the credentials (RFC 9110 11.4, 11.6.2), so
+    ``bearer  T`` is ``Bearer T``: a client must not gain a budget per spelling."""
+    scheme, sep, rest = value.partition(" ")
+    if not sep:
+        return value
+    return scheme.lower() + " " + rest.lstrip(" ")
+
+
+def policy_key(
+    kind: KeyKind | str, client_key: str, route: str, header: str | None, value: str | None
+) -> str:
     """The budget a request spends under a policy keyed by ``kind``.
 
     ``client_key`` is the client address's key (IPv6: its prefix), ``route`` the matched
-    route's name, ``value`` the policy's header value in wire form (None or empty:
-    absent, and the client is then keyed by its address).
+    route's name, ``value`` the value of the policy's ``header`` field in wire form (None
+    or empty: absent, and the client is then keyed by its address).
     """
     if kind == "ip":
         return client_key
@@ -73,5 +96,7 @@ def policy_key(kind: KeyKind | str, client_key: str, route: str, value: str | No
     if kind == "ip_route":
         return client_key + "|" + route
     if value:
+        if header is not None and header.lower() in CREDENTIAL_FIELDS:
+            value = credential_form(value)
         return value_key("h", value)
     return client_key

@@ -407,10 +407,18 @@ class ProxyHandler:
     @staticmethod
     def _key(request: AnyRequest, ip: str, pol: CompiledPolicy, route: CompiledRoute) -> str:
         """The client key of one policy; ``ip`` is the client address's key."""
-        value = request.headers.get(pol.header) if pol.header else None
-        if value and not isinstance(request, Request):  # aiohttp decoded it as UTF-8
-            value = wire_form(value)
-        return policy_key(pol.key, ip, route.name, value)
+        header = pol.header
+        value = None
+        if header:
+            values = request.headers.getall(header, ())
+            if len(values) > 1:
+                # whose budget? the upstream may read another one than the key would
+                raise Reject(400, f"more than one {header} field", event="bad_request")
+            if values:
+                value = values[0]
+                if not isinstance(request, Request):  # aiohttp decoded it as UTF-8
+                    value = wire_form(value)
+        return policy_key(pol.key, ip, route.name, header, value)
 
     def _rate_limit(
         self, ctx: Ctx, route: CompiledRoute, decisions: Sequence[Decision]

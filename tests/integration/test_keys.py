@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from gateway.app import Gateway
-from gateway.core.keys import digest
+from gateway.core.keys import credential_form, digest
 from tests.gw import admin_url, base_config, raw_exchange, running_gateway
 
 pytestmark = pytest.mark.timeout(60)
@@ -103,7 +103,30 @@ async def test_explain_shows_the_key_and_budget_the_pipeline_spends(gateway: Gat
                 assert r.status == 200
                 answers.append((await r.json())["policies"][0])
     spent, fresh = answers
-    assert spent["key"] == "h#" + digest(token.encode().decode("latin-1"))
+    assert spent["key"] == "h#" + digest(credential_form(token.encode().decode("latin-1")))
     assert spent["would_allow"] is False
     assert fresh["key"] != spent["key"]
     assert fresh["would_allow"] is True
+
+
+async def test_a_credential_spelled_otherwise_spends_the_same_budget(gateway: Gateway) -> None:
+    """The scheme's case and the spaces after it do not matter to the server that reads
+    Authorization, so they do not give a client another budget."""
+    token = b"t" * 100
+    spellings = [b"Bearer " + token, b"bearer " + token, b"BEARER   " + token]
+    assert [await _status(gateway, v) for v in spellings] == [200, 200, 429]
+
+
+async def test_two_fields_of_the_keyed_header_are_refused(gateway: Gateway) -> None:
+    """Which one is the client's? The upstream may read the other: refused, so a junk
+    first field cannot buy a fresh budget for the real one."""
+    assert gateway.proxy_port is not None
+    for junk in (b"a", b"b", b"c"):
+        head = (
+            b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: "
+            + junk
+            + b"\r\nAuthorization: Bearer real\r\n\r\n"
+        )
+        answer = await raw_exchange(gateway.proxy_port, head, wait_s=0.5)
+        assert answer.startswith(b"HTTP/1.1 400 ")
+        assert b"more than one Authorization field" in answer

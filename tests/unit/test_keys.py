@@ -7,7 +7,14 @@ import hashlib
 
 import pytest
 
-from gateway.core.keys import MAX_VALUE_BYTES, digest, policy_key, value_key, wire_form
+from gateway.core.keys import (
+    MAX_VALUE_BYTES,
+    credential_form,
+    digest,
+    policy_key,
+    value_key,
+    wire_form,
+)
 from gateway.stores.limiter import MAX_KEY_CHARS, bounded_key
 
 
@@ -108,7 +115,41 @@ def test_the_digest_is_sha256_base64url_of_the_whole_value() -> None:
     ],
 )
 def test_policy_key(kind: str, value: str | None, expected: str) -> None:
-    assert policy_key(kind, "203.0.113.7", "api", value) == expected
+    assert policy_key(kind, "203.0.113.7", "api", "X-Api-Key", value) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("Bearer abc", "bearer abc"),
+        ("BEARER abc", "bearer abc"),
+        ("bEaReR   abc", "bearer abc"),
+        ("Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==", "basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
+        ("Bearer AbC", "bearer AbC"),  # credentials keep their case
+        ("token-without-scheme", "token-without-scheme"),
+        ("Digest a=1, b=2", "digest a=1, b=2"),
+    ],
+)
+def test_credential_form(value: str, expected: str) -> None:
+    assert credential_form(value) == expected
+
+
+@pytest.mark.parametrize("header", ["Authorization", "authorization", "Proxy-Authorization"])
+def test_a_credential_field_is_keyed_as_its_server_reads_it(header: str) -> None:
+    keys = {
+        policy_key("header", "ip", "api", header, v)
+        for v in ("Bearer tok", "bearer tok", "BEARER  tok")
+    }
+    assert keys == {"h:bearer tok"}
+    long = {
+        policy_key("header", "ip", "api", header, v + "t" * 100) for v in ("Bearer ", "bearer   ")
+    }
+    assert len(long) == 1
+
+
+def test_other_fields_are_opaque() -> None:
+    assert policy_key("header", "ip", "api", "X-Api-Key", "Bearer tok") == "h:Bearer tok"
+    assert policy_key("header", "ip", "api", "X-Api-Key", "bearer tok") == "h:bearer tok"
 
 
 @pytest.mark.parametrize(
