@@ -29,7 +29,9 @@ class Echo:
         self.ended = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if request.path != "/ws":
+        if request.path == "/ws-slow":  # a slow handshake
+            await asyncio.sleep(0.5)
+        elif request.path != "/ws":
             return web.Response(text="ok")
         self.opened += 1
         ws = web.WebSocketResponse()
@@ -280,3 +282,37 @@ async def test_a_reload_that_rebuilds_the_pool_leaves_open_websockets_open(
         assert await _alive(ws)
         await ws.close()
         assert await wait_for(lambda: old.client._session.closed, 3.0)
+
+
+async def test_a_ban_during_the_handshakes_closes_the_websocket_as_it_opens(
+    echo: tuple[Echo, str],
+) -> None:
+    _, up_url = echo
+    scanner = _fresh_ip(24)
+    async with running_gateway(_cfg(up_url)) as gw, aiohttp.ClientSession() as s:
+        opening = asyncio.ensure_future(s.ws_connect(url(gw, "/ws-slow"), headers=_as(scanner)))
+        await asyncio.sleep(0.1)  # the upstream's handshake is under way
+        await _probe(s, gw, scanner)
+        ws = await opening
+        assert await _closed_with(ws, 1.0) == 1008
+
+
+async def test_concurrent_upgrades_of_one_client_cannot_pass_max_per_client(
+    echo: tuple[Echo, str],
+) -> None:
+    """The count includes sockets whose handshakes are under way."""
+    up, up_url = echo
+    cfg = _cfg(up_url, websocket={"max_per_client": 2})
+    client = _fresh_ip(25)
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        results = await asyncio.gather(
+            *(s.ws_connect(url(gw, "/ws-slow"), headers=_as(client)) for _ in range(6)),
+            return_exceptions=True,
+        )
+        opened = [r for r in results if isinstance(r, aiohttp.ClientWebSocketResponse)]
+        refused = [r for r in results if isinstance(r, aiohttp.WSServerHandshakeError)]
+        assert len(opened) == 2
+        assert [r.status for r in refused] == [503] * 4
+        assert up.opened == 2
+        for ws in opened:
+            await ws.close()
