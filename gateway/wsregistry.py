@@ -134,7 +134,7 @@ class WebSocketRegistry:
         sock.last_seen = now
         if sock.closing is not None:
             code, reason = sock.closing
-            self._spawn_close(sock, code, reason)
+            self._spawn_close(sock, ws, code, reason)
 
     def remove(self, sock: OpenSocket) -> None:
         socks = self._by_key.get(sock.key)
@@ -156,15 +156,14 @@ class WebSocketRegistry:
         if sock.closing is not None:
             return False
         sock.closing = (code, reason)
-        if sock.ws is not None:
-            self._spawn_close(sock, code, reason)
+        if sock.ws is not None:  # else attach() closes it
+            self._spawn_close(sock, sock.ws, code, reason)
         return True
 
-    def _spawn_close(self, sock: OpenSocket, code: int, reason: str) -> None:
-        assert sock.ws is not None  # noqa: S101 - callers check
-        task = asyncio.ensure_future(
-            close_ws(sock.ws, sock.transport, code, reason.encode("ascii"))
-        )
+    def _spawn_close(
+        self, sock: OpenSocket, ws: web.WebSocketResponse, code: int, reason: str
+    ) -> None:
+        task = asyncio.ensure_future(close_ws(ws, sock.transport, code, reason.encode("ascii")))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
         if code == CLOSE_POLICY:  # idle and drain closes are routine: not logged each
