@@ -185,7 +185,7 @@ async def test_an_idle_websocket_is_closed_with_1001_and_a_busy_one_is_not(
 
         chatting = asyncio.ensure_future(chat())
         assert await _closed_with(idle, 2.0) == 1001
-        assert 0.45 <= loop.time() - opened <= 1.0
+        assert 0.45 <= loop.time() - opened <= 1.5  # one sweep late, plus a busy machine
         await chatting
         assert not busy.closed
         assert await _closed_with(busy, 2.0) == 1001  # idle in its turn
