@@ -37,19 +37,6 @@ if TYPE_CHECKING:
 YOUNG_GC_THRESHOLD = 10_000  # while serving; Python's default is 700
 
 
-_WS_CLOSE_S = 1.0  # how long a WebSocket's close may take during the drain
-
-
-async def _close_ws(ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
-    """Close a client's WebSocket with 1001 within a second, else drop its connection."""
-    try:
-        async with asyncio.timeout(_WS_CLOSE_S):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
-    except Exception:  # a timeout or a broken connection: drop it
-        if transport is not None:
-            transport.abort()
-
-
 class StartupError(Exception):
     """The gateway could not start (a port in use, an address not available)."""
 
@@ -213,8 +200,7 @@ class Gateway:
 
     async def _close_websockets(self) -> None:
         """All at once, each bounded: a client that reads nothing cannot hold the drain."""
-        websockets = self.runtime.websockets
-        await asyncio.gather(*[_close_ws(ws, t) for ws, t in list(websockets.items())])
+        await self.runtime.websockets.close_all(WSCloseCode.GOING_AWAY, "gateway shutting down")
 
     async def run(self) -> None:
         """Start, wait for SIGTERM/SIGINT (SIGHUP reloads), drain, return."""

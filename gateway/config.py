@@ -341,6 +341,11 @@ class Metrics(_Model):
     on_proxy_port: bool = False
 
 
+class WebSocket(_Model):
+    idle_timeout_s: PositiveSeconds = 300  # no message either way for this long -> 1001
+    max_per_client: PositiveInt = 32  # open WebSockets of one client key; more -> 503
+
+
 class Config(_Model):
     """The whole configuration (SPEC section 3)."""
 
@@ -372,6 +377,7 @@ class Config(_Model):
     reload: Reload = Reload()
     access_log: AccessLog = AccessLog()
     metrics: Metrics = Metrics()
+    websocket: WebSocket = WebSocket()
 
     @field_validator("trusted_proxies", "allow_cidrs", "deny_cidrs", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 from typing import TYPE_CHECKING, Any
 
+from gateway.core.keys import policy_key, wire_form
 from gateway.stores.limiter import Check
 
 if TYPE_CHECKING:
@@ -76,14 +77,8 @@ async def explain_request(
     if route.policies:
         checks = []
         for p in route.policies:
-            if p.key == "route":
-                key = "route:" + route.name
-            elif p.key == "ip_route":
-                key = client_key + "|" + route.name
-            elif p.key == "header" and headers.get(p.header or ""):
-                key = "h:" + headers.get(p.header or "", "")[:256]
-            else:
-                key = client_key
+            value = wire_form(headers.get(p.header, "")) if p.header else None
+            key = policy_key(p.key, client_key, route.name, p.header, value)
             checks.append(Check(p.name, p.rate, key))
         try:
             decisions = await rt.limiter.peek(checks)

@@ -22,6 +22,7 @@ from gateway.upstream_http import LeanPool, LeanResponse, UpstreamError
 
 if TYPE_CHECKING:
     from gateway.config import Upstream
+    from gateway.wsregistry import OpenSocket
 
 # RFC 9110 7.6.1 and the de-facto ones; plus whatever Connection names.
 HOP_BY_HOP = frozenset(
@@ -213,11 +214,15 @@ class UpstreamClient:
 async def pump_ws(
     src: aiohttp.ClientWebSocketResponse | aiohttp.web.WebSocketResponse,
     dst: aiohttp.ClientWebSocketResponse | aiohttp.web.WebSocketResponse,
+    seen: OpenSocket | None = None,
 ) -> None:
-    """Copy WebSocket messages from ``src`` to ``dst`` until either side closes."""
+    """Copy WebSocket messages from ``src`` to ``dst`` until either side closes; each
+    sets ``seen.active`` (the idle timeout's sweep reads it)."""
     async for msg in src:
         if dst.closed:
             break
+        if seen is not None:
+            seen.active = True
         if msg.type is aiohttp.WSMsgType.TEXT:
             await dst.send_str(msg.data)
         elif msg.type is aiohttp.WSMsgType.BINARY:
@@ -234,11 +239,13 @@ async def pump_ws(
 
 
 async def splice_ws(
-    client: aiohttp.web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse
+    client: aiohttp.web.WebSocketResponse,
+    upstream: aiohttp.ClientWebSocketResponse,
+    seen: OpenSocket | None = None,
 ) -> None:
     """Run both directions until one ends, then close the other."""
-    a = asyncio.ensure_future(pump_ws(client, upstream))
-    b = asyncio.ensure_future(pump_ws(upstream, client))
+    a = asyncio.ensure_future(pump_ws(client, upstream, seen))
+    b = asyncio.ensure_future(pump_ws(upstream, client, seen))
     try:
         await asyncio.wait((a, b), return_when=asyncio.FIRST_COMPLETED)
     finally:

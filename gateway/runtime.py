@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.checks import HealthMonitor
+from gateway.core.wsguard import sweep_interval_s
 from gateway.logs import AccessLog, EventBudget, get_logger
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.pipeline.snapshot import Snapshot
 from gateway.stores.bans import make_ban_store
 from gateway.stores.limiter import make_limiter
 from gateway.upstreams import UpstreamState
+from gateway.wsregistry import WebSocketRegistry
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -55,8 +57,10 @@ class Runtime:
             name: UpstreamState(name, up, self.metrics, self.log)
             for name, up in cfg.upstreams.items()
         }
-        # open WebSockets, with their client transport (aborted if a close cannot be sent)
-        self.websockets: dict[web.WebSocketResponse, asyncio.Transport | None] = {}
+        # open WebSockets by client key: a ban, a deny-list reload, the idle timeout and
+        # the drain reach them through it
+        self.websockets = WebSocketRegistry(self.log)
+        self.bans.add_ban_listener(self._banned)
         self._requests: dict[tuple[str, str, int], Counter] = {}
         self._durations: dict[str, Histogram] = {}
         self._rl: dict[str, tuple[Counter, Counter, Counter]] = {}
@@ -70,15 +74,19 @@ class Runtime:
         await self.limiter.start()
         await self.bans.start()
         await self.monitor.start()
+        self.websockets.start(self._ws_sweep_interval, self._ws_sweep)
 
     async def close(self) -> None:
+        await self.websockets.stop()
         await self.monitor.close()
         await self.bans.close()
         await self.limiter.close()
         for up in self.upstreams.values():
             await up.close()
-        for task in list(self._retired):
+        retired = list(self._retired)
+        for task in retired:
             task.cancel()
+        await asyncio.gather(*retired, return_exceptions=True)
         if self.redis is not None:
             await self.redis.aclose()
         self.access_log.close()
@@ -127,6 +135,8 @@ class Runtime:
         self.upstreams = upstreams
         self.snapshot = snapshot
         self.settings = settings
+        # a client the new lists deny loses its WebSockets now
+        self.websockets.sweep(asyncio.get_running_loop().time(), snapshot, self.bans, lists=True)
         for listener in self.on_apply:
             try:
                 listener(settings)
@@ -134,10 +144,28 @@ class Runtime:
                 self.log.exception("config_listener_failed")
         return needs_restart
 
+    # ------------------------------------------------------------------ websockets
+
+    def _banned(self, key: str) -> None:
+        self.websockets.on_ban(key, self.bans)
+
+    def _ws_sweep_interval(self) -> float:
+        return sweep_interval_s(self.settings.config.websocket.idle_timeout_s)
+
+    def _ws_sweep(self) -> None:
+        now = asyncio.get_running_loop().time()
+        self.websockets.sweep(now, self.snapshot, self.bans)
+
     def _retire(self, state: UpstreamState, grace_s: float) -> None:
         async def later() -> None:
-            await asyncio.sleep(grace_s + 1)
-            await state.close()
+            try:
+                await asyncio.sleep(grace_s + 1)
+                # its WebSockets end as WebSockets do (closed, banned, idle, the drain);
+                # closing the pool under them would cut them
+                while state.websockets:  # noqa: ASYNC110 - a count, polled while retired
+                    await asyncio.sleep(1)
+            finally:  # also when the runtime closes first
+                await state.close()
 
         task = asyncio.ensure_future(later())
         self._retired.add(task)

@@ -48,7 +48,9 @@ class UpstreamState:
         self.budget = RetryBudget(cfg.retries.budget_ratio)
         self.inflight = 0
         self.max_inflight = cfg.max_inflight
-        self.websockets = 0  # open WebSockets to it, at most config.max_connections
+        # open WebSockets through this pool (kept open while it is retired); the cap of
+        # max_connections counts by name (Runtime.websockets), so a rebuilt pool keeps it
+        self.websockets = 0
         self.inflight_gauge = metrics.inflight.labels(name)
         self.duration = metrics.upstream_duration.labels(name)
         self.errors = {k: metrics.upstream_errors.labels(name, k) for k in _ERROR_KINDS}

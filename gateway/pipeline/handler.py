@@ -24,7 +24,9 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from gateway import problem
+from gateway.core.keys import policy_key, wire_form
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
+from gateway.core.wsguard import admission
 from gateway.http1 import BodyError, Request, Response
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
 from gateway.pipeline.headers import UPSTREAM_SKIP
@@ -405,17 +407,18 @@ class ProxyHandler:
     @staticmethod
     def _key(request: AnyRequest, ip: str, pol: CompiledPolicy, route: CompiledRoute) -> str:
         """The client key of one policy; ``ip`` is the client address's key."""
-        kind = pol.key
-        if kind == "ip":
-            return ip
-        if kind == "route":
-            return "route:" + route.name
-        if kind == "ip_route":
-            return ip + "|" + route.name
-        value = request.headers.get(pol.header or "")
-        if value:
-            return "h:" + value[:256]
-        return ip
+        header = pol.header
+        value = None
+        if header:
+            values = request.headers.getall(header, ())
+            if len(values) > 1:
+                # whose budget? the upstream may read another one than the key would
+                raise Reject(400, f"more than one {header} field", event="bad_request")
+            if values:
+                value = values[0]
+                if not isinstance(request, Request):  # aiohttp decoded it as UTF-8
+                    value = wire_form(value)
+        return policy_key(pol.key, ip, route.name, header, value)
 
     def _rate_limit(
         self, ctx: Ctx, route: CompiledRoute, decisions: Sequence[Decision]
@@ -726,7 +729,21 @@ class ProxyHandler:
                 event="bad_request",
                 headers={hdrs.SEC_WEBSOCKET_VERSION: "13"},  # the one spoken (RFC 6455 4.4)
             )
-        if up.websockets >= up.config.max_connections:
+        registry = self.rt.websockets
+        refused = admission(
+            registry.open_for(ctx.ban_key),
+            snap.settings.config.websocket.max_per_client,
+            registry.open_to(up.name),
+            up.config.max_connections,
+        )
+        if refused == "client":
+            raise Reject(
+                503,
+                "the client has too many WebSockets open",
+                type_=problem.problem_type("too-many-websockets"),
+                headers={"Retry-After": "1"},
+            )
+        if refused == "upstream":
             raise _bulkhead_full(up, "WebSockets open")
         up_headers = header_pairs(
             self._upstream_fields(request, snap, ctx, up, via_proxy=via_proxy)
@@ -738,6 +755,7 @@ class ProxyHandler:
         now = self._loop.time()
         if not up.breaker.acquire(now):
             raise _circuit_open(up, now)
+        sock = registry.add(ctx.ban_key, ctx.client, up.name, exempt=ctx.exempt)
         up.websockets += 1
         try:
             try:
@@ -777,13 +795,10 @@ class ProxyHandler:
                 await up_ws.close()
                 raise
             ctx.status = 101
-            websockets = self.rt.websockets
-            websockets[ws] = request.transport
-            try:
-                await splice_ws(ws, up_ws)
-            finally:
-                websockets.pop(ws, None)
+            registry.attach(sock, ws, request.transport, self._loop.time())
+            await splice_ws(ws, up_ws, sock)
         finally:
+            registry.remove(sock)
             up.websockets -= 1
         return ws
 

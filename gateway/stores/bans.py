@@ -140,6 +140,21 @@ class BanStore(ABC):
     def reconfigure(self, cfg: Abuse) -> None:
         """Apply a reloaded ``abuse`` section; scores and bans are kept."""
 
+    _listeners: tuple[Callable[[str], None], ...] = ()
+
+    def add_ban_listener(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(ip)`` whenever a ban of ``ip`` comes into force in this
+        process: made here, or (Redis) made by another replica and synced. It may be
+        called again for a ban already known; it must be quick and not block."""
+        self._listeners = (*self._listeners, callback)
+
+    def _in_force(self, ip: str) -> None:
+        for callback in self._listeners:
+            try:
+                callback(ip)
+            except Exception:  # a listener's bug must not undo or stop a ban
+                self._log.exception("ban_listener_failed")
+
     def _announce(self, ban: Ban, ban_s: float) -> None:
         """Count and log a new ban (``ban_shadow`` in shadow mode)."""
         self._metrics.bans_total.labels(ban.reason).inc()
@@ -299,6 +314,7 @@ class MemoryBanStore(BanStore):
         self._bans[ban.ip] = ban
         self._push_expiry(ban.expires_at, ban.ip)
         self._update_gauge()
+        self._in_force(ban.ip)
 
     def discard(self, ip: str) -> Ban | None:
         """Drop the enforced ban of ``ip`` here without logging; returns it if it was in

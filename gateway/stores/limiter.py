@@ -18,7 +18,6 @@ by :meth:`Limiter.decide` when ``on_backend_error`` is ``deny``.  With ``local``
 
 from __future__ import annotations
 
-import hashlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import NamedTuple
 
 from gateway.config import RateLimit
 from gateway.core.gcra import Decision, Rate
+from gateway.core.keys import digest
 from gateway.metrics import Metrics
 
 __all__ = [
@@ -43,8 +43,10 @@ __all__ = [
 
 Clock = Callable[[], float]
 
-MAX_KEY_CHARS = 64
-"""Client keys longer than this (``header:NAME`` policies) are stored as a digest."""
+MAX_KEY_CHARS = 128
+"""Keys longer than this are stored as a digest: a guard of the stores' memory. The
+pipeline's keys stay under it (:func:`gateway.core.keys.policy_key` digests a client's
+value past 64 bytes), so they are stored as they are."""
 
 
 class Check(NamedTuple):
@@ -125,13 +127,12 @@ def rates_from_config(cfg: RateLimit) -> dict[str, Rate]:
 def bounded_key(key: str) -> str:
     """The key itself, or a fixed-size digest of it when longer than MAX_KEY_CHARS.
 
-    Keys from ``header:NAME`` policies are client-chosen and may be kilobytes long;
-    storing them whole would let a client inflate the limiter's memory.
+    Both backends store a key through this, so they agree; SHA-256 of the whole key
+    (:func:`gateway.core.keys.digest`), never a cut.
     """
     if len(key) <= MAX_KEY_CHARS:
         return key
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16)
-    return "#" + digest.hexdigest()
+    return "#" + digest(key)
 
 
 def make_limiter(

@@ -185,6 +185,10 @@ class RedisBanStore(BanStore):
         ]
         self._local.reconfigure(cfg)
 
+    def add_ban_listener(self, callback: Callable[[str], None]) -> None:
+        super().add_ban_listener(callback)
+        self._local.add_ban_listener(callback)  # its bans, while Redis is away
+
     @property
     def degraded(self) -> bool:
         """True while Redis is unreachable and the local fallback is in use."""
@@ -360,6 +364,7 @@ class RedisBanStore(BanStore):
             return None
         self._view[ip] = ban
         self._update_gauge()
+        self._in_force(ip)
         return ban
 
     def _missed_ban(self, ip: str, result: Sequence[Any], sent_at: float) -> Ban | None:
@@ -379,6 +384,7 @@ class RedisBanStore(BanStore):
         ban = Ban(ip, reason, score, until, int(_str(result[4])), float(_str(result[5])))
         self._view[ip] = ban
         self._update_gauge()
+        self._in_force(ip)
         return ban
 
     async def _store_bans(self, bans: list[Ban]) -> None:
@@ -463,12 +469,16 @@ class RedisBanStore(BanStore):
         return _str(reply[0]), int(_str(reply[1])), list(reply[2])
 
     def _apply(self, kind: str, seq: int, items: list[Any]) -> None:
+        fresh: list[str] = []  # bans new to this replica (made by another one)
         if kind == "full":
             view: dict[str, Ban] = {}
+            old = self._view
             for ip, record in _pairs(items):
                 ban = _decode(ip, record)
                 if ban is not None:
                     view[ip] = ban
+                    if ip not in old:
+                        fresh.append(ip)
             self._view = view
         elif kind == "delta":
             for ip, record in _pairs(items):
@@ -477,6 +487,7 @@ class RedisBanStore(BanStore):
                     self._view.pop(ip, None)
                 else:
                     self._view[ip] = ban
+                    fresh.append(ip)
         self._seq = seq
         # Our own changes made after this answer was read: keep them over it.
         for ip, (change, ban) in list(self._own.items()):
@@ -487,6 +498,9 @@ class RedisBanStore(BanStore):
             else:
                 self._view[ip] = ban
         self._update_gauge()
+        if self._listeners:
+            for ip in fresh:
+                self._in_force(ip)
 
     async def _write_back(self, bans: list[Ban]) -> None:
         now = self._clock()
