@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway.core.paths import PathError, canonical_path
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -39,6 +41,15 @@ HeaderName = Annotated[str, Field(pattern=_TOKEN_RE.pattern, max_length=256)]
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+def _canonical(path: str) -> str:
+    """``path`` as requests are matched against it (SPEC 9: the canonical path)."""
+    try:
+        return canonical_path(path)
+    except PathError as exc:
+        msg = f"{path!r}: {exc}"
+        raise ValueError(msg) from None
 
 
 def _parse_networks(value: Any) -> Any:
@@ -160,7 +171,7 @@ class Route(_Model):
         if not v.startswith("/"):
             msg = "must start with '/'"
             raise ValueError(msg)
-        return v
+        return _canonical(v)
 
     @field_validator("methods")
     @classmethod
@@ -254,7 +265,7 @@ class Abuse(_Model):
             if not p.startswith("/"):
                 msg = f"{p!r} must start with '/'"
                 raise ValueError(msg)
-        return v
+        return tuple(_canonical(p) for p in v)
 
     ban_multiplier: Annotated[float, Field(ge=1)] = 2
     max_ban_s: PositiveSeconds = 86_400

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 from typing import TYPE_CHECKING, Any
 
+from gateway.core.paths import PathError, canonical_path
 from gateway.stores.limiter import Check
 
 if TYPE_CHECKING:
@@ -48,10 +49,20 @@ async def explain_request(
         else {"reason": ban.reason, "expires_at": ban.expires_at, "offences": ban.offences}
     )
     out["abuse_score"] = rt.bans.score(client_key)
-    out["suspicious_path"] = snap.suspicious(path)
     if ban is not None and not exempt:
         stop(snap.ban_status, f"client is banned ({ban.reason})")
-    route = snap.match(path)
+    # ``path`` is a target as a client would send it: read as the pipeline reads it
+    try:
+        canon = canonical_path(path)
+    except PathError as exc:
+        out["canonical_path"] = None
+        stop(400, str(exc))
+        out["verdict"] = verdict
+        return out
+    out["canonical_path"] = canon
+    key = canon.lower()
+    out["suspicious_path"] = snap.suspicious(key)
+    route = snap.match(key)
     out["route"] = route.name if route else None
     if route is None:
         stop(404, "no route matches")

@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from gateway import problem
+from gateway.core.paths import PathError, canonical_path
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.http1 import BodyError, Request, Response
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
@@ -302,15 +303,20 @@ class ProxyHandler:
             if not url.raw_path.startswith("/"):
                 raise Reject(400, "the request target is not a path", event="bad_request")
             raw_path_qs = url.raw_path_qs
-        path = request.path
+        # the one reading of the path that every decision below uses (SPEC 9); matching
+        # ignores letter case, so it is lowered once
+        try:
+            key = canonical_path(raw_path_qs).lower()
+        except PathError as exc:
+            raise Reject(400, str(exc), event="bad_request") from None
 
-        if snap.abuse_enabled and not ctx.exempt and snap.suspicious(path):
+        if snap.abuse_enabled and not ctx.exempt and snap.suspicious(key):
             rt.bans.report(ctx.ban_key, "suspicious_path")
             ban = rt.bans.banned(ctx.ban_key)
             if ban is not None:
                 raise self._banned(snap, ban.expires_at)
 
-        route = snap.match(path)
+        route = snap.match(key)
         if route is None:
             raise Reject(404, "no route matches this path", event="not_found")
         ctx.route = route
