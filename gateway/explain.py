@@ -71,6 +71,8 @@ async def explain_request(
     out["upstream"] = route.upstream
     if route.methods is not None and method not in route.methods:
         stop(405, f"method not in {sorted(route.methods)}")
+    elif route.methods is None and method == "TRACE":
+        stop(405, "TRACE is refused unless the route lists it in methods")
     if route.sources is not None and ip not in route.sources:
         stop(403, "client address not in the route's source_cidrs")
     if route.secret_header is not None:

@@ -29,7 +29,7 @@ from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.http1 import BodyError, Request, Response
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
 from gateway.pipeline.headers import UPSTREAM_SKIP
-from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
+from gateway.pipeline.snapshot import ALLOW_ANY, KNOWN_METHODS, REQUEST_ID_RE
 from gateway.probes import PROBE_PATHS, probe_answer
 from gateway.proxy import filter_header_lines, filter_header_list, header_pairs, splice_ws
 from gateway.stores.limiter import BackendUnavailable, Check
@@ -294,7 +294,7 @@ class ProxyHandler:
             raise Reject(
                 405,
                 "CONNECT is not supported",
-                headers={"Allow": "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"},
+                headers={"Allow": ALLOW_ANY},
             )
         raw_path_qs = request.raw_path
         if not raw_path_qs.startswith("/"):
@@ -320,7 +320,9 @@ class ProxyHandler:
         if route is None:
             raise Reject(404, "no route matches this path", event="not_found")
         ctx.route = route
-        if route.methods is not None and method not in route.methods:
+        methods = route.methods
+        if (method not in methods) if methods is not None else (method == "TRACE"):
+            # TRACE echoes the request, credentials included: only where a route lists it
             raise Reject(
                 405, f"{method} is not allowed on this route", headers={"Allow": route.allow}
             )

@@ -25,6 +25,8 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 KNOWN_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 )
+# the Allow field of a 405 for a route that lists no methods (TRACE and CONNECT are refused)
+ALLOW_ANY = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +80,7 @@ class CompiledRoute:
             else None,
             upstream=r.upstream,
             methods=frozenset(r.methods) if r.methods is not None else None,
-            allow=", ".join(r.methods or ()),
+            allow=", ".join(r.methods) if r.methods is not None else ALLOW_ANY,
             sources=Networks(r.source_cidrs) if r.source_cidrs is not None else None,
             secret_header=r.shared_secret.header if r.shared_secret else None,
             secret=settings.secrets.route_secrets.get(r.name),

@@ -249,4 +249,6 @@ async def test_explain_reads_the_path_as_the_pipeline_does(rec: Any) -> None:
         bad = await explain("/a%00")
         assert bad["canonical_path"] is None
         assert bad["verdict"].startswith("400")
+        trace = await explain("/x", "TRACE")
+        assert trace["verdict"].startswith("405")
         assert gw.runtime.bans.score("127.0.0.1") == 0  # explaining counts nothing

@@ -1,0 +1,147 @@
+"""Request rules of SPEC 9 over raw sockets: methods, field names, the kept version-1 rules."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from gateway.pipeline.snapshot import ALLOW_ANY
+from tests.gw import base_config, raw_exchange, running_gateway, serve
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Recorder:
+    """An upstream that records the method, raw target and raw field names it receives."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, list[tuple[str, str]]]] = []
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path == "/health":
+            return web.Response(text="ok")
+        fields = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.raw_headers]
+        self.seen.append((request.method, request.raw_path, fields))
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            await ws.close()
+            return ws
+        return web.Response(text="ok")
+
+    def fields(self, index: int = -1) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, value in self.seen[index][2]:
+            out.setdefault(name.lower(), []).append(value)
+        return out
+
+
+@pytest.fixture
+async def rec() -> AsyncIterator[tuple[Recorder, str]]:
+    r = Recorder()
+    async with serve(r.app) as url_:
+        yield r, url_
+
+
+def _request(method: str, target: str, *fields: str, close: bool = True) -> bytes:
+    more = ["Connection: close"] if close else []
+    lines = [f"{method} {target} HTTP/1.1", "Host: h", *fields, *more, "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def _status(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1.1 "), answer[:80]
+    return int(answer[9:12])
+
+
+def _field(answer: bytes, name: str) -> str | None:
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    for line in head.split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.lower() == name.lower():
+            return value.strip()
+    return None
+
+
+# ------------------------------------------------------------------------------ TRACE
+
+
+async def test_trace_is_405_unless_a_route_lists_it(rec: Any) -> None:
+    r, up_url = rec
+    cfg = base_config(
+        up_url,
+        routes=[
+            {"name": "debug", "path_prefix": "/debug/", "upstream": "api",
+             "methods": ["GET", "TRACE"]},
+            {"name": "get", "path_prefix": "/get/", "upstream": "api", "methods": ["GET"]},
+            {"name": "any", "path_prefix": "/", "upstream": "api"},
+        ],
+    )  # fmt: skip
+    async with running_gateway(cfg) as gw:
+        assert gw.proxy_port is not None
+        port = gw.proxy_port
+        any_route = await raw_exchange(port, _request("TRACE", "/x", "Authorization: secret"))
+        get_route = await raw_exchange(port, _request("TRACE", "/get/x"))
+        listed = await raw_exchange(port, _request("TRACE", "/debug/x"))
+        get_any = await raw_exchange(port, _request("GET", "/x"))
+    assert _status(any_route) == 405
+    assert _field(any_route, "Allow") == ALLOW_ANY
+    assert "TRACE" not in ALLOW_ANY
+    assert _field(any_route, "Content-Type") == "application/problem+json"
+    assert _status(get_route) == 405
+    assert _field(get_route, "Allow") == "GET"
+    assert _status(listed) == 200
+    assert _status(get_any) == 200
+    assert [(m, t) for m, t, _ in r.seen] == [("TRACE", "/debug/x"), ("GET", "/x")]
+
+
+# ------------------------------------------------------------------ kept from version 1
+
+
+async def test_connect_is_405(rec: Any) -> None:
+    r, up_url = rec
+    async with running_gateway(base_config(up_url)) as gw:
+        assert gw.proxy_port is not None
+        answer = await raw_exchange(
+            gw.proxy_port, _request("CONNECT", "169.254.169.254:443", close=False)
+        )
+    assert _status(answer) == 405
+    assert _field(answer, "Allow") == ALLOW_ANY
+    assert r.seen == []
+
+
+async def test_obs_fold_in_a_request_head_is_400(rec: Any) -> None:
+    r, up_url = rec
+    async with running_gateway(base_config(up_url)) as gw:
+        assert gw.proxy_port is not None
+        folded = await raw_exchange(gw.proxy_port, _request("GET", "/a", "X-A: a", " b"))
+        tab = await raw_exchange(gw.proxy_port, _request("GET", "/b", "X-A: a", "\tb"))
+    assert _status(folded) == 400
+    assert _status(tab) == 400
+    assert r.seen == []
+
+
+@pytest.mark.parametrize("method", ["get", "trace", "post", "Get", "connect", "options"])
+async def test_lowercase_spellings_of_standard_methods_are_400(rec: Any, method: str) -> None:
+    r, up_url = rec
+    async with running_gateway(base_config(up_url)) as gw:
+        assert gw.proxy_port is not None
+        answer = await raw_exchange(gw.proxy_port, _request(method, "/x"))
+    assert _status(answer) == 400
+    assert r.seen == []
+
+
+async def test_x_real_ip_carries_the_client_ip_upstream(rec: Any) -> None:
+    r, up_url = rec
+    async with running_gateway(base_config(up_url)) as gw:
+        assert gw.proxy_port is not None
+        answer = await raw_exchange(
+            gw.proxy_port, _request("GET", "/x", "X-Real-IP: 6.6.6.6", "X-Real-Ip: 6.6.6.7")
+        )
+    assert _status(answer) == 200
+    assert r.fields()["x-real-ip"] == ["127.0.0.1"]
