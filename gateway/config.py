@@ -85,6 +85,10 @@ class RequestLimits(_Model):
     max_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 16_384
     client_timeout_s: PositiveSeconds = 60
     request_id_header: HeaderName = "X-Request-ID"
+    # a field name holding "_" (X_Forwarded_For): CGI and WSGI servers read it as the "-"
+    # field; drop: not passed upstream, allow: passed (but never an alias of a field the
+    # gateway sets), reject: 400
+    headers_with_underscores: Literal["drop", "allow", "reject"] = "drop"
 
 
 class HealthCheck(_Model):
@@ -507,6 +511,19 @@ def _cross_check(cfg: Config) -> list[Problem]:
                         f" (known: {', '.join(sorted(cfg.rate_limit.policies)) or 'none'})",
                     )
                 )
+        secret = route.shared_secret
+        if (
+            secret is not None
+            and "_" in secret.header
+            and cfg.request.headers_with_underscores == "reject"
+        ):
+            problems.append(
+                Problem(
+                    f"routes[{i}].shared_secret.header",
+                    f"{secret.header!r} holds '_', and request.headers_with_underscores: "
+                    "reject refuses every request that sends it",
+                )
+            )
     if not cfg.routes:
         problems.append(Problem("routes", "at least one route is needed"))
     if cfg.abuse.max_ban_s < cfg.abuse.ban_s:

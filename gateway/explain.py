@@ -51,6 +51,11 @@ async def explain_request(
     out["abuse_score"] = rt.bans.score(client_key)
     if ban is not None and not exempt:
         stop(snap.ban_status, f"client is banned ({ban.reason})")
+    underscored = [name for name in headers if "_" in name]
+    if underscored:
+        out["underscore_fields"] = {"names": underscored, "action": snap.underscores}
+        if snap.underscores == "reject":
+            stop(400, "a header field name holds an underscore")
     # ``path`` is a target as a client would send it: read as the pipeline reads it
     try:
         canon = canonical_path(path)

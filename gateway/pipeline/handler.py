@@ -96,6 +96,7 @@ class Ctx:
         "route",
         "start",
         "status",
+        "underscores",
         "upstream",
         "xff",
     )
@@ -113,6 +114,7 @@ class Ctx:
         self.status = 0
         self.bytes_out = 0
         self.body_error: _BodyError | None = None
+        self.underscores: str | None = None  # how fields named with "_" go upstream
 
 
 def _quota_reject(violated: list[tuple[CompiledPolicy, Decision]], retry: float) -> Reject:
@@ -288,6 +290,12 @@ class ProxyHandler:
                 raise Reject(
                     400, "the Host header is not one this gateway serves", event="bad_request"
                 )
+
+        if "_" in "".join(headers):  # the field names
+            # CGI and WSGI servers read X_Forwarded_For as X-Forwarded-For (SPEC 9)
+            if snap.underscores == "reject":
+                raise Reject(400, "a header field name holds an underscore", event="bad_request")
+            ctx.underscores = snap.underscores
 
         method = request.method
         if method == "CONNECT":
@@ -492,7 +500,7 @@ class ProxyHandler:
         end-to-end fields, then Host, X-Forwarded-*, X-Real-IP and the request id (the
         upstream's own Host last when the client sent none)."""
         headers = request.headers
-        kept = filter_header_lines(headers, snap.drop_upstream)
+        kept = filter_header_lines(headers, snap.drop_upstream, ctx.underscores)
         host = headers.get(hdrs.HOST)
         chain = ctx.client_ip
         proto = "http"

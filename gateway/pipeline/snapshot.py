@@ -116,6 +116,7 @@ class Snapshot:
         "settings",
         "suspicious",
         "trusted",
+        "underscores",
     )
 
     def __init__(self, settings: Settings) -> None:
@@ -135,6 +136,7 @@ class Snapshot:
         # request fields not sent upstream (the request id is set anew)
         # the request fields not passed upstream as they are, hop-by-hop ones included
         self.drop_upstream = DROP_UPSTREAM | HOP_BY_HOP | {self.rid_header.lower()}
+        self.underscores = cfg.request.headers_with_underscores
         self.max_body_bytes = cfg.request.max_body_bytes
         self.max_header_bytes = cfg.request.max_header_bytes
         self.client_timeout_s = cfg.request.client_timeout_s

@@ -145,3 +145,88 @@ async def test_x_real_ip_carries_the_client_ip_upstream(rec: Any) -> None:
         )
     assert _status(answer) == 200
     assert r.fields()["x-real-ip"] == ["127.0.0.1"]
+
+
+# ------------------------------------------------------------ field names with "_"
+
+ALIASES = [
+    "X_Forwarded_For: 6.6.6.6",
+    "x_forwarded_for: 6.6.6.7",
+    "X-Forwarded_For: 6.6.6.8",
+    "X_REAL_IP: 6.6.6.9",
+    "X_Real_Ip: 6.6.6.10",
+    "X_Forwarded_Proto: https",
+    "X_Forwarded_Host: evil.test",
+    "X_Request_ID: forged",
+    "Transfer_Encoding: chunked",
+    "X_Custom: kept-only-when-allowed",
+]
+
+
+def _underscored(fields: dict[str, list[str]]) -> list[str]:
+    return [name for name in fields if "_" in name]
+
+
+async def test_field_names_with_underscores_are_dropped_by_default(rec: Any) -> None:
+    r, up_url = rec
+    async with running_gateway(base_config(up_url)) as gw:
+        assert gw.proxy_port is not None
+        answer = await raw_exchange(gw.proxy_port, _request("GET", "/x", *ALIASES))
+    assert _status(answer) == 200
+    fields = r.fields()
+    assert _underscored(fields) == []
+    assert fields["x-forwarded-for"] == ["127.0.0.1"]
+    assert fields["x-real-ip"] == ["127.0.0.1"]
+    assert fields["x-forwarded-proto"] == ["http"]
+
+
+async def test_allow_passes_underscores_but_never_an_alias_of_a_field_the_gateway_sets(
+    rec: Any,
+) -> None:
+    r, up_url = rec
+    cfg = base_config(up_url, request={"headers_with_underscores": "allow"})
+    async with running_gateway(cfg) as gw:
+        assert gw.proxy_port is not None
+        answer = await raw_exchange(gw.proxy_port, _request("GET", "/x", *ALIASES))
+    assert _status(answer) == 200
+    fields = r.fields()
+    assert _underscored(fields) == ["x_custom"]
+    assert fields["x-forwarded-for"] == ["127.0.0.1"]
+
+
+async def test_reject_answers_400_and_the_upstream_sees_nothing(rec: Any) -> None:
+    r, up_url = rec
+    cfg = base_config(up_url, request={"headers_with_underscores": "reject"})
+    async with running_gateway(cfg) as gw:
+        assert gw.proxy_port is not None
+        port = gw.proxy_port
+        refused = [await raw_exchange(port, _request("GET", "/x", alias)) for alias in ALIASES[:3]]
+        plain = await raw_exchange(port, _request("GET", "/x", "X-Custom: 1"))
+    assert [_status(a) for a in refused] == [400] * 3
+    assert all(_field(a, "Content-Type") == "application/problem+json" for a in refused)
+    assert _status(plain) == 200
+    assert len(r.seen) == 1
+
+
+async def test_field_names_with_underscores_never_reach_a_websocket_upstream(rec: Any) -> None:
+    r, up_url = rec
+    async with running_gateway(base_config(up_url)) as gw:
+        assert gw.proxy_port is not None
+        answer = await raw_exchange(
+            gw.proxy_port,
+            _request(
+                "GET",
+                "/ws",
+                "Connection: Upgrade",
+                "Upgrade: websocket",
+                "Sec-WebSocket-Version: 13",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                *ALIASES,
+                close=False,
+            ),
+            wait_s=0.5,
+        )
+    assert _status(answer) == 101, answer[:200]
+    fields = r.fields()
+    assert _underscored(fields) == []
+    assert fields["x-forwarded-for"] == ["127.0.0.1"]
