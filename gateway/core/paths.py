@@ -25,9 +25,10 @@ The rules, in order:
    of ``. / \\ ; % ? #`` (``%EF%BC%8E``, a full-width full stop).
 4. ``\\`` is read as ``/``.
 5. Each segment loses its ``;`` parameters (``/admin;x=1/`` is ``/admin/``, ``..;`` is
-   ``..``), then dot segments are removed (RFC 3986 5.2.4; ``..`` above the root stays at
-   the root), empty segments are merged (``//`` is ``/``), and trailing dots are dropped
-   from each segment (Windows file systems serve ``/admin./`` as ``/admin/``).  A path
+   ``..``) and its trailing spaces, then dot segments are removed (RFC 3986 5.2.4; ``..``
+   above the root stays at the root), empty segments are merged (``//`` is ``/``), and
+   trailing dots are dropped from each segment (Windows file systems serve
+   ``/admin./`` and ``/admin%20/`` as ``/admin/``).  A path
    whose last segment is empty or a dot segment ends in ``/``.
 
 Letter case is kept; callers that match in any case (routes, suspicious paths) lower the
@@ -52,6 +53,8 @@ _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _HEX = frozenset(string.hexdigits)
 # characters a second decoding must not produce: dot, slash, backslash, percent
 _TWICE = frozenset(("2E", "2F", "5C", "25"))
+_SPACES = ("%20", " ")
+_TAIL = (".", *_SPACES)
 # what compatibility folding must not produce out of a non-ASCII character
 _FOLD_MARKERS = "./\\;%?#"
 
@@ -65,6 +68,7 @@ def canonical_path(target: str) -> str:
         and "\\" not in path
         and ";" not in path
         and "#" not in path
+        and " " not in path
         and "//" not in path
         and ("." not in path or ("/." not in path and "./" not in path and path[-1] != "."))
         and path[:1] == "/"
@@ -91,12 +95,15 @@ def _canonical(path: str) -> str:
     for seg in segments[1:]:
         if ";" in seg:
             seg = seg.partition(";")[0]  # noqa: PLW2901 - the segment without its parameters
+        while seg.endswith(_SPACES):  # Windows drops trailing spaces: "admin%20" is "admin"
+            seg = seg.removesuffix("%20").removesuffix(" ")  # noqa: PLW2901
         if seg == "..":
             if out:
                 out.pop()
             trailing = True
             continue
-        seg = seg.rstrip(".")  # noqa: PLW2901 - "." and "..." leave nothing, like "admin."'s dot
+        while seg.endswith(_TAIL):  # "." and "..." leave nothing, "admin. " leaves "admin"
+            seg = seg.rstrip(". ").removesuffix("%20")  # noqa: PLW2901
         if seg:
             out.append(seg)
             trailing = False
