@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
 from gateway.pipeline.snapshot import ALLOW_ANY
-from tests.gw import base_config, raw_exchange, running_gateway, serve
+from tests.gw import admin_url, base_config, raw_exchange, running_gateway, serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -230,3 +231,23 @@ async def test_field_names_with_underscores_never_reach_a_websocket_upstream(rec
     fields = r.fields()
     assert _underscored(fields) == []
     assert fields["x-forwarded-for"] == ["127.0.0.1"]
+
+
+async def test_explain_says_what_happens_to_underscored_fields(rec: Any) -> None:
+    _, up_url = rec
+    token = "t0ken"
+    cfg = base_config(up_url, request={"headers_with_underscores": "reject"})
+    async with (
+        running_gateway(cfg, {"GATEWAY_ADMIN_TOKEN": token}) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+        params = [("ip", "10.0.0.1"), ("path", "/x"), ("header", "X_Forwarded_For: 6.6.6.6")]
+        async with s.get(
+            admin_url(gw, "/admin/explain"),
+            params=params,
+            headers={"Authorization": f"Bearer {token}"},
+        ) as resp:
+            assert resp.status == 200
+            doc = await resp.json()
+    assert doc["underscore_fields"] == {"names": ["X_Forwarded_For"], "action": "reject"}
+    assert doc["verdict"].startswith("400")
