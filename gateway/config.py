@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway.core.paths import PathError, canonical_path
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -40,6 +42,15 @@ HeaderName = Annotated[str, Field(pattern=_TOKEN_RE.pattern, max_length=256)]
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+
+def _canonical(path: str) -> str:
+    """``path`` as requests are matched against it (SPEC 9: the canonical path)."""
+    try:
+        return canonical_path(path)
+    except PathError as exc:
+        msg = f"{path!r}: {exc}"
+        raise ValueError(msg) from None
 
 
 def _parse_networks(value: Any) -> Any:
@@ -75,6 +86,10 @@ class RequestLimits(_Model):
     max_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 16_384
     client_timeout_s: PositiveSeconds = 60
     request_id_header: HeaderName = "X-Request-ID"
+    # a field name holding "_" (X_Forwarded_For): CGI and WSGI servers read it as the "-"
+    # field; drop: not passed upstream, allow: passed (but never an alias of a field the
+    # gateway sets), reject: 400
+    headers_with_underscores: Literal["drop", "allow", "reject"] = "drop"
 
 
 class HealthCheck(_Model):
@@ -161,7 +176,7 @@ class Route(_Model):
         if not v.startswith("/"):
             msg = "must start with '/'"
             raise ValueError(msg)
-        return v
+        return _canonical(v)
 
     @field_validator("methods")
     @classmethod
@@ -255,7 +270,7 @@ class Abuse(_Model):
             if not p.startswith("/"):
                 msg = f"{p!r} must start with '/'"
                 raise ValueError(msg)
-        return v
+        return tuple(_canonical(p) for p in v)
 
     ban_multiplier: Annotated[float, Field(ge=1)] = 2
     max_ban_s: PositiveSeconds = 86_400
@@ -507,6 +522,58 @@ def _names(value: Any, default: Mapping[str, Any]) -> set[str] | None:
     return {str(k) for k in value} if isinstance(value, dict) else None
 
 
+def _route_problems(
+    routes: list[Any] | tuple[Any, ...],
+    upstreams: set[str] | None,
+    policies: set[str] | None,
+    underscores: Any,
+) -> list[Problem]:
+    """References and guard settings of each route (plain data, as in :func:`_cross_check`)."""
+    problems: list[Problem] = []
+    if not routes:
+        problems.append(Problem("routes", "at least one route is needed"))
+    seen: set[str] = set()
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(Problem(f"routes[{i}].name", f"duplicate route name {name!r}"))
+            seen.add(name)
+        upstream = route.get("upstream")
+        if upstreams is not None and isinstance(upstream, str) and upstream not in upstreams:
+            problems.append(
+                Problem(
+                    f"routes[{i}].upstream",
+                    f"unknown upstream {upstream!r}"
+                    f" (known: {', '.join(sorted(upstreams)) or 'none'})",
+                )
+            )
+        secret = _section(route, "shared_secret")
+        header = _section(secret, "header")
+        if isinstance(header, str) and "_" in header and underscores == "reject":
+            problems.append(
+                Problem(
+                    f"routes[{i}].shared_secret.header",
+                    f"{header!r} holds '_', and request.headers_with_underscores: "
+                    "reject refuses every request that sends it",
+                )
+            )
+        limits = route.get("rate_limits")
+        if policies is None or not isinstance(limits, list | tuple):
+            continue
+        for j, pol in enumerate(limits):
+            if isinstance(pol, str) and pol not in policies:
+                problems.append(
+                    Problem(
+                        f"routes[{i}].rate_limits[{j}]",
+                        f"unknown policy {pol!r} (known: {', '.join(sorted(policies)) or 'none'})",
+                    )
+                )
+    return problems
+
+
 def _cross_check(data: Mapping[str, Any]) -> list[Problem]:
     """Rules across fields (references between sections, orders between values).
 
@@ -522,38 +589,8 @@ def _cross_check(data: Mapping[str, Any]) -> list[Problem]:
     if routes is None:  # absent: the default route (whose upstream is 'api')
         routes = [r.model_dump() for r in _default_routes()]
     if isinstance(routes, list | tuple):
-        if not routes:
-            problems.append(Problem("routes", "at least one route is needed"))
-        seen: set[str] = set()
-        for i, route in enumerate(routes):
-            if not isinstance(route, dict):
-                continue
-            name = route.get("name")
-            if isinstance(name, str):
-                if name in seen:
-                    problems.append(Problem(f"routes[{i}].name", f"duplicate route name {name!r}"))
-                seen.add(name)
-            upstream = route.get("upstream")
-            if upstreams is not None and isinstance(upstream, str) and upstream not in upstreams:
-                problems.append(
-                    Problem(
-                        f"routes[{i}].upstream",
-                        f"unknown upstream {upstream!r}"
-                        f" (known: {', '.join(sorted(upstreams)) or 'none'})",
-                    )
-                )
-            limits = route.get("rate_limits")
-            if policies is None or not isinstance(limits, list | tuple):
-                continue
-            for j, pol in enumerate(limits):
-                if isinstance(pol, str) and pol not in policies:
-                    problems.append(
-                        Problem(
-                            f"routes[{i}].rate_limits[{j}]",
-                            f"unknown policy {pol!r}"
-                            f" (known: {', '.join(sorted(policies)) or 'none'})",
-                        )
-                    )
+        underscores = _section(data.get("request"), "headers_with_underscores")
+        problems.extend(_route_problems(routes, upstreams, policies, underscores))
     abuse = data.get("abuse") or {}
     if isinstance(abuse, dict):
         ban_s = _number(abuse.get("ban_s"), Abuse.model_fields["ban_s"].default)

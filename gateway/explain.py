@@ -7,6 +7,7 @@ import hmac
 from typing import TYPE_CHECKING, Any
 
 from gateway.core.keys import policy_key, wire_form
+from gateway.core.paths import PathError, canonical_path
 from gateway.stores.limiter import Check
 
 if TYPE_CHECKING:
@@ -49,10 +50,25 @@ async def explain_request(
         else {"reason": ban.reason, "expires_at": ban.expires_at, "offences": ban.offences}
     )
     out["abuse_score"] = rt.bans.score(client_key)
-    out["suspicious_path"] = snap.suspicious(path)
     if ban is not None and not exempt:
         stop(snap.ban_status, f"client is banned ({ban.reason})")
-    route = snap.match(path)
+    underscored = [name for name in headers if "_" in name]
+    if underscored:
+        out["underscore_fields"] = {"names": underscored, "action": snap.underscores}
+        if snap.underscores == "reject":
+            stop(400, "a header field name holds an underscore")
+    # ``path`` is a target as a client would send it: read as the pipeline reads it
+    try:
+        canon = canonical_path(path)
+    except PathError as exc:
+        out["canonical_path"] = None
+        stop(400, str(exc))
+        out["verdict"] = verdict
+        return out
+    out["canonical_path"] = canon
+    key = canon.lower()
+    out["suspicious_path"] = snap.suspicious(key)
+    route = snap.match(key)
     out["route"] = route.name if route else None
     if route is None:
         stop(404, "no route matches")
@@ -61,6 +77,8 @@ async def explain_request(
     out["upstream"] = route.upstream
     if route.methods is not None and method not in route.methods:
         stop(405, f"method not in {sorted(route.methods)}")
+    elif route.methods is None and method == "TRACE":
+        stop(405, "TRACE is refused unless the route lists it in methods")
     if route.sources is not None and ip not in route.sources:
         stop(403, "client address not in the route's source_cidrs")
     if route.secret_header is not None:

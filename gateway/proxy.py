@@ -65,13 +65,35 @@ def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> froz
 def filter_header_lines(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     drop: frozenset[str],
+    underscores: str | None = None,
 ) -> list[str]:
     r"""``headers`` without those in ``drop`` (lower-case; it includes :data:`HOP_BY_HOP`)
-    and those the ``Connection`` field names, as ``Name: value\r\n`` lines."""
+    and those the ``Connection`` field names, as ``Name: value\r\n`` lines.
+
+    A name holding ``_`` reads as its ``-`` spelling to CGI and WSGI servers
+    (``X_Forwarded_For`` is ``HTTP_X_FORWARDED_FOR``): with ``underscores="drop"`` every
+    such field is left out, with ``"allow"`` only those whose ``-`` spelling is dropped
+    (the fields the gateway sets itself are never doubled by an alias).  None: no field
+    holds one (the common case, one test per name).
+    """
     listed = connection_tokens(headers)
     if listed:
         drop = drop | listed
-    return [f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() not in drop]
+    if underscores is None:
+        return [
+            f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() not in drop
+        ]
+    if underscores == "drop":
+        return [
+            f"{name}: {value}\r\n"
+            for name, value in headers.items()
+            if "_" not in name and name.lower() not in drop
+        ]
+    return [
+        f"{name}: {value}\r\n"
+        for name, value in headers.items()
+        if name.lower().replace("_", "-") not in drop
+    ]
 
 
 def header_pairs(lines: str) -> list[tuple[str, str]]:

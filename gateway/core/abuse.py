@@ -28,8 +28,9 @@ Path matching
     or, when it ends in ``/``, as a prefix.  So ``/.git/`` matches ``/.git/config`` and
     ``/.git/`` (but not ``/.git``), while ``/wp-admin`` matches only ``/wp-admin`` itself,
     not ``/wp-admin/x`` nor ``/wp-admins`` (write ``/wp-admin/`` as a second entry for
-    that).  Matching is case-sensitive and works on the path the caller passes: the
-    percent-decoded, normalised path, without the query string.
+    that).  Matching ignores letter case (``/.ENV`` and ``/WP-Admin`` are the same probe to
+    a case-insensitive server): the entries are lowered here, and the caller passes the
+    canonical path (:mod:`gateway.core.paths`) in lower case.
 """
 
 from __future__ import annotations
@@ -73,13 +74,15 @@ class PathMatcher:
         for path in paths:
             if not isinstance(path, str) or not path.startswith("/"):
                 raise ValueError(f"suspicious path {path!r} must start with '/'")
-            exact.add(path)
-            if path.endswith("/") and path not in prefixes:
-                prefixes.append(path)
+            low = path.lower()
+            exact.add(low)
+            if low.endswith("/") and low not in prefixes:
+                prefixes.append(low)
         self._exact = frozenset(exact)
         self._prefixes = tuple(prefixes)
 
     def __call__(self, path: str) -> bool:
+        """True when ``path`` (lower case) is suspicious."""
         return path in self._exact or (bool(self._prefixes) and path.startswith(self._prefixes))
 
     def __repr__(self) -> str:

@@ -25,12 +25,13 @@ from aiohttp import hdrs, web
 
 from gateway import problem
 from gateway.core.keys import policy_key, wire_form
+from gateway.core.paths import PathError, canonical_path
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.core.wsguard import admission
 from gateway.http1 import BodyError, Request, Response
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
 from gateway.pipeline.headers import UPSTREAM_SKIP
-from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
+from gateway.pipeline.snapshot import ALLOW_ANY, KNOWN_METHODS, REQUEST_ID_RE
 from gateway.probes import PROBE_PATHS, probe_answer
 from gateway.proxy import filter_header_lines, filter_header_list, header_pairs, splice_ws
 from gateway.stores.limiter import BackendUnavailable, Check
@@ -97,6 +98,7 @@ class Ctx:
         "route",
         "start",
         "status",
+        "underscores",
         "upstream",
         "xff",
     )
@@ -114,6 +116,7 @@ class Ctx:
         self.status = 0
         self.bytes_out = 0
         self.body_error: _BodyError | None = None
+        self.underscores: str | None = None  # how fields named with "_" go upstream
 
 
 def _quota_reject(violated: list[tuple[CompiledPolicy, Decision]], retry: float) -> Reject:
@@ -290,12 +293,18 @@ class ProxyHandler:
                     400, "the Host header is not one this gateway serves", event="bad_request"
                 )
 
+        if "_" in "".join(headers):  # the field names
+            # CGI and WSGI servers read X_Forwarded_For as X-Forwarded-For (SPEC 9)
+            if snap.underscores == "reject":
+                raise Reject(400, "a header field name holds an underscore", event="bad_request")
+            ctx.underscores = snap.underscores
+
         method = request.method
         if method == "CONNECT":
             raise Reject(
                 405,
                 "CONNECT is not supported",
-                headers={"Allow": "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"},
+                headers={"Allow": ALLOW_ANY},
             )
         raw_path_qs = request.raw_path
         if not raw_path_qs.startswith("/"):
@@ -304,19 +313,26 @@ class ProxyHandler:
             if not url.raw_path.startswith("/"):
                 raise Reject(400, "the request target is not a path", event="bad_request")
             raw_path_qs = url.raw_path_qs
-        path = request.path
+        # the one reading of the path that every decision below uses (SPEC 9); matching
+        # ignores letter case, so it is lowered once
+        try:
+            key = canonical_path(raw_path_qs).lower()
+        except PathError as exc:
+            raise Reject(400, str(exc), event="bad_request") from None
 
-        if snap.abuse_enabled and not ctx.exempt and snap.suspicious(path):
+        if snap.abuse_enabled and not ctx.exempt and snap.suspicious(key):
             rt.bans.report(ctx.ban_key, "suspicious_path")
             ban = rt.bans.banned(ctx.ban_key)
             if ban is not None:
                 raise self._banned(snap, ban.expires_at)
 
-        route = snap.match(path)
+        route = snap.match(key)
         if route is None:
             raise Reject(404, "no route matches this path", event="not_found")
         ctx.route = route
-        if route.methods is not None and method not in route.methods:
+        methods = route.methods
+        if (method not in methods) if methods is not None else (method == "TRACE"):
+            # TRACE echoes the request, credentials included: only where a route lists it
             raise Reject(
                 405, f"{method} is not allowed on this route", headers={"Allow": route.allow}
             )
@@ -487,7 +503,7 @@ class ProxyHandler:
         end-to-end fields, then Host, X-Forwarded-*, X-Real-IP and the request id (the
         upstream's own Host last when the client sent none)."""
         headers = request.headers
-        kept = filter_header_lines(headers, snap.drop_upstream)
+        kept = filter_header_lines(headers, snap.drop_upstream, ctx.underscores)
         host = headers.get(hdrs.HOST)
         chain = ctx.client_ip
         proto = "http"

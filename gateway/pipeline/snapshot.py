@@ -25,31 +25,8 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 KNOWN_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 )
-
-
-def normalize_path(path: str) -> str:
-    """``path`` without dot segments (RFC 3986 5.2.4) and with empty segments merged.
-
-    Routes are matched on this form: an upstream that normalises ``/x/../admin`` or
-    ``//admin`` serves ``/admin``, so such a request must meet ``/admin``'s guards.
-    """
-    segments = path.split("/")
-    out: list[str] = []
-    for seg in segments[1:-1]:
-        if seg == "..":
-            if out:
-                out.pop()
-        elif seg not in ("", "."):
-            out.append(seg)
-    last = segments[-1] if len(segments) > 1 else ""
-    if last == "..":
-        if out:
-            out.pop()
-        last = ""
-    elif last == ".":
-        last = ""
-    out.append(last)
-    return "/" + "/".join(out) if out != [""] else "/"
+# the Allow field of a 405 for a route that lists no methods (TRACE and CONNECT are refused)
+ALLOW_ANY = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +57,8 @@ class CompiledPolicy:
 class CompiledRoute:
     name: str
     prefix: str
+    key: str  # the prefix in lower case: paths match it in any letter case
+    bare: str | None  # a prefix ending in "/" also matches the path without it
     upstream: str
     methods: frozenset[str] | None
     allow: str  # the Allow header for a 405
@@ -95,9 +74,13 @@ class CompiledRoute:
         return cls(
             name=r.name,
             prefix=r.path_prefix,
+            key=r.path_prefix.lower(),
+            bare=r.path_prefix[:-1].lower()
+            if len(r.path_prefix) > 1 and r.path_prefix[-1] == "/"
+            else None,
             upstream=r.upstream,
             methods=frozenset(r.methods) if r.methods is not None else None,
-            allow=", ".join(r.methods or ()),
+            allow=", ".join(r.methods) if r.methods is not None else ALLOW_ANY,
             sources=Networks(r.source_cidrs) if r.source_cidrs is not None else None,
             secret_header=r.shared_secret.header if r.shared_secret else None,
             secret=settings.secrets.route_secrets.get(r.name),
@@ -133,6 +116,7 @@ class Snapshot:
         "settings",
         "suspicious",
         "trusted",
+        "underscores",
     )
 
     def __init__(self, settings: Settings) -> None:
@@ -152,6 +136,7 @@ class Snapshot:
         # request fields not sent upstream (the request id is set anew)
         # the request fields not passed upstream as they are, hop-by-hop ones included
         self.drop_upstream = DROP_UPSTREAM | HOP_BY_HOP | {self.rid_header.lower()}
+        self.underscores = cfg.request.headers_with_underscores
         self.max_body_bytes = cfg.request.max_body_bytes
         self.max_header_bytes = cfg.request.max_header_bytes
         self.client_timeout_s = cfg.request.client_timeout_s
@@ -162,13 +147,13 @@ class Snapshot:
         self.sample_ratio = cfg.access_log.sample_ratio if cfg.access_log.enabled else 0.0
         self.metrics_on_proxy = cfg.metrics.on_proxy_port
 
-    def match(self, path: str) -> CompiledRoute | None:
-        """The first route whose prefix the path has, once normalised (the target itself
-        goes upstream as sent)."""
-        if "/." in path or "//" in path:
-            path = normalize_path(path)
+    def match(self, key: str) -> CompiledRoute | None:
+        """The first route whose prefix ``key`` has: ``key`` is the request's canonical path
+        in lower case (:func:`gateway.core.paths.canonical_path`); the target itself goes
+        upstream as sent.  Letter case never picks another route: an upstream that serves
+        ``/Admin`` as ``/admin`` must not be reached around ``/admin/``'s guards."""
         for route in self.routes:
-            if path.startswith(route.prefix):
+            if key.startswith(route.key) or key == route.bare:
                 return route
         return None
 

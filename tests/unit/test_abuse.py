@@ -42,7 +42,7 @@ def test_events_are_the_configurable_scores() -> None:
         ("/wp-admins", False),
         ("/wp-login.php", True),
         ("/phpmyadmin", True),
-        ("/PHPMYADMIN", False),  # case-sensitive
+        ("/PHPMYADMIN", False),  # the caller lowers the path (the pipeline does)
         ("/phpMyAdmin", False),
         ("/", False),
         ("", False),
@@ -64,6 +64,9 @@ def test_path_matcher_defaults(path: str, expected: bool) -> None:
         (("/a/", "/b/"), "/c/a/", False),
         (("/",), "/anything", True),
         (("/x/", "/x/"), "/x/y", True),  # duplicates are harmless
+        (("/.ENV", "/WP-Admin/"), "/.env", True),  # entries are lowered ...
+        (("/.ENV", "/WP-Admin/"), "/wp-admin/x", True),
+        (("/.env",), "/.ENV", False),  # ... the caller lowers the path
     ],
 )
 def test_path_matcher_lists(paths: tuple[str, ...], path: str, expected: bool) -> None:

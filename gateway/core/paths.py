@@ -1,0 +1,170 @@
+"""The canonical path: the one reading of a request target that every decision uses.
+
+SPEC section 9.  Route matching, route guards, suspicious-path scoring and
+``/admin/explain`` all read :func:`canonical_path` of the target; the upstream still
+receives the target exactly as the client sent it.  Upstreams disagree on how they read
+a path (Tomcat and Spring drop ``;`` parameters, IIS reads ``\\`` as ``/``, most servers
+remove dot segments), so the gateway reads it the way that reaches the most: a spelling
+that some upstream could serve as ``/admin/x`` meets ``/admin/``'s guards.
+
+The rules, in order:
+
+1. The path is the target up to the first ``?``.  A ``#`` before it is refused: a
+   fragment has no place in a request target (RFC 9112 3.2), and a server that does not
+   cut there would read what follows as path.
+2. Percent-encodings are decoded once: unreserved characters (``A-Z a-z 0-9 - . _ ~``),
+   ``%2F`` and ``%5C`` (both read as ``/``); every other one stays encoded, with upper-case
+   hex (RFC 3986 6.2.2).  Refused: a ``%`` not followed by two hex digits, an encoded
+   control character (``%00``-``%1F``, ``%7F``), and a double encoding of ``.``, ``/``,
+   ``\\``, ``%`` or a control character (``%252e``): a component that decodes twice would
+   read a path other than the one decided on.
+3. Non-ASCII characters (none come through the HTTP parser, which refuses them, but an
+   ``/admin/explain`` path may hold some) are percent-encoded as UTF-8.  The encoded bytes
+   must be UTF-8 (overlong forms such as ``%C0%AE`` are refused), and must not hold a
+   character that Unicode compatibility folding (NFKC, IIS "best fit") turns into one
+   of ``. / \\ ; % ? #`` (``%EF%BC%8E``, a full-width full stop).
+4. ``\\`` is read as ``/``.
+5. Each segment loses its ``;`` parameters (``/admin;x=1/`` is ``/admin/``, ``..;`` is
+   ``..``) and its trailing spaces, then dot segments are removed (RFC 3986 5.2.4; ``..``
+   above the root stays at the root), empty segments are merged (``//`` is ``/``), and
+   trailing dots are dropped from each segment (Windows file systems serve
+   ``/admin./`` and ``/admin%20/`` as ``/admin/``).  A path
+   whose last segment is empty or a dot segment ends in ``/``.
+
+Letter case is kept; callers that match in any case (routes, suspicious paths) lower the
+result once.  The function is pure and total on ``str``: it returns the canonical path
+or raises :class:`PathError`, and ``canonical_path(canonical_path(t)) == canonical_path(t)``.
+"""
+
+from __future__ import annotations
+
+import string
+import unicodedata
+from urllib.parse import unquote_to_bytes
+
+__all__ = ["PathError", "canonical_path"]
+
+
+class PathError(ValueError):
+    """The target cannot be read as one path; the request is refused with a 400."""
+
+
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+_HEX = frozenset(string.hexdigits)
+# characters a second decoding must not produce: dot, slash, backslash, percent
+_TWICE = frozenset(("2E", "2F", "5C", "25"))
+_SPACES = ("%20", " ")
+_TAIL = (".", *_SPACES)
+# what compatibility folding must not produce out of a non-ASCII character
+_FOLD_MARKERS = "./\\;%?#"
+
+
+def canonical_path(target: str) -> str:
+    """The canonical path of an origin-form target (``/path?query``): see the module."""
+    path, _, _ = target.partition("?")
+    if (
+        path.isascii()
+        and "%" not in path
+        and "\\" not in path
+        and ";" not in path
+        and "#" not in path
+        and " " not in path
+        and "//" not in path
+        and ("." not in path or ("/." not in path and "./" not in path and path[-1] != "."))
+        and path[:1] == "/"
+        and path.isprintable()
+    ):
+        return path  # the common case: already canonical, nothing allocated
+    return _canonical(path)
+
+
+def _canonical(path: str) -> str:
+    if path[:1] != "/":
+        raise PathError("the request target is not a path")
+    if "#" in path:
+        raise PathError("a fragment (#) in the request target")
+    if not path.isascii():
+        path = _encode_non_ascii(path)
+    if not path.isprintable():
+        raise PathError("a control character in the request target")
+    if "%" in path:
+        path = _decode_once(path)
+    segments = path.replace("\\", "/").split("/")
+    out: list[str] = []
+    trailing = False
+    for seg in segments[1:]:
+        if ";" in seg:
+            seg = seg.partition(";")[0]  # noqa: PLW2901 - the segment without its parameters
+        while seg.endswith(_SPACES):  # Windows drops trailing spaces: "admin%20" is "admin"
+            seg = seg.removesuffix("%20").removesuffix(" ")  # noqa: PLW2901
+        if seg == "..":
+            if out:
+                out.pop()
+            trailing = True
+            continue
+        while seg.endswith(_TAIL):  # "." and "..." leave nothing, "admin. " leaves "admin"
+            seg = seg.rstrip(". ").removesuffix("%20")  # noqa: PLW2901
+        if seg:
+            out.append(seg)
+            trailing = False
+        else:
+            trailing = True
+    if not out:
+        return "/"
+    return "/" + "/".join(out) + ("/" if trailing else "")
+
+
+def _encode_non_ascii(path: str) -> str:
+    try:
+        return "".join(c if c.isascii() else "".join(f"%{b:02X}" for b in c.encode()) for c in path)
+    except UnicodeEncodeError:  # a lone surrogate
+        raise PathError("the request target is not UTF-8") from None
+
+
+def _decode_once(path: str) -> str:
+    parts = path.split("%")
+    out = [parts[0]]
+    high = False  # a non-ASCII byte was seen: the bytes must be UTF-8
+    for part in parts[1:]:
+        hx = part[:2]
+        if len(hx) < 2 or hx[0] not in _HEX or hx[1] not in _HEX:
+            raise PathError("an invalid percent-encoding in the request target")
+        byte = int(hx, 16)
+        char = chr(byte)
+        if char in _UNRESERVED:
+            out.append(char)
+        elif byte in (0x2F, 0x5C):
+            out.append("/")
+        elif byte < 0x20 or byte == 0x7F:
+            raise PathError("an encoded control character in the request target")
+        else:
+            high = high or byte >= 0x80
+            out.append("%" + hx.upper())
+        out.append(part[2:])
+    decoded = "".join(out)
+    if "%25" in decoded:
+        _check_twice(decoded)
+    if high:
+        _check_text(decoded)
+    return decoded
+
+
+def _check_twice(path: str) -> None:
+    """A ``%`` decoded once must not start an encoding a second decoding would act on."""
+    for part in path.split("%25")[1:]:
+        nxt = part[:2].upper()
+        if len(nxt) < 2 or nxt[0] not in _HEX or nxt[1] not in _HEX:
+            continue
+        if nxt in _TWICE or nxt < "20" or nxt == "7F":
+            raise PathError("a doubly encoded character in the request target")
+
+
+def _check_text(path: str) -> None:
+    """The percent-encoded bytes of ``path`` must be UTF-8 that folds to no separator."""
+    try:
+        text = unquote_to_bytes(path).decode()
+    except UnicodeDecodeError:
+        raise PathError("the request target is not UTF-8") from None
+    folded = unicodedata.normalize("NFKC", text)
+    if folded != text and any(folded.count(c) != text.count(c) for c in _FOLD_MARKERS):
+        raise PathError("a character that reads as a separator once folded")
