@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from gateway.core.framing import parse_host_entry
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -35,6 +44,9 @@ PositiveInt = Annotated[int, Field(ge=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 EnvName = Annotated[str, Field(pattern=_ENV_RE.pattern)]
 HeaderName = Annotated[str, Field(pattern=_TOKEN_RE.pattern, max_length=256)]
+# compared with the Host of each request in the form both are read in (lower-case, no
+# trailing dot, IPv6 without brackets)
+HostName = Annotated[str, AfterValidator(parse_host_entry)]
 
 
 class _Model(BaseModel):
@@ -353,7 +365,7 @@ class Config(_Model):
     listen: Listen = Listen()
     admin: Admin = Admin()
     trusted_proxies: tuple[IPNetwork, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()
+    allowed_hosts: tuple[HostName, ...] = ()
     allow_cidrs: tuple[IPNetwork, ...] = ()
     deny_cidrs: tuple[IPNetwork, ...] = ()
     request: RequestLimits = RequestLimits()
@@ -376,11 +388,6 @@ class Config(_Model):
     @classmethod
     def _cidrs(cls, v: Any) -> Any:
         return _parse_networks(v)
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(h.lower() for h in v)
 
 
 # --------------------------------------------------------------------------- errors

@@ -8,6 +8,9 @@ gateway's pipeline; this one does what a sidecar's proxy port needs and no more:
 * the head (request line and header fields) is bounded by ``max_header_bytes`` and 256
   fields (431 beyond), and every parse error is a problem+json 400 that closes the
   connection;
+* the framing rules llhttp leaves to its user (:mod:`gateway.core.framing`: one valid
+  Host, ``chunked`` as the only transfer coding) are checked once the head is in, for
+  upgrade requests too: a breach is a problem+json 400 or 501 that closes the connection;
 * one request is handled at a time per connection; pipelined requests wait their turn
   (reading pauses meanwhile), and a request body is read with back-pressure;
 * a response whose body is all known leaves in one write; a streamed one is sent as it
@@ -37,6 +40,7 @@ from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
 from gateway.batchwrite import WriteBatcher
+from gateway.core.framing import FramingError, check_transfer_coding, request_host
 from gateway.pipeline.client_ip import IPAddress, peer_of
 from gateway.problem import CONTENT_TYPE, PHRASES, problem_body, raw_problem
 
@@ -49,6 +53,7 @@ __all__ = ["BodyError", "HttpProtocol", "HttpServer", "Request", "Response"]
 _log = logging.getLogger("gateway.http1")
 
 MAX_FIELDS = 256
+_HOST_CACHE_MAX = 1024  # distinct Host values remembered with their parse (a few in practice)
 _BODY_HIGH = 256 * 1024  # pause reading the client above this much unread body
 _LINGER_S = 5.0  # how long an unread request body is drained after the answer
 _NO_BODY_STATUS = frozenset((204, 304))
@@ -204,6 +209,7 @@ class Request:
         "head_sent",
         "header_bytes",
         "headers",
+        "host",
         "https",
         "keep_alive",
         "method",
@@ -224,8 +230,11 @@ class Request:
         headers: CIMultiDict[str],
         header_bytes: int,
         keep_alive: bool,
+        host: str | None = None,
     ) -> None:
         self.protocol = protocol
+        # the host it is for (lower-case, no port or trailing dot, IPv6 unbracketed)
+        self.host = host
         self.method = method
         self.raw_path = target
         self.version = version
@@ -353,6 +362,7 @@ class HttpProtocol(asyncio.Protocol):
         "_head_bytes",
         "_head_size",
         "_head_timer",
+        "_hosts",
         "_in_head",
         "_keep_waiting",
         "_linger",
@@ -362,6 +372,7 @@ class HttpProtocol(asyncio.Protocol):
         "_pipeline_paused",
         "_quick_ok",
         "_task",
+        "_te",
         "_url",
         "_waiter",
         "_write_paused",
@@ -383,6 +394,8 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes = 0
         self._head_size = 0
         self._in_head = False
+        self._hosts: list[str] = []  # the Host field values of the head being parsed
+        self._te = False  # whether it has a Transfer-Encoding field
         # a chunked body: bytes read that were not body (chunk lines, trailer fields)
         self._chunked = False
         self._chunks = 0
@@ -551,7 +564,9 @@ class HttpProtocol(asyncio.Protocol):
             self._upgrade(data[exc.args[0] :] + whole[end:])
             return False
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _QueueFull):
+            if isinstance(exc.__context__, FramingError):
+                self._parse_error(exc.__context__.status, exc.__context__.detail)
+            elif isinstance(exc.__context__, _QueueFull):
                 # those queued are served, the last with Connection: close; nothing more
                 # is parsed, and what the client still sends is dropped
                 self._discarding = self._cut = True
@@ -590,6 +605,9 @@ class HttpProtocol(asyncio.Protocol):
         self._fields = []
         self._head_bytes = 0
         self._head_size = 0
+        if self._hosts:
+            self._hosts = []
+        self._te = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -598,16 +616,30 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         fields = self._fields
-        fields.append((name.decode("latin-1"), value.decode("latin-1")))
+        text = value.decode("latin-1")
+        fields.append((name.decode("latin-1"), text))
         self._head_size += len(name) + len(value) + 4
         if len(fields) > MAX_FIELDS:
             raise _HeadTooLarge
+        size = len(name)
+        if size == 4 and name.lower() == b"host":
+            self._hosts.append(text)
+        elif size == 17 and name.lower() == b"transfer-encoding":
+            self._te = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
         parser = self._parser
-        if parser.should_upgrade() or self._discarding:
+        if self._discarding:
+            return
+        version = parser.get_http_version()
+        target = self._url.decode("latin-1")
+        # raises FramingError (out of the parser: answered in _feed), upgrades included
+        host = self.server.request_host(version, self._hosts, target)
+        if self._te:
+            check_transfer_coding([v for n, v in self._fields if n.lower() == "transfer-encoding"])
+        if parser.should_upgrade():
             return  # handed over in data_received, with the bytes that follow the head
         size = len(self._url) + self._head_size
         if size > self.server.max_header_bytes:
@@ -615,11 +647,12 @@ class HttpProtocol(asyncio.Protocol):
         req = Request(
             self,
             parser.get_method().decode("latin-1"),
-            self._url.decode("latin-1"),
-            parser.get_http_version(),
+            target,
+            version,
             CIMultiDict(self._fields),
             size,
             parser.should_keep_alive(),
+            host,
         )
         if self._current is None:
             if not req.body_exists and not self._write_paused and self._quick_ok:
@@ -916,6 +949,7 @@ class HttpServer:
         self._response_headers = response_headers
         self.keepalive_s = keepalive_s
         self.connections: set[HttpProtocol] = set()
+        self._hosts: dict[str, str | None] = {}  # origin-form Host value -> its host
         self.batcher = WriteBatcher(self.loop)  # whole answers, sent at the end of a round
         self.draining = False
         self.date = b""
@@ -966,6 +1000,23 @@ class HttpServer:
 
     def on_parser_error(self, protocol: HttpProtocol, status: int) -> None:
         self._on_parser_error(protocol, status)
+
+    def request_host(self, version: str, hosts: list[str], target: str) -> str | None:
+        """:func:`gateway.core.framing.request_host`, remembered for the usual request
+        (one Host field, an origin-form target): a client sends the same few values."""
+        if len(hosts) == 1 and target[:1] == "/":
+            value = hosts[0]
+            cache = self._hosts
+            try:
+                return cache[value]
+            except KeyError:
+                pass
+            host = request_host(version, hosts, target)
+            if len(cache) >= _HOST_CACHE_MAX:
+                cache.clear()
+            cache[value] = host
+            return host
+        return request_host(version, hosts, target)
 
     # ------------------------------------------------------------------ answers
 

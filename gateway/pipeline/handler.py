@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from gateway import problem
+from gateway.core.framing import FramingError, request_host
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.http1 import BodyError, Request, Response
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
@@ -164,6 +165,20 @@ def _circuit_open(up: UpstreamState, now: float) -> Reject:
     )
 
 
+def _upgrade_host(request: GatewayRequest) -> str | None:
+    """The host of an upgrade request (its head passed the framing rules already, in the
+    HTTP/1.1 server, before it was handed over)."""
+    version = request.version
+    try:
+        return request_host(
+            f"{version.major}.{version.minor}",
+            request.headers.getall(hdrs.HOST, []),
+            request.raw_path,
+        )
+    except FramingError:
+        return None
+
+
 def _peer(request: AnyRequest) -> IPAddress | None:
     protocol: GatewayProtocol | HttpProtocol = request.protocol  # type: ignore[assignment]
     return protocol.peer_address()[0]
@@ -282,7 +297,7 @@ class ProxyHandler:
         if request.header_bytes > snap.max_header_bytes:
             raise Reject(431, "request header fields too large", event="bad_request")
         if snap.allowed_hosts:
-            host = headers.get(hdrs.HOST, "").rsplit(":", 1)[0].strip("[]").lower()
+            host = request.host if isinstance(request, Request) else _upgrade_host(request)
             if host not in snap.allowed_hosts:
                 raise Reject(
                     400, "the Host header is not one this gateway serves", event="bad_request"
