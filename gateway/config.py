@@ -129,6 +129,8 @@ class Upstream(_Model):
     timeout_s: PositiveSeconds = 30
     max_connections: PositiveInt = 100
     max_inflight: PositiveInt = 500
+    # a bigger response head, or one of over 100 fields, is a 502 (never relayed)
+    max_response_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 65_536
     health: HealthCheck = HealthCheck()
     circuit_breaker: CircuitBreaker = CircuitBreaker()
     retries: Retries = Retries()

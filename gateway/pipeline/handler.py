@@ -33,7 +33,7 @@ from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
 from gateway.probes import PROBE_PATHS, probe_answer
 from gateway.proxy import filter_header_lines, filter_header_list, header_pairs, splice_ws
 from gateway.stores.limiter import BackendUnavailable, Check
-from gateway.upstream_http import LeanResponse, UpstreamError
+from gateway.upstream_http import HEAD_TOO_LARGE, LeanResponse, UpstreamError
 
 if TYPE_CHECKING:
     from gateway.core.gcra import Decision
@@ -634,7 +634,7 @@ class ProxyHandler:
                     err = ctx.body_error
                     raise Reject(err.status, str(err), event="bad_request") from None
                 up.breaker.record(t1, failure=True)
-                up.errors[exc.kind].inc()
+                self._upstream_error(up, ctx, exc)
                 attempt += 1
                 if (
                     not exc.sent
@@ -647,10 +647,27 @@ class ProxyHandler:
                     continue
                 if exc.kind == "timeout":
                     raise Reject(504, f"upstream {up.name!r} did not answer in time") from None
+                if exc.kind == HEAD_TOO_LARGE:
+                    raise Reject(
+                        502, f"upstream {up.name!r} answered with a response head too large"
+                    ) from None
                 raise Reject(
                     502, f"upstream {up.name!r} is unreachable: {exc.kind} error"
                 ) from None
             return resp, t0
+
+    def _upstream_error(self, up: UpstreamState, ctx: Ctx, exc: UpstreamError) -> None:
+        """Count an upstream error; log an answer refused for its head (the 502's cause
+        is the upstream's, and an operator cannot tell it from the access log)."""
+        up.errors[exc.kind].inc()
+        if exc.kind == HEAD_TOO_LARGE:
+            self.rt.log.warning(
+                "upstream_response_rejected",
+                upstream=up.name,
+                reason=str(exc),
+                route=ctx.route.name if ctx.route is not None else None,
+                request_id=ctx.rid,
+            )
 
     async def _forward(
         self,
@@ -706,7 +723,7 @@ class ProxyHandler:
                 await request.write_eof()
             except UpstreamError as exc:
                 # the upstream failed mid-response: nothing sane can follow on this connection
-                up.errors[exc.kind].inc()
+                self._upstream_error(up, ctx, exc)
                 ctx.status = ctx.status or 502
                 up_resp.close()
                 if request.transport is not None:
@@ -761,7 +778,7 @@ class ProxyHandler:
                 )
             except UpstreamError as exc:
                 up.breaker.record(self._loop.time(), failure=True)
-                up.errors[exc.kind].inc()
+                self._upstream_error(up, ctx, exc)
                 raise Reject(
                     502 if exc.kind != "timeout" else 504, f"upstream {up.name!r}: {exc}"
                 ) from None
