@@ -11,7 +11,9 @@ A response head is bounded like a request head (as Envoy and NGINX bound theirs)
 ``max_head_bytes`` (status line and fields) or :data:`MAX_RESPONSE_FIELDS` fields, the
 exchange fails with kind ``response_head_too_large`` before any of it is passed on, and
 the connection is closed. A head that arrives slowly is bounded by the bytes received
-while it is awaited, so it is refused without waiting for its end.
+while it is awaited, so it is refused without waiting for its end. What a chunked body
+carries besides its data (chunk lines, trailer fields) is bounded the same way, and
+trailer fields are never merged into the head (RFC 9110 6.5.1): they are dropped.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ class _Conn(asyncio.Protocol):
         "_awaiting_head",
         "_body",
         "_body_waiter",
+        "_chunks",
         "_drain_waiter",
+        "_framing",
         "_head",
         "_head_bytes",
         "_head_only",
@@ -96,6 +100,8 @@ class _Conn(asyncio.Protocol):
         self._awaiting_head = False  # no final response head yet for the exchange
         self._head_bytes = 0  # bytes received while awaiting it (interim heads included)
         self._head_size = 0  # status line and fields of the message being parsed
+        self._framing = 0  # bytes after the head that were not body (chunk lines, trailers)
+        self._chunks = 0
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._renew = False  # the parser must be replaced before the next exchange
@@ -126,6 +132,8 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = True
         if self._awaiting_head:
             self._head_bytes += len(data)
+        else:
+            self._framing += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -149,6 +157,9 @@ class _Conn(asyncio.Protocol):
                     HEAD_TOO_LARGE, f"response head over {self._max_head} bytes", sent=True
                 )
             )
+        elif self._framing > self._max_head + 64 * self._chunks:
+            msg = f"response chunk lines and trailer fields over {self._max_head} bytes"
+            self._fail(UpstreamError(HEAD_TOO_LARGE, msg, sent=True))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
@@ -202,9 +213,13 @@ class _Conn(asyncio.Protocol):
         self._head_size += len(status) + 15  # "HTTP/1.1 200 " and CRLF
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        size = self._head_size = self._head_size + len(name) + len(value) + 4
+        if not self._awaiting_head:  # a trailer field: counted, not kept
+            if size > self._max_head:
+                raise _HeadTooLargeError(f"response head over {self._max_head} bytes")
+            return
         headers = self._headers
         headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        size = self._head_size = self._head_size + len(name) + len(value) + 4
         if size > self._max_head:
             raise _HeadTooLargeError(f"response head over {self._max_head} bytes")
         if len(headers) > MAX_RESPONSE_FIELDS:
@@ -239,7 +254,11 @@ class _Conn(asyncio.Protocol):
         if head is not None and not head.done():
             head.set_result(None)
 
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
     def on_body(self, body: bytes) -> None:
+        self._framing -= len(body)
         self._body.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self._reading_paused and self.transport:
@@ -288,6 +307,8 @@ class _Conn(asyncio.Protocol):
         self._head_only = head_only
         self._awaiting_head = True
         self._head_bytes = 0
+        self._framing = 0
+        self._chunks = 0
         self._head = self._loop.create_future()
         self._interim = False
         self._body.clear()

@@ -474,3 +474,65 @@ async def test_a_response_head_that_drips_is_bounded_by_size_then_by_time() -> N
         finally:
             await pool.close()
             server.close()
+
+
+async def test_trailer_fields_never_join_the_response_head() -> None:
+    """RFC 9110 6.5.1: a trailer field is not a header field (a trailing Set-Cookie
+    must not become one of the answer's fields)."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\nSet-Cookie: evil=1\r\nX-Trailer: t\r\n\r\n"
+        )
+        await w.drain()
+        await r.read()
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port)
+    try:
+        resp = await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+        await asyncio.sleep(0.05)  # the trailer is in
+        assert resp.body_if_complete() == b"ok"
+        assert [n for n, _ in resp.header_list] == ["Transfer-Encoding"]
+        resp.release()
+    finally:
+        await pool.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"X-T: " + b"t" * 200_000,  # one huge trailer field, dripped, never ended
+        b"X-T: t\r\n" * 20_000 + b"\r\n",  # many trailer fields
+        b"",  # chunk extensions: framing without data
+    ],
+    ids=["huge-trailer", "many-trailers", "chunk-extensions"],
+)
+async def test_trailers_and_chunk_lines_are_bounded_like_the_head(tail: bytes) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+        if tail:
+            rest = b"0\r\n" + tail
+        else:
+            rest = b"".join(b"1;" + b"e" * 1000 + b"\r\nx\r\n" for _ in range(200))
+        for i in range(0, len(rest), 4096):
+            w.write(rest[i : i + 4096])
+            await w.drain()
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(10)
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port)
+    try:
+        resp = await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+        with pytest.raises(UpstreamError) as info:
+            await asyncio.wait_for(_body(resp.iter_body()), 3)
+        assert info.value.kind == "response_head_too_large"
+        resp.release()
+    finally:
+        await pool.close()
+        server.close()
