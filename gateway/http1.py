@@ -636,7 +636,13 @@ class HttpProtocol(asyncio.Protocol):
         version = parser.get_http_version()
         target = self._url.decode("latin-1")
         # raises FramingError (out of the parser: answered in _feed), upgrades included
-        host = self.server.request_host(version, self._hosts, target)
+        hosts = self._hosts
+        if len(hosts) == 1 and target[:1] == "/":  # the usual request: its Host was seen
+            host = self.server.host_cache.get(hosts[0])
+            if host is None:  # not seen yet (with a Host field, a request has a host)
+                host = self.server.request_host(version, hosts, target)
+        else:
+            host = request_host(version, hosts, target)
         if self._te:
             check_transfer_coding([v for n, v in self._fields if n.lower() == "transfer-encoding"])
         if parser.should_upgrade():
@@ -949,7 +955,8 @@ class HttpServer:
         self._response_headers = response_headers
         self.keepalive_s = keepalive_s
         self.connections: set[HttpProtocol] = set()
-        self._hosts: dict[str, str | None] = {}  # origin-form Host value -> its host
+        # the Host value of an origin-form request -> its host
+        self.host_cache: dict[str, str] = {}
         self.batcher = WriteBatcher(self.loop)  # whole answers, sent at the end of a round
         self.draining = False
         self.date = b""
@@ -1001,22 +1008,16 @@ class HttpServer:
     def on_parser_error(self, protocol: HttpProtocol, status: int) -> None:
         self._on_parser_error(protocol, status)
 
-    def request_host(self, version: str, hosts: list[str], target: str) -> str | None:
-        """:func:`gateway.core.framing.request_host`, remembered for the usual request
-        (one Host field, an origin-form target): a client sends the same few values."""
-        if len(hosts) == 1 and target[:1] == "/":
-            value = hosts[0]
-            cache = self._hosts
-            try:
-                return cache[value]
-            except KeyError:
-                pass
-            host = request_host(version, hosts, target)
-            if len(cache) >= _HOST_CACHE_MAX:
-                cache.clear()
-            cache[value] = host
-            return host
-        return request_host(version, hosts, target)
+    def request_host(self, version: str, hosts: list[str], target: str) -> str:
+        """:func:`gateway.core.framing.request_host` of a request with one Host field and
+        an origin-form target, remembered in :attr:`host_cache` (a client sends the same
+        few values; a value that is refused is not remembered)."""
+        host = request_host(version, hosts, target) or ""  # (one Host: never None)
+        cache = self.host_cache
+        if len(cache) >= _HOST_CACHE_MAX:
+            cache.clear()
+        cache[hosts[0]] = host
+        return host
 
     # ------------------------------------------------------------------ answers
 

@@ -210,7 +210,6 @@ class _Conn(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self._status += status
-        self._head_size += len(status) + 15  # "HTTP/1.1 200 " and CRLF
 
     def on_header(self, name: bytes, value: bytes) -> None:
         size = self._head_size = self._head_size + len(name) + len(value) + 4
@@ -220,10 +219,12 @@ class _Conn(asyncio.Protocol):
             return
         headers = self._headers
         headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        if size > self._max_head:
-            raise _HeadTooLargeError(f"response head over {self._max_head} bytes")
-        if len(headers) > MAX_RESPONSE_FIELDS:
-            raise _HeadTooLargeError(f"response head with over {MAX_RESPONSE_FIELDS} fields")
+        if size > self._max_head or len(headers) > MAX_RESPONSE_FIELDS:
+            raise _HeadTooLargeError(
+                f"response head over {self._max_head} bytes"
+                if size > self._max_head
+                else f"response head with over {MAX_RESPONSE_FIELDS} fields"
+            )
         if len(name) == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
             self.listed = True  # Connection names other fields: they are hop-by-hop too
         elif (
@@ -237,7 +238,7 @@ class _Conn(asyncio.Protocol):
             raise _CodedError
 
     def on_headers_complete(self) -> None:
-        if self._head_size > self._max_head:  # a status line alone may be over
+        if self._head_size + len(self._status) + 15 > self._max_head:  # "HTTP/1.1 200 "
             raise _HeadTooLargeError(f"response head over {self._max_head} bytes")
         if self._parser.get_status_code() < 200:
             # 100 Continue, 102 Processing, 103 Early Hints: interim, the answer follows
