@@ -99,7 +99,7 @@ class _Conn(asyncio.Protocol):
         self._max_head = max_head
         self._awaiting_head = False  # no final response head yet for the exchange
         self._head_bytes = 0  # bytes received while awaiting it (interim heads included)
-        self._head_size = 0  # status line and fields of the message being parsed
+        self._head_size = 0  # status lines and fields of the exchange's heads (and trailers)
         self._framing = 0  # bytes after the head that were not body (chunk lines, trailers)
         self._chunks = 0
         self.transport: asyncio.Transport | None = None
@@ -205,7 +205,6 @@ class _Conn(asyncio.Protocol):
             raise _OutOfStepError
         self._status = b""
         self._headers = []
-        self._head_size = 0
         self.listed = False
 
     def on_status(self, status: bytes) -> None:
@@ -238,7 +237,9 @@ class _Conn(asyncio.Protocol):
             raise _CodedError
 
     def on_headers_complete(self) -> None:
-        if self._head_size + len(self._status) + 15 > self._max_head:  # "HTTP/1.1 200 "
+        # the status line ("HTTP/1.1 200 " and CRLF); interim heads count in the sum
+        self._head_size += len(self._status) + 15
+        if self._head_size > self._max_head:
             raise _HeadTooLargeError(f"response head over {self._max_head} bytes")
         if self._parser.get_status_code() < 200:
             # 100 Continue, 102 Processing, 103 Early Hints: interim, the answer follows
@@ -308,6 +309,7 @@ class _Conn(asyncio.Protocol):
         self._head_only = head_only
         self._awaiting_head = True
         self._head_bytes = 0
+        self._head_size = 0
         self._framing = 0
         self._chunks = 0
         self._head = self._loop.create_future()

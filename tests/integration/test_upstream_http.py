@@ -384,6 +384,8 @@ _FIELD = b"X-F: v\r\n"  # 8 bytes
         (b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 64_000 + b"\r\nContent-Length: 2\r\n\r\nok", False),
         # interim answers are heads too
         (b"HTTP/1.1 103 Early Hints\r\n" + _FIELD * 200 + b"\r\n" + OK, True),
+        # and their bytes add up: an endless stream of small ones is no way around it
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" * 2000 + OK, True),
     ],
     ids=[
         "one-200k-field",
@@ -394,6 +396,7 @@ _FIELD = b"X-F: v\r\n"  # 8 bytes
         "just-over-64k",
         "just-under-64k",
         "interim-with-many-fields",
+        "2000-interim-answers",
     ],
 )
 async def test_a_response_head_over_the_bounds_is_refused_and_its_connection_closed(
