@@ -223,3 +223,15 @@ async def test_allowed_hosts_read_bracketed_ipv6_and_fqdn_spellings(upstream: An
         )
         assert _status(raw) == 400
     assert len(up.seen) == len(served) * 2
+
+
+async def test_allowed_hosts_apply_to_websocket_upgrades_with_ipv6_literals(upstream: Any) -> None:
+    up, server = upstream
+    cfg = base_config(_url(server), allowed_hosts=["::1"])
+    async with running_gateway(cfg) as gw:
+        port = gw.proxy_port or 0
+        raw = await raw_exchange(port, _upgrade(("Host: x", "Host: [::1]")), wait_s=0.5)
+        assert raw.startswith(b"HTTP/1.1 101 "), raw[:300]
+        raw = await raw_exchange(port, _upgrade(("Host: x", "Host: [::2]")), wait_s=0.5)
+        assert _status(raw) == 400, raw[:300]
+    assert up.ws_opened == 1
