@@ -31,7 +31,7 @@ import collections
 import email.utils
 import logging
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -362,7 +362,6 @@ class HttpProtocol(asyncio.Protocol):
         "_head_bytes",
         "_head_size",
         "_head_timer",
-        "_hosts",
         "_in_head",
         "_keep_waiting",
         "_linger",
@@ -372,7 +371,6 @@ class HttpProtocol(asyncio.Protocol):
         "_pipeline_paused",
         "_quick_ok",
         "_task",
-        "_te",
         "_url",
         "_waiter",
         "_write_paused",
@@ -394,8 +392,6 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes = 0
         self._head_size = 0
         self._in_head = False
-        self._hosts: list[str] = []  # the Host field values of the head being parsed
-        self._te = False  # whether it has a Transfer-Encoding field
         # a chunked body: bytes read that were not body (chunk lines, trailer fields)
         self._chunked = False
         self._chunks = 0
@@ -605,9 +601,6 @@ class HttpProtocol(asyncio.Protocol):
         self._fields = []
         self._head_bytes = 0
         self._head_size = 0
-        if self._hosts:
-            self._hosts = []
-        self._te = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -616,16 +609,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         fields = self._fields
-        text = value.decode("latin-1")
-        fields.append((name.decode("latin-1"), text))
+        fields.append((name.decode("latin-1"), value.decode("latin-1")))
         self._head_size += len(name) + len(value) + 4
         if len(fields) > MAX_FIELDS:
             raise _HeadTooLarge
-        size = len(name)
-        if size == 4 and name.lower() == b"host":
-            self._hosts.append(text)
-        elif size == 17 and name.lower() == b"transfer-encoding":
-            self._te = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -635,16 +622,19 @@ class HttpProtocol(asyncio.Protocol):
             return
         version = parser.get_http_version()
         target = self._url.decode("latin-1")
+        headers = CIMultiDict(self._fields)
         # raises FramingError (out of the parser: answered in _feed), upgrades included
-        hosts = self._hosts
-        if len(hosts) == 1 and target[:1] == "/":  # the usual request: its Host was seen
-            host = self.server.host_cache.get(hosts[0])
-            if host is None:  # not seen yet (with a Host field, a request has a host)
-                host = self.server.request_host(version, hosts, target)
+        hosts = headers.getall("Host", ())
+        host: str | None
+        if len(hosts) == 1 and target[:1] == "/":  # the usual request
+            # (a request with a Host field has a host: "" is never one)
+            host = self.server.host_cache.get(hosts[0]) or self.server.request_host(
+                version, hosts, target
+            )
         else:
             host = request_host(version, hosts, target)
-        if self._te:
-            check_transfer_coding([v for n, v in self._fields if n.lower() == "transfer-encoding"])
+        if "Transfer-Encoding" in headers:
+            check_transfer_coding(headers.getall("Transfer-Encoding"))
         if parser.should_upgrade():
             return  # handed over in data_received, with the bytes that follow the head
         size = len(self._url) + self._head_size
@@ -655,7 +645,7 @@ class HttpProtocol(asyncio.Protocol):
             parser.get_method().decode("latin-1"),
             target,
             version,
-            CIMultiDict(self._fields),
+            headers,
             size,
             parser.should_keep_alive(),
             host,
@@ -1008,7 +998,7 @@ class HttpServer:
     def on_parser_error(self, protocol: HttpProtocol, status: int) -> None:
         self._on_parser_error(protocol, status)
 
-    def request_host(self, version: str, hosts: list[str], target: str) -> str:
+    def request_host(self, version: str, hosts: Sequence[str], target: str) -> str:
         """:func:`gateway.core.framing.request_host` of a request with one Host field and
         an origin-form target, remembered in :attr:`host_cache` (a client sends the same
         few values; a value that is refused is not remembered)."""

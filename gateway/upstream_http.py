@@ -99,7 +99,7 @@ class _Conn(asyncio.Protocol):
         self._max_head = max_head
         self._awaiting_head = False  # no final response head yet for the exchange
         self._head_bytes = 0  # bytes received while awaiting it (interim heads included)
-        self._head_size = 0  # status lines and fields of the exchange's heads (and trailers)
+        self._head_size = 0  # status lines and fields of the exchange's heads, once measured
         self._framing = 0  # bytes after the head that were not body (chunk lines, trailers)
         self._chunks = 0
         self.transport: asyncio.Transport | None = None
@@ -211,19 +211,12 @@ class _Conn(asyncio.Protocol):
         self._status += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        size = self._head_size = self._head_size + len(name) + len(value) + 4
-        if not self._awaiting_head:  # a trailer field: counted, not kept
-            if size > self._max_head:
-                raise _HeadTooLargeError(f"response head over {self._max_head} bytes")
-            return
+        if not self._awaiting_head:
+            return  # a trailer field: dropped (its bytes are bounded with the chunk lines)
         headers = self._headers
         headers.append((name.decode("latin-1"), value.decode("latin-1")))
-        if size > self._max_head or len(headers) > MAX_RESPONSE_FIELDS:
-            raise _HeadTooLargeError(
-                f"response head over {self._max_head} bytes"
-                if size > self._max_head
-                else f"response head with over {MAX_RESPONSE_FIELDS} fields"
-            )
+        if len(headers) > MAX_RESPONSE_FIELDS:
+            raise _HeadTooLargeError(f"response head with over {MAX_RESPONSE_FIELDS} fields")
         if len(name) == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
             self.listed = True  # Connection names other fields: they are hop-by-hop too
         elif (
@@ -237,11 +230,17 @@ class _Conn(asyncio.Protocol):
             raise _CodedError
 
     def on_headers_complete(self) -> None:
-        # the status line ("HTTP/1.1 200 " and CRLF); interim heads count in the sum
-        self._head_size += len(self._status) + 15
-        if self._head_size > self._max_head:
-            raise _HeadTooLargeError(f"response head over {self._max_head} bytes")
-        if self._parser.get_status_code() < 200:
+        interim = self._parser.get_status_code() < 200
+        # the head is measured only when the bytes received while it was awaited are over
+        # the bound (they hold it whole): most answers never pay for the sum
+        if interim or self._head_bytes > self._max_head:
+            # status line ("HTTP/1.1 200 " and CRLF) and fields; interim heads add up
+            self._head_size += (
+                len(self._status) + 15 + sum(len(n) + len(v) + 4 for n, v in self._headers)
+            )
+            if self._head_size > self._max_head:
+                raise _HeadTooLargeError(f"response head over {self._max_head} bytes")
+        if interim:
             # 100 Continue, 102 Processing, 103 Early Hints: interim, the answer follows
             self._interim = True
             return
