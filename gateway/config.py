@@ -21,8 +21,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
+from gateway.core.framing import parse_host_entry
 from gateway.core.paths import PathError, canonical_path
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -38,6 +46,9 @@ PositiveInt = Annotated[int, Field(ge=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 EnvName = Annotated[str, Field(pattern=_ENV_RE.pattern)]
 HeaderName = Annotated[str, Field(pattern=_TOKEN_RE.pattern, max_length=256)]
+# compared with the Host of each request in the form both are read in (lower-case, no
+# trailing dot, IPv6 without brackets)
+HostName = Annotated[str, AfterValidator(parse_host_entry)]
 
 
 class _Model(BaseModel):
@@ -133,6 +144,8 @@ class Upstream(_Model):
     timeout_s: PositiveSeconds = 30
     max_connections: PositiveInt = 100
     max_inflight: PositiveInt = 500
+    # a bigger response head, or one of over 100 fields, is a 502 (never relayed)
+    max_response_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 65_536
     health: HealthCheck = HealthCheck()
     circuit_breaker: CircuitBreaker = CircuitBreaker()
     retries: Retries = Retries()
@@ -374,7 +387,7 @@ class Config(_Model):
     listen: Listen = Listen()
     admin: Admin = Admin()
     trusted_proxies: tuple[IPNetwork, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()
+    allowed_hosts: tuple[HostName, ...] = ()
     allow_cidrs: tuple[IPNetwork, ...] = ()
     deny_cidrs: tuple[IPNetwork, ...] = ()
     request: RequestLimits = RequestLimits()
@@ -398,11 +411,6 @@ class Config(_Model):
     @classmethod
     def _cidrs(cls, v: Any) -> Any:
         return _parse_networks(v)
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(h.lower() for h in v)
 
 
 # --------------------------------------------------------------------------- errors

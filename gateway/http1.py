@@ -8,6 +8,9 @@ gateway's pipeline; this one does what a sidecar's proxy port needs and no more:
 * the head (request line and header fields) is bounded by ``max_header_bytes`` and 256
   fields (431 beyond), and every parse error is a problem+json 400 that closes the
   connection;
+* the framing rules llhttp leaves to its user (:mod:`gateway.core.framing`: one valid
+  Host, ``chunked`` as the only transfer coding) are checked once the head is in, for
+  upgrade requests too: a breach is a problem+json 400 or 501 that closes the connection;
 * one request is handled at a time per connection; pipelined requests wait their turn
   (reading pauses meanwhile), and a request body is read with back-pressure;
 * a response whose body is all known leaves in one write; a streamed one is sent as it
@@ -28,7 +31,7 @@ import collections
 import email.utils
 import logging
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -37,6 +40,7 @@ from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
 from gateway.batchwrite import WriteBatcher
+from gateway.core.framing import FramingError, check_transfer_coding, request_host
 from gateway.pipeline.client_ip import IPAddress, peer_of
 from gateway.problem import CONTENT_TYPE, PHRASES, problem_body, raw_problem
 
@@ -49,6 +53,7 @@ __all__ = ["BodyError", "HttpProtocol", "HttpServer", "Request", "Response"]
 _log = logging.getLogger("gateway.http1")
 
 MAX_FIELDS = 256
+_HOST_CACHE_MAX = 1024  # distinct Host values remembered with their parse (a few in practice)
 _BODY_HIGH = 256 * 1024  # pause reading the client above this much unread body
 _LINGER_S = 5.0  # how long an unread request body is drained after the answer
 _NO_BODY_STATUS = frozenset((204, 304))
@@ -204,6 +209,7 @@ class Request:
         "head_sent",
         "header_bytes",
         "headers",
+        "host",
         "https",
         "keep_alive",
         "method",
@@ -224,8 +230,11 @@ class Request:
         headers: CIMultiDict[str],
         header_bytes: int,
         keep_alive: bool,
+        host: str | None = None,
     ) -> None:
         self.protocol = protocol
+        # the host it is for (lower-case, no port or trailing dot, IPv6 unbracketed)
+        self.host = host
         self.method = method
         self.raw_path = target
         self.version = version
@@ -551,7 +560,9 @@ class HttpProtocol(asyncio.Protocol):
             self._upgrade(data[exc.args[0] :] + whole[end:])
             return False
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _QueueFull):
+            if isinstance(exc.__context__, FramingError):
+                self._parse_error(exc.__context__.status, exc.__context__.detail)
+            elif isinstance(exc.__context__, _QueueFull):
                 # those queued are served, the last with Connection: close; nothing more
                 # is parsed, and what the client still sends is dropped
                 self._discarding = self._cut = True
@@ -607,7 +618,24 @@ class HttpProtocol(asyncio.Protocol):
         self._in_head = False
         self._cancel_head_timer()
         parser = self._parser
-        if parser.should_upgrade() or self._discarding:
+        if self._discarding:
+            return
+        version = parser.get_http_version()
+        target = self._url.decode("latin-1")
+        headers = CIMultiDict(self._fields)
+        # raises FramingError (out of the parser: answered in _feed), upgrades included
+        hosts = headers.getall("Host", ())
+        host: str | None
+        if len(hosts) == 1 and target[:1] == "/":  # the usual request
+            # (a request with a Host field has a host: "" is never one)
+            host = self.server.host_cache.get(hosts[0]) or self.server.request_host(
+                version, hosts, target
+            )
+        else:
+            host = request_host(version, hosts, target)
+        if "Transfer-Encoding" in headers:
+            check_transfer_coding(headers.getall("Transfer-Encoding"))
+        if parser.should_upgrade():
             return  # handed over in data_received, with the bytes that follow the head
         size = len(self._url) + self._head_size
         if size > self.server.max_header_bytes:
@@ -615,11 +643,12 @@ class HttpProtocol(asyncio.Protocol):
         req = Request(
             self,
             parser.get_method().decode("latin-1"),
-            self._url.decode("latin-1"),
-            parser.get_http_version(),
-            CIMultiDict(self._fields),
+            target,
+            version,
+            headers,
             size,
             parser.should_keep_alive(),
+            host,
         )
         if self._current is None:
             if not req.body_exists and not self._write_paused and self._quick_ok:
@@ -916,6 +945,8 @@ class HttpServer:
         self._response_headers = response_headers
         self.keepalive_s = keepalive_s
         self.connections: set[HttpProtocol] = set()
+        # the Host value of an origin-form request -> its host
+        self.host_cache: dict[str, str] = {}
         self.batcher = WriteBatcher(self.loop)  # whole answers, sent at the end of a round
         self.draining = False
         self.date = b""
@@ -966,6 +997,17 @@ class HttpServer:
 
     def on_parser_error(self, protocol: HttpProtocol, status: int) -> None:
         self._on_parser_error(protocol, status)
+
+    def request_host(self, version: str, hosts: Sequence[str], target: str) -> str:
+        """:func:`gateway.core.framing.request_host` of a request with one Host field and
+        an origin-form target, remembered in :attr:`host_cache` (a client sends the same
+        few values; a value that is refused is not remembered)."""
+        host = request_host(version, hosts, target) or ""  # (one Host: never None)
+        cache = self.host_cache
+        if len(cache) >= _HOST_CACHE_MAX:
+            cache.clear()
+        cache[hosts[0]] = host
+        return host
 
     # ------------------------------------------------------------------ answers
 

@@ -11,14 +11,20 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import aiohttp
 from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.upstream_http import LeanPool, LeanResponse, UpstreamError
+from gateway.upstream_http import (
+    HEAD_TOO_LARGE,
+    MAX_RESPONSE_FIELDS,
+    LeanPool,
+    LeanResponse,
+    UpstreamError,
+)
 
 if TYPE_CHECKING:
     from gateway.config import Upstream
@@ -121,10 +127,39 @@ class UpstreamSettings:
     connect_timeout_s: float
     timeout_s: float
     max_connections: int
+    max_response_header_bytes: int
 
     @classmethod
     def of(cls, cfg: Upstream) -> UpstreamSettings:
-        return cls(cfg.url, cfg.connect_timeout_s, cfg.timeout_s, cfg.max_connections)
+        return cls(
+            cfg.url,
+            cfg.connect_timeout_s,
+            cfg.timeout_s,
+            cfg.max_connections,
+            cfg.max_response_header_bytes,
+        )
+
+
+# what aiohttp's parser says of a head over the limits it was given (its exception
+# types are not kept by the client: only the message is)
+_OVER_LIMITS = ("Too many headers", "Got more than")
+
+
+def _bounded_response(max_head: int) -> type[aiohttp.ClientResponse]:
+    """A response class for aiohttp's client that refuses a head over ``max_head`` bytes
+    in all (the parser bounds each line and the number of fields, not their sum)."""
+
+    class BoundedResponse(aiohttp.ClientResponse):
+        async def start(self, connection: aiohttp.connector.Connection) -> Self:
+            await super().start(connection)
+            size = len(self.reason or "") + 15
+            size += sum(len(k) + len(v) + 4 for k, v in self.raw_headers)
+            if size > max_head:
+                msg = f"response head over {max_head} bytes"
+                raise UpstreamError(HEAD_TOO_LARGE, msg, sent=True)
+            return self
+
+    return BoundedResponse
 
 
 @contextlib.contextmanager
@@ -135,6 +170,10 @@ def _upstream_errors() -> Iterator[None]:
         yield
     except aiohttp.WSServerHandshakeError:
         raise
+    except aiohttp.ClientResponseError as exc:
+        if any(m in exc.message for m in _OVER_LIMITS):
+            raise UpstreamError(HEAD_TOO_LARGE, "response head over the limits", sent=True) from exc
+        raise UpstreamError("protocol", "malformed upstream response", sent=True) from exc
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamError("connect", str(exc) or "connection refused", sent=False) from exc
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -169,6 +208,7 @@ class UpstreamClient:
             limit=settings.max_connections,
             connect_timeout_s=settings.connect_timeout_s,
             timeout_s=settings.timeout_s,
+            max_head_bytes=settings.max_response_header_bytes,
         )
         # WebSockets only: the HTTP leg goes through the lean pool
         self._session = aiohttp.ClientSession(
@@ -181,6 +221,12 @@ class UpstreamClient:
             ),
             requote_redirect_url=False,
             trust_env=False,
+            # the handshake's answer is bounded like any other (its own bytes never reach
+            # the client either way)
+            response_class=_bounded_response(settings.max_response_header_bytes),
+            max_line_size=settings.max_response_header_bytes,
+            max_field_size=settings.max_response_header_bytes,
+            max_headers=MAX_RESPONSE_FIELDS,
         )
 
     @property

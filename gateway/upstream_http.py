@@ -6,6 +6,14 @@ client does only what that needs: one request at a time per connection, a pool o
 connections, llhttp (through ``httptools``) to parse the response, a body streamed as it
 arrives with back-pressure both ways, and deadlines checked by one sweep per pool rather
 than a timer or a timeout context per request.
+
+A response head is bounded like a request head (as Envoy and NGINX bound theirs): over
+``max_head_bytes`` (status line and fields) or :data:`MAX_RESPONSE_FIELDS` fields, the
+exchange fails with kind ``response_head_too_large`` before any of it is passed on, and
+the connection is closed. A head that arrives slowly is bounded by the bytes received
+while it is awaited, so it is refused without waiting for its end. What a chunked body
+carries besides its data (chunk lines, trailer fields) is bounded the same way, and
+trailer fields are never merged into the head (RFC 9110 6.5.1): they are dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ if TYPE_CHECKING:
     from yarl import URL
 
 _HIGH_WATER = 1 << 20  # pause reading the upstream above this much unread body
+MAX_RESPONSE_FIELDS = 100  # as Envoy's default; a response head with more is refused
+DEFAULT_MAX_HEAD_BYTES = 65536
+HEAD_TOO_LARGE = "response_head_too_large"  # the UpstreamError kind
 _PLAIN = frozenset((b"keep-alive", b"close"))  # Connection values that name no other field
 
 
@@ -31,7 +42,8 @@ class UpstreamError(Exception):
 
     def __init__(self, kind: str, detail: str, *, sent: bool) -> None:
         super().__init__(detail)
-        self.kind = kind  # connect | timeout | protocol (| closed, internal to the pool)
+        # connect | timeout | protocol | response_head_too_large (| closed, internal)
+        self.kind = kind
         self.sent = sent  # whether any of the request may have reached the upstream
 
 
@@ -43,18 +55,28 @@ class _OutOfStepError(Exception):
     """The upstream sent a message when no answer was due."""
 
 
+class _HeadTooLargeError(Exception):
+    """The response head is over the bounds (the message says which)."""
+
+
 class _Conn(asyncio.Protocol):
     """One upstream connection; carries one exchange at a time."""
 
     __slots__ = (
+        "_awaiting_head",
         "_body",
         "_body_waiter",
+        "_chunks",
         "_drain_waiter",
+        "_framing",
         "_head",
+        "_head_bytes",
         "_head_only",
+        "_head_size",
         "_headers",
         "_interim",
         "_loop",
+        "_max_head",
         "_parser",
         "_paused",
         "_reading_paused",
@@ -70,8 +92,16 @@ class _Conn(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, max_head: int = DEFAULT_MAX_HEAD_BYTES
+    ) -> None:
         self._loop = loop
+        self._max_head = max_head
+        self._awaiting_head = False  # no final response head yet for the exchange
+        self._head_bytes = 0  # bytes received while awaiting it (interim heads included)
+        self._head_size = 0  # status lines and fields of the exchange's heads, once measured
+        self._framing = 0  # bytes after the head that were not body (chunk lines, trailers)
+        self._chunks = 0
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._renew = False  # the parser must be replaced before the next exchange
@@ -100,16 +130,36 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        if self._awaiting_head:
+            self._head_bytes += len(data)
+        else:
+            self._framing += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol", "unexpected upgrade from upstream", sent=True))
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _CodedError):
+            cause = exc.__context__
+            if isinstance(cause, _HeadTooLargeError):
+                self._fail(UpstreamError(HEAD_TOO_LARGE, str(cause), sent=True))
+                return
+            if isinstance(cause, _CodedError):
                 detail = "upstream used a transfer coding other than chunked"
             else:
                 detail = f"malformed upstream response: {exc}"
             self._fail(UpstreamError("protocol", detail, sent=True))
+            return
+        if self._awaiting_head and self._head_bytes > self._max_head:
+            # all of it is head (it has not ended): a head sent slowly is refused here,
+            # with no more of it held than one read
+            self._fail(
+                UpstreamError(
+                    HEAD_TOO_LARGE, f"response head over {self._max_head} bytes", sent=True
+                )
+            )
+        elif self._framing > self._max_head + 64 * self._chunks:
+            msg = f"response chunk lines and trailer fields over {self._max_head} bytes"
+            self._fail(UpstreamError(HEAD_TOO_LARGE, msg, sent=True))
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
@@ -161,7 +211,12 @@ class _Conn(asyncio.Protocol):
         self._status += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        if not self._awaiting_head:
+            return  # a trailer field: dropped (its bytes are bounded with the chunk lines)
+        headers = self._headers
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        if len(headers) > MAX_RESPONSE_FIELDS:
+            raise _HeadTooLargeError(f"response head with over {MAX_RESPONSE_FIELDS} fields")
         if len(name) == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
             self.listed = True  # Connection names other fields: they are hop-by-hop too
         elif (
@@ -175,10 +230,21 @@ class _Conn(asyncio.Protocol):
             raise _CodedError
 
     def on_headers_complete(self) -> None:
-        if self._parser.get_status_code() < 200:
+        interim = self._parser.get_status_code() < 200
+        # the head is measured only when the bytes received while it was awaited are over
+        # the bound (they hold it whole): most answers never pay for the sum
+        if interim or self._head_bytes > self._max_head:
+            # status line ("HTTP/1.1 200 " and CRLF) and fields; interim heads add up
+            self._head_size += (
+                len(self._status) + 15 + sum(len(n) + len(v) + 4 for n, v in self._headers)
+            )
+            if self._head_size > self._max_head:
+                raise _HeadTooLargeError(f"response head over {self._max_head} bytes")
+        if interim:
             # 100 Continue, 102 Processing, 103 Early Hints: interim, the answer follows
             self._interim = True
             return
+        self._awaiting_head = False
         self.keep_alive = self._parser.should_keep_alive()
         if self._head_only:
             # llhttp cannot be told a HEAD answer has no body: this exchange ends here
@@ -189,7 +255,11 @@ class _Conn(asyncio.Protocol):
         if head is not None and not head.done():
             head.set_result(None)
 
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
+
     def on_body(self, body: bytes) -> None:
+        self._framing -= len(body)
         self._body.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self._reading_paused and self.transport:
@@ -236,6 +306,11 @@ class _Conn(asyncio.Protocol):
             self._parser = httptools.HttpResponseParser(self)
             self._renew = False
         self._head_only = head_only
+        self._awaiting_head = True
+        self._head_bytes = 0
+        self._head_size = 0
+        self._framing = 0
+        self._chunks = 0
         self._head = self._loop.create_future()
         self._interim = False
         self._body.clear()
@@ -348,6 +423,7 @@ class LeanPool:
         "_host",
         "_idle",
         "_loop",
+        "_max_head",
         "_open",
         "_port",
         "_sweep_s",
@@ -358,8 +434,17 @@ class LeanPool:
         "limit",
     )
 
-    def __init__(self, url: URL, *, limit: int, connect_timeout_s: float, timeout_s: float) -> None:
+    def __init__(
+        self,
+        url: URL,
+        *,
+        limit: int,
+        connect_timeout_s: float,
+        timeout_s: float,
+        max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._max_head = max_head_bytes
         self._host = url.host or "127.0.0.1"
         self._port = url.port or 80
         self.host_header = url.host_port_subcomponent or self._host
@@ -416,7 +501,7 @@ class LeanPool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await self._loop.create_connection(
-                    lambda: _Conn(self._loop), self._host, self._port
+                    lambda: _Conn(self._loop, self._max_head), self._host, self._port
                 )
         except TimeoutError:
             self._release_slot()

@@ -17,7 +17,14 @@ if TYPE_CHECKING:
     from gateway.config import Upstream
     from gateway.metrics import Metrics
 
-_ERROR_KINDS = ("connect", "timeout", "protocol", "circuit_open", "bulkhead_full")
+_ERROR_KINDS = (
+    "connect",
+    "timeout",
+    "protocol",
+    "response_head_too_large",
+    "circuit_open",
+    "bulkhead_full",
+)
 
 
 class UpstreamState:

@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import hdrs, web
 
 from gateway import problem
+from gateway.core.framing import FramingError, request_host
 from gateway.core.keys import policy_key, wire_form
 from gateway.core.paths import PathError, canonical_path
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
@@ -35,7 +36,7 @@ from gateway.pipeline.snapshot import ALLOW_ANY, KNOWN_METHODS, REQUEST_ID_RE
 from gateway.probes import PROBE_PATHS, probe_answer
 from gateway.proxy import filter_header_lines, filter_header_list, header_pairs, splice_ws
 from gateway.stores.limiter import BackendUnavailable, Check
-from gateway.upstream_http import LeanResponse, UpstreamError
+from gateway.upstream_http import HEAD_TOO_LARGE, LeanResponse, UpstreamError
 
 if TYPE_CHECKING:
     from gateway.core.gcra import Decision
@@ -169,6 +170,20 @@ def _circuit_open(up: UpstreamState, now: float) -> Reject:
     )
 
 
+def _upgrade_host(request: GatewayRequest) -> str | None:
+    """The host of an upgrade request (its head passed the framing rules already, in the
+    HTTP/1.1 server, before it was handed over)."""
+    version = request.version
+    try:
+        return request_host(
+            f"{version.major}.{version.minor}",
+            request.headers.getall(hdrs.HOST, []),
+            request.raw_path,
+        )
+    except FramingError:
+        return None
+
+
 def _peer(request: AnyRequest) -> IPAddress | None:
     protocol: GatewayProtocol | HttpProtocol = request.protocol  # type: ignore[assignment]
     return protocol.peer_address()[0]
@@ -287,7 +302,7 @@ class ProxyHandler:
         if request.header_bytes > snap.max_header_bytes:
             raise Reject(431, "request header fields too large", event="bad_request")
         if snap.allowed_hosts:
-            host = headers.get(hdrs.HOST, "").rsplit(":", 1)[0].strip("[]").lower()
+            host = request.host if isinstance(request, Request) else _upgrade_host(request)
             if host not in snap.allowed_hosts:
                 raise Reject(
                     400, "the Host header is not one this gateway serves", event="bad_request"
@@ -638,7 +653,7 @@ class ProxyHandler:
                     err = ctx.body_error
                     raise Reject(err.status, str(err), event="bad_request") from None
                 up.breaker.record(t1, failure=True)
-                up.errors[exc.kind].inc()
+                self._upstream_error(up, ctx, exc)
                 attempt += 1
                 if (
                     not exc.sent
@@ -651,10 +666,27 @@ class ProxyHandler:
                     continue
                 if exc.kind == "timeout":
                     raise Reject(504, f"upstream {up.name!r} did not answer in time") from None
+                if exc.kind == HEAD_TOO_LARGE:
+                    raise Reject(
+                        502, f"upstream {up.name!r} answered with a response head too large"
+                    ) from None
                 raise Reject(
                     502, f"upstream {up.name!r} is unreachable: {exc.kind} error"
                 ) from None
             return resp, t0
+
+    def _upstream_error(self, up: UpstreamState, ctx: Ctx, exc: UpstreamError) -> None:
+        """Count an upstream error; log an answer refused for its head (the 502's cause
+        is the upstream's, and an operator cannot tell it from the access log)."""
+        up.errors[exc.kind].inc()
+        if exc.kind == HEAD_TOO_LARGE:
+            self.rt.log.warning(
+                "upstream_response_rejected",
+                upstream=up.name,
+                reason=str(exc),
+                route=ctx.route.name if ctx.route is not None else None,
+                request_id=ctx.rid,
+            )
 
     async def _forward(
         self,
@@ -710,7 +742,7 @@ class ProxyHandler:
                 await request.write_eof()
             except UpstreamError as exc:
                 # the upstream failed mid-response: nothing sane can follow on this connection
-                up.errors[exc.kind].inc()
+                self._upstream_error(up, ctx, exc)
                 ctx.status = ctx.status or 502
                 up_resp.close()
                 if request.transport is not None:
@@ -780,7 +812,7 @@ class ProxyHandler:
                 )
             except UpstreamError as exc:
                 up.breaker.record(self._loop.time(), failure=True)
-                up.errors[exc.kind].inc()
+                self._upstream_error(up, ctx, exc)
                 # the kind only, as for a request: the error's text names internal addresses
                 raise Reject(
                     502 if exc.kind != "timeout" else 504,

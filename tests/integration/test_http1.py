@@ -169,11 +169,16 @@ async def test_incomplete_head_gets_408_after_the_client_timeout() -> None:
 
 async def test_oversized_head_and_too_many_fields_get_431() -> None:
     async with serving() as (_, port, errors):
-        big = await raw_exchange(port, b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 5000 + b"\r\n\r\n")
+        big = await raw_exchange(
+            port, b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 5000 + b"\r\n\r\n"
+        )
         many = b"".join(b"X-F%d: v\r\n" % i for i in range(300))
-        fields = await raw_exchange(port, b"GET / HTTP/1.1\r\n" + many + b"\r\n")
+        fields = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\n" + many + b"\r\n")
         ok = await raw_exchange(
-            port, b"GET /ok HTTP/1.1\r\nConnection: close\r\nX-Big: " + b"v" * 3000 + b"\r\n\r\n"
+            port,
+            b"GET /ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Big: "
+            + b"v" * 3000
+            + b"\r\n\r\n",
         )
     assert _responses(big)[0][0] == 431
     assert _responses(fields)[0][0] == 431
@@ -223,7 +228,8 @@ async def test_head_request_gets_length_but_no_body() -> None:
     async with serving() as (_, port, _errors):
         raw = await raw_exchange(
             port,
-            b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\nGET /after HTTP/1.1\r\nConnection: close\r\n\r\n",
+            b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
         )
     head, _, rest = raw.partition(b"\r\n\r\n")
     assert b"Content-Length: 7" in head.split(b"\r\n")  # len("path=/h")
@@ -438,7 +444,7 @@ async def test_shutdown_cancels_the_requests_still_being_served() -> None:
 async def test_a_pipelined_flood_is_parsed_only_as_it_is_served() -> None:
     """256 KiB of tiny pipelined requests behind a slow one: the bytes wait unparsed
     (no thousands of queued requests in memory), and every request is answered in order."""
-    tiny = b"GET /t HTTP/1.1\r\n\r\n"
+    tiny = b"GET /t HTTP/1.1\r\nHost: a\r\n\r\n"
     n = 262_144 // len(tiny)
     async with serving() as (server, port, _errors):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -463,8 +469,8 @@ async def test_a_flood_behind_an_upload_is_cut_at_the_queue_bound() -> None:
     128th, an upload itself, with its body), the last with Connection: close. The rest
     are dropped unread while the client goes on sending, and the client gets every
     answer, then the end of the connection (no reset that could lose answers)."""
-    tiny = b"GET /t HTTP/1.1\r\n\r\n"
-    upload = b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+    tiny = b"GET /t HTTP/1.1\r\nHost: a\r\n\r\n"
+    upload = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
     flood = b"12345" + tiny * 127 + upload + tiny * 200_000  # 3.8 MB
     loop = asyncio.get_running_loop()
     async with serving() as (server, port, _errors):
@@ -472,7 +478,9 @@ async def test_a_flood_behind_an_upload_is_cut_at_the_queue_bound() -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)  # noqa: FBT003 - the socket API
         await loop.sock_connect(sock, ("127.0.0.1", port))
-        await loop.sock_sendall(sock, b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\n")
+        await loop.sock_sendall(
+            sock, b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"
+        )
         await asyncio.sleep(0.05)  # the upload is being served, its body in progress
         sending = loop.create_task(loop.sock_sendall(sock, flood))
         raw = b""
@@ -494,14 +502,16 @@ async def test_one_answer_from_the_parser_a_read_the_rest_queue() -> None:
     """Probes answered from the parser are not queued: one a read, the rest go through
     the handler in order, so a read full of them cannot pile answers up at once."""
     async with serving() as (_, port, _errors):
-        raw = await raw_exchange(port, b"GET /now HTTP/1.1\r\n\r\n" * 20)
+        raw = await raw_exchange(port, b"GET /now HTTP/1.1\r\nHost: a\r\n\r\n" * 20)
     assert [b for _, _, b in _responses(raw)] == [b"now"] + [b"now (queued)"] * 19
 
 
 async def test_a_head_behind_a_request_being_served_still_times_out() -> None:
     async with serving(client_timeout_s=0.2) as (_, port, _errors):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /slow HTTP/1.1\r\n\r\nGET /partial HTTP/1.1\r\nX-Y: 1")
+        writer.write(
+            b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\nGET /partial HTTP/1.1\r\nHost: a\r\nX-Y: 1"
+        )
         raw = await asyncio.wait_for(reader.read(), 3)  # the gateway closes after its 408
         writer.close()
     assert [status for status, _, _ in _responses(raw)] == [200, 408]
@@ -516,7 +526,9 @@ async def test_bytes_after_an_upgrade_wait_unread_while_the_request_before_it_is
     )
     async with serving() as (server, port, _errors):
         _reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /x HTTP/1.1\r\n\r\nGET /forever HTTP/1.1\r\n\r\n" + upgrade)
+        writer.write(
+            b"GET /x HTTP/1.1\r\nHost: a\r\n\r\nGET /forever HTTP/1.1\r\nHost: a\r\n\r\n" + upgrade
+        )
         await writer.drain()
         await asyncio.sleep(0.1)  # /x answered, /forever being served, the upgrade waits
         for _ in range(20):
@@ -538,7 +550,9 @@ async def test_a_closing_connection_gets_no_408_for_the_head_behind_its_last_ans
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)  # noqa: FBT003 - the socket API
         await loop.sock_connect(sock, ("127.0.0.1", port))
-        await loop.sock_sendall(sock, b"GET /slow-big HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\nX: 1")
+        await loop.sock_sendall(
+            sock, b"GET /slow-big HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\nX: 1"
+        )
         await asyncio.sleep(0.05)
         server.start_draining()
         await asyncio.sleep(1.0)  # not reading: the answer waits in the send buffer

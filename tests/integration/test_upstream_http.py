@@ -365,3 +365,177 @@ async def test_a_reset_cuts_an_answer_delimited_by_the_close() -> None:
     finally:
         await pool.close()
         server.close()
+
+
+# ----------------------------------------------------------------- bounded answers
+
+_FIELD = b"X-F: v\r\n"  # 8 bytes
+
+
+@pytest.mark.parametrize(
+    ("answer", "limited"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 200_000 + b"\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 200 OK\r\n" + _FIELD * 20_000 + b"Content-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 200 OK\r\n" + _FIELD * 100 + b"Content-Length: 2\r\n\r\nok", True),  # 101
+        (b"HTTP/1.1 200 OK\r\n" + _FIELD * 99 + b"Content-Length: 2\r\n\r\nok", False),  # 100
+        (b"HTTP/1.1 200 " + b"O" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 65_600 + b"\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"b" * 64_000 + b"\r\nContent-Length: 2\r\n\r\nok", False),
+        # interim answers are heads too
+        (b"HTTP/1.1 103 Early Hints\r\n" + _FIELD * 200 + b"\r\n" + OK, True),
+        # and their bytes add up: an endless stream of small ones is no way around it
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n" * 2000 + OK, True),
+    ],
+    ids=[
+        "one-200k-field",
+        "20000-fields",
+        "101-fields",
+        "100-fields",
+        "long-status-line",
+        "just-over-64k",
+        "just-under-64k",
+        "interim-with-many-fields",
+        "2000-interim-answers",
+    ],
+)
+async def test_a_response_head_over_the_bounds_is_refused_and_its_connection_closed(
+    answer: bytes, *, limited: bool
+) -> None:
+    closed = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            await _read_head(r)
+            w.write(answer)
+            await w.drain()
+            await r.read()  # until the client closes its end
+        finally:
+            closed.set()
+
+    server, port, conns = await _serve(handler)
+    pool = _pool(port)
+    try:
+        if not limited:
+            resp = await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+            assert resp.status == 200
+            assert await _body(resp.iter_body()) == b"ok"
+            resp.release()
+            return
+        with pytest.raises(UpstreamError) as info:
+            await _fetch(pool)
+        assert info.value.kind == "response_head_too_large"
+        assert info.value.sent is True
+        await asyncio.wait_for(closed.wait(), 2)  # not kept for another exchange
+        assert await _connections_after_one_more(pool, conns) == 2
+    finally:
+        await pool.close()
+        server.close()
+
+
+async def _connections_after_one_more(pool: LeanPool, conns: list[int]) -> int:
+    """Connections opened once one more exchange was tried (a refused one is never reused)."""
+    with pytest.raises(UpstreamError):
+        await _fetch(pool)  # the same upstream answers the same way, on a new connection
+    return len(conns)
+
+
+async def test_a_response_head_that_drips_is_bounded_by_size_then_by_time() -> None:
+    """A head sent a little at a time is refused once it is over the bound, without
+    waiting for its end; one that stays small and never ends meets the timeout."""
+
+    async def big_drip(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nX-Drip: ")
+        for _ in range(200):
+            w.write(b"d" * 1000)
+            await w.drain()
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(10)
+
+    async def slow_drip(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\n")
+        while True:
+            w.write(b"X: y\r\n")
+            await w.drain()
+            await asyncio.sleep(0.05)
+
+    loop = asyncio.get_running_loop()
+    for handler, kind, bound_s in (
+        (big_drip, "response_head_too_large", 1.5),
+        (slow_drip, "timeout", 1.5),
+    ):
+        server, port, _ = await _serve(handler)
+        pool = _pool(port, timeout_s=0.5 if kind == "timeout" else 5)
+        t0 = loop.time()
+        try:
+            with pytest.raises(UpstreamError) as info:
+                await _fetch(pool)
+            assert info.value.kind == kind
+            assert loop.time() - t0 < bound_s
+        finally:
+            await pool.close()
+            server.close()
+
+
+async def test_trailer_fields_never_join_the_response_head() -> None:
+    """RFC 9110 6.5.1: a trailer field is not a header field (a trailing Set-Cookie
+    must not become one of the answer's fields)."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\nSet-Cookie: evil=1\r\nX-Trailer: t\r\n\r\n"
+        )
+        await w.drain()
+        await r.read()
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port)
+    try:
+        resp = await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+        await asyncio.sleep(0.05)  # the trailer is in
+        assert resp.body_if_complete() == b"ok"
+        assert [n for n, _ in resp.header_list] == ["Transfer-Encoding"]
+        resp.release()
+    finally:
+        await pool.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"X-T: " + b"t" * 200_000,  # one huge trailer field, dripped, never ended
+        b"X-T: t\r\n" * 20_000 + b"\r\n",  # many trailer fields
+        b"",  # chunk extensions: framing without data
+    ],
+    ids=["huge-trailer", "many-trailers", "chunk-extensions"],
+)
+async def test_trailers_and_chunk_lines_are_bounded_like_the_head(tail: bytes) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n")
+        if tail:
+            rest = b"0\r\n" + tail
+        else:
+            rest = b"".join(b"1;" + b"e" * 1000 + b"\r\nx\r\n" for _ in range(200))
+        for i in range(0, len(rest), 4096):
+            w.write(rest[i : i + 4096])
+            await w.drain()
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(10)
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port)
+    try:
+        resp = await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+        with pytest.raises(UpstreamError) as info:
+            await asyncio.wait_for(_body(resp.iter_body()), 3)
+        assert info.value.kind == "response_head_too_large"
+        resp.release()
+    finally:
+        await pool.close()
+        server.close()

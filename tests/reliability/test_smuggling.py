@@ -112,6 +112,43 @@ CASES: list[Case] = [
     _te_variant("te-vtab", ["Transfer-Encoding: chunked\x0b"]),
     _te_variant("te-nul", ["Transfer-Encoding: chunked\x00"], REJECT),
     _te_variant("te-lf-in-name", ["X-Pad: a\nTransfer-Encoding: chunked"]),
+    # --- transfer codings other than chunked alone (RFC 9112 6.1): 501 or 400, never read
+    Case(
+        "te-gzip-chunked",
+        _req(
+            "POST",
+            "/te-gzip",
+            ["Host: gw.test", "Transfer-Encoding: gzip, chunked"],
+            _chunked_hiding_smuggled(),
+        ),
+        REJECT,
+        first_status=501,
+    ),
+    Case(
+        "te-identity-alone",
+        _req("POST", "/te-id", ["Host: gw.test", "Transfer-Encoding: identity"], SMUGGLED),
+        REJECT,
+        first_status=501,
+    ),
+    Case(
+        "te-chunked-twice-lines",
+        _req(
+            "POST",
+            "/te-twice",
+            ["Host: gw.test", "Transfer-Encoding: chunked", "Transfer-Encoding: chunked"],
+            _chunked_hiding_smuggled(),
+        ),
+        REJECT,
+    ),
+    # --- Host (RFC 9112 3.2): exactly one, valid, agreeing with an absolute-form target
+    Case("host-missing", _req("GET", "/no-host", []) + SMUGGLED, REJECT),
+    Case("host-twice", _req("GET", "/two", ["Host: gw.test", "Host: evil.test"]), REJECT),
+    Case("host-list", _req("GET", "/list", ["Host: gw.test, evil.test"]), REJECT),
+    Case(
+        "absolute-form-other-host",
+        _req("GET", "http://evil.test/abs", ["Host: gw.test"]) + SMUGGLED,
+        REJECT,
+    ),
     # --- Content-Length games
     Case(
         "cl-duplicate-differing",
