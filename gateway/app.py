@@ -83,6 +83,7 @@ class Gateway:
             s.client_timeout_s = req.client_timeout_s
             s.rid_header = req.request_id_header
             s.static_headers = static
+        server.send_idle_s = req.body_idle_s
 
     async def start(self) -> None:
         """Start both ports; a port that cannot be bound raises :class:`StartupError`."""
@@ -128,6 +129,7 @@ class Gateway:
             rid_header=req.request_id_header,
             on_parser_error=self._on_parser_error,
             response_headers=lambda: rt.snapshot.response_headers,
+            send_idle_s=req.body_idle_s,
         )
         self._proxy_server = server
         rt.on_apply.append(lambda settings: self._follow_reload(settings, server, upgrades))

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from yarl import URL
 
 _HIGH_WATER = 1 << 20  # pause reading the upstream above this much unread body
+_ONE_WRITE = 16 * 1024  # a request body up to this size is joined to its head
 _PLAIN = frozenset((b"keep-alive", b"close"))  # Connection values that name no other field
 
 
@@ -64,6 +65,7 @@ class _Conn(asyncio.Protocol):
         "complete",
         "deadline",
         "error",
+        "freed",
         "got_bytes",
         "keep_alive",
         "listed",
@@ -92,6 +94,7 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = False
         self.listed = False
         self.error: BaseException | None = None
+        self.freed = False  # timed out: its pool slot was given back already
 
     # ------------------------------------------------------------------ protocol
 
@@ -383,6 +386,10 @@ class LeanPool:
         for conn in [c for c in busy if c.deadline <= now]:
             busy.discard(conn)
             conn.timed_out()
+            # its slot is free now, not when the handler lets go of it: that may wait on a
+            # client that takes the answer slowly, and timeout_s bounds the pool's use
+            conn.freed = True
+            self._release_slot()
         self._sweeper = self._loop.call_later(self._sweep_s, self._sweep) if busy else None
 
     def _idle_conn(self) -> _Conn | None:
@@ -395,8 +402,9 @@ class LeanPool:
             self._open -= 1
         return None
 
-    async def _acquire(self) -> tuple[_Conn, bool]:
-        """A connection and whether it was reused."""
+    async def _acquire(self, deadline: float) -> tuple[_Conn, bool]:
+        """A connection and whether it was reused; the wait for one ends at ``deadline``
+        (the exchange's: waiting for a free connection counts against ``timeout_s``)."""
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -406,20 +414,35 @@ class LeanPool:
         while self._open >= self.limit:
             waiter = self._loop.create_future()
             self._waiters.append(waiter)
-            await waiter
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken but leaving: the turn passes to the next in line
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamError(
+                        "timeout", "no upstream connection was free in time", sent=False
+                    ) from None
+                raise
             while idle:
                 conn = idle.pop()
                 if conn.transport is not None and not conn.transport.is_closing():
                     return conn, True
                 self._open -= 1
         self._open += 1
+        connect_by = self._loop.time() + self._connect_timeout
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout_at(min(connect_by, deadline)):
                 _, conn = await self._loop.create_connection(
                     lambda: _Conn(self._loop), self._host, self._port
                 )
         except TimeoutError:
             self._release_slot()
+            if deadline < connect_by:
+                raise UpstreamError(
+                    "timeout", "upstream did not answer in time", sent=False
+                ) from None
             raise UpstreamError("connect", "connect timed out", sent=False) from None
         except OSError as exc:
             self._release_slot()
@@ -439,6 +462,8 @@ class LeanPool:
 
     def put_back(self, conn: _Conn) -> None:
         self._busy.discard(conn)
+        if conn.freed:
+            return  # timed out: closed, and its slot given back by the sweep
         transport = conn.transport
         if (
             self._closed
@@ -459,28 +484,32 @@ class LeanPool:
         method: str,
         target: str,
         headers: str | Sequence[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
+        body: AsyncIterator[bytes] | list[bytes] | None,
         *,
         chunked: bool,
     ) -> LeanResponse:
         r"""Send one request; raise :class:`UpstreamError` if no response head came back.
 
         ``headers``: the header fields as ``Name: value\r\n`` lines, or (name, value) pairs.
+        ``body``: None, all of it as a list of pieces (sent with the head, no wait), or
+        an iterator of pieces as they come.
         """
         fields = (
             headers if isinstance(headers, str) else "".join([f"{k}: {v}\r\n" for k, v in headers])
         )
         te = "Transfer-Encoding: chunked\r\n" if chunked else ""
         head = f"{method} {target} HTTP/1.1\r\n{fields}{te}\r\n".encode("latin-1")
+        # the whole exchange, the wait for a free connection included
+        deadline = self._loop.time() + self._timeout
         # A reused connection the upstream closed meanwhile fails before any answer: try once
         # more on a fresh one when nothing of a body has been consumed.
         for attempt in (0, 1):
             conn = self._idle_conn()
             reused = conn is not None
             if conn is None:
-                conn, reused = await self._acquire()
+                conn, reused = await self._acquire(deadline)
             conn.reset(head_only=method == "HEAD")
-            conn.deadline = self._loop.time() + self._timeout
+            conn.deadline = deadline
             self._busy.add(conn)
             if self._sweeper is None:
                 self._sweeper = self._loop.call_later(self._sweep_s, self._sweep)
@@ -489,26 +518,48 @@ class LeanPool:
             try:
                 if body is None:
                     self._batcher.write(transport, head)  # sent at the end of this round
+                elif type(body) is list:
+                    self._write_whole(transport, head, body, chunked=chunked)
                 else:
                     transport.write(head)
-                    await self._send_body(conn, body, chunked=chunked)
+                    await self._send_body(conn, body, chunked=chunked)  # type: ignore[arg-type]
                 await conn.head()
                 status, reason, raw = conn.status()
             except UpstreamError as exc:
                 conn.keep_alive = False
                 self.put_back(conn)
-                if exc.kind == "closed" and reused and body is None and attempt == 0:
+                if (
+                    exc.kind == "closed"
+                    and reused
+                    and (body is None or type(body) is list)
+                    and attempt == 0
+                ):
                     continue
                 if exc.kind == "closed":
                     exc.kind = "protocol"
                 raise
             except BaseException:
                 conn.keep_alive = False
+                conn.head().cancel()  # no answer is awaited now (its close is no error)
                 self.put_back(conn)
                 raise
             return LeanResponse(self, conn, status, reason, raw)
         msg = "unreachable"  # pragma: no cover
         raise AssertionError(msg)  # pragma: no cover
+
+    def _write_whole(
+        self, transport: asyncio.Transport, head: bytes, body: list[bytes], *, chunked: bool
+    ) -> None:
+        """A request with all of its body: a small one in one write, queued with the round's
+        others; a larger one handed over as its pieces (no joined copy)."""
+        size = sum(map(len, body))
+        if chunked:  # one chunk of all the pieces
+            body = [b"%x\r\n" % size, *body, b"\r\n0\r\n\r\n"] if size else [b"0\r\n\r\n"]
+        if size <= _ONE_WRITE:
+            self._batcher.write(transport, b"".join([head, *body]))
+        else:
+            self._batcher.flush()
+            transport.writelines([head, *body])
 
     async def _send_body(self, conn: _Conn, body: AsyncIterator[bytes], *, chunked: bool) -> None:
         async for chunk in body:
