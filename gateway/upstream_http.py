@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import httptools
@@ -69,6 +69,7 @@ class _Conn(asyncio.Protocol):
         "got_bytes",
         "keep_alive",
         "listed",
+        "on_complete",
         "transport",
     )
 
@@ -95,6 +96,7 @@ class _Conn(asyncio.Protocol):
         self.listed = False
         self.error: BaseException | None = None
         self.freed = False  # timed out: its pool slot was given back already
+        self.on_complete: Callable[[], None] | None = None  # the body is all in
 
     # ------------------------------------------------------------------ protocol
 
@@ -206,10 +208,16 @@ class _Conn(asyncio.Protocol):
             return
         self.complete = True
         self._wake_body()
+        if self.on_complete is not None:
+            self.on_complete()
 
     # ------------------------------------------------------------------ helpers
 
     def timed_out(self) -> None:
+        # the exchange is over: what of the answer waits for a slow client goes now (the
+        # client's answer is cut either way), so memory follows the pool's slots
+        self._body.clear()
+        self.buffered = 0
         self._fail(UpstreamError("timeout", "upstream did not answer in time", sent=True))
 
     def _fail(self, exc: BaseException) -> None:
@@ -270,8 +278,22 @@ class _Conn(asyncio.Protocol):
         body = self._body
         data = body[0] if len(body) == 1 else b"".join(body)
         body.clear()
-        self.buffered = 0
+        self._emptied()
         return data
+
+    def take_rest(self) -> list[bytes]:
+        """What is left of a complete body, as it came (the connection is free after)."""
+        rest = list(self._body)
+        self._body.clear()
+        self._emptied()
+        return rest
+
+    def _emptied(self) -> None:
+        self.buffered = 0
+        if self._reading_paused:  # the next exchange must be read
+            self._reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
 
     async def next_chunk(self) -> bytes:
         """The next piece of the body; b"" at its end."""
@@ -297,7 +319,7 @@ class _Conn(asyncio.Protocol):
 class LeanResponse:
     """The upstream's answer: status, headers, and a body read as it arrives."""
 
-    __slots__ = ("_conn", "_pool", "header_list", "listed", "reason", "status")
+    __slots__ = ("_conn", "_in_read", "_pool", "_rest", "header_list", "listed", "reason", "status")
 
     def __init__(
         self, pool: LeanPool, conn: _Conn, status: int, reason: str, headers: list[tuple[str, str]]
@@ -309,21 +331,46 @@ class LeanResponse:
         self.header_list = headers
         # whether Connection names fields to drop beyond the hop-by-hop ones
         self.listed = conn.listed
+        self._rest: list[bytes] = []  # the end of the body, kept once the connection went back
+        self._in_read = False  # iter_body waits on the connection (not on its consumer)
 
     def body_if_complete(self) -> bytes | None:
         """The whole body if it is already here (small answers usually are)."""
         conn = self._conn
         return conn.take_all() if conn is not None else b""
 
+    def _detach(self) -> None:
+        """All of the answer is in (at most the read-ahead, 1 MiB): its connection goes
+        back to the pool now, the rest is passed on from here, and a client slow to take
+        it holds no upstream connection. Not while :meth:`iter_body` waits on the
+        connection: it takes what came, then detaches."""
+        conn = self._conn
+        if conn is None or self._in_read or conn.error is not None:
+            return
+        self._rest = conn.take_rest()
+        self.release()
+
     async def iter_body(self) -> AsyncIterator[bytes]:
         conn = self._conn
         if conn is None:
             return
-        while True:
-            chunk = await conn.next_chunk()
+        conn.on_complete = self._detach  # when it completes while the consumer is busy
+        while self._conn is not None:
+            if conn.complete and conn.error is None:
+                self._detach()
+                break
+            self._in_read = True
+            try:
+                chunk = await conn.next_chunk()
+            finally:
+                self._in_read = False
             if not chunk:
                 return
             yield chunk
+        rest = self._rest
+        rest.reverse()
+        while rest:  # each piece let go of once passed on
+            yield rest.pop()
 
     def release(self) -> None:
         """Give the connection back (kept alive only after a complete exchange)."""
@@ -331,6 +378,7 @@ class LeanResponse:
         if conn is None:
             return
         self._conn = None
+        conn.on_complete = None
         self._pool.put_back(conn)
 
     def close(self) -> None:

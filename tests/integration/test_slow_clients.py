@@ -58,12 +58,14 @@ def _app(up: Upstream) -> web.Application:
 
     async def big(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse()
-        resp.content_length = int(request.query["mb"]) << 20
+        resp.content_length = int(request.query["kb"]) << 10
         await resp.prepare(request)
         part = b"b" * (64 * KIB)
-        for _ in range(resp.content_length // len(part)):
-            await resp.write(part)
-            up.sent += len(part)
+        left = resp.content_length
+        while left > 0:
+            await resp.write(part[:left])
+            up.sent += min(left, len(part))
+            left -= len(part)
         return resp
 
     async def ok(_: web.Request) -> web.Response:
@@ -277,7 +279,7 @@ async def test_a_body_still_trickling_at_timeout_s_is_a_408_and_no_upstream_fail
 async def test_a_client_that_reads_nothing_of_a_large_answer_is_cut_off_after_body_idle_s() -> None:
     async with _setup(max_connections=1, timeout_s=30, request={"body_idle_s": 1}) as (gw, up):
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port)
-        writer.write(b"GET /big?mb=64 HTTP/1.1\r\nHost: gw\r\n\r\n")
+        writer.write(b"GET /big?kb=65536 HTTP/1.1\r\nHost: gw\r\n\r\n")
         await writer.drain()
         status, _ = await _status(reader, 2)
         assert status == 200
@@ -304,7 +306,7 @@ async def test_a_client_that_reads_nothing_of_a_large_answer_is_cut_off_after_bo
 async def test_a_slow_reader_holds_the_upstream_connection_at_most_timeout_s() -> None:
     async with _setup(max_connections=1, timeout_s=2, request={"body_idle_s": 5}) as (gw, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port, limit=64 * KIB)
-        writer.write(b"GET /big?mb=64 HTTP/1.1\r\nHost: gw\r\n\r\n")
+        writer.write(b"GET /big?kb=65536 HTTP/1.1\r\nHost: gw\r\n\r\n")
         await writer.drain()
 
         async def read_slowly() -> int:
