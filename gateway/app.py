@@ -75,8 +75,9 @@ class Gateway:
         self, settings: Settings, server: HttpServer, upgrades: GatewayServer
     ) -> None:
         """What the proxy port's servers copied at start, from a reloaded config: the
-        client timeout of the 408, and the request id field and security headers of the
-        answers they write themselves (parse errors, timeouts)."""
+        client timeout of the 408, the idle bound on a client that takes no byte of its
+        answer, and the request id field and security headers of the answers they write
+        themselves (parse errors, timeouts)."""
         req = settings.config.request
         static = self.runtime.snapshot.response_headers.static_block()
         for s in (server, upgrades):

@@ -18,7 +18,8 @@ gateway's pipeline; this one does what a sidecar's proxy port needs and no more:
   :mod:`gateway.server` (aiohttp) protocol on the same connection: those are rare and
   keep aiohttp's WebSocket implementation;
 * idle keep-alive connections close after ``keepalive_s``; draining closes idle ones at
-  once and busy ones after their response.
+  once and busy ones after their response; a client that takes no byte of its answers
+  for ``send_idle_s`` (``request.body_idle_s``) while they wait is disconnected.
 """
 
 from __future__ import annotations
