@@ -331,7 +331,7 @@ class LeanResponse:
         self.header_list = headers
         # whether Connection names fields to drop beyond the hop-by-hop ones
         self.listed = conn.listed
-        self._rest: list[bytes] = []  # the end of the body, kept once the connection went back
+        self._rest: list[bytes] | None = None  # the end of the body, once the connection went back
         self._in_read = False  # iter_body waits on the connection (not on its consumer)
 
     def body_if_complete(self) -> bytes | None:
@@ -368,9 +368,10 @@ class LeanResponse:
                 return
             yield chunk
         rest = self._rest
-        rest.reverse()
-        while rest:  # each piece let go of once passed on
-            yield rest.pop()
+        if rest:
+            rest.reverse()
+            while rest:  # each piece let go of once passed on
+                yield rest.pop()
 
     def release(self) -> None:
         """Give the connection back (kept alive only after a complete exchange)."""

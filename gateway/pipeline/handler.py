@@ -631,29 +631,6 @@ class ProxyHandler:
                 raise self._too_large(ctx, limit)
             yield chunk
 
-    async def _send(
-        self,
-        request: AnyRequest,
-        snap: Snapshot,
-        ctx: Ctx,
-        up: UpstreamState,
-        raw_path_qs: str,
-        up_fields: str,
-        held: list[bytes] | None,
-        eof: bool,
-    ) -> tuple[LeanResponse, float]:
-        """Send with breaker and bounded retries; return (response, start time).
-
-        ``held``: the body read before (all of it when ``eof``), None without a body.
-        """
-        try:
-            return await self._attempts(request, snap, ctx, up, raw_path_qs, up_fields, held, eof)
-        finally:
-            if held:
-                held.clear()  # sent: the bytes go now, not when the answer is over
-            if ctx.held:
-                self._unhold(ctx)
-
     async def _body_first(
         self, request: AnyRequest, snap: Snapshot, ctx: Ctx
     ) -> tuple[list[bytes], bool]:
@@ -676,7 +653,7 @@ class ProxyHandler:
         except _BodyError as body_err:
             raise Reject(body_err.status, str(body_err), event="bad_request") from None
 
-    async def _attempts(
+    async def _send(
         self,
         request: AnyRequest,
         snap: Snapshot,
@@ -687,6 +664,10 @@ class ProxyHandler:
         held: list[bytes] | None,
         eof: bool,
     ) -> tuple[LeanResponse, float]:
+        """Send with breaker and bounded retries; return (response, start time).
+
+        ``held``: the body read before (all of it when ``eof``), None without a body.
+        """
         loop = self._loop
         method = request.method
         retries = up.config.retries
@@ -784,6 +765,9 @@ class ProxyHandler:
             up_resp, t0 = await self._send(
                 request, snap, ctx, up, raw_path_qs, up_fields, held, eof
             )
+            if held:  # sent: its bytes go now, not when the answer is over
+                held.clear()
+                self._unhold(ctx)
             try:
                 now = self._loop.time()
                 elapsed = now - t0
@@ -833,6 +817,8 @@ class ProxyHandler:
         finally:
             up.inflight -= 1
             up.inflight_gauge.dec()
+            if ctx.held:  # the send failed with the body still held
+                self._unhold(ctx)
 
     async def _websocket(
         self,
