@@ -63,14 +63,16 @@ class Gateway:
         self, settings: Settings, server: HttpServer, upgrades: GatewayServer
     ) -> None:
         """What the proxy port's servers copied at start, from a reloaded config: the
-        client timeout of the 408, and the request id field and security headers of the
-        answers they write themselves (parse errors, timeouts)."""
+        client timeout of the 408, the idle bound on a client that takes no byte of its
+        answer, and the request id field and security headers of the answers they write
+        themselves (parse errors, timeouts)."""
         req = settings.config.request
         static = self.runtime.snapshot.response_headers.static_block()
         for s in (server, upgrades):
             s.client_timeout_s = req.client_timeout_s
             s.rid_header = req.request_id_header
             s.static_headers = static
+        server.send_idle_s = req.body_idle_s
 
     async def start(self) -> None:
         """Start both ports; a port that cannot be bound raises :class:`StartupError`."""
@@ -116,6 +118,7 @@ class Gateway:
             rid_header=req.request_id_header,
             on_parser_error=self._on_parser_error,
             response_headers=lambda: rt.snapshot.response_headers,
+            send_idle_s=req.body_idle_s,
         )
         self._proxy_server = server
         rt.on_apply.append(lambda settings: self._follow_reload(settings, server, upgrades))

@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -96,11 +97,26 @@ class RequestLimits(_Model):
     max_body_bytes: Annotated[int, Field(ge=0)] = 10_485_760
     max_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 16_384
     client_timeout_s: PositiveSeconds = 60
+    # a body up to this size is read whole before an upstream connection is taken
+    buffer_body_bytes: Annotated[int, Field(ge=0)] = 1_048_576
+    # bytes held that way by all requests at once; past it, 503
+    max_buffered_bytes: Annotated[int, Field(ge=0)] = 67_108_864
+    # a streamed body (or an answer the client stops taking) idle this long ends the exchange
+    body_idle_s: PositiveSeconds = 10
     request_id_header: HeaderName = "X-Request-ID"
     # a field name holding "_" (X_Forwarded_For): CGI and WSGI servers read it as the "-"
     # field; drop: not passed upstream, allow: passed (but never an alias of a field the
     # gateway sets), reject: 400
     headers_with_underscores: Literal["drop", "allow", "reject"] = "drop"
+
+    @field_validator("max_buffered_bytes")
+    @classmethod
+    def _room_for_one(cls, v: int, info: ValidationInfo) -> int:
+        one = info.data.get("buffer_body_bytes")
+        if one is not None and v < one:
+            msg = f"must be at least request.buffer_body_bytes ({one}): no body could be buffered"
+            raise ValueError(msg)
+        return v
 
 
 class HealthCheck(_Model):

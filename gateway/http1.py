@@ -21,7 +21,8 @@ gateway's pipeline; this one does what a sidecar's proxy port needs and no more:
   :mod:`gateway.server` (aiohttp) protocol on the same connection: those are rare and
   keep aiohttp's WebSocket implementation;
 * idle keep-alive connections close after ``keepalive_s``; draining closes idle ones at
-  once and busy ones after their response.
+  once and busy ones after their response; a client that takes no byte of its answers
+  for ``send_idle_s`` (``request.body_idle_s``) while they wait is disconnected.
 """
 
 from __future__ import annotations
@@ -156,6 +157,36 @@ class Body:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+    def take_whole(self) -> bytes | None:
+        """All of the body when it is here already (a small one usually is), else None:
+        no wait, and no copy of a body that came in one piece."""
+        if not self._eof or self._exc is not None:
+            return None
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        self._proto.resume_body()
+        return data
+
+    def take_into(self, out: list[bytes]) -> int:
+        """Move what has arrived to ``out`` as it came (no join); return its size."""
+        n = self._size
+        if n:
+            out.extend(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            self._proto.resume_body()
+        return n
+
+    async def wait(self) -> None:
+        """Until more of the body is here, or its end (raises when it cannot come)."""
+        while not self._chunks and not self._eof:
+            if self._exc is not None:
+                raise self._exc
+            self._waiter = self._proto.loop.create_future()
+            await self._waiter
 
     async def readany(self) -> bytes:
         while not self._chunks:
@@ -370,6 +401,8 @@ class HttpProtocol(asyncio.Protocol):
         "_pending_error",
         "_pipeline_paused",
         "_quick_ok",
+        "_stall_size",
+        "_stall_timer",
         "_task",
         "_url",
         "_waiter",
@@ -410,6 +443,8 @@ class HttpProtocol(asyncio.Protocol):
         self._body_paused = False
         self._pipeline_paused = False
         self._write_paused = False
+        self._stall_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
+        self._stall_size = 0
         self._drain_waiter: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[Request | None] | None = None  # the task waits for a request
         self._keep_waiting = False
@@ -426,6 +461,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = None
         self.server.connections.discard(self)
         self._cancel_head_timer()
+        self._cancel_stall_timer()
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
@@ -465,15 +501,39 @@ class HttpProtocol(asyncio.Protocol):
         # until it does: without this, pipelined answers would pile up in memory.
         self._write_paused = True
         self._set_reading()
+        # ... and one that takes nothing of them for body_idle_s is cut off: an answer it
+        # does not read must not hold memory, a connection and an upstream for ever
+        transport = self.transport
+        if self._stall_timer is None and transport is not None:
+            self._stall_size = transport.get_write_buffer_size()
+            self._stall_timer = self.loop.call_later(self.server.send_idle_s, self._write_stalled)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._cancel_stall_timer()
         self._set_reading()
         waiter = self._drain_waiter
         if waiter is not None:
             self._drain_waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _write_stalled(self) -> None:
+        self._stall_timer = None
+        transport = self.transport
+        if transport is None or not self._write_paused:
+            return
+        size = transport.get_write_buffer_size()
+        if size < self._stall_size:  # it reads, slowly: progress restarts the time
+            self._stall_size = size
+            self._stall_timer = self.loop.call_later(self.server.send_idle_s, self._write_stalled)
+            return
+        transport.abort()  # close() would wait for the unread bytes to be taken
 
     async def drain(self) -> None:
         if self._write_paused:
@@ -932,6 +992,7 @@ class HttpServer:
         on_parser_error: Callable[[Any, int], None] | None = None,
         response_headers: Callable[[], ResponseHeaders] | None = None,
         keepalive_s: float = 75.0,
+        send_idle_s: float = 10.0,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.handler = handler
@@ -944,6 +1005,7 @@ class HttpServer:
         self._on_parser_error = on_parser_error or (lambda _p, _s: None)
         self._response_headers = response_headers
         self.keepalive_s = keepalive_s
+        self.send_idle_s = send_idle_s  # a client that takes no bytes that long is cut off
         self.connections: set[HttpProtocol] = set()
         # the Host value of an origin-form request -> its host
         self.host_cache: dict[str, str] = {}

@@ -241,7 +241,7 @@ class UpstreamClient:
         method: str,
         raw_path_qs: str,
         headers: str | Sequence[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
+        body: AsyncIterator[bytes] | list[bytes] | None,
         *,
         has_length: bool = False,
     ) -> Coroutine[Any, Any, LeanResponse]:

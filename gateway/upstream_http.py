@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import httptools
@@ -34,6 +34,7 @@ _HIGH_WATER = 1 << 20  # pause reading the upstream above this much unread body
 MAX_RESPONSE_FIELDS = 100  # as Envoy's default; a response head with more is refused
 DEFAULT_MAX_HEAD_BYTES = 65536
 HEAD_TOO_LARGE = "response_head_too_large"  # the UpstreamError kind
+_ONE_WRITE = 16 * 1024  # a request body up to this size is joined to its head
 _PLAIN = frozenset((b"keep-alive", b"close"))  # Connection values that name no other field
 
 
@@ -86,9 +87,11 @@ class _Conn(asyncio.Protocol):
         "complete",
         "deadline",
         "error",
+        "freed",
         "got_bytes",
         "keep_alive",
         "listed",
+        "on_complete",
         "transport",
     )
 
@@ -122,6 +125,8 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = False
         self.listed = False
         self.error: BaseException | None = None
+        self.freed = False  # timed out: its pool slot was given back already
+        self.on_complete: Callable[[], None] | None = None  # the body is all in
 
     # ------------------------------------------------------------------ protocol
 
@@ -273,10 +278,16 @@ class _Conn(asyncio.Protocol):
             return
         self.complete = True
         self._wake_body()
+        if self.on_complete is not None:
+            self.on_complete()
 
     # ------------------------------------------------------------------ helpers
 
     def timed_out(self) -> None:
+        # the exchange is over: what of the answer waits for a slow client goes now (the
+        # client's answer is cut either way), so memory follows the pool's slots
+        self._body.clear()
+        self.buffered = 0
         self._fail(UpstreamError("timeout", "upstream did not answer in time", sent=True))
 
     def _fail(self, exc: BaseException) -> None:
@@ -342,8 +353,22 @@ class _Conn(asyncio.Protocol):
         body = self._body
         data = body[0] if len(body) == 1 else b"".join(body)
         body.clear()
-        self.buffered = 0
+        self._emptied()
         return data
+
+    def take_rest(self) -> list[bytes]:
+        """What is left of a complete body, as it came (the connection is free after)."""
+        rest = list(self._body)
+        self._body.clear()
+        self._emptied()
+        return rest
+
+    def _emptied(self) -> None:
+        self.buffered = 0
+        if self._reading_paused:  # the next exchange must be read
+            self._reading_paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
 
     async def next_chunk(self) -> bytes:
         """The next piece of the body; b"" at its end."""
@@ -369,7 +394,7 @@ class _Conn(asyncio.Protocol):
 class LeanResponse:
     """The upstream's answer: status, headers, and a body read as it arrives."""
 
-    __slots__ = ("_conn", "_pool", "header_list", "listed", "reason", "status")
+    __slots__ = ("_conn", "_in_read", "_pool", "_rest", "header_list", "listed", "reason", "status")
 
     def __init__(
         self, pool: LeanPool, conn: _Conn, status: int, reason: str, headers: list[tuple[str, str]]
@@ -381,21 +406,47 @@ class LeanResponse:
         self.header_list = headers
         # whether Connection names fields to drop beyond the hop-by-hop ones
         self.listed = conn.listed
+        self._rest: list[bytes] | None = None  # the end of the body, once the connection went back
+        self._in_read = False  # iter_body waits on the connection (not on its consumer)
 
     def body_if_complete(self) -> bytes | None:
         """The whole body if it is already here (small answers usually are)."""
         conn = self._conn
         return conn.take_all() if conn is not None else b""
 
+    def _detach(self) -> None:
+        """All of the answer is in (at most the read-ahead, 1 MiB): its connection goes
+        back to the pool now, the rest is passed on from here, and a client slow to take
+        it holds no upstream connection. Not while :meth:`iter_body` waits on the
+        connection: it takes what came, then detaches."""
+        conn = self._conn
+        if conn is None or self._in_read or conn.error is not None:
+            return
+        self._rest = conn.take_rest()
+        self.release()
+
     async def iter_body(self) -> AsyncIterator[bytes]:
         conn = self._conn
         if conn is None:
             return
-        while True:
-            chunk = await conn.next_chunk()
+        conn.on_complete = self._detach  # when it completes while the consumer is busy
+        while self._conn is not None:
+            if conn.complete and conn.error is None:
+                self._detach()
+                break
+            self._in_read = True
+            try:
+                chunk = await conn.next_chunk()
+            finally:
+                self._in_read = False
             if not chunk:
                 return
             yield chunk
+        rest = self._rest
+        if rest:
+            rest.reverse()
+            while rest:  # each piece let go of once passed on
+                yield rest.pop()
 
     def release(self) -> None:
         """Give the connection back (kept alive only after a complete exchange)."""
@@ -403,6 +454,7 @@ class LeanResponse:
         if conn is None:
             return
         self._conn = None
+        conn.on_complete = None
         self._pool.put_back(conn)
 
     def close(self) -> None:
@@ -468,6 +520,10 @@ class LeanPool:
         for conn in [c for c in busy if c.deadline <= now]:
             busy.discard(conn)
             conn.timed_out()
+            # its slot is free now, not when the handler lets go of it: that may wait on a
+            # client that takes the answer slowly, and timeout_s bounds the pool's use
+            conn.freed = True
+            self._release_slot()
         self._sweeper = self._loop.call_later(self._sweep_s, self._sweep) if busy else None
 
     def _idle_conn(self) -> _Conn | None:
@@ -480,8 +536,9 @@ class LeanPool:
             self._open -= 1
         return None
 
-    async def _acquire(self) -> tuple[_Conn, bool]:
-        """A connection and whether it was reused."""
+    async def _acquire(self, deadline: float) -> tuple[_Conn, bool]:
+        """A connection and whether it was reused; the wait for one ends at ``deadline``
+        (the exchange's: waiting for a free connection counts against ``timeout_s``)."""
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -491,20 +548,35 @@ class LeanPool:
         while self._open >= self.limit:
             waiter = self._loop.create_future()
             self._waiters.append(waiter)
-            await waiter
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken but leaving: the turn passes to the next in line
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamError(
+                        "timeout", "no upstream connection was free in time", sent=False
+                    ) from None
+                raise
             while idle:
                 conn = idle.pop()
                 if conn.transport is not None and not conn.transport.is_closing():
                     return conn, True
                 self._open -= 1
         self._open += 1
+        connect_by = self._loop.time() + self._connect_timeout
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout_at(min(connect_by, deadline)):
                 _, conn = await self._loop.create_connection(
                     lambda: _Conn(self._loop, self._max_head), self._host, self._port
                 )
         except TimeoutError:
             self._release_slot()
+            if deadline < connect_by:
+                raise UpstreamError(
+                    "timeout", "upstream did not answer in time", sent=False
+                ) from None
             raise UpstreamError("connect", "connect timed out", sent=False) from None
         except OSError as exc:
             self._release_slot()
@@ -524,6 +596,8 @@ class LeanPool:
 
     def put_back(self, conn: _Conn) -> None:
         self._busy.discard(conn)
+        if conn.freed:
+            return  # timed out: closed, and its slot given back by the sweep
         transport = conn.transport
         if (
             self._closed
@@ -544,28 +618,32 @@ class LeanPool:
         method: str,
         target: str,
         headers: str | Sequence[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
+        body: AsyncIterator[bytes] | list[bytes] | None,
         *,
         chunked: bool,
     ) -> LeanResponse:
         r"""Send one request; raise :class:`UpstreamError` if no response head came back.
 
         ``headers``: the header fields as ``Name: value\r\n`` lines, or (name, value) pairs.
+        ``body``: None, all of it as a list of pieces (sent with the head, no wait), or
+        an iterator of pieces as they come.
         """
         fields = (
             headers if isinstance(headers, str) else "".join([f"{k}: {v}\r\n" for k, v in headers])
         )
         te = "Transfer-Encoding: chunked\r\n" if chunked else ""
         head = f"{method} {target} HTTP/1.1\r\n{fields}{te}\r\n".encode("latin-1")
+        # the whole exchange, the wait for a free connection included
+        deadline = self._loop.time() + self._timeout
         # A reused connection the upstream closed meanwhile fails before any answer: try once
         # more on a fresh one when nothing of a body has been consumed.
         for attempt in (0, 1):
             conn = self._idle_conn()
             reused = conn is not None
             if conn is None:
-                conn, reused = await self._acquire()
+                conn, reused = await self._acquire(deadline)
             conn.reset(head_only=method == "HEAD")
-            conn.deadline = self._loop.time() + self._timeout
+            conn.deadline = deadline
             self._busy.add(conn)
             if self._sweeper is None:
                 self._sweeper = self._loop.call_later(self._sweep_s, self._sweep)
@@ -574,26 +652,48 @@ class LeanPool:
             try:
                 if body is None:
                     self._batcher.write(transport, head)  # sent at the end of this round
+                elif type(body) is list:
+                    self._write_whole(transport, head, body, chunked=chunked)
                 else:
                     transport.write(head)
-                    await self._send_body(conn, body, chunked=chunked)
+                    await self._send_body(conn, body, chunked=chunked)  # type: ignore[arg-type]
                 await conn.head()
                 status, reason, raw = conn.status()
             except UpstreamError as exc:
                 conn.keep_alive = False
                 self.put_back(conn)
-                if exc.kind == "closed" and reused and body is None and attempt == 0:
+                if (
+                    exc.kind == "closed"
+                    and reused
+                    and (body is None or type(body) is list)
+                    and attempt == 0
+                ):
                     continue
                 if exc.kind == "closed":
                     exc.kind = "protocol"
                 raise
             except BaseException:
                 conn.keep_alive = False
+                conn.head().cancel()  # no answer is awaited now (its close is no error)
                 self.put_back(conn)
                 raise
             return LeanResponse(self, conn, status, reason, raw)
         msg = "unreachable"  # pragma: no cover
         raise AssertionError(msg)  # pragma: no cover
+
+    def _write_whole(
+        self, transport: asyncio.Transport, head: bytes, body: list[bytes], *, chunked: bool
+    ) -> None:
+        """A request with all of its body: a small one in one write, queued with the round's
+        others; a larger one handed over as its pieces (no joined copy)."""
+        size = sum(map(len, body))
+        if chunked:  # one chunk of all the pieces
+            body = [b"%x\r\n" % size, *body, b"\r\n0\r\n\r\n"] if size else [b"0\r\n\r\n"]
+        if size <= _ONE_WRITE:
+            self._batcher.write(transport, b"".join([head, *body]))
+        else:
+            self._batcher.flush()
+            transport.writelines([head, *body])
 
     async def _send_body(self, conn: _Conn, body: AsyncIterator[bytes], *, chunked: bool) -> None:
         async for chunk in body:

@@ -29,7 +29,7 @@ from gateway.core.keys import policy_key, wire_form
 from gateway.core.paths import PathError, canonical_path
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.core.wsguard import admission
-from gateway.http1 import BodyError, Request, Response
+from gateway.http1 import Body, BodyError, Request, Response
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
 from gateway.pipeline.headers import UPSTREAM_SKIP
 from gateway.pipeline.snapshot import ALLOW_ANY, KNOWN_METHODS, REQUEST_ID_RE
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 _PROBES = frozenset(PROBE_PATHS)
 _DROP_FAST = frozenset(("content-length",))  # the server sets its own
 _NO_DROP: frozenset[str] = frozenset()
-_PREFETCH = 65536  # body bytes read before an upstream connection is taken
 
 
 class Reject(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -91,10 +90,12 @@ class Ctx:
     __slots__ = (
         "ban_key",
         "body_error",
+        "body_open",
         "bytes_out",
         "client",
         "client_ip",
         "exempt",
+        "held",
         "rid",
         "route",
         "start",
@@ -118,6 +119,8 @@ class Ctx:
         self.bytes_out = 0
         self.body_error: _BodyError | None = None
         self.underscores: str | None = None  # how fields named with "_" go upstream
+        self.held = 0  # body bytes read and kept before the upstream exchange
+        self.body_open = False  # a streamed body still has bytes to come from the client
 
 
 def _quota_reject(violated: list[tuple[CompiledPolicy, Decision]], retry: float) -> Reject:
@@ -160,6 +163,15 @@ def _bulkhead_full(up: UpstreamState, what: str) -> Reject:
     )
 
 
+def _buffers_full() -> Reject:
+    return Reject(
+        503,
+        "too many request bodies are being received: try again",
+        type_=problem.problem_type("body-buffers-full"),
+        headers={"Retry-After": "1"},
+    )
+
+
 def _circuit_open(up: UpstreamState, now: float) -> Reject:
     return Reject(
         503,
@@ -192,7 +204,7 @@ def _peer(request: AnyRequest) -> IPAddress | None:
 class ProxyHandler:
     """Callable handed to the proxy port's server; one per gateway process."""
 
-    __slots__ = ("_loop", "_rid_prefix", "_rid_seq", "rt")
+    __slots__ = ("_loop", "_rid_prefix", "_rid_seq", "buffered", "rt")
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
@@ -200,6 +212,8 @@ class ProxyHandler:
         # request ids: a random per-process prefix and a counter (unique, no syscall)
         self._rid_prefix = secrets.token_hex(8)
         self._rid_seq = itertools.count()
+        # request body bytes held by all requests before their upstream exchange
+        self.buffered = 0
 
     # ------------------------------------------------------------------ entry
 
@@ -544,61 +558,134 @@ class ProxyHandler:
             kept.append(f"Host: {up.client.host_header}\r\n")
         return "".join(kept)
 
-    async def _read(self, request: AnyRequest, ctx: Ctx, deadline: float) -> bytes:
-        """One piece of the request body (b"" at its end), within the request's deadline."""
+    def _too_large(self, ctx: Ctx, limit: int) -> _BodyError:
+        ctx.body_error = _BodyError(413, f"the request body is larger than {limit} bytes")
+        return ctx.body_error
+
+    def _hold(self, snap: Snapshot, ctx: Ctx, n: int) -> None:
+        """Count ``n`` more body bytes held before the upstream exchange; 503 past the cap."""
+        ctx.held += n
+        self.buffered += n
+        if self.buffered > snap.max_buffered_bytes:
+            raise _buffers_full()
+
+    def _unhold(self, ctx: Ctx) -> None:
+        self.buffered -= ctx.held
+        ctx.held = 0
+
+    async def _buffer(
+        self, request: AnyRequest, snap: Snapshot, ctx: Ctx, held: list[bytes]
+    ) -> bool:
+        """Read the body into ``held`` before an upstream connection is taken: all of it
+        up to ``buffer_body_bytes`` (True), else that much and the rest is streamed (False).
+
+        A client that trickles its body holds no pool connection meanwhile, only the bytes
+        it sent, within ``client_timeout_s`` of its request's start.
+        """
+        clen = request.content_length
+        if clen is not None and self.buffered + min(clen, snap.buffer_body_bytes) > (
+            snap.max_buffered_bytes
+        ):
+            raise _buffers_full()  # before a 100 Continue invites the body
+        if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+            await request.send_continue()
+        limit = snap.buffer_body_bytes
+        max_body = snap.max_body_bytes
+        content = request.content
+        total = 0
         try:
-            async with asyncio.timeout_at(deadline):
-                return await request.content.readany()
+            async with asyncio.timeout_at(ctx.start + snap.client_timeout_s):
+                if isinstance(content, Body):  # the proxy port's own server: no joined copies
+                    while True:
+                        n = content.take_into(held)
+                        if n:
+                            total += n
+                            if total > max_body:
+                                raise self._too_large(ctx, max_body)
+                            self._hold(snap, ctx, n)
+                        if content.complete:
+                            return True
+                        if total >= limit:
+                            return False
+                        await content.wait()
+                while total < limit:  # a request of the upgrade protocol (aiohttp's reader)
+                    chunk = await content.readany()
+                    if not chunk:
+                        return True
+                    total += len(chunk)
+                    if total > max_body:
+                        raise self._too_large(ctx, max_body)
+                    held.append(chunk)
+                    self._hold(snap, ctx, len(chunk))
+                return False
         except TimeoutError:
             ctx.body_error = _BodyError(408, "the request body was not received in time")
         except (aiohttp.ClientPayloadError, BodyError) as exc:
             ctx.body_error = _BodyError(400, f"malformed request body: {exc}")
         raise ctx.body_error
 
-    async def _prefetch(
-        self, request: AnyRequest, snap: Snapshot, ctx: Ctx
-    ) -> tuple[list[bytes], bool]:
-        """Read the start of the body (all of a small one) before taking an upstream
-        connection, so a client that trickles its body holds no pool connection."""
-        if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
-            await request.send_continue()
-        deadline = ctx.start + snap.client_timeout_s
-        head: list[bytes] = []
-        total = 0
-        while total < _PREFETCH:
-            chunk = await self._read(request, ctx, deadline)
-            if not chunk:
-                return head, True
-            total += len(chunk)
-            if total > snap.max_body_bytes:
-                ctx.body_error = _BodyError(
-                    413, f"the request body is larger than {snap.max_body_bytes} bytes"
-                )
-                raise ctx.body_error
-            head.append(chunk)
-        return head, False
-
-    async def _body(
-        self, request: AnyRequest, snap: Snapshot, ctx: Ctx, head: list[bytes], eof: bool
+    async def _stream(
+        self, request: AnyRequest, snap: Snapshot, ctx: Ctx, held: list[bytes], end: float
     ) -> AsyncIterator[bytes]:
-        """The prefetched start of the body, then the rest as it arrives."""
+        """The buffered start of a large body, then the rest as it arrives: a pause of
+        ``body_idle_s``, or the exchange's end (``end``) reached, is a 408 (the upstream
+        connection is then closed at once, not reused)."""
+        ctx.body_open = True
         total = 0
-        for chunk in head:
+        for chunk in held:
             total += len(chunk)
             yield chunk
-        if eof:
-            return
+        held.clear()
+        self._unhold(ctx)  # with the upstream now: no longer held here
+        loop = self._loop
         limit = snap.max_body_bytes
-        deadline = ctx.start + snap.client_timeout_s
+        idle = snap.body_idle_s
+        content = request.content
         while True:
-            chunk = await self._read(request, ctx, deadline)
+            by = loop.time() + idle
+            try:
+                async with asyncio.timeout_at(min(by, end)):
+                    chunk = await content.readany()
+            except TimeoutError:
+                detail = (
+                    f"the request body stalled for {idle:g} s"
+                    if by <= end
+                    else "the request body was not received in time"
+                )
+                ctx.body_error = _BodyError(408, detail)
+                raise ctx.body_error from None
+            except (aiohttp.ClientPayloadError, BodyError) as exc:
+                ctx.body_error = _BodyError(400, f"malformed request body: {exc}")
+                raise ctx.body_error from None
             if not chunk:
+                ctx.body_open = False
                 return
             total += len(chunk)
             if total > limit:
-                ctx.body_error = _BodyError(413, f"the request body is larger than {limit} bytes")
-                raise ctx.body_error
+                raise self._too_large(ctx, limit)
             yield chunk
+
+    async def _body_first(
+        self, request: AnyRequest, snap: Snapshot, ctx: Ctx
+    ) -> tuple[list[bytes], bool]:
+        """The body read before anything of the upstream is taken (bulkhead, pool): all
+        of it up to ``buffer_body_bytes`` (True), else that much (False)."""
+        content = request.content
+        whole = content.take_whole() if type(content) is Body else None
+        if whole is not None:  # the common small body, all here: no wait
+            if len(whole) > snap.max_body_bytes:
+                raise Reject(
+                    413,
+                    f"the request body is larger than {snap.max_body_bytes} bytes",
+                    event="bad_request",
+                )
+            self._hold(snap, ctx, len(whole))
+            return [whole], True
+        held: list[bytes] = []
+        try:
+            return held, await self._buffer(request, snap, ctx, held)
+        except _BodyError as body_err:
+            raise Reject(body_err.status, str(body_err), event="bad_request") from None
 
     async def _send(
         self,
@@ -608,19 +695,16 @@ class ProxyHandler:
         up: UpstreamState,
         raw_path_qs: str,
         up_fields: str,
+        held: list[bytes] | None,
+        eof: bool,
     ) -> tuple[LeanResponse, float]:
-        """Send with breaker, bulkhead and bounded retries; return (response, start time)."""
+        """Send with breaker and bounded retries; return (response, start time).
+
+        ``held``: the body read before (all of it when ``eof``), None without a body.
+        """
         loop = self._loop
         method = request.method
         retries = up.config.retries
-        has_body = request.body_exists
-        head: list[bytes] = []
-        eof = True
-        if has_body:
-            try:
-                head, eof = await self._prefetch(request, snap, ctx)
-            except _BodyError as body_err:
-                raise Reject(body_err.status, str(body_err), event="bad_request") from None
         # a body read whole before sending can be sent again
         idempotent = method in IDEMPOTENT_METHODS and eof
         now = loop.time()
@@ -630,8 +714,11 @@ class ProxyHandler:
             now = loop.time()
             if not up.breaker.acquire(now):
                 raise _circuit_open(up, now)
-            body = self._body(request, snap, ctx, head, eof) if has_body else None
             t0 = loop.time()
+            body: AsyncIterator[bytes] | list[bytes] | None = held
+            if not eof:
+                assert held is not None  # noqa: S101 - a body was begun
+                body = self._stream(request, snap, ctx, held, t0 + up.config.timeout_s)
             try:
                 resp = await up.client.send(
                     method,
@@ -652,8 +739,18 @@ class ProxyHandler:
                     up.breaker.release(t1)
                     err = ctx.body_error
                     raise Reject(err.status, str(err), event="bad_request") from None
-                up.breaker.record(t1, failure=True)
+                if exc.kind == "timeout" and ctx.body_open:
+                    # the client was still sending its body: its slowness, not the upstream's
+                    up.breaker.release(t1)
+                    raise Reject(
+                        408, "the request body was not received in time", event="bad_request"
+                    ) from None
                 self._upstream_error(up, ctx, exc)
+                if exc.kind == "timeout" and not exc.sent:
+                    # no pool connection came free in time: the upstream never saw it
+                    up.breaker.release(t1)
+                    raise Reject(504, f"upstream {up.name!r} did not answer in time") from None
+                up.breaker.record(t1, failure=True)
                 attempt += 1
                 if (
                     not exc.sent
@@ -698,13 +795,30 @@ class ProxyHandler:
         *,
         via_proxy: bool,
     ) -> Response:
+        held: list[bytes] | None = None
+        eof = True
+        if request.body_exists:
+            # before the bulkhead: a client slow to send its body holds no upstream resource
+            try:
+                held, eof = await self._body_first(request, snap, ctx)
+            except BaseException:
+                if ctx.held:
+                    self._unhold(ctx)
+                raise
         if up.inflight >= up.max_inflight:
+            if ctx.held:
+                self._unhold(ctx)
             raise _bulkhead_full(up, "requests in flight")
         up.inflight += 1
         up.inflight_gauge.inc()
         try:
             up_fields = self._upstream_fields(request, snap, ctx, up, via_proxy=via_proxy)
-            up_resp, t0 = await self._send(request, snap, ctx, up, raw_path_qs, up_fields)
+            up_resp, t0 = await self._send(
+                request, snap, ctx, up, raw_path_qs, up_fields, held, eof
+            )
+            if held:  # sent: its bytes go now, not when the answer is over
+                held.clear()
+                self._unhold(ctx)
             try:
                 now = self._loop.time()
                 elapsed = now - t0
@@ -754,6 +868,8 @@ class ProxyHandler:
         finally:
             up.inflight -= 1
             up.inflight_gauge.dec()
+            if ctx.held:  # the send failed with the body still held
+                self._unhold(ctx)
 
     async def _websocket(
         self,

@@ -98,6 +98,8 @@ class Snapshot:
         "allow",
         "allowed_hosts",
         "ban_status",
+        "body_idle_s",
+        "buffer_body_bytes",
         "client_timeout_s",
         "config",
         "deny",
@@ -106,6 +108,7 @@ class Snapshot:
         "has_deny",
         "ipv6_prefix",
         "max_body_bytes",
+        "max_buffered_bytes",
         "max_header_bytes",
         "metrics_on_proxy",
         "policies",
@@ -140,6 +143,9 @@ class Snapshot:
         self.max_body_bytes = cfg.request.max_body_bytes
         self.max_header_bytes = cfg.request.max_header_bytes
         self.client_timeout_s = cfg.request.client_timeout_s
+        self.buffer_body_bytes = cfg.request.buffer_body_bytes
+        self.max_buffered_bytes = cfg.request.max_buffered_bytes
+        self.body_idle_s = cfg.request.body_idle_s
         self.ipv6_prefix = cfg.rate_limit.ipv6_prefix
         self.suspicious = PathMatcher(cfg.abuse.suspicious_paths)
         self.abuse_enabled = cfg.abuse.enabled

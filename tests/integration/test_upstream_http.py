@@ -539,3 +539,35 @@ async def test_trailers_and_chunk_lines_are_bounded_like_the_head(tail: bytes) -
     finally:
         await pool.close()
         server.close()
+
+
+async def test_a_complete_answer_frees_its_connection_while_its_reader_is_busy() -> None:
+    body = bytes(i % 251 for i in range(300_000))
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while True:
+            await _read_head(r)
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body[:1000]))
+            await w.drain()
+            await asyncio.sleep(0.1)  # the rest comes while the reader is busy elsewhere
+            w.write(body[1000:])
+            await w.drain()
+
+    server, port, conns = await _serve(handler)
+    pool = _pool(port, limit=1)
+    try:
+        first = await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+        parts = first.iter_body()
+        start = await anext(parts)  # then the reader (a slow client's writes) is busy
+        # the answer is all in: the one connection is back in the pool, for the next
+        second = await asyncio.wait_for(
+            pool.request("GET", "/", [("Host", "x")], None, chunked=False), 1
+        )
+        assert await _body(second.iter_body()) == body
+        second.release()
+        assert start + await _body(parts) == body  # the first is whole all the same
+        first.release()
+        assert len(conns) == 1
+    finally:
+        await pool.close()
+        server.close()

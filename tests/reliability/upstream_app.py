@@ -4,7 +4,7 @@
 
 Paths: ``/health``; ``/stream?n=&delay=`` (a chunked response of n parts);
 ``/upload`` (reads the whole body, answers its size); ``/ws`` (WebSocket echo);
-``/slow?s=``; anything else answers ``ok``.
+``/slow?s=``; ``/big?kb=`` (n KiB with a Content-Length); anything else answers ``ok``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,18 @@ async def upload(request: web.Request) -> web.Response:
     return web.json_response({"size": size})
 
 
+async def big(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse()
+    resp.content_length = int(request.query.get("kb", "1024")) << 10
+    await resp.prepare(request)
+    part = b"b" * 65536
+    left = resp.content_length
+    while left > 0:
+        await resp.write(part[:left])
+        left -= len(part)
+    return resp
+
+
 async def ws(request: web.Request) -> web.WebSocketResponse:
     sock = web.WebSocketResponse()
     await sock.prepare(request)
@@ -64,6 +76,7 @@ def make_app() -> web.Application:
     app.router.add_post("/upload", upload)
     app.router.add_get("/ws", ws)
     app.router.add_get("/slow", slow)
+    app.router.add_get("/big", big)
     app.router.add_route("*", "/{tail:.*}", other)
     return app
 
