@@ -51,7 +51,7 @@ from gateway.core.gcra import Rate
 from gateway.metrics import Metrics
 from gateway.stores.limiter import Check, Limiter
 from gateway.stores.memory_limiter import MemoryLimiter
-from gateway.stores.redis_limiter import RedisLimiter
+from gateway.stores.redis.limiter import RedisLimiter
 
 RATE = Rate(100, 1.0, 200)  # the default per-ip policy
 # further policies on the same key, never refusing (as the gateway benchmark's second one)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/inprocess.py [--config bench/gateway-memory.yaml]
         [--connections 50] [--samples 30] [--batches 200]
 
-The real server protocol (``gateway.http1``), the real pipeline (``ProxyHandler``) and
+The real server protocol (``gateway.downstream.protocol``), the real pipeline (``ProxyHandler``) and
 the real upstream pool drive requests over in-memory transports: a client transport
 that counts answers and an upstream transport that answers each request head with a
 fixed 200-byte response in the next loop turn.  No syscalls, no other process: the
@@ -46,12 +46,12 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.app import YOUNG_GC_THRESHOLD  # noqa: E402
 from gateway.config import load_file  # noqa: E402
-from gateway.http1 import HttpServer, Request, Response  # noqa: E402
+from gateway.downstream.protocol import HttpServer, Request, Response  # noqa: E402
+from gateway.downstream.upgrade import GatewayServer  # noqa: E402
 from gateway.logs import AccessLog  # noqa: E402
 from gateway.pipeline.handler import ProxyHandler  # noqa: E402
 from gateway.runtime import Runtime  # noqa: E402
-from gateway.server import GatewayServer  # noqa: E402
-from gateway.upstream_http import LeanPool, _Conn  # noqa: E402
+from gateway.upstream.pool import LeanPool, _Conn  # noqa: E402
 
 BODY = b"x" * 200
 UPSTREAM_ANSWER = (

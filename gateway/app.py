@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
 
-from gateway.admin import AdminRunner, create_admin_app
-from gateway.http1 import HttpProtocol, HttpServer
-from gateway.listen import dual_stack_socket, is_any_ipv6
+from gateway.admin.api import AdminRunner, create_admin_app
+from gateway.downstream.listen import dual_stack_socket, is_any_ipv6
+from gateway.downstream.protocol import HttpProtocol, HttpServer
+from gateway.downstream.upgrade import GatewayProtocol, GatewayRequest, GatewayServer
 from gateway.pipeline.handler import ProxyHandler
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
-from gateway.server import GatewayProtocol, GatewayRequest, GatewayServer
 
 if TYPE_CHECKING:
     from gateway.config import Settings

@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from gateway.checks import HealthMonitor
 from gateway.core.wsguard import sweep_interval_s
+from gateway.health.monitor import HealthMonitor
 from gateway.logs import AccessLog, EventBudget, get_logger
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.pipeline.snapshot import Snapshot
+from gateway.pipeline.wsregistry import WebSocketRegistry
 from gateway.stores.bans import make_ban_store
 from gateway.stores.limiter import make_limiter
-from gateway.upstreams import UpstreamState
-from gateway.wsregistry import WebSocketRegistry
+from gateway.upstream.state import UpstreamState
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,7 +45,7 @@ class Runtime:
         self.snapshot = Snapshot(settings)
         self.redis: Any | None = None
         if cfg.rate_limit.backend == "redis" and settings.secrets.redis_url:
-            from gateway.stores.redis_client import make_redis  # noqa: PLC0415 - redis only
+            from gateway.stores.redis.client import make_redis  # noqa: PLC0415 - redis only
 
             self.redis = make_redis(settings.secrets.redis_url)
         self.limiter = make_limiter(

@@ -1,5 +1,5 @@
 """When a WebSocket may open and when an open one must end (SPEC section 9), as pure
-decisions; :mod:`gateway.wsregistry` applies them.
+decisions; :mod:`gateway.pipeline.wsregistry` applies them.
 
 - A client that is denied (``deny_cidrs``, also after a reload) or banned loses its open
   WebSockets with 1008 (policy violation, RFC 6455 7.4.1): a ban must not leave it a

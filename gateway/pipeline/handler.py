@@ -29,23 +29,23 @@ from gateway.core.keys import policy_key, wire_form
 from gateway.core.paths import PathError, canonical_path
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.core.wsguard import admission
-from gateway.http1 import Body, BodyError, Request, Response
+from gateway.downstream.protocol import Body, BodyError, Request, Response
+from gateway.health.probes import PROBE_PATHS, probe_answer
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
 from gateway.pipeline.headers import UPSTREAM_SKIP
 from gateway.pipeline.snapshot import ALLOW_ANY, KNOWN_METHODS, REQUEST_ID_RE
-from gateway.probes import PROBE_PATHS, probe_answer
-from gateway.proxy import filter_header_lines, filter_header_list, header_pairs, splice_ws
 from gateway.stores.limiter import BackendUnavailable, Check
-from gateway.upstream_http import HEAD_TOO_LARGE, LeanResponse, UpstreamError
+from gateway.upstream.client import filter_header_lines, filter_header_list, header_pairs, splice_ws
+from gateway.upstream.pool import HEAD_TOO_LARGE, LeanResponse, UpstreamError
 
 if TYPE_CHECKING:
     from gateway.core.gcra import Decision
-    from gateway.http1 import AnyResponse, HttpProtocol
+    from gateway.downstream.protocol import AnyResponse, HttpProtocol
+    from gateway.downstream.upgrade import GatewayProtocol, GatewayRequest
     from gateway.pipeline.client_ip import IPAddress
     from gateway.pipeline.snapshot import CompiledPolicy, CompiledRoute, Snapshot
     from gateway.runtime import Runtime
-    from gateway.server import GatewayProtocol, GatewayRequest
-    from gateway.upstreams import UpstreamState
+    from gateway.upstream.state import UpstreamState
 
     AnyRequest = Request | GatewayRequest
 

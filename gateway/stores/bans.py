@@ -454,6 +454,6 @@ def make_ban_store(
     ``key_prefix`` starts every Redis key (``gw:`` by default)."""
     if redis is None:
         return MemoryBanStore(cfg, metrics=metrics, clock=clock)
-    from gateway.stores.redis_bans import RedisBanStore  # noqa: PLC0415 - avoids a cycle
+    from gateway.stores.redis.bans import RedisBanStore  # noqa: PLC0415 - avoids a cycle
 
     return RedisBanStore(cfg, metrics=metrics, redis=redis, clock=clock, key_prefix=key_prefix)

@@ -146,7 +146,7 @@ def make_limiter(
 ) -> Limiter:
     """The limiter for ``cfg.backend``.
 
-    ``redis`` is an existing client (from :func:`gateway.stores.redis_client.make_redis`)
+    ``redis`` is an existing client (from :func:`gateway.stores.redis.client.make_redis`)
     to share; otherwise one is made from ``redis_url``.  ``key_prefix`` starts every
     Redis key (two deployments sharing a Redis give different prefixes).
     """
@@ -163,7 +163,7 @@ def make_limiter(
             rates, metrics=metrics, on_backend_error=cfg.on_backend_error, max_keys=cfg.max_keys
         )
 
-    from gateway.stores.redis_limiter import RedisLimiter  # noqa: PLC0415
+    from gateway.stores.redis.limiter import RedisLimiter  # noqa: PLC0415
 
     return RedisLimiter(
         rates,

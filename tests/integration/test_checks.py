@@ -18,13 +18,13 @@ from aiohttp.test_utils import TestServer, make_mocked_request
 from pytest_aiohttp import AiohttpServer
 from structlog.testing import capture_logs
 
-from gateway.checks import HealthMonitor, breaker_observer
 from gateway.config import CircuitBreaker, Settings, load_text
 from gateway.core.breaker import Breaker
 from gateway.core.health import Status
+from gateway.health.monitor import HealthMonitor, breaker_observer
+from gateway.health.probes import probe_response
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.probes import probe_response
 from tests.conftest import RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(30)

@@ -15,8 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.http1 import HttpServer, Request, Response
-from gateway.server import GatewayRequest, GatewayServer
+from gateway.downstream.protocol import HttpServer, Request, Response
+from gateway.downstream.upgrade import GatewayRequest, GatewayServer
 from tests.gw import raw_exchange, wait_for
 
 pytestmark = pytest.mark.asyncio

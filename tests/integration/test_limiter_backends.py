@@ -35,8 +35,8 @@ from gateway.stores.limiter import (
     make_limiter,
 )
 from gateway.stores.memory_limiter import MemoryLimiter
-from gateway.stores.redis_client import is_cluster_url, make_redis, redact_url
-from gateway.stores.redis_limiter import RedisLimiter
+from gateway.stores.redis.client import is_cluster_url, make_redis, redact_url
+from gateway.stores.redis.limiter import RedisLimiter
 from tests.conftest import RedisServer
 from tests.gw import backend_errors
 
@@ -405,7 +405,7 @@ import asyncio, json, sys
 from gateway.core.gcra import Rate
 from gateway.metrics import Metrics
 from gateway.stores.limiter import Check
-from gateway.stores.redis_limiter import RedisLimiter
+from gateway.stores.redis.limiter import RedisLimiter
 
 async def main(url, prefix, n):
     rate = Rate(1, 3600.0, 50)

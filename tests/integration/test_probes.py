@@ -15,11 +15,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from gateway.checks import HealthMonitor
 from gateway.config import load_text
 from gateway.core.health import Status
+from gateway.health.monitor import HealthMonitor
+from gateway.health.probes import probe_response
 from gateway.metrics import Metrics
-from gateway.probes import probe_response
 from tests.conftest import free_port
 from tests.gw import admin_url, base_config, running_gateway, serve, url, wait_for
 

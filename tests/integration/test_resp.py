@@ -1,4 +1,4 @@
-"""The rate limiter's lean Redis connection (gateway.stores.resp) against real redis-servers:
+"""The rate limiter's lean Redis connection (gateway.stores.redis.resp) against real redis-servers:
 replies, pipelining, error replies, NOSCRIPT, reconnection, AUTH, SELECT, Unix sockets,
 TLS, deadlines against a server that never answers, and uvloop."""
 
@@ -25,8 +25,8 @@ from structlog.testing import capture_logs
 from gateway.core.gcra import Rate
 from gateway.metrics import Metrics
 from gateway.stores.limiter import Check
-from gateway.stores.redis_limiter import RedisLimiter
-from gateway.stores.resp import Endpoint, FutureWaiter, RespClient, pack_command
+from gateway.stores.redis.limiter import RedisLimiter
+from gateway.stores.redis.resp import Endpoint, FutureWaiter, RespClient, pack_command
 from tests.conftest import RedisServer, free_port
 from tests.gw import backend_errors
 

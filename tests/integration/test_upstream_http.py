@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from yarl import URL
 
-from gateway.upstream_http import LeanPool, UpstreamError
+from gateway.upstream.pool import LeanPool, UpstreamError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

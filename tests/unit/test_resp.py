@@ -8,8 +8,8 @@ from typing import Any, cast
 import pytest
 from redis.asyncio.sentinel import Sentinel
 
-from gateway.stores.redis_client import make_redis
-from gateway.stores.resp import Endpoint, RespClient, bulk_string, pack_command
+from gateway.stores.redis.client import make_redis
+from gateway.stores.redis.resp import Endpoint, RespClient, bulk_string, pack_command
 
 
 def test_commands_are_packed_as_resp_arrays_of_bulk_strings() -> None:

@@ -10,8 +10,8 @@ from gateway.config import Abuse
 from gateway.core.wsguard import BANNED, DENIED, IDLE, admission, sweep_interval_s, verdict
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
+from gateway.pipeline.wsregistry import WebSocketRegistry
 from gateway.stores.bans import MemoryBanStore
-from gateway.wsregistry import WebSocketRegistry
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ Batching
 
 Connections
     Standalone Redis (``redis://``, ``rediss://``, ``unix://``) is reached for
-    decisions through :mod:`gateway.stores.resp`: one pipelined connection of the
+    decisions through :mod:`gateway.stores.redis.resp`: one pipelined connection of the
     limiter's own, commands packed by hand, replies parsed by hiredis, no task,
     context manager or pool per round trip (a batch is written, and its reply handled,
     in callbacks).  Redis Cluster, and clients whose settings that connection does not
@@ -92,8 +92,8 @@ from gateway.stores.limiter import (
     unlimited,
 )
 from gateway.stores.memory_limiter import MemoryLimiter
-from gateway.stores.redis_client import make_redis
-from gateway.stores.resp import (
+from gateway.stores.redis.client import make_redis
+from gateway.stores.redis.resp import (
     Endpoint,
     FutureWaiter,
     RespClient,
@@ -110,7 +110,7 @@ _tuple_new = tuple.__new__
 
 
 def load_script(name: str) -> str:
-    return resources.files("gateway.stores").joinpath("lua", name).read_text("utf-8")
+    return resources.files("gateway.stores.redis").joinpath("lua", name).read_text("utf-8")
 
 
 class _PolicyKeys:

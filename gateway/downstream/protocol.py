@@ -18,7 +18,7 @@ gateway's pipeline; this one does what a sidecar's proxy port needs and no more:
 * every response gets the request id, the security headers and a ``Date``; the server
   banner is never sent;
 * an upgrade request (WebSocket) or a CONNECT is handed, with its bytes, to the
-  :mod:`gateway.server` (aiohttp) protocol on the same connection: those are rare and
+  :mod:`gateway.downstream.upgrade` (aiohttp) protocol on the same connection: those are rare and
   keep aiohttp's WebSocket implementation;
 * idle keep-alive connections close after ``keepalive_s``; draining closes idle ones at
   once and busy ones after their response; a client that takes no byte of its answers
@@ -46,12 +46,12 @@ from gateway.pipeline.client_ip import IPAddress, peer_of
 from gateway.problem import CONTENT_TYPE, PHRASES, problem_body, raw_problem
 
 if TYPE_CHECKING:
+    from gateway.downstream.upgrade import GatewayServer
     from gateway.pipeline.headers import ResponseHeaders
-    from gateway.server import GatewayServer
 
 __all__ = ["BodyError", "HttpProtocol", "HttpServer", "Request", "Response"]
 
-_log = logging.getLogger("gateway.http1")
+_log = logging.getLogger("gateway.downstream.protocol")
 
 MAX_FIELDS = 256
 _HOST_CACHE_MAX = 1024  # distinct Host values remembered with their parse (a few in practice)

@@ -70,7 +70,7 @@ class _Script:
     __slots__ = ("sha", "text")
 
     def __init__(self, name: str) -> None:
-        self.text = resources.files("gateway.stores").joinpath("lua", name).read_text("utf-8")
+        self.text = resources.files("gateway.stores.redis").joinpath("lua", name).read_text("utf-8")
         self.sha = hashlib.sha1(self.text.encode(), usedforsecurity=False).hexdigest()
 
 

@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from gateway.checks import HealthMonitor
 from gateway.core.health import NOT_CHECKED, ComponentHealth, Status, aggregate
+from gateway.health.monitor import HealthMonitor
 
 if TYPE_CHECKING:
-    from gateway.http1 import Request
+    from gateway.downstream.protocol import Request
 
 __all__ = ["PROBE_PATHS", "probe_answer", "probe_response"]
 

@@ -18,7 +18,7 @@ from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.upstream_http import (
+from gateway.upstream.pool import (
     HEAD_TOO_LARGE,
     MAX_RESPONSE_FIELDS,
     LeanPool,
@@ -28,7 +28,7 @@ from gateway.upstream_http import (
 
 if TYPE_CHECKING:
     from gateway.config import Upstream
-    from gateway.wsregistry import OpenSocket
+    from gateway.pipeline.wsregistry import OpenSocket
 
 # RFC 9110 7.6.1 and the de-facto ones; plus whatever Connection names.
 HOP_BY_HOP = frozenset(

@@ -1,7 +1,7 @@
 """The upgrade protocol of the proxy port: aiohttp's low-level server with the gateway's limits.
 
-The proxy port is served by :mod:`gateway.http1`; a request asking for a protocol upgrade
-(a WebSocket) or a CONNECT is handed, bytes and all, to this protocol on the same
+The proxy port is served by :mod:`gateway.downstream.protocol`; a request asking for a
+protocol upgrade (a WebSocket) or a CONNECT is handed, bytes and all, to this protocol on the same
 connection, so WebSockets keep aiohttp's implementation.
 
 aiohttp's own limits are not the contract's (SPEC section 8): this module sets the
@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from gateway.http1 import Response, to_web
+from gateway.downstream.protocol import Response, to_web
 from gateway.pipeline.client_ip import IPAddress, peer_of
 from gateway.problem import CONTENT_TYPE, problem_body, raw_problem
 

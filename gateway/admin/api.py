@@ -16,10 +16,10 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
-from gateway.explain import explain_request
+from gateway.admin.explain import explain_request
+from gateway.health.probes import probe_response
 from gateway.pipeline.client_ip import parse_ip
 from gateway.pipeline.headers import ResponseHeaders
-from gateway.probes import probe_response
 from gateway.problem import problem_response
 from gateway.reload import Reloader
 from gateway.runtime import Runtime

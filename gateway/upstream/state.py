@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from gateway.checks import breaker_observer
 from gateway.core.breaker import Breaker
 from gateway.core.retry import RetryBudget
-from gateway.proxy import UpstreamClient, UpstreamSettings
+from gateway.health.monitor import breaker_observer
+from gateway.upstream.client import UpstreamClient, UpstreamSettings
 
 if TYPE_CHECKING:
     from gateway.config import Upstream
