@@ -10,7 +10,10 @@ attackers holding their connections:
 * ``READERS`` slow readers: a GET of a 16 MiB answer whose client reads nothing. Each
   holds its upstream connection (the answer is larger than what the kernels and the
   gateway's 1 MiB read-ahead hold) until ``body_idle_s`` or ``timeout_s`` ends it:
-  fewer of them than the pool has, as an operator sizes ``max_connections``.
+  fewer of them than the pool has, as an operator sizes ``max_connections``;
+* ``SOCKETS`` idle WebSockets (a route of their own to an upstream ``ws`` on the same
+  server, whose ``max_connections`` has room for them: open WebSockets count against it),
+  opened and then left silent.
 
 The normal clients' p99 must stay within 2x of their p99 alone (or 10 ms above it,
 whichever is larger: on a shared 2-core machine a millisecond of scheduling noise would
@@ -20,7 +23,7 @@ most ``buffer_body_bytes``) plus one read (256 KiB); per slow reader the upstrea
 answer's buffer (1 MiB) plus one read and the client's write buffer (64 KiB), plus
 20 MiB for the connections' own state and the allocator.
 
-``ATTACKERS`` is the table of kinds: another kind (idle WebSockets, say) is one entry.
+``ATTACKERS`` is the table of kinds: another kind is one entry.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.timeout(60)]
 
 UPLOADERS = env_int("GATEWAY_HOSTILE_UPLOADERS", 60)
 READERS = env_int("GATEWAY_HOSTILE_READERS", 40)
+SOCKETS = env_int("GATEWAY_HOSTILE_WEBSOCKETS", 40)
 POOL = 50
 WORKERS = 4  # normal clients, each one request after the other
 MEASURE_S = 4.0
@@ -74,13 +78,30 @@ async def _slow_reader(gw: GatewayProcess) -> Writer:
     return writer
 
 
+async def _idle_websocket(gw: GatewayProcess) -> Writer:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return writer  # open, and silent from now on
+
+
 # (name, how many, how one is opened; its connection is held until the end)
 ATTACKERS: list[tuple[str, int, Opener]] = [
     ("stalled_uploads", UPLOADERS, _stalled_upload),
     ("slow_readers", READERS, _slow_reader),
+    ("idle_websockets", SOCKETS, _idle_websocket),
 ]
 # the documented bound (README, THREAT_MODEL): per kind, bytes one attacker may cost
-PER_ATTACKER = {"stalled_uploads": 200 * KIB + 256 * KIB, "slow_readers": MIB + 320 * KIB}
+PER_ATTACKER = {
+    "stalled_uploads": 200 * KIB + 256 * KIB,
+    "slow_readers": MIB + 320 * KIB,
+    "idle_websockets": 64 * KIB,
+}
 SLACK = 20 * MIB
 
 
@@ -109,13 +130,22 @@ async def _normal(gw: GatewayProcess, until: float) -> Tally:
     return tally
 
 
-async def test_stalled_uploads_and_slow_readers_leave_normal_clients_their_latency(
+async def test_stalled_uploads_slow_readers_and_idle_websockets_leave_normal_clients_their_latency(
     upstream: UpstreamProcess,
 ) -> None:
     cfg = gateway_config(
         upstream.url,
         request={"client_timeout_s": 30, "body_idle_s": 30},
-        upstreams={"api": {"url": upstream.url, "timeout_s": 30, "max_connections": POOL}},
+        upstreams={
+            "api": {"url": upstream.url, "timeout_s": 30, "max_connections": POOL},
+            "ws": {"url": upstream.url, "max_connections": SOCKETS + 10},
+        },
+        routes=[
+            {"name": "ws", "path_prefix": "/ws", "upstream": "ws"},
+            {"name": "api", "path_prefix": "/", "upstream": "api"},
+        ],
+        # every attacker comes from 127.0.0.1: one client, whose cap is not under test here
+        websocket={"max_per_client": SOCKETS + 10},
     )
     async with gateway_process(cfg, name="hostile") as gw:
         await _normal(gw, time.monotonic() + 1.0)  # warm-up
