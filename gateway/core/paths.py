@@ -13,16 +13,20 @@ The rules, in order:
    fragment has no place in a request target (RFC 9112 3.2), and a server that does not
    cut there would read what follows as path.
 2. Percent-encodings are decoded once: unreserved characters (``A-Z a-z 0-9 - . _ ~``),
-   ``%2F`` and ``%5C`` (both read as ``/``); every other one stays encoded, with upper-case
+   ``%2F`` and ``%5C`` (both read as ``/``) and ``%3B`` (read as ``;``: containers
+   disagree on whether they decode it before they cut path parameters, which is why
+   Spring's firewall refuses it); every other one stays encoded, with upper-case
    hex (RFC 3986 6.2.2).  Refused: a ``%`` not followed by two hex digits, an encoded
    control character (``%00``-``%1F``, ``%7F``), and a double encoding of ``.``, ``/``,
-   ``\\``, ``%`` or a control character (``%252e``): a component that decodes twice would
-   read a path other than the one decided on.
+   ``\\``, ``;``, ``%`` or a control character (``%252e``): a component that decodes twice
+   would read a path other than the one decided on.
 3. Non-ASCII characters (none come through the HTTP parser, which refuses them, but an
    ``/admin/explain`` path may hold some) are percent-encoded as UTF-8.  The encoded bytes
    must be UTF-8 (overlong forms such as ``%C0%AE`` are refused), and must not hold a
-   character that Unicode compatibility folding (NFKC, IIS "best fit") turns into one
-   of ``. / \\ ; % ? #`` (``%EF%BC%8E``, a full-width full stop).
+   character that an upstream's folding turns into ASCII: Unicode compatibility folding
+   (NFKC, IIS "best fit": ``%EF%BC%8E`` is a full stop, ``%EF%BD%81`` an ``a``, a no-break
+   space a space) or a one-letter case mapping (a dotless i, U+0131, upper-cases to ``I``, the
+   Kelvin sign lower-cases to ``k``).
 4. ``\\`` is read as ``/``.
 5. Each segment loses its ``;`` parameters (``/admin;x=1/`` is ``/admin/``, ``..;`` is
    ``..``) and its trailing spaces, then dot segments are removed (RFC 3986 5.2.4; ``..``
@@ -51,12 +55,10 @@ class PathError(ValueError):
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _HEX = frozenset(string.hexdigits)
-# characters a second decoding must not produce: dot, slash, backslash, percent
-_TWICE = frozenset(("2E", "2F", "5C", "25"))
+# characters a second decoding must not produce: dot, slash, backslash, semicolon, percent
+_TWICE = frozenset(("2E", "2F", "5C", "3B", "25"))
 _SPACES = ("%20", " ")
 _TAIL = (".", *_SPACES)
-# what compatibility folding must not produce out of a non-ASCII character
-_FOLD_MARKERS = "./\\;%?#"
 
 
 def canonical_path(target: str) -> str:
@@ -135,6 +137,8 @@ def _decode_once(path: str) -> str:
             out.append(char)
         elif byte in (0x2F, 0x5C):
             out.append("/")
+        elif byte == 0x3B:
+            out.append(";")
         elif byte < 0x20 or byte == 0x7F:
             raise PathError("an encoded control character in the request target")
         else:
@@ -160,11 +164,18 @@ def _check_twice(path: str) -> None:
 
 
 def _check_text(path: str) -> None:
-    """The percent-encoded bytes of ``path`` must be UTF-8 that folds to no separator."""
+    """The percent-encoded bytes of ``path`` must be UTF-8 with no character that folds to ASCII."""
     try:
         text = unquote_to_bytes(path).decode()
     except UnicodeDecodeError:
         raise PathError("the request target is not UTF-8") from None
-    folded = unicodedata.normalize("NFKC", text)
-    if folded != text and any(folded.count(c) != text.count(c) for c in _FOLD_MARKERS):
-        raise PathError("a character that reads as a separator once folded")
+    for char in set(text):
+        if char.isascii():
+            continue
+        lower, upper = char.lower(), char.upper()
+        if (
+            any(c.isascii() for c in unicodedata.normalize("NFKC", char))
+            or (len(lower) == 1 and lower.isascii())
+            or (len(upper) == 1 and upper.isascii())
+        ):
+            raise PathError("a character that reads as ASCII once folded")

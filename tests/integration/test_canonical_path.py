@@ -96,6 +96,9 @@ GUARD_SPELLINGS = [
     "/admin/",
     "/x/..;/admin",
     "http://h/x/..;/admin/x",
+    "/admin%3Bx=1/x",
+    "/x/..%3b/admin/x",
+    "/x/%2e%2e%3B/admin/x",
 ]
 
 
@@ -151,6 +154,13 @@ HOSTILE_TARGETS = [
     "/x/%ef%bc%8e%ef%bc%8e/admin/x",
     "/a%ffb",
     "/x#/../admin/x",
+    "/x/%253b/admin/x",
+    "/%EF%BD%81dmin/x",
+    "/admin%C2%A0/x",
+    "/admin%E3%80%80/x",
+    "/ad%C4%B1min/x",
+    "/%E2%84%AAey",
+    "/%EF%AC%81le",
 ]
 
 
