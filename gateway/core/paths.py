@@ -46,7 +46,7 @@ import string
 import unicodedata
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["PathError", "canonical_path"]
+__all__ = ["PathError", "canonical_path", "reads_as_authority"]
 
 
 class PathError(ValueError):
@@ -59,6 +59,22 @@ _HEX = frozenset(string.hexdigits)
 _TWICE = frozenset(("2E", "2F", "5C", "3B", "25"))
 _SPACES = ("%20", " ")
 _TAIL = (".", *_SPACES)
+
+
+# a path starting so is a network-path reference to URL parsers (RFC 3986 4.2; WHATWG
+# reads a backslash as a slash in http URLs)
+_AUTHORITY = ("//", "/\\")
+
+
+def reads_as_authority(target: str) -> bool:
+    """True when the target starts with two slashes (or a slash and a backslash).
+
+    WHATWG URL parsers (Node's ``new URL(req.url, base)``) and Python's ``urlsplit`` read
+    ``//h/admin/x`` as host ``h`` and path ``/admin/x``, while :func:`canonical_path`
+    merges the slashes into ``/h/admin/x``: no one reading serves every upstream, so the
+    pipeline refuses such a target (after scoring it, so ``//.env`` still counts).
+    """
+    return target.startswith(_AUTHORITY)
 
 
 def canonical_path(target: str) -> str:

@@ -25,7 +25,7 @@ from aiohttp import hdrs, web
 
 from gateway import problem
 from gateway.core.keys import policy_key, wire_form
-from gateway.core.paths import PathError, canonical_path
+from gateway.core.paths import PathError, canonical_path, reads_as_authority
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.core.wsguard import admission
 from gateway.http1 import BodyError, Request, Response
@@ -325,6 +325,8 @@ class ProxyHandler:
             ban = rt.bans.banned(ctx.ban_key)
             if ban is not None:
                 raise self._banned(snap, ban.expires_at)
+        if reads_as_authority(raw_path_qs):
+            raise Reject(400, "the request target starts with //", event="bad_request")
 
         route = snap.match(key)
         if route is None:

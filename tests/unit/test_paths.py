@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.core.paths import PathError, canonical_path
+from gateway.core.paths import PathError, canonical_path, reads_as_authority
 
 ROWS = [
     # already canonical: returned as it is
@@ -146,6 +146,23 @@ def test_canonical_path(target: str, expected: str | None) -> None:
             canonical_path(target)
     else:
         assert canonical_path(target) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("//h/admin", True),
+        ("///admin", True),
+        ("/\\h/admin", True),
+        ("//", True),
+        ("/", False),
+        ("/a//b", False),
+        ("/%2F/h", False),  # URL parsers do not decode before they look for a host
+        ("/.//h", False),
+    ],
+)
+def test_a_target_that_reads_as_an_authority(target: str, expected: bool) -> None:
+    assert reads_as_authority(target) is expected
 
 
 def test_the_table_covers_at_least_forty_spellings() -> None:
