@@ -179,6 +179,12 @@ def _check_twice(path: str) -> None:
             raise PathError("a doubly encoded character in the request target")
 
 
+def _one_ascii_letter(mapped: str) -> bool:
+    """A case mapping that is one ASCII letter, bar combining marks (the dotted capital I
+    lower-cases to ``i`` and a combining dot; Java's per-character mapping gives ``i``)."""
+    return mapped[0].isascii() and all(unicodedata.combining(c) for c in mapped[1:])
+
+
 def _check_text(path: str) -> None:
     """The percent-encoded bytes of ``path`` must be UTF-8 with no character that folds to ASCII."""
     try:
@@ -188,10 +194,7 @@ def _check_text(path: str) -> None:
     for char in set(text):
         if char.isascii():
             continue
-        lower, upper = char.lower(), char.upper()
-        if (
-            any(c.isascii() for c in unicodedata.normalize("NFKC", char))
-            or (len(lower) == 1 and lower.isascii())
-            or (len(upper) == 1 and upper.isascii())
+        if any(c.isascii() for c in unicodedata.normalize("NFKC", char)) or (
+            _one_ascii_letter(char.lower()) or _one_ascii_letter(char.upper())
         ):
             raise PathError("a character that reads as ASCII once folded")

@@ -105,6 +105,7 @@ ROWS = [
     ("/admin%e3%80%80/x", None),  # ideographic space
     ("/ad%c4%b1min", None),  # dotless i: upper() is I
     ("/%e2%84%aaey", None),  # Kelvin sign: lower() is k
+    ("/%c4%b0ndex", None),  # dotted capital I: lower() is i and a combining dot
     ("/%c5%bfecret", None),  # long s: NFKC is s
     ("/%ef%ac%81le", None),  # the fi ligature
     ("/stra%c3%9fe", "/stra%C3%9Fe"),  # ß upper-cases to two letters: not one letter
