@@ -135,7 +135,11 @@ class Gateway:
         self.proxy_port = int(sock.getsockname()[1])
 
         admin_app = create_admin_app(rt, self.reloader)
-        self._admin_runner = AdminRunner(admin_app, handle_signals=False, access_log=None)
+        # no admin endpoint reads a body: one in a coding is never inflated (a bad one made
+        # aiohttp log a traceback as it drained it)
+        self._admin_runner = AdminRunner(
+            admin_app, handle_signals=False, access_log=None, auto_decompress=False
+        )
         await self._admin_runner.setup()
         admin_site: web.BaseSite
         if is_any_ipv6(cfg.admin.host):

@@ -598,6 +598,29 @@ def _route_problems(
     return problems
 
 
+def _underscore_key_problems(data: Mapping[str, Any]) -> list[Problem]:
+    """A policy keyed on a field named with ``_`` under ``reject``: every request that
+    sends the field is refused, so the policy never sees it (as for a shared secret)."""
+    if _section(data.get("request"), "headers_with_underscores") != "reject":
+        return []
+    policies = _section(data.get("rate_limit"), "policies")
+    if not isinstance(policies, dict):
+        return []
+    problems: list[Problem] = []
+    for name, pol in policies.items():
+        key = _section(pol, "key")
+        if isinstance(key, str) and key.startswith("header:") and "_" in key:
+            header = key.removeprefix("header:").strip()
+            problems.append(
+                Problem(
+                    f"rate_limit.policies.{name}.key",
+                    f"{header!r} holds '_', and request.headers_with_underscores: "
+                    "reject refuses every request that sends it",
+                )
+            )
+    return problems
+
+
 def _cross_check(data: Mapping[str, Any]) -> list[Problem]:
     """Rules across fields (references between sections, orders between values).
 
@@ -615,6 +638,7 @@ def _cross_check(data: Mapping[str, Any]) -> list[Problem]:
     if isinstance(routes, list | tuple):
         underscores = _section(data.get("request"), "headers_with_underscores")
         problems.extend(_route_problems(routes, upstreams, policies, underscores))
+    problems.extend(_underscore_key_problems(data))
     abuse = data.get("abuse") or {}
     if isinstance(abuse, dict):
         ban_s = _number(abuse.get("ban_s"), Abuse.model_fields["ban_s"].default)

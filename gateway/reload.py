@@ -2,8 +2,10 @@
 
 A Kubernetes ConfigMap update swaps the ``..data`` symlink of the mounted
 directory; the file's own mtime does not change, so the watcher compares a hash of
-the content read through the path instead.  An invalid config keeps the last good
-one; a valid one is applied atomically (see :meth:`Runtime.apply`).
+the content read through the path instead, and acts on a content once two successive
+checks read it (a file rewritten in place is, for a moment, a prefix of itself that may
+be a valid config without a guard).  An invalid config keeps the last good one; a valid
+one is applied atomically (see :meth:`Runtime.apply`).
 
 Only a regular file of at most 1 MiB is read, opened without blocking
 (:func:`~gateway.config.read_config_bytes`): a path swapped for a FIFO, a device or a
@@ -53,15 +55,23 @@ class Reloader:
             return "unreadable: " + "; ".join(str(p) for p in exc.problems)
 
     async def _watch(self) -> None:
+        # a content is acted on once two successive checks read it: a file rewritten in
+        # place is a prefix of itself for a moment, and a prefix can be a valid config
+        # that lacks a guard (a route's source_cidrs on a line not yet written)
+        pending: str | None = None
         while True:
             await asyncio.sleep(self.rt.settings.config.reload.interval_s)
             digest = await asyncio.to_thread(self._digest)
-            if digest != self._seen:
-                self._seen = digest  # a bad file is reported once, not every tick
-                await self.reload("file_change")
+            if digest == self._seen or digest != pending:
+                pending = digest if digest != self._seen else None
+                continue
+            pending = None
+            self._seen = digest  # a bad file is reported once, not every tick
+            await self.reload("file_change", expect=digest)
 
-    async def reload(self, trigger: str) -> tuple[bool, list[str]]:
-        """Re-read and apply the config; return (applied, errors)."""
+    async def reload(self, trigger: str, expect: str | None = None) -> tuple[bool, list[str]]:
+        """Re-read and apply the config; return (applied, errors). ``expect``: the digest
+        the watcher saw twice; a content read now that differs is left to its next check."""
         rt = self.rt
         if self.path is None:
             return False, ["the gateway runs on built-in defaults: there is no file to reload"]
@@ -79,6 +89,9 @@ class Reloader:
                     "config_reload_failed", trigger=trigger, path=str(self.path), errors=errors
                 )
                 return False, errors
+            if expect is not None and settings.digest != expect:
+                self._seen = ""  # changed again since: the next checks decide
+                return False, ["the file changed while it was read"]
             self._seen = settings.digest
             needs_restart = rt.apply(settings)
             rt.metrics.config_reloads.labels("success").inc()

@@ -7,7 +7,7 @@ import hmac
 from typing import TYPE_CHECKING, Any
 
 from gateway.core.keys import policy_key, wire_form
-from gateway.core.paths import PathError, canonical_path
+from gateway.core.paths import PathError, canonical_path, reads_as_authority
 from gateway.stores.limiter import Check
 
 if TYPE_CHECKING:
@@ -68,6 +68,10 @@ async def explain_request(
     out["canonical_path"] = canon
     key = canon.lower()
     out["suspicious_path"] = snap.suspicious(key)
+    if reads_as_authority(path):
+        stop(400, "the request target starts with //")
+        out["verdict"] = verdict
+        return out
     route = snap.match(key)
     out["route"] = route.name if route else None
     if route is None:

@@ -73,7 +73,10 @@ def value_key(tag: str, value: str) -> str:
 def credential_form(value: str) -> str:
     """An ``Authorization`` value as its server reads it: the scheme is case-insensitive
     and one or more spaces part it from the credentials (RFC 9110 11.4, 11.6.2), so
-    ``bearer  T`` is ``Bearer T``: a client must not gain a budget per spelling."""
+    ``bearer  T`` is ``Bearer T``: a client must not gain a budget per spelling. A tab
+    counts as a space: servers split the value on any whitespace (``str.split()``)."""
+    if "\t" in value:
+        value = value.replace("\t", " ")
     scheme, sep, rest = value.partition(" ")
     if not sep:
         return value

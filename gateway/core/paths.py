@@ -13,16 +13,20 @@ The rules, in order:
    fragment has no place in a request target (RFC 9112 3.2), and a server that does not
    cut there would read what follows as path.
 2. Percent-encodings are decoded once: unreserved characters (``A-Z a-z 0-9 - . _ ~``),
-   ``%2F`` and ``%5C`` (both read as ``/``); every other one stays encoded, with upper-case
+   ``%2F`` and ``%5C`` (both read as ``/``) and ``%3B`` (read as ``;``: containers
+   disagree on whether they decode it before they cut path parameters, which is why
+   Spring's firewall refuses it); every other one stays encoded, with upper-case
    hex (RFC 3986 6.2.2).  Refused: a ``%`` not followed by two hex digits, an encoded
    control character (``%00``-``%1F``, ``%7F``), and a double encoding of ``.``, ``/``,
-   ``\\``, ``%`` or a control character (``%252e``): a component that decodes twice would
-   read a path other than the one decided on.
+   ``\\``, ``;``, ``%`` or a control character (``%252e``): a component that decodes twice
+   would read a path other than the one decided on.
 3. Non-ASCII characters (none come through the HTTP parser, which refuses them, but an
    ``/admin/explain`` path may hold some) are percent-encoded as UTF-8.  The encoded bytes
    must be UTF-8 (overlong forms such as ``%C0%AE`` are refused), and must not hold a
-   character that Unicode compatibility folding (NFKC, IIS "best fit") turns into one
-   of ``. / \\ ; % ? #`` (``%EF%BC%8E``, a full-width full stop).
+   character that an upstream's folding turns into ASCII: Unicode compatibility folding
+   (NFKC, IIS "best fit": ``%EF%BC%8E`` is a full stop, ``%EF%BD%81`` an ``a``, a no-break
+   space a space) or a one-letter case mapping (a dotless i, U+0131, upper-cases to ``I``, the
+   Kelvin sign lower-cases to ``k``).
 4. ``\\`` is read as ``/``.
 5. Each segment loses its ``;`` parameters (``/admin;x=1/`` is ``/admin/``, ``..;`` is
    ``..``) and its trailing spaces, then dot segments are removed (RFC 3986 5.2.4; ``..``
@@ -42,7 +46,7 @@ import string
 import unicodedata
 from urllib.parse import unquote_to_bytes
 
-__all__ = ["PathError", "canonical_path"]
+__all__ = ["PathError", "canonical_path", "reads_as_authority"]
 
 
 class PathError(ValueError):
@@ -51,12 +55,26 @@ class PathError(ValueError):
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _HEX = frozenset(string.hexdigits)
-# characters a second decoding must not produce: dot, slash, backslash, percent
-_TWICE = frozenset(("2E", "2F", "5C", "25"))
+# characters a second decoding must not produce: dot, slash, backslash, semicolon, percent
+_TWICE = frozenset(("2E", "2F", "5C", "3B", "25"))
 _SPACES = ("%20", " ")
 _TAIL = (".", *_SPACES)
-# what compatibility folding must not produce out of a non-ASCII character
-_FOLD_MARKERS = "./\\;%?#"
+
+
+# a path starting so is a network-path reference to URL parsers (RFC 3986 4.2; WHATWG
+# reads a backslash as a slash in http URLs)
+_AUTHORITY = ("//", "/\\")
+
+
+def reads_as_authority(target: str) -> bool:
+    """True when the target starts with two slashes (or a slash and a backslash).
+
+    WHATWG URL parsers (Node's ``new URL(req.url, base)``) and Python's ``urlsplit`` read
+    ``//h/admin/x`` as host ``h`` and path ``/admin/x``, while :func:`canonical_path`
+    merges the slashes into ``/h/admin/x``: no one reading serves every upstream, so the
+    pipeline refuses such a target (after scoring it, so ``//.env`` still counts).
+    """
+    return target.startswith(_AUTHORITY)
 
 
 def canonical_path(target: str) -> str:
@@ -135,6 +153,8 @@ def _decode_once(path: str) -> str:
             out.append(char)
         elif byte in (0x2F, 0x5C):
             out.append("/")
+        elif byte == 0x3B:
+            out.append(";")
         elif byte < 0x20 or byte == 0x7F:
             raise PathError("an encoded control character in the request target")
         else:
@@ -159,12 +179,22 @@ def _check_twice(path: str) -> None:
             raise PathError("a doubly encoded character in the request target")
 
 
+def _one_ascii_letter(mapped: str) -> bool:
+    """A case mapping that is one ASCII letter, bar combining marks (the dotted capital I
+    lower-cases to ``i`` and a combining dot; Java's per-character mapping gives ``i``)."""
+    return mapped[0].isascii() and all(unicodedata.combining(c) for c in mapped[1:])
+
+
 def _check_text(path: str) -> None:
-    """The percent-encoded bytes of ``path`` must be UTF-8 that folds to no separator."""
+    """The percent-encoded bytes of ``path`` must be UTF-8 with no character that folds to ASCII."""
     try:
         text = unquote_to_bytes(path).decode()
     except UnicodeDecodeError:
         raise PathError("the request target is not UTF-8") from None
-    folded = unicodedata.normalize("NFKC", text)
-    if folded != text and any(folded.count(c) != text.count(c) for c in _FOLD_MARKERS):
-        raise PathError("a character that reads as a separator once folded")
+    for char in set(text):
+        if char.isascii():
+            continue
+        if any(c.isascii() for c in unicodedata.normalize("NFKC", char)) or (
+            _one_ascii_letter(char.lower()) or _one_ascii_letter(char.upper())
+        ):
+            raise PathError("a character that reads as ASCII once folded")

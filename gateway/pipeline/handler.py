@@ -26,7 +26,7 @@ from aiohttp import hdrs, web
 from gateway import problem
 from gateway.core.framing import FramingError, request_host
 from gateway.core.keys import policy_key, wire_form
-from gateway.core.paths import PathError, canonical_path
+from gateway.core.paths import PathError, canonical_path, reads_as_authority
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.core.wsguard import admission
 from gateway.downstream.protocol import Body, BodyError, Request, Response
@@ -354,6 +354,8 @@ class ProxyHandler:
             ban = rt.bans.banned(ctx.ban_key)
             if ban is not None:
                 raise self._banned(snap, ban.expires_at)
+        if reads_as_authority(raw_path_qs):
+            raise Reject(400, "the request target starts with //", event="bad_request")
 
         route = snap.match(key)
         if route is None:

@@ -83,7 +83,7 @@ GUARD_SPELLINGS = [
     "/x%2f..%2fadmin/x",
     "/x/.;/../admin/x",
     "/x/..;jsessionid=0/admin/x",
-    "//admin//x",
+    "/admin//x",
     "/../admin/x",
     "/%61dmin/x",
     "/ADMIN/x",
@@ -96,6 +96,9 @@ GUARD_SPELLINGS = [
     "/admin/",
     "/x/..;/admin",
     "http://h/x/..;/admin/x",
+    "/admin%3Bx=1/x",
+    "/x/..%3b/admin/x",
+    "/x/%2e%2e%3B/admin/x",
 ]
 
 
@@ -151,6 +154,13 @@ HOSTILE_TARGETS = [
     "/x/%ef%bc%8e%ef%bc%8e/admin/x",
     "/a%ffb",
     "/x#/../admin/x",
+    "/x/%253b/admin/x",
+    "/%EF%BD%81dmin/x",
+    "/admin%C2%A0/x",
+    "/admin%E3%80%80/x",
+    "/ad%C4%B1min/x",
+    "/%E2%84%AAey",
+    "/%EF%AC%81le",
 ]
 
 
@@ -174,7 +184,7 @@ async def test_an_undecodable_or_hostile_target_is_400_and_reaches_nothing(rec: 
 
 
 SUSPICIOUS_SPELLINGS = [
-    "//.env",
+    "/x//../.env",
     "/./.env",
     "/x/../.env",
     "/x/..;/.env",
@@ -186,7 +196,7 @@ SUSPICIOUS_SPELLINGS = [
     "/.env%20",
     "/.ENV",
     "/.Env?x=1",
-    "//.git/config",
+    "/.git//config",
     "/.GIT/config",
     "/x/..\\.git/HEAD",
     "/WP-ADMIN",
@@ -212,6 +222,59 @@ async def test_a_suspicious_path_is_scored_in_every_spelling(rec: Any) -> None:
                 not_banned[target] = second[:12]
     assert not_banned == {}
     assert len(r.targets) == len(SUSPICIOUS_SPELLINGS)
+
+
+AUTHORITY_SPELLINGS = [
+    "//h/admin/x",
+    "///admin/x",
+    "/\\h/admin/x",
+    "/\\/h/admin/x",
+    "//admin//x",
+    "//admin",
+    "http://h//h/admin/x",
+]
+
+
+async def test_a_target_starting_with_two_slashes_is_400(rec: Any) -> None:
+    """WHATWG URL parsers (Node's ``new URL(req.url, base)``) and Python's ``urlsplit``
+    read ``//h/admin/x`` as host ``h`` and path ``/admin/x`` (a backslash counts as a
+    slash to WHATWG); merged, the slashes read ``/h/admin/x``. No one path: refused."""
+    r, up_url = rec
+    async with running_gateway(_guarded(up_url)) as gw:
+        assert gw.proxy_port is not None
+        answers = {
+            target: await raw_exchange(gw.proxy_port, _get(target), wait_s=0.5)
+            for target in AUTHORITY_SPELLINGS
+        }
+        ws = await raw_exchange(
+            gw.proxy_port,
+            _get(
+                "//h/admin/ws",
+                "Connection: Upgrade",
+                "Upgrade: websocket",
+                "Sec-WebSocket-Version: 13",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                close=False,
+            ),
+            wait_s=0.5,
+        )
+    assert {t: a[:12] for t, a in answers.items() if _status(a) != 400} == {}
+    assert _status(ws) == 400
+    assert r.targets == []
+
+
+async def test_a_probe_starting_with_two_slashes_is_still_scored(rec: Any) -> None:
+    """``//.env`` is refused, and scored as the probe it is: the second one is banned."""
+    r, up_url = rec
+    cfg = base_config(up_url, abuse={"ban_score": 50}, trusted_proxies=["127.0.0.0/8"])
+    async with running_gateway(cfg) as gw:
+        assert gw.proxy_port is not None
+        for i, target in enumerate(["//.env", "//.git/config", "/\\.env"]):
+            xff = f"X-Forwarded-For: 203.0.113.{i}"
+            first = await raw_exchange(gw.proxy_port, _get(target, xff), wait_s=0.5)
+            second = await raw_exchange(gw.proxy_port, _get(target, xff), wait_s=0.5)
+            assert (_status(first), _status(second)) == (400, 403), target
+    assert r.targets == []
 
 
 async def test_the_upstream_receives_the_target_exactly_as_sent(rec: Any) -> None:
@@ -249,6 +312,7 @@ async def test_explain_reads_the_path_as_the_pipeline_does(rec: Any) -> None:
         probe = await explain("//.ENV")
         assert probe["suspicious_path"] is True
         assert probe["canonical_path"] == "/.ENV"
+        assert probe["verdict"].startswith("400")  # a target starting with //
         bad = await explain("/a%00")
         assert bad["canonical_path"] is None
         assert bad["verdict"].startswith("400")

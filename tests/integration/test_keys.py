@@ -117,6 +117,15 @@ async def test_a_credential_spelled_otherwise_spends_the_same_budget(gateway: Ga
     assert [await _status(gateway, v) for v in spellings] == [200, 200, 429]
 
 
+async def test_a_tab_after_the_scheme_spends_the_same_budget(gateway: Gateway) -> None:
+    """Servers that split Authorization on any whitespace (Django REST framework's
+    ``split()``, most token middlewares) read ``Bearer<TAB>T`` as ``Bearer T``: each
+    mix of tabs and spaces must not be another budget."""
+    token = b"t" * 100
+    spellings = [b"Bearer\t" + token, b"bearer \t " + token, b"Bearer\t\t" + token]
+    assert [await _status(gateway, v) for v in spellings] == [200, 200, 429]
+
+
 async def test_two_fields_of_the_keyed_header_are_refused(gateway: Gateway) -> None:
     """Which one is the client's? The upstream may read the other: refused, so a junk
     first field cannot buy a fresh budget for the real one."""

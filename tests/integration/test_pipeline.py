@@ -253,7 +253,7 @@ async def test_route_guards_source_cidrs_and_shared_secret(up: Any) -> None:
         "/x/../admin/users",
         "/x/%2e%2e/admin/users",
         "/x%2F..%2Fadmin/users",
-        "//admin/users",
+        "/admin//users",
         "/admin/./users",
         "http://h/x/../admin/users",
     ],

@@ -296,3 +296,53 @@ async def test_a_path_that_is_not_a_config_file_is_a_failed_reload(
     finally:
         unblock_fifos(tmp_path)
         await gw.drain()
+
+
+async def test_a_file_caught_half_written_is_not_applied(tmp_path: Path, upstream: str) -> None:
+    """A writer that rewrites the file in place (an editor, ``cat >``, a bind mount edited
+    on the host) leaves a prefix of the new file for a moment; a prefix that is valid YAML
+    can drop a guard (here the route's ``source_cidrs``, on the line not yet written).
+    The watcher applies a content only once two successive checks read the same."""
+    path = tmp_path / "gateway.yaml"
+    guarded = (
+        "routes:\n"
+        "  - name: admin\n"
+        "    path_prefix: /admin/\n"
+        "    upstream: api\n"
+        "    source_cidrs: [10.0.0.0/8]\n"
+    )
+    cfg = base_config(upstream, reload={"interval_s": 0.5})
+    del cfg["routes"]
+    head = yaml.safe_dump(cfg)
+    path.write_text(head + guarded)
+    gw = await _start(path)
+    read = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    check = gw.reloader._digest
+
+    def spy() -> str:  # the watcher's check, in its thread: tell the test it read
+        digest = check()
+        loop.call_soon_threadsafe(read.set)
+        return digest
+
+    gw.reloader._digest = spy  # type: ignore[method-assign]
+    try:
+        v2 = head + guarded.replace("admin", "admin2", 1)  # a harmless change, in place
+        cut = v2.index("    source_cidrs")
+        with path.open("r+") as f:
+            f.truncate(0)
+            f.write(v2[:cut])  # valid YAML: the route without its guard
+            f.flush()
+            read.clear()
+            await asyncio.wait_for(read.wait(), 2)  # the watcher has read the prefix ...
+            await asyncio.sleep(0.15)  # ... and had time to apply it, before its next check
+            async with aiohttp.ClientSession() as s, s.get(url(gw, "/admin/x")) as r:
+                during = r.status
+            f.write(v2[cut:])
+        assert await wait_for(lambda: gw.runtime.snapshot.routes[0].name == "admin2")
+        assert during == 403
+        async with aiohttp.ClientSession() as s, s.get(url(gw, "/admin/x")) as r:
+            assert r.status == 403
+        assert _count(gw, "success") == 1
+    finally:
+        await gw.drain()

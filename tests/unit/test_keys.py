@@ -128,6 +128,9 @@ def test_policy_key(kind: str, value: str | None, expected: str) -> None:
         ("Bearer AbC", "bearer AbC"),  # credentials keep their case
         ("token-without-scheme", "token-without-scheme"),
         ("Digest a=1, b=2", "digest a=1, b=2"),
+        ("Bearer\tabc", "bearer abc"),  # a tab parts them too (servers split on whitespace)
+        ("bearer \t \tabc", "bearer abc"),
+        ("Bearer\tabc def", "bearer abc def"),
     ],
 )
 def test_credential_form(value: str, expected: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.core.paths import PathError, canonical_path
+from gateway.core.paths import PathError, canonical_path, reads_as_authority
 
 ROWS = [
     # already canonical: returned as it is
@@ -40,7 +40,13 @@ ROWS = [
     ("/x/..;jsessionid=1/admin", "/admin"),
     ("/x/.;/admin", "/x/admin"),
     ("/admin/;x", "/admin/"),
-    ("/a%3bb;c/d", "/a%3Bb/d"),  # an encoded ; is data, not a delimiter
+    # an encoded ; is a delimiter too: Spring's firewall refuses %3B because containers
+    # disagree on whether they decode it before they cut path parameters
+    ("/a%3bb;c/d", "/a/d"),
+    ("/admin%3Bx=1/x", "/admin/x"),
+    ("/x/..%3b/admin", "/admin"),
+    ("/x/%2e%2e%3B/admin", "/admin"),
+    ("/x/%253b/admin", None),
     # backslashes, raw and encoded
     ("/x/..\\admin/x", "/admin/x"),
     ("\\admin", None),  # not a path (it does not start with /)
@@ -91,6 +97,19 @@ ROWS = [
     ("/x/%ef%bc%8fadmin", None),  # full-width solidus
     ("/x/%e2%80%a5/admin", None),  # two dot leader
     ("/\ufe52\ufe52/admin", None),
+    # a character that folds (NFKC) or changes case into ASCII spells a letter, a space
+    # or a separator for an upstream that folds: a full-width a makes /admin
+    ("/%ef%bd%81dmin/x", None),  # full-width a
+    ("/\uff41dmin/x", None),
+    ("/admin%c2%a0/x", None),  # no-break space
+    ("/admin%e3%80%80/x", None),  # ideographic space
+    ("/ad%c4%b1min", None),  # dotless i: upper() is I
+    ("/%e2%84%aaey", None),  # Kelvin sign: lower() is k
+    ("/%c4%b0ndex", None),  # dotted capital I: lower() is i and a combining dot
+    ("/%c5%bfecret", None),  # long s: NFKC is s
+    ("/%ef%ac%81le", None),  # the fi ligature
+    ("/stra%c3%9fe", "/stra%C3%9Fe"),  # ß upper-cases to two letters: not one letter
+    ("/%c3%a9t%c3%a9", "/%C3%A9t%C3%A9"),
     # trailing dots (Windows drops them)
     ("/admin./x", "/admin/x"),
     ("/.env.", "/.env"),
@@ -128,6 +147,23 @@ def test_canonical_path(target: str, expected: str | None) -> None:
             canonical_path(target)
     else:
         assert canonical_path(target) == expected
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("//h/admin", True),
+        ("///admin", True),
+        ("/\\h/admin", True),
+        ("//", True),
+        ("/", False),
+        ("/a//b", False),
+        ("/%2F/h", False),  # URL parsers do not decode before they look for a host
+        ("/.//h", False),
+    ],
+)
+def test_a_target_that_reads_as_an_authority(target: str, expected: bool) -> None:
+    assert reads_as_authority(target) is expected
 
 
 def test_the_table_covers_at_least_forty_spellings() -> None:
