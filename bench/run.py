@@ -383,11 +383,18 @@ def start_nginx(
 
 
 def gateway_config(
-    tmp: Path, name: str, *, port: int, admin_port: int, up_port: int, backend: str
+    tmp: Path,
+    name: str,
+    *,
+    port: int,
+    admin_port: int,
+    up_port: int,
+    backend: str,
+    bench_dir: Path = BENCH,
 ) -> Path:
     import yaml  # noqa: PLC0415 - a dependency of the gateway, present in its venv
 
-    cfg: dict[str, Any] = yaml.safe_load((BENCH / "gateway-memory.yaml").read_text())
+    cfg: dict[str, Any] = yaml.safe_load((bench_dir / "gateway-memory.yaml").read_text())
     cfg["listen"]["port"] = port
     cfg["admin"]["port"] = admin_port
     cfg["upstreams"]["api"]["url"] = f"http://127.0.0.1:{up_port}"
@@ -398,12 +405,23 @@ def gateway_config(
 
 
 def spawn_gateway(
-    children: Children, name: str, config: Path, *, port: int, cpu: int, redis_url: str | None
+    children: Children,
+    name: str,
+    config: Path,
+    *,
+    port: int,
+    cpu: int,
+    redis_url: str | None,
+    source: Path | None = None,
 ) -> Proc:
+    """``source``: another checkout whose ``gateway`` package runs instead of this one
+    (an A/B in one run; its dependencies are this virtualenv's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["PYTHONUNBUFFERED"] = "1"  # as in the Dockerfile: stdout unbuffered, like production
     if redis_url:
         env["GATEWAY_REDIS_URL"] = redis_url
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     return children.spawn(name, argv, cpu=cpu, port=port, env=env)
 
@@ -697,6 +715,10 @@ def ratio(a: float, b: float) -> float:
 INFO = "info"  # a row that is reported, not judged
 
 
+AB_TOLERANCE = 0.03
+"""An A/B (``--base``) whose change costs more than this against nginx needs a reason."""
+
+
 def verdict(ok: bool | str | None) -> str:
     if isinstance(ok, str):
         return ok
@@ -755,6 +777,21 @@ def checks(targets: list[Target], extra: Extra, direct_p50: float) -> list[str]:
     by = {t.key: t for t in targets}
     nginx, naive, mem, red = (by.get(k) for k in ("nginx", "naive", "gw-memory", "gw-redis"))
     rows: list[tuple[str, str, str, bool | str | None]] = []
+    base = by.get("gw-base")
+    if base is not None and mem is not None and nginx is not None:
+        a, b = ratio(mem.per_cpu_s, nginx.per_cpu_s), ratio(base.per_cpu_s, nginx.per_cpu_s)
+        change = ratio(a, b) - 1
+        rows.append(
+            (
+                "A/B: gw-memory vs gw-base, x nginx (req per CPU-s)",
+                f"within {AB_TOLERANCE:.0%}",
+                (
+                    f"{fmt(a, 3)}x vs {fmt(b, 3)}x ({change:+.1%}; paired req/s"
+                    f" {fmt(paired_ratio(mem, base), 3)}x)"
+                ),
+                at_least(change, -AB_TOLERANCE),
+            )
+        )
     if mem is not None and nginx is not None:
         r = ratio(mem.per_cpu_s, nginx.per_cpu_s)
         rows.append(
@@ -881,6 +918,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-redis", action="store_true", help="leave out the redis variant")
     p.add_argument("--no-install", action="store_true", help="never run apt-get")
     p.add_argument("--out", type=Path, default=BENCH / "results.md", help="markdown report path")
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="another checkout of the gateway (e.g. a `git worktree` of an older commit) to run"
+        " beside gw-memory as gw-base, rounds interleaved: an A/B of two commits in one run",
+    )
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (4.0 if args.quick else 8.0)
@@ -991,6 +1034,24 @@ def start_targets(
     )
     proc = spawn_gateway(children, "gw-memory", cfg, port=port, cpu=proxy_cpu, redis_url=None)
     targets.append(Target("gw-memory", "the gateway, full pipeline, memory backend", proc, admin))
+
+    if args.base is not None:  # the same, from another checkout (its own bench config)
+        port, admin = free_port(), free_port()
+        base = args.base.resolve()
+        cfg = gateway_config(
+            tmp,
+            "gw-base",
+            port=port,
+            admin_port=admin,
+            up_port=up_port,
+            backend="memory",
+            bench_dir=base / "bench",
+        )
+        proc = spawn_gateway(
+            children, "gw-base", cfg, port=port, cpu=proxy_cpu, redis_url=None, source=base
+        )
+        what = f"the gateway of {base}, full pipeline, memory backend (A/B base)"
+        targets.append(Target("gw-base", what, proc, admin))
 
     if not args.skip_redis and args.redis_url is None:
         args.redis_url, args.redis_proc = start_redis(children, cpu=cpus()[0])

@@ -49,7 +49,7 @@ ISSUER, AUDIENCE = "https://auth.example.com", "api"
 
 def _claims(**overrides: Any) -> dict[str, Any]:
     now = int(time.time())
-    claims: dict[str, Any] = {"sub": "user-1", "exp": now + 300, "iss": ISSUER, "aud": AUDIENCE}
+    claims: dict[str, Any] = {"sub": "user-1", "exp": now + 86400, "iss": ISSUER, "aud": AUDIENCE}
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
 
