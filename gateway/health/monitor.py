@@ -44,7 +44,6 @@ import asyncpg
 
 from gateway import __version__
 from gateway.config import Database, DatabaseCheck, Liveness, RedisHealth, Settings, Upstream
-from gateway.core.breaker import State
 from gateway.core.health import (
     ComponentHealth,
     Status,
@@ -55,32 +54,13 @@ from gateway.core.health import (
 from gateway.logs import get_logger
 from gateway.metrics import HEALTH_STATUSES, Metrics
 
-__all__ = ["HealthMonitor", "breaker_observer"]
+__all__ = ["HealthMonitor"]
 
 _T = TypeVar("_T")
 
 _MAX_HEALTH_BODY = 65_536  # read at most this much of a health response (keep-alive reuse)
 _MAX_MESSAGE = 200
 _CLOSE_TIMEOUT_S = 1.0
-
-
-def breaker_observer(upstream: str, metrics: Metrics, log: Any) -> Callable[[State, State], None]:
-    """An ``on_transition`` callback for :class:`~gateway.core.breaker.Breaker`.
-
-    Logs ``circuit_transition`` (warning when opening) and updates
-    ``circuit_transitions_total`` and ``circuit_state``.  The initial ``closed`` state
-    is not reported: call ``metrics.set_circuit_state(upstream, "closed")`` when the
-    breaker is made.
-    """
-    transitions = metrics.circuit_transitions
-
-    def on_transition(frm: State, to: State) -> None:
-        transitions.labels(upstream, frm.value, to.value).inc()
-        metrics.set_circuit_state(upstream, to.value)
-        emit = log.warning if to is State.OPEN else log.info
-        emit("circuit_transition", upstream=upstream, from_state=frm.value, to_state=to.value)
-
-    return on_transition
 
 
 def _describe(exc: BaseException) -> str:
