@@ -55,7 +55,8 @@ from gateway.config import Abuse
 from gateway.core.abuse import OFFENCE_MEMORY_FACTOR
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.stores.bans import Ban, BanStore, MemoryBanStore, unknown_event
+from gateway.stores.bans import Ban, BanStore, by_banned_at, unknown_event
+from gateway.stores.memory.bans import MemoryBanStore
 from gateway.tasks import stop_task
 
 __all__ = ["RedisBanStore"]
@@ -557,7 +558,7 @@ class RedisBanStore(BanStore):
         for ip, ban in self._local.bans.items():
             if ip not in bans or bans[ip].expires_at < ban.expires_at:
                 bans[ip] = ban
-        return sorted((b for b in bans.values() if b.expires_at > now), key=_banned_at)
+        return sorted((b for b in bans.values() if b.expires_at > now), key=by_banned_at)
 
     async def unban(self, ip: str) -> bool:
         now = self._clock()
@@ -613,7 +614,3 @@ class RedisBanStore(BanStore):
                 async with asyncio.timeout(self._io_timeout_s):
                     await self._flush()
         await self._local.close()
-
-
-def _banned_at(ban: Ban) -> float:
-    return ban.banned_at

@@ -91,7 +91,7 @@ from gateway.stores.limiter import (
     bounded_key,
     unlimited,
 )
-from gateway.stores.memory_limiter import MemoryLimiter
+from gateway.stores.memory.limiter import MemoryLimiter
 from gateway.stores.redis.client import make_redis
 from gateway.stores.redis.resp import (
     Endpoint,
