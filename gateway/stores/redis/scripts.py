@@ -17,7 +17,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.stores.redis.resp import pack_command
 
-__all__ = ["Call", "Script", "is_noscript", "load_script"]
+__all__ = ["Call", "Script", "is_noscript", "load_script", "reply_text"]
 
 Call = tuple[Sequence[Any], Sequence[Any]]
 """One script call: its keys, its arguments."""
@@ -28,6 +28,11 @@ def load_script(name: str) -> str:
     return resources.files("gateway.stores.redis").joinpath("lua", name).read_text("utf-8")
 
 
+def reply_text(value: Any) -> str:
+    """A script's reply item as text (clients may decode replies or not)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def is_noscript(exc: object) -> bool:
     """Whether a reply (of the lean connection: an instance, not raised) is NOSCRIPT."""
     return isinstance(exc, ResponseError) and str(exc).startswith("NOSCRIPT")
@@ -36,17 +41,17 @@ def is_noscript(exc: object) -> bool:
 class Script:
     """A Lua script called by SHA, loaded again after NOSCRIPT."""
 
-    __slots__ = ("load_command", "sha", "source")
+    __slots__ = ("load_command", "sha", "text")
 
     def __init__(self, name: str) -> None:
-        self.source = load_script(name)
-        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+        self.text = load_script(name)
+        self.sha = hashlib.sha1(self.text.encode(), usedforsecurity=False).hexdigest()
         # for the lean connection (gateway.stores.redis.resp): written ahead of a retry
-        self.load_command = pack_command("SCRIPT", "LOAD", self.source)
+        self.load_command = pack_command("SCRIPT", "LOAD", self.text)
 
     async def load(self, redis: Any) -> None:
         """Load the script into ``redis`` (a redis-py client)."""
-        await redis.script_load(self.source)
+        await redis.script_load(self.text)
 
     async def run(self, redis: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """One call through redis-py; NOSCRIPT: load, call again."""
