@@ -50,7 +50,7 @@ from redis.asyncio import Redis
 from gateway.core.gcra import Rate
 from gateway.metrics import Metrics
 from gateway.stores.limiter import Check, Limiter
-from gateway.stores.memory_limiter import MemoryLimiter
+from gateway.stores.memory.limiter import MemoryLimiter
 from gateway.stores.redis.limiter import RedisLimiter
 
 RATE = Rate(100, 1.0, 200)  # the default per-ip policy

@@ -8,11 +8,14 @@ once (``bind``) so that recording a request is a few attribute look-ups.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__
+from gateway.core.breaker import State
 from gateway.loopmetrics import LoopCounter, LoopGauge, LoopHistogram
 
 LATENCY_BUCKETS = (
@@ -22,7 +25,13 @@ LATENCY_BUCKETS = (
 CIRCUIT_STATES = ("closed", "open", "half_open")
 HEALTH_STATUSES = ("healthy", "degraded", "unhealthy")
 
-__all__ = ["CIRCUIT_STATES", "CONTENT_TYPE_LATEST", "HEALTH_STATUSES", "Metrics"]
+__all__ = [
+    "CIRCUIT_STATES",
+    "CONTENT_TYPE_LATEST",
+    "HEALTH_STATUSES",
+    "Metrics",
+    "breaker_observer",
+]
 
 
 class Metrics:
@@ -126,3 +135,22 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def breaker_observer(upstream: str, metrics: Metrics, log: Any) -> Callable[[State, State], None]:
+    """An ``on_transition`` callback for :class:`~gateway.core.breaker.Breaker`.
+
+    Logs ``circuit_transition`` (warning when opening) and updates
+    ``circuit_transitions_total`` and ``circuit_state``.  The initial ``closed`` state
+    is not reported: call ``metrics.set_circuit_state(upstream, "closed")`` when the
+    breaker is made.
+    """
+    transitions = metrics.circuit_transitions
+
+    def on_transition(frm: State, to: State) -> None:
+        transitions.labels(upstream, frm.value, to.value).inc()
+        metrics.set_circuit_state(upstream, to.value)
+        emit = log.warning if to is State.OPEN else log.info
+        emit("circuit_transition", upstream=upstream, from_state=frm.value, to_state=to.value)
+
+    return on_transition

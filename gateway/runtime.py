@@ -18,8 +18,7 @@ from gateway.logs import AccessLog, EventBudget, get_logger
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.pipeline.snapshot import Snapshot
 from gateway.pipeline.wsregistry import WebSocketRegistry
-from gateway.stores.bans import make_ban_store
-from gateway.stores.limiter import make_limiter
+from gateway.stores import make_ban_store, make_limiter
 from gateway.upstream.state import UpstreamState
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The rate-limiter interface shared by the memory and Redis backends, and its factory.
+"""The rate-limiter interface shared by the memory and Redis backends.
 
 The pipeline resolves each applicable policy to a :class:`Check` (policy name, its
 :class:`~gateway.core.gcra.Rate`, the client key) and asks a :class:`Limiter` for one
@@ -10,6 +10,9 @@ any of them refuses, and the budget of the policies that allowed it is still con
 second round trip to Redis, and would let a client that is over one limit probe the
 others for free.
 
+The backends are :mod:`gateway.stores.memory.limiter`, :mod:`gateway.stores.redis.limiter`
+and :mod:`gateway.stores.noredis`; :func:`gateway.stores.make_limiter` picks one.
+
 Every backend failure surfaces in one way only: :class:`BackendUnavailable`, raised
 by :meth:`Limiter.decide` when ``on_backend_error`` is ``deny``.  With ``local`` and
 ``allow`` the limiter answers anyway and counts the failure in
@@ -18,7 +21,6 @@ by :meth:`Limiter.decide` when ``on_backend_error`` is ``deny``.  With ``local``
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -26,7 +28,6 @@ from typing import NamedTuple
 from gateway.config import RateLimit
 from gateway.core.gcra import Decision, Rate
 from gateway.core.keys import digest
-from gateway.metrics import Metrics
 
 __all__ = [
     "MAX_KEY_CHARS",
@@ -34,9 +35,7 @@ __all__ = [
     "Check",
     "Clock",
     "Limiter",
-    "NoRedisLimiter",
     "bounded_key",
-    "make_limiter",
     "rates_from_config",
     "unlimited",
 ]
@@ -133,109 +132,3 @@ def bounded_key(key: str) -> str:
     if len(key) <= MAX_KEY_CHARS:
         return key
     return "#" + digest(key)
-
-
-def make_limiter(
-    cfg: RateLimit,
-    redis_url: str | None,
-    *,
-    metrics: Metrics,
-    redis: object | None = None,
-    clock: Clock = time.monotonic,
-    key_prefix: str = "gw:",
-) -> Limiter:
-    """The limiter for ``cfg.backend``.
-
-    ``redis`` is an existing client (from :func:`gateway.stores.redis.client.make_redis`)
-    to share; otherwise one is made from ``redis_url``.  ``key_prefix`` starts every
-    Redis key (two deployments sharing a Redis give different prefixes).
-    """
-    # Imported here: both backends import this module for the shared types.
-    from gateway.stores.memory_limiter import MemoryLimiter  # noqa: PLC0415
-
-    rates = rates_from_config(cfg)
-    if cfg.backend == "memory":
-        return MemoryLimiter(rates, max_keys=cfg.max_keys, clock=clock)
-
-    if redis is None and not redis_url:
-        # the config loader warned about the unset variable: on_backend_error applies
-        return NoRedisLimiter(
-            rates, metrics=metrics, on_backend_error=cfg.on_backend_error, max_keys=cfg.max_keys
-        )
-
-    from gateway.stores.redis.limiter import RedisLimiter  # noqa: PLC0415
-
-    return RedisLimiter(
-        rates,
-        redis_url=redis_url,
-        redis=redis,
-        metrics=metrics,
-        on_backend_error=cfg.on_backend_error,
-        max_keys=cfg.max_keys,
-        clock=clock,
-        key_prefix=key_prefix,
-    )
-
-
-class NoRedisLimiter(Limiter):
-    """The redis backend with no Redis URL set: every decision is a backend error.
-
-    What follows is ``on_backend_error``: ``deny`` refuses (503), ``allow`` lets all
-    through, ``local`` applies the limits in this process alone.
-    """
-
-    RETRY_AFTER_S = 2.0
-
-    def __init__(
-        self,
-        rates: Mapping[str, Rate],
-        *,
-        metrics: Metrics,
-        on_backend_error: str,
-        max_keys: int = 1_000_000,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        from gateway.stores.memory_limiter import MemoryLimiter  # noqa: PLC0415
-
-        self._metrics = metrics
-        self._deny = on_backend_error == "deny"
-        self._local = (
-            MemoryLimiter(rates, max_keys=max_keys, clock=clock)
-            if on_backend_error == "local"
-            else None
-        )
-
-    def _answer(self, checks: Sequence[Check], *, commit: bool) -> list[Decision]:
-        if commit:  # counted as the Redis backend counts them: decisions, not peeks
-            self._metrics.ratelimit_backend_errors.inc(len(checks))
-        if self._deny:
-            raise BackendUnavailable(self.RETRY_AFTER_S)
-        if self._local is not None:
-            local = self._local
-            return local.decide_local(checks) if commit else local.peek_local(checks)
-        return [unlimited(c.rate) for c in checks]
-
-    def decide_local(self, checks: Sequence[Check]) -> list[Decision] | None:
-        return None if self._deny else self._answer(checks, commit=True)
-
-    async def decide(self, checks: Sequence[Check]) -> list[Decision]:
-        return self._answer(checks, commit=True)
-
-    async def peek(self, checks: Sequence[Check]) -> list[Decision]:
-        return self._answer(checks, commit=False)
-
-    def reconfigure(self, rates: Mapping[str, Rate]) -> None:
-        if self._local is not None:
-            self._local.reconfigure(rates)
-
-    async def start(self) -> None:
-        if self._local is not None:
-            await self._local.start()  # its sweep of refilled keys
-
-    async def close(self) -> None:
-        if self._local is not None:
-            await self._local.close()
-
-    @property
-    def backend_ok(self) -> bool:
-        return False

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.core.breaker import Breaker
 from gateway.core.retry import RetryBudget
-from gateway.health.monitor import breaker_observer
+from gateway.metrics import breaker_observer
 from gateway.upstream.client import UpstreamClient, UpstreamSettings
 
 if TYPE_CHECKING:

@@ -260,7 +260,7 @@ def test_dockerignore_keeps_what_copy_needs_and_nothing_else() -> None:
         assert dockerignored(secret_or_junk, patterns), secret_or_junk
     context = _context_files()
     assert "pyproject.toml" in context
-    assert "gateway/config.py" in context
+    assert "gateway/config/__init__.py" in context
     assert "config/gateway.yaml" in context
     assert {f.split("/")[0] for f in context} == {
         "pyproject.toml",

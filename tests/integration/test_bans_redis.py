@@ -14,7 +14,8 @@ from structlog.testing import capture_logs
 
 from gateway.config import Abuse
 from gateway.metrics import Metrics
-from gateway.stores.bans import Ban, BanStore, make_ban_store
+from gateway.stores import make_ban_store
+from gateway.stores.bans import Ban, BanStore
 from gateway.stores.redis.bans import RedisBanStore
 
 IP = "203.0.113.9"

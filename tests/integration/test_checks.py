@@ -21,10 +21,10 @@ from structlog.testing import capture_logs
 from gateway.config import CircuitBreaker, Settings, load_text
 from gateway.core.breaker import Breaker
 from gateway.core.health import Status
-from gateway.health.monitor import HealthMonitor, breaker_observer
+from gateway.health.monitor import HealthMonitor
 from gateway.health.probes import probe_response
 from gateway.logs import get_logger
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, breaker_observer
 from tests.conftest import RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(30)

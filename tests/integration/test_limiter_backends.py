@@ -27,14 +27,10 @@ from structlog.testing import capture_logs
 from gateway.config import RateLimit
 from gateway.core.gcra import Decision, Rate
 from gateway.metrics import Metrics
-from gateway.stores.limiter import (
-    BackendUnavailable,
-    Check,
-    Limiter,
-    NoRedisLimiter,
-    make_limiter,
-)
-from gateway.stores.memory_limiter import MemoryLimiter
+from gateway.stores import make_limiter
+from gateway.stores.limiter import BackendUnavailable, Check, Limiter
+from gateway.stores.memory.limiter import MemoryLimiter
+from gateway.stores.noredis import NoRedisLimiter
 from gateway.stores.redis.client import is_cluster_url, make_redis, redact_url
 from gateway.stores.redis.limiter import RedisLimiter
 from tests.conftest import RedisServer

@@ -10,7 +10,9 @@ from structlog.testing import capture_logs
 
 from gateway.config import Abuse
 from gateway.metrics import Metrics
-from gateway.stores.bans import Ban, MemoryBanStore, make_ban_store
+from gateway.stores import make_ban_store
+from gateway.stores.bans import Ban
+from gateway.stores.memory.bans import MemoryBanStore
 
 T0 = 1_700_000_000.0
 IP = "203.0.113.7"

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.core.gcra import Rate
 from gateway.stores.limiter import MAX_KEY_CHARS, Check
-from gateway.stores.memory_limiter import MemoryLimiter, compact_key
+from gateway.stores.memory.limiter import MemoryLimiter, compact_key
 
 
 class FakeClock:

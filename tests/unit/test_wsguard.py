@@ -11,7 +11,7 @@ from gateway.core.wsguard import BANNED, DENIED, IDLE, admission, sweep_interval
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.pipeline.wsregistry import WebSocketRegistry
-from gateway.stores.bans import MemoryBanStore
+from gateway.stores.memory.bans import MemoryBanStore
 
 
 @pytest.mark.parametrize(

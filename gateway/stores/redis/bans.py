@@ -7,11 +7,8 @@ What lives in Redis (``P`` = the key prefix, ``gw:`` by default):
   forgotten).  ``lua/bans_score.lua`` adds an IP's events and decides its ban atomically
   with Redis TIME, so a scanner spread over the replicas is scored as one, and exactly
   one replica makes the ban.
-- ``{P bans}`` and its companions (one hash tag, one cluster slot): the bans in force
-  (a hash of JSON records), their expiries, and a change log (a zset of IPs by sequence
-  number) that lets each replica fetch only what changed (``lua/bans_registry.lua``).
-  Bans survive a gateway restart; at most ``max_bans`` are kept (the ones closest to
-  their end make room).
+- ``{P bans}`` and its companions: the shared list of bans in force, with a change log
+  that lets each replica fetch only what changed (:mod:`gateway.stores.redis.ban_registry`).
 
 Each replica holds a local view of the bans in force, refreshed every
 ``sync_interval_s`` (0.25 s) with one script call that also removes expired bans, so
@@ -41,72 +38,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
-from importlib import resources
 from typing import Any
 
-import orjson
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from gateway.config import Abuse
 from gateway.core.abuse import OFFENCE_MEMORY_FACTOR
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.stores.bans import Ban, BanStore, MemoryBanStore, unknown_event
+from gateway.stores.bans import Ban, BanStore, by_banned_at, unknown_event
+from gateway.stores.memory.bans import MemoryBanStore
+from gateway.stores.redis.ban_registry import BanRegistry, merge
+from gateway.stores.redis.scripts import Call, Script, reply_text
 from gateway.tasks import stop_task
 
 __all__ = ["RedisBanStore"]
 
 _ERRORS = (RedisError, OSError, TimeoutError)
 """What a Redis outage looks like (connection refused or reset, timeouts)."""
-
-_Call = tuple[Sequence[str], Sequence[Any]]
-
-
-class _Script:
-    __slots__ = ("sha", "text")
-
-    def __init__(self, name: str) -> None:
-        self.text = resources.files("gateway.stores.redis").joinpath("lua", name).read_text("utf-8")
-        self.sha = hashlib.sha1(self.text.encode(), usedforsecurity=False).hexdigest()
-
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _pairs(items: Sequence[Any]) -> Iterable[tuple[str, str]]:
-    for i in range(0, len(items) - 1, 2):
-        yield _str(items[i]), _str(items[i + 1])
-
-
-def _encode(ban: Ban) -> str:
-    record = {
-        "reason": ban.reason,
-        "score": ban.score,
-        "expires_at": ban.expires_at,
-        "offences": ban.offences,
-        "banned_at": ban.banned_at,
-    }
-    return orjson.dumps(record).decode()
-
-
-def _decode(ip: str, record: str) -> Ban | None:
-    try:
-        r = orjson.loads(record)
-        return Ban(
-            ip,
-            str(r["reason"]),
-            float(r["score"]),
-            float(r["expires_at"]),
-            int(r["offences"]),
-            float(r["banned_at"]),
-        )
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None
 
 
 class RedisBanStore(BanStore):
@@ -133,20 +85,22 @@ class RedisBanStore(BanStore):
         self._metrics = metrics
         self._clock = clock
         self._prefix = key_prefix
-        tag = "{" + key_prefix + "bans}"
-        self._registry_keys = [tag, tag + ":log", tag + ":seq", tag + ":exp", tag + ":trim"]
+        self._registry = BanRegistry(
+            redis,
+            key_prefix=key_prefix,
+            max_bans=max_bans,
+            max_log=max_log,
+            sync_limit=sync_limit,
+            batch_size=batch_size,
+        )
         self._sync_interval_s = sync_interval_s
         self._io_timeout_s = io_timeout_s
         self._flushing = asyncio.Lock()  # held while the flusher talks to Redis
         self._max_pending = max_pending
         self._batch_size = batch_size
-        self._max_bans = max_bans
-        self._max_log = max_log
-        self._sync_limit = sync_limit
         self._max_entries = max_entries
         self._log = get_logger()
-        self._score_script = _Script("bans_score.lua")
-        self._registry_script = _Script("bans_registry.lua")
+        self._score_script = Script("bans_score.lua")
         self._local = MemoryBanStore(
             cfg,
             metrics=metrics,
@@ -240,36 +194,6 @@ class RedisBanStore(BanStore):
     def _score_key(self, ip: str) -> str:
         return f"{self._prefix}abuse:{ip}"
 
-    async def _run(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self._redis.script_load(script.text)
-            return await self._redis.evalsha(script.sha, len(keys), *keys, *args)
-
-    async def _pipeline(self, script: _Script, calls: Sequence[_Call]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
-
-    async def _run_many(self, script: _Script, calls: Sequence[_Call]) -> list[Any]:
-        """One pipeline of script calls; a result is an exception when its call failed."""
-        if not calls:
-            return []
-        results = await self._pipeline(script, calls)
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            await self._redis.script_load(script.text)
-            again = await self._pipeline(script, [calls[i] for i in missing])
-            for i, result in zip(missing, again, strict=True):
-                results[i] = result
-        return results
-
-    def _add_call(self, ban: Ban) -> _Call:
-        args = ["add", ban.ip, _encode(ban), repr(ban.expires_at), self._max_bans, self._max_log]
-        return self._registry_keys, args
-
     def _set_degraded(self, exc: BaseException) -> None:
         if not self._degraded:
             self._degraded = True
@@ -302,7 +226,7 @@ class RedisBanStore(BanStore):
         if self._degraded:
             self._score_locally(chunk)
             return
-        calls: list[_Call] = []
+        calls: list[Call] = []
         for ip, events in chunk:
             args: list[Any] = list(self._score_args)
             for event, points in events.items():
@@ -311,7 +235,7 @@ class RedisBanStore(BanStore):
         sent_at = self._clock()
         try:
             async with asyncio.timeout(self._io_timeout_s):
-                results = await self._run_many(self._score_script, calls)
+                results = await self._score_script.run_many(self._redis, calls)
         except _ERRORS as exc:
             self._set_degraded(exc)
             self._score_locally(chunk)
@@ -348,7 +272,7 @@ class RedisBanStore(BanStore):
     def _scored(self, ip: str, result: Sequence[Any], now: float) -> Ban | None:
         """Note the score Redis computed; log and count the ban it made, if any."""
         banned = int(result[0]) == 1
-        score = float(_str(result[2]))
+        score = float(reply_text(result[2]))
         scores = self._scores
         scores[ip] = (0.0 if banned else score, now)
         scores.move_to_end(ip)
@@ -356,8 +280,12 @@ class RedisBanStore(BanStore):
             scores.popitem(last=False)
         if not banned:
             return None
-        reason, ban_s, offences = _str(result[1]), float(_str(result[3])), int(_str(result[4]))
-        at, until = float(_str(result[5])), float(_str(result[6]))
+        reason, ban_s, offences = (
+            reply_text(result[1]),
+            float(reply_text(result[3])),
+            int(reply_text(result[4])),
+        )
+        at, until = float(reply_text(result[5])), float(reply_text(result[6]))
         ban = Ban(ip, reason, score, until, offences, at)
         self._announce(ban, ban_s)
         if not self._enforce:
@@ -373,15 +301,17 @@ class RedisBanStore(BanStore):
         or the view is not synced yet. Installed here and returned, to be added to the
         list (an idempotent add). Not when an unban came after the call was sent: the
         answer may predate it."""
-        until = float(_str(result[6]))
+        until = float(reply_text(result[6]))
         known = self._view.get(ip)
         if not self._enforce or (known is not None and known.expires_at >= until - 0.001):
             return None
         lifted = self._lifted.get(ip)
         if lifted is not None and lifted >= sent_at:
             return None
-        reason, score = _str(result[1]), float(_str(result[2]))
-        ban = Ban(ip, reason, score, until, int(_str(result[4])), float(_str(result[5])))
+        reason, score = reply_text(result[1]), float(reply_text(result[2]))
+        ban = Ban(
+            ip, reason, score, until, int(reply_text(result[4])), float(reply_text(result[5]))
+        )
         self._view[ip] = ban
         self._update_gauge()
         self._in_force(ip)
@@ -391,9 +321,7 @@ class RedisBanStore(BanStore):
         """Write bans to the shared list; those that could not be written stay local."""
         try:
             async with asyncio.timeout(self._io_timeout_s):
-                results = await self._run_many(
-                    self._registry_script, [self._add_call(b) for b in bans]
-                )
+                results = await self._registry.add(bans)
         except _ERRORS as exc:
             self._set_degraded(exc)
             results = [exc] * len(bans)
@@ -422,11 +350,11 @@ class RedisBanStore(BanStore):
             async with asyncio.timeout(self._io_timeout_s * 2):
                 if self._unbans:
                     await self._replay_unbans()
-                kind, seq, items = await self._fetch(full=full)
+                kind, seq, items = await self._registry.fetch(self._seq, full=full)
                 if kind == "full" and seq < self._seq and self._view:
                     # Redis lost its data: write back the bans still in force here.
-                    await self._write_back(list(self._view.values()))
-                    kind, seq, items = await self._fetch(full=True)
+                    await self._registry.write_back(list(self._view.values()), self._clock())
+                    kind, seq, items = await self._registry.fetch(self._seq, full=True)
                 if self._unsynced:
                     await self._push_unsynced()
         except _ERRORS as exc:
@@ -444,8 +372,7 @@ class RedisBanStore(BanStore):
 
     async def _lift(self, ip: str) -> int:
         """Lift the shared ban of ``ip``; the change's sequence number, 0 if none."""
-        args = ["del", ip, self._max_log]
-        change = int(await self._run(self._registry_script, self._registry_keys, args))
+        change = await self._registry.lift(ip)
         await self._redis.hdel(self._score_key(ip), "bu")
         if change > 0:
             self._own[ip] = (change, None)
@@ -456,69 +383,19 @@ class RedisBanStore(BanStore):
             await self._lift(ip)
             del self._unbans[ip]
 
-    async def _fetch(self, *, full: bool) -> tuple[str, int, list[Any]]:
-        args = [
-            "sync",
-            self._seq,
-            self._sync_limit,
-            "1" if full else "0",
-            1000,
-            self._max_log,
-        ]
-        reply = await self._run(self._registry_script, self._registry_keys, args)
-        return _str(reply[0]), int(_str(reply[1])), list(reply[2])
-
     def _apply(self, kind: str, seq: int, items: list[Any]) -> None:
-        fresh: list[str] = []  # bans new to this replica (made by another one)
-        if kind == "full":
-            view: dict[str, Ban] = {}
-            old = self._view
-            for ip, record in _pairs(items):
-                ban = _decode(ip, record)
-                if ban is not None:
-                    view[ip] = ban
-                    if ip not in old:
-                        fresh.append(ip)
-            self._view = view
-        elif kind == "delta":
-            for ip, record in _pairs(items):
-                ban = _decode(ip, record) if record else None
-                if ban is None:
-                    self._view.pop(ip, None)
-                else:
-                    self._view[ip] = ban
-                    fresh.append(ip)
+        self._view, fresh = merge(self._view, self._own, kind, seq, items)
         self._seq = seq
-        # Our own changes made after this answer was read: keep them over it.
-        for ip, (change, ban) in list(self._own.items()):
-            if change <= seq or change == 0:
-                del self._own[ip]
-            elif ban is None:
-                self._view.pop(ip, None)
-            else:
-                self._view[ip] = ban
         self._update_gauge()
         if self._listeners:
             for ip in fresh:
                 self._in_force(ip)
 
-    async def _write_back(self, bans: list[Ban]) -> None:
-        now = self._clock()
-        live = [b for b in bans if b.expires_at > now]
-        for i in range(0, len(live), self._batch_size):
-            chunk = live[i : i + self._batch_size]
-            results = await self._run_many(
-                self._registry_script, [self._add_call(b) for b in chunk]
-            )
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-
     async def _push_unsynced(self) -> None:
         """Write the bans made locally to Redis, then hand them over to the view."""
         now = self._clock()
         bans = list(self._unsynced)
-        await self._write_back(bans)
+        await self._registry.write_back(bans, self._clock())
         for ban in bans:
             self._unsynced.popleft()
             if ban.expires_at <= now:
@@ -545,19 +422,14 @@ class RedisBanStore(BanStore):
         bans: dict[str, Ban] = {}
         try:
             async with asyncio.timeout(self._io_timeout_s):
-                records = await self._redis.hgetall(self._registry_keys[0])
-            for key, record in records.items():
-                ip = _str(key)
-                ban = _decode(ip, _str(record))
-                if ban is not None:
-                    bans[ip] = ban
+                bans = await self._registry.all()
         except _ERRORS as exc:
             self._set_degraded(exc)
             bans = dict(self._view)
         for ip, ban in self._local.bans.items():
             if ip not in bans or bans[ip].expires_at < ban.expires_at:
                 bans[ip] = ban
-        return sorted((b for b in bans.values() if b.expires_at > now), key=_banned_at)
+        return sorted((b for b in bans.values() if b.expires_at > now), key=by_banned_at)
 
     async def unban(self, ip: str) -> bool:
         now = self._clock()
@@ -613,7 +485,3 @@ class RedisBanStore(BanStore):
                 async with asyncio.timeout(self._io_timeout_s):
                     await self._flush()
         await self._local.close()
-
-
-def _banned_at(ban: Ban) -> float:
-    return ban.banned_at

@@ -10,16 +10,12 @@ Decisions
     and the rate in the name means a policy whose rate changes starts afresh while the
     old keys expire by themselves (every replica agrees, whenever each reloads; a
     policy removed and put back unchanged before its keys expire finds its state
-    again).  Scripts run by SHA (``EVALSHA``); after a ``NOSCRIPT`` (a restarted or
-    failed-over Redis) the script is loaded again and the calls retried once.
+    again).  Scripts run by SHA (:mod:`gateway.stores.redis.scripts`).
 
 Batching
-    Decisions requested in the same event-loop turn share one round trip: they join
-    one batch, and a callback scheduled with ``call_soon`` sends it as one script call
-    over all its keys (standalone), or one pipeline of script calls, one per hash slot
-    (Cluster; redis-py splits the pipeline per node).  Up to ``max_inflight_batches``
-    round trips run at once (``max_batch`` checks each); beyond that, decisions wait
-    for the next one and batches grow by themselves.
+    Decisions requested in the same event-loop turn share one round trip
+    (:mod:`gateway.stores.redis.batch`); the script's calls are
+    :mod:`gateway.stores.redis.gcra_calls`.
 
 Connections
     Standalone Redis (``redis://``, ``rediss://``, ``unix://``) is reached for
@@ -28,175 +24,60 @@ Connections
     context manager or pool per round trip (a batch is written, and its reply handled,
     in callbacks).  Redis Cluster, and clients whose settings that connection does not
     speak (Sentinel pools, credential providers), go through redis-py.  Replica
-    announcements always use redis-py (the client passed in, or one made from the
-    URL): they are not on the request path.  Measured (``bench/bench_limiter.py
-    --concurrency 50 --spread 10 --work-us 100 --policies 2 --uvloop``, the pattern of a
-    saturated gateway, about 7 requests per round trip): the Redis backend costs about
-    4 µs of this process's CPU per request more than the memory backend, against about
-    25 µs through redis-py; one request at a time, a decision takes about 28 µs
-    (p50) against about 95 µs.
+    announcements (:mod:`gateway.stores.redis.replicas`) always use redis-py (the
+    client passed in, or one made from the URL): they are not on the request path.
+    ``bench/bench_limiter.py`` compares the two ways and the memory backend.
 
 Local answers (``decide_local``)
-    * A key Redis refused is answered "refused" locally until its retry time (a
-      bounded cache, cleared when full): a client hammering while blocked costs no
-      round trip.
-    * While Redis is considered down (see below) the fallback answers synchronously.
+    A key Redis refused is answered "refused" locally until its retry time (a bounded
+    cache, cleared when full): a client hammering while blocked costs no round trip.
+    While Redis is considered down (see below) the fallback answers synchronously.
 
 Failures (``on_backend_error``)
-    Every decision a round trip failed for (timeout, connection error, error reply)
-    and every decision made while the breaker is open counts once in
-    ``gateway_ratelimit_backend_errors_total`` and is answered by the fallback:
-    ``local``: a :class:`MemoryLimiter` with each rate divided by the number of live
-    replicas (each replica announces itself every 5 s in a sorted set with a 15 s
-    TTL; the last count seen is used, at least 1); ``allow``: allowed; ``deny``:
-    :class:`BackendUnavailable` from :meth:`decide`.
-    A round trip is bounded by ``timeout_s`` (250 ms) from the moment the first
-    decision of its batch was queued, whatever Redis does (on the lean connection, a
-    round trip past its deadline drops the connection, failing every round trip still
-    on it; the next one reconnects: a stuck or half-open connection is not reused).
-    After ``breaker_failures`` failed round trips in a
-    row, Redis is skipped for ``breaker_open_s``; then one round trip probes it while
-    the others keep using the fallback; its success closes the breaker.  The client
-    reconnects by itself.  ``redis_unavailable`` is logged once when Redis starts
-    failing, ``redis_recovered`` once when a round trip succeeds again.
+    The fallback and the breaker around Redis: :mod:`gateway.stores.redis.outage`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import math
 import os
 import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Mapping, Sequence
-from importlib import resources
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 from redis.asyncio import RedisCluster
-from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.core.gcra import Decision, Rate
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.stores.limiter import (
-    BackendUnavailable,
-    Check,
-    Clock,
-    Limiter,
-    bounded_key,
-    unlimited,
-)
-from gateway.stores.memory_limiter import MemoryLimiter
+from gateway.stores.limiter import BackendUnavailable, Check, Clock, Limiter, bounded_key, unlimited
+from gateway.stores.memory.limiter import MemoryLimiter
+from gateway.stores.redis.batch import Batch, Part
 from gateway.stores.redis.client import make_redis
-from gateway.stores.redis.resp import (
-    Endpoint,
-    FutureWaiter,
-    RespClient,
-    Waiter,
-    bulk_string,
-    pack_command,
+from gateway.stores.redis.gcra_calls import (
+    Discard,
+    PolicyKeys,
+    evalsha_head,
+    evaluate,
+    pack_evalsha,
+    peek_lean,
 )
+from gateway.stores.redis.outage import OnBackendError, OutageHandling
+from gateway.stores.redis.replicas import Replicas
+from gateway.stores.redis.resp import Endpoint, RespClient
+from gateway.stores.redis.scripts import Script, is_noscript
 from gateway.tasks import stop_task
 
-__all__ = ["RedisLimiter", "load_script"]
+__all__ = ["RedisLimiter"]
 
-OnBackendError = Literal["local", "allow", "deny"]
 _tuple_new = tuple.__new__
 
 
-def load_script(name: str) -> str:
-    return resources.files("gateway.stores.redis").joinpath("lua", name).read_text("utf-8")
-
-
-class _PolicyKeys:
-    """What a policy's checks share: its key's head and tail, its rate as script args."""
-
-    __slots__ = ("head", "params", "rate", "rate_args", "tail")
-
-    def __init__(self, rate: Rate, head: bytes, tail: bytes, params: tuple[int, int]) -> None:
-        self.rate = rate
-        self.head = head
-        self.tail = tail
-        self.params = params  # emission interval in microseconds, burst
-        self.rate_args = bulk_string(params[0]) + bulk_string(params[1])
-
-
-class _Part(NamedTuple):
-    """One decide() call in a batch: its checks are ``size`` from ``start`` on."""
-
-    future: asyncio.Future[list[Decision]]
-    start: int
-    size: int
-    cached: list[Decision | None] | None  # answers known locally, None where Redis answers
-
-    def answer(self, decisions: list[Decision]) -> list[Decision]:
-        """This call's decisions out of the batch's."""
-        if self.cached is None:
-            return decisions[self.start : self.start + self.size]
-        answers = iter(decisions[self.start :])
-        return [d if d is not None else next(answers) for d in self.cached]
-
-
-class _Batch(Waiter):
-    """Checks of one loop turn sharing a round trip; one future per decide() call."""
-
-    __slots__ = ("checks", "keys", "limiter", "parts", "payload", "pks", "retried", "sent_at")
-
-    def __init__(self, limiter: RedisLimiter, deadline: float) -> None:
-        self.deadline = deadline  # loop time: first queued + timeout_s
-        self.limiter = limiter
-        self.parts: list[_Part] = []
-        self.checks: list[Check] = []
-        self.keys: list[bytes] = []
-        self.pks: list[_PolicyKeys] = []
-        self.sent_at = 0.0  # limiter clock
-        self.payload = b""
-        self.retried = False
-
-    def resolve(self, reply: Any) -> None:
-        self.limiter._on_reply(self, reply)
-
-    def settle(self, decisions: list[Decision]) -> None:
-        for part in self.parts:
-            if not part.future.done():
-                part.future.set_result(part.answer(decisions))
-
-    def cancel(self) -> None:
-        for part in self.parts:
-            part.future.cancel()
-
-
-class _Discard(Waiter):
-    """A reply nobody needs (SCRIPT LOAD ahead of a retried call: the call tells)."""
-
-    __slots__ = ()
-
-    def resolve(self, reply: Any) -> None:
-        pass
-
-
-class _Script:
-    """A Lua script called by SHA, loaded again after NOSCRIPT."""
-
-    def __init__(self, name: str) -> None:
-        self.source = load_script(name)
-        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
-        self.load_command = pack_command("SCRIPT", "LOAD", self.source)
-
-    async def load(self, redis: Any) -> None:
-        await redis.script_load(self.source)
-
-
-def _is_noscript(exc: object) -> bool:
-    return isinstance(exc, ResponseError) and str(exc).startswith("NOSCRIPT")
-
-
-class RedisLimiter(Limiter):
+class RedisLimiter(OutageHandling, Limiter):
     """Rate limits in Redis, shared by all replicas (see the module docstring)."""
 
     def __init__(
@@ -240,41 +121,37 @@ class RedisLimiter(Limiter):
         self._clock = clock
         self._prefix = key_prefix
         self._timeout_s = timeout_s
-        self._breaker_failures = breaker_failures
-        self._breaker_open_s = breaker_open_s
         self._announce_interval_s = announce_interval_s
-        self._replica_ttl_ms = int(replica_ttl_s * 1000)
-        self._replica_id = replica_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self._replicas_key = f"{key_prefix}replicas"
         self._max_batch = max_batch
         self._max_inflight = max_inflight_batches
         self._blocked_cap = blocked_cache_size
 
-        self._gcra = _Script("gcra.lua")
-        self._evalsha_head = b"$7\r\nEVALSHA\r\n" + bulk_string(self._gcra.sha)
-        self._announce_script = _Script("replicas.lua")
-        self._policy_keys: dict[str, _PolicyKeys] = {}
+        self._gcra = Script("gcra.lua")
+        self._evalsha_head = evalsha_head(self._gcra)
+        self._on_batch_reply = self._on_reply  # bound once, handed to every batch
+        self._policy_keys: dict[str, PolicyKeys] = {}
         # id(a route's policies) -> (those policies, their key parts), for submit_key
-        self._route_keys: dict[int, tuple[Sequence[tuple[str, Rate]], list[_PolicyKeys]]] = {}
+        self._route_keys: dict[int, tuple[Sequence[tuple[str, Rate]], list[PolicyKeys]]] = {}
         # key -> (refused until, full again at), on the limiter clock
         self._blocked: dict[bytes, tuple[float, float]] = {}
         self._blocked_until = 0.0  # when the last refusal in the cache ends
 
-        self._replicas = 1
-        self._divided: dict[Rate, Rate] = {}
+        self._replicas = Replicas(
+            redis,
+            key=f"{key_prefix}replicas",
+            replica_id=replica_id or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}",
+            ttl_s=replica_ttl_s,
+            timeout_s=timeout_s,
+        )
         self._fallback = (
-            MemoryLimiter(self._divide_all(rates), max_keys=max_keys, clock=clock)
+            MemoryLimiter(self._replicas.divide_all(rates), max_keys=max_keys, clock=clock)
             if on_backend_error == "local"
             else None
         )
 
-        self._ok = True
-        self._failures = 0
-        self._open_until = 0.0
-        self._probing = False
-
-        self._queue: deque[_Batch] = deque()  # batches not sent yet, oldest first
-        self._open: _Batch | None = None  # the batch new checks join (the newest queued)
+        self._init_breaker(breaker_failures, breaker_open_s)
+        self._queue: deque[Batch] = deque()  # batches not sent yet, oldest first
+        self._open: Batch | None = None  # the batch new checks join (the newest queued)
         self._flush_handle: asyncio.Handle | None = None
         self._inflight = 0
         self._closed = False
@@ -291,7 +168,7 @@ class RedisLimiter(Limiter):
     @property
     def replicas(self) -> int:
         """Live replicas last seen in Redis (at least 1)."""
-        return self._replicas
+        return self._replicas.count
 
     def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision] | None:
         # Refused keys are answered by submit() from the local cache, with a finished
@@ -344,12 +221,12 @@ class RedisLimiter(Limiter):
         batch.pks += entry[1]
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
-        batch.parts.append(_tuple_new(_Part, (future, start, len(policies), None)))
+        batch.parts.append(_tuple_new(Part, (future, start, len(policies), None)))
         return future
 
     def _route_entry(
         self, policies: Sequence[tuple[str, Rate]]
-    ) -> tuple[Sequence[tuple[str, Rate]], list[_PolicyKeys]]:
+    ) -> tuple[Sequence[tuple[str, Rate]], list[PolicyKeys]]:
         cache = self._route_keys
         if len(cache) >= 256:
             cache.clear()  # routes of many reloads ago
@@ -357,11 +234,11 @@ class RedisLimiter(Limiter):
         cache[id(policies)] = entry  # the entry holds the policies: their id is not reused
         return entry
 
-    def _batch(self, loop: asyncio.AbstractEventLoop) -> _Batch:
+    def _batch(self, loop: asyncio.AbstractEventLoop) -> Batch:
         """The batch new checks join; a new one, queued, when there is none open."""
         batch = self._open
         if batch is None:
-            batch = self._open = _Batch(self, loop.time() + self._timeout_s)
+            batch = self._open = Batch(self._on_batch_reply, loop.time() + self._timeout_s)
             self._queue.append(batch)
             if self._flush_handle is None:
                 self._flush_handle = loop.call_soon(self._flush)
@@ -415,7 +292,7 @@ class RedisLimiter(Limiter):
                     batch.pks.append(self._policy(check))
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
-        batch.parts.append(_tuple_new(_Part, (future, start, len(checks), cached)))
+        batch.parts.append(_tuple_new(Part, (future, start, len(checks), cached)))
         return future
 
     async def peek(self, checks: Sequence[Check]) -> list[Decision]:
@@ -428,17 +305,20 @@ class RedisLimiter(Limiter):
             keys = [self._key(c) for c in checks]
             pks = [self._policy(c) for c in checks]
             if self._client is not None:
-                reply = await self._peek_lean(keys, pks)
+                payload = pack_evalsha(self._evalsha_head, keys, pks, b"0")
+                reply = await peek_lean(self._client, self._gcra, payload, self._timeout_s)
             else:
                 async with asyncio.timeout(self._timeout_s):
-                    reply = await self._evaluate(keys, pks, consume=False)
+                    reply = await evaluate(
+                        self._redis, self._gcra, keys, pks, cluster=self._cluster, consume=False
+                    )
             if len(reply) != 4 * len(checks):
                 raise RedisConnectionError(f"unexpected script reply: {reply!r:.200}")  # noqa: TRY301
         except Exception:
             if self._on_error == "deny":
                 raise BackendUnavailable(self._retry_after(self._clock())) from None
             if self._fallback is not None:
-                return self._fallback.peek_local(self._divided_checks(checks))
+                return self._fallback.peek_local(self._replicas.divided_checks(checks))
             return [unlimited(c.rate) for c in checks]
         it = iter(reply)
         return [
@@ -453,7 +333,7 @@ class RedisLimiter(Limiter):
         self._route_keys.clear()
         self._blocked.clear()
         if self._fallback is not None:
-            self._fallback.reconfigure(self._divide_all(rates))
+            self._fallback.reconfigure(self._replicas.divide_all(rates))
 
     async def start(self) -> None:
         """Start announcing this replica and connecting; never waits on Redis."""
@@ -472,7 +352,7 @@ class RedisLimiter(Limiter):
             await stop_task(announcer, retry_s=self._timeout_s)
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self._timeout_s):
-                    await self._run_announce(live=False)
+                    await self._replicas.run(live=False)
         self._closed = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
@@ -493,18 +373,11 @@ class RedisLimiter(Limiter):
 
     # ------------------------------------------------------------------ keys and cache
 
-    def _policy(self, check: Check) -> _PolicyKeys:
+    def _policy(self, check: Check) -> PolicyKeys:
         pk = self._policy_keys.get(check.policy)
         rate = check.rate
         if pk is None or (pk.rate is not rate and pk.rate != rate):
-            emission_us = max(1, math.ceil(rate.period_s * 1_000_000 / rate.requests - 1e-6))
-            pk = _PolicyKeys(
-                rate,
-                f"{self._prefix}rl:{{{check.policy}:".encode(),
-                f"}}:{rate.requests}:{rate.period_s!r}:{rate.burst}".encode(),
-                (emission_us, rate.burst),
-            )
-            self._policy_keys[check.policy] = pk
+            pk = self._policy_keys[check.policy] = PolicyKeys.of(self._prefix, check.policy, rate)
         return pk
 
     def _key(self, check: Check) -> bytes:
@@ -543,18 +416,25 @@ class RedisLimiter(Limiter):
             self._inflight += 1
             batch.sent_at = self._clock()
             if self._client is not None:
-                batch.payload = self._pack(batch.keys, batch.pks, b"1")
+                batch.payload = pack_evalsha(self._evalsha_head, batch.keys, batch.pks, b"1")
                 self._client.send(batch.payload, batch)
             else:
                 task = asyncio.get_running_loop().create_task(self._run_batch(batch))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-    async def _run_batch(self, batch: _Batch) -> None:
+    async def _run_batch(self, batch: Batch) -> None:
         """One batch through redis-py (Cluster)."""
         try:
             async with asyncio.timeout_at(batch.deadline):
-                reply: Any = await self._evaluate(batch.keys, batch.pks, consume=True)
+                reply: Any = await evaluate(
+                    self._redis,
+                    self._gcra,
+                    batch.keys,
+                    batch.pks,
+                    cluster=self._cluster,
+                    consume=True,
+                )
         except asyncio.CancelledError:
             batch.cancel()
             raise
@@ -562,18 +442,18 @@ class RedisLimiter(Limiter):
             reply = exc
         self._complete(batch, reply)
 
-    def _on_reply(self, batch: _Batch, reply: Any) -> None:
+    def _on_reply(self, batch: Batch, reply: Any) -> None:
         """The lean connection's answer for a batch (a list, an error reply, a failure)."""
         client = self._client
-        if not batch.retried and client is not None and not self._closed and _is_noscript(reply):
+        if not batch.retried and client is not None and not self._closed and is_noscript(reply):
             batch.retried = True  # load the script and call again, in one write
             client.send_many(
-                self._gcra.load_command + batch.payload, (_Discard(batch.deadline), batch)
+                self._gcra.load_command + batch.payload, (Discard(batch.deadline), batch)
             )
             return
         self._complete(batch, reply)
 
-    def _complete(self, batch: _Batch, reply: Any) -> None:
+    def _complete(self, batch: Batch, reply: Any) -> None:
         self._inflight -= 1
         if self._closed:
             batch.cancel()
@@ -605,224 +485,16 @@ class RedisLimiter(Limiter):
         if self._queue and self._flush_handle is None and self._loop is not None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
-    def _fail_batch(self, batch: _Batch, exc: Exception) -> None:
-        self._on_failure(exc)
-        now = self._clock()
-        futures = [p.future for p in batch.parts if not p.future.done()]
-        if not futures:
-            return
-        if self._on_error == "deny":
-            self._metrics.ratelimit_backend_errors.inc(len(batch.checks))
-            retry_after = self._retry_after(now)
-            for future in futures:
-                future.set_exception(BackendUnavailable(retry_after))
-            return
-        batch.settle(self._fallback_decisions(batch.checks))
-
-    def _pack(self, keys: Sequence[bytes], pks: Sequence[_PolicyKeys], flag: bytes) -> bytes:
-        """``EVALSHA`` of the GCRA script over ``keys``, as RESP.
-
-        Arguments stay few: the keys, then one string of rate indexes, then each
-        distinct rate once.
-        """
-        rates: dict[bytes, bytes] = {}
-        indexes = []
-        for pk in pks:
-            index = rates.get(pk.rate_args)
-            if index is None:
-                index = rates[pk.rate_args] = b"%d" % (len(rates) + 1)
-            indexes.append(index)
-        joined = b" ".join(indexes)
-        n = len(keys)
-        parts = [
-            b"*%d\r\n%b%b" % (n + 5 + 2 * len(rates), self._evalsha_head, bulk_string(n)),
-            *[b"$%d\r\n%b\r\n" % (len(key), key) for key in keys],
-            b"$1\r\n%b\r\n$%d\r\n%b\r\n" % (flag, len(joined), joined),
-            *rates,
-        ]
-        return b"".join(parts)
-
-    async def _peek_lean(self, keys: Sequence[bytes], pks: Sequence[_PolicyKeys]) -> Any:
-        """The script without consuming, over the lean connection (NOSCRIPT: load, retry)."""
-        assert self._client is not None  # noqa: S101 - called only with the lean client
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout_s
-        payload = self._pack(keys, pks, b"0")
-        future: asyncio.Future[Any] = loop.create_future()
-        self._client.send(payload, FutureWaiter(deadline, future))
-        try:
-            return await future
-        except ResponseError as exc:
-            if not _is_noscript(exc):
-                raise
-        future = loop.create_future()
-        self._client.send_many(
-            self._gcra.load_command + payload,
-            (_Discard(deadline), FutureWaiter(deadline, future)),
-        )
-        return await future
-
-    async def _evaluate(
-        self, keys: Sequence[bytes], pks: Sequence[_PolicyKeys], *, consume: bool
-    ) -> list[Any]:
-        """The GCRA script through redis-py: four integers per key, in order."""
-        flag = "1" if consume else "0"
-        if not self._cluster:
-            groups = [list(range(len(keys)))]
-        else:
-            by_slot: dict[int, list[int]] = {}
-            for i, key in enumerate(keys):
-                by_slot.setdefault(key_slot(key), []).append(i)
-            groups = list(by_slot.values())
-        replies = await self._run_groups(keys, pks, groups, flag)
-        flat: list[Any] = [0] * (4 * len(keys))
-        for group, reply in zip(groups, replies, strict=True):
-            if not isinstance(reply, list) or len(reply) != 4 * len(group):
-                raise RedisConnectionError(f"unexpected script reply: {reply!r:.200}")
-            for j, index in enumerate(group):
-                flat[4 * index : 4 * index + 4] = reply[4 * j : 4 * j + 4]
-        return flat
-
-    async def _run_groups(
-        self,
-        keys: Sequence[bytes],
-        pks: Sequence[_PolicyKeys],
-        groups: list[list[int]],
-        flag: str,
-    ) -> list[Any]:
-        """One script call per group: a single EVALSHA, or a pipeline of them."""
-        sha = self._gcra.sha
-        commands: list[tuple[Any, ...]] = []
-        for group in groups:
-            rates: dict[tuple[int, int], int] = {}
-            indexes = []
-            for i in group:
-                params = pks[i].params
-                index = rates.get(params)
-                if index is None:
-                    index = rates[params] = len(rates) + 1
-                indexes.append(str(index))
-            args: list[Any] = [sha, len(group)]
-            args += [keys[i] for i in group]
-            args += (flag, " ".join(indexes))
-            for emission_us, burst in rates:
-                args += (emission_us, burst)
-            commands.append(tuple(args))
-        if len(commands) == 1:
-            try:
-                return [await self._redis.evalsha(*commands[0])]
-            except NoScriptError:
-                await self._gcra.load(self._redis)
-                return [await self._redis.evalsha(*commands[0])]
-        replies = await self._pipeline(commands)
-        redo = [i for i, r in enumerate(replies) if isinstance(r, Exception)]
-        if redo:
-            if not all(isinstance(replies[i], NoScriptError) for i in redo):
-                raise replies[redo[0]]
-            await self._gcra.load(self._redis)
-            again = await self._pipeline([commands[i] for i in redo])
-            for i, reply in zip(redo, again, strict=True):
-                if isinstance(reply, Exception):
-                    raise reply
-                replies[i] = reply
-        return replies
-
-    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for command in commands:
-                # execute_command: redis-py's cluster pipeline refuses .evalsha() by name,
-                # but routes EVALSHA by its keys (one slot per command here)
-                pipe.execute_command("EVALSHA", *command)
-            return list(await pipe.execute(raise_on_error=False))
-
-    # ------------------------------------------------------------------ failures
-
-    def _may_try_redis(self, now: float) -> bool:
-        """Whether a decision may go to Redis now (breaker closed, or a probe is due)."""
-        return now >= self._open_until and not self._probing
-
-    def _on_failure(self, exc: BaseException) -> None:
-        self._probing = False
-        self._failures += 1
-        if self._ok:
-            self._ok = False
-            self._log.warning(
-                "redis_unavailable",
-                component="ratelimit",
-                error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
-                fallback=self._on_error,
-            )
-        if self._failures >= self._breaker_failures:
-            self._open_until = self._clock() + self._breaker_open_s
-
-    def _on_success(self) -> None:
-        if self._ok and not (self._failures or self._open_until or self._probing):
-            return  # the usual case, once per batch
-        self._probing = False
-        self._failures = 0
-        self._open_until = 0.0
-        if not self._ok:
-            self._ok = True
-            self._log.info("redis_recovered", component="ratelimit")
-
-    def _retry_after(self, now: float) -> float:
-        return max(1.0, self._open_until - now)
-
-    def _fallback_or_raise(self, checks: Sequence[Check], now: float) -> list[Decision]:
-        if self._on_error == "deny":
-            self._metrics.ratelimit_backend_errors.inc(len(checks))
-            raise BackendUnavailable(self._retry_after(now))
-        return self._fallback_decisions(checks)
-
-    def _fallback_decisions(self, checks: Sequence[Check]) -> list[Decision]:
-        self._metrics.ratelimit_backend_errors.inc(len(checks))
-        if self._fallback is not None:
-            return self._fallback.decide_local(self._divided_checks(checks))
-        return [unlimited(c.rate) for c in checks]
-
     # ------------------------------------------------------------------ replicas
-
-    def _divide(self, rate: Rate) -> Rate:
-        divided = self._divided.get(rate)
-        if divided is None:
-            n = self._replicas
-            divided = (
-                rate if n == 1 else Rate(rate.requests, rate.period_s * n, -(-rate.burst // n))
-            )
-            self._divided[rate] = divided
-        return divided
-
-    def _divide_all(self, rates: Mapping[str, Rate]) -> dict[str, Rate]:
-        return {name: self._divide(rate) for name, rate in rates.items()}
-
-    def _divided_checks(self, checks: Sequence[Check]) -> list[Check]:
-        return [Check(c.policy, self._divide(c.rate), c.key) for c in checks]
 
     async def announce(self) -> int:
         """Announce this replica now and refresh the count of live ones (kept on error)."""
-        try:
-            async with asyncio.timeout(self._timeout_s * 4):
-                count = max(1, await self._run_announce(live=True))
-        except Exception:
-            return self._replicas  # the last count seen stays in force
-        if count != self._replicas:
-            self._replicas = count
-            self._divided.clear()
-        return count
-
-    async def _run_announce(self, *, live: bool) -> int:
-        script = self._announce_script
-        args = (1, self._replicas_key, self._replica_id, self._replica_ttl_ms, "1" if live else "0")
-        try:
-            return int(await self._redis.evalsha(script.sha, *args))
-        except NoScriptError:
-            await script.load(self._redis)
-            return int(await self._redis.evalsha(script.sha, *args))
+        return await self._replicas.announce()
 
     async def _announce_forever(self) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(self._timeout_s * 4):
                 await self._gcra.load(self._redis)
         while True:
-            await self.announce()
+            await self._replicas.announce()
             await asyncio.sleep(self._announce_interval_s)

@@ -5,8 +5,8 @@ State
     *ring*) so that keys can be visited in O(1) without scanning the dict.  IPv4 and
     IPv6 keys (addresses or ``/64`` networks) are stored as ints (32-48 bytes instead
     of a 60-80 byte str); other keys as str, digested when long
-    (:func:`~gateway.stores.limiter.bounded_key`).  Measured with 1,000,000 distinct
-    IPv4 keys: about 106 bytes per key (``bench/bench_limiter.py``).
+    (:func:`~gateway.stores.limiter.bounded_key`).  ``bench/bench_limiter.py`` measures
+    the bytes per key.
 
 Reclaim
     A key whose TAT is in the past has a full bucket, which is what an absent key has:

@@ -1,0 +1,1 @@
+"""The backends that keep their state in this process."""

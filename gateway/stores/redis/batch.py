@@ -1,0 +1,67 @@
+"""Rate-limit decisions of one event-loop turn sharing one round trip to Redis.
+
+Decisions requested in the same turn join one :class:`Batch`, and a callback scheduled
+with ``call_soon`` sends it as one script call over all its keys (standalone), or one
+pipeline of script calls, one per hash slot (Cluster).  Up to ``max_inflight_batches``
+round trips run at once (``max_batch`` checks each); beyond that, decisions wait for
+the next one and batches grow by themselves.  Each ``decide()`` call in a batch is one
+:class:`Part` with its own future, settled from the batch's decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from gateway.core.gcra import Decision
+from gateway.stores.limiter import Check
+from gateway.stores.redis.gcra_calls import PolicyKeys
+from gateway.stores.redis.resp import Waiter
+
+__all__ = ["Batch", "Part"]
+
+
+class Part(NamedTuple):
+    """One decide() call in a batch: its checks are ``size`` from ``start`` on."""
+
+    future: asyncio.Future[list[Decision]]
+    start: int
+    size: int
+    cached: list[Decision | None] | None  # answers known locally, None where Redis answers
+
+    def answer(self, decisions: list[Decision]) -> list[Decision]:
+        """This call's decisions out of the batch's."""
+        if self.cached is None:
+            return decisions[self.start : self.start + self.size]
+        answers = iter(decisions[self.start :])
+        return [d if d is not None else next(answers) for d in self.cached]
+
+
+class Batch(Waiter):
+    """Checks of one loop turn sharing a round trip; one future per decide() call."""
+
+    __slots__ = ("checks", "keys", "on_reply", "parts", "payload", "pks", "retried", "sent_at")
+
+    def __init__(self, on_reply: Callable[[Batch, Any], None], deadline: float) -> None:
+        self.deadline = deadline  # loop time: first queued + timeout_s
+        self.on_reply = on_reply  # the limiter's handler of this batch's reply
+        self.parts: list[Part] = []
+        self.checks: list[Check] = []
+        self.keys: list[bytes] = []
+        self.pks: list[PolicyKeys] = []
+        self.sent_at = 0.0  # limiter clock
+        self.payload = b""
+        self.retried = False
+
+    def resolve(self, reply: Any) -> None:
+        self.on_reply(self, reply)
+
+    def settle(self, decisions: list[Decision]) -> None:
+        for part in self.parts:
+            if not part.future.done():
+                part.future.set_result(part.answer(decisions))
+
+    def cancel(self) -> None:
+        for part in self.parts:
+            part.future.cancel()

@@ -1,0 +1,193 @@
+"""Calls of the GCRA script (``lua/gcra.lua``): packed for the lean connection, or through redis-py.
+
+Arguments stay few: the keys, a flag (``1`` consumes, ``0`` only peeks), one string of
+rate indexes (one per key), then each distinct rate once (emission interval in
+microseconds, burst).  The reply is four integers per key, in order: allowed,
+remaining, retry after and reset, both in microseconds.
+
+Through redis-py, a Cluster's keys are grouped by hash slot: one script call per slot,
+all in one pipeline (redis-py splits it per node); a standalone Redis gets one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from gateway.core.gcra import Rate
+from gateway.stores.redis.resp import FutureWaiter, RespClient, Waiter, bulk_string
+from gateway.stores.redis.scripts import Script, is_noscript
+
+__all__ = ["Discard", "PolicyKeys", "evalsha_head", "evaluate", "pack_evalsha", "peek_lean"]
+
+
+class PolicyKeys:
+    """What a policy's checks share: its key's head and tail, its rate as script args."""
+
+    __slots__ = ("head", "params", "rate", "rate_args", "tail")
+
+    def __init__(self, rate: Rate, head: bytes, tail: bytes, params: tuple[int, int]) -> None:
+        self.rate = rate
+        self.head = head
+        self.tail = tail
+        self.params = params  # emission interval in microseconds, burst
+        self.rate_args = bulk_string(params[0]) + bulk_string(params[1])
+
+    @classmethod
+    def of(cls, prefix: str, policy: str, rate: Rate) -> PolicyKeys:
+        """A policy's keys: ``<prefix>rl:{<policy>:<client key>}:<requests>:<period_s>:<burst>``.
+
+        The emission interval is rounded up to a whole microsecond.
+        """
+        emission_us = max(1, math.ceil(rate.period_s * 1_000_000 / rate.requests - 1e-6))
+        return cls(
+            rate,
+            f"{prefix}rl:{{{policy}:".encode(),
+            f"}}:{rate.requests}:{rate.period_s!r}:{rate.burst}".encode(),
+            (emission_us, rate.burst),
+        )
+
+
+class Discard(Waiter):
+    """A reply nobody needs (SCRIPT LOAD ahead of a retried call: the call tells)."""
+
+    __slots__ = ()
+
+    def resolve(self, reply: Any) -> None:
+        pass
+
+
+def evalsha_head(script: Script) -> bytes:
+    """The command name and SHA of a packed ``EVALSHA`` of ``script``."""
+    return b"$7\r\nEVALSHA\r\n" + bulk_string(script.sha)
+
+
+def pack_evalsha(
+    head: bytes, keys: Sequence[bytes], pks: Sequence[PolicyKeys], flag: bytes
+) -> bytes:
+    """``EVALSHA`` of the GCRA script over ``keys``, as RESP (``head``: :func:`evalsha_head`)."""
+    rates: dict[bytes, bytes] = {}
+    indexes = []
+    for pk in pks:
+        index = rates.get(pk.rate_args)
+        if index is None:
+            index = rates[pk.rate_args] = b"%d" % (len(rates) + 1)
+        indexes.append(index)
+    joined = b" ".join(indexes)
+    n = len(keys)
+    parts = [
+        b"*%d\r\n%b%b" % (n + 5 + 2 * len(rates), head, bulk_string(n)),
+        *[b"$%d\r\n%b\r\n" % (len(key), key) for key in keys],
+        b"$1\r\n%b\r\n$%d\r\n%b\r\n" % (flag, len(joined), joined),
+        *rates,
+    ]
+    return b"".join(parts)
+
+
+async def peek_lean(client: RespClient, script: Script, payload: bytes, timeout_s: float) -> Any:
+    """A packed call over the lean connection, awaited (NOSCRIPT: load, call again)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    future: asyncio.Future[Any] = loop.create_future()
+    client.send(payload, FutureWaiter(deadline, future))
+    try:
+        return await future
+    except ResponseError as exc:
+        if not is_noscript(exc):
+            raise
+    future = loop.create_future()
+    client.send_many(
+        script.load_command + payload,
+        (Discard(deadline), FutureWaiter(deadline, future)),
+    )
+    return await future
+
+
+async def evaluate(
+    redis: Any,
+    script: Script,
+    keys: Sequence[bytes],
+    pks: Sequence[PolicyKeys],
+    *,
+    cluster: bool,
+    consume: bool,
+) -> list[Any]:
+    """The GCRA script through redis-py: four integers per key, in order."""
+    flag = "1" if consume else "0"
+    if not cluster:
+        groups = [list(range(len(keys)))]
+    else:
+        by_slot: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_slot.setdefault(key_slot(key), []).append(i)
+        groups = list(by_slot.values())
+    replies = await _run_groups(redis, script, keys, pks, groups=groups, flag=flag)
+    flat: list[Any] = [0] * (4 * len(keys))
+    for group, reply in zip(groups, replies, strict=True):
+        if not isinstance(reply, list) or len(reply) != 4 * len(group):
+            raise RedisConnectionError(f"unexpected script reply: {reply!r:.200}")
+        for j, index in enumerate(group):
+            flat[4 * index : 4 * index + 4] = reply[4 * j : 4 * j + 4]
+    return flat
+
+
+async def _run_groups(
+    redis: Any,
+    script: Script,
+    keys: Sequence[bytes],
+    pks: Sequence[PolicyKeys],
+    *,
+    groups: list[list[int]],
+    flag: str,
+) -> list[Any]:
+    """One script call per group: a single EVALSHA, or a pipeline of them."""
+    sha = script.sha
+    commands: list[tuple[Any, ...]] = []
+    for group in groups:
+        rates: dict[tuple[int, int], int] = {}
+        indexes = []
+        for i in group:
+            params = pks[i].params
+            index = rates.get(params)
+            if index is None:
+                index = rates[params] = len(rates) + 1
+            indexes.append(str(index))
+        args: list[Any] = [sha, len(group)]
+        args += [keys[i] for i in group]
+        args += (flag, " ".join(indexes))
+        for emission_us, burst in rates:
+            args += (emission_us, burst)
+        commands.append(tuple(args))
+    if len(commands) == 1:
+        try:
+            return [await redis.evalsha(*commands[0])]
+        except NoScriptError:
+            await script.load(redis)
+            return [await redis.evalsha(*commands[0])]
+    replies = await _pipeline(redis, commands)
+    redo = [i for i, r in enumerate(replies) if isinstance(r, Exception)]
+    if redo:
+        if not all(isinstance(replies[i], NoScriptError) for i in redo):
+            raise replies[redo[0]]
+        await script.load(redis)
+        again = await _pipeline(redis, [commands[i] for i in redo])
+        for i, reply in zip(redo, again, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            replies[i] = reply
+    return replies
+
+
+async def _pipeline(redis: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for command in commands:
+            # execute_command: redis-py's cluster pipeline refuses .evalsha() by name,
+            # but routes EVALSHA by its keys (one slot per command here)
+            pipe.execute_command("EVALSHA", *command)
+        return list(await pipe.execute(raise_on_error=False))
