@@ -34,8 +34,9 @@ from gateway.health.probes import PROBE_PATHS, probe_answer
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
 from gateway.pipeline.headers import UPSTREAM_SKIP
 from gateway.pipeline.snapshot import ALLOW_ANY, KNOWN_METHODS, REQUEST_ID_RE
+from gateway.pipeline.websocket import splice_ws
 from gateway.stores.limiter import BackendUnavailable, Check
-from gateway.upstream.client import filter_header_lines, filter_header_list, header_pairs, splice_ws
+from gateway.upstream.hop_by_hop import filter_header_lines, filter_header_list, header_pairs
 from gateway.upstream.pool import HEAD_TOO_LARGE, LeanResponse, UpstreamError
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from gateway.core.abuse import PathMatcher
 from gateway.core.gcra import Rate
 from gateway.pipeline.client_ip import IPAddress, Networks
 from gateway.pipeline.headers import ResponseHeaders
-from gateway.upstream.client import DROP_UPSTREAM, HOP_BY_HOP
+from gateway.upstream.hop_by_hop import DROP_UPSTREAM, HOP_BY_HOP
 
 if TYPE_CHECKING:
     from gateway.config import Policy, Route, Settings
