@@ -118,7 +118,7 @@ async def explain_request(
             if not d.allowed and not p.shadow and not exempt:
                 stop(429, f"policy {p.name} has no budget left")
     out["policies"] = policies
-    up = rt.upstreams.get(route.upstream)
+    up = snap.upstreams.get(route.upstream)
     if up is not None:
         now = asyncio.get_running_loop().time()
         state = up.breaker.state(now)

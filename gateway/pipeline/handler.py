@@ -421,7 +421,7 @@ class ProxyHandler:
                 event="bad_request",
             )
 
-        up = rt.upstreams[route.upstream]
+        up = snap.upstreams[route.upstream]
         ctx.upstream = up.name
         if rl_headers:
             request.extra_headers = rl_headers
@@ -972,7 +972,7 @@ class ProxyHandler:
     def _reject(self, request: AnyRequest, snap: Snapshot, ctx: Ctx, rej: Reject) -> Response:
         ctx.status = rej.status
         if rej.kind is not None and ctx.upstream is not None:
-            self.rt.upstreams[ctx.upstream].errors[rej.kind].inc()
+            snap.upstreams[ctx.upstream].errors[rej.kind].inc()
         if (
             rej.event is not None
             and snap.abuse_enabled
