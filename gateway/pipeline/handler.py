@@ -31,7 +31,7 @@ from gateway.pipeline.context import Ctx
 from gateway.pipeline.reject import Reject, banned, problem_answer
 from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
 from gateway.pipeline.upstream_leg import UpstreamLeg
-from gateway.pipeline.websocket import relay_websocket
+from gateway.pipeline.websocket import relay_websocket, websocket_handshake
 from gateway.stores.limiter import BackendUnavailable
 
 if TYPE_CHECKING:
@@ -86,9 +86,27 @@ class ProxyHandler:
         if local is not None:
             return local
 
+        resp: AnyResponse | web.StreamResponse
         try:
             up, raw_path_qs = await self.admit(request, snap, ctx)
-            resp = await self._upstream(request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy)
+            # the leg it takes: a WebSocket's, or the plain exchange
+            if request.method == "GET" and request.headers.get(hdrs.UPGRADE, "").lower() == (
+                "websocket"
+            ):
+                resp = await relay_websocket(
+                    self.rt,
+                    request,
+                    websocket_handshake(request),
+                    snap,
+                    ctx,
+                    up,
+                    raw_path_qs,
+                    via_proxy=via_proxy,
+                )
+            else:
+                resp = await self.leg.forward(
+                    request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy
+                )
         except Reject as rej:
             resp = self.reject(request, snap, ctx, rej)
         self.record(request, snap, ctx, resp, start)
@@ -177,7 +195,33 @@ class ProxyHandler:
 
         rl_headers = None
         if route.policies and not ctx.exempt:
-            rl_headers = await self.limit(request, ctx, route)
+            # the route's budgets, spent (inline: no coroutine of its own on every request)
+            ip = ctx.ban_key if client is not None else "-"
+            found: Sequence[Decision] | None
+            limiter = rt.limiter
+            try:
+                if route.ip_keyed:  # the common case: no Check objects unless Redis is asked
+                    found = limiter.decide_key(route.rates, ip)
+                    if found is None:  # the shared backend is asked (an await only then)
+                        found = await limiter.submit_key(route.rates, ip)
+                else:
+                    checks = decisions.policy_checks(
+                        route, ip, headers, decoded=request.fields_decoded
+                    )
+                    found = limiter.decide_local(checks)
+                    if found is None:
+                        found = await limiter.submit(checks)
+            except BackendUnavailable as exc:
+                raise Reject(
+                    503,
+                    "the rate-limit backend is unavailable",
+                    headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+                    type_=problem.problem_type("ratelimit-unavailable"),
+                ) from None
+            self._count_limits(ctx, route, found)
+            refused, rl_headers = decisions.limit_outcome(route, found)
+            if refused is not None:
+                raise refused
 
         decisions.check_size(snap, request.content_length)
 
@@ -186,39 +230,6 @@ class ProxyHandler:
         if rl_headers:
             request.extra_headers = rl_headers
         return up, raw_path_qs
-
-    async def limit(
-        self, request: PipelineRequest, ctx: Ctx, route: CompiledRoute
-    ) -> list[tuple[str, str]] | None:
-        """Spend the route's budgets: the RateLimit fields to send, or a 429 (503 when
-        the shared backend cannot be asked)."""
-        ip = ctx.ban_key if ctx.client is not None else "-"
-        found: Sequence[Decision] | None
-        limiter = self.rt.limiter
-        try:
-            if route.ip_keyed:  # the common case: no Check objects unless Redis is asked
-                found = limiter.decide_key(route.rates, ip)
-                if found is None:  # the shared backend is asked (an await only then)
-                    found = await limiter.submit_key(route.rates, ip)
-            else:
-                checks = decisions.policy_checks(
-                    route, ip, request.headers, decoded=request.fields_decoded
-                )
-                found = limiter.decide_local(checks)
-                if found is None:
-                    found = await limiter.submit(checks)
-        except BackendUnavailable as exc:
-            raise Reject(
-                503,
-                "the rate-limit backend is unavailable",
-                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
-                type_=problem.problem_type("ratelimit-unavailable"),
-            ) from None
-        self._count_limits(ctx, route, found)
-        refused, rl_headers = decisions.limit_outcome(route, found)
-        if refused is not None:
-            raise refused
-        return rl_headers
 
     def _count_limits(self, ctx: Ctx, route: CompiledRoute, found: Sequence[Decision]) -> None:
         """Count the decisions; log the shadow refusals and the enforced ones (capped)."""
@@ -257,30 +268,6 @@ class ProxyHandler:
                     retry_after_s=round(retry, 3),
                     suppressed=dropped,
                 )
-
-    async def _upstream(
-        self,
-        request: PipelineRequest,
-        snap: Snapshot,
-        ctx: Ctx,
-        up: UpstreamState,
-        raw_path_qs: str,
-        *,
-        via_proxy: bool,
-    ) -> AnyResponse | web.StreamResponse:
-        """The leg the request takes: a WebSocket's, or the plain exchange."""
-        if request.method == "GET" and request.headers.get(hdrs.UPGRADE, "").lower() == (
-            "websocket"
-        ):
-            ws_request = request.websocket_request()
-            if ws_request is None:  # the upgrade protocol takes real upgrades
-                raise Reject(
-                    400, "a WebSocket upgrade needs Connection: Upgrade", event="bad_request"
-                )
-            return await relay_websocket(
-                self.rt, request, ws_request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy
-            )
-        return await self.leg.forward(request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy)
 
     # ------------------------------------------------------------------ outcome
 

@@ -29,6 +29,15 @@ if TYPE_CHECKING:
     from gateway.upstream.state import UpstreamState
 
 
+def websocket_handshake(request: PipelineRequest) -> web.BaseRequest:
+    """The aiohttp request a WebSocket upgrade is answered on (400 where there is none:
+    the proxy port's own server hands real upgrades, with Connection: Upgrade, over)."""
+    ws_request = request.websocket_request()
+    if ws_request is None:
+        raise Reject(400, "a WebSocket upgrade needs Connection: Upgrade", event="bad_request")
+    return ws_request
+
+
 async def relay_websocket(
     rt: Runtime,
     request: PipelineRequest,
