@@ -14,7 +14,7 @@ from aiohttp import hdrs
 
 from gateway.core.framing import FramingError, request_host
 from gateway.pipeline import decisions
-from gateway.pipeline.reject import Reject, banned
+from gateway.pipeline.reject import Reject, banned, circuit_open
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
@@ -126,7 +126,7 @@ async def explain_request(
         out["breaker"] = str(state)
         out["inflight"] = up.inflight
         if str(state) == "open":
-            stop(Reject(503, f"upstream {up.name!r} is failing: circuit open"))
+            stop(circuit_open(up, now))
     out["verdict"] = verdict or f"proxied to upstream {route.upstream!r}"
     return out
 
