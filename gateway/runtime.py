@@ -22,7 +22,7 @@ from gateway.stores import make_ban_store, make_limiter
 from gateway.upstream.state import UpstreamState
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from gateway.config import Settings
     from gateway.loopmetrics import CounterChild as Counter
@@ -41,7 +41,6 @@ class Runtime:
         self.limited_log_budget = EventBudget(50)
         self.shadow_log_budget = EventBudget(50)
         self.settings = settings
-        self.snapshot = Snapshot(settings)
         self.redis: Any | None = None
         if cfg.rate_limit.backend == "redis" and settings.secrets.redis_url:
             from gateway.stores.redis.client import make_redis  # noqa: PLC0415 - redis only
@@ -52,10 +51,13 @@ class Runtime:
         )
         self.bans = make_ban_store(cfg.abuse, metrics=self.metrics, redis=self.redis)
         self.monitor = HealthMonitor(settings, metrics=self.metrics, redis=self.redis)
-        self.upstreams = {
-            name: UpstreamState(name, up, self.metrics, self.log)
-            for name, up in cfg.upstreams.items()
-        }
+        self.snapshot = Snapshot(
+            settings,
+            {
+                name: UpstreamState(name, up, self.metrics, self.log)
+                for name, up in cfg.upstreams.items()
+            },
+        )
         # open WebSockets by client key: a ban, a deny-list reload, the idle timeout and
         # the drain reach them through it
         self.websockets = WebSocketRegistry(self.log)
@@ -67,6 +69,11 @@ class Runtime:
         # called with the new settings once a reload has been applied (the proxy port's
         # servers copy a few of them)
         self.on_apply: list[Callable[[Settings], None]] = []
+
+    @property
+    def upstreams(self) -> Mapping[str, UpstreamState]:
+        """The current upstreams by name (a request reads its own snapshot's instead)."""
+        return self.snapshot.upstreams
 
     async def start(self) -> None:
         self.access_log.start()
@@ -115,7 +122,7 @@ class Runtime:
             )
             if a != b
         ]
-        upstreams = {}
+        upstreams: dict[str, UpstreamState] = {}
         for name, up_cfg in cfg.upstreams.items():
             state = self.upstreams.get(name)
             if state is None or not state.reconfigure(up_cfg):
@@ -126,12 +133,11 @@ class Runtime:
         for name, state in self.upstreams.items():
             if name not in upstreams:
                 self._retire(state, state.config.timeout_s)
-        snapshot = Snapshot(settings)
+        snapshot = Snapshot(settings, upstreams)
         self.limiter.reconfigure({n: p.rate for n, p in snapshot.policies.items()})
         self.bans.reconfigure(cfg.abuse)
         self.monitor.reconfigure(settings)
-        # one assignment each: a request that started keeps the objects it read
-        self.upstreams = upstreams
+        # one assignment: a request that started keeps the snapshot (and upstreams) it read
         self.snapshot = snapshot
         self.settings = settings
         # a client the new lists deny loses its WebSockets now

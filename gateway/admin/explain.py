@@ -1,29 +1,53 @@
-"""``/admin/explain``: what the gateway would do with a request, and why, counting nothing."""
+"""``/admin/explain``: what the gateway would do with a request, and why, counting nothing.
+
+It walks the pipeline's own decisions (:mod:`gateway.pipeline.decisions`) in the
+pipeline's order, so its verdict is the answer a request would get; it goes on past the
+first refusal to report what else it finds.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import TYPE_CHECKING, Any
 
-from gateway.core.keys import policy_key, wire_form
-from gateway.core.paths import PathError, canonical_path, reads_as_authority
-from gateway.stores.limiter import Check
+from aiohttp import hdrs
+
+from gateway.core.framing import FramingError, request_host
+from gateway.pipeline import decisions
+from gateway.pipeline.reject import Reject, banned, circuit_open
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from multidict import CIMultiDict
 
     from gateway.pipeline.client_ip import IPAddress
+    from gateway.pipeline.snapshot import CompiledRoute
     from gateway.runtime import Runtime
 
 
+def _host(path: str, headers: CIMultiDict[str]) -> str | None:
+    """The host the request is for, read as the HTTP/1.1 server reads it."""
+    try:
+        return request_host("1.1", headers.getall(hdrs.HOST, []), path)
+    except FramingError:
+        return None
+
+
+def _content_length(headers: CIMultiDict[str]) -> int | None:
+    value = headers.get(hdrs.CONTENT_LENGTH)
+    return int(value) if value is not None and value.isdigit() else None
+
+
 async def explain_request(
-    rt: Runtime, ip: IPAddress, path: str, method: str, headers: Mapping[str, str]
+    rt: Runtime, ip: IPAddress, path: str, method: str, headers: CIMultiDict[str]
 ) -> dict[str, Any]:
-    """Walk the pipeline's decisions for a hypothetical request without side effects."""
+    """Walk the pipeline's decisions for a hypothetical request without side effects.
+
+    ``path`` is a target as a client would send it; ``headers`` hold the field values
+    decoded as UTF-8 (they are keyed in their wire form, as a request's are).
+    """
     snap = rt.snapshot
     ip_str = str(ip)
-    client_key = snap.ip_key(ip, ip_str)  # its scores, bans and limits (IPv6: its prefix)
+    client_key = decisions.client_key(snap, ip, ip_str)
     out: dict[str, Any] = {
         "client_ip": ip_str,
         "client_key": client_key,
@@ -32,17 +56,18 @@ async def explain_request(
     }
     verdict: str | None = None
 
-    def stop(status: int, why: str) -> None:
+    def stop(rej: Reject) -> None:
         nonlocal verdict
         if verdict is None:
-            verdict = f"{status}: {why}"
+            verdict = f"{rej.status}: {rej.detail}"
 
-    denied = bool(snap.deny) and ip in snap.deny
-    exempt = bool(snap.allow) and ip in snap.allow
-    out["denied"] = denied
-    out["allow_listed"] = exempt
-    if denied:
-        stop(403, "client address is in deny_cidrs")
+    exempt = False
+    try:
+        exempt = decisions.check_lists(snap, ip)
+    except Reject as rej:
+        stop(rej)
+    out["denied"] = snap.has_deny and ip in snap.deny
+    out["allow_listed"] = snap.has_allow and ip in snap.allow
     ban = rt.bans.banned(client_key)
     out["ban"] = (
         None
@@ -50,85 +75,98 @@ async def explain_request(
         else {"reason": ban.reason, "expires_at": ban.expires_at, "offences": ban.offences}
     )
     out["abuse_score"] = rt.bans.score(client_key)
-    if ban is not None and not exempt:
-        stop(snap.ban_status, f"client is banned ({ban.reason})")
+    if ban is not None and not out["allow_listed"]:
+        stop(banned(snap, ban.expires_at))
     underscored = [name for name in headers if "_" in name]
     if underscored:
         out["underscore_fields"] = {"names": underscored, "action": snap.underscores}
-        if snap.underscores == "reject":
-            stop(400, "a header field name holds an underscore")
-    # ``path`` is a target as a client would send it: read as the pipeline reads it
+    header_bytes = sum(len(k) + len(v) + 4 for k, v in headers.items())
     try:
-        canon = canonical_path(path)
-    except PathError as exc:
+        decisions.check_head(
+            snap, header_bytes, _host(path, headers) if snap.allowed_hosts else None, headers
+        )
+        decisions.check_method(method)
+    except Reject as rej:
+        stop(rej)
+    try:
+        canon = decisions.canonical_target(path)
+    except Reject as rej:
         out["canonical_path"] = None
-        stop(400, str(exc))
+        stop(rej)
         out["verdict"] = verdict
         return out
     out["canonical_path"] = canon
     key = canon.lower()
     out["suspicious_path"] = snap.suspicious(key)
-    if reads_as_authority(path):
-        stop(400, "the request target starts with //")
+    try:
+        route = decisions.route_for(snap, key, path)
+    except Reject as rej:
+        out["route"] = None
+        stop(rej)
         out["verdict"] = verdict
         return out
-    route = snap.match(key)
-    out["route"] = route.name if route else None
-    if route is None:
-        stop(404, "no route matches")
-        out["verdict"] = verdict
-        return out
+    out["route"] = route.name
     out["upstream"] = route.upstream
-    if route.methods is not None and method not in route.methods:
-        stop(405, f"method not in {sorted(route.methods)}")
-    elif route.methods is None and method == "TRACE":
-        stop(405, "TRACE is refused unless the route lists it in methods")
-    if route.sources is not None and ip not in route.sources:
-        stop(403, "client address not in the route's source_cidrs")
-    if route.secret_header is not None:
-        given = headers.get(route.secret_header)
-        ok = (
-            route.secret is not None
-            and given is not None
-            and hmac.compare_digest(given.encode(), route.secret)
-        )
-        out["shared_secret"] = "valid" if ok else ("missing" if given is None else "wrong")
-        if not ok:
-            stop(403, "missing or wrong shared secret")
-    policies = []
-    if route.policies:
-        checks = []
-        for p in route.policies:
-            value = wire_form(headers.get(p.header, "")) if p.header else None
-            key = policy_key(p.key, client_key, route.name, p.header, value)
-            checks.append(Check(p.name, p.rate, key))
-        try:
-            decisions = await rt.limiter.peek(checks)
-        except Exception as exc:  # the backend may be down: say so
-            decisions = []
-            out["ratelimit_error"] = str(exc)
-        for p, c, d in zip(route.policies, checks, decisions, strict=False):
-            policies.append(
-                {
-                    "policy": p.name,
-                    "key": c.key,
-                    "mode": "shadow" if p.shadow else "enforce",
-                    "would_allow": d.allowed,
-                    "remaining": d.remaining,
-                    "retry_after_s": round(d.retry_after_s, 3),
-                    "exempt": exempt,
-                }
-            )
-            if not d.allowed and not p.shadow and not exempt:
-                stop(429, f"policy {p.name} has no budget left")
-    out["policies"] = policies
-    up = rt.upstreams.get(route.upstream)
+    secret = decisions.secret_state(route, headers)
+    if secret is not None:
+        out["shared_secret"] = secret
+    try:
+        decisions.guard_route(route, method, ip, headers)
+    except Reject as rej:
+        stop(rej)
+    out["policies"] = await _policies(rt, out, route, client_key, headers, exempt=exempt, stop=stop)
+    try:
+        decisions.check_size(snap, _content_length(headers))
+    except Reject as rej:
+        stop(rej)
+    up = snap.upstreams.get(route.upstream)
     if up is not None:
         now = asyncio.get_running_loop().time()
         state = up.breaker.state(now)
         out["breaker"] = str(state)
         out["inflight"] = up.inflight
         if str(state) == "open":
-            stop(503, "circuit open")
+            stop(circuit_open(up, now))
     out["verdict"] = verdict or f"proxied to upstream {route.upstream!r}"
     return out
+
+
+async def _policies(
+    rt: Runtime,
+    out: dict[str, Any],
+    route: CompiledRoute,
+    client_key: str,
+    headers: CIMultiDict[str],
+    *,
+    exempt: bool,
+    stop: Any,
+) -> list[dict[str, Any]]:
+    """Each policy's budget as the limiter would decide it now (peeked, not spent)."""
+    if not route.policies:
+        return []
+    try:
+        checks = decisions.policy_checks(route, client_key, headers, decoded=True)
+    except Reject as rej:
+        stop(rej)
+        return []
+    try:
+        found = await rt.limiter.peek(checks)
+    except Exception as exc:  # the backend may be down: say so
+        out["ratelimit_error"] = str(exc)
+        return []
+    if not exempt:
+        refused, _ = decisions.limit_outcome(route, found)
+        if refused is not None:
+            stop(refused)
+    return [
+        {
+            "policy": p.name,
+            "key": c.key,
+            "mode": "shadow" if p.shadow else "enforce",
+            "would_allow": d.allowed,
+            "remaining": d.remaining,
+            "retry_after_s": round(d.retry_after_s, 3),
+            "exempt": exempt,
+        }
+        for p, c, d in zip(route.policies, checks, found, strict=False)
+    ]

@@ -296,9 +296,25 @@ class Request:
         self.head_sent = False
         self._stream_mode = 0  # 0 raw, 1 chunked, 2 no body (HEAD, 204, 304)
 
+    # what the pipeline reads of a request (gateway.pipeline.request.PipelineRequest)
+    fields_decoded = False  # field values are kept as sent (latin-1)
+
     @property
     def transport(self) -> asyncio.Transport | None:
         return self.protocol.transport
+
+    def peer_address(self) -> tuple[IPAddress | None, str]:
+        return self.protocol.peer_address()
+
+    def target_host(self) -> str | None:
+        return self.host
+
+    def lean_body(self) -> Body | None:
+        content = self.content
+        return content if isinstance(content, Body) else None
+
+    def websocket_request(self) -> None:
+        return None  # upgrades are handed to the upgrade protocol before the pipeline
 
     @property
     def rel_url(self) -> URL:

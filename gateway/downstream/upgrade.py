@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from gateway.core.framing import FramingError, request_host
 from gateway.downstream.protocol import Response, to_web
 from gateway.pipeline.client_ip import IPAddress, peer_of
 from gateway.problem import CONTENT_TYPE, problem_body, raw_problem
@@ -49,9 +50,35 @@ class GatewayRequest(BaseRequest):
     server: GatewayServer
     stream: web.StreamResponse | None
 
+    # what the pipeline reads of a request (gateway.pipeline.request.PipelineRequest)
+    fields_decoded = True  # aiohttp decoded the field values as UTF-8
+
     @property
     def header_bytes(self) -> int:
         return sum(len(k) + len(v) + 4 for k, v in self.raw_headers)
+
+    def peer_address(self) -> tuple[IPAddress | None, str]:
+        # the server makes GatewayProtocol connections only; it parsed the peer once
+        return cast("GatewayProtocol", self.protocol).peer_address()
+
+    def target_host(self) -> str | None:
+        """The host of an upgrade request (its head passed the framing rules already, in
+        the HTTP/1.1 server, before it was handed over)."""
+        version = self.version
+        try:
+            return request_host(
+                f"{version.major}.{version.minor}",
+                self.headers.getall(hdrs.HOST, []),
+                self.raw_path,
+            )
+        except FramingError:
+            return None
+
+    def lean_body(self) -> None:
+        return None  # aiohttp's reader
+
+    def websocket_request(self) -> web.BaseRequest:
+        return self
 
     async def send_continue(self) -> None:
         await self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

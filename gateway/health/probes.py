@@ -36,7 +36,7 @@ cached state: it never waits on a dependency.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 from aiohttp import web
@@ -45,7 +45,24 @@ from gateway.core.health import NOT_CHECKED, ComponentHealth, Status, aggregate
 from gateway.health.monitor import HealthMonitor
 
 if TYPE_CHECKING:
-    from gateway.downstream.protocol import Request
+    from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+
+
+class ProbeRequest(Protocol):
+    """What a probe reads of a request (the admin port's and the proxy port's alike)."""
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def query(self) -> MultiMapping[str]: ...
+
+    @property
+    def headers(self) -> CIMultiDict[str] | CIMultiDictProxy[str]: ...
+
 
 __all__ = ["PROBE_PATHS", "probe_answer", "probe_response"]
 
@@ -118,29 +135,27 @@ def _line(kind: str, comp: ComponentHealth, passed: bool, public: bool) -> str:
     return f"[+]{name} {comp.status.value}: {comp.message}{suffix}"
 
 
-def _wants_json(request: web.BaseRequest | Request) -> bool:
+def _wants_json(request: ProbeRequest) -> bool:
     fmt = request.query.get("format")
     if fmt is not None:
         return fmt.lower() == "json"
     return "application/json" in request.headers.get("Accept", "")
 
 
-def _excluded(request: web.BaseRequest | Request) -> set[str]:
+def _excluded(request: ProbeRequest) -> set[str]:
     out: set[str] = set()
     for value in request.query.getall("exclude", ()):
         out.update(part for part in value.split(",") if part)
     return out
 
 
-async def probe_response(
-    request: web.BaseRequest | Request, monitor: HealthMonitor
-) -> web.Response | None:
+async def probe_response(request: ProbeRequest, monitor: HealthMonitor) -> web.Response | None:
     """The answer to a probe request, or None when ``request.path`` is not a probe."""
     return probe_answer(request, monitor)
 
 
 def probe_answer(
-    request: web.BaseRequest | Request, monitor: HealthMonitor, *, public: bool = False
+    request: ProbeRequest, monitor: HealthMonitor, *, public: bool = False
 ) -> web.Response | None:
     """:func:`probe_response` without the coroutine: it never waits on anything.
 

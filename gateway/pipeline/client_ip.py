@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+from aiohttp import hdrs
 from aiohttp_remotes.utils import parse_trusted_element
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -97,6 +98,37 @@ def forwarded_values(value: str, param: str) -> list[str]:
             if sep and key.strip().lower() == param:
                 out.append(v.strip().strip('"'))
     return out
+
+
+def forwarded_proto(headers: Mapping[str, str]) -> str:
+    """The scheme a trusted proxy says the client used ("" when it says nothing)."""
+    p = headers.get(hdrs.X_FORWARDED_PROTO)
+    if p:
+        return str(p).split(",", 1)[0].strip().lower()
+    if hdrs.FORWARDED in headers:
+        protos = forwarded_values(headers[hdrs.FORWARDED], "proto")
+        if protos:
+            return protos[0].lower()
+    return ""
+
+
+def forwarded_chain(
+    xff: str | None, peer: IPAddress | None, trusted: Networks, client_ip: str
+) -> str:
+    """The X-Forwarded-For sent upstream: the client, the trusted hops after it, the peer."""
+    hops: list[str] = []
+    if xff:
+        for part in reversed(xff.split(",")):
+            ip = parse_ip(part)
+            if ip is None:
+                break
+            hops.append(str(ip))
+            if ip not in trusted:
+                break
+    hops.reverse()
+    if peer is not None:
+        hops.append(str(peer))
+    return ", ".join(hops) if hops else client_ip
 
 
 def peer_of(transport: asyncio.BaseTransport | None) -> tuple[IPAddress | None, str]:

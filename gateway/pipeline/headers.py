@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gateway.upstream.client import HOP_BY_HOP, header_pairs
+from gateway.upstream.hop_by_hop import HOP_BY_HOP, header_pairs
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict

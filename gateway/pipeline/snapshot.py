@@ -1,7 +1,7 @@
 """A config compiled for the request path: everything a request reads, in one object.
 
-A request reads one snapshot from start to end; a reload builds a new one and swaps
-the reference, so no request ever sees half of two configs.
+A request reads one snapshot from start to end, the map of upstreams included; a reload
+builds a new one and swaps the reference, so no request ever sees half of two configs.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from gateway.core.abuse import PathMatcher
 from gateway.core.gcra import Rate
 from gateway.pipeline.client_ip import IPAddress, Networks
 from gateway.pipeline.headers import ResponseHeaders
-from gateway.upstream.client import DROP_UPSTREAM, HOP_BY_HOP
+from gateway.upstream.hop_by_hop import DROP_UPSTREAM, HOP_BY_HOP
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from gateway.config import Policy, Route, Settings
+    from gateway.upstream.state import UpstreamState
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 KNOWN_METHODS = frozenset(
@@ -120,11 +123,17 @@ class Snapshot:
         "suspicious",
         "trusted",
         "underscores",
+        "upstreams",
     )
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, upstreams: Mapping[str, UpstreamState] | None = None
+    ) -> None:
         cfg = settings.config
         self.settings = settings
+        # the upstreams' live state (breakers, pools, counts) outlives reloads; the map of
+        # names to it is this config's, read with the rest of it
+        self.upstreams: Mapping[str, UpstreamState] = upstreams if upstreams is not None else {}
         self.config = cfg
         self.trusted = Networks(cfg.trusted_proxies)
         self.allow = Networks(cfg.allow_cidrs)

@@ -2,12 +2,11 @@
 
 Everything the request pipeline needs from an upstream goes through
 :class:`UpstreamClient`, so a leaner client can replace the aiohttp one without
-touching the pipeline.  Header rules (hop-by-hop, X-Forwarded-*) live here too.
+touching the pipeline.  The header rules are :mod:`gateway.upstream.hop_by_hop`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 import aiohttp
 from aiohttp import hdrs
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.upstream.pool import (
@@ -28,95 +27,6 @@ from gateway.upstream.pool import (
 
 if TYPE_CHECKING:
     from gateway.config import Upstream
-    from gateway.pipeline.wsregistry import OpenSocket
-
-# RFC 9110 7.6.1 and the de-facto ones; plus whatever Connection names.
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Connection",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-    )
-)
-# Never believed from an untrusted peer: the gateway sets its own.
-FORWARDING = frozenset(
-    h.lower() for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
-)
-# Request fields not passed upstream as they are (the gateway sets its own or none).
-DROP_UPSTREAM = FORWARDING | frozenset(("expect", "forwarded", "host"))
-
-
-# Never dropped because Connection lists it: the body sent upstream is framed by it
-# (without it, and without chunked coding, the upstream would read the body as the next
-# request on its keep-alive connection).
-_FRAMING = frozenset(("content-length",))
-
-
-def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
-    """Header names listed in ``Connection`` (they are hop-by-hop too), framing excepted."""
-    values = headers.getall(hdrs.CONNECTION, ())
-    if not values:
-        return frozenset()
-    tokens = frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
-    return tokens - _FRAMING
-
-
-def filter_header_lines(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str],
-    drop: frozenset[str],
-    underscores: str | None = None,
-) -> list[str]:
-    r"""``headers`` without those in ``drop`` (lower-case; it includes :data:`HOP_BY_HOP`)
-    and those the ``Connection`` field names, as ``Name: value\r\n`` lines.
-
-    A name holding ``_`` reads as its ``-`` spelling to CGI and WSGI servers
-    (``X_Forwarded_For`` is ``HTTP_X_FORWARDED_FOR``): with ``underscores="drop"`` every
-    such field is left out, with ``"allow"`` only those whose ``-`` spelling is dropped
-    (the fields the gateway sets itself are never doubled by an alias).  None: no field
-    holds one (the common case, one test per name).
-    """
-    listed = connection_tokens(headers)
-    if listed:
-        drop = drop | listed
-    if underscores is None:
-        return [
-            f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() not in drop
-        ]
-    if underscores == "drop":
-        return [
-            f"{name}: {value}\r\n"
-            for name, value in headers.items()
-            if "_" not in name and name.lower() not in drop
-        ]
-    return [
-        f"{name}: {value}\r\n"
-        for name, value in headers.items()
-        if name.lower().replace("_", "-") not in drop
-    ]
-
-
-def header_pairs(lines: str) -> list[tuple[str, str]]:
-    r"""``Name: value\r\n`` lines back as (name, value) pairs (for aiohttp's client)."""
-    return [
-        (name, value) for name, _, value in (ln.partition(": ") for ln in lines.split("\r\n") if ln)
-    ]
-
-
-def filter_header_list(
-    headers: list[tuple[str, str]], drop: frozenset[str]
-) -> list[tuple[str, str]]:
-    """The same for a plain list of fields (an upstream's answer)."""
-    listed = [v for n, v in headers if len(n) == 10 and n.lower() == "connection"]
-    if listed:
-        drop = drop | {t.strip().lower() for v in listed for t in v.split(",") if t.strip()}
-    return [(n, v) for n, v in headers if (low := n.lower()) not in HOP_BY_HOP and low not in drop]
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,49 +187,3 @@ class UpstreamClient:
     async def close(self) -> None:
         await self._pool.close()
         await self._session.close()
-
-
-async def pump_ws(
-    src: aiohttp.ClientWebSocketResponse | aiohttp.web.WebSocketResponse,
-    dst: aiohttp.ClientWebSocketResponse | aiohttp.web.WebSocketResponse,
-    seen: OpenSocket | None = None,
-) -> None:
-    """Copy WebSocket messages from ``src`` to ``dst`` until either side closes; each
-    sets ``seen.active`` (the idle timeout's sweep reads it)."""
-    async for msg in src:
-        if dst.closed:
-            break
-        if seen is not None:
-            seen.active = True
-        if msg.type is aiohttp.WSMsgType.TEXT:
-            await dst.send_str(msg.data)
-        elif msg.type is aiohttp.WSMsgType.BINARY:
-            await dst.send_bytes(msg.data)
-        elif msg.type is aiohttp.WSMsgType.PING:
-            await dst.ping(msg.data)
-        elif msg.type is aiohttp.WSMsgType.PONG:
-            await dst.pong(msg.data)
-        else:
-            break
-    if not dst.closed:
-        code = src.close_code or aiohttp.WSCloseCode.OK
-        await dst.close(code=code)
-
-
-async def splice_ws(
-    client: aiohttp.web.WebSocketResponse,
-    upstream: aiohttp.ClientWebSocketResponse,
-    seen: OpenSocket | None = None,
-) -> None:
-    """Run both directions until one ends, then close the other."""
-    a = asyncio.ensure_future(pump_ws(client, upstream, seen))
-    b = asyncio.ensure_future(pump_ws(upstream, client, seen))
-    try:
-        await asyncio.wait((a, b), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (a, b):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(a, b, return_exceptions=True)
-        if not upstream.closed:
-            await upstream.close()

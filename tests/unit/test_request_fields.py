@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from gateway.upstream.client import DROP_UPSTREAM, HOP_BY_HOP, filter_header_lines
+from gateway.upstream.hop_by_hop import DROP_UPSTREAM, HOP_BY_HOP, filter_header_lines
 
 DROP = DROP_UPSTREAM | HOP_BY_HOP | {"x-request-id"}
 FIELDS = CIMultiDict(

@@ -1,0 +1,56 @@
+"""What one request gathers along the pipeline, for its later steps, its log line and metrics."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.pipeline.client_ip import IPAddress
+    from gateway.pipeline.snapshot import CompiledRoute
+
+
+class ClientBodyError(Exception):
+    """The client's body failed (too large, too slow, malformed): its status and why."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+
+
+class Ctx:
+    """Per-request facts gathered along the pipeline (for the log line and metrics)."""
+
+    __slots__ = (
+        "ban_key",
+        "body_error",
+        "body_open",
+        "bytes_out",
+        "client",
+        "client_ip",
+        "exempt",
+        "held",
+        "rid",
+        "route",
+        "start",
+        "status",
+        "underscores",
+        "upstream",
+        "xff",
+    )
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.xff: str | None = None
+        self.rid = ""
+        self.client: IPAddress | None = None
+        self.client_ip = ""
+        self.ban_key = ""  # the client's key for scores, bans and limits (IPv6: its prefix)
+        self.exempt = False
+        self.route: CompiledRoute | None = None
+        self.upstream: str | None = None
+        self.status = 0
+        self.bytes_out = 0
+        self.body_error: ClientBodyError | None = None
+        self.underscores: str | None = None  # how fields named with "_" go upstream
+        self.held = 0  # body bytes read and kept before the upstream exchange
+        self.body_open = False  # a streamed body still has bytes to come from the client

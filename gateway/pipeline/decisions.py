@@ -1,0 +1,207 @@
+"""The pipeline's decisions about a request, in one place: its client key, the address
+lists, the head's limits, its target, its route and the route's guards, the rate-limit
+keys and outcome, the body's size.
+
+Pure functions of the snapshot and what the request says, each either passing (with its
+result) or raising :class:`~gateway.pipeline.reject.Reject`. The handler calls them on
+every request and ``/admin/explain`` on a hypothetical one, so explain cannot drift from
+what requests get.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from typing import TYPE_CHECKING
+
+from gateway import problem
+from gateway.core.keys import policy_key, wire_form
+from gateway.core.paths import PathError, canonical_path, reads_as_authority
+from gateway.pipeline.reject import Reject, quota_reject
+from gateway.pipeline.snapshot import ALLOW_ANY
+from gateway.stores.limiter import Check
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    from gateway.core.gcra import Decision
+    from gateway.pipeline.client_ip import IPAddress
+    from gateway.pipeline.snapshot import CompiledPolicy, CompiledRoute, Snapshot
+
+    Fields = CIMultiDict[str] | CIMultiDictProxy[str]
+
+
+def client_key(snap: Snapshot, client: IPAddress | None, client_ip: str) -> str:
+    """The client's key for scores, bans and limits: its address, an IPv6 one by its
+    prefix (``rate_limit.ipv6_prefix``): rotating the rest of its address must not give
+    it a clean score, a lifted ban or a fresh budget."""
+    if client is not None and client.version == 6:
+        return snap.ip_key(client, client_ip)
+    return client_ip
+
+
+def check_lists(snap: Snapshot, client: IPAddress) -> bool:
+    """403 for a denied address; True when the address is allow-listed (exempt from bans
+    and limits)."""
+    if snap.has_deny and client in snap.deny:
+        raise Reject(403, "the client address is denied", type_=problem.problem_type("denied"))
+    return snap.has_allow and client in snap.allow
+
+
+def check_head(
+    snap: Snapshot, header_bytes: int, host: str | None, names: Iterable[str]
+) -> str | None:
+    """The head's limits: its size (431), its host (``allowed_hosts``, 400) and field
+    names holding "_"; returns how such fields go upstream (None: there are none).
+
+    ``host`` is read only when ``allowed_hosts`` is set (the caller may pass None else).
+    """
+    if header_bytes > snap.max_header_bytes:
+        raise Reject(431, "request header fields too large", event="bad_request")
+    if snap.allowed_hosts and host not in snap.allowed_hosts:
+        raise Reject(400, "the Host header is not one this gateway serves", event="bad_request")
+    if "_" in "".join(names):
+        # CGI and WSGI servers read X_Forwarded_For as X-Forwarded-For (SPEC 9)
+        if snap.underscores == "reject":
+            raise Reject(400, "a header field name holds an underscore", event="bad_request")
+        return snap.underscores
+    return None
+
+
+def check_method(method: str) -> None:
+    """CONNECT is not proxied (405)."""
+    if method == "CONNECT":
+        raise Reject(405, "CONNECT is not supported", headers={"Allow": ALLOW_ANY})
+
+
+def origin_form(url: URL) -> str:
+    """An absolute-form target's path and query (the upstream is fixed by config); 400
+    when it holds no path."""
+    if not url.raw_path.startswith("/"):
+        raise Reject(400, "the request target is not a path", event="bad_request")
+    return url.raw_path_qs
+
+
+def canonical_target(raw_path_qs: str) -> str:
+    """The one reading of the path every later decision uses (SPEC 9); 400 if it has none.
+    Matching ignores letter case: callers lower it once."""
+    try:
+        return canonical_path(raw_path_qs)
+    except PathError as exc:
+        raise Reject(400, str(exc), event="bad_request") from None
+
+
+def route_for(snap: Snapshot, key: str, raw_path_qs: str) -> CompiledRoute:
+    """The route of a lower-cased canonical path (404 when none matches). A target that
+    starts with ``//`` or ``/\\`` is 400 first: URL parsers read ``//h/admin/x`` as host
+    ``h`` and path ``/admin/x``, where the canonical path is ``/h/admin/x``. (Suspicious
+    path scoring runs before this, so ``//.env`` still counts.)"""
+    if reads_as_authority(raw_path_qs):
+        raise Reject(400, "the request target starts with //", event="bad_request")
+    route = snap.match(key)
+    if route is None:
+        raise Reject(404, "no route matches this path", event="not_found")
+    return route
+
+
+def secret_state(route: CompiledRoute, headers: Fields) -> str | None:
+    """ "valid", "missing" or "wrong" for a route with a shared secret, else None."""
+    if route.secret_header is None:
+        return None
+    given = headers.get(route.secret_header)
+    if given is None:
+        return "missing"
+    if route.secret is None or not hmac.compare_digest(given.encode(), route.secret):
+        return "wrong"
+    return "valid"
+
+
+def guard_route(
+    route: CompiledRoute, method: str, client: IPAddress | None, headers: Fields
+) -> None:
+    """The route's guards: its methods (405), its source addresses and its shared
+    secret (403)."""
+    methods = route.methods
+    if (method not in methods) if methods is not None else (method == "TRACE"):
+        # TRACE echoes the request, credentials included: only where a route lists it
+        raise Reject(405, f"{method} is not allowed on this route", headers={"Allow": route.allow})
+    if route.sources is not None and (client is None or client not in route.sources):
+        raise Reject(
+            403,
+            "the client address may not use this route",
+            type_=problem.problem_type("forbidden-source"),
+        )
+    if route.secret_header is not None and secret_state(route, headers) != "valid":
+        raise Reject(
+            403,
+            "missing or wrong shared secret",
+            type_=problem.problem_type("forbidden"),
+            event="auth_failure",
+        )
+
+
+def policy_key_of(
+    pol: CompiledPolicy, route: CompiledRoute, ip: str, headers: Fields, *, decoded: bool
+) -> str:
+    """The budget key of one policy; ``ip`` is the client's key, ``decoded``: the field
+    values were decoded as UTF-8 (they are keyed in their wire form)."""
+    header = pol.header
+    value = None
+    if header:
+        values = headers.getall(header, ())
+        if len(values) > 1:
+            # whose budget? the upstream may read another one than the key would
+            raise Reject(400, f"more than one {header} field", event="bad_request")
+        if values:
+            value = wire_form(values[0]) if decoded else values[0]
+    return policy_key(pol.key, ip, route.name, header, value)
+
+
+def policy_checks(route: CompiledRoute, ip: str, headers: Fields, *, decoded: bool) -> list[Check]:
+    """One check per policy of the route."""
+    return [
+        Check(p.name, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded))
+        for p in route.policies
+    ]
+
+
+def limit_outcome(
+    route: CompiledRoute, decisions: Sequence[Decision]
+) -> tuple[Reject | None, list[tuple[str, str]] | None]:
+    """The 429 when an enforced policy has no budget left, else the RateLimit fields of
+    the tightest enforced policy (None: no enforced policy)."""
+    violated: list[tuple[CompiledPolicy, Decision]] | None = None
+    tightest: CompiledPolicy | None = None
+    least = 0
+    reset = 0.0
+    for pol, dec in zip(route.policies, decisions, strict=True):
+        if pol.shadow:
+            continue
+        if dec.allowed:
+            if tightest is None or dec.remaining < least:
+                tightest, least, reset = pol, dec.remaining, dec.reset_s
+        else:
+            if violated is None:
+                violated = []
+            violated.append((pol, dec))
+    if violated:
+        return quota_reject(violated, max(d.retry_after_s for _, d in violated)), None
+    if tightest is None:
+        return None, None
+    return None, [
+        ("RateLimit-Policy", tightest.policy_header),
+        ("RateLimit", f'"{tightest.name}";r={least};t={math.ceil(reset)}'),
+    ]
+
+
+def check_size(snap: Snapshot, content_length: int | None) -> None:
+    """413 for a declared body over ``max_body_bytes``."""
+    if content_length is not None and content_length > snap.max_body_bytes:
+        raise Reject(
+            413,
+            f"the request body is larger than {snap.max_body_bytes} bytes",
+            event="bad_request",
+        )

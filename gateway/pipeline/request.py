@@ -1,0 +1,108 @@
+"""What the pipeline needs of a request: the seam between the servers and the pipeline.
+
+Two servers hand requests to the pipeline: the proxy port's own HTTP/1.1 server
+(:class:`gateway.downstream.protocol.Request`) and aiohttp's, which takes upgrades
+(:class:`gateway.downstream.upgrade.GatewayRequest`). Both satisfy
+:class:`PipelineRequest`, and the pipeline reads nothing else of them, so a step can be
+driven by any object that does (a test's fake included).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from aiohttp import web
+    from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
+    from yarl import URL
+
+    from gateway.downstream.protocol import Body, Response
+    from gateway.pipeline.client_ip import IPAddress
+    from gateway.pipeline.headers import ResponseHeaders
+
+
+class BodyReader(Protocol):
+    """A request body read as it arrives; ``b""`` once it is all read."""
+
+    async def readany(self) -> bytes: ...
+
+
+class PipelineRequest(Protocol):
+    """One request as the pipeline sees it, and the means to answer it."""
+
+    # the gateway's per-request state, set by the pipeline, read when answering
+    rid: str | None
+    response_headers: ResponseHeaders | None
+    https: bool
+    extra_headers: list[tuple[str, str]] | None
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def path(self) -> str:
+        """The decoded path (probes and the access log read it)."""
+        ...
+
+    @property
+    def raw_path(self) -> str:
+        """The request target as sent (origin form, or absolute form)."""
+        ...
+
+    @property
+    def rel_url(self) -> URL: ...
+
+    @property
+    def query(self) -> MultiMapping[str]: ...
+
+    @property
+    def headers(self) -> CIMultiDict[str] | CIMultiDictProxy[str]: ...
+
+    @property
+    def fields_decoded(self) -> bool:
+        """Field values were decoded as UTF-8 (aiohttp's), not kept as sent (latin-1)."""
+        ...
+
+    @property
+    def header_bytes(self) -> int: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    @property
+    def body_exists(self) -> bool: ...
+
+    @property
+    def content(self) -> BodyReader: ...
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    def peer_address(self) -> tuple[IPAddress | None, str]:
+        """The peer's address (None when not an IP) and its text."""
+        ...
+
+    def target_host(self) -> str | None:
+        """The host the request is for, as the framing rules read it; None if unreadable."""
+        ...
+
+    def lean_body(self) -> Body | None:
+        """The proxy port's own body buffer (read without joined copies), else None."""
+        ...
+
+    def websocket_request(self) -> web.BaseRequest | None:
+        """The aiohttp request a WebSocket handshake is prepared on; None where upgrades
+        are not served (the proxy port's own server hands them over first)."""
+        ...
+
+    async def send_continue(self) -> None: ...
+
+    async def start_stream(
+        self, status: int, reason: str | None, headers: list[tuple[str, str]]
+    ) -> Response: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def write_eof(self) -> None: ...

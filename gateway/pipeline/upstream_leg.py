@@ -1,0 +1,400 @@
+"""The upstream leg of a request: its body read first, the fields sent upstream, the send
+with breaker and bounded retries, and the answer passed back to the client.
+
+A body is read (up to ``buffer_body_bytes``) before anything of the upstream is taken, so
+a client slow to send it holds no bulkhead slot or pool connection; the bytes so held by
+all requests are capped by ``max_buffered_bytes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import hdrs
+
+from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
+from gateway.downstream.protocol import BodyError, Response
+from gateway.pipeline.client_ip import forwarded_chain, forwarded_proto, forwarded_values
+from gateway.pipeline.context import ClientBodyError
+from gateway.pipeline.headers import UPSTREAM_SKIP
+from gateway.pipeline.reject import Reject, buffers_full, bulkhead_full, circuit_open
+from gateway.upstream.hop_by_hop import filter_header_lines, filter_header_list
+from gateway.upstream.pool import HEAD_TOO_LARGE, UpstreamError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from gateway.pipeline.context import Ctx
+    from gateway.pipeline.request import PipelineRequest
+    from gateway.pipeline.snapshot import Snapshot
+    from gateway.runtime import Runtime
+    from gateway.upstream.pool import LeanResponse
+    from gateway.upstream.state import UpstreamState
+
+_DROP_FAST = frozenset(("content-length",))  # the server sets its own
+_NO_DROP: frozenset[str] = frozenset()
+
+
+def upstream_fields(
+    request: PipelineRequest, snap: Snapshot, ctx: Ctx, up: UpstreamState, *, via_proxy: bool
+) -> str:
+    r"""The header fields sent upstream, as ``Name: value\r\n`` lines: the client's
+    end-to-end fields, then Host, X-Forwarded-*, X-Real-IP and the request id (the
+    upstream's own Host last when the client sent none)."""
+    headers = request.headers
+    kept = filter_header_lines(headers, snap.drop_upstream, ctx.underscores)
+    host = headers.get(hdrs.HOST)
+    chain = ctx.client_ip
+    proto = "http"
+    fwd_host = host
+    if via_proxy:
+        chain = forwarded_chain(ctx.xff, request.peer_address()[0], snap.trusted, ctx.client_ip)
+        proto = forwarded_proto(headers) or "http"
+        h = headers.get(hdrs.X_FORWARDED_HOST)
+        if h:
+            fwd_host = h.split(",", 1)[0].strip()
+        elif hdrs.FORWARDED in headers:
+            hosts = forwarded_values(headers[hdrs.FORWARDED], "host")
+            if hosts:
+                fwd_host = hosts[0]
+    if host is not None:
+        kept.append(f"Host: {host}\r\n")
+    xfh = f"X-Forwarded-Host: {fwd_host}\r\n" if fwd_host is not None else ""
+    kept.append(  # one string for the fields the gateway sets
+        f"X-Forwarded-For: {chain}\r\nX-Forwarded-Proto: {proto}\r\n{xfh}"
+        f"X-Real-IP: {ctx.client_ip}\r\n{snap.rid_header}: {ctx.rid}\r\n"
+    )
+    if host is None:
+        kept.append(f"Host: {up.client.host_header}\r\n")
+    return "".join(kept)
+
+
+def count_error(rt: Runtime, up: UpstreamState, ctx: Ctx, exc: UpstreamError) -> None:
+    """Count an upstream error; log an answer refused for its head (the 502's cause
+    is the upstream's, and an operator cannot tell it from the access log)."""
+    up.errors[exc.kind].inc()
+    if exc.kind == HEAD_TOO_LARGE:
+        rt.log.warning(
+            "upstream_response_rejected",
+            upstream=up.name,
+            reason=str(exc),
+            route=ctx.route.name if ctx.route is not None else None,
+            request_id=ctx.rid,
+        )
+
+
+class UpstreamLeg:
+    """Sends requests upstream and their answers back; one per handler (it counts the
+    body bytes held by all requests)."""
+
+    __slots__ = ("_loop", "buffered", "rt")
+
+    def __init__(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
+        self.rt = runtime
+        self._loop = loop
+        # request body bytes held by all requests before their upstream exchange
+        self.buffered = 0
+
+    def _too_large(self, ctx: Ctx, limit: int) -> ClientBodyError:
+        ctx.body_error = ClientBodyError(413, f"the request body is larger than {limit} bytes")
+        return ctx.body_error
+
+    def _hold(self, snap: Snapshot, ctx: Ctx, n: int) -> None:
+        """Count ``n`` more body bytes held before the upstream exchange; 503 past the cap."""
+        ctx.held += n
+        self.buffered += n
+        if self.buffered > snap.max_buffered_bytes:
+            raise buffers_full()
+
+    def _unhold(self, ctx: Ctx) -> None:
+        self.buffered -= ctx.held
+        ctx.held = 0
+
+    async def _buffer(
+        self, request: PipelineRequest, snap: Snapshot, ctx: Ctx, held: list[bytes]
+    ) -> bool:
+        """Read the body into ``held`` before an upstream connection is taken: all of it
+        up to ``buffer_body_bytes`` (True), else that much and the rest is streamed (False).
+
+        A client that trickles its body holds no pool connection meanwhile, only the bytes
+        it sent, within ``client_timeout_s`` of its request's start.
+        """
+        clen = request.content_length
+        if clen is not None and self.buffered + min(clen, snap.buffer_body_bytes) > (
+            snap.max_buffered_bytes
+        ):
+            raise buffers_full()  # before a 100 Continue invites the body
+        if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+            await request.send_continue()
+        limit = snap.buffer_body_bytes
+        max_body = snap.max_body_bytes
+        lean = request.lean_body()
+        total = 0
+        try:
+            async with asyncio.timeout_at(ctx.start + snap.client_timeout_s):
+                if lean is not None:  # the proxy port's own server: no joined copies
+                    while True:
+                        n = lean.take_into(held)
+                        if n:
+                            total += n
+                            if total > max_body:
+                                raise self._too_large(ctx, max_body)
+                            self._hold(snap, ctx, n)
+                        if lean.complete:
+                            return True
+                        if total >= limit:
+                            return False
+                        await lean.wait()
+                reader = request.content
+                while total < limit:  # a request of the upgrade protocol (aiohttp's reader)
+                    chunk = await reader.readany()
+                    if not chunk:
+                        return True
+                    total += len(chunk)
+                    if total > max_body:
+                        raise self._too_large(ctx, max_body)
+                    held.append(chunk)
+                    self._hold(snap, ctx, len(chunk))
+                return False
+        except TimeoutError:
+            ctx.body_error = ClientBodyError(408, "the request body was not received in time")
+        except (aiohttp.ClientPayloadError, BodyError) as exc:
+            ctx.body_error = ClientBodyError(400, f"malformed request body: {exc}")
+        raise ctx.body_error
+
+    async def _stream(
+        self, request: PipelineRequest, snap: Snapshot, ctx: Ctx, held: list[bytes], end: float
+    ) -> AsyncIterator[bytes]:
+        """The buffered start of a large body, then the rest as it arrives: a pause of
+        ``body_idle_s``, or the exchange's end (``end``) reached, is a 408 (the upstream
+        connection is then closed at once, not reused)."""
+        ctx.body_open = True
+        total = 0
+        for chunk in held:
+            total += len(chunk)
+            yield chunk
+        held.clear()
+        self._unhold(ctx)  # with the upstream now: no longer held here
+        loop = self._loop
+        limit = snap.max_body_bytes
+        idle = snap.body_idle_s
+        content = request.content
+        while True:
+            by = loop.time() + idle
+            try:
+                async with asyncio.timeout_at(min(by, end)):
+                    chunk = await content.readany()
+            except TimeoutError:
+                detail = (
+                    f"the request body stalled for {idle:g} s"
+                    if by <= end
+                    else "the request body was not received in time"
+                )
+                ctx.body_error = ClientBodyError(408, detail)
+                raise ctx.body_error from None
+            except (aiohttp.ClientPayloadError, BodyError) as exc:
+                ctx.body_error = ClientBodyError(400, f"malformed request body: {exc}")
+                raise ctx.body_error from None
+            if not chunk:
+                ctx.body_open = False
+                return
+            total += len(chunk)
+            if total > limit:
+                raise self._too_large(ctx, limit)
+            yield chunk
+
+    async def _body_first(
+        self, request: PipelineRequest, snap: Snapshot, ctx: Ctx
+    ) -> tuple[list[bytes], bool]:
+        """The body read before anything of the upstream is taken (bulkhead, pool): all
+        of it up to ``buffer_body_bytes`` (True), else that much (False)."""
+        lean = request.lean_body()
+        whole = lean.take_whole() if lean is not None else None
+        if whole is not None:  # the common small body, all here: no wait
+            if len(whole) > snap.max_body_bytes:
+                raise Reject(
+                    413,
+                    f"the request body is larger than {snap.max_body_bytes} bytes",
+                    event="bad_request",
+                )
+            self._hold(snap, ctx, len(whole))
+            return [whole], True
+        held: list[bytes] = []
+        try:
+            return held, await self._buffer(request, snap, ctx, held)
+        except ClientBodyError as body_err:
+            raise Reject(body_err.status, str(body_err), event="bad_request") from None
+
+    async def _send(
+        self,
+        request: PipelineRequest,
+        snap: Snapshot,
+        ctx: Ctx,
+        up: UpstreamState,
+        raw_path_qs: str,
+        up_fields: str,
+        held: list[bytes] | None,
+        eof: bool,
+    ) -> tuple[LeanResponse, float]:
+        """Send with breaker and bounded retries; return (response, start time).
+
+        ``held``: the body read before (all of it when ``eof``), None without a body.
+        """
+        loop = self._loop
+        method = request.method
+        retries = up.config.retries
+        # a body read whole before sending can be sent again
+        idempotent = method in IDEMPOTENT_METHODS and eof
+        now = loop.time()
+        up.budget.record_request(now)
+        attempt = 0
+        while True:
+            now = loop.time()
+            if not up.breaker.acquire(now):
+                raise circuit_open(up, now)
+            t0 = loop.time()
+            body: AsyncIterator[bytes] | list[bytes] | None = held
+            if not eof:
+                assert held is not None  # noqa: S101 - a body was begun
+                body = self._stream(request, snap, ctx, held, t0 + up.config.timeout_s)
+            try:
+                resp = await up.client.send(
+                    method,
+                    raw_path_qs,
+                    up_fields,
+                    body,
+                    has_length=request.content_length is not None,
+                )
+            except asyncio.CancelledError:
+                up.breaker.release(loop.time())  # the client went away: no outcome
+                raise
+            except ClientBodyError as body_err:
+                up.breaker.release(loop.time())  # the client's fault, not the upstream's
+                raise Reject(body_err.status, str(body_err), event="bad_request") from None
+            except UpstreamError as exc:
+                t1 = loop.time()
+                if ctx.body_error is not None:
+                    up.breaker.release(t1)
+                    err = ctx.body_error
+                    raise Reject(err.status, str(err), event="bad_request") from None
+                if exc.kind == "timeout" and ctx.body_open:
+                    # the client was still sending its body: its slowness, not the upstream's
+                    up.breaker.release(t1)
+                    raise Reject(
+                        408, "the request body was not received in time", event="bad_request"
+                    ) from None
+                count_error(self.rt, up, ctx, exc)
+                if exc.kind == "timeout" and not exc.sent:
+                    # no pool connection came free in time: the upstream never saw it
+                    up.breaker.release(t1)
+                    raise Reject(504, f"upstream {up.name!r} did not answer in time") from None
+                up.breaker.record(t1, failure=True)
+                attempt += 1
+                if (
+                    not exc.sent
+                    and idempotent
+                    and attempt < retries.attempts
+                    and up.budget.can_retry(t1)
+                ):
+                    up.budget.record_retry(t1)
+                    await asyncio.sleep(backoff_s(attempt - 1, retries, random.random()))
+                    continue
+                if exc.kind == "timeout":
+                    raise Reject(504, f"upstream {up.name!r} did not answer in time") from None
+                if exc.kind == HEAD_TOO_LARGE:
+                    raise Reject(
+                        502, f"upstream {up.name!r} answered with a response head too large"
+                    ) from None
+                raise Reject(
+                    502, f"upstream {up.name!r} is unreachable: {exc.kind} error"
+                ) from None
+            return resp, t0
+
+    async def forward(
+        self,
+        request: PipelineRequest,
+        snap: Snapshot,
+        ctx: Ctx,
+        up: UpstreamState,
+        raw_path_qs: str,
+        *,
+        via_proxy: bool,
+    ) -> Response:
+        held: list[bytes] | None = None
+        eof = True
+        if request.body_exists:
+            # before the bulkhead: a client slow to send its body holds no upstream resource
+            try:
+                held, eof = await self._body_first(request, snap, ctx)
+            except BaseException:
+                if ctx.held:
+                    self._unhold(ctx)
+                raise
+        if up.inflight >= up.max_inflight:
+            if ctx.held:
+                self._unhold(ctx)
+            raise bulkhead_full(up, "requests in flight")
+        up.inflight += 1
+        up.inflight_gauge.inc()
+        try:
+            up_fields = upstream_fields(request, snap, ctx, up, via_proxy=via_proxy)
+            up_resp, t0 = await self._send(
+                request, snap, ctx, up, raw_path_qs, up_fields, held, eof
+            )
+            if held:  # sent: its bytes go now, not when the answer is over
+                held.clear()
+                self._unhold(ctx)
+            try:
+                now = self._loop.time()
+                elapsed = now - t0
+                up.duration.observe(elapsed)
+                status = up_resp.status
+                up.breaker.record(now, failure=up.breaker.is_failure(status, elapsed))
+                ctx.status = status
+                if not ctx.exempt and (status == 404 or status in (401, 403)):
+                    self.rt.bans.report(
+                        ctx.ban_key, "not_found" if status == 404 else "auth_failure"
+                    )
+                body = (
+                    up_resp.body_if_complete()
+                    if status >= 200 and status not in (204, 304) and request.method != "HEAD"
+                    else None
+                )
+                if body is not None:
+                    # all of it is here: headers and body leave in one write
+                    ctx.bytes_out = len(body)
+                    if up_resp.listed:  # Connection names more fields to drop
+                        fields = filter_header_list(up_resp.header_list, _DROP_FAST)
+                        return Response(status, up_resp.reason, fields, body)
+                    # filtered where the gateway's own fields are applied: one pass
+                    return Response(
+                        status, up_resp.reason, up_resp.header_list, body, UPSTREAM_SKIP
+                    )
+                resp = await request.start_stream(
+                    status, up_resp.reason, filter_header_list(up_resp.header_list, _NO_DROP)
+                )
+                written = 0
+                async for chunk in up_resp.iter_body():
+                    await request.write(chunk)
+                    written += len(chunk)
+                ctx.bytes_out = written
+                await request.write_eof()
+            except UpstreamError as exc:
+                # the upstream failed mid-response: nothing sane can follow on this connection
+                count_error(self.rt, up, ctx, exc)
+                ctx.status = ctx.status or 502
+                up_resp.close()
+                if request.transport is not None:
+                    request.transport.close()
+                raise ConnectionResetError from exc
+            finally:
+                up_resp.release()
+            return resp
+        finally:
+            up.inflight -= 1
+            up.inflight_gauge.dec()
+            if ctx.held:  # the send failed with the body still held
+                self._unhold(ctx)
