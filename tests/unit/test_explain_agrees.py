@@ -72,6 +72,9 @@ CASES: list[Any] = [
     ),
     pytest.param("GET", "/api/../admin/x", [HOST], "10.1.2.3", 403, id="dot-segments-guarded"),
     pytest.param("GET", "/api/%2e%2e/admin/x", [HOST], "10.1.2.3", 403, id="encoded-dots"),
+    pytest.param("GET", "/api;x=1/..;/admin/x", [HOST], "10.1.2.3", 403, id="path-params"),
+    pytest.param("GET", "//h/admin/x", [HOST], "10.1.2.3", 400, id="leading-slashes"),
+    pytest.param("GET", "/api/%zz", [HOST], "10.1.2.3", 400, id="bad-encoding"),
     pytest.param(
         "POST", "/api/x", [HOST, ("Content-Length", "5000")], "10.1.2.3", 413, id="too-large"
     ),
