@@ -45,7 +45,7 @@ from gateway.core.health import NOT_CHECKED, ComponentHealth, Status, aggregate
 from gateway.health.monitor import HealthMonitor
 
 if TYPE_CHECKING:
-    from gateway.downstream.protocol import Request
+    from gateway.downstream.messages import Request
 
 __all__ = ["PROBE_PATHS", "probe_answer", "probe_response"]
 

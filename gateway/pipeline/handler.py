@@ -29,7 +29,7 @@ from gateway.core.keys import policy_key, wire_form
 from gateway.core.paths import PathError, canonical_path
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.core.wsguard import admission
-from gateway.downstream.protocol import Body, BodyError, Request, Response
+from gateway.downstream.messages import Body, BodyError, Request, Response
 from gateway.health.probes import PROBE_PATHS, probe_answer
 from gateway.pipeline.client_ip import forwarded_values, parse_ip, resolve_client
 from gateway.pipeline.headers import UPSTREAM_SKIP
@@ -40,7 +40,8 @@ from gateway.upstream.pool import HEAD_TOO_LARGE, LeanResponse, UpstreamError
 
 if TYPE_CHECKING:
     from gateway.core.gcra import Decision
-    from gateway.downstream.protocol import AnyResponse, HttpProtocol
+    from gateway.downstream.messages import AnyResponse
+    from gateway.downstream.protocol import HttpProtocol
     from gateway.downstream.upgrade import GatewayProtocol, GatewayRequest
     from gateway.pipeline.client_ip import IPAddress
     from gateway.pipeline.snapshot import CompiledPolicy, CompiledRoute, Snapshot
