@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict, MultiDictProxy
@@ -23,6 +24,9 @@ from gateway.problem import PHRASES
 
 if TYPE_CHECKING:
     from gateway.batchwrite import WriteBatcher
+    from gateway.downstream.head import HostCache
+    from gateway.downstream.live import Live
+    from gateway.lifecycle import Lifecycle
     from gateway.pipeline.headers import ResponseHeaders
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "Connection",
     "Request",
     "Response",
+    "ServerSide",
     "from_web",
     "status_line",
     "to_web",
@@ -68,6 +73,31 @@ class Connection(Protocol):
     def pause_body(self) -> None: ...
     def resume_body(self) -> None: ...
     async def drain(self) -> None: ...
+
+
+C = TypeVar("C")
+
+
+class ServerSide(Writer, Protocol[C]):
+    """What a connection (``C``) needs of the server that made it: the handler, the
+    current config, the drain, the connection set and the answers it writes."""
+
+    loop: asyncio.AbstractEventLoop
+    handler: Callable[[Request], Coroutine[Any, Any, AnyResponse]]
+    answer_now: Callable[[Request], AnyResponse | None]
+    max_header_bytes: int
+    live: Callable[[], Live]
+    lifecycle: Lifecycle
+    connections: set[C]
+    hosts: HostCache
+
+    @property
+    def upgrade_server(self) -> Callable[[], asyncio.Protocol]: ...
+    def on_parser_error(self, protocol: C, status: int) -> None: ...
+    def internal_error(self, req: Request) -> Response: ...
+    def write_response(
+        self, req: Request, resp: AnyResponse, transport: asyncio.Transport
+    ) -> bool: ...
 
 
 def _phrase(status: int) -> str:

@@ -13,16 +13,13 @@ gateway's pipeline; this one does what a sidecar's proxy port needs and no more:
   upgrade requests too: a breach is a problem+json 400 or 501 that closes the connection;
 * one request is handled at a time per connection; pipelined requests wait their turn
   (reading pauses meanwhile), and a request body is read with back-pressure;
-* a response whose body is all known leaves in one write; a streamed one is sent as it
-  comes (``Content-Length`` when known, else chunked; raw then close for HTTP/1.0);
-* every response gets the request id, the security headers and a ``Date``; the server
-  banner is never sent;
 * an upgrade request (WebSocket) or a CONNECT is handed, with its bytes, to the
   :mod:`gateway.downstream.upgrade` (aiohttp) protocol on the same connection: those are rare and
   keep aiohttp's WebSocket implementation;
-* idle keep-alive connections close after ``keepalive_s``; draining closes idle ones at
-  once and busy ones after their response; a client that takes no byte of its answers
-  for ``send_idle_s`` (``request.body_idle_s``) while they wait is disconnected.
+* a draining server closes the connection after the answer it is writing.
+
+How answers are written is :mod:`.server`'s, reading holds are :mod:`.flow`'s, the
+head's bounds :mod:`.head`'s, and how the connection ends :mod:`.state`'s.
 """
 
 from __future__ import annotations
@@ -30,31 +27,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 from multidict import CIMultiDict
 
-from gateway.core.framing import FramingError, check_transfer_coding, request_host
+from gateway.core.framing import FramingError, check_transfer_coding
 from gateway.downstream.flow import FlowControl
-from gateway.downstream.messages import AnyResponse, BodyError, Request, Response
+from gateway.downstream.head import HeadReader, HeadTooLarge
+from gateway.downstream.messages import AnyResponse, BodyError, Request, ServerSide
 from gateway.downstream.state import DISCARDING, Conn, Event, move
 from gateway.pipeline.client_ip import IPAddress, peer_of
 from gateway.problem import raw_problem
 
-if TYPE_CHECKING:
-    from gateway.batchwrite import WriteBatcher
-    from gateway.downstream.live import Live
-    from gateway.lifecycle import Lifecycle
-
-__all__ = ["HttpProtocol", "ServerSide"]
+__all__ = ["HttpProtocol"]
 
 _log = logging.getLogger("gateway.downstream.protocol")
 
-MAX_FIELDS = 256
 _LINGER_S = 5.0  # how long an unread request body is drained after the answer
-_READ_MAX = 256 * 1024  # the most one read delivers (uvloop's buffer)
 _SLICE = 2048  # what is parsed at a time of a read that may hold pipelined requests
 # Requests queued behind the one being served, at most. A slice holds fewer (the shortest
 # request is 18 bytes); only bytes parsed whole with a body in progress can reach it:
@@ -63,55 +52,22 @@ _SLICE = 2048  # what is parsed at a time of a read that may hold pipelined requ
 _MAX_QUEUED = _SLICE // 16
 
 
-class ServerSide(Protocol):
-    """What a connection needs of the server that made it (:class:`.server.HttpServer`)."""
-
-    loop: asyncio.AbstractEventLoop
-    handler: Callable[[Request], Coroutine[Any, Any, AnyResponse]]
-    answer_now: Callable[[Request], AnyResponse | None]
-    max_header_bytes: int
-    live: Callable[[], Live]
-    lifecycle: Lifecycle
-    connections: set[HttpProtocol]
-    host_cache: dict[str, str]
-    batcher: WriteBatcher
-
-    @property
-    def upgrade_server(self) -> Callable[[], asyncio.Protocol]: ...
-    def request_host(self, version: str, hosts: Sequence[str], target: str) -> str: ...
-    def on_parser_error(self, protocol: HttpProtocol, status: int) -> None: ...
-    def internal_error(self, req: Request) -> Response: ...
-    def render_head(self, req: Request, resp: Response, body_len: int | None) -> bytes: ...
-    def write_response(
-        self, req: Request, resp: AnyResponse, transport: asyncio.Transport
-    ) -> bool: ...
-
-
-class HttpProtocol(asyncio.Protocol):
+class HttpProtocol(HeadReader, asyncio.Protocol):
     """One client connection on the proxy port."""
 
     __slots__ = (
         "_backlog",
         "_backlog_at",
-        "_chunked",
-        "_chunks",
         "_current",
-        "_fields",
-        "_framing",
         "_handoff",
-        "_head_bytes",
-        "_head_size",
         "_head_timer",
-        "_in_head",
         "_keep_waiting",
         "_linger",
-        "_parser",
         "_pending",
         "_pending_error",
         "_quick_ok",
         "_state",
         "_task",
-        "_url",
         "_waiter",
         "flow",
         "idle_since",
@@ -121,21 +77,12 @@ class HttpProtocol(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, server: ServerSide) -> None:
+    def __init__(self, server: ServerSide[HttpProtocol]) -> None:
+        super().__init__(server.max_header_bytes)
         self.server = server
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[IPAddress | None, str] | None = None
-        self._parser = httptools.HttpRequestParser(self)
-        self._url = b""
-        self._fields: list[tuple[str, str]] = []
-        self._head_bytes = 0
-        self._head_size = 0
-        self._in_head = False
-        # a chunked body: bytes read that were not body (chunk lines, trailer fields)
-        self._chunked = False
-        self._chunks = 0
-        self._framing = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._current: Request | None = None
         self._pending: collections.deque[Request] = collections.deque()
@@ -274,7 +221,7 @@ class HttpProtocol(asyncio.Protocol):
                 # is parsed, and what the client still sends is dropped
                 self._to(Event.QUEUE_FULL)
                 self._backlog = b""
-            elif isinstance(exc.__context__, _HeadTooLarge):
+            elif isinstance(exc.__context__, HeadTooLarge):
                 self._parse_error(431, "request header fields too large")
             else:
                 self._parse_error(400, "the request could not be parsed")
@@ -283,7 +230,7 @@ class HttpProtocol(asyncio.Protocol):
             self._parse_error(431, "request trailer fields too large")
             return False
         if self._in_head:
-            if self._head_bytes > 2 * self.server.max_header_bytes + 8192:
+            if self._head_over():
                 self._parse_error(431, "request header fields too large")
                 return False
             if self._head_timer is None:  # a head starts: the current config's deadline
@@ -291,35 +238,6 @@ class HttpProtocol(asyncio.Protocol):
                     self.server.live().client_timeout_s, self._head_timeout
                 )
         return self._state not in DISCARDING
-
-    def _framing_over(self, data: bytes) -> bool:
-        """Whether a chunked body carries too much besides its data. Trailer fields are
-        gathered by the parser before any callback, so they are bounded here: the head,
-        chunk lines and one read's worth of slack. Called while ``_chunked``."""
-        self._framing += len(data)
-        return self._framing > 2 * self.server.max_header_bytes + 64 * self._chunks + _READ_MAX
-
-    def on_message_begin(self) -> None:
-        self._chunked = False
-        self._chunks = 0
-        self._framing = 0
-        self._in_head = True
-        self._url = b""
-        self._fields = []
-        self._head_bytes = 0
-        self._head_size = 0
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > self.server.max_header_bytes:
-            raise _HeadTooLarge
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        fields = self._fields
-        fields.append((name.decode("latin-1"), value.decode("latin-1")))
-        self._head_size += len(name) + len(value) + 4
-        if len(fields) > MAX_FIELDS:
-            raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -331,22 +249,12 @@ class HttpProtocol(asyncio.Protocol):
         target = self._url.decode("latin-1")
         headers = CIMultiDict(self._fields)
         # raises FramingError (out of the parser: answered in _feed), upgrades included
-        hosts = headers.getall("Host", ())
-        host: str | None
-        if len(hosts) == 1 and target[:1] == "/":  # the usual request
-            # (a request with a Host field has a host: "" is never one)
-            host = self.server.host_cache.get(hosts[0]) or self.server.request_host(
-                version, hosts, target
-            )
-        else:
-            host = request_host(version, hosts, target)
+        host = self.server.hosts.host_of(version, headers, target)
         if "Transfer-Encoding" in headers:
             check_transfer_coding(headers.getall("Transfer-Encoding"))
         if parser.should_upgrade():
             return  # handed over in data_received, with the bytes that follow the head
-        size = len(self._url) + self._head_size
-        if size > self.server.max_header_bytes:
-            raise _HeadTooLarge
+        size = self._head_size_checked()
         req = Request(
             self,
             parser.get_method().decode("latin-1"),
@@ -372,10 +280,6 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self._pending.append(req)
             self.flow.pause_pipeline()
-
-    def on_chunk_header(self) -> None:
-        self._chunked = True
-        self._chunks += 1
 
     def on_body(self, body: bytes) -> None:
         self._framing -= len(body)
@@ -580,13 +484,7 @@ class HttpProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ upgrades
 
     def _upgrade(self, rest: bytes) -> None:
-        parser = self._parser
-        lines = [
-            parser.get_method() + b" " + self._url + b" HTTP/" + parser.get_http_version().encode()
-        ]
-        # the head again for the other protocol (latin-1 gives back the very bytes)
-        lines.extend(f"{n}: {v}".encode("latin-1") for n, v in self._fields)
-        data = b"\r\n".join(lines) + b"\r\n\r\n" + rest
+        data = self._raw_head() + rest
         if self.busy():
             self._handoff = data
             self._to(Event.UPGRADE_WAITS)
@@ -614,7 +512,3 @@ class HttpProtocol(asyncio.Protocol):
 
 class _QueueFull(Exception):  # noqa: N818 - a signal out of a parser callback
     """Too many requests queued behind the one being served: parse no more."""
-
-
-class _HeadTooLarge(Exception):  # noqa: N818 - a signal out of a parser callback
-    pass

@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import secrets
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from gateway.batchwrite import WriteBatcher
-from gateway.core.framing import request_host
+from gateway.downstream.head import HostCache
 from gateway.downstream.live import Fixed, Live
 from gateway.downstream.messages import (
     NO_BODY_STATUS,
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Handler", "HttpServer"]
 
-_HOST_CACHE_MAX = 1024  # distinct Host values remembered with their parse (a few in practice)
 _ONE_WRITE = 16 * 1024  # bodies up to this size are joined to the head
 
 Handler = Callable[[Request], Coroutine[Any, Any, AnyResponse]]
@@ -87,8 +86,7 @@ class HttpServer:
         self._response_headers = response_headers
         self.keepalive_s = keepalive_s
         self.connections: set[HttpProtocol] = set()
-        # the Host value of an origin-form request -> its host
-        self.host_cache: dict[str, str] = {}
+        self.hosts = HostCache()  # the host of each Host value, shared by the connections
         self.batcher = WriteBatcher(self.loop)  # whole answers, sent at the end of a round
         self.date = b""
         self._tick: asyncio.TimerHandle | None = None
@@ -142,17 +140,6 @@ class HttpServer:
 
     def on_parser_error(self, protocol: HttpProtocol, status: int) -> None:
         self._on_parser_error(protocol, status)
-
-    def request_host(self, version: str, hosts: Sequence[str], target: str) -> str:
-        """:func:`gateway.core.framing.request_host` of a request with one Host field and
-        an origin-form target, remembered in :attr:`host_cache` (a client sends the same
-        few values; a value that is refused is not remembered)."""
-        host = request_host(version, hosts, target) or ""  # (one Host: never None)
-        cache = self.host_cache
-        if len(cache) >= _HOST_CACHE_MAX:
-            cache.clear()
-        cache[hosts[0]] = host
-        return host
 
     # ------------------------------------------------------------------ answers
 
