@@ -55,6 +55,8 @@ class Gateway:
         self._proxy_server: HttpServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
+        # SIGHUP reloads under way: the loop keeps only a weak reference to a task
+        self._reloads: set[asyncio.Task[tuple[bool, list[str]]]] = set()
         self.proxy_port: int | None = None
         self.admin_port: int | None = None
 
@@ -189,6 +191,11 @@ class Gateway:
         """All at once, each bounded: a client that reads nothing cannot hold the drain."""
         await self.runtime.websockets.close_all(WSCloseCode.GOING_AWAY, "gateway shutting down")
 
+    def _reload_on_signal(self) -> None:
+        task = asyncio.ensure_future(self.reloader.reload("sighup"))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
     async def run(self) -> None:
         """Start, wait for SIGTERM/SIGINT (SIGHUP reloads), drain, return."""
         loop = asyncio.get_running_loop()
@@ -215,9 +222,7 @@ class Gateway:
             loop.call_soon_threadsafe(self.request_stop)
 
         previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: asyncio.ensure_future(self.reloader.reload("sighup"))
-        )
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         try:
             try:
                 await self._stopping.wait()
