@@ -9,14 +9,38 @@ runtime runs (tests, benchmarks).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["Fixed", "Live", "StaticHeaders"]
+if TYPE_CHECKING:
+    from multidict import CIMultiDict
+
+__all__ = ["AnswerHeaders", "Fixed", "Live", "StaticHeaders"]
 
 
 class StaticHeaders(Protocol):
     def static_block(self) -> str:
         """The security headers as ready ``Name: value\\r\\n`` lines."""
+        ...
+
+
+class AnswerHeaders(StaticHeaders, Protocol):
+    """The fields every answer gets (the request id, the security headers), as the
+    current snapshot renders them (:class:`gateway.pipeline.headers.ResponseHeaders`)."""
+
+    def render(
+        self,
+        headers: list[tuple[str, str]],
+        rid: str | None,
+        *,
+        secure: bool,
+        extra: list[tuple[str, str]] | None = None,
+        skip: frozenset[str] | None = None,
+    ) -> tuple[str, bool]:
+        """The header block of an answer, and whether a Date field is among it."""
+        ...
+
+    def apply(self, headers: CIMultiDict[str], rid: str | None, *, secure: bool) -> None:
+        """The same, on aiohttp's headers of an answer, in place."""
         ...
 
 

@@ -25,9 +25,8 @@ from gateway.problem import PHRASES
 if TYPE_CHECKING:
     from gateway.batchwrite import WriteBatcher
     from gateway.downstream.head import HostCache
-    from gateway.downstream.live import Live
+    from gateway.downstream.live import AnswerHeaders, Live
     from gateway.lifecycle import Lifecycle
-    from gateway.pipeline.headers import ResponseHeaders
 
 __all__ = [
     "NO_BODY",
@@ -316,7 +315,7 @@ class Request:
             self.keep_alive = False  # its framing is faulty: close after it (RFC 9112 6.1)
         self.content: Body | _NoBody = Body(protocol) if self.body_exists else NO_BODY
         self.rid: str | None = None
-        self.response_headers: ResponseHeaders | None = None
+        self.response_headers: AnswerHeaders | None = None
         self.https = False
         self.extra_headers: list[tuple[str, str]] | None = None
         self.head_sent = False

@@ -34,8 +34,8 @@ from gateway.lifecycle import Lifecycle
 from gateway.problem import CONTENT_TYPE, problem_body
 
 if TYPE_CHECKING:
+    from gateway.downstream.live import AnswerHeaders
     from gateway.downstream.upgrade import GatewayServer
-    from gateway.pipeline.headers import ResponseHeaders
 
 __all__ = ["Handler", "HttpServer"]
 
@@ -60,7 +60,7 @@ class HttpServer:
         static_headers: str = "",
         rid_header: str = "X-Request-ID",
         on_parser_error: Callable[[Any, int], None] | None = None,
-        response_headers: Callable[[], ResponseHeaders] | None = None,
+        response_headers: Callable[[], AnswerHeaders] | None = None,
         keepalive_s: float = 75.0,
         send_idle_s: float = 10.0,
     ) -> None:

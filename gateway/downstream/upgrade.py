@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from aiohttp.http_parser import RawRequestMessage
     from aiohttp.streams import StreamReader
 
-    from gateway.pipeline.headers import ResponseHeaders
+    from gateway.downstream.live import AnswerHeaders
 
 
 class GatewayRequest(BaseRequest):
@@ -45,7 +45,7 @@ class GatewayRequest(BaseRequest):
         ["rid", "response_headers", "https", "extra_headers", "stream"]
     )
     rid: str | None
-    response_headers: ResponseHeaders | None
+    response_headers: AnswerHeaders | None
     https: bool
     extra_headers: list[tuple[str, str]] | None
     server: GatewayServer
