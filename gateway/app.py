@@ -202,13 +202,13 @@ class Gateway:
         await self.start()
         # What exists once started (modules, config, pools) lives as long as the process:
         # keep it out of the cyclic collector's full passes, which otherwise walk all of
-        # it and stall the loop for ~20 ms under load (p99 of the redis backend: 21 -> 6 ms).
+        # it and stall the loop under load (the tail latency shows each such pass).
         gc.collect()
         gc.freeze()
         # A young-generation pass every YOUNG_GC_THRESHOLD net new container objects
-        # rather than 700: a saturated proxy made one every ~10 requests, about 6 % of its
-        # CPU (bench/inprocess.py: -2 µs a request). A pass over 10,000 young objects
-        # takes well under a millisecond, and what a request allocates is freed with it.
+        # rather than 700: at the default a saturated proxy makes one every few requests,
+        # a share of its CPU that bench/inprocess.py shows. A pass over that many young
+        # objects stays short, and what a request allocates is freed with it.
         gc_threshold = gc.get_threshold()
         gc.set_threshold(YOUNG_GC_THRESHOLD, *gc_threshold[1:])
         lifecycle = self.runtime.lifecycle
