@@ -118,13 +118,6 @@ class HeadReader:
         """Whether the bytes read in this head are past any head within the bound."""
         return self._head_bytes > 2 * self._max_head + 8192
 
-    def _head_size_checked(self) -> int:
-        """The head's size (target and fields); :class:`HeadTooLarge` over the bound."""
-        size = len(self._url) + self._head_size
-        if size > self._max_head:
-            raise HeadTooLarge
-        return size
-
     def _framing_over(self, data: bytes) -> bool:
         """Whether a chunked body carries too much besides its data. Trailer fields are
         gathered by the parser before any callback, so they are bounded here: the head,

@@ -35,7 +35,7 @@ from gateway.core.framing import FramingError, check_transfer_coding
 from gateway.downstream.flow import FlowControl
 from gateway.downstream.head import HeadReader, HeadTooLarge
 from gateway.downstream.messages import AnyResponse, BodyError, Request, ServerSide
-from gateway.downstream.state import DISCARDING, Conn, Event, move
+from gateway.downstream.state import Conn, Event, move
 from gateway.pipeline.client_ip import IPAddress, peer_of
 from gateway.problem import raw_problem
 
@@ -50,6 +50,16 @@ _SLICE = 2048  # what is parsed at a time of a read that may hold pipelined requ
 # then the last one queued is answered with Connection: close, the connection is
 # half-closed, and what the client still sends is dropped unread.
 _MAX_QUEUED = _SLICE // 16
+
+# the states by plain names: an enum's class attribute is looked up slowly, and the
+# hot path compares one or two of them on every read and every request
+_OPEN, _UPGRADING, _ERROR_PENDING, _CUT, _LINGERING = (
+    Conn.OPEN,
+    Conn.UPGRADING,
+    Conn.ERROR_PENDING,
+    Conn.CUT,
+    Conn.LINGERING,
+)
 
 
 class HttpProtocol(HeadReader, asyncio.Protocol):
@@ -89,7 +99,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
         self._pending_error: tuple[int, str] | None = None
         self._backlog = b""  # bytes read behind a queued request, not parsed yet ...
         self._backlog_at = 0  # ... from this offset on
-        self._state = Conn.OPEN
+        self._state = _OPEN
         self._quick_ok = True  # an answer from the parser may be given in this read
         self._handoff: bytes | None = None  # UPGRADING: the bytes for the other protocol
         self._linger: asyncio.TimerHandle | None = None
@@ -142,7 +152,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
 
     def _to(self, event: Event) -> None:
         state = self._state = move(self._state, event)
-        if state in DISCARDING:
+        if state.discarding:
             self.flow.released = True  # what arrives is dropped: reading no longer held
 
     # ------------------------------------------------------------------ flow control
@@ -166,15 +176,15 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self._state
-        if state is not Conn.OPEN and state is not Conn.ERROR_PENDING:
-            if state is Conn.LINGERING:
+        if state is not _OPEN and state is not _ERROR_PENDING:
+            if state is _LINGERING:
                 # parse only to find the body's end (past the bound, drop unparsed)
                 if not (self._chunked and self._framing_over(data)):
                     try:
                         self._parser.feed_data(data)
                     except Exception:
                         self.close()
-            elif state is Conn.UPGRADING and self._handoff is not None:
+            elif state is _UPGRADING and self._handoff is not None:
                 self._handoff += data  # the parser stopped at the upgrade: bytes go along
             return  # (CUT, CLOSING: dropped unread)
         if self._pending:
@@ -237,13 +247,13 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
                 self._head_timer = self.loop.call_later(
                     self.server.live().client_timeout_s, self._head_timeout
                 )
-        return self._state not in DISCARDING
+        return not self._state.discarding
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
         parser = self._parser
-        if self._state in DISCARDING:
+        if self._state.discarding:
             return
         version = parser.get_http_version()
         target = self._url.decode("latin-1")
@@ -254,7 +264,9 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
             check_transfer_coding(headers.getall("Transfer-Encoding"))
         if parser.should_upgrade():
             return  # handed over in data_received, with the bytes that follow the head
-        size = self._head_size_checked()
+        size = len(self._url) + self._head_size  # (bounded inline: once per request)
+        if size > self._max_head:
+            raise HeadTooLarge
         req = Request(
             self,
             parser.get_method().decode("latin-1"),
@@ -289,7 +301,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._chunked = False
-        if self._state in DISCARDING:
+        if self._state.discarding:
             self.close()  # the unread body is over: the answer was sent, close
             return
         pending = self._pending
@@ -325,7 +337,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
     def _head_timeout(self) -> None:
         self._head_timer = None
         transport = self.transport
-        if not self._in_head or self._state in DISCARDING:
+        if not self._in_head or self._state.discarding:
             return  # no head is awaited any more: the connection is ending
         if transport is None or transport.is_closing():
             return  # no head is awaited any more: the connection is ending
@@ -442,14 +454,14 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
             if backlog and not self._pending:
                 self._backlog = b""
                 self._take(backlog, self._backlog_at)  # may queue the next request again
-            if not self._pending and self._state is Conn.OPEN:
+            if not self._pending and self._state is _OPEN:
                 self.flow.resume_pipeline()  # (an upgrade or an error found there: no more reads)
             return nxt
-        if self._state is Conn.ERROR_PENDING and self._pending_error is not None:
+        if self._state is _ERROR_PENDING and self._pending_error is not None:
             status, detail = self._pending_error
             self._write_error(status, detail)
             return None
-        if self._state is Conn.UPGRADING and self._handoff is not None:
+        if self._state is _UPGRADING and self._handoff is not None:
             self._do_handoff(self._handoff)
             return None
         self.flow.resume_pipeline()
@@ -465,7 +477,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
             return
         self._pending.clear()
         self._backlog = b""
-        cut = self._state is Conn.CUT
+        cut = self._state is _CUT
         if req.content.complete and not cut:
             self.close()
             return

@@ -32,6 +32,10 @@ __all__ = ["DISCARDING", "Conn", "Event", "IllegalMove", "move"]
 
 
 class Conn(enum.Enum):
+    # nothing that arrives is served (a plain attribute: read on every request, where
+    # a set lookup would call the enum's hash in Python)
+    discarding: bool
+
     OPEN = "open"
     UPGRADING = "upgrading"
     ERROR_PENDING = "error_pending"
@@ -68,6 +72,8 @@ _MOVES: dict[tuple[Conn, Event], Conn] = {
 
 # the states in which nothing that arrives is served
 DISCARDING = frozenset((Conn.CUT, Conn.LINGERING, Conn.CLOSING))
+for _state in Conn:
+    _state.discarding = _state in DISCARDING
 
 
 def move(state: Conn, event: Event) -> Conn:
