@@ -1,7 +1,7 @@
 """The proxy port's HTTP/1.1 protocol: llhttp (through ``httptools``), one connection each.
 
-A general-purpose server stack costs more CPU per request than the rest of the
-gateway's pipeline; this one does what a sidecar's proxy port needs and no more:
+A general-purpose server stack costs more CPU per request than the gateway's pipeline;
+this one does what a sidecar's proxy port needs and no more:
 
 * requests are parsed by llhttp; a request head that arrives in one packet costs no
   timer, a slower one gets ``client_timeout_s`` to complete, then a 408;
@@ -51,15 +51,10 @@ _SLICE = 2048  # what is parsed at a time of a read that may hold pipelined requ
 # half-closed, and what the client still sends is dropped unread.
 _MAX_QUEUED = _SLICE // 16
 
-# the states by plain names: an enum's class attribute is looked up slowly, and the
-# hot path compares one or two of them on every read and every request
-_OPEN, _UPGRADING, _ERROR_PENDING, _CUT, _LINGERING = (
-    Conn.OPEN,
-    Conn.UPGRADING,
-    Conn.ERROR_PENDING,
-    Conn.CUT,
-    Conn.LINGERING,
-)
+# the states by plain names: the hot path compares them on every read and request, and
+# an enum's class attribute is looked up slowly
+_OPEN, _UPGRADING, _ERROR_PENDING = Conn.OPEN, Conn.UPGRADING, Conn.ERROR_PENDING
+_CUT, _LINGERING = Conn.CUT, Conn.LINGERING
 
 
 class HttpProtocol(HeadReader, asyncio.Protocol):
