@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.app import YOUNG_GC_THRESHOLD  # noqa: E402
 from gateway.config import load_file  # noqa: E402
-from gateway.downstream.protocol import HttpServer, Request, Response  # noqa: E402
+from gateway.downstream.messages import Request, Response  # noqa: E402
+from gateway.downstream.server import HttpServer  # noqa: E402
 from gateway.downstream.upgrade import GatewayServer  # noqa: E402
 from gateway.logs import AccessLog  # noqa: E402
 from gateway.pipeline.handler import ProxyHandler  # noqa: E402

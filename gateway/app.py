@@ -23,7 +23,8 @@ from aiohttp import WSCloseCode, web
 
 from gateway.admin.api import AdminRunner, create_admin_app
 from gateway.downstream.listen import dual_stack_socket, is_any_ipv6
-from gateway.downstream.protocol import HttpProtocol, HttpServer
+from gateway.downstream.protocol import HttpProtocol
+from gateway.downstream.server import HttpServer
 from gateway.downstream.upgrade import GatewayProtocol, GatewayRequest, GatewayServer
 from gateway.pipeline.handler import ProxyHandler
 from gateway.reload import Reloader
@@ -54,25 +55,12 @@ class Gateway:
         self._proxy_server: HttpServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
+        # SIGHUP reloads under way: the loop keeps only a weak reference to a task
+        self._reloads: set[asyncio.Task[tuple[bool, list[str]]]] = set()
         self.proxy_port: int | None = None
         self.admin_port: int | None = None
 
     # ------------------------------------------------------------------ start
-
-    def _follow_reload(
-        self, settings: Settings, server: HttpServer, upgrades: GatewayServer
-    ) -> None:
-        """What the proxy port's servers copied at start, from a reloaded config: the
-        client timeout of the 408, the idle bound on a client that takes no byte of its
-        answer, and the request id field and security headers of the answers they write
-        themselves (parse errors, timeouts)."""
-        req = settings.config.request
-        static = self.runtime.snapshot.response_headers.static_block()
-        for s in (server, upgrades):
-            s.client_timeout_s = req.client_timeout_s
-            s.rid_header = req.request_id_header
-            s.static_headers = static
-        server.send_idle_s = req.body_idle_s
 
     async def start(self) -> None:
         """Start both ports; a port that cannot be bound raises :class:`StartupError`."""
@@ -97,14 +85,15 @@ class Gateway:
         rt.metrics.config_last_reload_successful.set(1)
         await rt.start()
         handler = ProxyHandler(rt)
-        req = cfg.request
-        static = rt.snapshot.response_headers.static_block()
+        # The servers read the current snapshot where a request starts (its head deadline,
+        # the idle bound on a client not reading, the answers they write themselves), so
+        # a reload reaches them with nothing copied; the header bound needs a restart.
+        max_header_bytes = cfg.request.max_header_bytes
         upgrades = GatewayServer(
             handler,
-            client_timeout_s=req.client_timeout_s,
-            max_header_bytes=req.max_header_bytes,
-            static_headers=static,
-            rid_header=req.request_id_header,
+            max_header_bytes=max_header_bytes,
+            live=lambda: rt.snapshot,
+            lifecycle=rt.lifecycle,
             prepare_error_request=self._prepare_error_request,
             on_parser_error=self._on_parser_error,
         )
@@ -112,16 +101,13 @@ class Gateway:
             handler,  # type: ignore[arg-type]
             upgrade_server=upgrades,
             answer_now=handler.answer_now,
-            client_timeout_s=req.client_timeout_s,
-            max_header_bytes=req.max_header_bytes,
-            static_headers=static,
-            rid_header=req.request_id_header,
+            max_header_bytes=max_header_bytes,
+            live=lambda: rt.snapshot,
+            lifecycle=rt.lifecycle,
             on_parser_error=self._on_parser_error,
             response_headers=lambda: rt.snapshot.response_headers,
-            send_idle_s=req.body_idle_s,
         )
         self._proxy_server = server
-        rt.on_apply.append(lambda settings: self._follow_reload(settings, server, upgrades))
         loop = asyncio.get_running_loop()
         if is_any_ipv6(cfg.listen.host):
             self._proxy_listener = await loop.create_server(
@@ -169,13 +155,13 @@ class Gateway:
     def request_stop(self) -> None:
         # /readyz turns 503 the moment the signal is handled, before the drain task runs:
         # probes are answered from the parsing callback and would otherwise race it
-        self.runtime.monitor.draining = True
+        self.runtime.lifecycle.stop()
         self._stopping.set()
 
     async def drain(self) -> None:
         rt = self.runtime
         cfg = rt.settings.config
-        rt.monitor.draining = True
+        rt.lifecycle.stop()
         rt.log.info("drain_started", delay_s=cfg.drain.delay_s, timeout_s=cfg.drain.timeout_s)
         started = time.monotonic()
         await asyncio.sleep(cfg.drain.delay_s)
@@ -209,35 +195,38 @@ class Gateway:
         """All at once, each bounded: a client that reads nothing cannot hold the drain."""
         await self.runtime.websockets.close_all(WSCloseCode.GOING_AWAY, "gateway shutting down")
 
+    def _reload_on_signal(self) -> None:
+        task = asyncio.ensure_future(self.reloader.reload("sighup"))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
     async def run(self) -> None:
         """Start, wait for SIGTERM/SIGINT (SIGHUP reloads), drain, return."""
         loop = asyncio.get_running_loop()
         await self.start()
         # What exists once started (modules, config, pools) lives as long as the process:
         # keep it out of the cyclic collector's full passes, which otherwise walk all of
-        # it and stall the loop for ~20 ms under load (p99 of the redis backend: 21 -> 6 ms).
+        # it and stall the loop under load (the tail latency shows each such pass).
         gc.collect()
         gc.freeze()
         # A young-generation pass every YOUNG_GC_THRESHOLD net new container objects
-        # rather than 700: a saturated proxy made one every ~10 requests, about 6 % of its
-        # CPU (bench/inprocess.py: -2 µs a request). A pass over 10,000 young objects
-        # takes well under a millisecond, and what a request allocates is freed with it.
+        # rather than 700: at the default a saturated proxy makes one every few requests,
+        # a share of its CPU that bench/inprocess.py shows. A pass over that many young
+        # objects stays short, and what a request allocates is freed with it.
         gc_threshold = gc.get_threshold()
         gc.set_threshold(YOUNG_GC_THRESHOLD, *gc_threshold[1:])
-        monitor = self.runtime.monitor
+        lifecycle = self.runtime.lifecycle
 
         def on_stop(_signum: int, _frame: object) -> None:
             # A Python-level handler runs at the next bytecode, even inside a callback of
             # the loop's current round: a probe answered from its parsing callback right
             # after the signal already sees the drain (a loop signal handler would run
             # only after that round's I/O callbacks).
-            monitor.draining = True
+            lifecycle.stop()
             loop.call_soon_threadsafe(self.request_stop)
 
         previous = {sig: signal.signal(sig, on_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: asyncio.ensure_future(self.reloader.reload("sighup"))
-        )
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         try:
             try:
                 await self._stopping.wait()

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from gateway.core.wsguard import sweep_interval_s
 from gateway.health.monitor import HealthMonitor
+from gateway.lifecycle import Lifecycle
 from gateway.logs import AccessLog, EventBudget, get_logger
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.pipeline.snapshot import Snapshot
@@ -50,7 +51,11 @@ class Runtime:
             cfg.rate_limit, settings.secrets.redis_url, metrics=self.metrics, redis=self.redis
         )
         self.bans = make_ban_store(cfg.abuse, metrics=self.metrics, redis=self.redis)
-        self.monitor = HealthMonitor(settings, metrics=self.metrics, redis=self.redis)
+        # where the process is in its drain: /readyz and the servers read this one object
+        self.lifecycle = Lifecycle()
+        self.monitor = HealthMonitor(
+            settings, metrics=self.metrics, redis=self.redis, lifecycle=self.lifecycle
+        )
         self.snapshot = Snapshot(
             settings,
             {
@@ -66,8 +71,8 @@ class Runtime:
         self._durations: dict[str, Histogram] = {}
         self._rl: dict[str, tuple[Counter, Counter, Counter]] = {}
         self._retired: set[asyncio.Task[None]] = set()
-        # called with the new settings once a reload has been applied (the proxy port's
-        # servers copy a few of them)
+        # called with the new settings once a reload has been applied (the servers need
+        # none: they read the current snapshot)
         self.on_apply: list[Callable[[Settings], None]] = []
 
     @property

@@ -25,7 +25,9 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from gateway.core.framing import FramingError, request_host
-from gateway.downstream.protocol import Response, to_web
+from gateway.downstream.live import Fixed, Live
+from gateway.downstream.messages import Response, to_web
+from gateway.lifecycle import Lifecycle
 from gateway.pipeline.client_ip import IPAddress, peer_of
 from gateway.problem import CONTENT_TYPE, problem_body, raw_problem
 
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     from aiohttp.http_parser import RawRequestMessage
     from aiohttp.streams import StreamReader
 
-    from gateway.pipeline.headers import ResponseHeaders
+    from gateway.downstream.live import AnswerHeaders
 
 
 class GatewayRequest(BaseRequest):
@@ -44,18 +46,18 @@ class GatewayRequest(BaseRequest):
         ["rid", "response_headers", "https", "extra_headers", "stream"]
     )
     rid: str | None
-    response_headers: ResponseHeaders | None
+    response_headers: AnswerHeaders | None
     https: bool
     extra_headers: list[tuple[str, str]] | None
     server: GatewayServer
     stream: web.StreamResponse | None
 
-    # what the pipeline reads of a request (gateway.pipeline.request.PipelineRequest)
-    fields_decoded = True  # aiohttp decoded the field values as UTF-8
-
     @property
     def header_bytes(self) -> int:
         return sum(len(k) + len(v) + 4 for k, v in self.raw_headers)
+
+    # what the pipeline reads of a request (gateway.pipeline.request.PipelineRequest)
+    fields_decoded = True  # aiohttp decoded the field values as UTF-8
 
     def peer_address(self) -> tuple[IPAddress | None, str]:
         # the server makes GatewayProtocol connections only; it parsed the peer once
@@ -143,7 +145,7 @@ class GatewayProtocol(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._head_timer is None and not self._request_in_progress and data:
             self._head_timer = self._loop.call_later(
-                self._server.client_timeout_s, self._head_timeout
+                self._server.live().client_timeout_s, self._head_timeout
             )
         super().data_received(data)
 
@@ -173,12 +175,13 @@ class GatewayProtocol(RequestHandler):
         if transport is None or self._request_in_progress:
             return
         server = self._server
+        live = server.live()
         transport.write(
             raw_problem(
                 408,
                 "the request was not received in time",
-                rid_header=server.rid_header,
-                static_headers=server.static_headers,
+                rid_header=live.rid_header,
+                static_headers=live.response_headers.static_block(),
             )
         )
         server.on_parser_error(self, 408)
@@ -228,8 +231,10 @@ class GatewayServer(web.Server):
         self,
         handler: Handler,
         *,
-        client_timeout_s: float,
         max_header_bytes: int,
+        live: Callable[[], Live] | None = None,
+        lifecycle: Lifecycle | None = None,
+        client_timeout_s: float = 60.0,
         static_headers: str = "",
         rid_header: str = "X-Request-ID",
         prepare_error_request: Callable[[GatewayRequest], None] | None = None,
@@ -254,19 +259,30 @@ class GatewayServer(web.Server):
             keepalive_timeout=75,
             **kwargs,
         )
-        self.client_timeout_s = client_timeout_s
-        self.static_headers = static_headers
-        self.rid_header = rid_header
-        self.draining = False
+        if live is None:
+            fixed = Fixed(
+                client_timeout_s=client_timeout_s,
+                body_idle_s=0.0,  # (not read here: aiohttp bounds its own writes)
+                rid_header=rid_header,
+                static_headers=static_headers,
+            )
+            live = lambda: fixed  # noqa: E731 - the same values for ever
+        # the current snapshot (the runtime's): read where a request starts, never copied
+        self.live = live
+        self.lifecycle = lifecycle or Lifecycle()  # the process's draining flag
         self._prepare_error = prepare_error_request or (lambda _r: None)
         self._on_parser_error = on_parser_error or (lambda _p, _s: None)
 
     def in_flight(self) -> int:
         return sum(1 for c in self._connections if isinstance(c, GatewayProtocol) and c.busy())
 
+    @property
+    def draining(self) -> bool:
+        return self.lifecycle.draining
+
     def start_draining(self) -> None:
         """No more keep-alive: idle connections close now, busy ones after their response."""
-        self.draining = True
+        self.lifecycle.start_draining()
         for conn in list(self._connections):
             if isinstance(conn, GatewayProtocol):
                 conn.close_if_idle()

@@ -31,6 +31,7 @@ from gateway.health.checks.database import DatabaseChecks
 from gateway.health.checks.event_loop import LoopLag
 from gateway.health.checks.redis import check_redis
 from gateway.health.checks.upstream import check_upstream
+from gateway.lifecycle import Lifecycle
 from gateway.logs import get_logger
 from gateway.metrics import HEALTH_STATUSES, Metrics
 
@@ -53,12 +54,19 @@ class HealthMonitor:
     LOOP_TICK_S: ClassVar[float] = 0.25
     """How often the event-loop lag is measured."""
 
-    def __init__(self, settings: Settings, *, metrics: Metrics, redis: Any | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics,
+        redis: Any | None = None,
+        lifecycle: Lifecycle | None = None,
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._redis = redis
         self._log = get_logger()
-        self.draining = False
+        self.lifecycle = lifecycle or Lifecycle()  # the process's drain, read by /readyz
         self._components: dict[str, ComponentHealth] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._fingerprints: dict[str, Hashable] = {}
@@ -74,6 +82,15 @@ class HealthMonitor:
             metrics.set_health_status(name, Status.UNHEALTHY.value)
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def draining(self) -> bool:
+        """The drain was announced (``/readyz`` answers 503): the process's one flag."""
+        return self.lifecycle.stopping
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.lifecycle.stopping = value
 
     @property
     def started(self) -> bool:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from gateway.core.gcra import Decision
-    from gateway.downstream.protocol import AnyResponse, Response
+    from gateway.downstream.messages import AnyResponse, Response
     from gateway.pipeline.request import PipelineRequest
     from gateway.pipeline.snapshot import CompiledRoute, Snapshot
     from gateway.runtime import Runtime

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs
 
 from gateway import problem
-from gateway.downstream.protocol import Response
+from gateway.downstream.messages import Response
 
 if TYPE_CHECKING:
     from gateway.core.gcra import Decision

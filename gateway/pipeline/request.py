@@ -1,7 +1,7 @@
 """What the pipeline needs of a request: the seam between the servers and the pipeline.
 
 Two servers hand requests to the pipeline: the proxy port's own HTTP/1.1 server
-(:class:`gateway.downstream.protocol.Request`) and aiohttp's, which takes upgrades
+(:class:`gateway.downstream.messages.Request`) and aiohttp's, which takes upgrades
 (:class:`gateway.downstream.upgrade.GatewayRequest`). Both satisfy
 :class:`PipelineRequest`, and the pipeline reads nothing else of them, so a step can be
 driven by any object that does (a test's fake included).
@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
     from yarl import URL
 
-    from gateway.downstream.protocol import Body, Response
+    from gateway.downstream.live import AnswerHeaders
+    from gateway.downstream.messages import Body, Response
     from gateway.pipeline.client_ip import IPAddress
-    from gateway.pipeline.headers import ResponseHeaders
 
 
 class BodyReader(Protocol):
@@ -34,7 +34,7 @@ class PipelineRequest(Protocol):
 
     # the gateway's per-request state, set by the pipeline, read when answering
     rid: str | None
-    response_headers: ResponseHeaders | None
+    response_headers: AnswerHeaders | None  # the snapshot's ResponseHeaders
     https: bool
     extra_headers: list[tuple[str, str]] | None
 

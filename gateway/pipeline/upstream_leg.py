@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import hdrs
 
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
-from gateway.downstream.protocol import BodyError, Response
+from gateway.downstream.messages import BodyError, Response
 from gateway.pipeline.client_ip import forwarded_chain, forwarded_proto, forwarded_values
 from gateway.pipeline.context import ClientBodyError
 from gateway.pipeline.headers import UPSTREAM_SKIP

@@ -15,7 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.downstream.protocol import HttpServer, Request, Response
+from gateway.downstream.messages import Request, Response
+from gateway.downstream.server import HttpServer
 from gateway.downstream.upgrade import GatewayRequest, GatewayServer
 from tests.gw import raw_exchange, wait_for
 

@@ -11,7 +11,7 @@ from yarl import URL
 
 from gateway.config import load_text
 from gateway.core.framing import FramingError, request_host
-from gateway.downstream.protocol import Response
+from gateway.downstream.messages import Response
 from gateway.pipeline.client_ip import parse_ip
 from gateway.runtime import Runtime
 
@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
     from aiohttp import web
 
-    from gateway.downstream.protocol import Body
+    from gateway.downstream.live import AnswerHeaders
+    from gateway.downstream.messages import Body
     from gateway.pipeline.client_ip import IPAddress
-    from gateway.pipeline.headers import ResponseHeaders
 
 
 class _Reader:
@@ -59,7 +59,7 @@ class FakeRequest:
         self.content = _Reader(body)
         self.transport: asyncio.Transport | None = None
         self.rid: str | None = None
-        self.response_headers: ResponseHeaders | None = None
+        self.response_headers: AnswerHeaders | None = None
         self.https = False
         self.extra_headers: list[tuple[str, str]] | None = None
         self._peer = parse_ip(peer)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from gateway.downstream.protocol import Response
+from gateway.downstream.messages import Response
 from gateway.pipeline.context import Ctx
 from gateway.pipeline.handler import ProxyHandler
 from gateway.pipeline.reject import Reject
