@@ -52,7 +52,8 @@ from gateway.downstream.upgrade import GatewayServer  # noqa: E402
 from gateway.logs import AccessLog  # noqa: E402
 from gateway.pipeline.handler import ProxyHandler  # noqa: E402
 from gateway.runtime import Runtime  # noqa: E402
-from gateway.upstream.pool import LeanPool, _Conn  # noqa: E402
+from gateway.upstream.connection import UpstreamConnection  # noqa: E402
+from gateway.upstream.pool import LeanPool  # noqa: E402
 
 BODY = b"x" * 200
 UPSTREAM_ANSWER = (
@@ -96,7 +97,7 @@ class ClientTransport(asyncio.Transport):
 class UpstreamTransport(asyncio.Transport):
     """The upstream's side: every request head is answered in the next loop turn."""
 
-    def __init__(self, conn: _Conn, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, conn: UpstreamConnection, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
         self.conn = conn
         self.loop = loop
@@ -124,7 +125,7 @@ class UpstreamTransport(asyncio.Transport):
 def _fill_pool(pool: LeanPool, n: int, loop: asyncio.AbstractEventLoop) -> None:
     """``n`` idle connections on in-memory transports (none is ever dialled)."""
     for _ in range(n):
-        conn = _Conn(loop)
+        conn = UpstreamConnection(loop)
         conn.connection_made(UpstreamTransport(conn, loop))
         pool._idle.append(conn)
         pool._open += 1

@@ -17,8 +17,8 @@ from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
 from gateway.admin.explain import explain_request
+from gateway.core.client_ip import parse_ip
 from gateway.health.probes import probe_response
-from gateway.pipeline.client_ip import parse_ip
 from gateway.pipeline.headers import ResponseHeaders
 from gateway.problem import problem_response
 from gateway.reload import Reloader

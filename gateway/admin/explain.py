@@ -19,7 +19,7 @@ from gateway.pipeline.reject import Reject, banned, circuit_open
 if TYPE_CHECKING:
     from multidict import CIMultiDict
 
-    from gateway.pipeline.client_ip import IPAddress
+    from gateway.core.client_ip import IPAddress
     from gateway.pipeline.snapshot import CompiledRoute
     from gateway.runtime import Runtime
 

@@ -24,10 +24,10 @@ from gateway.problem import PHRASES
 
 if TYPE_CHECKING:
     from gateway.batchwrite import WriteBatcher
+    from gateway.core.client_ip import IPAddress
     from gateway.downstream.head import HostCache
     from gateway.downstream.live import AnswerHeaders, Live
     from gateway.lifecycle import Lifecycle
-    from gateway.pipeline.client_ip import IPAddress
 
 __all__ = [
     "NO_BODY",

@@ -31,12 +31,12 @@ import logging
 import httptools
 from multidict import CIMultiDict
 
+from gateway.core.client_ip import IPAddress, peer_of
 from gateway.core.framing import FramingError, check_transfer_coding
 from gateway.downstream.flow import FlowControl
 from gateway.downstream.head import HeadReader, HeadTooLarge
 from gateway.downstream.messages import AnyResponse, BodyError, Request, ServerSide
 from gateway.downstream.state import Conn, Event, move
-from gateway.pipeline.client_ip import IPAddress, peer_of
 from gateway.problem import raw_problem
 
 __all__ = ["HttpProtocol"]

@@ -24,11 +24,11 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from gateway.core.client_ip import IPAddress, peer_of
 from gateway.core.framing import FramingError, request_host
 from gateway.downstream.live import Fixed, Live
 from gateway.downstream.messages import Response, to_web
 from gateway.lifecycle import Lifecycle
-from gateway.pipeline.client_ip import IPAddress, peer_of
 from gateway.problem import CONTENT_TYPE, problem_body, raw_problem
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.pipeline.client_ip import IPAddress
+    from gateway.core.client_ip import IPAddress
     from gateway.pipeline.snapshot import CompiledRoute
 
 

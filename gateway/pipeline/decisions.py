@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from multidict import CIMultiDict, CIMultiDictProxy
     from yarl import URL
 
+    from gateway.core.client_ip import IPAddress
     from gateway.core.gcra import Decision
-    from gateway.pipeline.client_ip import IPAddress
     from gateway.pipeline.snapshot import CompiledPolicy, CompiledRoute, Snapshot
 
     Fields = CIMultiDict[str] | CIMultiDictProxy[str]

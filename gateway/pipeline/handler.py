@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 from aiohttp import hdrs
 
 from gateway import problem
+from gateway.core.client_ip import forwarded_proto, forwarded_values, resolve_client
 from gateway.health.probes import PROBE_PATHS, probe_answer
 from gateway.pipeline import decisions
-from gateway.pipeline.client_ip import forwarded_proto, forwarded_values, resolve_client
 from gateway.pipeline.context import Ctx
 from gateway.pipeline.reject import Reject, banned, problem_answer
 from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE

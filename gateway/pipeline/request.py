@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
     from yarl import URL
 
+    from gateway.core.client_ip import IPAddress
     from gateway.downstream.live import AnswerHeaders
     from gateway.downstream.messages import Body, Response
-    from gateway.pipeline.client_ip import IPAddress
 
 
 class BodyReader(Protocol):

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway.core.abuse import PathMatcher
+from gateway.core.client_ip import IPAddress, Networks
 from gateway.core.gcra import Rate
-from gateway.pipeline.client_ip import IPAddress, Networks
 from gateway.pipeline.headers import ResponseHeaders
 from gateway.upstream.hop_by_hop import DROP_UPSTREAM, HOP_BY_HOP
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import hdrs
 
+from gateway.core.client_ip import forwarded_chain, forwarded_proto, forwarded_values
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.downstream.messages import BodyError, Response
-from gateway.pipeline.client_ip import forwarded_chain, forwarded_proto, forwarded_values
 from gateway.pipeline.context import ClientBodyError
 from gateway.pipeline.headers import UPSTREAM_SKIP
 from gateway.pipeline.reject import Reject, buffers_full, bulkhead_full, circuit_open

@@ -28,7 +28,7 @@ from gateway.core.wsguard import BANNED, CLOSE_POLICY, verdict
 from gateway.tasks import stop_task
 
 if TYPE_CHECKING:
-    from gateway.pipeline.client_ip import IPAddress
+    from gateway.core.client_ip import IPAddress
     from gateway.pipeline.snapshot import Snapshot
     from gateway.stores.bans import BanStore
 

@@ -14,7 +14,7 @@ import string
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from gateway.pipeline.client_ip import IPAddress, Networks, parse_ip, resolve_client
+from gateway.core.client_ip import IPAddress, Networks, parse_ip, resolve_client
 from gateway.pipeline.snapshot import REQUEST_ID_RE
 
 FUZZ = settings(max_examples=200, deadline=None, database=None)

@@ -10,9 +10,9 @@ from multidict import CIMultiDict, MultiDict, MultiDictProxy
 from yarl import URL
 
 from gateway.config import load_text
+from gateway.core.client_ip import parse_ip
 from gateway.core.framing import FramingError, request_host
 from gateway.downstream.messages import Response
-from gateway.pipeline.client_ip import parse_ip
 from gateway.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
     from aiohttp import web
 
+    from gateway.core.client_ip import IPAddress
     from gateway.downstream.live import AnswerHeaders
     from gateway.downstream.messages import Body
-    from gateway.pipeline.client_ip import IPAddress
 
 
 class _Reader:

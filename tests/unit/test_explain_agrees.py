@@ -9,7 +9,7 @@ import pytest
 from multidict import CIMultiDict
 
 from gateway.admin.explain import explain_request
-from gateway.pipeline.client_ip import parse_ip
+from gateway.core.client_ip import parse_ip
 from gateway.pipeline.context import Ctx
 from gateway.pipeline.handler import ProxyHandler
 from gateway.pipeline.reject import Reject
