@@ -2,7 +2,10 @@
 
 The interfaces are :mod:`gateway.stores.limiter` and :mod:`gateway.stores.bans`; the
 backends sit in :mod:`gateway.stores.memory` and :mod:`gateway.stores.redis`, and the
-factories here pick one per config, so no base module imports a backend.
+factories here pick one per config, so no base module imports a backend. The Redis
+backends (and redis-py with them) are imported only when a config asks for one: every
+``gateway.stores.*`` import runs this module, and a memory-backend gateway starts faster
+without them.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from gateway.stores.limiter import Clock, Limiter, rates_from_config
 from gateway.stores.memory.bans import MemoryBanStore
 from gateway.stores.memory.limiter import MemoryLimiter
 from gateway.stores.noredis import NoRedisLimiter
-from gateway.stores.redis.bans import RedisBanStore
-from gateway.stores.redis.limiter import RedisLimiter
 
 __all__ = ["make_ban_store", "make_limiter"]
 
@@ -49,6 +50,8 @@ def make_limiter(
             rates, metrics=metrics, on_backend_error=cfg.on_backend_error, max_keys=cfg.max_keys
         )
 
+    from gateway.stores.redis.limiter import RedisLimiter  # noqa: PLC0415 - redis only
+
     return RedisLimiter(
         rates,
         redis_url=redis_url,
@@ -74,4 +77,6 @@ def make_ban_store(
     ``key_prefix`` starts every Redis key (``gw:`` by default)."""
     if redis is None:
         return MemoryBanStore(cfg, metrics=metrics, clock=clock)
+    from gateway.stores.redis.bans import RedisBanStore  # noqa: PLC0415 - redis only
+
     return RedisBanStore(cfg, metrics=metrics, redis=redis, clock=clock, key_prefix=key_prefix)
