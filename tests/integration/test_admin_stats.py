@@ -21,14 +21,16 @@ ENV = {"GATEWAY_ADMIN_TOKEN": TOKEN}
 UI_PATHS = ("/admin/ui", "/admin/ui/app.js", "/admin/ui/style.css")
 
 
+async def upstream_handler(request: web.Request) -> web.Response:
+    """200 ``ok``, but a 502 for ``/boom``."""
+    if request.path == "/boom":
+        return web.Response(status=502, text="bad")
+    return web.Response(text="ok")
+
+
 @pytest.fixture
 async def up_url() -> AsyncIterator[str]:
-    async def handle(request: web.Request) -> web.Response:
-        if request.path == "/boom":
-            return web.Response(status=502, text="bad")
-        return web.Response(text="ok")
-
-    async with serve(handle) as url_:
+    async with serve(upstream_handler) as url_:
         yield url_
 
 
