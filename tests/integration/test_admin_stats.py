@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 
 from gateway.app import Gateway
@@ -134,3 +137,75 @@ async def test_stats_reports_traffic_limits_bans_and_config(up_url: str) -> None
     assert c["generation"] == 1
     assert c["digest"] == gw.runtime.settings.digest
     assert c["last_reload"] is None
+
+
+async def test_stats_counts_applied_configs_and_reports_the_last_reload(
+    tmp_path: Path, up_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)  # a reload reads the environment
+    path = tmp_path / "gateway.yaml"
+    cfg = base_config(up_url, reload={"interval_s": 3600})
+    path.write_text(yaml.safe_dump(cfg))
+    async with (
+        running_gateway(cfg, ENV, path=str(path)) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+
+        async def reload_then_stats() -> dict[str, Any]:
+            async with s.post(admin_url(gw, "/admin/reload"), headers=AUTH) as r:
+                await r.read()
+            async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
+                body = await r.json()
+                assert r.status == 200, body
+                data: dict[str, Any] = body["config"]
+                return data
+
+        before = time.time()
+        cfg["routes"][0]["path_prefix"] = "/v1"
+        path.write_text(yaml.safe_dump(cfg))
+        ok = await reload_then_stats()
+        assert ok["source"] == str(path)
+        assert ok["generation"] == 2
+        assert ok["last_reload"]["result"] == "success"
+        assert before - 1 < ok["last_reload"]["at"] <= time.time()
+        assert ok["last_reload"]["error"] is None
+
+        path.write_text("routes: [")
+        failed = await reload_then_stats()
+        assert failed["generation"] == 2  # nothing applied
+        assert failed["digest"] == ok["digest"]
+        assert failed["last_reload"]["result"] == "failure"
+        assert failed["last_reload"]["error"]
+
+
+async def test_component_since_moves_only_when_its_status_changes() -> None:
+    failing = False
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(status=503 if failing and request.path == "/health" else 200)
+
+    async def upstream_component(s: aiohttp.ClientSession, gw: Gateway) -> dict[str, Any]:
+        async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
+            found: list[dict[str, Any]] = (await r.json())["components"]
+            (comp,) = [c for c in found if c["name"] == "upstream:api"]
+            return comp
+
+    async with (
+        serve(handle) as up,
+        running_gateway(base_config(up), ENV) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+        first = await upstream_component(s, gw)
+        assert first["status"] == "healthy"
+        assert first["since"] is not None
+        await asyncio.sleep(0.5)  # two more checks (interval_s 0.2), the same result
+        assert (await upstream_component(s, gw))["since"] == first["since"]
+        failing = True
+        comp = first
+        for _ in range(50):
+            comp = await upstream_component(s, gw)
+            if comp["status"] != "healthy":
+                break
+            await asyncio.sleep(0.1)
+        assert comp["status"] != "healthy"
+        assert comp["since"] > first["since"]
