@@ -85,6 +85,7 @@ class Reloader:
                     errors = [f"internal error: {type(exc).__name__}: {exc}"]
                 rt.metrics.config_reloads.labels("failure").inc()
                 rt.metrics.config_last_reload_successful.set(0)
+                rt.last_reload = ("failure", time.time(), errors[0] if errors else None)
                 rt.log.error(  # noqa: TRY400 - the errors are listed, a traceback adds nothing
                     "config_reload_failed", trigger=trigger, path=str(self.path), errors=errors
                 )
@@ -97,6 +98,7 @@ class Reloader:
             rt.metrics.config_reloads.labels("success").inc()
             rt.metrics.config_last_reload_successful.set(1)
             rt.metrics.config_last_reload_success.set(time.time())
+            rt.last_reload = ("success", time.time(), None)
             rt.log.info(
                 "config_reloaded",
                 trigger=trigger,

@@ -8,10 +8,12 @@ what did not change.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.core.window_stats import RouteSeries, TopKeys
 from gateway.core.wsguard import sweep_interval_s
 from gateway.health.monitor import HealthMonitor
 from gateway.lifecycle import Lifecycle
@@ -71,6 +73,12 @@ class Runtime:
         self._durations: dict[str, Histogram] = {}
         self._rl: dict[str, tuple[Counter, Counter, Counter]] = {}
         self._retired: set[asyncio.Task[None]] = set()
+        # the operator page's figures (GET /admin/stats), by route; unix time
+        self.route_series: dict[str, RouteSeries] = {}
+        self.top_limited = TopKeys()
+        self.config_generation = 1  # configs applied since start, the first one included
+        # the last reload: (result "success" or "failure", unix time, first error or None)
+        self.last_reload: tuple[str, float, str | None] | None = None
         # called with the new settings once a reload has been applied (the servers need
         # none: they read the current snapshot)
         self.on_apply: list[Callable[[Settings], None]] = []
@@ -145,6 +153,7 @@ class Runtime:
         # one assignment: a request that started keeps the snapshot (and upstreams) it read
         self.snapshot = snapshot
         self.settings = settings
+        self.config_generation += 1
         # a client the new lists deny loses its WebSockets now
         self.websockets.sweep(asyncio.get_running_loop().time(), snapshot, self.bans, lists=True)
         for listener in self.on_apply:
@@ -195,6 +204,10 @@ class Runtime:
         if hist is None:
             hist = self._durations[route] = self.metrics.request_duration.labels(route)
         hist.observe(duration)
+        series = self.route_series.get(route)
+        if series is None:
+            series = self.route_series[route] = RouteSeries()
+        series.record(time.time(), status, duration)
 
     def rl_counters(self, policy: str) -> tuple[Counter, Counter, Counter]:
         found = self._rl.get(policy)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import ipaddress
 import re
 import time
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 import orjson
@@ -16,8 +19,11 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
+from gateway import __version__
 from gateway.admin.explain import explain_request
 from gateway.core.client_ip import parse_ip
+from gateway.core.health import aggregate
+from gateway.core.window_stats import RouteSeries, Summary
 from gateway.health.probes import probe_response
 from gateway.pipeline.headers import ResponseHeaders
 from gateway.problem import problem_response
@@ -78,9 +84,21 @@ def _bearer_ok(request: web.Request, token: bytes) -> bool:
     )
 
 
+# the operator page and its files carry no data: they need no token (SPEC section 12)
+_UI_FILES = {
+    "/admin/ui": ("index.html", "text/html"),
+    "/admin/ui/app.js": ("app.js", "text/javascript"),
+    "/admin/ui/style.css": ("style.css", "text/css"),
+}
+_UI_CSP = (
+    "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if not request.path.startswith("/admin/"):
+    if not request.path.startswith("/admin/") or request.path in _UI_FILES:
         return await handler(request)
     rt = _rt(request)
     token = rt.settings.secrets.admin_token
@@ -146,6 +164,99 @@ async def bans(request: web.Request) -> web.StreamResponse:
                 }
                 for b in items
             ]
+        }
+    )
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _figures(s: Summary, span_s: int) -> dict[str, Any]:
+    return {
+        "rps": round(s.requests / span_s, 3),
+        "error_ratio": round(s.error_ratio, 4),
+        "p50_ms": _ms(s.p50_s),
+        "p99_ms": _ms(s.p99_s),
+    }
+
+
+def _route_stats(name: str, series: RouteSeries, now: float) -> dict[str, Any]:
+    history = [{"start": start, **_figures(s, 10)} for start, s in series.history(now, 10)]
+    return {"name": name, **_figures(series.summary(now, 60), 60), "history": history[-30:]}
+
+
+@functools.cache
+def _ui_body(name: str) -> bytes:
+    return resources.files("gateway.admin").joinpath("ui").joinpath(name).read_bytes()
+
+
+async def ui_file(request: web.Request) -> web.StreamResponse:
+    name, content_type = _UI_FILES[request.path]
+    body = _ui_body(name)
+    resp = web.Response(body=body, content_type=content_type, charset="utf-8")
+    resp.headers["Content-Security-Policy"] = _UI_CSP
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    return resp
+
+
+async def stats(request: web.Request) -> web.StreamResponse:
+    """Everything the operator page shows, as documented JSON (docs/operations.md)."""
+    rt = _rt(request)
+    now = time.time()
+    mono = asyncio.get_running_loop().time()
+    components = rt.monitor.components()
+    s = rt.settings
+    last = rt.last_reload
+    return _json(
+        {
+            "generated_at": round(now, 3),
+            "version": __version__,
+            "status": str(aggregate(components.values())),
+            "draining": rt.monitor.draining,
+            "components": [
+                {
+                    "name": name,
+                    "status": str(c.status),
+                    "critical": c.critical,
+                    "since": rt.monitor.since(name),
+                    "message": c.message,
+                }
+                for name, c in components.items()
+            ],
+            "upstreams": [
+                {
+                    "name": name,
+                    "breaker": str(up.breaker.state(mono)),
+                    "inflight": up.inflight,
+                    "limit": up.max_inflight,
+                    "mode": "fixed",
+                }
+                for name, up in rt.upstreams.items()
+            ],
+            "routes": [
+                _route_stats(name, series, now) for name, series in sorted(rt.route_series.items())
+            ],
+            "limited": [{"key": k, "count": n} for k, n in rt.top_limited.top(now, 10)],
+            "bans": [
+                {
+                    "ip": b.ip,
+                    "reason": b.reason,
+                    "score": b.score,
+                    "expires_in_s": max(0.0, round(b.expires_at - now, 3)),
+                    "evidence": [],
+                }
+                for b in await rt.bans.list_bans()
+            ],
+            "config": {
+                "source": s.source,
+                "generation": rt.config_generation,
+                "digest": s.digest,
+                "last_reload": None
+                if last is None
+                else {"result": last[0], "at": round(last[1], 3), "error": last[2]},
+            },
         }
     )
 
@@ -287,4 +398,7 @@ def create_admin_app(runtime: Runtime, reloader: Reloader) -> web.Application:
     r.add_delete("/admin/bans/{ip:.+}", unban)  # an address, or a prefix as listed
     r.add_post("/admin/reload", reload)
     r.add_get("/admin/explain", explain)
+    r.add_get("/admin/stats", stats)
+    for path in _UI_FILES:
+        r.add_get(path, ui_file)
     return app

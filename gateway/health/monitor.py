@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -68,6 +69,7 @@ class HealthMonitor:
         self._log = get_logger()
         self.lifecycle = lifecycle or Lifecycle()  # the process's drain, read by /readyz
         self._components: dict[str, ComponentHealth] = {}
+        self._since: dict[str, float] = {}  # unix time each component's status last changed
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._fingerprints: dict[str, Hashable] = {}
         self._pending_first: set[str] = set()
@@ -100,6 +102,10 @@ class HealthMonitor:
     def components(self) -> dict[str, ComponentHealth]:
         """The latest result of every component (a snapshot: do not mutate it)."""
         return self._components
+
+    def since(self, name: str) -> float | None:
+        """When ``name``'s status last changed (unix time), None before its first check."""
+        return self._since.get(name)
 
     def live(self) -> tuple[bool, str]:
         """Is the event loop responsive?  Never depends on any dependency."""
@@ -237,6 +243,7 @@ class HealthMonitor:
             self._metrics.health_check_duration.labels(name).observe(duration_s)
         first = prev.last_checked is None
         if first or prev.status is not comp.status:
+            self._since[name] = time.time()
             self._metrics.set_health_status(name, comp.status.value)
             emit = self._log.warning if comp.status is Status.UNHEALTHY else self._log.info
             emit(

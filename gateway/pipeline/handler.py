@@ -19,6 +19,7 @@ import itertools
 import math
 import random
 import secrets
+import time
 from typing import TYPE_CHECKING
 
 from aiohttp import hdrs
@@ -257,6 +258,7 @@ class ProxyHandler:
                 names.append(pol.name)
                 retry = max(retry, dec.retry_after_s)
         if names:
+            rt.top_limited.add(ctx.ban_key, time.time())
             dropped = rt.limited_log_budget.take(self._loop.time())
             if dropped is not None:
                 rt.log.info(
