@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -144,7 +145,12 @@ async def chromium() -> AsyncIterator[Browser]:
     if CHROMIUM is None:
         pytest.skip("chromium is not installed (Debian package `chromium`; or $GATEWAY_CHROMIUM)")
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="gateway-chromium-") as profile:
+    # chromium's helper processes may still write into the profile for a moment after the
+    # browser has exited: its process group is ended as a whole, and a file they leave
+    # behind does not fail the test
+    with tempfile.TemporaryDirectory(
+        prefix="gateway-chromium-", ignore_cleanup_errors=True
+    ) as profile:
         proc = await asyncio.create_subprocess_exec(
             CHROMIUM,
             *FLAGS,
@@ -153,6 +159,7 @@ async def chromium() -> AsyncIterator[Browser]:
             "about:blank",
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             async with aiohttp.ClientSession() as session:
@@ -168,13 +175,14 @@ async def chromium() -> AsyncIterator[Browser]:
                     pytest.fail("chromium's DevTools port did not answer")
                 yield Browser(port, session)
         finally:
-            if proc.returncode is None:
-                proc.terminate()
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
 
 
 async def settle(page: Page, done: str, timeout: float = 15.0) -> dict[str, Any]:
