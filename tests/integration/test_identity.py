@@ -302,3 +302,64 @@ def test_short_hs256_secret_is_risky(tmp_path: Path) -> None:
     assert any(w.path == "identity.jwt.hs256_secret_env" and w.risky for w in settings.warnings)
     settings = _load(cfg, {"JWT_SECRET": "x" * 32})
     assert not any(w.path == "identity.jwt.hs256_secret_env" for w in settings.warnings)
+
+
+async def test_access_log_carries_identity_never_the_credential(
+    upstream: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _cfg(upstream, tmp_path, per_user={"requests": 100, "period_s": 1, "key": "jwt:sub"})
+    lines: list[dict[str, Any]] = []
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        real = gw.runtime.access_log
+
+        class Capture:
+            def emit(self, fields: dict[str, Any]) -> None:
+                lines.append(dict(fields))
+
+            def close(self) -> None:
+                real.close()
+
+        monkeypatch.setattr(gw.runtime, "access_log", Capture())
+        tok = _token("gina")
+        await _get(s, gw, "/x", _bearer(tok))
+        await _get(s, gw, "/keys", {"X-API-Key": API_KEY})
+        await _get(s, gw, "/x", _bearer("garbage-token"))
+    assert [line.get("identity") for line in lines] == ["jwt:gina", "api_key:team-a", None]
+    text = json.dumps(lines)
+    assert tok not in text
+    assert API_KEY not in text
+    assert "garbage-token" not in text
+
+
+async def test_explain_shows_identity_and_key(upstream: str, tmp_path: Path) -> None:
+    cfg = _cfg(upstream, tmp_path, per_user={"requests": 100, "period_s": 1, "key": "jwt:sub"})
+    admin = "explain-admin-token-0123456789"
+    async with running_gateway(cfg, {"GATEWAY_ADMIN_TOKEN": admin}) as gw:
+        assert gw.admin_port is not None
+        tok = _token("hana")
+        query = {"ip": "10.9.8.7", "path": "/x", "header": f"Authorization:Bearer {tok}"}
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(
+                f"http://127.0.0.1:{gw.admin_port}/admin/explain",
+                params=query,
+                headers={"Authorization": f"Bearer {admin}"},
+            ) as r,
+        ):
+            assert r.status == 200
+            body = await r.json()
+        assert body["identity"] == "jwt:hana"
+        assert body["policies"][0]["key"] == "j:sub:hana"
+        query["header"] = "Authorization:Bearer nope"
+        query["path"] = "/me"
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(
+                f"http://127.0.0.1:{gw.admin_port}/admin/explain",
+                params=query,
+                headers={"Authorization": f"Bearer {admin}"},
+            ) as r,
+        ):
+            body = await r.json()
+        assert body["identity"] is None
+        assert body["verdict"].startswith("401")
