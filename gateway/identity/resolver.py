@@ -20,11 +20,11 @@ if TYPE_CHECKING:
     from multidict import CIMultiDict, CIMultiDictProxy
 
     from gateway.config.errors import Problem
-    from gateway.config.models import Identity
+    from gateway.config.models import Config, Identity
 
     Fields = CIMultiDict[str] | CIMultiDictProxy[str]
 
-__all__ = ["NO_IDENTITY", "IdentityKeys", "RequestIdentity", "load_identity"]
+__all__ = ["NO_IDENTITY", "IdentityKeys", "RequestIdentity", "identity_files", "load_identity"]
 
 MAX_FILE_BYTES = 1 << 20
 
@@ -113,6 +113,17 @@ def _read(path: str) -> str | None:
     except UnicodeDecodeError:
         msg = f"{path} is not UTF-8 text"
         raise ValueError(msg) from None
+
+
+def identity_files(cfg: Config) -> list[str]:
+    """The paths of the files the ``identity`` section names (re-read on reload)."""
+    section = cfg.identity
+    paths = []
+    if section.jwt is not None and section.jwt.jwks_file is not None:
+        paths.append(section.jwt.jwks_file)
+    if section.api_keys is not None and section.api_keys.file is not None:
+        paths.append(section.api_keys.file)
+    return paths
 
 
 def load_identity(

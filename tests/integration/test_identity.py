@@ -363,3 +363,21 @@ async def test_explain_shows_identity_and_key(upstream: str, tmp_path: Path) -> 
             body = await r.json()
         assert body["identity"] is None
         assert body["verdict"].startswith("401")
+
+
+async def test_the_watcher_rereads_a_changed_jwks_file(upstream: str, tmp_path: Path) -> None:
+    import yaml
+
+    cfg = _cfg(upstream, tmp_path, per_ip={"requests": 100, "period_s": 1})
+    cfg["reload"] = {"interval_s": 0.05}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    new = _token("ivan", key=_RSA2, headers={"kid": "k1"})
+    async with running_gateway(cfg, path=str(path)) as gw, aiohttp.ClientSession() as s:
+        assert (await _get(s, gw, "/me", _bearer(new)))[0] == 401
+        await asyncio.sleep(0.2)  # the watcher has read the files once
+        (tmp_path / "jwks.json").write_text(_jwks(_RSA, _RSA2))
+        deadline = asyncio.get_running_loop().time() + 3
+        while (await _get(s, gw, "/me", _bearer(new)))[0] != 200:
+            assert asyncio.get_running_loop().time() < deadline, "JWKS not re-read"
+            await asyncio.sleep(0.05)
