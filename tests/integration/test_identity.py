@@ -381,3 +381,19 @@ async def test_the_watcher_rereads_a_changed_jwks_file(upstream: str, tmp_path: 
         while (await _get(s, gw, "/me", _bearer(new)))[0] != 200:
             assert asyncio.get_running_loop().time() < deadline, "JWKS not re-read"
             await asyncio.sleep(0.05)
+
+
+async def test_hs256_tokens_verify_with_the_secret_from_the_environment(
+    upstream: str, tmp_path: Path
+) -> None:
+    secret = "s" * 40
+    cfg = _cfg(upstream, tmp_path, per_ip={"requests": 100, "period_s": 1})
+    cfg["identity"]["jwt"]["hs256_secret_env"] = "JWT_SECRET"
+    async with running_gateway(cfg, {"JWT_SECRET": secret}) as gw, aiohttp.ClientSession() as s:
+        good = _token("judy", key=secret, alg="HS256")
+        assert (await _get(s, gw, "/me", _bearer(good)))[0] == 200
+        wrong = _token("judy", key="t" * 40, alg="HS256")
+        assert (await _get(s, gw, "/me", _bearer(wrong)))[0] == 401
+        # still no algorithm confusion with a secret configured
+        assert (await _get(s, gw, "/me", _bearer(_hs256_with_public_key("judy"))))[0] == 401
+        assert (await _get(s, gw, "/me", _bearer(_alg_none("judy"))))[0] == 401
