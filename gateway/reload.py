@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.config import ConfigError, load_file, read_config_bytes
+from gateway.identity.resolver import identity_files
 from gateway.tasks import stop_task
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class Reloader:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._seen = runtime.settings.digest  # last content the watcher acted on
+        self._files_seen: str | None = None  # the same for the identity files (SPEC 11)
 
     async def start(self) -> None:
         if self.path is not None:
@@ -54,13 +56,37 @@ class Reloader:
         except ConfigError as exc:
             return "unreadable: " + "; ".join(str(p) for p in exc.problems)
 
+    def _files_digest(self) -> str:
+        """A hash of the identity files the current config names (JWKS, API keys), each
+        read as the config is (a missing or unreadable one hashes its error)."""
+        h = hashlib.sha256()
+        for path in identity_files(self.rt.settings.config):
+            h.update(path.encode() + b"\0")
+            try:
+                h.update(hashlib.sha256(read_config_bytes(Path(path))).digest())
+            except ConfigError as exc:
+                h.update(("unreadable: " + "; ".join(map(str, exc.problems))).encode())
+        return h.hexdigest()
+
     async def _watch(self) -> None:
         # a content is acted on once two successive checks read it: a file rewritten in
         # place is a prefix of itself for a moment, and a prefix can be a valid config
         # that lacks a guard (a route's source_cidrs on a line not yet written)
         pending: str | None = None
+        files_pending: str | None = None
+        if self._files_seen is None:
+            self._files_seen = await asyncio.to_thread(self._files_digest)
         while True:
             await asyncio.sleep(self.rt.settings.config.reload.interval_s)
+            # the identity files are re-read like the config: a change (read twice) reloads
+            files = await asyncio.to_thread(self._files_digest)
+            if files != self._files_seen:
+                if files == files_pending:
+                    files_pending = None
+                    self._files_seen = files  # a bad file is reported once
+                    await self.reload("identity_file_change")
+                else:
+                    files_pending = files
             digest = await asyncio.to_thread(self._digest)
             if digest == self._seen or digest != pending:
                 pending = digest if digest != self._seen else None
@@ -76,6 +102,8 @@ class Reloader:
         if self.path is None:
             return False, ["the gateway runs on built-in defaults: there is no file to reload"]
         async with self._lock:
+            # read before the load: a file changed during it is seen changed again
+            files = await asyncio.to_thread(self._files_digest)
             try:
                 settings = await asyncio.to_thread(load_file, self.path)
             except Exception as exc:  # whatever the file holds, a failed reload
@@ -94,6 +122,7 @@ class Reloader:
                 self._seen = ""  # changed again since: the next checks decide
                 return False, ["the file changed while it was read"]
             self._seen = settings.digest
+            self._files_seen = files
             needs_restart = rt.apply(settings)
             rt.metrics.config_reloads.labels("success").inc()
             rt.metrics.config_last_reload_successful.set(1)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from multidict import CIMultiDict
 
     from gateway.core.client_ip import IPAddress
+    from gateway.identity.resolver import RequestIdentity
     from gateway.pipeline.snapshot import CompiledRoute
     from gateway.runtime import Runtime
 
@@ -114,7 +115,16 @@ async def explain_request(
         decisions.guard_route(route, method, ip, headers)
     except Reject as rej:
         stop(rej)
-    out["policies"] = await _policies(rt, out, route, client_key, headers, exempt=exempt, stop=stop)
+    ident = decisions.identify(snap, route, headers)
+    if route.needs_identity:
+        out["identity"] = ident.label
+        try:
+            decisions.check_auth(route, ident)
+        except Reject as rej:
+            stop(rej)
+    out["policies"] = await _policies(
+        rt, out, route, client_key, headers, ident=ident, exempt=exempt, stop=stop
+    )
     try:
         decisions.check_size(snap, _content_length(headers))
     except Reject as rej:
@@ -138,6 +148,7 @@ async def _policies(
     client_key: str,
     headers: CIMultiDict[str],
     *,
+    ident: RequestIdentity,
     exempt: bool,
     stop: Any,
 ) -> list[dict[str, Any]]:
@@ -145,7 +156,9 @@ async def _policies(
     if not route.policies:
         return []
     try:
-        checks = decisions.policy_checks(route, client_key, headers, decoded=True)
+        applied, checks = decisions.policy_checks(
+            route, client_key, headers, decoded=True, ident=ident
+        )
     except Reject as rej:
         stop(rej)
         return []
@@ -155,7 +168,7 @@ async def _policies(
         out["ratelimit_error"] = str(exc)
         return []
     if not exempt:
-        refused, _ = decisions.limit_outcome(route, found)
+        refused, _ = decisions.limit_outcome(applied, found)
         if refused is not None:
             stop(refused)
     return [
@@ -168,5 +181,5 @@ async def _policies(
             "retry_after_s": round(d.retry_after_s, 3),
             "exempt": exempt,
         }
-        for p, c, d in zip(route.policies, checks, found, strict=False)
+        for p, c, d in zip(applied, checks, found, strict=False)
     ]

@@ -123,6 +123,51 @@ def _underscore_key_problems(data: Mapping[str, Any]) -> list[Problem]:
     return problems
 
 
+def _is_identity_key(key: Any) -> bool:
+    return isinstance(key, str) and (key == "api_key" or key.startswith(("jwt:", "json:")))
+
+
+def _identity_problems(data: Mapping[str, Any]) -> list[Problem]:
+    """``fallback`` names a policy not keyed by identity; identity keys and route ``auth``
+    need their part of the ``identity`` section (SPEC 11)."""
+    problems: list[Problem] = []
+    identity = _section(data, "identity")
+    has_jwt = isinstance(_section(identity, "jwt"), dict)
+    has_keys = isinstance(_section(identity, "api_keys"), dict)
+    policies = _section(data.get("rate_limit"), "policies")
+    if isinstance(policies, dict):
+        for name, pol in policies.items():
+            key = _section(pol, "key")
+            where = f"rate_limit.policies.{name}"
+            if isinstance(key, str) and key.startswith("jwt:") and not has_jwt:
+                problems.append(Problem(f"{where}.key", f"{key!r} needs identity.jwt"))
+            if key == "api_key" and not has_keys:
+                problems.append(Problem(f"{where}.key", "'api_key' needs identity.api_keys"))
+            fallback = _section(pol, "fallback")
+            if fallback is None:
+                continue
+            target = policies.get(fallback) if isinstance(fallback, str) else None
+            if not isinstance(target, dict):
+                problems.append(Problem(f"{where}.fallback", f"unknown policy {fallback!r}"))
+            elif _is_identity_key(target.get("key")):
+                problems.append(
+                    Problem(
+                        f"{where}.fallback",
+                        f"{fallback!r} is keyed by identity ({target.get('key')}):"
+                        " a fallback must not be",
+                    )
+                )
+    routes = data.get("routes")
+    if isinstance(routes, list | tuple):
+        for i, route in enumerate(routes):
+            auth = _section(route, "auth")
+            if auth in ("jwt", "any") and not has_jwt and not (auth == "any" and has_keys):
+                problems.append(Problem(f"routes[{i}].auth", f"{auth!r} needs identity.jwt"))
+            if auth == "api_key" and not has_keys:
+                problems.append(Problem(f"routes[{i}].auth", "'api_key' needs identity.api_keys"))
+    return problems
+
+
 def cross_check(data: Mapping[str, Any]) -> list[Problem]:
     """Rules across fields (references between sections, orders between values).
 
@@ -141,6 +186,7 @@ def cross_check(data: Mapping[str, Any]) -> list[Problem]:
         underscores = _section(data.get("request"), "headers_with_underscores")
         problems.extend(_route_problems(routes, upstreams, policies, underscores))
     problems.extend(_underscore_key_problems(data))
+    problems.extend(_identity_problems(data))
     abuse = data.get("abuse") or {}
     if isinstance(abuse, dict):
         ban_s = _number(abuse.get("ban_s"), Abuse.model_fields["ban_s"].default)

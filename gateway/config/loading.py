@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from gateway.config.checks import cross_check, risky_settings
 from gateway.config.errors import ConfigError, Problem, pydantic_problems
 from gateway.config.models import Config
+from gateway.identity.resolver import IdentityKeys, load_identity
 
 __all__ = [
     "MAX_CONFIG_BYTES",
@@ -142,6 +143,8 @@ class Settings:
     warnings: tuple[Problem, ...]
     source: str | None
     digest: str
+    # the keys of the identity section (None: no such section; nothing is verified)
+    identity: IdentityKeys | None = None
 
     def summary(self) -> dict[str, Any]:
         cfg = self.config
@@ -207,10 +210,15 @@ def load_text(
         # PyYAML's parser recurses once a nesting level: a few KB of "[[[[" exceed
         # Python's limit; no real config comes near it
         raise ConfigError([Problem("", "invalid YAML: nested too deeply")]) from None
-    secrets, warnings = resolve_secrets(cfg, os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    secrets, warnings = resolve_secrets(cfg, env)
+    identity, errors, identity_warnings = load_identity(cfg.identity, env)
+    if errors:
+        raise ConfigError(errors)
+    warnings.extend(identity_warnings)
     warnings.extend(risky_settings(cfg))
     digest = digest or hashlib.sha256(text.encode()).hexdigest()
-    return Settings(cfg, secrets, tuple(warnings), source, digest)
+    return Settings(cfg, secrets, tuple(warnings), source, digest, identity)
 
 
 MAX_CONFIG_BYTES = 1 << 20  # far above any real config; bounds what a read may take

@@ -32,6 +32,7 @@ _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _METHOD_RE = re.compile(r"^[A-Z]+$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_CLAIM_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 NonNegativeSeconds = Annotated[float, Field(ge=0)]
@@ -191,6 +192,8 @@ class Route(_Model):
     source_cidrs: tuple[IPNetwork, ...] | None = None
     shared_secret: SharedSecret | None = None
     rate_limits: tuple[str, ...] = ()
+    # a request without a valid credential of this kind gets 401 (SPEC 11)
+    auth: Literal["none", "jwt", "api_key", "any"] = "none"
 
     @field_validator("path_prefix")
     @classmethod
@@ -226,16 +229,26 @@ class Policy(_Model):
     burst: PositiveInt | None = None
     key: str = "ip"
     mode: Literal["enforce", "shadow"] = "enforce"
+    # the policy that limits a request whose key cannot be computed (SPEC 11); None: this
+    # policy, keyed by the client address
+    fallback: str | None = None
 
     @field_validator("key")
     @classmethod
     def _key(cls, v: str) -> str:
-        if v in ("ip", "route", "ip_route"):
+        if v in ("ip", "route", "ip_route", "api_key"):
             return v
         if v.startswith("header:") and _TOKEN_RE.match(v[7:]):
             return v
-        msg = f"must be ip, route, ip_route or header:NAME, got {v!r}"
+        if v.startswith("jwt:") and _CLAIM_RE.match(v[4:]):
+            return v
+        msg = f"must be ip, route, ip_route, header:NAME, jwt:CLAIM or api_key, got {v!r}"
         raise ValueError(msg)
+
+    @property
+    def identity_key(self) -> bool:
+        """Keyed by who the request is (a verified token's claim or an API key's id)."""
+        return self.key == "api_key" or self.key.startswith("jwt:")
 
     @property
     def effective_burst(self) -> int:
@@ -252,6 +265,25 @@ def default_upstreams() -> dict[str, Upstream]:
 
 def default_routes() -> tuple[Route, ...]:
     return (Route(name="default", path_prefix="/", upstream="api", rate_limits=("per-ip",)),)
+
+
+class Jwt(_Model):
+    jwks_file: str | None = None  # public keys (RS256, ES256, EdDSA); re-read like the config
+    hs256_secret_env: EnvName | None = None  # a shared secret (HS256)
+    issuer: str | None = None  # checked when set
+    audience: str | None = None  # checked when set
+    leeway_s: NonNegativeSeconds = 30
+    plan_claim: str | None = None
+
+
+class ApiKeysConfig(_Model):
+    header: HeaderName = "X-API-Key"
+    file: str | None = None  # keys: [{id, sha256: <hex of the key>, plan}]
+
+
+class Identity(_Model):
+    jwt: Jwt | None = None
+    api_keys: ApiKeysConfig | None = None
 
 
 class RateLimit(_Model):
@@ -404,6 +436,7 @@ class Config(_Model):
         default_factory=default_upstreams
     )
     routes: tuple[Route, ...] = Field(default_factory=default_routes)
+    identity: Identity = Identity()
     rate_limit: RateLimit = RateLimit()
     abuse: Abuse = Abuse()
     security_headers: SecurityHeaders = SecurityHeaders()

@@ -29,6 +29,7 @@ class Ctx:
         "client_ip",
         "exempt",
         "held",
+        "identity",
         "rid",
         "route",
         "start",
@@ -52,5 +53,6 @@ class Ctx:
         self.bytes_out = 0
         self.body_error: ClientBodyError | None = None
         self.underscores: str | None = None  # how fields named with "_" go upstream
+        self.identity: str | None = None  # jwt:<sub> or api_key:<id>, for the access log
         self.held = 0  # body bytes read and kept before the upstream exchange
         self.body_open = False  # a streamed body still has bytes to come from the client

@@ -14,9 +14,12 @@ import hmac
 import math
 from typing import TYPE_CHECKING
 
+import orjson
+
 from gateway import problem
-from gateway.core.keys import policy_key, wire_form
+from gateway.core.keys import policy_key, value_key, wire_form
 from gateway.core.paths import PathError, canonical_path, reads_as_authority
+from gateway.identity.resolver import NO_IDENTITY
 from gateway.pipeline.reject import Reject, quota_reject
 from gateway.pipeline.snapshot import ALLOW_ANY
 from gateway.stores.limiter import Check
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 
     from gateway.core.client_ip import IPAddress
     from gateway.core.gcra import Decision
+    from gateway.identity.resolver import RequestIdentity
     from gateway.pipeline.snapshot import CompiledPolicy, CompiledRoute, Snapshot
 
     Fields = CIMultiDict[str] | CIMultiDictProxy[str]
@@ -143,6 +147,51 @@ def guard_route(
         )
 
 
+def identify(snap: Snapshot, route: CompiledRoute, headers: Fields) -> RequestIdentity:
+    """Who the request is, read only when its route needs it (``auth``, or a policy keyed
+    by identity): a config without identity keys costs nothing here."""
+    if not route.needs_identity or snap.identity is None:
+        return NO_IDENTITY
+    return snap.identity.identify(headers)
+
+
+def check_auth(route: CompiledRoute, ident: RequestIdentity) -> None:
+    """401 for a request without a valid credential of the route's ``auth`` kind."""
+    auth = route.auth
+    if auth == "none":
+        return
+    if auth == "jwt":
+        ok = ident.claims is not None
+    elif auth == "api_key":
+        ok = ident.api_key is not None
+    else:
+        ok = ident.claims is not None or ident.api_key is not None
+    if not ok:
+        raise Reject(
+            401,
+            "a valid credential is required",
+            type_=problem.problem_type("unauthorized"),
+            headers=None if auth == "api_key" else {"WWW-Authenticate": "Bearer"},
+            event="auth_failure",
+        )
+
+
+def identity_value(pol: CompiledPolicy, ident: RequestIdentity) -> str | None:
+    """The key of an identity policy: a claim of the verified token (a string as it is,
+    any other value as its JSON text) or the API key's id; None when it has none."""
+    if pol.claim is not None:
+        claims = ident.claims
+        if claims is None or pol.claim not in claims:
+            return None
+        value = claims[pol.claim]
+        if isinstance(value, str):
+            return value or None
+        if value is None:
+            return None
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    return ident.api_key
+
+
 def policy_key_of(
     pol: CompiledPolicy, route: CompiledRoute, ip: str, headers: Fields, *, decoded: bool
 ) -> str:
@@ -160,16 +209,46 @@ def policy_key_of(
     return policy_key(pol.key, ip, route.name, header, value)
 
 
-def policy_checks(route: CompiledRoute, ip: str, headers: Fields, *, decoded: bool) -> list[Check]:
-    """One check per policy of the route."""
-    return [
-        Check(p.name, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded))
-        for p in route.policies
-    ]
+def policy_checks(
+    route: CompiledRoute,
+    ip: str,
+    headers: Fields,
+    *,
+    decoded: bool,
+    ident: RequestIdentity = NO_IDENTITY,
+) -> tuple[Sequence[CompiledPolicy], list[Check]]:
+    """The policies that apply (an identity policy without an identity gives way to its
+    fallback, or is keyed by the client address) and one check for each."""
+    if not route.needs_identity:
+        return route.policies, [
+            Check(p.name, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded))
+            for p in route.policies
+        ]
+    applied: list[CompiledPolicy] = []
+    checks: list[Check] = []
+    for p in route.policies:
+        if not p.identity:
+            key = policy_key_of(p, route, ip, headers, decoded=decoded)
+        else:
+            value = identity_value(p, ident)
+            if value is not None:
+                key = value_key("j:" + p.claim if p.claim is not None else "k", value)
+            elif p.fallback is not None:
+                fb = p.fallback
+                if fb in route.policies or fb in applied:
+                    continue  # spent once, as the route's own or another's fallback
+                p = fb  # noqa: PLW2901 - the fallback stands in for the policy
+                key = policy_key_of(p, route, ip, headers, decoded=decoded)
+            else:
+                # rotating garbage credentials must not dodge the limit: the address's
+                key = ip
+        applied.append(p)
+        checks.append(Check(p.name, p.rate, key))
+    return applied, checks
 
 
 def limit_outcome(
-    route: CompiledRoute, decisions: Sequence[Decision]
+    policies: Sequence[CompiledPolicy], decisions: Sequence[Decision]
 ) -> tuple[Reject | None, list[tuple[str, str]] | None]:
     """The 429 when an enforced policy has no budget left, else the RateLimit fields of
     the tightest enforced policy (None: no enforced policy)."""
@@ -177,7 +256,7 @@ def limit_outcome(
     tightest: CompiledPolicy | None = None
     least = 0
     reset = 0.0
-    for pol, dec in zip(route.policies, decisions, strict=True):
+    for pol, dec in zip(policies, decisions, strict=True):
         if pol.shadow:
             continue
         if dec.allowed:

@@ -27,6 +27,7 @@ from aiohttp import hdrs
 from gateway import problem
 from gateway.core.client_ip import forwarded_proto, forwarded_values, resolve_client
 from gateway.health.probes import PROBE_PATHS, probe_answer
+from gateway.identity.resolver import NO_IDENTITY
 from gateway.pipeline import decisions
 from gateway.pipeline.context import Ctx
 from gateway.pipeline.reject import Reject, banned, problem_answer
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from gateway.core.gcra import Decision
     from gateway.downstream.messages import AnyResponse, Response
     from gateway.pipeline.request import PipelineRequest
-    from gateway.pipeline.snapshot import CompiledRoute, Snapshot
+    from gateway.pipeline.snapshot import CompiledPolicy, CompiledRoute, Snapshot
     from gateway.runtime import Runtime
     from gateway.upstream.state import UpstreamState
 
@@ -193,6 +194,11 @@ class ProxyHandler:
         route = decisions.route_for(snap, key, raw_path_qs)
         ctx.route = route
         decisions.guard_route(route, method, client, headers)
+        ident = NO_IDENTITY
+        if route.needs_identity:
+            ident = decisions.identify(snap, route, headers)
+            ctx.identity = ident.label
+            decisions.check_auth(route, ident)
 
         rl_headers = None
         if route.policies and not ctx.exempt:
@@ -206,8 +212,8 @@ class ProxyHandler:
                     if found is None:  # the shared backend is asked (an await only then)
                         found = await limiter.submit_key(route.rates, ip)
                 else:
-                    checks = decisions.policy_checks(
-                        route, ip, headers, decoded=request.fields_decoded
+                    applied, checks = decisions.policy_checks(
+                        route, ip, headers, decoded=request.fields_decoded, ident=ident
                     )
                     found = limiter.decide_local(checks)
                     if found is None:
@@ -219,8 +225,9 @@ class ProxyHandler:
                     headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
                     type_=problem.problem_type("ratelimit-unavailable"),
                 ) from None
-            self._count_limits(ctx, route, found)
-            refused, rl_headers = decisions.limit_outcome(route, found)
+            pols = route.policies if route.ip_keyed else applied
+            self._count_limits(ctx, route, pols, found)
+            refused, rl_headers = decisions.limit_outcome(pols, found)
             if refused is not None:
                 raise refused
 
@@ -232,12 +239,18 @@ class ProxyHandler:
             request.extra_headers = rl_headers
         return up, raw_path_qs
 
-    def _count_limits(self, ctx: Ctx, route: CompiledRoute, found: Sequence[Decision]) -> None:
+    def _count_limits(
+        self,
+        ctx: Ctx,
+        route: CompiledRoute,
+        policies: Sequence[CompiledPolicy],
+        found: Sequence[Decision],
+    ) -> None:
         """Count the decisions; log the shadow refusals and the enforced ones (capped)."""
         rt = self.rt
         retry = -1.0
         names: list[str] = []
-        for pol, dec in zip(route.policies, found, strict=True):
+        for pol, dec in zip(policies, found, strict=True):
             if dec.allowed:
                 rt.rl_counters(pol.name)[0].inc()
             elif pol.shadow:
@@ -325,5 +338,6 @@ class ProxyHandler:
                     "duration_ms": round(duration * 1000, 3),
                     "bytes": ctx.bytes_out,
                     "upstream": ctx.upstream,
+                    **({"identity": ctx.identity} if ctx.identity is not None else {}),
                 }
             )

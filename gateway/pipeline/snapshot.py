@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from gateway.core.abuse import PathMatcher
@@ -36,15 +36,24 @@ ALLOW_ANY = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
 class CompiledPolicy:
     name: str
     rate: Rate
-    key: str  # ip | route | ip_route | header
+    key: str  # ip | route | ip_route | header | jwt | api_key
     header: str | None
     shadow: bool
     policy_header: str  # RateLimit-Policy item, e.g. "per-ip";q=100;w=1
+    claim: str | None = None  # the claim of a jwt:CLAIM key
+    # the policy that limits a request without an identity (None: this one, by address)
+    fallback: CompiledPolicy | None = None
+
+    @property
+    def identity(self) -> bool:
+        """Keyed by a verified token's claim or an API key's id."""
+        return self.claim is not None or self.key == "api_key"
 
     @classmethod
     def of(cls, name: str, p: Policy) -> CompiledPolicy:
         header = p.key[7:] if p.key.startswith("header:") else None
-        kind = "header" if header else p.key
+        claim = p.key[4:] if p.key.startswith("jwt:") else None
+        kind = "header" if header else "jwt" if claim else p.key
         w = math.ceil(p.period_s) if p.period_s != int(p.period_s) else int(p.period_s)
         return cls(
             name=name,
@@ -53,6 +62,7 @@ class CompiledPolicy:
             header=header,
             shadow=p.mode == "shadow",
             policy_header=f'"{name}";q={p.requests};w={w}',
+            claim=claim,
         )
 
 
@@ -71,6 +81,8 @@ class CompiledRoute:
     policies: tuple[CompiledPolicy, ...]
     ip_keyed: bool  # every policy is keyed by the client address alone
     rates: tuple[tuple[str, Rate], ...]  # (name, rate) of each policy
+    auth: str  # none | jwt | api_key | any
+    needs_identity: bool  # auth, or a policy keyed by identity: credentials are read
 
     @classmethod
     def of(cls, r: Route, settings: Settings, policies: dict[str, CompiledPolicy]) -> CompiledRoute:
@@ -90,6 +102,8 @@ class CompiledRoute:
             policies=tuple(policies[p] for p in r.rate_limits),
             ip_keyed=all(policies[p].key == "ip" for p in r.rate_limits),
             rates=tuple((p, policies[p].rate) for p in r.rate_limits),
+            auth=r.auth,
+            needs_identity=r.auth != "none" or any(policies[p].identity for p in r.rate_limits),
         )
 
 
@@ -109,6 +123,7 @@ class Snapshot:
         "drop_upstream",
         "has_allow",
         "has_deny",
+        "identity",
         "ipv6_prefix",
         "max_body_bytes",
         "max_buffered_bytes",
@@ -141,7 +156,12 @@ class Snapshot:
         self.has_allow = bool(self.allow)
         self.has_deny = bool(self.deny)
         self.allowed_hosts = frozenset(cfg.allowed_hosts)
-        self.policies = {n: CompiledPolicy.of(n, p) for n, p in cfg.rate_limit.policies.items()}
+        plain = {n: CompiledPolicy.of(n, p) for n, p in cfg.rate_limit.policies.items()}
+        self.policies = {
+            n: replace(plain[n], fallback=plain[p.fallback]) if p.fallback is not None else plain[n]
+            for n, p in cfg.rate_limit.policies.items()
+        }
+        self.identity = settings.identity
         self.routes = tuple(CompiledRoute.of(r, settings, self.policies) for r in cfg.routes)
         self.response_headers = ResponseHeaders(cfg)
         self.rid_header = cfg.request.request_id_header

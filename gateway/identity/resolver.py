@@ -1,0 +1,208 @@
+"""Who a request is, from its fields (SPEC section 11): the keys of the ``identity`` section
+loaded once per config, and the one look-up a request makes when its route needs it.
+
+The files (JWKS, API keys) are read with the config, at load and on reload: a file that
+does not parse is a config error naming its field (a reload keeps the previous keys), a
+missing one a warning (its credentials then never verify).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gateway.identity.api_keys import ApiKeyError, ApiKeys
+from gateway.identity.tokens import JwksError, TokenVerifier, Verified, bearer_token, load_jwks
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from gateway.config.errors import Problem
+    from gateway.config.models import Config, Identity
+
+    Fields = CIMultiDict[str] | CIMultiDictProxy[str]
+
+__all__ = ["NO_IDENTITY", "IdentityKeys", "RequestIdentity", "identity_files", "load_identity"]
+
+MAX_FILE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RequestIdentity:
+    """What a request's credentials proved: the claims of a verified token and the id of a
+    listed API key (each None when absent or invalid)."""
+
+    claims: Mapping[str, Any] | None = None
+    api_key: str | None = None
+    plan: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        """The access log's ``identity``: ``jwt:<sub>`` or ``api_key:<id>``."""
+        if self.claims is not None:
+            sub = self.claims.get("sub")
+            return f"jwt:{sub}" if isinstance(sub, str) else "jwt:"
+        if self.api_key is not None:
+            return "api_key:" + self.api_key
+        return None
+
+
+NO_IDENTITY = RequestIdentity()
+
+
+class IdentityKeys:
+    """The verifier and the API keys of one loaded config."""
+
+    __slots__ = ("api_key_header", "api_keys", "plan_claim", "verifier")
+
+    def __init__(
+        self,
+        verifier: TokenVerifier | None,
+        api_keys: ApiKeys | None,
+        api_key_header: str | None,
+        plan_claim: str | None,
+    ) -> None:
+        self.verifier = verifier
+        self.api_keys = api_keys
+        self.api_key_header = api_key_header
+        self.plan_claim = plan_claim
+
+    def identify(self, headers: Fields) -> RequestIdentity:
+        """Verify the request's credentials (a bearer token, an API key)."""
+        claims: Mapping[str, Any] | None = None
+        key_id = plan = None
+        if self.verifier is not None:
+            token = bearer_token(headers.get("Authorization"))
+            if token is not None:
+                outcome = self.verifier.verify(token)
+                if isinstance(outcome, Verified):
+                    claims = outcome.claims
+                    if self.plan_claim is not None:
+                        value = claims.get(self.plan_claim)
+                        plan = value if isinstance(value, str) else None
+        if self.api_keys is not None and self.api_key_header is not None:
+            raw = headers.get(self.api_key_header)
+            if raw is not None:
+                found = self.api_keys.lookup(raw)
+                if found is not None:
+                    key_id = found.id
+                    if plan is None:
+                        plan = found.plan
+        if claims is None and key_id is None:
+            return NO_IDENTITY
+        return RequestIdentity(claims, key_id, plan)
+
+
+def _read(path: str) -> str | None:
+    """The text of a file, or None when it does not exist."""
+    try:
+        with open(path, "rb") as f:  # noqa: PTH123
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        msg = f"cannot read {path}: {exc.strerror}"
+        raise ValueError(msg) from None
+    if len(raw) > MAX_FILE_BYTES:
+        msg = f"{path} is larger than 1 MiB: refused"
+        raise ValueError(msg)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        msg = f"{path} is not UTF-8 text"
+        raise ValueError(msg) from None
+
+
+def identity_files(cfg: Config) -> list[str]:
+    """The paths of the files the ``identity`` section names (re-read on reload)."""
+    section = cfg.identity
+    paths = []
+    if section.jwt is not None and section.jwt.jwks_file is not None:
+        paths.append(section.jwt.jwks_file)
+    if section.api_keys is not None and section.api_keys.file is not None:
+        paths.append(section.api_keys.file)
+    return paths
+
+
+def load_identity(
+    section: Identity, environ: Mapping[str, str]
+) -> tuple[IdentityKeys | None, list[Problem], list[Problem]]:
+    """The keys of the ``identity`` section: (keys, errors, warnings)."""
+    # the config package imports this module while it loads
+    from gateway.config.errors import Problem  # noqa: PLC0415
+
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    verifier = api_keys = None
+    jwt_cfg, keys_cfg = section.jwt, section.api_keys
+    if jwt_cfg is None and keys_cfg is None:
+        return None, errors, warnings
+    if jwt_cfg is not None:
+        jwks: dict[str | None, list[Any]] = {}
+        if jwt_cfg.jwks_file is not None:
+            where = "identity.jwt.jwks_file"
+            try:
+                text = _read(jwt_cfg.jwks_file)
+                if text is None:
+                    warnings.append(
+                        Problem(where, f"{jwt_cfg.jwks_file} does not exist: no token verifies")
+                    )
+                else:
+                    jwks = load_jwks(text)
+            except (ValueError, JwksError) as exc:
+                errors.append(Problem(where, f"{jwt_cfg.jwks_file}: {exc}"))
+        secret = None
+        if jwt_cfg.hs256_secret_env is not None:
+            value = environ.get(jwt_cfg.hs256_secret_env, "")
+            where = "identity.jwt.hs256_secret_env"
+            if not value:
+                warnings.append(
+                    Problem(
+                        where,
+                        f"environment variable {jwt_cfg.hs256_secret_env} is not set:"
+                        " no HS256 token verifies",
+                    )
+                )
+            else:
+                secret = value.encode()
+                if len(secret) < 32:
+                    warnings.append(
+                        Problem(
+                            where,
+                            f"the HS256 secret is {len(secret)} bytes: 32 or more are needed"
+                            " (RFC 7518 3.2)",
+                            risky=True,
+                        )
+                    )
+        verifier = TokenVerifier(
+            keys=jwks,
+            hs256_secret=secret,
+            issuer=jwt_cfg.issuer,
+            audience=jwt_cfg.audience,
+            leeway_s=jwt_cfg.leeway_s,
+        )
+    if keys_cfg is not None and keys_cfg.file is not None:
+        where = "identity.api_keys.file"
+        try:
+            text = _read(keys_cfg.file)
+            if text is None:
+                warnings.append(Problem(where, f"{keys_cfg.file} does not exist: no key is valid"))
+                api_keys = ApiKeys([])
+            else:
+                api_keys = ApiKeys.from_text(text)
+        except (ValueError, ApiKeyError) as exc:
+            errors.append(Problem(where, f"{keys_cfg.file}: {exc}"))
+    elif keys_cfg is not None:
+        api_keys = ApiKeys([])
+    return (
+        IdentityKeys(
+            verifier,
+            api_keys,
+            keys_cfg.header if keys_cfg is not None else None,
+            jwt_cfg.plan_claim if jwt_cfg is not None else None,
+        ),
+        errors,
+        warnings,
+    )
