@@ -147,6 +147,13 @@ class Retries(_Model):
     budget_ratio: Annotated[float, Field(ge=0, le=1)] = 0.2
 
 
+class Concurrency(_Model):
+    # fixed: max_inflight is the limit (version 1); adaptive: learned from latency,
+    # between min and max_inflight (SPEC section 10)
+    mode: Literal["fixed", "adaptive"] = "fixed"
+    min: PositiveInt = 4
+
+
 class Upstream(_Model):
     url: str
     connect_timeout_s: PositiveSeconds = 2
@@ -158,6 +165,16 @@ class Upstream(_Model):
     health: HealthCheck = HealthCheck()
     circuit_breaker: CircuitBreaker = CircuitBreaker()
     retries: Retries = Retries()
+    concurrency: Concurrency = Concurrency()
+
+    @field_validator("concurrency")
+    @classmethod
+    def _min_under_cap(cls, v: Concurrency, info: ValidationInfo) -> Concurrency:
+        cap = info.data.get("max_inflight")
+        if v.mode == "adaptive" and cap is not None and v.min > cap:
+            msg = f"min ({v.min}) must be at most max_inflight ({cap})"
+            raise ValueError(msg)
+        return v
 
     @field_validator("url")
     @classmethod
@@ -191,6 +208,8 @@ class Route(_Model):
     source_cidrs: tuple[IPNetwork, ...] | None = None
     shared_secret: SharedSecret | None = None
     rate_limits: tuple[str, ...] = ()
+    # at the upstream's concurrency limit, bulk is refused first, critical last
+    priority: Literal["critical", "normal", "bulk"] = "normal"
 
     @field_validator("path_prefix")
     @classmethod

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from gateway.core.abuse import PathMatcher
 from gateway.core.client_ip import IPAddress, Networks
+from gateway.core.concurrency import Priority
 from gateway.core.gcra import Rate
 from gateway.pipeline.headers import ResponseHeaders
 from gateway.upstream.hop_by_hop import DROP_UPSTREAM, HOP_BY_HOP
@@ -30,6 +31,11 @@ KNOWN_METHODS = frozenset(
 )
 # the Allow field of a 405 for a route that lists no methods (TRACE and CONNECT are refused)
 ALLOW_ANY = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+_PRIORITIES = {
+    "critical": Priority.CRITICAL,
+    "normal": Priority.NORMAL,
+    "bulk": Priority.BULK,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +77,18 @@ class CompiledRoute:
     policies: tuple[CompiledPolicy, ...]
     ip_keyed: bool  # every policy is keyed by the client address alone
     rates: tuple[tuple[str, Rate], ...]  # (name, rate) of each policy
+    priority: Priority
+    priority_name: str
+    reserved: bool  # a critical route uses this upstream: normal leaves critical a reserve
 
     @classmethod
-    def of(cls, r: Route, settings: Settings, policies: dict[str, CompiledPolicy]) -> CompiledRoute:
+    def of(
+        cls,
+        r: Route,
+        settings: Settings,
+        policies: dict[str, CompiledPolicy],
+        critical_upstreams: frozenset[str] = frozenset(),
+    ) -> CompiledRoute:
         return cls(
             name=r.name,
             prefix=r.path_prefix,
@@ -90,6 +105,9 @@ class CompiledRoute:
             policies=tuple(policies[p] for p in r.rate_limits),
             ip_keyed=all(policies[p].key == "ip" for p in r.rate_limits),
             rates=tuple((p, policies[p].rate) for p in r.rate_limits),
+            priority=_PRIORITIES[r.priority],
+            priority_name=r.priority,
+            reserved=r.upstream in critical_upstreams,
         )
 
 
@@ -142,7 +160,10 @@ class Snapshot:
         self.has_deny = bool(self.deny)
         self.allowed_hosts = frozenset(cfg.allowed_hosts)
         self.policies = {n: CompiledPolicy.of(n, p) for n, p in cfg.rate_limit.policies.items()}
-        self.routes = tuple(CompiledRoute.of(r, settings, self.policies) for r in cfg.routes)
+        critical = frozenset(r.upstream for r in cfg.routes if r.priority == "critical")
+        self.routes = tuple(
+            CompiledRoute.of(r, settings, self.policies, critical) for r in cfg.routes
+        )
         self.response_headers = ResponseHeaders(cfg)
         self.rid_header = cfg.request.request_id_header
         # request fields not sent upstream (the request id is set anew)

@@ -166,6 +166,7 @@ async def test_a_body_is_read_before_the_bulkhead_and_let_go_on_refusal(rt: Runt
     request = FakeRequest("POST", "/api/x", [("Host", "h"), ("Content-Length", "3")], body=b"abc")
     ctx = Ctx(0.0)
     handler.identify(request, rt.snapshot, ctx)
+    ctx.route = rt.snapshot.match("/api/x")
     with pytest.raises(Reject) as caught:
         await handler.leg.forward(request, rt.snapshot, ctx, up, "/api/x", via_proxy=False)
     assert caught.value.status == 503

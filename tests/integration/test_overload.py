@@ -1,0 +1,154 @@
+"""Overload protection (SPEC section 10), end to end over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from gateway.config import load_text
+from tests.gw import base_config, running_gateway, serve, url, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Held:
+    """An upstream that holds every request until it is let go; it counts those it holds."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.hits = 0
+        self.go = asyncio.Event()
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.path == "/health":
+            return web.Response(text="ok")
+        self.hits += 1
+        self.active += 1
+        try:
+            await self.go.wait()
+        finally:
+            self.active -= 1
+        return web.Response(text="up")
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[tuple[Held, str]]:
+    h = Held()
+    async with serve(h.app) as url_:
+        yield h, url_
+
+
+def _prioritised(u: str, **up: Any) -> dict[str, Any]:
+    return base_config(
+        u,
+        upstreams={"api": {"url": u, "max_inflight": 10, **up}},
+        routes=[
+            {"name": "login", "path_prefix": "/crit/", "upstream": "api", "priority": "critical"},
+            {"name": "export", "path_prefix": "/bulk/", "upstream": "api", "priority": "bulk"},
+            {"name": "api", "path_prefix": "/", "upstream": "api"},
+        ],
+    )
+
+
+class Client:
+    def __init__(self, session: aiohttp.ClientSession, base: str, h: Held) -> None:
+        self.s = session
+        self.base = base
+        self.h = h
+        self.tasks: list[asyncio.Task[int]] = []
+
+    async def _get(self, path: str) -> int:
+        async with self.s.get(self.base + path) as r:
+            await r.read()
+            return r.status
+
+    async def hold(self, path: str, n: int) -> None:
+        """Start ``n`` requests that the upstream holds; wait until it holds them."""
+        want = self.h.active + n
+        self.tasks += [asyncio.create_task(self._get(path)) for _ in range(n)]
+        assert await wait_for(lambda: self.h.active >= want)
+
+    async def refused(self, path: str) -> dict[str, Any]:
+        hits = self.h.hits
+        async with self.s.get(self.base + path) as r:
+            assert r.status == 503, path
+            assert r.headers["Content-Type"] == "application/problem+json"
+            assert int(r.headers["Retry-After"]) >= 1
+            body: dict[str, Any] = await r.json(content_type=None)
+        assert self.h.hits == hits, "a refused request never reaches the upstream"
+        return body
+
+    async def end(self) -> list[int]:
+        self.h.go.set()
+        return list(await asyncio.gather(*self.tasks))
+
+
+async def test_bulk_is_refused_first_then_normal_then_critical(held: Any) -> None:
+    h, u = held
+    async with (
+        running_gateway(_prioritised(u)) as gw,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+    ):
+        c = Client(s, url(gw, ""), h)
+        m = gw.runtime.metrics.registry.get_sample_value
+        assert m("gateway_upstream_concurrency_limit", {"upstream": "api"}) == 10
+        await c.hold("/bulk/a", 5)  # bulk: while under half the limit
+        await c.refused("/bulk/a")
+        await c.hold("/x", 4)  # normal: under the limit less critical's reserve (1)
+        await c.refused("/x")
+        await c.refused("/bulk/a")
+        await c.hold("/crit/a", 1)  # critical: up to max_inflight
+        await c.refused("/crit/a")
+        await c.refused("/x")
+        assert h.active == 10
+        assert await c.end() == [200] * 10
+        assert m("gateway_shed_total", {"route": "export", "priority": "bulk"}) == 2
+        assert m("gateway_shed_total", {"route": "api", "priority": "normal"}) == 2
+        assert m("gateway_shed_total", {"route": "login", "priority": "critical"}) == 1
+        async with s.get(url(gw, "/bulk/a")) as r:
+            assert r.status == 200  # all of it freed
+
+
+async def test_without_a_critical_route_normal_uses_the_whole_fixed_limit(held: Any) -> None:
+    h, u = held
+    cfg = base_config(u, upstreams={"api": {"url": u, "max_inflight": 3}})
+    async with (
+        running_gateway(cfg) as gw,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+    ):
+        c = Client(s, url(gw, ""), h)
+        await c.hold("/x", 3)
+        body = await c.refused("/x")
+        assert body["status"] == 503
+        assert await c.end() == [200] * 3
+        m = gw.runtime.metrics.registry.get_sample_value
+        assert m("gateway_shed_total", {"route": "api", "priority": "normal"}) == 1
+
+
+async def test_a_reload_that_changes_priorities_applies_to_the_next_request(held: Any) -> None:
+    h, u = held
+    cfg = _prioritised(u)
+    async with (
+        running_gateway(cfg) as gw,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+    ):
+        c = Client(s, url(gw, ""), h)
+        await c.hold("/x", 5)
+        await c.refused("/bulk/a")
+        # export becomes normal, and no route is critical any more: no reserve
+        cfg["routes"][0]["priority"] = "normal"
+        cfg["routes"][1]["priority"] = "normal"
+        gw.runtime.apply(load_text(yaml.safe_dump(cfg), environ={}))
+        await c.hold("/bulk/a", 5)  # normal now, up to the whole limit (10)
+        await c.refused("/crit/a")  # normal now: refused at the limit
+        assert await c.end() == [200] * 10
+        m = gw.runtime.metrics.registry.get_sample_value
+        assert m("gateway_shed_total", {"route": "login", "priority": "normal"}) == 1
