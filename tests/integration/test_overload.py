@@ -12,7 +12,7 @@ import yaml
 from aiohttp import web
 
 from gateway.config import load_text
-from tests.gw import base_config, running_gateway, serve, url, wait_for
+from tests.gw import admin_url, base_config, running_gateway, serve, url, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -109,6 +109,8 @@ async def test_bulk_is_refused_first_then_normal_then_critical(held: Any) -> Non
         await c.refused("/crit/a")
         await c.refused("/x")
         assert h.active == 10
+        async with s.get(url(gw, "/livez")) as r:
+            assert r.status == 200  # probes are never refused
         assert await c.end() == [200] * 10
         assert m("gateway_shed_total", {"route": "export", "priority": "bulk"}) == 2
         assert m("gateway_shed_total", {"route": "api", "priority": "normal"}) == 2
@@ -152,3 +154,102 @@ async def test_a_reload_that_changes_priorities_applies_to_the_next_request(held
         assert await c.end() == [200] * 10
         m = gw.runtime.metrics.registry.get_sample_value
         assert m("gateway_shed_total", {"route": "login", "priority": "normal"}) == 1
+
+
+class Timed:
+    """An upstream whose latency the test sets."""
+
+    def __init__(self) -> None:
+        self.delay = 0.005
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.path != "/health":
+            await asyncio.sleep(self.delay)
+        return web.Response(text="up")
+
+
+async def test_the_adaptive_limit_falls_when_the_upstream_slows_and_recovers() -> None:
+    t = Timed()
+    async with serve(t.app) as u:
+        cfg = base_config(
+            u,
+            upstreams={
+                "api": {
+                    "url": u,
+                    "max_inflight": 20,
+                    "concurrency": {"mode": "adaptive", "min": 2},
+                }
+            },
+        )
+        async with (
+            running_gateway(cfg) as gw,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+        ):
+            m = gw.runtime.metrics.registry.get_sample_value
+
+            def limit() -> float:
+                return m("gateway_upstream_concurrency_limit", {"upstream": "api"}) or 0.0
+
+            assert limit() == 20  # the initial estimate (at most max_inflight)
+            statuses: dict[int, int] = {}
+            stop = asyncio.Event()
+
+            async def flood() -> None:
+                while not stop.is_set():
+                    async with s.get(url(gw, "/x")) as r:
+                        await r.read()
+                        statuses[r.status] = statuses.get(r.status, 0) + 1
+                    if r.status == 503:
+                        await asyncio.sleep(0.01)
+
+            tasks = [asyncio.create_task(flood()) for _ in range(16)]
+            try:
+                await asyncio.sleep(0.5)  # fast: it stays at the top
+                assert limit() >= 15
+                t.delay = 0.05  # the upstream slows down: its latency grows tenfold
+                assert await wait_for(lambda: limit() <= 6, timeout=20)
+                t.delay = 0.005  # and speeds up again
+                assert await wait_for(lambda: limit() >= 15, timeout=20)
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+            assert statuses[200] > 0
+            assert set(statuses) <= {200, 503}
+
+
+async def test_explain_shows_the_limit_in_flight_and_the_would_be_verdict(held: Any) -> None:
+    h, u = held
+    env = {"GATEWAY_ADMIN_TOKEN": "t0ken-for-the-admin-port"}
+    auth = {"Authorization": "Bearer t0ken-for-the-admin-port"}
+    async with (
+        running_gateway(_prioritised(u), env) as gw,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+    ):
+
+        async def explain(path: str) -> dict[str, Any]:
+            params = {"ip": "10.1.2.3", "path": path, "method": "GET"}
+            async with s.get(admin_url(gw, "/admin/explain"), params=params, headers=auth) as r:
+                assert r.status == 200
+                out: dict[str, Any] = await r.json()
+                return out
+
+        c = Client(s, url(gw, ""), h)
+        await c.hold("/x", 5)
+        bulk = await explain("/bulk/a")
+        assert bulk["concurrency"] == {
+            "mode": "fixed",
+            "limit": 10,
+            "max_inflight": 10,
+            "inflight": 5,
+            "critical_inflight": 0,
+            "priority": "bulk",
+            "would_refuse": True,
+        }
+        assert bulk["verdict"].startswith("503: ")
+        normal = await explain("/x")
+        assert normal["concurrency"]["would_refuse"] is False
+        assert normal["verdict"] == "proxied to upstream 'api'"
+        assert h.hits == 5, "explain sends nothing upstream"
+        assert await c.end() == [200] * 5
