@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from gateway.core.framing import parse_host_entry
@@ -240,11 +241,35 @@ class Route(_Model):
 
 
 class Policy(_Model):
-    requests: PositiveInt
-    period_s: PositiveSeconds
+    # a rate policy has requests and period_s; a concurrency policy has max_inflight
+    # instead (SPEC section 10): the key's requests in flight at once, on this replica
+    requests: PositiveInt | None = None
+    period_s: PositiveSeconds | None = None
     burst: PositiveInt | None = None
     key: str = "ip"
     mode: Literal["enforce", "shadow"] = "enforce"
+    max_inflight: PositiveInt | None = None
+
+    @field_validator("max_inflight")
+    @classmethod
+    def _one_kind(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None:
+            for name in ("requests", "period_s", "burst"):
+                if info.data.get(name) is not None:
+                    msg = f"a concurrency policy cannot also have {name}"
+                    raise ValueError(msg)
+        return v
+
+    @model_validator(mode="after")
+    def _rate_complete(self) -> Policy:
+        if self.max_inflight is None and (self.requests is None or self.period_s is None):
+            msg = "requests and period_s are required (or max_inflight, for a concurrency policy)"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def concurrency(self) -> bool:
+        return self.max_inflight is not None
 
     @field_validator("key")
     @classmethod
@@ -258,7 +283,7 @@ class Policy(_Model):
 
     @property
     def effective_burst(self) -> int:
-        return self.burst if self.burst is not None else self.requests
+        return self.burst if self.burst is not None else (self.requests or 1)
 
 
 def default_policies() -> dict[str, Policy]:

@@ -51,7 +51,8 @@ class CompiledPolicy:
     def of(cls, name: str, p: Policy) -> CompiledPolicy:
         header = p.key[7:] if p.key.startswith("header:") else None
         kind = "header" if header else p.key
-        w = math.ceil(p.period_s) if p.period_s != int(p.period_s) else int(p.period_s)
+        period = p.period_s or 1
+        w = math.ceil(period) if period != int(period) else int(period)
         return cls(
             name=name,
             rate=Rate.from_policy(p),
@@ -59,6 +60,28 @@ class CompiledPolicy:
             header=header,
             shadow=p.mode == "shadow",
             policy_header=f'"{name}";q={p.requests};w={w}',
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledInflight:
+    """A concurrency policy (SPEC section 10): ``limit`` requests in flight per key."""
+
+    name: str
+    limit: int
+    key: str  # ip | route | ip_route | header
+    header: str | None
+    shadow: bool
+
+    @classmethod
+    def of(cls, name: str, p: Policy) -> CompiledInflight:
+        header = p.key[7:] if p.key.startswith("header:") else None
+        return cls(
+            name=name,
+            limit=p.max_inflight or 1,
+            key="header" if header else p.key,
+            header=header,
+            shadow=p.mode == "shadow",
         )
 
 
@@ -79,6 +102,7 @@ class CompiledRoute:
     rates: tuple[tuple[str, Rate], ...]  # (name, rate) of each policy
     priority: Priority
     priority_name: str
+    inflight: tuple[CompiledInflight, ...]  # the route's concurrency policies
     reserved: bool  # a critical route uses this upstream: normal leaves critical a reserve
 
     @classmethod
@@ -88,7 +112,10 @@ class CompiledRoute:
         settings: Settings,
         policies: dict[str, CompiledPolicy],
         critical_upstreams: frozenset[str] = frozenset(),
+        inflight: Mapping[str, CompiledInflight] | None = None,
     ) -> CompiledRoute:
+        inflight = inflight or {}
+        names = [p for p in r.rate_limits if p not in inflight]
         return cls(
             name=r.name,
             prefix=r.path_prefix,
@@ -102,9 +129,10 @@ class CompiledRoute:
             sources=Networks(r.source_cidrs) if r.source_cidrs is not None else None,
             secret_header=r.shared_secret.header if r.shared_secret else None,
             secret=settings.secrets.route_secrets.get(r.name),
-            policies=tuple(policies[p] for p in r.rate_limits),
-            ip_keyed=all(policies[p].key == "ip" for p in r.rate_limits),
-            rates=tuple((p, policies[p].rate) for p in r.rate_limits),
+            policies=tuple(policies[p] for p in names),
+            ip_keyed=all(policies[p].key == "ip" for p in names),
+            rates=tuple((p, policies[p].rate) for p in names),
+            inflight=tuple(inflight[p] for p in r.rate_limits if p in inflight),
             priority=_PRIORITIES[r.priority],
             priority_name=r.priority,
             reserved=r.upstream in critical_upstreams,
@@ -159,10 +187,13 @@ class Snapshot:
         self.has_allow = bool(self.allow)
         self.has_deny = bool(self.deny)
         self.allowed_hosts = frozenset(cfg.allowed_hosts)
-        self.policies = {n: CompiledPolicy.of(n, p) for n, p in cfg.rate_limit.policies.items()}
+        pols = cfg.rate_limit.policies
+        # the rate policies (the limiter's) and the concurrency policies apart
+        self.policies = {n: CompiledPolicy.of(n, p) for n, p in pols.items() if not p.concurrency}
+        inflight = {n: CompiledInflight.of(n, p) for n, p in pols.items() if p.concurrency}
         critical = frozenset(r.upstream for r in cfg.routes if r.priority == "critical")
         self.routes = tuple(
-            CompiledRoute.of(r, settings, self.policies, critical) for r in cfg.routes
+            CompiledRoute.of(r, settings, self.policies, critical, inflight) for r in cfg.routes
         )
         self.response_headers = ResponseHeaders(cfg)
         self.rid_header = cfg.request.request_id_header

@@ -253,3 +253,64 @@ async def test_explain_shows_the_limit_in_flight_and_the_would_be_verdict(held: 
         assert normal["verdict"] == "proxied to upstream 'api'"
         assert h.hits == 5, "explain sends nothing upstream"
         assert await c.end() == [200] * 5
+
+
+async def test_a_concurrency_policy_refuses_the_keys_n_plus_first_and_frees_it(
+    held: Any,
+) -> None:
+    h, u = held
+    cfg = base_config(
+        u,
+        rate_limit={
+            "policies": {
+                "per-ip-inflight": {"max_inflight": 2, "key": "ip"},
+                "per-ip": {"requests": 1000, "period_s": 1},
+            }
+        },
+        routes=[
+            {
+                "name": "api",
+                "path_prefix": "/",
+                "upstream": "api",
+                "rate_limits": ["per-ip", "per-ip-inflight"],
+            }
+        ],
+    )
+    async with (
+        running_gateway(cfg) as gw,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+    ):
+        c = Client(s, url(gw, ""), h)
+        await c.hold("/x", 2)
+        hits = h.hits
+        async with s.get(url(gw, "/x")) as r:
+            assert r.status == 429
+            assert r.headers["Retry-After"] == "1"
+            assert r.headers["Content-Type"] == "application/problem+json"
+            assert "RateLimit" not in r.headers
+            assert "RateLimit-Policy" not in r.headers
+        assert h.hits == hits
+        # once they end, the key may have two in flight again
+        h.go.set()
+        assert await c.end() == [200, 200]
+        h.go.clear()
+        c.tasks = []
+        await c.hold("/x", 2)
+        assert len(gw.runtime.inflight_keys) == 1
+        assert await c.end() == [200, 200]
+        assert len(gw.runtime.inflight_keys) == 0  # nothing kept for an idle key
+        m = gw.runtime.metrics.registry.get_sample_value
+        assert (
+            m(
+                "gateway_ratelimit_decisions_total",
+                {"policy": "per-ip-inflight", "decision": "limited"},
+            )
+            == 1
+        )
+        assert (
+            m(
+                "gateway_ratelimit_decisions_total",
+                {"policy": "per-ip-inflight", "decision": "allowed"},
+            )
+            == 4
+        )
