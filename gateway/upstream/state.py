@@ -107,7 +107,12 @@ class UpstreamState:
     def admits(self, priority: Priority, *, reserved: bool) -> bool:
         """Whether a request of ``priority`` may start now (SPEC section 10); ``reserved``:
         a critical route uses this upstream, so normal leaves it a reserve."""
-        limit = self.gradient.limit if self.gradient is not None else self.max_inflight
+        if self.gradient is None:
+            if priority is Priority.NORMAL and not reserved:
+                return self.inflight < self.max_inflight  # version 1: the bulkhead alone
+            limit = self.max_inflight
+        else:
+            limit = self.gradient.limit
         return admits(
             priority,
             inflight=self.inflight,
