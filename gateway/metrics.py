@@ -67,6 +67,18 @@ class Metrics:
         self.inflight = LoopGauge(
             p + "inflight_requests", "Requests in flight to the upstream.", ["upstream"], r
         )
+        self.concurrency_limit = LoopGauge(
+            p + "upstream_concurrency_limit",
+            "The upstream's concurrency limit in force (fixed mode: max_inflight).",
+            ["upstream"],
+            r,
+        )
+        self.shed_total = LoopCounter(
+            p + "shed_total",
+            "Requests refused with 503 at the upstream's concurrency limit.",
+            ["route", "priority"],
+            r,
+        )
         self.ratelimit_decisions = LoopCounter(
             p + "ratelimit_decisions_total",
             "Rate-limit decisions by policy.",

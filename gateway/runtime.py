@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.core.inflight import InflightCounts
 from gateway.core.window_stats import RouteSeries, TopKeys
 from gateway.core.wsguard import sweep_interval_s
 from gateway.health.monitor import HealthMonitor
@@ -68,6 +69,9 @@ class Runtime:
         # open WebSockets by client key: a ban, a deny-list reload, the idle timeout and
         # the drain reach them through it
         self.websockets = WebSocketRegistry(self.log)
+        # requests in flight per key of the concurrency policies (per replica, kept
+        # across reloads: the requests that hold them end after it)
+        self.inflight_keys = InflightCounts()
         self.bans.add_ban_listener(self._banned)
         self._requests: dict[tuple[str, str, int], Counter] = {}
         self._durations: dict[str, Histogram] = {}

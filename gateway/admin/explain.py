@@ -14,7 +14,7 @@ from aiohttp import hdrs
 
 from gateway.core.framing import FramingError, request_host
 from gateway.pipeline import decisions
-from gateway.pipeline.reject import Reject, banned, circuit_open
+from gateway.pipeline.reject import Reject, banned, bulkhead_full, circuit_open
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
@@ -135,6 +135,18 @@ async def explain_request(
         state = up.breaker.state(now)
         out["breaker"] = str(state)
         out["inflight"] = up.inflight
+        refused = not up.admits(route.priority, reserved=route.reserved)
+        out["concurrency"] = {
+            "mode": up.config.concurrency.mode,
+            "limit": up.limit,
+            "max_inflight": up.max_inflight,
+            "inflight": up.inflight,
+            "critical_inflight": up.critical_inflight,
+            "priority": route.priority_name,
+            "would_refuse": refused,
+        }
+        if refused:  # the upstream leg checks the limit before the breaker
+            stop(bulkhead_full(up, "requests in flight"))
         if str(state) == "open":
             stop(circuit_open(up, now))
     out["verdict"] = verdict or f"proxied to upstream {route.upstream!r}"

@@ -143,12 +143,25 @@ def _identity_problems(data: Mapping[str, Any]) -> list[Problem]:
                 problems.append(Problem(f"{where}.key", f"{key!r} needs identity.jwt"))
             if key == "api_key" and not has_keys:
                 problems.append(Problem(f"{where}.key", "'api_key' needs identity.api_keys"))
+            if _section(pol, "max_inflight") is not None and _is_identity_key(key):
+                problems.append(
+                    Problem(
+                        f"{where}.key", "a concurrency policy takes ip, route, ip_route or header:"
+                    )
+                )
             fallback = _section(pol, "fallback")
             if fallback is None:
                 continue
             target = policies.get(fallback) if isinstance(fallback, str) else None
             if not isinstance(target, dict):
                 problems.append(Problem(f"{where}.fallback", f"unknown policy {fallback!r}"))
+            elif target.get("max_inflight") is not None:
+                problems.append(
+                    Problem(
+                        f"{where}.fallback",
+                        f"{fallback!r} is a concurrency policy: a fallback limits a rate",
+                    )
+                )
             elif _is_identity_key(target.get("key")):
                 problems.append(
                     Problem(

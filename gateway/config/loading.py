@@ -157,7 +157,9 @@ class Settings:
             "upstreams": {n: u.url for n, u in cfg.upstreams.items()},
             "routes": [f"{r.name} {r.path_prefix} -> {r.upstream}" for r in cfg.routes],
             "policies": {
-                n: f"{p.requests}/{p.period_s}s burst {p.effective_burst} key {p.key} {p.mode}"
+                n: f"{p.max_inflight} in flight key {p.key} {p.mode}"
+                if p.concurrency
+                else f"{p.requests}/{p.period_s}s burst {p.effective_burst} key {p.key} {p.mode}"
                 for n, p in cfg.rate_limit.policies.items()
             },
             "backend": cfg.rate_limit.backend,

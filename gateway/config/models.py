@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from gateway.core.framing import parse_host_entry
@@ -148,6 +149,13 @@ class Retries(_Model):
     budget_ratio: Annotated[float, Field(ge=0, le=1)] = 0.2
 
 
+class Concurrency(_Model):
+    # fixed: max_inflight is the limit (version 1); adaptive: learned from latency,
+    # between min and max_inflight (SPEC section 10)
+    mode: Literal["fixed", "adaptive"] = "fixed"
+    min: PositiveInt = 4
+
+
 class Upstream(_Model):
     url: str
     connect_timeout_s: PositiveSeconds = 2
@@ -159,6 +167,16 @@ class Upstream(_Model):
     health: HealthCheck = HealthCheck()
     circuit_breaker: CircuitBreaker = CircuitBreaker()
     retries: Retries = Retries()
+    concurrency: Concurrency = Concurrency()
+
+    @field_validator("concurrency")
+    @classmethod
+    def _min_under_cap(cls, v: Concurrency, info: ValidationInfo) -> Concurrency:
+        cap = info.data.get("max_inflight")
+        if v.mode == "adaptive" and cap is not None and v.min > cap:
+            msg = f"min ({v.min}) must be at most max_inflight ({cap})"
+            raise ValueError(msg)
+        return v
 
     @field_validator("url")
     @classmethod
@@ -194,6 +212,8 @@ class Route(_Model):
     rate_limits: tuple[str, ...] = ()
     # a request without a valid credential of this kind gets 401 (SPEC 11)
     auth: Literal["none", "jwt", "api_key", "any"] = "none"
+    # at the upstream's concurrency limit, bulk is refused first, critical last
+    priority: Literal["critical", "normal", "bulk"] = "normal"
 
     @field_validator("path_prefix")
     @classmethod
@@ -224,14 +244,38 @@ class Route(_Model):
 
 
 class Policy(_Model):
-    requests: PositiveInt
-    period_s: PositiveSeconds
+    # a rate policy has requests and period_s; a concurrency policy has max_inflight
+    # instead (SPEC section 10): the key's requests in flight at once, on this replica
+    requests: PositiveInt | None = None
+    period_s: PositiveSeconds | None = None
     burst: PositiveInt | None = None
     key: str = "ip"
     mode: Literal["enforce", "shadow"] = "enforce"
     # the policy that limits a request whose key cannot be computed (SPEC 11); None: this
     # policy, keyed by the client address
     fallback: str | None = None
+    max_inflight: PositiveInt | None = None
+
+    @field_validator("max_inflight")
+    @classmethod
+    def _one_kind(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None:
+            for name in ("requests", "period_s", "burst"):
+                if info.data.get(name) is not None:
+                    msg = f"a concurrency policy cannot also have {name}"
+                    raise ValueError(msg)
+        return v
+
+    @model_validator(mode="after")
+    def _rate_complete(self) -> Policy:
+        if self.max_inflight is None and (self.requests is None or self.period_s is None):
+            msg = "requests and period_s are required (or max_inflight, for a concurrency policy)"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def concurrency(self) -> bool:
+        return self.max_inflight is not None
 
     @field_validator("key")
     @classmethod
@@ -252,7 +296,7 @@ class Policy(_Model):
 
     @property
     def effective_burst(self) -> int:
-        return self.burst if self.burst is not None else self.requests
+        return self.burst if self.burst is not None else (self.requests or 1)
 
 
 def default_policies() -> dict[str, Policy]:

@@ -70,6 +70,9 @@ class Rate:
 
     @classmethod
     def from_policy(cls, policy: Policy) -> Rate:
+        if policy.requests is None or policy.period_s is None:
+            msg = "a concurrency policy has no rate"
+            raise ValueError(msg)
         return cls(policy.requests, float(policy.period_s), policy.effective_burst)
 
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from gateway.core.client_ip import IPAddress
     from gateway.core.gcra import Decision
     from gateway.identity.resolver import RequestIdentity
-    from gateway.pipeline.snapshot import CompiledPolicy, CompiledRoute, Snapshot
+    from gateway.pipeline.snapshot import CompiledInflight, CompiledPolicy, CompiledRoute, Snapshot
 
     Fields = CIMultiDict[str] | CIMultiDictProxy[str]
 
@@ -193,7 +193,12 @@ def identity_value(pol: CompiledPolicy, ident: RequestIdentity) -> str | None:
 
 
 def policy_key_of(
-    pol: CompiledPolicy, route: CompiledRoute, ip: str, headers: Fields, *, decoded: bool
+    pol: CompiledPolicy | CompiledInflight,
+    route: CompiledRoute,
+    ip: str,
+    headers: Fields,
+    *,
+    decoded: bool,
 ) -> str:
     """The budget key of one policy; ``ip`` is the client's key, ``decoded``: the field
     values were decoded as UTF-8 (they are keyed in their wire form)."""

@@ -106,9 +106,22 @@ class ProxyHandler:
                     via_proxy=via_proxy,
                 )
             else:
-                resp = await self.leg.forward(
-                    request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy
-                )
+                route = ctx.route
+                if route is not None and route.inflight and not ctx.exempt:
+                    # the route's concurrency policies: held until the exchange is over
+                    held = self.take_inflight(request, ctx, route)
+                    try:
+                        resp = await self.leg.forward(
+                            request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy
+                        )
+                    finally:
+                        counts = self.rt.inflight_keys
+                        for name, key in held:
+                            counts.release(name, key)
+                else:
+                    resp = await self.leg.forward(
+                        request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy
+                    )
         except Reject as rej:
             resp = self.reject(request, snap, ctx, rej)
         self.record(request, snap, ctx, resp, start)
@@ -238,6 +251,40 @@ class ProxyHandler:
         if rl_headers:
             request.extra_headers = rl_headers
         return up, raw_path_qs
+
+    def take_inflight(
+        self, request: PipelineRequest, ctx: Ctx, route: CompiledRoute
+    ) -> list[tuple[str, str]]:
+        """Count the request for each concurrency policy of the route (SPEC section 10);
+        a key with ``max_inflight`` requests in flight is refused (429, Retry-After: 1).
+        What it returns is to be released when the request ends."""
+        rt = self.rt
+        counts = rt.inflight_keys
+        ip = ctx.ban_key if ctx.client is not None else "-"
+        held: list[tuple[str, str]] = []
+        for pol in route.inflight:
+            key = decisions.policy_key_of(
+                pol, route, ip, request.headers, decoded=request.fields_decoded
+            )
+            if counts.take(pol.name, key, pol.limit):
+                held.append((pol.name, key))
+                rt.rl_counters(pol.name)[0].inc()
+            elif pol.shadow:
+                rt.rl_counters(pol.name)[2].inc()
+            else:
+                rt.rl_counters(pol.name)[1].inc()
+                for name, k in held:
+                    counts.release(name, k)
+                request.extra_headers = None  # no RateLimit fields on this refusal
+                raise Reject(
+                    429,
+                    f"too many requests in flight: {pol.name}",
+                    type_=problem.QUOTA_EXCEEDED,
+                    headers={"Retry-After": "1"},
+                    extra={"violated_policies": [pol.name]},
+                    event="rate_limited",
+                )
+        return held
 
     def _count_limits(
         self,

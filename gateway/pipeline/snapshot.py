@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from gateway.core.abuse import PathMatcher
 from gateway.core.client_ip import IPAddress, Networks
+from gateway.core.concurrency import Priority
 from gateway.core.gcra import Rate
 from gateway.pipeline.headers import ResponseHeaders
 from gateway.upstream.hop_by_hop import DROP_UPSTREAM, HOP_BY_HOP
@@ -30,6 +31,11 @@ KNOWN_METHODS = frozenset(
 )
 # the Allow field of a 405 for a route that lists no methods (TRACE and CONNECT are refused)
 ALLOW_ANY = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+_PRIORITIES = {
+    "critical": Priority.CRITICAL,
+    "normal": Priority.NORMAL,
+    "bulk": Priority.BULK,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +60,8 @@ class CompiledPolicy:
         header = p.key[7:] if p.key.startswith("header:") else None
         claim = p.key[4:] if p.key.startswith("jwt:") else None
         kind = "header" if header else "jwt" if claim else p.key
-        w = math.ceil(p.period_s) if p.period_s != int(p.period_s) else int(p.period_s)
+        period = p.period_s or 1
+        w = math.ceil(period) if period != int(period) else int(period)
         return cls(
             name=name,
             rate=Rate.from_policy(p),
@@ -63,6 +70,28 @@ class CompiledPolicy:
             shadow=p.mode == "shadow",
             policy_header=f'"{name}";q={p.requests};w={w}',
             claim=claim,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledInflight:
+    """A concurrency policy (SPEC section 10): ``limit`` requests in flight per key."""
+
+    name: str
+    limit: int
+    key: str  # ip | route | ip_route | header
+    header: str | None
+    shadow: bool
+
+    @classmethod
+    def of(cls, name: str, p: Policy) -> CompiledInflight:
+        header = p.key[7:] if p.key.startswith("header:") else None
+        return cls(
+            name=name,
+            limit=p.max_inflight or 1,
+            key="header" if header else p.key,
+            header=header,
+            shadow=p.mode == "shadow",
         )
 
 
@@ -83,9 +112,22 @@ class CompiledRoute:
     rates: tuple[tuple[str, Rate], ...]  # (name, rate) of each policy
     auth: str  # none | jwt | api_key | any
     needs_identity: bool  # auth, or a policy keyed by identity: credentials are read
+    priority: Priority
+    priority_name: str
+    inflight: tuple[CompiledInflight, ...]  # the route's concurrency policies
+    reserved: bool  # a critical route uses this upstream: normal leaves critical a reserve
 
     @classmethod
-    def of(cls, r: Route, settings: Settings, policies: dict[str, CompiledPolicy]) -> CompiledRoute:
+    def of(
+        cls,
+        r: Route,
+        settings: Settings,
+        policies: dict[str, CompiledPolicy],
+        critical_upstreams: frozenset[str] = frozenset(),
+        inflight: Mapping[str, CompiledInflight] | None = None,
+    ) -> CompiledRoute:
+        inflight = inflight or {}
+        names = [p for p in r.rate_limits if p not in inflight]
         return cls(
             name=r.name,
             prefix=r.path_prefix,
@@ -99,11 +141,15 @@ class CompiledRoute:
             sources=Networks(r.source_cidrs) if r.source_cidrs is not None else None,
             secret_header=r.shared_secret.header if r.shared_secret else None,
             secret=settings.secrets.route_secrets.get(r.name),
-            policies=tuple(policies[p] for p in r.rate_limits),
-            ip_keyed=all(policies[p].key == "ip" for p in r.rate_limits),
-            rates=tuple((p, policies[p].rate) for p in r.rate_limits),
+            policies=tuple(policies[p] for p in names),
+            ip_keyed=all(policies[p].key == "ip" for p in names),
+            rates=tuple((p, policies[p].rate) for p in names),
             auth=r.auth,
-            needs_identity=r.auth != "none" or any(policies[p].identity for p in r.rate_limits),
+            needs_identity=r.auth != "none" or any(policies[p].identity for p in names),
+            inflight=tuple(inflight[p] for p in r.rate_limits if p in inflight),
+            priority=_PRIORITIES[r.priority],
+            priority_name=r.priority,
+            reserved=r.upstream in critical_upstreams,
         )
 
 
@@ -156,13 +202,20 @@ class Snapshot:
         self.has_allow = bool(self.allow)
         self.has_deny = bool(self.deny)
         self.allowed_hosts = frozenset(cfg.allowed_hosts)
-        plain = {n: CompiledPolicy.of(n, p) for n, p in cfg.rate_limit.policies.items()}
+        pols = cfg.rate_limit.policies
+        # the rate policies (the limiter's) and the concurrency policies apart
+        plain = {n: CompiledPolicy.of(n, p) for n, p in pols.items() if not p.concurrency}
         self.policies = {
             n: replace(plain[n], fallback=plain[p.fallback]) if p.fallback is not None else plain[n]
-            for n, p in cfg.rate_limit.policies.items()
+            for n, p in pols.items()
+            if not p.concurrency
         }
+        inflight = {n: CompiledInflight.of(n, p) for n, p in pols.items() if p.concurrency}
+        critical = frozenset(r.upstream for r in cfg.routes if r.priority == "critical")
         self.identity = settings.identity
-        self.routes = tuple(CompiledRoute.of(r, settings, self.policies) for r in cfg.routes)
+        self.routes = tuple(
+            CompiledRoute.of(r, settings, self.policies, critical, inflight) for r in cfg.routes
+        )
         self.response_headers = ResponseHeaders(cfg)
         self.rid_header = cfg.request.request_id_header
         # request fields not sent upstream (the request id is set anew)

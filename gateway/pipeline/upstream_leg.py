@@ -16,6 +16,7 @@ import aiohttp
 from aiohttp import hdrs
 
 from gateway.core.client_ip import forwarded_chain, forwarded_proto, forwarded_values
+from gateway.core.concurrency import Priority
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.downstream.messages import BodyError, Response
 from gateway.pipeline.context import ClientBodyError
@@ -333,11 +334,18 @@ class UpstreamLeg:
                 if ctx.held:
                     self._unhold(ctx)
                 raise
-        if up.inflight >= up.max_inflight:
+        route = ctx.route
+        assert route is not None  # noqa: S101 - the leg runs for a matched route
+        if not up.admits(route.priority, reserved=route.reserved):
             if ctx.held:
                 self._unhold(ctx)
+            self.rt.metrics.shed_total.labels(route.name, route.priority_name).inc()
             raise bulkhead_full(up, "requests in flight")
+        critical = route.priority is Priority.CRITICAL
         up.inflight += 1
+        admitted_with = up.inflight
+        if critical:
+            up.critical_inflight += 1
         up.inflight_gauge.inc()
         try:
             up_fields = upstream_fields(request, snap, ctx, up, via_proxy=via_proxy)
@@ -351,6 +359,8 @@ class UpstreamLeg:
                 now = self._loop.time()
                 elapsed = now - t0
                 up.duration.observe(elapsed)
+                if up.gradient is not None:
+                    up.on_sample(elapsed, now, admitted_with)
                 status = up_resp.status
                 up.breaker.record(now, failure=up.breaker.is_failure(status, elapsed))
                 ctx.status = status
@@ -395,6 +405,8 @@ class UpstreamLeg:
             return resp
         finally:
             up.inflight -= 1
+            if critical:
+                up.critical_inflight -= 1
             up.inflight_gauge.dec()
             if ctx.held:  # the send failed with the body still held
                 self._unhold(ctx)

@@ -120,7 +120,7 @@ def unlimited(rate: Rate) -> Decision:
 
 
 def rates_from_config(cfg: RateLimit) -> dict[str, Rate]:
-    return {name: Rate.from_policy(p) for name, p in cfg.policies.items()}
+    return {name: Rate.from_policy(p) for name, p in cfg.policies.items() if not p.concurrency}
 
 
 def bounded_key(key: str) -> str:

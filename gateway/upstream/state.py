@@ -6,9 +6,11 @@ neither drops keep-alive connections nor resets a breaker.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from gateway.core.breaker import Breaker
+from gateway.core.concurrency import GradientLimit, Priority, admits, critical_reserve
 from gateway.core.retry import RetryBudget
 from gateway.metrics import breaker_observer
 from gateway.upstream.client import UpstreamClient, UpstreamSettings
@@ -35,10 +37,13 @@ class UpstreamState:
         "budget",
         "client",
         "config",
+        "critical_inflight",
         "duration",
         "errors",
+        "gradient",
         "inflight",
         "inflight_gauge",
+        "limit_gauge",
         "max_inflight",
         "name",
         "websockets",
@@ -54,7 +59,11 @@ class UpstreamState:
         metrics.set_circuit_state(name, "closed")
         self.budget = RetryBudget(cfg.retries.budget_ratio)
         self.inflight = 0
+        self.critical_inflight = 0
         self.max_inflight = cfg.max_inflight
+        self.gradient: GradientLimit | None = None
+        self.limit_gauge = metrics.concurrency_limit.labels(name)
+        self._set_mode(cfg)
         # open WebSockets through this pool (kept open while it is retired); the cap of
         # max_connections counts by name (Runtime.websockets), so a rebuilt pool keeps it
         self.websockets = 0
@@ -71,8 +80,56 @@ class UpstreamState:
         if cfg.retries.budget_ratio != self.config.retries.budget_ratio:
             self.budget = RetryBudget(cfg.retries.budget_ratio)
         self.max_inflight = cfg.max_inflight
+        if cfg.concurrency != self.config.concurrency or cfg.max_inflight != (
+            self.config.max_inflight
+        ):
+            self._set_mode(cfg)
         self.config = cfg
         return True
+
+    def _set_mode(self, cfg: Upstream) -> None:
+        if cfg.concurrency.mode == "adaptive":
+            # the event loop's clock is the monotonic one the exchanges are timed with
+            self.gradient = GradientLimit(
+                minimum=min(cfg.concurrency.min, cfg.max_inflight),
+                maximum=cfg.max_inflight,
+                now=time.monotonic(),
+            )
+        else:
+            self.gradient = None
+        self.limit_gauge.set(self.limit)
+
+    @property
+    def limit(self) -> int:
+        """The concurrency limit in force: ``max_inflight`` (fixed) or the learned one."""
+        return self.gradient.limit if self.gradient is not None else self.max_inflight
+
+    def admits(self, priority: Priority, *, reserved: bool) -> bool:
+        """Whether a request of ``priority`` may start now (SPEC section 10); ``reserved``:
+        a critical route uses this upstream, so normal leaves it a reserve."""
+        if self.gradient is None:
+            if priority is Priority.NORMAL and not reserved:
+                return self.inflight < self.max_inflight  # version 1: the bulkhead alone
+            limit = self.max_inflight
+        else:
+            limit = self.gradient.limit
+        return admits(
+            priority,
+            inflight=self.inflight,
+            critical_inflight=self.critical_inflight,
+            limit=limit,
+            cap=self.max_inflight,
+            reserve=critical_reserve(limit) if reserved else 0,
+        )
+
+    def on_sample(self, latency_s: float, now: float, inflight: int) -> None:
+        """A completed exchange (adaptive mode learns from it)."""
+        g = self.gradient
+        if g is not None:
+            before = g.limit
+            g.on_sample(latency_s, now, inflight)
+            if g.limit != before:
+                self.limit_gauge.set(g.limit)
 
     async def close(self) -> None:
         await self.client.close()

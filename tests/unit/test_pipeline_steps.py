@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from gateway.core.concurrency import Priority, admits, critical_reserve
 from gateway.downstream.messages import Response
 from gateway.pipeline.context import Ctx
 from gateway.pipeline.handler import ProxyHandler
@@ -166,6 +167,7 @@ async def test_a_body_is_read_before_the_bulkhead_and_let_go_on_refusal(rt: Runt
     request = FakeRequest("POST", "/api/x", [("Host", "h"), ("Content-Length", "3")], body=b"abc")
     ctx = Ctx(0.0)
     handler.identify(request, rt.snapshot, ctx)
+    ctx.route = rt.snapshot.match("/api/x")
     with pytest.raises(Reject) as caught:
         await handler.leg.forward(request, rt.snapshot, ctx, up, "/api/x", via_proxy=False)
     assert caught.value.status == 503
@@ -188,3 +190,25 @@ async def test_probes_are_answered_before_the_pipeline(rt: Runtime) -> None:
     assert resp is not None
     assert resp.status == 200
     assert request.rid  # identified, for the answer's request id
+
+
+def test_upstream_admission_follows_the_concurrency_rule(rt: Runtime) -> None:
+    up = rt.snapshot.upstreams["api"]
+    cap = up.max_inflight
+    try:
+        for inflight in (0, 1, cap // 2, cap - 2, cap - 1, cap):
+            for crit in (0, inflight):
+                up.inflight, up.critical_inflight = inflight, crit
+                for p in Priority:
+                    for reserved in (False, True):
+                        want = admits(
+                            p,
+                            inflight=inflight,
+                            critical_inflight=crit,
+                            limit=cap,
+                            cap=cap,
+                            reserve=critical_reserve(cap) if reserved else 0,
+                        )
+                        assert up.admits(p, reserved=reserved) is want, (inflight, crit, p)
+    finally:
+        up.inflight = up.critical_inflight = 0
