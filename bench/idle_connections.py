@@ -11,8 +11,9 @@ before, with them open and after they are closed:
 * ``connected``: connected, nothing ever sent;
 * ``kept-alive probe``: one ``/livez`` served on each (answered by the gateway as the
   head is parsed), then nothing;
-* ``kept-alive proxied``: one request through the full pipeline to the upstream on
-  each, then nothing.
+* ``kept-alive proxied`` (``--proxied``): one request through the full pipeline to the
+  upstream on each, then nothing. Not in the default run: its figures are not trusted
+  yet (its first round took minutes, and its second did not finish in one try).
 
 Each mode runs in a fresh gateway. It prints the bytes each connection adds
 (open - before) / N and how much of that is given back once they close
@@ -191,6 +192,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=2, help="per mode, in the same gateway")
+    parser.add_argument(
+        "--proxied", action="store_true", help="also the proxied mode (slow; see the docstring)"
+    )
     args = parser.parse_args()
     limit = raise_nofile(args.connections + 200)
     n = min(args.connections, limit - 100)
@@ -199,7 +203,9 @@ def main() -> int:
         print(f"note: {args.connections} asked, the fd limit allows {n}")
     print("| mode | round | RSS before (KiB) | open | after | bytes / connection | given back |")
     print("|---|---|---|---|---|---|---|")
-    modes = (("connected", None), ("kept-alive probe", _PROBE), ("kept-alive proxied", _PROXIED))
+    modes: list[tuple[str, bytes | None]] = [("connected", None), ("kept-alive probe", _PROBE)]
+    if args.proxied:
+        modes.append(("kept-alive proxied", _PROXIED))
     for mode, request in modes:
         with tempfile.TemporaryDirectory() as tmp:
             run_gateway(Path(tmp), mode, n, args.rounds, request=request)
