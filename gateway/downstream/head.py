@@ -27,6 +27,8 @@ __all__ = ["MAX_FIELDS", "HeadReader", "HeadTooLarge", "HostCache"]
 MAX_FIELDS = 256
 _HOST_CACHE_MAX = 1024  # distinct Host values remembered with their parse (a few in practice)
 _READ_MAX = 256 * 1024  # the most one read delivers (uvloop's buffer)
+# the fields of no head: shared, never appended to (each head gets its own list)
+_NO_FIELDS: list[tuple[str, str]] = []
 
 
 class HeadTooLarge(Exception):  # noqa: N818 - a signal out of a parser callback
@@ -60,7 +62,13 @@ class HostCache:
 
 
 class HeadReader:
-    """The head-gathering half of a connection (the base of its protocol)."""
+    """The head-gathering half of a connection (the base of its protocol).
+
+    The parser is made when the first bytes arrive (:meth:`_parser_now`) and dropped
+    with the last head's fields while the connection is idle (:meth:`_shed`): an idle
+    connection holds neither, and the parser's bound callbacks (a reference cycle with
+    this object) do not outlive the connection.
+    """
 
     __slots__ = (
         "_chunked",
@@ -77,9 +85,9 @@ class HeadReader:
 
     def __init__(self, max_header_bytes: int) -> None:
         self._max_head = max_header_bytes
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = None
         self._url = b""
-        self._fields: list[tuple[str, str]] = []
+        self._fields = _NO_FIELDS
         self._head_bytes = 0  # bytes read while in the head, whitespace included
         self._head_size = 0  # the fields' size as they are kept
         self._in_head = False
@@ -87,6 +95,19 @@ class HeadReader:
         self._chunked = False
         self._chunks = 0
         self._framing = 0
+
+    def _parser_now(self) -> httptools.HttpRequestParser:
+        parser = self._parser
+        if parser is None:
+            parser = self._parser = httptools.HttpRequestParser(self)
+        return parser
+
+    def _shed(self) -> None:
+        """Drop the parser and the last head (only between messages: the next bytes
+        start a new one, which a new parser reads as the old one would)."""
+        self._parser = None
+        self._url = b""
+        self._fields = _NO_FIELDS
 
     def on_message_begin(self) -> None:
         self._chunked = False
@@ -128,7 +149,7 @@ class HeadReader:
     def _raw_head(self) -> bytes:
         """The head again as it came, for the protocol an upgrade is handed to (latin-1
         gives back the very bytes)."""
-        parser = self._parser
+        parser = self._parser_now()  # (in a head: it exists)
         lines = [
             parser.get_method() + b" " + self._url + b" HTTP/" + parser.get_http_version().encode()
         ]

@@ -88,6 +88,7 @@ class ServerSide(Writer, Protocol[C]):
     answer_now: Callable[[Request], AnyResponse | None]
     max_header_bytes: int
     live: Callable[[], Live]
+    body_idle_s: Callable[[], float]  # the current ``live().body_idle_s`` (one callable for all)
     lifecycle: Lifecycle
     connections: set[C]
     hosts: HostCache

@@ -25,7 +25,6 @@ head's bounds :mod:`.head`'s, and how the connection ends :mod:`.state`'s.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 
 import httptools
@@ -90,7 +89,9 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
         self.peer: tuple[IPAddress | None, str] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._current: Request | None = None
-        self._pending: collections.deque[Request] = collections.deque()
+        # a list, not a deque: an empty deque holds a 64-slot block (~700 bytes) on every
+        # connection; this one holds at most _MAX_QUEUED, popped from the front rarely
+        self._pending: list[Request] = []
         self._pending_error: tuple[int, str] | None = None
         self._backlog = b""  # bytes read behind a queued request, not parsed yet ...
         self._backlog_at = 0  # ... from this offset on
@@ -98,7 +99,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
         self._quick_ok = True  # an answer from the parser may be given in this read
         self._handoff: bytes | None = None  # UPGRADING: the bytes for the other protocol
         self._linger: asyncio.TimerHandle | None = None
-        self.flow = FlowControl(self.loop, lambda: server.live().body_idle_s)
+        self.flow = FlowControl(self.loop, server.body_idle_s)
         self._waiter: asyncio.Future[Request | None] | None = None  # the task waits for a request
         self._keep_waiting = False
         self._task: asyncio.Task[None] | None = None
@@ -114,6 +115,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
         self.transport = None
         self.server.connections.discard(self)
         self._cancel_head_timer()
+        self._shed()  # (the parser's callbacks are bound to this object: a cycle)
         self.flow.connection_lost()
         if self._linger is not None:
             self._linger.cancel()
@@ -136,6 +138,18 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
 
     def busy(self) -> bool:
         return self._current is not None or bool(self._pending)
+
+    def shed_idle(self) -> None:
+        """Drop what an idle connection does not need until its next request (the
+        parser, the last head): called by the server's housekeeping, not per request."""
+        if (
+            self._parser is not None
+            and self._state is _OPEN
+            and not self._in_head
+            and not self.busy()
+            and not self._backlog
+        ):
+            self._shed()
 
     def close(self) -> None:
         self._cancel_head_timer()
@@ -176,7 +190,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
                 # parse only to find the body's end (past the bound, drop unparsed)
                 if not (self._chunked and self._framing_over(data)):
                     try:
-                        self._parser.feed_data(data)
+                        self._parser_now().feed_data(data)
                     except Exception:
                         self.close()
             elif state is _UPGRADING and self._handoff is not None:
@@ -213,8 +227,11 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
         """Parse ``data``, which ``whole[end:]`` follows; False when no more may be parsed."""
         if self._in_head:
             self._head_bytes += len(data)
+        parser = self._parser
+        if parser is None:  # the first bytes, or the first since the connection went idle
+            parser = self._parser = httptools.HttpRequestParser(self)
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(data[exc.args[0] :] + whole[end:])
             return False
@@ -248,7 +265,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
         self._in_head = False
         self._cancel_head_timer()
         parser = self._parser
-        if self._state.discarding:
+        if parser is None or self._state.discarding:
             return
         version = parser.get_http_version()
         target = self._url.decode("latin-1")
@@ -410,6 +427,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
             if nxt is None:
                 if not self._keep_waiting:
                     return
+                del req, resp  # an idle connection holds neither (nor what they hold)
                 waiter = self._waiter = self.loop.create_future()
                 nxt = await waiter
                 if nxt is None:
@@ -444,7 +462,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
     def _next(self) -> Request | None:
         """What follows a kept-alive exchange: a queued request, an error, a handover, a wait."""
         if self._pending:
-            nxt = self._current = self._pending.popleft()
+            nxt = self._current = self._pending.pop(0)
             backlog = self._backlog
             if backlog and not self._pending:
                 self._backlog = b""

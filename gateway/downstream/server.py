@@ -81,6 +81,9 @@ class HttpServer:
             )
             live = lambda: fixed  # noqa: E731 - the same values for ever
         self.live = live
+        # the bound a client not reading its answers gets, read when it stalls: one
+        # callable for every connection's flow control (none made per connection)
+        self.body_idle_s: Callable[[], float] = lambda: self.live().body_idle_s
         self.lifecycle = lifecycle or Lifecycle()
         self._on_parser_error = on_parser_error or (lambda _p, _s: None)
         self._response_headers = response_headers
@@ -108,6 +111,8 @@ class HttpServer:
         for conn in list(self.connections):
             if not conn.busy() and now - conn.idle_since > self.keepalive_s:
                 conn.close()
+            else:
+                conn.shed_idle()
         self._tick = self.loop.call_later(1.0, self._tick_date)
 
     def close(self) -> None:

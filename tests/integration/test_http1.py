@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import json
 import socket
@@ -16,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from gateway.downstream.messages import Request, Response
+from gateway.downstream.protocol import HttpProtocol
 from gateway.downstream.server import HttpServer
 from gateway.downstream.upgrade import GatewayRequest, GatewayServer
 from tests.gw import raw_exchange, wait_for
@@ -565,3 +567,60 @@ async def test_a_closing_connection_gets_no_408_for_the_head_behind_its_last_ans
     assert [status for status, _, _ in answers] == [200]
     assert answers[0][1]["connection"] == "close"
     assert errors == []
+
+
+def _alive(kind: type) -> int:
+    return sum(1 for o in gc.get_objects() if type(o) is kind)
+
+
+async def test_an_idle_kept_alive_connection_holds_no_parser_nor_its_last_request() -> None:
+    """A connection that never sent holds no parser; one gone idle drops it (and the
+    request it served) at the next housekeeping tick, and is served again as before."""
+    async with serving() as (server, port, _errors):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await wait_for(lambda: len(server.connections) == 1)
+        (proto,) = server.connections
+        assert proto._parser is None
+        gc.collect()
+        requests = _alive(Request)  # (left over by other tests)
+        writer.write(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"path=/first"), 5)
+        assert proto._parser is not None
+        assert await wait_for(lambda: proto._parser is None, timeout=3)
+        gc.collect()
+        assert _alive(Request) == requests  # the task waiting for the next one holds none
+        writer.write(b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readuntil(b"path=/second"), 5)).startswith(
+            b"HTTP/1.1 200 "
+        )
+        writer.close()
+
+
+async def test_a_half_sent_head_keeps_its_parser_over_a_housekeeping_tick() -> None:
+    async with serving() as (server, port, _errors):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow-head HTTP/1.1\r\n")
+        await wait_for(lambda: len(server.connections) == 1)
+        await asyncio.sleep(1.2)  # at least one tick
+        writer.write(b"Host: a\r\n\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(b"path=/slow-head"), 5)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        async with serving() as (server, port, _errors):
+            before = _alive(HttpProtocol)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"path=/x"), 5)
+            writer.close()
+            assert await wait_for(lambda: not server.connections)
+            await asyncio.sleep(0.05)
+            after = _alive(HttpProtocol)
+    finally:
+        gc.enable()
+    assert after == before
