@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 CONTENT_TYPE = "application/problem+json"
 
@@ -83,3 +84,16 @@ def problem_response(
     )
     resp.content_type = CONTENT_TYPE
     return resp
+
+
+def server_error_answer(status: int, exc: BaseException | None) -> tuple[int, str]:
+    """The status and detail for an error of aiohttp's own connection handler (a request
+    its parser refused, a handler that failed), echoing nothing of the request: the
+    admin port and the upgrade hand-off answer these alike."""
+    if isinstance(exc, LineTooLong) or (
+        isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)
+    ):
+        return 431, "request header fields too large"
+    if status >= 500:  # a bug of ours: the caller logs its traceback
+        return status, "internal error"
+    return status, "the request could not be parsed"

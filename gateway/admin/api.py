@@ -14,7 +14,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
@@ -26,7 +25,7 @@ from gateway.core.health import aggregate
 from gateway.core.window_stats import RouteSeries, Summary
 from gateway.health.probes import probe_response
 from gateway.pipeline.headers import ResponseHeaders
-from gateway.problem import problem_response
+from gateway.problem import problem_response, server_error_answer
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
 
@@ -350,14 +349,8 @@ class _AdminProtocol(RequestHandler):
         if request.writer.output_size > 0:
             msg = "response already started"
             raise ConnectionError(msg)
-        detail = "the request could not be parsed"
-        if isinstance(exc, LineTooLong) or (
-            isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)
-        ):
-            status = 431
-            detail = "request header fields too large"
-        elif status >= 500:  # a bug of ours: worth its traceback
-            detail = "internal error"
+        status, detail = server_error_answer(status, exc)
+        if status >= 500:  # a bug of ours: worth its traceback
             self.log_exception("Error handling request", exc_info=exc)
         resp = problem_response(status, detail, request_id=None)
         resp.force_close()

@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import hdrs, web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -29,7 +28,7 @@ from gateway.core.framing import FramingError, request_host
 from gateway.downstream.live import Fixed, Live
 from gateway.downstream.messages import Response, to_web
 from gateway.lifecycle import Lifecycle
-from gateway.problem import CONTENT_TYPE, problem_body, raw_problem
+from gateway.problem import CONTENT_TYPE, problem_body, raw_problem, server_error_answer
 
 if TYPE_CHECKING:
     from aiohttp.abc import AbstractStreamWriter
@@ -198,14 +197,8 @@ class GatewayProtocol(RequestHandler):
         if request.writer.output_size > 0:
             msg = "response already started"
             raise ConnectionError(msg)
-        detail = "the request could not be parsed"
-        if isinstance(exc, LineTooLong) or (
-            isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)
-        ):
-            status = 431
-            detail = "request header fields too large"
-        elif status == 500:
-            detail = "internal error"
+        status, detail = server_error_answer(status, exc)
+        if status >= 500:  # a bug of ours: worth its traceback
             self.log_exception("Error handling request", exc_info=exc)
         rid = secrets.token_hex(16)
         resp = web.Response(
