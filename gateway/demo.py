@@ -74,6 +74,7 @@ def bot_app() -> web.Application:
 
 CURLS = """
 gateway demo: proxy on http://127.0.0.1:8000, admin on http://127.0.0.1:9901
+operator page: http://127.0.0.1:9901/admin/ui#token={admin}
 
   curl -i http://127.0.0.1:8000/api/hello
   for i in $(seq 15); do curl -s -o /dev/null -w '%{{http_code}} ' http://127.0.0.1:8000/api/hello; done; echo
