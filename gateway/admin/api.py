@@ -29,6 +29,9 @@ from gateway.problem import problem_response, server_error_answer
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
 
+STATS_BANS = 100
+"""Bans listed by ``/admin/stats`` (the newest; ``bans_total`` counts them all)."""
+
 RUNTIME = web.AppKey("runtime", Runtime)
 RELOADER = web.AppKey("reloader", Reloader)
 
@@ -208,6 +211,7 @@ async def stats(request: web.Request) -> web.StreamResponse:
     components = rt.monitor.components()
     s = rt.settings
     last = rt.last_reload
+    bans = await rt.bans.list_bans()
     return _json(
         {
             "generated_at": round(now, 3),
@@ -229,8 +233,8 @@ async def stats(request: web.Request) -> web.StreamResponse:
                     "name": name,
                     "breaker": str(up.breaker.state(mono)),
                     "inflight": up.inflight,
-                    "limit": up.max_inflight,
-                    "mode": "fixed",
+                    "limit": up.limit,
+                    "mode": up.config.concurrency.mode,
                 }
                 for name, up in rt.upstreams.items()
             ],
@@ -238,6 +242,7 @@ async def stats(request: web.Request) -> web.StreamResponse:
                 _route_stats(name, series, now) for name, series in sorted(rt.route_series.items())
             ],
             "limited": [{"key": k, "count": n} for k, n in rt.top_limited.top(now, 10)],
+            "bans_total": len(bans),
             "bans": [
                 {
                     "ip": b.ip,
@@ -246,7 +251,9 @@ async def stats(request: web.Request) -> web.StreamResponse:
                     "expires_in_s": max(0.0, round(b.expires_at - now, 3)),
                     "evidence": [],
                 }
-                for b in await rt.bans.list_bans()
+                # the newest first, and only so many: under an attack the page is read
+                # every 2 s, and the store may hold many thousands
+                for b in sorted(bans, key=lambda b: b.banned_at, reverse=True)[:STATS_BANS]
             ],
             "config": {
                 "source": s.source,

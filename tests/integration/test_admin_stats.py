@@ -209,3 +209,33 @@ async def test_component_since_moves_only_when_its_status_changes() -> None:
             await asyncio.sleep(0.1)
         assert comp["status"] != "healthy"
         assert comp["since"] > first["since"]
+
+
+async def test_stats_shows_an_adaptive_limit_and_lists_the_newest_bans_only(
+    up_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adaptive upstream shows its learned limit and mode; under many bans the page
+    gets the newest STATS_BANS of them and the count of all."""
+    from gateway.admin import api
+
+    monkeypatch.setattr(api, "STATS_BANS", 1)
+    cfg = base_config(
+        up_url,
+        trusted_proxies=["127.0.0.0/8"],
+        upstreams={"api": {"url": up_url, "concurrency": {"mode": "adaptive", "min": 4}}},
+    )
+    async with running_gateway(cfg, ENV) as gw, aiohttp.ClientSession() as s:
+        for client in ("10.0.0.81", "10.0.0.82"):
+            for _ in range(2):
+                async with s.get(url(gw, "/.env"), headers={"X-Forwarded-For": client}) as r:
+                    await r.read()
+            await asyncio.sleep(0.01)  # the second ban is the newer one
+        async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
+            assert r.status == 200
+            d = await r.json()
+    (up,) = d["upstreams"]
+    assert up["mode"] == "adaptive"
+    assert up["limit"] == gw.runtime.upstreams["api"].limit
+    assert up["limit"] != 500  # not max_inflight: the learned limit
+    assert d["bans_total"] == 2
+    assert [b["ip"] for b in d["bans"]] == ["10.0.0.82"]
