@@ -262,10 +262,13 @@ class ProxyHandler:
         counts = rt.inflight_keys
         ip = ctx.ban_key if ctx.client is not None else "-"
         held: list[tuple[str, str]] = []
-        for pol in route.inflight:
-            key = decisions.policy_key_of(
-                pol, route, ip, request.headers, decoded=request.fields_decoded
-            )
+        # every key first: one that cannot be computed (a 400) must not leave the slots of
+        # the policies before it taken for good
+        keys = [
+            decisions.policy_key_of(pol, route, ip, request.headers, decoded=request.fields_decoded)
+            for pol in route.inflight
+        ]
+        for pol, key in zip(route.inflight, keys, strict=True):
             if counts.take(pol.name, key, pol.limit):
                 held.append((pol.name, key))
                 rt.rl_counters(pol.name)[0].inc()
