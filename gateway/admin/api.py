@@ -25,7 +25,7 @@ from gateway.core.health import aggregate
 from gateway.core.window_stats import RouteSeries, Summary
 from gateway.health.probes import probe_response
 from gateway.pipeline.headers import ResponseHeaders
-from gateway.problem import problem_response, server_error_answer
+from gateway.problem import CONTENT_TYPE, problem_body, problem_response, server_error_answer
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
 
@@ -96,6 +96,18 @@ _UI_CSP = (
     "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
+_ADMIN_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+def _harden(headers: CIMultiDict[str], *, ui: bool) -> None:
+    """The admin port's own floor on every answer, errors included, whatever
+    ``security_headers`` says for the proxy port (off, or another CSP that ``override``
+    would put on the operator page and so block its script): no sniffing, no framing, no
+    caching, no server software named; ``ui``: one of the operator page's files."""
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Content-Security-Policy"] = _UI_CSP if ui else _ADMIN_CSP
+    headers.setdefault("Cache-Control", "no-store")
+    headers.popall("Server", None)
 
 
 @web.middleware
@@ -124,7 +136,7 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
     rt = _rt(request)
     headers: ResponseHeaders = rt.snapshot.response_headers
     headers.apply(response.headers, None, secure=False)
-    response.headers.setdefault("Cache-Control", "no-store")
+    _harden(response.headers, ui=response.status == 200 and request.path in _UI_FILES)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
@@ -197,8 +209,6 @@ async def ui_file(request: web.Request) -> web.StreamResponse:
     name, content_type = _UI_FILES[request.path]
     body = _ui_body(name)
     resp = web.Response(body=body, content_type=content_type, charset="utf-8")
-    resp.headers["Content-Security-Policy"] = _UI_CSP
-    resp.headers["X-Content-Type-Options"] = "nosniff"
     resp.headers["Referrer-Policy"] = "no-referrer"
     return resp
 
@@ -341,6 +351,15 @@ async def explain(request: web.Request) -> web.StreamResponse:
     return _json(result)
 
 
+class _ErrorAnswer(web.Response):
+    """An answer of the connection handler itself: it goes out without the app's
+    on_response_prepare, so it is hardened here, after aiohttp has added its fields."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        _harden(self.headers, ui=False)
+
+
 class _AdminProtocol(RequestHandler):
     """aiohttp's connection handler whose own errors (a request the parser refuses, a
     handler that failed) are problem+json without the request echoed, and whose parse
@@ -359,7 +378,11 @@ class _AdminProtocol(RequestHandler):
         status, detail = server_error_answer(status, exc)
         if status >= 500:  # a bug of ours: worth its traceback
             self.log_exception("Error handling request", exc_info=exc)
-        resp = problem_response(status, detail, request_id=None)
+        resp = _ErrorAnswer(
+            status=status,
+            body=problem_body(status, detail, request_id=None),
+            content_type=CONTENT_TYPE,
+        )
         resp.force_close()
         return resp
 
