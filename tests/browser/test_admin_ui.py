@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import free_port
-from tests.gw import admin_url, running_gateway, serve
+from tests.gw import admin_url, base_config, running_gateway, serve
 from tests.integration.test_admin_stats import (
     ENV,
     TOKEN,
@@ -254,3 +254,15 @@ async def test_operator_page_shows_the_pod_in_a_real_browser(up_url: str) -> Non
         assert "site" not in state["body"]
         await wrong.screenshot("admin-ui-wrong-token.png")
         await wrong.close()
+
+
+async def test_a_link_with_a_bad_fragment_still_asks_for_a_token(up_url: str) -> None:
+    """``#token=`` that is not valid percent-encoding: the page shows the form (it used to
+    stop at the exception, blank) and drops the fragment."""
+    async with running_gateway(base_config(up_url), ENV) as gw, chromium() as browser:
+        page = await browser.new_page()
+        await page.send("Page.navigate", url=admin_url(gw, "/admin/ui#token=%E0%A4%A"))
+        state = await settle(page, "s.login")
+        assert not state["dashboard"]
+        assert "%E0" not in await page.evaluate("location.href")
+        await page.close()

@@ -12,7 +12,10 @@
   function takeTokenFromFragment() {
     const m = /(?:^#|&)token=([^&]*)/.exec(location.hash);
     if (m) {
-      sessionStorage.setItem(KEY, decodeURIComponent(m[1]));
+      // a link with bad percent-encoding (a token cut short) must not stop the page
+      let token = null;
+      try { token = decodeURIComponent(m[1]); } catch (e) { token = null; }
+      if (token) sessionStorage.setItem(KEY, token);
       history.replaceState(null, "", location.pathname + location.search);
     }
   }
