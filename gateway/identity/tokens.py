@@ -198,7 +198,7 @@ class TokenVerifier:
                     continue  # another key of the same kid may have signed it
                 return Refused(reason)
             exp = claims.get("exp")
-            if not isinstance(exp, int | float) or isinstance(exp, bool):
+            if not isinstance(exp, int | float) or isinstance(exp, bool) or not _writable(claims):
                 return Refused("malformed")
             return Verified(claims, float(exp))
         return Refused(reason)
@@ -212,6 +212,16 @@ class TokenVerifier:
         pool = self._keys.get(kid, []) if isinstance(kid, str) else self._all_keys
         keys = [k.key for k in pool if k.algorithm_name == alg]
         return keys or Refused("unknown_key")
+
+
+def _writable(claims: Mapping[str, Any]) -> bool:
+    """Whether what the gateway writes of the claims (keys, the access log) can be
+    written: JSON allows a lone surrogate (``\\ud800``) and integers of any size."""
+    try:
+        orjson.dumps(claims)
+    except TypeError:
+        return False
+    return True
 
 
 _REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (

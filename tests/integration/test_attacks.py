@@ -3,10 +3,15 @@ attack that once got through, kept so that it never does again."""
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
+import orjson
 import pytest
 from aiohttp import web
 
@@ -118,3 +123,97 @@ async def test_every_admin_answer_forbids_sniffing_framing_and_caching(
         assert "default-src 'self'" in fields["content-security-policy"]
     else:
         assert "default-src 'none'" in fields["content-security-policy"]
+
+
+API_KEY = "key-of-team-a-0123456789"
+HS_SECRET = "a-shared-secret-of-at-least-32-bytes!"
+
+
+@pytest.fixture
+async def echo_credentials() -> AsyncIterator[str]:
+    """An upstream that answers with every Authorization and X-API-Key field it got."""
+
+    async def handler(request: web.Request) -> web.Response:
+        got = request.headers.getall("Authorization", []) + request.headers.getall("X-API-Key", [])
+        return web.Response(text="|".join(got))
+
+    async with serve(handler) as url_:
+        yield url_
+
+
+def _identity_config(upstream: str, tmp_path: Path) -> dict[str, Any]:
+    keys = tmp_path / "keys.yaml"
+    digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+    keys.write_text(f"keys:\n  - {{id: team-a, sha256: {digest}}}\n")
+    return base_config(
+        upstream,
+        identity={
+            "jwt": {"hs256_secret_env": "JWT_SECRET"},
+            "api_keys": {"file": str(keys)},
+        },
+        rate_limit={
+            "policies": {
+                "per-user": {"requests": 100, "period_s": 60, "key": "jwt:sub"},
+                "per-tenant": {"requests": 100, "period_s": 60, "key": "jwt:tenant"},
+            }
+        },
+        routes=[
+            {"name": "me", "path_prefix": "/me", "upstream": "api", "auth": "jwt"},
+            {"name": "keys", "path_prefix": "/keys", "upstream": "api", "auth": "api_key"},
+            {
+                "name": "api",
+                "path_prefix": "/",
+                "upstream": "api",
+                "rate_limits": ["per-user", "per-tenant"],
+            },
+        ],
+        abuse={"enabled": False},
+    )
+
+
+def _hs256(claims: dict[str, Any]) -> str:
+    return jwt.encode(claims, HS_SECRET, algorithm="HS256")
+
+
+async def _raw_get(port: int, path: str, fields: list[tuple[str, str]]) -> tuple[int, bytes]:
+    head = f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+    head += "".join(f"{n}: {v}\r\n" for n, v in fields)
+    reply = await raw_exchange(port, head.encode("latin-1") + b"\r\n", wait_s=2)
+    return int(reply.split(b" ", 2)[1]), reply.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        pytest.param({"sub": "bob", "exp": 10**400}, id="exp-beyond-float"),
+        pytest.param({"sub": "\ud800", "exp": None}, id="sub-lone-surrogate"),
+        pytest.param({"sub": "t", "tenant": {"a": ["\udfff"]}, "exp": None}, id="claim-surrogate"),
+        pytest.param({"sub": "t", "tenant": 2**70, "exp": None}, id="claim-beyond-64-bits"),
+        pytest.param({"sub": "line\nbreak\x00\x1b[31m", "exp": None}, id="sub-controls"),
+        pytest.param({"sub": "s" * 6000, "exp": None}, id="sub-long"),
+    ],
+)
+async def test_odd_claims_of_a_signed_token_are_never_a_500(
+    echo_credentials: str,
+    tmp_path: Path,
+    claims: dict[str, Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Claims the signer put there, odd as they are (an issuer's bug, a leaked HS256
+    secret): the request is answered (200 or 401), never a 5xx, and the access log line
+    is one line of JSON."""
+    if claims["exp"] is None:
+        claims["exp"] = int(time.time()) + 600
+    token = _hs256(claims)
+    cfg = _identity_config(echo_credentials, tmp_path)
+    cfg["access_log"] = {"sample_ratio": 1.0}
+    async with running_gateway(cfg, {"JWT_SECRET": HS_SECRET}) as gw:
+        port = gw.proxy_port or 0
+        for path in ("/me", "/x"):
+            status, body = await _raw_get(port, path, [("Authorization", f"Bearer {token}")])
+            assert status in (200, 401), body[:300]
+        gw.runtime.access_log.flush()
+    lines = [x for x in capsys.readouterr().out.splitlines() if '"event":"access"' in x]
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert orjson.loads(line)["status"] in (200, 401)
