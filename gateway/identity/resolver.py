@@ -74,7 +74,7 @@ class IdentityKeys:
         claims: Mapping[str, Any] | None = None
         key_id = plan = None
         if self.verifier is not None:
-            token = bearer_token(headers.get("Authorization"))
+            token = bearer_token(_single(headers, "Authorization"))
             if token is not None:
                 outcome = self.verifier.verify(token)
                 if isinstance(outcome, Verified):
@@ -83,7 +83,7 @@ class IdentityKeys:
                         value = claims.get(self.plan_claim)
                         plan = value if isinstance(value, str) else None
         if self.api_keys is not None and self.api_key_header is not None:
-            raw = headers.get(self.api_key_header)
+            raw = _single(headers, self.api_key_header)
             if raw is not None:
                 found = self.api_keys.lookup(raw)
                 if found is not None:
@@ -93,6 +93,14 @@ class IdentityKeys:
         if claims is None and key_id is None:
             return NO_IDENTITY
         return RequestIdentity(claims, key_id, plan)
+
+
+def _single(headers: Fields, name: str) -> str | None:
+    """The field's value when it is given once; None when absent or given more than once:
+    the upstream may read another one than the gateway verified (the last, or all joined),
+    so a valid credential of one's own would carry a forged one past ``auth``."""
+    values = headers.getall(name, ())
+    return values[0] if len(values) == 1 else None
 
 
 def _read(path: str) -> str | None:

@@ -182,6 +182,29 @@ async def _raw_get(port: int, path: str, fields: list[tuple[str, str]]) -> tuple
     return int(reply.split(b" ", 2)[1]), reply.partition(b"\r\n\r\n")[2]
 
 
+async def test_a_credential_field_given_twice_is_no_credential(
+    echo_credentials: str, tmp_path: Path
+) -> None:
+    """The gateway would verify the first field and the upstream may read the other one
+    (many servers take the last, or join them): a valid credential of one's own must not
+    carry a forged one past ``auth``."""
+    good = _hs256({"sub": "alice", "exp": int(time.time()) + 600})
+    forged = jwt.encode({"sub": "admin", "exp": int(time.time()) + 600}, "x" * 32, "HS256")
+    cfg = _identity_config(echo_credentials, tmp_path)
+    async with running_gateway(cfg, {"JWT_SECRET": HS_SECRET}) as gw:
+        port = gw.proxy_port or 0
+        # each alone: as before
+        assert (await _raw_get(port, "/me", [("Authorization", f"Bearer {good}")]))[0] == 200
+        assert (await _raw_get(port, "/keys", [("X-API-Key", API_KEY)]))[0] == 200
+        for path, fields in (
+            ("/me", [("Authorization", f"Bearer {good}"), ("Authorization", f"Bearer {forged}")]),
+            ("/keys", [("X-API-Key", API_KEY), ("X-API-Key", "team-b-anything")]),
+        ):
+            status, body = await _raw_get(port, path, fields)
+            assert status == 401, body
+            assert b"admin" not in body
+
+
 @pytest.mark.parametrize(
     "claims",
     [
