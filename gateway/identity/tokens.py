@@ -172,8 +172,12 @@ class TokenVerifier:
 
     def _verify(self, token: str) -> Verified | Refused:
         try:
-            header = jwt.get_unverified_header(token)
+            # a JWT is ASCII; aiohttp (the upgrade path) leaves bytes that are not UTF-8
+            # as lone surrogates, which the parser would fail to encode
+            header = jwt.get_unverified_header(token) if token.isascii() else None
         except jwt.PyJWTError:
+            header = None
+        if header is None:
             return Refused("malformed")
         alg = header.get("alg")
         candidates = self._candidates(alg, header.get("kid"))

@@ -240,3 +240,20 @@ async def test_odd_claims_of_a_signed_token_are_never_a_500(
     assert len(lines) == 2, lines
     for line in lines:
         assert orjson.loads(line)["status"] in (200, 401)
+
+
+async def test_a_token_with_bytes_that_are_not_utf8_on_an_upgrade_is_a_401(
+    echo_credentials: str, tmp_path: Path
+) -> None:
+    """The WebSocket upgrade's fields are decoded as UTF-8 (undecodable bytes as lone
+    surrogates): such a token is not a token, never a 500 with a traceback per request."""
+    cfg = _identity_config(echo_credentials, tmp_path)
+    async with running_gateway(cfg, {"JWT_SECRET": HS_SECRET}) as gw:
+        reply = await raw_exchange(
+            gw.proxy_port or 0,
+            b"GET /me HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Authorization: Bearer a.\xff.b\r\n\r\n",
+            wait_s=1,
+        )
+    assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]

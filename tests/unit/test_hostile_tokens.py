@@ -1,0 +1,108 @@
+"""Tokens made by an attacker who knows the verifier: each must be refused, cheaply."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+from gateway.identity.tokens import Refused, TokenVerifier, Verified, load_jwks
+
+KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+ATTACKER = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+SECRET = b"s" * 32
+
+
+def _public_jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
+    jwk: dict[str, Any] = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid=kid, alg="RS256", use="sig")
+    return jwk
+
+
+def _verifier() -> TokenVerifier:
+    jwks = json.dumps({"keys": [_public_jwk(KEY, "k1")]})
+    return TokenVerifier(keys=load_jwks(jwks), hs256_secret=SECRET)
+
+
+def _claims() -> dict[str, Any]:
+    return {"sub": "mallory", "exp": int(time.time()) + 600}
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        # the key to verify with, named or carried by the token itself: never used
+        {"kid": "k1", "jwk": _public_jwk(ATTACKER, "k1")},
+        {"jwk": _public_jwk(ATTACKER, "a")},
+        {"kid": "k1", "jku": "https://attacker.example/jwks.json"},
+        {"kid": "k1", "x5u": "https://attacker.example/cert.pem"},
+        {"kid": "../../../../dev/null"},
+        {"kid": "k" * 100_000},
+    ],
+    ids=["jwk-with-kid", "jwk", "jku", "x5u", "kid-path", "kid-huge"],
+)
+def test_a_token_never_chooses_its_own_key(headers: dict[str, Any]) -> None:
+    token = jwt.encode(_claims(), ATTACKER, algorithm="RS256", headers=headers)
+    assert isinstance(_verifier().verify(token), Refused)
+
+
+def test_an_unknown_critical_header_is_refused_even_with_a_good_signature() -> None:
+    """RFC 7515 4.1.11: a recipient that does not understand a ``crit`` name must refuse."""
+    v = _verifier()
+    good = jwt.encode(_claims(), KEY, algorithm="RS256", headers={"kid": "k1"})
+    assert isinstance(v.verify(good), Verified)
+    for headers in ({"kid": "k1", "crit": ["exp2"], "exp2": 1}, {"kid": "k1", "crit": "x"}):
+        token = jwt.encode(_claims(), KEY, algorithm="RS256", headers=headers)
+        assert v.verify(token) == Refused("malformed")
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": "9999999999"},
+        {"exp": [9999999999]},
+        {"exp": float("nan")},
+        {"exp": float("inf")},
+        {"exp": True},
+        {"nbf": float("nan")},
+    ],
+    ids=["exp-str", "exp-list", "exp-nan", "exp-inf", "exp-bool", "nbf-nan"],
+)
+def test_time_claims_of_the_wrong_type_are_refused(claims: dict[str, Any]) -> None:
+    token = jwt.encode({**_claims(), **claims}, SECRET, algorithm="HS256")
+    assert isinstance(_verifier().verify(token), Refused)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        # a header several MB deep or wide: refused, no exception of the parser escapes
+        _b64(b"[" * 100_000 + b"]" * 100_000) + ".e30.x",
+        _b64(json.dumps({"alg": "HS256", "x": [[[[[]]]]] * 200_000}).encode()) + ".e30.x",
+        _b64(b'{"alg":"HS256"}') + "." + _b64(b"[" * 100_000) + "." + "x" * 43,
+        "a" * 4_000_000,
+        "..",
+        "\udcff.\udcff.\udcff",
+    ],
+    ids=["deep-header", "wide-header", "deep-payload", "4MB", "empty-parts", "undecodable"],
+)
+def test_garbage_of_any_size_is_a_refusal(token: str) -> None:
+    assert isinstance(_verifier().verify(token), Refused)
+
+
+def test_the_verified_cache_stays_bounded() -> None:
+    v = TokenVerifier(keys={}, hs256_secret=SECRET, cache_size=8)
+    for n in range(50):
+        token = jwt.encode({"sub": str(n), "exp": int(time.time()) + 600}, SECRET, "HS256")
+        assert isinstance(v.verify(token), Verified)
+    assert len(v._cache) == 8  # the bound is the point
