@@ -3,6 +3,8 @@ attack that once got through, kept so that it never does again."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +17,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.gw import base_config, raw_exchange, running_gateway, serve, url
+from gateway.pipeline.handler import ProxyHandler
+from tests.gw import base_config, raw_exchange, running_gateway, serve, url, wait_for
 from tests.integration.test_overload import Held
 
 pytestmark = pytest.mark.timeout(60)
@@ -257,3 +260,115 @@ async def test_a_token_with_bytes_that_are_not_utf8_on_an_upgrade_is_a_401(
             wait_s=1,
         )
     assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+
+
+async def _hostile_upstream(request: web.Request) -> web.StreamResponse:
+    """/slow answers after 3 s; /reset sends half a body and drops the connection;
+    /big streams 4 MiB; /ws refuses the upgrade; else 200 at once, the body read."""
+    await request.read()
+    if request.path == "/slow":
+        await asyncio.sleep(3)
+    if request.path == "/reset":
+        resp = web.StreamResponse(headers={"Content-Length": "100000"})
+        await resp.prepare(request)
+        await resp.write(b"x" * 1000)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+    if request.path == "/big":
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(64):
+            await resp.write(b"x" * 65536)
+        return resp
+    if request.path == "/ws":
+        return web.Response(status=403)
+    return web.Response(text="ok")
+
+
+async def _send_and_drop(port: int, data: bytes, wait_s: float = 0.3) -> None:
+    """Send bytes, read a little (or nothing), and drop the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(reader.read(100), wait_s)
+    writer.transport.abort()
+
+
+HOSTILE_EXCHANGES = [
+    # a body cut short, then gone (buffered path and streamed path)
+    b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\nxxxxxxxxxx",
+    b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 900000\r\n\r\n" + b"x" * 300000,
+    # a chunked body that goes bad half-way, or grows past max_body_bytes
+    b"POST /ok HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nxxxxx\r\nzz\r\n",
+    b"POST /ok HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + (b"10000\r\n" + b"x" * 65536 + b"\r\n") * 40,
+    # 100-continue, then nothing
+    b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n",
+    # gone while the upstream thinks; the upstream drops mid-answer; a client not reading
+    b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /reset HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n",
+    # an upgrade the upstream refuses; a bad one; an error, then a pipelined request
+    (
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ),
+    b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    (
+        b"GET /ok HTTP/1.1\r\nHost: a\r\nX-Tenant: a\r\nX-Tenant: b\r\n\r\n"
+        b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
+    ),
+]
+
+
+async def test_no_hostile_exchange_leaves_anything_counted(tmp_path: Path) -> None:
+    """Each way a client or an upstream can end an exchange badly: once they are over,
+    nothing stays counted (upstream in flight, concurrency slots, buffered bytes)."""
+    async with serve(_hostile_upstream) as u:
+        cfg = base_config(
+            u,
+            upstreams={"api": {"url": u, "timeout_s": 1.5, "max_inflight": 50}},
+            request={"buffer_body_bytes": 65536, "max_body_bytes": 1_000_000},
+            rate_limit={
+                "policies": {
+                    "route-inflight": {"max_inflight": 40, "key": "route"},
+                    "tenant-inflight": {"max_inflight": 40, "key": "header:X-Tenant"},
+                }
+            },
+            routes=[
+                {
+                    "name": "api",
+                    "path_prefix": "/",
+                    "upstream": "api",
+                    "rate_limits": ["route-inflight", "tenant-inflight"],
+                }
+            ],
+            abuse={"enabled": False},
+        )
+        async with running_gateway(cfg) as gw:
+            port = gw.proxy_port or 0
+            await asyncio.gather(*(_send_and_drop(port, data) for data in HOSTILE_EXCHANGES))
+            up = gw.runtime.upstreams["api"]
+            server = gw._proxy_server  # what is counted is the point
+            assert server is not None
+            handler = server.handler
+            assert isinstance(handler, ProxyHandler)
+            leg = handler.leg
+
+            def settled() -> bool:
+                return (
+                    up.inflight == 0
+                    and up.critical_inflight == 0
+                    and len(gw.runtime.inflight_keys) == 0
+                    and leg.buffered == 0
+                )
+
+            assert await wait_for(settled, timeout=8), (
+                up.inflight,
+                dict(gw.runtime.inflight_keys._counts),
+                leg.buffered,
+            )
+            async with aiohttp.ClientSession() as s, s.get(url(gw, "/ok")) as r:
+                assert r.status == 200
