@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from gateway.upstream.state import UpstreamState
 
 _DROP_FAST = frozenset(("content-length",))  # the server sets its own
+_GONE = "the client closed the connection before the end of the request body"
 _NO_DROP: frozenset[str] = frozenset()
 
 
@@ -164,6 +165,8 @@ class UpstreamLeg:
             ctx.body_error = ClientBodyError(408, "the request body was not received in time")
         except (aiohttp.ClientPayloadError, BodyError) as exc:
             ctx.body_error = ClientBodyError(400, f"malformed request body: {exc}")
+        except ConnectionResetError:  # aiohttp's reader: the client went mid-body
+            ctx.body_error = ClientBodyError(400, _GONE)
         raise ctx.body_error
 
     async def _stream(
@@ -198,6 +201,9 @@ class UpstreamLeg:
                 raise ctx.body_error from None
             except (aiohttp.ClientPayloadError, BodyError) as exc:
                 ctx.body_error = ClientBodyError(400, f"malformed request body: {exc}")
+                raise ctx.body_error from None
+            except ConnectionResetError:
+                ctx.body_error = ClientBodyError(400, _GONE)
                 raise ctx.body_error from None
             if not chunk:
                 ctx.body_open = False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -372,3 +373,45 @@ async def test_no_hostile_exchange_leaves_anything_counted(tmp_path: Path) -> No
             )
             async with aiohttp.ClientSession() as s, s.get(url(gw, "/ok")) as r:
                 assert r.status == 200
+
+
+CUT_SHORT = [
+    pytest.param(b"POST /ok HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nxx", id="plain"),
+    pytest.param(
+        b"POST /ok HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nxx",
+        id="plain-chunked",
+    ),
+    pytest.param(
+        b"POST /ok HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Content-Length: 100\r\n\r\nxx",
+        id="upgrade-path",
+    ),
+    pytest.param(
+        b"POST /ok HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Content-Length: 900000\r\n\r\n" + b"x" * 200_000,
+        id="upgrade-path-streamed",
+    ),
+]
+
+
+@pytest.mark.parametrize("data", CUT_SHORT)
+async def test_a_client_gone_mid_body_logs_no_error(
+    data: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends half a body and goes is no error of the gateway's: no
+    traceback for each such connection (a cheap way to flood the logs), no 5xx counted."""
+    async with serve(_hostile_upstream) as u:
+        cfg = base_config(u, request={"buffer_body_bytes": 65536})
+        async with running_gateway(cfg) as gw:
+            for _ in range(3):
+                await _send_and_drop(gw.proxy_port or 0, data, wait_s=0.2)
+            await asyncio.sleep(0.3)
+            server_errors = sum(
+                sample.value
+                for family in gw.runtime.metrics.registry.collect()
+                for sample in family.samples
+                if sample.name == "gateway_requests_total" and sample.labels["code"].startswith("5")
+            )
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert server_errors == 0
