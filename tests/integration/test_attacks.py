@@ -415,3 +415,38 @@ async def test_a_client_gone_mid_body_logs_no_error(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
     assert server_errors == 0
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [b"Content-Length: 38\r\n\r\n", b"Transfer-Encoding: chunked\r\n\r\n26\r\n"],
+    ids=["content-length", "chunked"],
+)
+async def test_a_websocket_handshake_with_a_body_is_refused(framing: bytes) -> None:
+    """The body of a handshake was never sent on, but its Content-Length was: the
+    upstream waited for bytes that never came (holding a connection until the timeout),
+    or read the first WebSocket frames as that body. A handshake has no body: 400."""
+    upgrades = 0
+
+    async def ws_echo(request: web.Request) -> web.StreamResponse:
+        nonlocal upgrades
+        if request.path == "/health":
+            return web.Response(text="ok")
+        upgrades += 1
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(msg.data)
+        return ws
+
+    async with serve(ws_echo) as u, running_gateway(base_config(u)) as gw:
+        reply = await raw_exchange(
+            gw.proxy_port or 0,
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            + framing
+            + b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+            wait_s=1,
+        )
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
+    assert upgrades == 0
