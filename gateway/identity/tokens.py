@@ -46,6 +46,7 @@ ASYMMETRIC = frozenset({"RS256", "ES256", "EdDSA"})
 
 _KTY = {"RS256": "RSA", "ES256": "EC", "EdDSA": "OKP"}
 _CURVE = {"ES256": "P-256", "EdDSA": "Ed25519"}
+_MIN_RSA_BITS = 2048
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k"})
 
 
@@ -108,6 +109,10 @@ def load_jwks(text: str) -> dict[str | None, list[PyJWK]]:
             raise JwksError(f"{where}: {entry.get('kty')} keys for {name} are not supported")
         if name in _CURVE and entry.get("crv") != _CURVE[name]:
             raise JwksError(f"{where}: curve {entry.get('crv')!r} is not {_CURVE[name]}")
+        bits = getattr(key.key, "key_size", _MIN_RSA_BITS) if name == "RS256" else _MIN_RSA_BITS
+        if bits < _MIN_RSA_BITS:
+            # a short modulus can be factored, and then anyone signs any token
+            raise JwksError(f"{where}: RSA key of {bits} bits; RFC 7518 3.3 requires 2048 or more")
         kid = entry.get("kid")
         keys.setdefault(kid if isinstance(kid, str) else None, []).append(key)
     return keys

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from gateway.identity.tokens import Refused, TokenVerifier, Verified, load_jwks
+from gateway.identity.tokens import JwksError, Refused, TokenVerifier, Verified, load_jwks
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ATTACKER = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -106,3 +106,12 @@ def test_the_verified_cache_stays_bounded() -> None:
         token = jwt.encode({"sub": str(n), "exp": int(time.time()) + 600}, SECRET, "HS256")
         assert isinstance(v.verify(token), Verified)
     assert len(v._cache) == 8  # the bound is the point
+
+
+def test_a_jwks_with_a_short_rsa_key_is_refused() -> None:
+    """RFC 7518 3.3: RS256 keys of 2048 bits or more. A 512-bit modulus is factored in
+    hours on one machine, and whoever does it signs any token."""
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 - the point
+    with pytest.raises(JwksError, match="1024 bits"):
+        load_jwks(json.dumps({"keys": [_public_jwk(weak, "weak")]}))
+    load_jwks(json.dumps({"keys": [_public_jwk(KEY, "k1")]}))  # 2048: fine
