@@ -37,6 +37,8 @@ class RequestIdentity:
     claims: Mapping[str, Any] | None = None
     api_key: str | None = None
     plan: str | None = None
+    # a credential was sent that did not verify (beside the valid one, if any)
+    refused: bool = False
 
     @property
     def label(self) -> str | None:
@@ -73,10 +75,12 @@ class IdentityKeys:
         """Verify the request's credentials (a bearer token, an API key)."""
         claims: Mapping[str, Any] | None = None
         key_id = plan = None
+        refused = False
         if self.verifier is not None:
             token = bearer_token(_single(headers, "Authorization"))
             if token is not None:
                 outcome = self.verifier.verify(token)
+                refused = not isinstance(outcome, Verified)
                 if isinstance(outcome, Verified):
                     claims = outcome.claims
                     if self.plan_claim is not None:
@@ -86,13 +90,14 @@ class IdentityKeys:
             raw = _single(headers, self.api_key_header)
             if raw is not None:
                 found = self.api_keys.lookup(raw)
+                refused = refused or found is None
                 if found is not None:
                     key_id = found.id
                     if plan is None:
                         plan = found.plan
         if claims is None and key_id is None:
             return NO_IDENTITY
-        return RequestIdentity(claims, key_id, plan)
+        return RequestIdentity(claims, key_id, plan, refused)
 
 
 def _single(headers: Fields, name: str) -> str | None:

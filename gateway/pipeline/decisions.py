@@ -165,7 +165,9 @@ def check_auth(route: CompiledRoute, ident: RequestIdentity) -> None:
     elif auth == "api_key":
         ok = ident.api_key is not None
     else:
-        ok = ident.claims is not None or ident.api_key is not None
+        # the upstream learns that a credential was verified, not which: one sent beside
+        # it that did not verify (a forged token beside one's own key) must not pass
+        ok = (ident.claims is not None or ident.api_key is not None) and not ident.refused
     if not ok:
         raise Reject(
             401,

@@ -164,6 +164,7 @@ def _identity_config(upstream: str, tmp_path: Path) -> dict[str, Any]:
         routes=[
             {"name": "me", "path_prefix": "/me", "upstream": "api", "auth": "jwt"},
             {"name": "keys", "path_prefix": "/keys", "upstream": "api", "auth": "api_key"},
+            {"name": "either", "path_prefix": "/either", "upstream": "api", "auth": "any"},
             {
                 "name": "api",
                 "path_prefix": "/",
@@ -450,3 +451,25 @@ async def test_a_websocket_handshake_with_a_body_is_refused(framing: bytes) -> N
         )
     assert reply.startswith(b"HTTP/1.1 400 "), reply[:200]
     assert upgrades == 0
+
+
+async def test_on_auth_any_a_credential_that_does_not_verify_is_refused_beside_a_valid_one(
+    echo_credentials: str, tmp_path: Path
+) -> None:
+    """``auth: any`` tells the upstream that one of the credentials was verified, not
+    which: a forged token beside a valid API key of one's own (or a wrong key beside a
+    valid token) must not reach it as if it had been."""
+    good = _hs256({"sub": "alice", "exp": int(time.time()) + 600})
+    forged = jwt.encode({"sub": "admin", "exp": int(time.time()) + 600}, "x" * 32, "HS256")
+    cfg = _identity_config(echo_credentials, tmp_path)
+    async with running_gateway(cfg, {"JWT_SECRET": HS_SECRET}) as gw:
+        port = gw.proxy_port or 0
+        for fields, status in (
+            ([("X-API-Key", API_KEY)], 200),
+            ([("Authorization", f"Bearer {good}")], 200),
+            ([("Authorization", f"Bearer {good}"), ("X-API-Key", API_KEY)], 200),
+            ([("X-API-Key", API_KEY), ("Authorization", f"Bearer {forged}")], 401),
+            ([("Authorization", f"Bearer {good}"), ("X-API-Key", "not-a-key")], 401),
+        ):
+            got, body = await _raw_get(port, "/either", fields)
+            assert got == status, (fields, body)
