@@ -286,7 +286,18 @@ class Policy(_Model):
             return v
         if v.startswith("jwt:") and _CLAIM_RE.match(v[4:]):
             return v
-        msg = f"must be ip, route, ip_route, header:NAME, jwt:CLAIM or api_key, got {v!r}"
+        if v.startswith("json:"):
+            from gateway.identity.body import JsonPointer  # noqa: PLC0415 - config loads first
+
+            try:
+                JsonPointer(v[5:])
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            return v
+        msg = (
+            "must be ip, route, ip_route, header:NAME, jwt:CLAIM, api_key or json:/POINTER,"
+            f" got {v!r}"
+        )
         raise ValueError(msg)
 
     @property

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hmac
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway import problem
 from gateway.core.keys import policy_key, value_key, wire_form
 from gateway.core.paths import PathError, canonical_path, reads_as_authority
+from gateway.identity.body import NO_BODY
 from gateway.identity.resolver import NO_IDENTITY
 from gateway.pipeline.reject import Reject, quota_reject
 from gateway.pipeline.snapshot import ALLOW_ANY
@@ -221,10 +222,12 @@ def policy_checks(
     *,
     decoded: bool,
     ident: RequestIdentity = NO_IDENTITY,
+    body: Any = NO_BODY,
 ) -> tuple[Sequence[CompiledPolicy], list[Check]]:
-    """The policies that apply (an identity policy without an identity gives way to its
-    fallback, or is keyed by the client address) and one check for each."""
-    if not route.needs_identity:
+    """The policies that apply (an identity or body policy without its value gives way to
+    its fallback, or is keyed by the client address) and one check for each. ``body`` is
+    the request's parsed JSON body (:func:`gateway.identity.body.parse_body`)."""
+    if not (route.needs_identity or route.needs_body):
         return route.policies, [
             Check(p.name, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded))
             for p in route.policies
@@ -232,12 +235,17 @@ def policy_checks(
     applied: list[CompiledPolicy] = []
     checks: list[Check] = []
     for p in route.policies:
-        if not p.identity:
+        if p.pointer is None and not p.identity:
             key = policy_key_of(p, route, ip, headers, decoded=decoded)
         else:
-            value = identity_value(p, ident)
+            if p.pointer is not None:
+                value = p.pointer.value_text(body)
+                tag = "b"
+            else:
+                value = identity_value(p, ident)
+                tag = "j:" + p.claim if p.claim is not None else "k"
             if value is not None:
-                key = value_key("j:" + p.claim if p.claim is not None else "k", value)
+                key = value_key(tag, value)
             elif p.fallback is not None:
                 fb = p.fallback
                 if fb in route.policies or fb in applied:

@@ -27,6 +27,7 @@ from aiohttp import hdrs
 from gateway import problem
 from gateway.core.client_ip import forwarded_proto, forwarded_values, resolve_client
 from gateway.health.probes import PROBE_PATHS, probe_answer
+from gateway.identity.body import NO_BODY
 from gateway.identity.resolver import NO_IDENTITY
 from gateway.pipeline import decisions
 from gateway.pipeline.context import Ctx
@@ -123,7 +124,13 @@ class ProxyHandler:
                         request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy
                     )
         except Reject as rej:
+            if ctx.body_held is not None:
+                self.leg.release_body(ctx)
             resp = self.reject(request, snap, ctx, rej)
+        except BaseException:
+            if ctx.body_held is not None:  # the client left: the body read for a key goes
+                self.leg.release_body(ctx)
+            raise
         self.record(request, snap, ctx, resp, start)
         return resp
 
@@ -213,6 +220,10 @@ class ProxyHandler:
             ctx.identity = ident.label
             decisions.check_auth(route, ident)
 
+        body = NO_BODY
+        if route.needs_body and route.policies and not ctx.exempt:
+            body = await self.leg.read_json(request, snap, ctx)
+
         rl_headers = None
         if route.policies and not ctx.exempt:
             # the route's budgets, spent (inline: no coroutine of its own on every request)
@@ -226,7 +237,12 @@ class ProxyHandler:
                         found = await limiter.submit_key(route.rates, ip)
                 else:
                     applied, checks = decisions.policy_checks(
-                        route, ip, headers, decoded=request.fields_decoded, ident=ident
+                        route,
+                        ip,
+                        headers,
+                        decoded=request.fields_decoded,
+                        ident=ident,
+                        body=body,
                     )
                     found = limiter.decide_local(checks)
                     if found is None:

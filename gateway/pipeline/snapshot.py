@@ -16,6 +16,7 @@ from gateway.core.abuse import PathMatcher
 from gateway.core.client_ip import IPAddress, Networks
 from gateway.core.concurrency import Priority
 from gateway.core.gcra import Rate
+from gateway.identity.body import JsonPointer
 from gateway.pipeline.headers import ResponseHeaders
 from gateway.upstream.hop_by_hop import DROP_UPSTREAM, HOP_BY_HOP
 
@@ -42,11 +43,12 @@ _PRIORITIES = {
 class CompiledPolicy:
     name: str
     rate: Rate
-    key: str  # ip | route | ip_route | header | jwt | api_key
+    key: str  # ip | route | ip_route | header | jwt | api_key | json
     header: str | None
     shadow: bool
     policy_header: str  # RateLimit-Policy item, e.g. "per-ip";q=100;w=1
     claim: str | None = None  # the claim of a jwt:CLAIM key
+    pointer: JsonPointer | None = None  # the pointer of a json:POINTER key
     # the policy that limits a request without an identity (None: this one, by address)
     fallback: CompiledPolicy | None = None
 
@@ -59,7 +61,8 @@ class CompiledPolicy:
     def of(cls, name: str, p: Policy) -> CompiledPolicy:
         header = p.key[7:] if p.key.startswith("header:") else None
         claim = p.key[4:] if p.key.startswith("jwt:") else None
-        kind = "header" if header else "jwt" if claim else p.key
+        pointer = JsonPointer(p.key[5:]) if p.key.startswith("json:") else None
+        kind = "header" if header else "jwt" if claim else "json" if pointer else p.key
         period = p.period_s or 1
         w = math.ceil(period) if period != int(period) else int(period)
         return cls(
@@ -70,6 +73,7 @@ class CompiledPolicy:
             shadow=p.mode == "shadow",
             policy_header=f'"{name}";q={p.requests};w={w}',
             claim=claim,
+            pointer=pointer,
         )
 
 
@@ -112,6 +116,7 @@ class CompiledRoute:
     rates: tuple[tuple[str, Rate], ...]  # (name, rate) of each policy
     auth: str  # none | jwt | api_key | any
     needs_identity: bool  # auth, or a policy keyed by identity: credentials are read
+    needs_body: bool  # a policy keyed by a JSON body's value: a small JSON body is read first
     priority: Priority
     priority_name: str
     inflight: tuple[CompiledInflight, ...]  # the route's concurrency policies
@@ -146,6 +151,7 @@ class CompiledRoute:
             rates=tuple((p, policies[p].rate) for p in names),
             auth=r.auth,
             needs_identity=r.auth != "none" or any(policies[p].identity for p in names),
+            needs_body=any(policies[p].pointer is not None for p in names),
             inflight=tuple(inflight[p] for p in r.rate_limits if p in inflight),
             priority=_PRIORITIES[r.priority],
             priority_name=r.priority,
