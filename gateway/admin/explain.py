@@ -127,6 +127,7 @@ async def explain_request(
         return out
     out["route"] = route.name
     out["upstream"] = route.upstream
+    out["cost"] = route.cost
     secret = decisions.secret_state(route, headers)
     if secret is not None:
         out["shared_secret"] = secret

@@ -210,6 +210,8 @@ class Route(_Model):
     source_cidrs: tuple[IPNetwork, ...] | None = None
     shared_secret: SharedSecret | None = None
     rate_limits: tuple[str, ...] = ()
+    # the units a request takes from each of the route's rate policies (SPEC 11)
+    cost: PositiveInt = 1
     # a request without a valid credential of this kind gets 401 (SPEC 11)
     auth: Literal["none", "jwt", "api_key", "any"] = "none"
     # at the upstream's concurrency limit, bulk is refused first, critical last

@@ -227,9 +227,10 @@ def policy_checks(
     """The policies that apply (an identity or body policy without its value gives way to
     its fallback, or is keyed by the client address) and one check for each. ``body`` is
     the request's parsed JSON body (:func:`gateway.identity.body.parse_body`)."""
+    cost = route.cost
     if not (route.needs_identity or route.needs_body):
         return route.policies, [
-            Check(p.name, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded))
+            Check(p.name, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded), cost)
             for p in route.policies
         ]
     applied: list[CompiledPolicy] = []
@@ -256,7 +257,7 @@ def policy_checks(
                 # rotating garbage credentials must not dodge the limit: the address's
                 key = ip
         applied.append(p)
-        checks.append(Check(p.name, p.rate, key))
+        checks.append(Check(p.name, p.rate, key, cost))
     return applied, checks
 
 

@@ -232,9 +232,9 @@ class ProxyHandler:
             limiter = rt.limiter
             try:
                 if route.ip_keyed:  # the common case: no Check objects unless Redis is asked
-                    found = limiter.decide_key(route.rates, ip)
+                    found = limiter.decide_key(route.rates, ip, route.cost)
                     if found is None:  # the shared backend is asked (an await only then)
-                        found = await limiter.submit_key(route.rates, ip)
+                        found = await limiter.submit_key(route.rates, ip, route.cost)
                 else:
                     applied, checks = decisions.policy_checks(
                         route,

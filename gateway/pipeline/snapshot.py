@@ -114,6 +114,7 @@ class CompiledRoute:
     policies: tuple[CompiledPolicy, ...]
     ip_keyed: bool  # every policy is keyed by the client address alone
     rates: tuple[tuple[str, Rate], ...]  # (name, rate) of each policy
+    cost: int  # units each request takes from each of its rate policies
     auth: str  # none | jwt | api_key | any
     needs_identity: bool  # auth, or a policy keyed by identity: credentials are read
     needs_body: bool  # a policy keyed by a JSON body's value: a small JSON body is read first
@@ -149,6 +150,7 @@ class CompiledRoute:
             policies=tuple(policies[p] for p in names),
             ip_keyed=all(policies[p].key == "ip" for p in names),
             rates=tuple((p, policies[p].rate) for p in names),
+            cost=r.cost,
             auth=r.auth,
             needs_identity=r.auth != "none" or any(policies[p].identity for p in names),
             needs_body=any(policies[p].pointer is not None for p in names),

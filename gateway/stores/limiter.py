@@ -49,11 +49,13 @@ value past 64 bytes), so they are stored as they are."""
 
 
 class Check(NamedTuple):
-    """One policy to apply to one client key (already resolved by the pipeline)."""
+    """One policy to apply to one client key (already resolved by the pipeline), taking
+    ``cost`` units of its budget (the route's ``cost``)."""
 
     policy: str
     rate: Rate
     key: str
+    cost: int = 1
 
 
 class BackendUnavailable(Exception):  # noqa: N818 - the name is the contract
@@ -74,9 +76,11 @@ class Limiter(ABC):
         ``None`` means the caller must ``await decide(checks)``.
         """
 
-    def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision] | None:
+    def decide_key(
+        self, policies: Sequence[tuple[str, Rate]], key: str, cost: int = 1
+    ) -> list[Decision] | None:
         """:meth:`decide_local` for policies (name, rate) that all apply to one key."""
-        return self.decide_local([Check(name, rate, key) for name, rate in policies])
+        return self.decide_local([Check(name, rate, key, cost) for name, rate in policies])
 
     @abstractmethod
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
@@ -87,10 +91,10 @@ class Limiter(ABC):
         return self.decide(checks)
 
     def submit_key(
-        self, policies: Sequence[tuple[str, Rate]], key: str
+        self, policies: Sequence[tuple[str, Rate]], key: str, cost: int = 1
     ) -> Awaitable[list[Decision]]:
         """:meth:`submit` for policies (name, rate) that all apply to one key."""
-        return self.submit([Check(name, rate, key) for name, rate in policies])
+        return self.submit([Check(name, rate, key, cost) for name, rate in policies])
 
     @abstractmethod
     async def peek(self, checks: Sequence[Check]) -> list[Decision]:
@@ -112,10 +116,13 @@ class Limiter(ABC):
         return True
 
 
-def unlimited(rate: Rate) -> Decision:
+def unlimited(rate: Rate, cost: int = 1) -> Decision:
     """The answer when limits are not applied (``on_backend_error: allow``)."""
     return Decision(
-        allowed=True, remaining=rate.burst - 1, retry_after_s=0.0, reset_s=rate.emission_s
+        allowed=True,
+        remaining=max(0, rate.burst - cost),
+        retry_after_s=0.0,
+        reset_s=rate.emission_s * cost,
     )
 
 

@@ -163,10 +163,12 @@ class MemoryLimiter(Limiter):
             if c.key != last_key or not out:
                 last_key = c.key
                 key = compact_key(last_key)
-            out.append(self._decide(c.policy, c.rate, key, now, commit=True))
+            out.append(self._decide(c.policy, c.rate, key, now, c.cost, commit=True))
         return out
 
-    def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision]:
+    def decide_key(
+        self, policies: Sequence[tuple[str, Rate]], key: str, cost: int = 1
+    ) -> list[Decision]:
         now = self._clock()
         recent = self._recent
         compact = recent.get(key)
@@ -184,13 +186,13 @@ class MemoryLimiter(Limiter):
                 tats = table.tats
                 tat = tats.get(compact)
                 if tat is not None:  # a known key, decided inline
-                    decision, new_tat = decide(tat, now, rate)
+                    decision, new_tat = decide(tat, now, rate, cost)
                     if decision[0]:
                         tats[compact] = new_tat
                     out.append(decision)
                     continue
             # a new key (or policy): insertion, ghost, sweep
-            out.append(self._decide(name, rate, compact, now, commit=True))
+            out.append(self._decide(name, rate, compact, now, cost, commit=True))
         return out
 
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
@@ -202,7 +204,8 @@ class MemoryLimiter(Limiter):
     def peek_local(self, checks: Sequence[Check]) -> list[Decision]:
         now = self._clock()
         return [
-            self._decide(c.policy, c.rate, compact_key(c.key), now, commit=False) for c in checks
+            self._decide(c.policy, c.rate, compact_key(c.key), now, c.cost, commit=False)
+            for c in checks
         ]
 
     def reconfigure(self, rates: Mapping[str, Rate]) -> None:
@@ -243,7 +246,7 @@ class MemoryLimiter(Limiter):
     # ------------------------------------------------------------------ internals
 
     def _decide(
-        self, policy: str, rate: Rate, key: int | str, now: float, *, commit: bool
+        self, policy: str, rate: Rate, key: int | str, now: float, cost: int, *, commit: bool
     ) -> Decision:
         """One request of ``key`` (in its compact form) under ``policy``."""
         table = self._tables.get(policy)
@@ -253,7 +256,7 @@ class MemoryLimiter(Limiter):
         tats = table.tats
         tat = tats.get(key)
         if tat is not None:  # a known key: no insertion, no ghost
-            decision, new_tat = decide(tat, now, rate)
+            decision, new_tat = decide(tat, now, rate, cost)
             if commit and decision.allowed:
                 tats[key] = new_tat
             return decision
@@ -262,7 +265,7 @@ class MemoryLimiter(Limiter):
             remembered = ghost[self._slot(key)]
             if remembered > now:
                 tat = remembered
-        decision, new_tat = decide(tat, now, rate)
+        decision, new_tat = decide(tat, now, rate, cost)
         if commit and decision.allowed:
             self._insert(table, key, new_tat, now)
         return decision

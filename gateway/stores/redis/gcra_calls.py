@@ -1,8 +1,9 @@
 """Calls of the GCRA script (``lua/gcra.lua``): packed for the lean connection, or through redis-py.
 
 Arguments stay few: the keys, a flag (``1`` consumes, ``0`` only peeks), one string of
-rate indexes (one per key), then each distinct rate once (emission interval in
-microseconds, burst).  The reply is four integers per key, in order: allowed,
+rate indexes (one per key), one string of costs (one per key; empty when each costs 1,
+the common case), then each distinct rate once (emission interval in microseconds,
+burst).  The reply is four integers per key, in order: allowed,
 remaining, retry after and reset, both in microseconds.
 
 Through redis-py, a Cluster's keys are grouped by hash slot: one script call per slot,
@@ -68,10 +69,22 @@ def evalsha_head(script: Script) -> bytes:
     return b"$7\r\nEVALSHA\r\n" + bulk_string(script.sha)
 
 
+def costs_arg(costs: Sequence[int] | None) -> bytes:
+    """The script's costs argument: empty when each key costs 1."""
+    if costs is None or all(c == 1 for c in costs):
+        return b""
+    return b" ".join(b"%d" % c for c in costs)
+
+
 def pack_evalsha(
-    head: bytes, keys: Sequence[bytes], pks: Sequence[PolicyKeys], flag: bytes
+    head: bytes,
+    keys: Sequence[bytes],
+    pks: Sequence[PolicyKeys],
+    flag: bytes,
+    costs: Sequence[int] | None = None,
 ) -> bytes:
-    """``EVALSHA`` of the GCRA script over ``keys``, as RESP (``head``: :func:`evalsha_head`)."""
+    """``EVALSHA`` of the GCRA script over ``keys``, as RESP (``head``: :func:`evalsha_head`);
+    ``costs``: one per key (None: 1 each)."""
     rates: dict[bytes, bytes] = {}
     indexes = []
     for pk in pks:
@@ -80,11 +93,12 @@ def pack_evalsha(
             index = rates[pk.rate_args] = b"%d" % (len(rates) + 1)
         indexes.append(index)
     joined = b" ".join(indexes)
+    spent = costs_arg(costs)
     n = len(keys)
     parts = [
-        b"*%d\r\n%b%b" % (n + 5 + 2 * len(rates), head, bulk_string(n)),
+        b"*%d\r\n%b%b" % (n + 6 + 2 * len(rates), head, bulk_string(n)),
         *[b"$%d\r\n%b\r\n" % (len(key), key) for key in keys],
-        b"$1\r\n%b\r\n$%d\r\n%b\r\n" % (flag, len(joined), joined),
+        b"$1\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (flag, len(joined), joined, len(spent), spent),
         *rates,
     ]
     return b"".join(parts)
@@ -117,8 +131,10 @@ async def evaluate(
     *,
     cluster: bool,
     consume: bool,
+    costs: Sequence[int] | None = None,
 ) -> list[Any]:
-    """The GCRA script through redis-py: four integers per key, in order."""
+    """The GCRA script through redis-py: four integers per key, in order; ``costs``: one
+    per key (None: 1 each)."""
     flag = "1" if consume else "0"
     if not cluster:
         groups = [list(range(len(keys)))]
@@ -127,7 +143,7 @@ async def evaluate(
         for i, key in enumerate(keys):
             by_slot.setdefault(key_slot(key), []).append(i)
         groups = list(by_slot.values())
-    replies = await _run_groups(redis, script, keys, pks, groups=groups, flag=flag)
+    replies = await _run_groups(redis, script, keys, pks, groups=groups, flag=flag, costs=costs)
     flat: list[Any] = [0] * (4 * len(keys))
     for group, reply in zip(groups, replies, strict=True):
         if not isinstance(reply, list) or len(reply) != 4 * len(group):
@@ -145,6 +161,7 @@ async def _run_groups(
     *,
     groups: list[list[int]],
     flag: str,
+    costs: Sequence[int] | None,
 ) -> list[Any]:
     """One script call per group: a single EVALSHA, or a pipeline of them."""
     sha = script.sha
@@ -160,7 +177,8 @@ async def _run_groups(
             indexes.append(str(index))
         args: list[Any] = [sha, len(group)]
         args += [keys[i] for i in group]
-        args += (flag, " ".join(indexes))
+        spent = costs_arg([costs[i] for i in group] if costs is not None else None)
+        args += (flag, " ".join(indexes), spent)
         for emission_us, burst in rates:
             args += (emission_us, burst)
         commands.append(tuple(args))

@@ -55,7 +55,7 @@ class Replicas:
         return {name: self.divide(rate) for name, rate in rates.items()}
 
     def divided_checks(self, checks: Sequence[Check]) -> list[Check]:
-        return [Check(c.policy, self.divide(c.rate), c.key) for c in checks]
+        return [Check(c.policy, self.divide(c.rate), c.key, c.cost) for c in checks]
 
     async def announce(self) -> int:
         """Announce this replica now and refresh the count of live ones (kept on error)."""

@@ -9,7 +9,9 @@
 --          read and written once, its requests decided in order)
 -- ARGV[1]  "1": consume the budget of allowed requests; "0": only answer (peek)
 -- ARGV[2]  for each key, the 1-based index of its rate, space-separated ("1 1 2")
--- ARGV[3], ARGV[4], ...  the rates: emission interval T in microseconds (integer
+-- ARGV[3]  for each key, its cost (the budget units it takes, integer >= 1),
+--          space-separated; "" when every key costs 1
+-- ARGV[4], ARGV[5], ...  the rates: emission interval T in microseconds (integer
 --          >= 1) then burst (integer >= 1), for rate 1, rate 2, ...
 -- Returns a flat array, four integers per key:
 --   allowed (1 | 0), remaining, retry_after_us, reset_us
@@ -24,11 +26,17 @@ local out = {}
 -- once, decided in order in `tats`, and written once at the end with its last TAT.
 local tats = {}
 local dirty = {}
+local costs = {}
+local c = 0
+for cost in string.gmatch(ARGV[3], '%d+') do
+  c = c + 1
+  costs[c] = tonumber(cost)
+end
 local i = 0
 for index in string.gmatch(ARGV[2], '%d+') do
   i = i + 1
   local key = KEYS[i]
-  local a = 1 + 2 * tonumber(index)
+  local a = 2 + 2 * tonumber(index)
   local emission = tonumber(ARGV[a])
   local tolerance = emission * tonumber(ARGV[a + 1])
   local tat = tats[key]
@@ -38,7 +46,8 @@ for index in string.gmatch(ARGV[2], '%d+') do
   if tat < now then
     tat = now
   end
-  local new_tat = tat + emission
+  -- a refused request takes nothing; one that costs more than is left is refused
+  local new_tat = tat + emission * (costs[i] or 1)
   local slack = tolerance - (new_tat - now)
   local n = #out
   if slack < 0 then
