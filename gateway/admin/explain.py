@@ -206,7 +206,7 @@ async def _policies(
         out["ratelimit_error"] = str(exc)
         return []
     if not exempt:
-        refused, _ = decisions.limit_outcome(applied, found)
+        refused, _ = decisions.limit_outcome(applied, found, rt.limiter.wall_clock)
         if refused is not None:
             stop(refused)
     return [

@@ -159,6 +159,8 @@ class Settings:
             "policies": {
                 n: f"{p.max_inflight} in flight key {p.key} {p.mode}"
                 if p.concurrency
+                else f"{p.requests}/{p.period} (UTC) key {p.key} {p.mode}"
+                if p.period is not None
                 else f"{p.requests}/{p.period_s}s burst {p.effective_burst} key {p.key} {p.mode}"
                 for n, p in cfg.rate_limit.policies.items()
             },

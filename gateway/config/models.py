@@ -250,6 +250,8 @@ class Policy(_Model):
     # instead (SPEC section 10): the key's requests in flight at once, on this replica
     requests: PositiveInt | None = None
     period_s: PositiveSeconds | None = None
+    # a calendar quota (SPEC 11): requests a UTC hour, day or month, instead of period_s
+    period: Literal["hour", "day", "month"] | None = None
     burst: PositiveInt | None = None
     key: str = "ip"
     mode: Literal["enforce", "shadow"] = "enforce"
@@ -258,11 +260,27 @@ class Policy(_Model):
     fallback: str | None = None
     max_inflight: PositiveInt | None = None
 
+    @field_validator("period")
+    @classmethod
+    def _one_period(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("period_s") is not None:
+            msg = "give period (a calendar quota) or period_s (a rolling rate), not both"
+            raise ValueError(msg)
+        return v
+
+    @field_validator("burst")
+    @classmethod
+    def _no_calendar_burst(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("period") is not None:
+            msg = "a calendar quota (period) has no burst: its requests are the whole window's"
+            raise ValueError(msg)
+        return v
+
     @field_validator("max_inflight")
     @classmethod
     def _one_kind(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v is not None:
-            for name in ("requests", "period_s", "burst"):
+            for name in ("requests", "period_s", "period", "burst"):
                 if info.data.get(name) is not None:
                     msg = f"a concurrency policy cannot also have {name}"
                     raise ValueError(msg)
@@ -270,8 +288,13 @@ class Policy(_Model):
 
     @model_validator(mode="after")
     def _rate_complete(self) -> Policy:
-        if self.max_inflight is None and (self.requests is None or self.period_s is None):
-            msg = "requests and period_s are required (or max_inflight, for a concurrency policy)"
+        if self.max_inflight is None and (
+            self.requests is None or (self.period_s is None and self.period is None)
+        ):
+            msg = (
+                "requests and period_s (or period) are required"
+                " (or max_inflight, for a concurrency policy)"
+            )
             raise ValueError(msg)
         return self
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,7 +27,7 @@ from gateway.pipeline.snapshot import ALLOW_ANY
 from gateway.stores.limiter import Check
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from multidict import CIMultiDict, CIMultiDictProxy
     from yarl import URL
@@ -262,10 +263,13 @@ def policy_checks(
 
 
 def limit_outcome(
-    policies: Sequence[CompiledPolicy], decisions: Sequence[Decision]
+    policies: Sequence[CompiledPolicy],
+    decisions: Sequence[Decision],
+    wall_clock: Callable[[], float] = time.time,
 ) -> tuple[Reject | None, list[tuple[str, str]] | None]:
     """The 429 when an enforced policy has no budget left, else the RateLimit fields of
-    the tightest enforced policy (None: no enforced policy)."""
+    the tightest enforced policy (None: no enforced policy). ``wall_clock``: the
+    limiter's, for the month of a monthly quota's ``w=``."""
     violated: list[tuple[CompiledPolicy, Decision]] | None = None
     tightest: CompiledPolicy | None = None
     least = 0
@@ -281,11 +285,15 @@ def limit_outcome(
                 violated = []
             violated.append((pol, dec))
     if violated:
-        return quota_reject(violated, max(d.retry_after_s for _, d in violated)), None
+        retry = max(d.retry_after_s for _, d in violated)
+        return quota_reject(violated, retry, wall_clock()), None
     if tightest is None:
         return None, None
     return None, [
-        ("RateLimit-Policy", tightest.policy_header),
+        (
+            "RateLimit-Policy",
+            tightest.policy_header if not tightest.month else tightest.header_item(wall_clock()),
+        ),
         ("RateLimit", f'"{tightest.name}";r={least};t={math.ceil(reset)}'),
     ]
 

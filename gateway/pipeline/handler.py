@@ -256,7 +256,7 @@ class ProxyHandler:
                 ) from None
             pols = route.policies if route.ip_keyed else applied
             self._count_limits(ctx, route, pols, found)
-            refused, rl_headers = decisions.limit_outcome(pols, found)
+            refused, rl_headers = decisions.limit_outcome(pols, found, limiter.wall_clock)
             if refused is not None:
                 raise refused
 

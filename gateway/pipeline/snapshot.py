@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from gateway.core.abuse import PathMatcher
+from gateway.core.calendar import month_length_s
 from gateway.core.client_ip import IPAddress, Networks
 from gateway.core.concurrency import Priority
 from gateway.core.gcra import Rate
@@ -32,6 +33,9 @@ KNOWN_METHODS = frozenset(
 )
 # the Allow field of a 405 for a route that lists no methods (TRACE and CONNECT are refused)
 ALLOW_ANY = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+# w= of a calendar quota: its window in seconds (a month's is that of the current month,
+# added when a header is written)
+_CALENDAR_W = {"hour": "3600", "day": "86400"}
 _PRIORITIES = {
     "critical": Priority.CRITICAL,
     "normal": Priority.NORMAL,
@@ -49,6 +53,7 @@ class CompiledPolicy:
     policy_header: str  # RateLimit-Policy item, e.g. "per-ip";q=100;w=1
     claim: str | None = None  # the claim of a jwt:CLAIM key
     pointer: JsonPointer | None = None  # the pointer of a json:POINTER key
+    month: bool = False  # a monthly quota: w= is the length of the current month
     # the policy that limits a request without an identity (None: this one, by address)
     fallback: CompiledPolicy | None = None
 
@@ -65,16 +70,24 @@ class CompiledPolicy:
         kind = "header" if header else "jwt" if claim else "json" if pointer else p.key
         period = p.period_s or 1
         w = math.ceil(period) if period != int(period) else int(period)
+        w_text = str(w) if p.period is None else _CALENDAR_W.get(p.period, "")
         return cls(
             name=name,
             rate=Rate.from_policy(p),
             key=kind,
             header=header,
             shadow=p.mode == "shadow",
-            policy_header=f'"{name}";q={p.requests};w={w}',
+            policy_header=f'"{name}";q={p.requests};w={w_text}',
             claim=claim,
             pointer=pointer,
+            month=p.period == "month",
         )
+
+    def header_item(self, now: float) -> str:
+        """The policy's RateLimit-Policy item at ``now`` (UTC epoch seconds)."""
+        if not self.month:
+            return self.policy_header
+        return self.policy_header + str(month_length_s(now))
 
 
 @dataclass(frozen=True, slots=True)

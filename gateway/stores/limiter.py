@@ -21,6 +21,7 @@ by :meth:`Limiter.decide` when ``on_backend_error`` is ``deny``.  With ``local``
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -68,6 +69,9 @@ class BackendUnavailable(Exception):  # noqa: N818 - the name is the contract
 
 class Limiter(ABC):
     """Decides checks; one :class:`Decision` per :class:`Check`, in the same order."""
+
+    # the UTC time calendar quotas are read at (the month of a RateLimit-Policy's w=)
+    wall_clock: Clock = staticmethod(time.time)
 
     @abstractmethod
     def decide_local(self, checks: Sequence[Check]) -> list[Decision] | None:

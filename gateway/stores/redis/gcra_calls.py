@@ -3,8 +3,9 @@
 Arguments stay few: the keys, a flag (``1`` consumes, ``0`` only peeks), one string of
 rate indexes (one per key), one string of costs (one per key; empty when each costs 1,
 the common case), then each distinct rate once (emission interval in microseconds,
-burst).  The reply is four integers per key, in order: allowed,
-remaining, retry after and reset, both in microseconds.
+burst, period: 0 for a rolling rate, 1 hour, 2 day, 3 month for a calendar quota, whose
+"emission interval" is one unit and burst the quota).  The reply is four integers per
+key, in order: allowed, remaining, retry after and reset, both in microseconds.
 
 Through redis-py, a Cluster's keys are grouped by hash slot: one script call per slot,
 all in one pipeline (redis-py splits it per node); a standalone Redis gets one call.
@@ -21,6 +22,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
+from gateway.core.calendar import PERIOD_CODES
 from gateway.core.gcra import Rate
 from gateway.stores.redis.resp import FutureWaiter, RespClient, Waiter, bulk_string
 from gateway.stores.redis.scripts import Script, is_noscript
@@ -33,25 +35,33 @@ class PolicyKeys:
 
     __slots__ = ("head", "params", "rate", "rate_args", "tail")
 
-    def __init__(self, rate: Rate, head: bytes, tail: bytes, params: tuple[int, int]) -> None:
+    def __init__(self, rate: Rate, head: bytes, tail: bytes, params: tuple[int, int, int]) -> None:
         self.rate = rate
         self.head = head
         self.tail = tail
-        self.params = params  # emission interval in microseconds, burst
-        self.rate_args = bulk_string(params[0]) + bulk_string(params[1])
+        self.params = params  # emission interval in microseconds, burst, period code
+        self.rate_args = b"".join(bulk_string(p) for p in params)
 
     @classmethod
     def of(cls, prefix: str, policy: str, rate: Rate) -> PolicyKeys:
-        """A policy's keys: ``<prefix>rl:{<policy>:<client key>}:<requests>:<period_s>:<burst>``.
+        """A policy's keys: ``<prefix>rl:{<policy>:<client key>}:<requests>:<period_s>:<burst>``
+        (a calendar quota: ``...:<requests>:<period>:<requests>``).
 
         The emission interval is rounded up to a whole microsecond.
         """
+        if rate.calendar is not None:
+            return cls(
+                rate,
+                f"{prefix}rl:{{{policy}:".encode(),
+                f"}}:{rate.requests}:{rate.calendar}:{rate.burst}".encode(),
+                (1, rate.burst, PERIOD_CODES[rate.calendar]),
+            )
         emission_us = max(1, math.ceil(rate.period_s * 1_000_000 / rate.requests - 1e-6))
         return cls(
             rate,
             f"{prefix}rl:{{{policy}:".encode(),
             f"}}:{rate.requests}:{rate.period_s!r}:{rate.burst}".encode(),
-            (emission_us, rate.burst),
+            (emission_us, rate.burst, 0),
         )
 
 
@@ -96,7 +106,7 @@ def pack_evalsha(
     spent = costs_arg(costs)
     n = len(keys)
     parts = [
-        b"*%d\r\n%b%b" % (n + 6 + 2 * len(rates), head, bulk_string(n)),
+        b"*%d\r\n%b%b" % (n + 6 + 3 * len(rates), head, bulk_string(n)),
         *[b"$%d\r\n%b\r\n" % (len(key), key) for key in keys],
         b"$1\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (flag, len(joined), joined, len(spent), spent),
         *rates,
@@ -167,7 +177,7 @@ async def _run_groups(
     sha = script.sha
     commands: list[tuple[Any, ...]] = []
     for group in groups:
-        rates: dict[tuple[int, int], int] = {}
+        rates: dict[tuple[int, int, int], int] = {}
         indexes = []
         for i in group:
             params = pks[i].params
@@ -179,8 +189,8 @@ async def _run_groups(
         args += [keys[i] for i in group]
         spent = costs_arg([costs[i] for i in group] if costs is not None else None)
         args += (flag, " ".join(indexes), spent)
-        for emission_us, burst in rates:
-            args += (emission_us, burst)
+        for params in rates:
+            args += params
         commands.append(tuple(args))
     if len(commands) == 1:
         try:

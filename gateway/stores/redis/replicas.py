@@ -45,9 +45,12 @@ class Replicas:
         divided = self._divided.get(rate)
         if divided is None:
             n = self._count
-            divided = (
-                rate if n == 1 else Rate(rate.requests, rate.period_s * n, -(-rate.burst // n))
-            )
+            if n == 1:
+                divided = rate
+            elif rate.calendar is not None:  # a calendar quota: a share of it each
+                divided = Rate.quota(-(-rate.requests // n), rate.calendar)
+            else:
+                divided = Rate(rate.requests, rate.period_s * n, -(-rate.burst // n))
             self._divided[rate] = divided
         return divided
 
