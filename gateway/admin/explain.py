@@ -138,6 +138,7 @@ async def explain_request(
     ident = decisions.identify(snap, route, headers)
     if route.needs_identity:
         out["identity"] = ident.label
+        out["plan"] = ident.plan
         try:
             decisions.check_auth(route, ident)
         except Reject as rej:

@@ -259,6 +259,19 @@ class Policy(_Model):
     # policy, keyed by the client address
     fallback: str | None = None
     max_inflight: PositiveInt | None = None
+    # requests (and burst, unless given) for the requests of a plan: the plan_claim of
+    # the token, or the API key's plan (SPEC 11); other plans and none use requests
+    requests_by_plan: dict[Annotated[str, Field(min_length=1, max_length=64)], PositiveInt] = Field(
+        default_factory=dict
+    )
+
+    @field_validator("requests_by_plan")
+    @classmethod
+    def _plans_of_a_rate(cls, v: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        if v and info.data.get("max_inflight") is not None:
+            msg = "a concurrency policy has no requests to set per plan"
+            raise ValueError(msg)
+        return v
 
     @field_validator("period")
     @classmethod

@@ -231,12 +231,15 @@ def policy_checks(
     cost = route.cost
     if not (route.needs_identity or route.needs_body):
         return route.policies, [
-            Check(p.name, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded), cost)
+            Check(p.store, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded), cost)
             for p in route.policies
         ]
     applied: list[CompiledPolicy] = []
     checks: list[Check] = []
+    plan = ident.plan
     for p in route.policies:
+        if p.plans is not None and plan is not None:
+            p = p.plans.get(plan, p)  # noqa: PLW2901 - the policy as in force for the plan
         if p.pointer is None and not p.identity:
             key = policy_key_of(p, route, ip, headers, decoded=decoded)
         else:
@@ -258,7 +261,7 @@ def policy_checks(
                 # rotating garbage credentials must not dodge the limit: the address's
                 key = ip
         applied.append(p)
-        checks.append(Check(p.name, p.rate, key, cost))
+        checks.append(Check(p.store, p.rate, key, cost))
     return applied, checks
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "Clock",
     "Limiter",
     "bounded_key",
+    "plan_store",
     "rates_from_config",
     "unlimited",
 ]
@@ -130,8 +131,22 @@ def unlimited(rate: Rate, cost: int = 1) -> Decision:
     )
 
 
+def plan_store(policy: str, plan: str) -> str:
+    """The name a policy's budgets for one plan are kept under (``requests_by_plan``):
+    apart from the policy's own, as a plan's rate is its own."""
+    return f"{policy}@{plan}"
+
+
 def rates_from_config(cfg: RateLimit) -> dict[str, Rate]:
-    return {name: Rate.from_policy(p) for name, p in cfg.policies.items() if not p.concurrency}
+    """The rate of each rate policy, and of each of its plans (:func:`plan_store`)."""
+    rates = {}
+    for name, p in cfg.policies.items():
+        if p.concurrency:
+            continue
+        rates[name] = Rate.from_policy(p)
+        for plan, requests in p.requests_by_plan.items():
+            rates[plan_store(name, plan)] = Rate.from_policy(p, requests)
+    return rates
 
 
 def bounded_key(key: str) -> str:
