@@ -8,8 +8,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -216,3 +220,47 @@ def test_check_config_names_the_period_field(policy: dict[str, Any], field: str)
     with pytest.raises(ConfigError) as info:
         load_text(yaml.safe_dump(cfg), environ={})
     assert field in {p.path for p in info.value.problems}, info.value.problems
+
+
+def test_check_config_explains_each_new_mistake_in_one_run(tmp_path: Path) -> None:
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text('{"keys": [')
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""\
+            identity:
+              jwt: {{jwks_file: {jwks}}}
+            rate_limit:
+              policies:
+                per-user: {{requests: 60, period_s: 60, key: "jwt:sub", fallback: nope}}
+                per-chat: {{requests: 20, period_s: 60, key: "json:/chat/id", fallback: per-user}}
+                per-tenant: {{requests: 10000, period: day, period_s: 86400, key: "jwt:tenant"}}
+                weird: {{requests: 1, period_s: 1, key: "cookie:x"}}
+                bad-pointer: {{requests: 1, period_s: 1, key: "json:a/b"}}
+                plans: {{requests: 1, period_s: 1, key: ip, requests_by_plan: {{pro: 5}}}}
+            routes:
+              - {{name: r, upstream: api, rate_limits: [per-user, per-chat], cost: 0}}
+            """
+        )
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(cfg)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    for path in (
+        "routes[0].cost:",
+        "rate_limit.policies.per-tenant.period: give period",
+        "rate_limit.policies.weird.key: must be ip,",
+        "rate_limit.policies.bad-pointer.key: JSON pointer",
+        "rate_limit.policies.per-user.fallback: unknown policy 'nope'",
+        "rate_limit.policies.per-chat.fallback: 'per-user' is keyed by identity",
+        "rate_limit.policies.plans.requests_by_plan:",
+        "identity.jwt.jwks_file:",
+    ):
+        assert path in out, out
