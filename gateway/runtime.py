@@ -23,6 +23,7 @@ from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.pipeline.snapshot import Snapshot
 from gateway.pipeline.wsregistry import WebSocketRegistry
 from gateway.stores import make_ban_store, make_limiter
+from gateway.stores.limiter import rates_from_config
 from gateway.upstream.state import UpstreamState
 
 if TYPE_CHECKING:
@@ -151,7 +152,7 @@ class Runtime:
             if name not in upstreams:
                 self._retire(state, state.config.timeout_s)
         snapshot = Snapshot(settings, upstreams)
-        self.limiter.reconfigure({n: p.rate for n, p in snapshot.policies.items()})
+        self.limiter.reconfigure(rates_from_config(cfg.rate_limit))
         self.bans.reconfigure(cfg.abuse)
         self.monitor.reconfigure(settings)
         # one assignment: a request that started keeps the snapshot (and upstreams) it read

@@ -347,7 +347,13 @@ async def explain(request: web.Request) -> web.StreamResponse:
     ip = parse_ip(raw_ip)
     if ip is None:
         return problem_response(400, "query parameter ip must be an IP address", request_id=None)
-    result = await explain_request(_rt(request), ip, path, method, headers)
+    body_values: list[str] = request.query.getall("body", [])
+    if len(body_values) > 1:
+        return problem_response(
+            400, "query parameter body is given more than once", request_id=None
+        )
+    body = body_values[0].encode("utf-8", "surrogatepass") if body_values else None
+    result = await explain_request(_rt(request), ip, path, method, headers, body=body)
     return _json(result)
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import hdrs
 
 from gateway.core.framing import FramingError, request_host
+from gateway.identity.body import NO_BODY, is_json_media_type, parse_body
 from gateway.pipeline import decisions
 from gateway.pipeline.reject import Reject, banned, bulkhead_full, circuit_open
 
@@ -38,13 +39,31 @@ def _content_length(headers: CIMultiDict[str]) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
 
 
+def _body_document(headers: CIMultiDict[str], body: bytes | None) -> Any:
+    """The parsed JSON body a ``json:`` key would be read from: as for a request, only
+    with a JSON media type (assumed when no Content-Type is given) and a small body."""
+    if body is None:
+        return NO_BODY
+    content_type = headers.get(hdrs.CONTENT_TYPE)
+    if content_type is not None and not is_json_media_type(content_type):
+        return NO_BODY
+    return parse_body(body)
+
+
 async def explain_request(
-    rt: Runtime, ip: IPAddress, path: str, method: str, headers: CIMultiDict[str]
+    rt: Runtime,
+    ip: IPAddress,
+    path: str,
+    method: str,
+    headers: CIMultiDict[str],
+    *,
+    body: bytes | None = None,
 ) -> dict[str, Any]:
     """Walk the pipeline's decisions for a hypothetical request without side effects.
 
     ``path`` is a target as a client would send it; ``headers`` hold the field values
-    decoded as UTF-8 (they are keyed in their wire form, as a request's are).
+    decoded as UTF-8 (they are keyed in their wire form, as a request's are); ``body``
+    the request's body (None: none), read for ``json:`` keys.
     """
     snap = rt.snapshot
     ip_str = str(ip)
@@ -108,6 +127,7 @@ async def explain_request(
         return out
     out["route"] = route.name
     out["upstream"] = route.upstream
+    out["cost"] = route.cost
     secret = decisions.secret_state(route, headers)
     if secret is not None:
         out["shared_secret"] = secret
@@ -118,12 +138,18 @@ async def explain_request(
     ident = decisions.identify(snap, route, headers)
     if route.needs_identity:
         out["identity"] = ident.label
+        out["plan"] = ident.plan
         try:
             decisions.check_auth(route, ident)
         except Reject as rej:
             stop(rej)
+    document = _body_document(headers, body) if route.needs_body else NO_BODY
+    if route.needs_body:
+        out["json_body"] = (
+            "none" if body is None else ("read" if document is not NO_BODY else "unread")
+        )
     out["policies"] = await _policies(
-        rt, out, route, client_key, headers, ident=ident, exempt=exempt, stop=stop
+        rt, out, route, client_key, headers, ident=ident, body=document, exempt=exempt, stop=stop
     )
     try:
         decisions.check_size(snap, _content_length(headers))
@@ -161,6 +187,7 @@ async def _policies(
     headers: CIMultiDict[str],
     *,
     ident: RequestIdentity,
+    body: Any,
     exempt: bool,
     stop: Any,
 ) -> list[dict[str, Any]]:
@@ -169,7 +196,7 @@ async def _policies(
         return []
     try:
         applied, checks = decisions.policy_checks(
-            route, client_key, headers, decoded=True, ident=ident
+            route, client_key, headers, decoded=True, ident=ident, body=body
         )
     except Reject as rej:
         stop(rej)
@@ -180,7 +207,7 @@ async def _policies(
         out["ratelimit_error"] = str(exc)
         return []
     if not exempt:
-        refused, _ = decisions.limit_outcome(applied, found)
+        refused, _ = decisions.limit_outcome(applied, found, rt.limiter.wall_clock)
         if refused is not None:
             stop(refused)
     return [

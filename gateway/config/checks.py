@@ -143,6 +143,16 @@ def _identity_problems(data: Mapping[str, Any]) -> list[Problem]:
                 problems.append(Problem(f"{where}.key", f"{key!r} needs identity.jwt"))
             if key == "api_key" and not has_keys:
                 problems.append(Problem(f"{where}.key", "'api_key' needs identity.api_keys"))
+            plans = _section(pol, "requests_by_plan")
+            has_plan_claim = _section(_section(identity, "jwt"), "plan_claim") is not None
+            if isinstance(plans, dict) and plans and not (has_plan_claim or has_keys):
+                problems.append(
+                    Problem(
+                        f"{where}.requests_by_plan",
+                        "a plan comes from identity.jwt.plan_claim or identity.api_keys:"
+                        " neither is set",
+                    )
+                )
             if _section(pol, "max_inflight") is not None and _is_identity_key(key):
                 problems.append(
                     Problem(

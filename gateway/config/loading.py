@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from gateway.config.checks import cross_check, risky_settings
 from gateway.config.errors import ConfigError, Problem, pydantic_problems
-from gateway.config.models import Config
+from gateway.config.models import Config, Identity
 from gateway.identity.resolver import IdentityKeys, load_identity
 
 __all__ = [
@@ -159,6 +159,8 @@ class Settings:
             "policies": {
                 n: f"{p.max_inflight} in flight key {p.key} {p.mode}"
                 if p.concurrency
+                else f"{p.requests}/{p.period} (UTC) key {p.key} {p.mode}"
+                if p.period is not None
                 else f"{p.requests}/{p.period_s}s burst {p.effective_burst} key {p.key} {p.mode}"
                 for n, p in cfg.rate_limit.policies.items()
             },
@@ -193,6 +195,19 @@ def parse_config(data: Any) -> Config:
     return cfg
 
 
+def _identity_file_errors(data: Any, environ: Mapping[str, str]) -> list[Problem]:
+    """The errors of the files a valid ``identity`` section names, when the rest of the
+    config is not valid (else :func:`load_text` reads them with it)."""
+    section = data.get("identity") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        return []
+    try:
+        identity = Identity.model_validate(section)
+    except ValidationError:
+        return []
+    return load_identity(identity, environ)[1]
+
+
 def load_text(
     text: str,
     *,
@@ -200,9 +215,14 @@ def load_text(
     environ: Mapping[str, str] | None = None,
     digest: str | None = None,
 ) -> Settings:
+    env = os.environ if environ is None else environ
+    data = None
     try:
         data = yaml.load(text, Loader=_Loader) if text.strip() else None  # noqa: S506 - a SafeLoader
         cfg = parse_config(data)
+    except ConfigError as exc:
+        # the identity files' errors too (a JWKS file that does not parse): all in one run
+        raise ConfigError([*exc.problems, *_identity_file_errors(data, env)]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -212,7 +232,6 @@ def load_text(
         # PyYAML's parser recurses once a nesting level: a few KB of "[[[[" exceed
         # Python's limit; no real config comes near it
         raise ConfigError([Problem("", "invalid YAML: nested too deeply")]) from None
-    env = os.environ if environ is None else environ
     secrets, warnings = resolve_secrets(cfg, env)
     identity, errors, identity_warnings = load_identity(cfg.identity, env)
     if errors:

@@ -210,6 +210,8 @@ class Route(_Model):
     source_cidrs: tuple[IPNetwork, ...] | None = None
     shared_secret: SharedSecret | None = None
     rate_limits: tuple[str, ...] = ()
+    # the units a request takes from each of the route's rate policies (SPEC 11)
+    cost: PositiveInt = 1
     # a request without a valid credential of this kind gets 401 (SPEC 11)
     auth: Literal["none", "jwt", "api_key", "any"] = "none"
     # at the upstream's concurrency limit, bulk is refused first, critical last
@@ -248,6 +250,8 @@ class Policy(_Model):
     # instead (SPEC section 10): the key's requests in flight at once, on this replica
     requests: PositiveInt | None = None
     period_s: PositiveSeconds | None = None
+    # a calendar quota (SPEC 11): requests a UTC hour, day or month, instead of period_s
+    period: Literal["hour", "day", "month"] | None = None
     burst: PositiveInt | None = None
     key: str = "ip"
     mode: Literal["enforce", "shadow"] = "enforce"
@@ -255,12 +259,41 @@ class Policy(_Model):
     # policy, keyed by the client address
     fallback: str | None = None
     max_inflight: PositiveInt | None = None
+    # requests (and burst, unless given) for the requests of a plan: the plan_claim of
+    # the token, or the API key's plan (SPEC 11); other plans and none use requests
+    requests_by_plan: dict[Annotated[str, Field(min_length=1, max_length=64)], PositiveInt] = Field(
+        default_factory=dict
+    )
+
+    @field_validator("requests_by_plan")
+    @classmethod
+    def _plans_of_a_rate(cls, v: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        if v and info.data.get("max_inflight") is not None:
+            msg = "a concurrency policy has no requests to set per plan"
+            raise ValueError(msg)
+        return v
+
+    @field_validator("period")
+    @classmethod
+    def _one_period(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("period_s") is not None:
+            msg = "give period (a calendar quota) or period_s (a rolling rate), not both"
+            raise ValueError(msg)
+        return v
+
+    @field_validator("burst")
+    @classmethod
+    def _no_calendar_burst(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("period") is not None:
+            msg = "a calendar quota (period) has no burst: its requests are the whole window's"
+            raise ValueError(msg)
+        return v
 
     @field_validator("max_inflight")
     @classmethod
     def _one_kind(cls, v: int | None, info: ValidationInfo) -> int | None:
         if v is not None:
-            for name in ("requests", "period_s", "burst"):
+            for name in ("requests", "period_s", "period", "burst"):
                 if info.data.get(name) is not None:
                     msg = f"a concurrency policy cannot also have {name}"
                     raise ValueError(msg)
@@ -268,8 +301,13 @@ class Policy(_Model):
 
     @model_validator(mode="after")
     def _rate_complete(self) -> Policy:
-        if self.max_inflight is None and (self.requests is None or self.period_s is None):
-            msg = "requests and period_s are required (or max_inflight, for a concurrency policy)"
+        if self.max_inflight is None and (
+            self.requests is None or (self.period_s is None and self.period is None)
+        ):
+            msg = (
+                "requests and period_s (or period) are required"
+                " (or max_inflight, for a concurrency policy)"
+            )
             raise ValueError(msg)
         return self
 
@@ -286,7 +324,18 @@ class Policy(_Model):
             return v
         if v.startswith("jwt:") and _CLAIM_RE.match(v[4:]):
             return v
-        msg = f"must be ip, route, ip_route, header:NAME, jwt:CLAIM or api_key, got {v!r}"
+        if v.startswith("json:"):
+            from gateway.identity.body import JsonPointer  # noqa: PLC0415 - config loads first
+
+            try:
+                JsonPointer(v[5:])
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            return v
+        msg = (
+            "must be ip, route, ip_route, header:NAME, jwt:CLAIM, api_key or json:/POINTER,"
+            f" got {v!r}"
+        )
         raise ValueError(msg)
 
     @property

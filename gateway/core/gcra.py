@@ -42,11 +42,15 @@ _tuple_new = tuple.__new__  # a Decision without its keyword-argument __new__
 
 @dataclass(frozen=True, slots=True)
 class Rate:
-    """``requests`` per ``period_s`` seconds, with up to ``burst`` at once."""
+    """``requests`` per ``period_s`` seconds, with up to ``burst`` at once; or, with
+    ``calendar`` (``hour``, ``day``, ``month``: :mod:`gateway.core.calendar`), a quota of
+    ``requests`` a UTC window, counted in whole units (``period_s`` is then ``requests``
+    and ``burst`` the quota: one unit a request)."""
 
     requests: int
     period_s: float
     burst: int
+    calendar: str | None = None
     # derived once (a rate is read on every request): T, tau, and the rounding allowance
     emission_s: float = field(init=False, repr=False, compare=False)
     tolerance_s: float = field(init=False, repr=False, compare=False)
@@ -69,11 +73,22 @@ class Rate:
         setattr_(self, "_eps_per_s", self.burst * _ULP)
 
     @classmethod
-    def from_policy(cls, policy: Policy) -> Rate:
-        if policy.requests is None or policy.period_s is None:
+    def quota(cls, requests: int, period: str) -> Rate:
+        """A calendar quota of ``requests`` a ``period``."""
+        return cls(requests, float(requests), requests, period)
+
+    @classmethod
+    def from_policy(cls, policy: Policy, requests: int | None = None) -> Rate:
+        """The rate of a policy; ``requests`` (a plan's) in place of its own, with its
+        burst when the policy gives none."""
+        if policy.requests is None or (policy.period_s is None and policy.period is None):
             msg = "a concurrency policy has no rate"
             raise ValueError(msg)
-        return cls(policy.requests, float(policy.period_s), policy.effective_burst)
+        n = policy.requests if requests is None else requests
+        if policy.period is not None:
+            return cls.quota(n, policy.period)
+        burst = policy.burst if policy.burst is not None else n
+        return cls(n, float(policy.period_s or 1), burst)
 
 
 class Decision(NamedTuple):

@@ -12,10 +12,25 @@ from typing import Any
 
 import orjson
 
-__all__ = ["MAX_BODY", "JsonPointer", "is_json_media_type"]
+__all__ = ["MAX_BODY", "NO_BODY", "JsonPointer", "is_json_media_type", "parse_body"]
 
 MAX_BODY = 65536
 """Largest body a key is read from; a larger one has no key (the fallback applies)."""
+
+NO_BODY: Any = object()
+"""A request without a JSON body a key can be read from (none, too large, not JSON)."""
+
+
+def parse_body(body: bytes) -> Any:
+    """The JSON document of a body of at most :data:`MAX_BODY` bytes, else :data:`NO_BODY`.
+
+    Parsed once per request, whatever the number of policies that point into it."""
+    if len(body) > MAX_BODY:
+        return NO_BODY
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return NO_BODY
 
 
 def is_json_media_type(content_type: str | None) -> bool:
@@ -65,15 +80,19 @@ class JsonPointer:
                 return False, None
         return True, node
 
-    def key(self, body: bytes) -> str | None:
-        """The JSON text of the value in ``body``, or ``None`` (not JSON, no such value)."""
-        if len(body) > MAX_BODY:
-            return None
-        try:
-            document = orjson.loads(body)
-        except orjson.JSONDecodeError:
+    def value_text(self, document: Any) -> str | None:
+        """The JSON text of the value the pointer leads to in a parsed ``document``
+        (:func:`parse_body`), or ``None``. The text is canonical (object members sorted,
+        no spaces, escapes resolved): spelling a value another way (``1e2`` for
+        ``100.0``, ``"\\u0061"`` for ``"a"``) does not give a client another budget,
+        while ``123`` and ``"123"`` stay two keys."""
+        if document is NO_BODY:
             return None
         found, value = self.resolve(document)
         if not found:
             return None
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+    def key(self, body: bytes) -> str | None:
+        """The JSON text of the value in ``body``, or ``None`` (not JSON, no such value)."""
+        return self.value_text(parse_body(body))

@@ -22,7 +22,9 @@ class Ctx:
 
     __slots__ = (
         "ban_key",
+        "body_eof",
         "body_error",
+        "body_held",
         "body_open",
         "bytes_out",
         "client",
@@ -56,3 +58,6 @@ class Ctx:
         self.identity: str | None = None  # jwt:<sub> or api_key:<id>, for the access log
         self.held = 0  # body bytes read and kept before the upstream exchange
         self.body_open = False  # a streamed body still has bytes to come from the client
+        # a body read before the rate limits (a JSON key): its start, and whether it is all
+        self.body_held: list[bytes] | None = None
+        self.body_eof = True

@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import hmac
 import math
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway import problem
 from gateway.core.keys import policy_key, value_key, wire_form
 from gateway.core.paths import PathError, canonical_path, reads_as_authority
+from gateway.identity.body import NO_BODY
 from gateway.identity.resolver import NO_IDENTITY
 from gateway.pipeline.reject import Reject, quota_reject
 from gateway.pipeline.snapshot import ALLOW_ANY
 from gateway.stores.limiter import Check
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from multidict import CIMultiDict, CIMultiDictProxy
     from yarl import URL
@@ -223,23 +225,34 @@ def policy_checks(
     *,
     decoded: bool,
     ident: RequestIdentity = NO_IDENTITY,
+    body: Any = NO_BODY,
 ) -> tuple[Sequence[CompiledPolicy], list[Check]]:
-    """The policies that apply (an identity policy without an identity gives way to its
-    fallback, or is keyed by the client address) and one check for each."""
-    if not route.needs_identity:
+    """The policies that apply (an identity or body policy without its value gives way to
+    its fallback, or is keyed by the client address) and one check for each. ``body`` is
+    the request's parsed JSON body (:func:`gateway.identity.body.parse_body`)."""
+    cost = route.cost
+    if not (route.needs_identity or route.needs_body):
         return route.policies, [
-            Check(p.name, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded))
+            Check(p.store, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded), cost)
             for p in route.policies
         ]
     applied: list[CompiledPolicy] = []
     checks: list[Check] = []
+    plan = ident.plan
     for p in route.policies:
-        if not p.identity:
+        if p.plans is not None and plan is not None:
+            p = p.plans.get(plan, p)  # noqa: PLW2901 - the policy as in force for the plan
+        if p.pointer is None and not p.identity:
             key = policy_key_of(p, route, ip, headers, decoded=decoded)
         else:
-            value = identity_value(p, ident)
+            if p.pointer is not None:
+                value = p.pointer.value_text(body)
+                tag = "b"
+            else:
+                value = identity_value(p, ident)
+                tag = "j:" + p.claim if p.claim is not None else "k"
             if value is not None:
-                key = value_key("j:" + p.claim if p.claim is not None else "k", value)
+                key = value_key(tag, value)
             elif p.fallback is not None:
                 fb = p.fallback
                 if fb in route.policies or fb in applied:
@@ -250,15 +263,18 @@ def policy_checks(
                 # rotating garbage credentials must not dodge the limit: the address's
                 key = ip
         applied.append(p)
-        checks.append(Check(p.name, p.rate, key))
+        checks.append(Check(p.store, p.rate, key, cost))
     return applied, checks
 
 
 def limit_outcome(
-    policies: Sequence[CompiledPolicy], decisions: Sequence[Decision]
+    policies: Sequence[CompiledPolicy],
+    decisions: Sequence[Decision],
+    wall_clock: Callable[[], float] = time.time,
 ) -> tuple[Reject | None, list[tuple[str, str]] | None]:
     """The 429 when an enforced policy has no budget left, else the RateLimit fields of
-    the tightest enforced policy (None: no enforced policy)."""
+    the tightest enforced policy (None: no enforced policy). ``wall_clock``: the
+    limiter's, for the month of a monthly quota's ``w=``."""
     violated: list[tuple[CompiledPolicy, Decision]] | None = None
     tightest: CompiledPolicy | None = None
     least = 0
@@ -274,11 +290,15 @@ def limit_outcome(
                 violated = []
             violated.append((pol, dec))
     if violated:
-        return quota_reject(violated, max(d.retry_after_s for _, d in violated)), None
+        retry = max(d.retry_after_s for _, d in violated)
+        return quota_reject(violated, retry, wall_clock()), None
     if tightest is None:
         return None, None
     return None, [
-        ("RateLimit-Policy", tightest.policy_header),
+        (
+            "RateLimit-Policy",
+            tightest.policy_header if not tightest.month else tightest.header_item(wall_clock()),
+        ),
         ("RateLimit", f'"{tightest.name}";r={least};t={math.ceil(reset)}'),
     ]
 

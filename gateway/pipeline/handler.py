@@ -27,6 +27,7 @@ from aiohttp import hdrs
 from gateway import problem
 from gateway.core.client_ip import forwarded_proto, forwarded_values, resolve_client
 from gateway.health.probes import PROBE_PATHS, probe_answer
+from gateway.identity.body import NO_BODY
 from gateway.identity.resolver import NO_IDENTITY
 from gateway.pipeline import decisions
 from gateway.pipeline.context import Ctx
@@ -123,7 +124,13 @@ class ProxyHandler:
                         request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy
                     )
         except Reject as rej:
+            if ctx.body_held is not None:
+                self.leg.release_body(ctx)
             resp = self.reject(request, snap, ctx, rej)
+        except BaseException:
+            if ctx.body_held is not None:  # the client left: the body read for a key goes
+                self.leg.release_body(ctx)
+            raise
         self.record(request, snap, ctx, resp, start)
         return resp
 
@@ -213,6 +220,10 @@ class ProxyHandler:
             ctx.identity = ident.label
             decisions.check_auth(route, ident)
 
+        body = NO_BODY
+        if route.needs_body and route.policies and not ctx.exempt:
+            body = await self.leg.read_json(request, snap, ctx)
+
         rl_headers = None
         if route.policies and not ctx.exempt:
             # the route's budgets, spent (inline: no coroutine of its own on every request)
@@ -221,12 +232,17 @@ class ProxyHandler:
             limiter = rt.limiter
             try:
                 if route.ip_keyed:  # the common case: no Check objects unless Redis is asked
-                    found = limiter.decide_key(route.rates, ip)
+                    found = limiter.decide_key(route.rates, ip, route.cost)
                     if found is None:  # the shared backend is asked (an await only then)
-                        found = await limiter.submit_key(route.rates, ip)
+                        found = await limiter.submit_key(route.rates, ip, route.cost)
                 else:
                     applied, checks = decisions.policy_checks(
-                        route, ip, headers, decoded=request.fields_decoded, ident=ident
+                        route,
+                        ip,
+                        headers,
+                        decoded=request.fields_decoded,
+                        ident=ident,
+                        body=body,
                     )
                     found = limiter.decide_local(checks)
                     if found is None:
@@ -240,7 +256,7 @@ class ProxyHandler:
                 ) from None
             pols = route.policies if route.ip_keyed else applied
             self._count_limits(ctx, route, pols, found)
-            refused, rl_headers = decisions.limit_outcome(pols, found)
+            refused, rl_headers = decisions.limit_outcome(pols, found, limiter.wall_clock)
             if refused is not None:
                 raise refused
 

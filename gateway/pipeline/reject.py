@@ -47,8 +47,11 @@ class Reject(Exception):  # noqa: N818 - a control-flow signal, not an error
         self.kind = kind  # upstream error kind to count
 
 
-def quota_reject(violated: list[tuple[CompiledPolicy, Decision]], retry: float) -> Reject:
-    """The 429 of the enforced policies that have no budget left."""
+def quota_reject(
+    violated: list[tuple[CompiledPolicy, Decision]], retry: float, now: float
+) -> Reject:
+    """The 429 of the enforced policies that have no budget left; ``now``: the UTC time
+    of the decision (a monthly quota's ``w=``)."""
     names = [p.name for p, _ in violated]
     return Reject(
         429,
@@ -56,7 +59,7 @@ def quota_reject(violated: list[tuple[CompiledPolicy, Decision]], retry: float) 
         type_=problem.QUOTA_EXCEEDED,
         headers={
             "Retry-After": str(max(1, math.ceil(retry))),
-            "RateLimit-Policy": ", ".join(p.policy_header for p, _ in violated),
+            "RateLimit-Policy": ", ".join(p.header_item(now) for p, _ in violated),
             "RateLimit": ", ".join(
                 f'"{p.name}";r=0;t={max(1, math.ceil(d.reset_s))}' for p, d in violated
             ),

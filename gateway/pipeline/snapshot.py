@@ -9,14 +9,17 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from gateway.core.abuse import PathMatcher
+from gateway.core.calendar import month_length_s
 from gateway.core.client_ip import IPAddress, Networks
 from gateway.core.concurrency import Priority
 from gateway.core.gcra import Rate
+from gateway.identity.body import JsonPointer
 from gateway.pipeline.headers import ResponseHeaders
+from gateway.stores.limiter import plan_store
 from gateway.upstream.hop_by_hop import DROP_UPSTREAM, HOP_BY_HOP
 
 if TYPE_CHECKING:
@@ -31,6 +34,9 @@ KNOWN_METHODS = frozenset(
 )
 # the Allow field of a 405 for a route that lists no methods (TRACE and CONNECT are refused)
 ALLOW_ANY = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+# w= of a calendar quota: its window in seconds (a month's is that of the current month,
+# added when a header is written)
+_CALENDAR_W = {"hour": "3600", "day": "86400"}
 _PRIORITIES = {
     "critical": Priority.CRITICAL,
     "normal": Priority.NORMAL,
@@ -42,13 +48,23 @@ _PRIORITIES = {
 class CompiledPolicy:
     name: str
     rate: Rate
-    key: str  # ip | route | ip_route | header | jwt | api_key
+    key: str  # ip | route | ip_route | header | jwt | api_key | json
     header: str | None
     shadow: bool
     policy_header: str  # RateLimit-Policy item, e.g. "per-ip";q=100;w=1
     claim: str | None = None  # the claim of a jwt:CLAIM key
+    pointer: JsonPointer | None = None  # the pointer of a json:POINTER key
+    month: bool = False  # a monthly quota: w= is the length of the current month
     # the policy that limits a request without an identity (None: this one, by address)
     fallback: CompiledPolicy | None = None
+    # where the limiter keeps its budgets: the name, or the name and a plan's
+    store: str = ""
+    # requests_by_plan: the policy as in force for each plan (None: no plans)
+    plans: Mapping[str, CompiledPolicy] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.store:
+            object.__setattr__(self, "store", self.name)
 
     @property
     def identity(self) -> bool:
@@ -56,21 +72,34 @@ class CompiledPolicy:
         return self.claim is not None or self.key == "api_key"
 
     @classmethod
-    def of(cls, name: str, p: Policy) -> CompiledPolicy:
+    def of(cls, name: str, p: Policy, plan: str | None = None) -> CompiledPolicy:
+        """The policy, or (``plan``) the policy as in force for that plan."""
+        requests = p.requests if plan is None else p.requests_by_plan[plan]
         header = p.key[7:] if p.key.startswith("header:") else None
         claim = p.key[4:] if p.key.startswith("jwt:") else None
-        kind = "header" if header else "jwt" if claim else p.key
+        pointer = JsonPointer(p.key[5:]) if p.key.startswith("json:") else None
+        kind = "header" if header else "jwt" if claim else "json" if pointer else p.key
         period = p.period_s or 1
         w = math.ceil(period) if period != int(period) else int(period)
+        w_text = str(w) if p.period is None else _CALENDAR_W.get(p.period, "")
         return cls(
             name=name,
-            rate=Rate.from_policy(p),
+            rate=Rate.from_policy(p, requests),
             key=kind,
             header=header,
             shadow=p.mode == "shadow",
-            policy_header=f'"{name}";q={p.requests};w={w}',
+            policy_header=f'"{name}";q={requests};w={w_text}',
             claim=claim,
+            pointer=pointer,
+            month=p.period == "month",
+            store=name if plan is None else plan_store(name, plan),
         )
+
+    def header_item(self, now: float) -> str:
+        """The policy's RateLimit-Policy item at ``now`` (UTC epoch seconds)."""
+        if not self.month:
+            return self.policy_header
+        return self.policy_header + str(month_length_s(now))
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +139,10 @@ class CompiledRoute:
     policies: tuple[CompiledPolicy, ...]
     ip_keyed: bool  # every policy is keyed by the client address alone
     rates: tuple[tuple[str, Rate], ...]  # (name, rate) of each policy
+    cost: int  # units each request takes from each of its rate policies
     auth: str  # none | jwt | api_key | any
     needs_identity: bool  # auth, or a policy keyed by identity: credentials are read
+    needs_body: bool  # a policy keyed by a JSON body's value: a small JSON body is read first
     priority: Priority
     priority_name: str
     inflight: tuple[CompiledInflight, ...]  # the route's concurrency policies
@@ -142,10 +173,13 @@ class CompiledRoute:
             secret_header=r.shared_secret.header if r.shared_secret else None,
             secret=settings.secrets.route_secrets.get(r.name),
             policies=tuple(policies[p] for p in names),
-            ip_keyed=all(policies[p].key == "ip" for p in names),
+            ip_keyed=all(policies[p].key == "ip" and policies[p].plans is None for p in names),
             rates=tuple((p, policies[p].rate) for p in names),
+            cost=r.cost,
             auth=r.auth,
-            needs_identity=r.auth != "none" or any(policies[p].identity for p in names),
+            needs_identity=r.auth != "none"
+            or any(policies[p].identity or policies[p].plans is not None for p in names),
+            needs_body=any(policies[p].pointer is not None for p in names),
             inflight=tuple(inflight[p] for p in r.rate_limits if p in inflight),
             priority=_PRIORITIES[r.priority],
             priority_name=r.priority,
@@ -205,11 +239,20 @@ class Snapshot:
         pols = cfg.rate_limit.policies
         # the rate policies (the limiter's) and the concurrency policies apart
         plain = {n: CompiledPolicy.of(n, p) for n, p in pols.items() if not p.concurrency}
-        self.policies = {
-            n: replace(plain[n], fallback=plain[p.fallback]) if p.fallback is not None else plain[n]
-            for n, p in pols.items()
-            if not p.concurrency
-        }
+        self.policies = {}
+        for n, p in pols.items():
+            if p.concurrency:
+                continue
+            fallback = plain[p.fallback] if p.fallback is not None else None
+            plans = (
+                {
+                    plan: replace(CompiledPolicy.of(n, p, plan), fallback=fallback)
+                    for plan in p.requests_by_plan
+                }
+                if p.requests_by_plan
+                else None
+            )
+            self.policies[n] = replace(plain[n], fallback=fallback, plans=plans)
         inflight = {n: CompiledInflight.of(n, p) for n, p in pols.items() if p.concurrency}
         critical = frozenset(r.upstream for r in cfg.routes if r.priority == "critical")
         self.identity = settings.identity

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import hdrs
@@ -19,6 +19,7 @@ from gateway.core.client_ip import forwarded_chain, forwarded_proto, forwarded_v
 from gateway.core.concurrency import Priority
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.downstream.messages import BodyError, Response
+from gateway.identity.body import MAX_BODY, NO_BODY, is_json_media_type, parse_body
 from gateway.pipeline.context import ClientBodyError
 from gateway.pipeline.headers import UPSTREAM_SKIP
 from gateway.pipeline.reject import Reject, buffers_full, bulkhead_full, circuit_open
@@ -116,10 +117,16 @@ class UpstreamLeg:
         ctx.held = 0
 
     async def _buffer(
-        self, request: PipelineRequest, snap: Snapshot, ctx: Ctx, held: list[bytes]
+        self,
+        request: PipelineRequest,
+        snap: Snapshot,
+        ctx: Ctx,
+        held: list[bytes],
+        limit: int | None = None,
     ) -> bool:
         """Read the body into ``held`` before an upstream connection is taken: all of it
-        up to ``buffer_body_bytes`` (True), else that much and the rest is streamed (False).
+        up to ``limit`` (``buffer_body_bytes`` when None: True), else that much and the
+        rest is streamed (False).
 
         A client that trickles its body holds no pool connection meanwhile, only the bytes
         it sent, within ``client_timeout_s`` of its request's start.
@@ -131,7 +138,8 @@ class UpstreamLeg:
             raise buffers_full()  # before a 100 Continue invites the body
         if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
             await request.send_continue()
-        limit = snap.buffer_body_bytes
+        if limit is None:
+            limit = snap.buffer_body_bytes
         max_body = snap.max_body_bytes
         lean = request.lean_body()
         total = 0
@@ -214,10 +222,11 @@ class UpstreamLeg:
             yield chunk
 
     async def _body_first(
-        self, request: PipelineRequest, snap: Snapshot, ctx: Ctx
+        self, request: PipelineRequest, snap: Snapshot, ctx: Ctx, limit: int | None = None
     ) -> tuple[list[bytes], bool]:
         """The body read before anything of the upstream is taken (bulkhead, pool): all
-        of it up to ``buffer_body_bytes`` (True), else that much (False)."""
+        of it up to ``limit`` (``buffer_body_bytes`` when None: True), else that much
+        (False)."""
         lean = request.lean_body()
         whole = lean.take_whole() if lean is not None else None
         if whole is not None:  # the common small body, all here: no wait
@@ -231,9 +240,42 @@ class UpstreamLeg:
             return [whole], True
         held: list[bytes] = []
         try:
-            return held, await self._buffer(request, snap, ctx, held)
+            return held, await self._buffer(request, snap, ctx, held, limit)
         except ClientBodyError as body_err:
             raise Reject(body_err.status, str(body_err), event="bad_request") from None
+
+    async def read_json(self, request: PipelineRequest, snap: Snapshot, ctx: Ctx) -> Any:
+        """The parsed JSON body a ``json:`` key is read from (SPEC 11), or ``NO_BODY``.
+
+        Only a body with a JSON media type, declared (or chunked) at most ``MAX_BODY``
+        bytes, is read; what was read is kept (``ctx.body_held``) and goes upstream as it
+        came, followed by the rest of a larger body as it arrives. A larger or non-JSON
+        body is not touched here: it streams as any other."""
+        if not request.body_exists:
+            return NO_BODY
+        clen = request.content_length
+        if (clen is not None and clen > min(MAX_BODY, snap.max_body_bytes)) or not (
+            is_json_media_type(request.headers.get(hdrs.CONTENT_TYPE))
+        ):
+            return NO_BODY
+        try:
+            held, eof = await self._body_first(
+                request, snap, ctx, max(snap.buffer_body_bytes, MAX_BODY + 1)
+            )
+        except BaseException:
+            if ctx.held:
+                self._unhold(ctx)
+            raise
+        ctx.body_held, ctx.body_eof = held, eof
+        if not eof:
+            return NO_BODY
+        return parse_body(held[0] if len(held) == 1 else b"".join(held))
+
+    def release_body(self, ctx: Ctx) -> None:
+        """Let go of a body read for a key when the request ends before its upstream leg."""
+        ctx.body_held = None
+        if ctx.held:
+            self._unhold(ctx)
 
     async def _send(
         self,
@@ -330,9 +372,9 @@ class UpstreamLeg:
         *,
         via_proxy: bool,
     ) -> Response:
-        held: list[bytes] | None = None
-        eof = True
-        if request.body_exists:
+        held: list[bytes] | None = ctx.body_held
+        eof = ctx.body_eof
+        if held is None and request.body_exists:
             # before the bulkhead: a client slow to send its body holds no upstream resource
             try:
                 held, eof = await self._body_first(request, snap, ctx)

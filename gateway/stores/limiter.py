@@ -21,6 +21,7 @@ by :meth:`Limiter.decide` when ``on_backend_error`` is ``deny``.  With ``local``
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -36,6 +37,7 @@ __all__ = [
     "Clock",
     "Limiter",
     "bounded_key",
+    "plan_store",
     "rates_from_config",
     "unlimited",
 ]
@@ -49,11 +51,13 @@ value past 64 bytes), so they are stored as they are."""
 
 
 class Check(NamedTuple):
-    """One policy to apply to one client key (already resolved by the pipeline)."""
+    """One policy to apply to one client key (already resolved by the pipeline), taking
+    ``cost`` units of its budget (the route's ``cost``)."""
 
     policy: str
     rate: Rate
     key: str
+    cost: int = 1
 
 
 class BackendUnavailable(Exception):  # noqa: N818 - the name is the contract
@@ -67,6 +71,9 @@ class BackendUnavailable(Exception):  # noqa: N818 - the name is the contract
 class Limiter(ABC):
     """Decides checks; one :class:`Decision` per :class:`Check`, in the same order."""
 
+    # the UTC time calendar quotas are read at (the month of a RateLimit-Policy's w=)
+    wall_clock: Clock = staticmethod(time.time)
+
     @abstractmethod
     def decide_local(self, checks: Sequence[Check]) -> list[Decision] | None:
         """Answer without I/O when possible (consuming budget), else ``None``.
@@ -74,9 +81,11 @@ class Limiter(ABC):
         ``None`` means the caller must ``await decide(checks)``.
         """
 
-    def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision] | None:
+    def decide_key(
+        self, policies: Sequence[tuple[str, Rate]], key: str, cost: int = 1
+    ) -> list[Decision] | None:
         """:meth:`decide_local` for policies (name, rate) that all apply to one key."""
-        return self.decide_local([Check(name, rate, key) for name, rate in policies])
+        return self.decide_local([Check(name, rate, key, cost) for name, rate in policies])
 
     @abstractmethod
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
@@ -87,10 +96,10 @@ class Limiter(ABC):
         return self.decide(checks)
 
     def submit_key(
-        self, policies: Sequence[tuple[str, Rate]], key: str
+        self, policies: Sequence[tuple[str, Rate]], key: str, cost: int = 1
     ) -> Awaitable[list[Decision]]:
         """:meth:`submit` for policies (name, rate) that all apply to one key."""
-        return self.submit([Check(name, rate, key) for name, rate in policies])
+        return self.submit([Check(name, rate, key, cost) for name, rate in policies])
 
     @abstractmethod
     async def peek(self, checks: Sequence[Check]) -> list[Decision]:
@@ -112,15 +121,32 @@ class Limiter(ABC):
         return True
 
 
-def unlimited(rate: Rate) -> Decision:
+def unlimited(rate: Rate, cost: int = 1) -> Decision:
     """The answer when limits are not applied (``on_backend_error: allow``)."""
     return Decision(
-        allowed=True, remaining=rate.burst - 1, retry_after_s=0.0, reset_s=rate.emission_s
+        allowed=True,
+        remaining=max(0, rate.burst - cost),
+        retry_after_s=0.0,
+        reset_s=rate.emission_s * cost,
     )
 
 
+def plan_store(policy: str, plan: str) -> str:
+    """The name a policy's budgets for one plan are kept under (``requests_by_plan``):
+    apart from the policy's own, as a plan's rate is its own."""
+    return f"{policy}@{plan}"
+
+
 def rates_from_config(cfg: RateLimit) -> dict[str, Rate]:
-    return {name: Rate.from_policy(p) for name, p in cfg.policies.items() if not p.concurrency}
+    """The rate of each rate policy, and of each of its plans (:func:`plan_store`)."""
+    rates = {}
+    for name, p in cfg.policies.items():
+        if p.concurrency:
+            continue
+        rates[name] = Rate.from_policy(p)
+        for plan, requests in p.requests_by_plan.items():
+            rates[plan_store(name, plan)] = Rate.from_policy(p, requests)
+    return rates
 
 
 def bounded_key(key: str) -> str:

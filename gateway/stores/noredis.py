@@ -47,7 +47,7 @@ class NoRedisLimiter(Limiter):
         if self._local is not None:
             local = self._local
             return local.decide_local(checks) if commit else local.peek_local(checks)
-        return [unlimited(c.rate) for c in checks]
+        return [unlimited(c.rate, c.cost) for c in checks]
 
     def decide_local(self, checks: Sequence[Check]) -> list[Decision] | None:
         return None if self._deny else self._answer(checks, commit=True)

@@ -51,7 +51,14 @@ Reload
     request still holding the previous config during a reload is decided against the
     current state at the rate it knows.
 
-Time comes from an injectable monotonic clock.
+Calendar quotas
+    A policy with a ``period`` (hour, day, month) is decided by
+    :func:`gateway.core.calendar.decide_quota` on its virtual clock (the window's number
+    times the quota), read from an injectable wall clock (UTC): its table is swept and
+    evicted against that clock as the others are against the monotonic one, and a key
+    of an ended window reads as refilled.
+
+Time comes from an injectable monotonic clock (and a wall clock for calendar quotas).
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ import time
 from array import array
 from collections.abc import Mapping, Sequence
 
+from gateway.core.calendar import WindowClock, decide_quota
 from gateway.core.gcra import Decision, Rate, decide
 from gateway.stores.limiter import Check, Clock, Limiter, bounded_key
 from gateway.tasks import stop_task
@@ -113,7 +121,7 @@ def compact_key(key: str) -> int | str:
 class _Table:
     """The state of one policy."""
 
-    __slots__ = ("cursor", "ghost", "rate", "ring", "tats")
+    __slots__ = ("cursor", "ghost", "rate", "ring", "tats", "windows")
 
     def __init__(self, rate: Rate) -> None:
         self.rate = rate
@@ -121,6 +129,8 @@ class _Table:
         self.ring: list[int | str] = []
         self.cursor = 0
         self.ghost: array[float] | None = None
+        # a calendar quota's current window (None: a rolling rate)
+        self.windows = WindowClock(rate.calendar) if rate.calendar is not None else None
 
 
 class MemoryLimiter(Limiter):
@@ -132,12 +142,14 @@ class MemoryLimiter(Limiter):
         *,
         max_keys: int = 1_000_000,
         clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
         sweep_interval_s: float = 1.0,
         sweep_batch: int = 20_000,
     ) -> None:
         if max_keys < 1:
             raise ValueError(f"max_keys must be >= 1, got {max_keys}")
         self._clock = clock
+        self.wall_clock = wall_clock
         self._max_keys = max_keys
         self._count = 0
         self._recent: dict[str, int | str] = {}  # key -> compact_key(key), bounded
@@ -163,10 +175,12 @@ class MemoryLimiter(Limiter):
             if c.key != last_key or not out:
                 last_key = c.key
                 key = compact_key(last_key)
-            out.append(self._decide(c.policy, c.rate, key, now, commit=True))
+            out.append(self._decide(c.policy, c.rate, key, now, c.cost, commit=True))
         return out
 
-    def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision]:
+    def decide_key(
+        self, policies: Sequence[tuple[str, Rate]], key: str, cost: int = 1
+    ) -> list[Decision]:
         now = self._clock()
         recent = self._recent
         compact = recent.get(key)
@@ -180,17 +194,17 @@ class MemoryLimiter(Limiter):
         out: list[Decision] = []
         for name, rate in policies:
             table = tables.get(name)
-            if table is not None:
+            if table is not None and rate.calendar is None:
                 tats = table.tats
                 tat = tats.get(compact)
                 if tat is not None:  # a known key, decided inline
-                    decision, new_tat = decide(tat, now, rate)
+                    decision, new_tat = decide(tat, now, rate, cost)
                     if decision[0]:
                         tats[compact] = new_tat
                     out.append(decision)
                     continue
             # a new key (or policy): insertion, ghost, sweep
-            out.append(self._decide(name, rate, compact, now, commit=True))
+            out.append(self._decide(name, rate, compact, now, cost, commit=True))
         return out
 
     async def decide(self, checks: Sequence[Check]) -> list[Decision]:
@@ -202,7 +216,8 @@ class MemoryLimiter(Limiter):
     def peek_local(self, checks: Sequence[Check]) -> list[Decision]:
         now = self._clock()
         return [
-            self._decide(c.policy, c.rate, compact_key(c.key), now, commit=False) for c in checks
+            self._decide(c.policy, c.rate, compact_key(c.key), now, c.cost, commit=False)
+            for c in checks
         ]
 
     def reconfigure(self, rates: Mapping[str, Rate]) -> None:
@@ -233,27 +248,39 @@ class MemoryLimiter(Limiter):
 
     def sweep(self, max_entries: int | None = None) -> int:
         """Visit up to ``max_entries`` keys (all when ``None``); drop the refilled ones."""
-        now = self._clock()
         removed = 0
         for table in list(self._tables.values()):
             budget = len(table.ring) if max_entries is None else max_entries
-            removed += self._sweep_table(table, now, budget)
+            removed += self._sweep_table(table, self._now_of(table), budget)
         return removed
 
     # ------------------------------------------------------------------ internals
 
+    def _now_of(self, table: _Table) -> float:
+        """The time a table's TATs are read against: the monotonic clock, or a calendar
+        quota's virtual clock (the window's number times the quota)."""
+        windows = table.windows
+        if windows is None:
+            return self._clock()
+        return float(windows.at(self.wall_clock()).number * table.rate.burst)
+
     def _decide(
-        self, policy: str, rate: Rate, key: int | str, now: float, *, commit: bool
+        self, policy: str, rate: Rate, key: int | str, now: float, cost: int, *, commit: bool
     ) -> Decision:
         """One request of ``key`` (in its compact form) under ``policy``."""
         table = self._tables.get(policy)
-        if table is None:
-            # A policy not (yet) announced by reconfigure(): start a table for it.
+        if table is None or table.rate.calendar != rate.calendar:
+            # A policy not (yet) announced by reconfigure() (or announced with another
+            # kind of period): start a table for it.
+            if table is not None:
+                self._count -= len(table.tats)
             table = self._tables[policy] = _Table(rate)
+        if table.windows is not None:
+            return self._decide_quota(table, rate, key, cost, commit=commit)
         tats = table.tats
         tat = tats.get(key)
         if tat is not None:  # a known key: no insertion, no ghost
-            decision, new_tat = decide(tat, now, rate)
+            decision, new_tat = decide(tat, now, rate, cost)
             if commit and decision.allowed:
                 tats[key] = new_tat
             return decision
@@ -262,9 +289,32 @@ class MemoryLimiter(Limiter):
             remembered = ghost[self._slot(key)]
             if remembered > now:
                 tat = remembered
-        decision, new_tat = decide(tat, now, rate)
+        decision, new_tat = decide(tat, now, rate, cost)
         if commit and decision.allowed:
             self._insert(table, key, new_tat, now)
+        return decision
+
+    def _decide_quota(
+        self, table: _Table, rate: Rate, key: int | str, cost: int, *, commit: bool
+    ) -> Decision:
+        """One request under a calendar quota (:mod:`gateway.core.calendar`)."""
+        assert table.windows is not None  # noqa: S101 - a calendar table
+        wall = self.wall_clock()
+        window = table.windows.at(wall)
+        vnow = float(window.number * rate.burst)
+        tats = table.tats
+        tat = tats.get(key)
+        known = tat is not None
+        if not known and table.ghost is not None:
+            remembered = table.ghost[self._slot(key)]
+            if remembered > vnow:
+                tat = remembered
+        decision, new_tat = decide_quota(tat, wall, window, rate, cost)
+        if commit and decision.allowed:
+            if known:
+                tats[key] = new_tat
+            else:
+                self._insert(table, key, new_tat, vnow)
         return decision
 
     def _slot(self, key: int | str) -> int:
@@ -274,7 +324,7 @@ class MemoryLimiter(Limiter):
     def _insert(self, table: _Table, key: int | str, tat: float, now: float) -> None:
         self._sweep_table(table, now, _SWEEP_PER_INSERT)
         if self._count >= self._max_keys:
-            self._evict(now)
+            self._evict()
         table.tats[key] = tat
         table.ring.append(key)
         self._count += 1
@@ -306,12 +356,13 @@ class MemoryLimiter(Limiter):
         table.cursor = i
         return removed
 
-    def _evict(self, now: float) -> None:
+    def _evict(self) -> None:
         table = max(self._tables.values(), key=lambda t: len(t.ring))
         ring, tats = table.ring, table.tats
         size = len(ring)
         if size == 0:
             return
+        now = self._now_of(table)
         start = table.cursor % size
         best_index = start
         best_tat = tats[ring[start]]

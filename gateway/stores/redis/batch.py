@@ -41,7 +41,17 @@ class Part(NamedTuple):
 class Batch(Waiter):
     """Checks of one loop turn sharing a round trip; one future per decide() call."""
 
-    __slots__ = ("checks", "keys", "on_reply", "parts", "payload", "pks", "retried", "sent_at")
+    __slots__ = (
+        "checks",
+        "costs",
+        "keys",
+        "on_reply",
+        "parts",
+        "payload",
+        "pks",
+        "retried",
+        "sent_at",
+    )
 
     def __init__(self, on_reply: Callable[[Batch, Any], None], deadline: float) -> None:
         self.deadline = deadline  # loop time: first queued + timeout_s
@@ -50,9 +60,20 @@ class Batch(Waiter):
         self.checks: list[Check] = []
         self.keys: list[bytes] = []
         self.pks: list[PolicyKeys] = []
+        # one cost per key, once a key costs more than 1 (None until then: all cost 1)
+        self.costs: list[int] | None = None
         self.sent_at = 0.0  # limiter clock
         self.payload = b""
         self.retried = False
+
+    def add_costs(self, start: int, costs: list[int]) -> None:
+        """The costs of the keys added from ``start`` on (call after adding them)."""
+        mine = self.costs
+        if mine is None:
+            if all(c == 1 for c in costs):
+                return
+            mine = self.costs = [1] * start
+        mine += costs
 
     def resolve(self, reply: Any) -> None:
         self.on_reply(self, reply)

@@ -1,9 +1,11 @@
 """Calls of the GCRA script (``lua/gcra.lua``): packed for the lean connection, or through redis-py.
 
 Arguments stay few: the keys, a flag (``1`` consumes, ``0`` only peeks), one string of
-rate indexes (one per key), then each distinct rate once (emission interval in
-microseconds, burst).  The reply is four integers per key, in order: allowed,
-remaining, retry after and reset, both in microseconds.
+rate indexes (one per key), one string of costs (one per key; empty when each costs 1,
+the common case), then each distinct rate once (emission interval in microseconds,
+burst, period: 0 for a rolling rate, 1 hour, 2 day, 3 month for a calendar quota, whose
+"emission interval" is one unit and burst the quota).  The reply is four integers per
+key, in order: allowed, remaining, retry after and reset, both in microseconds.
 
 Through redis-py, a Cluster's keys are grouped by hash slot: one script call per slot,
 all in one pipeline (redis-py splits it per node); a standalone Redis gets one call.
@@ -20,6 +22,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
+from gateway.core.calendar import PERIOD_CODES
 from gateway.core.gcra import Rate
 from gateway.stores.redis.resp import FutureWaiter, RespClient, Waiter, bulk_string
 from gateway.stores.redis.scripts import Script, is_noscript
@@ -32,25 +35,33 @@ class PolicyKeys:
 
     __slots__ = ("head", "params", "rate", "rate_args", "tail")
 
-    def __init__(self, rate: Rate, head: bytes, tail: bytes, params: tuple[int, int]) -> None:
+    def __init__(self, rate: Rate, head: bytes, tail: bytes, params: tuple[int, int, int]) -> None:
         self.rate = rate
         self.head = head
         self.tail = tail
-        self.params = params  # emission interval in microseconds, burst
-        self.rate_args = bulk_string(params[0]) + bulk_string(params[1])
+        self.params = params  # emission interval in microseconds, burst, period code
+        self.rate_args = b"".join(bulk_string(p) for p in params)
 
     @classmethod
     def of(cls, prefix: str, policy: str, rate: Rate) -> PolicyKeys:
-        """A policy's keys: ``<prefix>rl:{<policy>:<client key>}:<requests>:<period_s>:<burst>``.
+        """A policy's keys: ``<prefix>rl:{<policy>:<client key>}:<requests>:<period_s>:<burst>``
+        (a calendar quota: ``...:<requests>:<period>:<requests>``).
 
         The emission interval is rounded up to a whole microsecond.
         """
+        if rate.calendar is not None:
+            return cls(
+                rate,
+                f"{prefix}rl:{{{policy}:".encode(),
+                f"}}:{rate.requests}:{rate.calendar}:{rate.burst}".encode(),
+                (1, rate.burst, PERIOD_CODES[rate.calendar]),
+            )
         emission_us = max(1, math.ceil(rate.period_s * 1_000_000 / rate.requests - 1e-6))
         return cls(
             rate,
             f"{prefix}rl:{{{policy}:".encode(),
             f"}}:{rate.requests}:{rate.period_s!r}:{rate.burst}".encode(),
-            (emission_us, rate.burst),
+            (emission_us, rate.burst, 0),
         )
 
 
@@ -68,10 +79,22 @@ def evalsha_head(script: Script) -> bytes:
     return b"$7\r\nEVALSHA\r\n" + bulk_string(script.sha)
 
 
+def costs_arg(costs: Sequence[int] | None) -> bytes:
+    """The script's costs argument: empty when each key costs 1."""
+    if costs is None or all(c == 1 for c in costs):
+        return b""
+    return b" ".join(b"%d" % c for c in costs)
+
+
 def pack_evalsha(
-    head: bytes, keys: Sequence[bytes], pks: Sequence[PolicyKeys], flag: bytes
+    head: bytes,
+    keys: Sequence[bytes],
+    pks: Sequence[PolicyKeys],
+    flag: bytes,
+    costs: Sequence[int] | None = None,
 ) -> bytes:
-    """``EVALSHA`` of the GCRA script over ``keys``, as RESP (``head``: :func:`evalsha_head`)."""
+    """``EVALSHA`` of the GCRA script over ``keys``, as RESP (``head``: :func:`evalsha_head`);
+    ``costs``: one per key (None: 1 each)."""
     rates: dict[bytes, bytes] = {}
     indexes = []
     for pk in pks:
@@ -80,11 +103,12 @@ def pack_evalsha(
             index = rates[pk.rate_args] = b"%d" % (len(rates) + 1)
         indexes.append(index)
     joined = b" ".join(indexes)
+    spent = costs_arg(costs)
     n = len(keys)
     parts = [
-        b"*%d\r\n%b%b" % (n + 5 + 2 * len(rates), head, bulk_string(n)),
+        b"*%d\r\n%b%b" % (n + 6 + 3 * len(rates), head, bulk_string(n)),
         *[b"$%d\r\n%b\r\n" % (len(key), key) for key in keys],
-        b"$1\r\n%b\r\n$%d\r\n%b\r\n" % (flag, len(joined), joined),
+        b"$1\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (flag, len(joined), joined, len(spent), spent),
         *rates,
     ]
     return b"".join(parts)
@@ -117,8 +141,10 @@ async def evaluate(
     *,
     cluster: bool,
     consume: bool,
+    costs: Sequence[int] | None = None,
 ) -> list[Any]:
-    """The GCRA script through redis-py: four integers per key, in order."""
+    """The GCRA script through redis-py: four integers per key, in order; ``costs``: one
+    per key (None: 1 each)."""
     flag = "1" if consume else "0"
     if not cluster:
         groups = [list(range(len(keys)))]
@@ -127,7 +153,7 @@ async def evaluate(
         for i, key in enumerate(keys):
             by_slot.setdefault(key_slot(key), []).append(i)
         groups = list(by_slot.values())
-    replies = await _run_groups(redis, script, keys, pks, groups=groups, flag=flag)
+    replies = await _run_groups(redis, script, keys, pks, groups=groups, flag=flag, costs=costs)
     flat: list[Any] = [0] * (4 * len(keys))
     for group, reply in zip(groups, replies, strict=True):
         if not isinstance(reply, list) or len(reply) != 4 * len(group):
@@ -145,12 +171,13 @@ async def _run_groups(
     *,
     groups: list[list[int]],
     flag: str,
+    costs: Sequence[int] | None,
 ) -> list[Any]:
     """One script call per group: a single EVALSHA, or a pipeline of them."""
     sha = script.sha
     commands: list[tuple[Any, ...]] = []
     for group in groups:
-        rates: dict[tuple[int, int], int] = {}
+        rates: dict[tuple[int, int, int], int] = {}
         indexes = []
         for i in group:
             params = pks[i].params
@@ -160,9 +187,10 @@ async def _run_groups(
             indexes.append(str(index))
         args: list[Any] = [sha, len(group)]
         args += [keys[i] for i in group]
-        args += (flag, " ".join(indexes))
-        for emission_us, burst in rates:
-            args += (emission_us, burst)
+        spent = costs_arg([costs[i] for i in group] if costs is not None else None)
+        args += (flag, " ".join(indexes), spent)
+        for params in rates:
+            args += params
         commands.append(tuple(args))
     if len(commands) == 1:
         try:

@@ -132,8 +132,8 @@ class RedisLimiter(OutageHandling, Limiter):
         self._policy_keys: dict[str, PolicyKeys] = {}
         # id(a route's policies) -> (those policies, their key parts), for submit_key
         self._route_keys: dict[int, tuple[Sequence[tuple[str, Rate]], list[PolicyKeys]]] = {}
-        # key -> (refused until, full again at), on the limiter clock
-        self._blocked: dict[bytes, tuple[float, float]] = {}
+        # key -> (refused until, full again at, the refused request's cost), limiter clock
+        self._blocked: dict[bytes, tuple[float, float, int]] = {}
         self._blocked_until = 0.0  # when the last refusal in the cache ends
 
         self._replicas = Replicas(
@@ -170,12 +170,14 @@ class RedisLimiter(OutageHandling, Limiter):
         """Live replicas last seen in Redis (at least 1)."""
         return self._replicas.count
 
-    def decide_key(self, policies: Sequence[tuple[str, Rate]], key: str) -> list[Decision] | None:
+    def decide_key(
+        self, policies: Sequence[tuple[str, Rate]], key: str, cost: int = 1
+    ) -> list[Decision] | None:
         # Refused keys are answered by submit() from the local cache, with a finished
         # future (no round trip, no wait): here only the open breaker's fallback.
         if not self._open_until:
             return None
-        return super().decide_key(policies, key)
+        return super().decide_key(policies, key, cost)
 
     def decide_local(self, checks: Sequence[Check]) -> list[Decision] | None:
         if not (self._open_until or self._blocked):
@@ -189,7 +191,7 @@ class RedisLimiter(OutageHandling, Limiter):
             return None
         out = []
         for check in checks:
-            decision = self._cached(self._key(check), now)
+            decision = self._cached(self._key(check), now, check.cost)
             if decision is None:
                 return None
             out.append(decision)
@@ -199,14 +201,16 @@ class RedisLimiter(OutageHandling, Limiter):
         return await self.submit(checks)
 
     def submit_key(
-        self, policies: Sequence[tuple[str, Rate]], key: str
+        self, policies: Sequence[tuple[str, Rate]], key: str, cost: int = 1
     ) -> Awaitable[list[Decision]]:
         """:meth:`submit` for a route's policies on one key (the client's address): no
         Check built by the caller, the key encoded once, the policies' key parts cached
         per route."""
         loop = self._loop
         if self._open_until or self._blocked or loop is None or loop.is_closed() or not policies:
-            return self.submit([_tuple_new(Check, (name, rate, key)) for name, rate in policies])
+            return self.submit(
+                [_tuple_new(Check, (name, rate, key, cost)) for name, rate in policies]
+            )
         entry = self._route_keys.get(id(policies))
         if entry is None or entry[0] is not policies:
             entry = self._route_entry(policies)
@@ -216,9 +220,11 @@ class RedisLimiter(OutageHandling, Limiter):
         raw = bounded_key(key).encode("utf-8", "surrogatepass")
         add_check, add_key = batch.checks.append, batch.keys.append
         for policy, pk in zip(policies, entry[1], strict=True):
-            add_check(_tuple_new(Check, (policy[0], policy[1], key)))
+            add_check(_tuple_new(Check, (policy[0], policy[1], key, cost)))
             add_key(pk.head + raw + pk.tail)
         batch.pks += entry[1]
+        if cost != 1 or batch.costs is not None:
+            batch.add_costs(start, [cost] * len(policies))
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
         batch.parts.append(_tuple_new(Part, (future, start, len(policies), None)))
@@ -265,7 +271,10 @@ class RedisLimiter(OutageHandling, Limiter):
                 self._probing = True  # this decision probes Redis; others keep the fallback
             if self._still_blocked(now):
                 keys = [self._key(c) for c in checks]
-                cached = [self._cached(key, now) for key in keys]
+                cached = [
+                    self._cached(key, now, check.cost)
+                    for key, check in zip(keys, checks, strict=True)
+                ]
                 if all(d is not None for d in cached):
                     self._probing = False
                     future.set_result(cached)  # type: ignore[arg-type]
@@ -283,13 +292,17 @@ class RedisLimiter(OutageHandling, Limiter):
                     last = check.key
                     raw = bounded_key(last).encode("utf-8", "surrogatepass")
                 add_key(pk.head + raw + pk.tail)
+            batch.add_costs(start, [check.cost for check in checks])
         else:
             assert keys is not None  # noqa: S101 - computed with cached
+            spent = []
             for check, key, decision in zip(checks, keys, cached, strict=True):
                 if decision is None:
                     batch.checks.append(check)
                     batch.keys.append(key)
                     batch.pks.append(self._policy(check))
+                    spent.append(check.cost)
+            batch.add_costs(start, spent)
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
         batch.parts.append(_tuple_new(Part, (future, start, len(checks), cached)))
@@ -304,13 +317,20 @@ class RedisLimiter(OutageHandling, Limiter):
                 raise ConnectionError("circuit open")  # noqa: TRY301 - one fallback path
             keys = [self._key(c) for c in checks]
             pks = [self._policy(c) for c in checks]
+            costs = [c.cost for c in checks]
             if self._client is not None:
-                payload = pack_evalsha(self._evalsha_head, keys, pks, b"0")
+                payload = pack_evalsha(self._evalsha_head, keys, pks, b"0", costs)
                 reply = await peek_lean(self._client, self._gcra, payload, self._timeout_s)
             else:
                 async with asyncio.timeout(self._timeout_s):
                     reply = await evaluate(
-                        self._redis, self._gcra, keys, pks, cluster=self._cluster, consume=False
+                        self._redis,
+                        self._gcra,
+                        keys,
+                        pks,
+                        cluster=self._cluster,
+                        consume=False,
+                        costs=costs,
                     )
             if len(reply) != 4 * len(checks):
                 raise RedisConnectionError(f"unexpected script reply: {reply!r:.200}")  # noqa: TRY301
@@ -319,7 +339,7 @@ class RedisLimiter(OutageHandling, Limiter):
                 raise BackendUnavailable(self._retry_after(self._clock())) from None
             if self._fallback is not None:
                 return self._fallback.peek_local(self._replicas.divided_checks(checks))
-            return [unlimited(c.rate) for c in checks]
+            return [unlimited(c.rate, c.cost) for c in checks]
         it = iter(reply)
         return [
             Decision(bool(allowed), int(remaining), retry_us / 1e6, reset_us / 1e6)
@@ -392,13 +412,17 @@ class RedisLimiter(OutageHandling, Limiter):
             blocked.clear()
         return bool(blocked)
 
-    def _cached(self, key: bytes, now: float) -> Decision | None:
+    def _cached(self, key: bytes, now: float, cost: int) -> Decision | None:
+        """The refusal of a key Redis refused, while it runs, for a request costing at
+        least as much as the refused one (a cheaper one may fit what is left)."""
         entry = self._blocked.get(key)
         if entry is None:
             return None
-        until, full_at = entry
+        until, full_at, refused_cost = entry
         if now >= until:
             del self._blocked[key]
+            return None
+        if cost < refused_cost:
             return None
         return Decision(
             allowed=False, remaining=0, retry_after_s=until - now, reset_s=full_at - now
@@ -416,7 +440,9 @@ class RedisLimiter(OutageHandling, Limiter):
             self._inflight += 1
             batch.sent_at = self._clock()
             if self._client is not None:
-                batch.payload = pack_evalsha(self._evalsha_head, batch.keys, batch.pks, b"1")
+                batch.payload = pack_evalsha(
+                    self._evalsha_head, batch.keys, batch.pks, b"1", batch.costs
+                )
                 self._client.send(batch.payload, batch)
             else:
                 task = asyncio.get_running_loop().create_task(self._run_batch(batch))
@@ -434,6 +460,7 @@ class RedisLimiter(OutageHandling, Limiter):
                     batch.pks,
                     cluster=self._cluster,
                     consume=True,
+                    costs=batch.costs,
                 )
         except asyncio.CancelledError:
             batch.cancel()
@@ -464,6 +491,7 @@ class RedisLimiter(OutageHandling, Limiter):
             decisions: list[Decision] = []
             append = decisions.append
             blocked = self._blocked
+            costs = batch.costs
             sent_at = batch.sent_at
             it = iter(reply)
             for allowed, remaining, retry_us, reset_us in zip(it, it, it, it, strict=True):
@@ -474,7 +502,8 @@ class RedisLimiter(OutageHandling, Limiter):
                 if len(blocked) >= self._blocked_cap:
                     blocked.clear()  # O(n) once per cap insertions: amortised O(1)
                 until = sent_at + retry
-                blocked[keys[len(decisions)]] = (until, sent_at + reset)
+                refused_cost = costs[len(decisions)] if costs is not None else 1
+                blocked[keys[len(decisions)]] = (until, sent_at + reset, refused_cost)
                 self._blocked_until = max(self._blocked_until, until)
                 append(_tuple_new(Decision, (False, 0, retry, reset)))
             batch.settle(decisions)

@@ -119,4 +119,4 @@ class OutageHandling:
         self._metrics.ratelimit_backend_errors.inc(len(checks))
         if self._fallback is not None:
             return self._fallback.decide_local(self._replicas.divided_checks(checks))
-        return [unlimited(c.rate) for c in checks]
+        return [unlimited(c.rate, c.cost) for c in checks]

@@ -45,9 +45,12 @@ class Replicas:
         divided = self._divided.get(rate)
         if divided is None:
             n = self._count
-            divided = (
-                rate if n == 1 else Rate(rate.requests, rate.period_s * n, -(-rate.burst // n))
-            )
+            if n == 1:
+                divided = rate
+            elif rate.calendar is not None:  # a calendar quota: a share of it each
+                divided = Rate.quota(-(-rate.requests // n), rate.calendar)
+            else:
+                divided = Rate(rate.requests, rate.period_s * n, -(-rate.burst // n))
             self._divided[rate] = divided
         return divided
 
@@ -55,7 +58,7 @@ class Replicas:
         return {name: self.divide(rate) for name, rate in rates.items()}
 
     def divided_checks(self, checks: Sequence[Check]) -> list[Check]:
-        return [Check(c.policy, self.divide(c.rate), c.key) for c in checks]
+        return [Check(c.policy, self.divide(c.rate), c.key, c.cost) for c in checks]
 
     async def announce(self) -> int:
         """Announce this replica now and refresh the count of live ones (kept on error)."""

@@ -5,12 +5,20 @@
 -- with an expiry at that instant, so a refilled key simply disappears.
 -- Redis's own clock is used (never the callers'): replicas' clocks differ.
 --
+-- A calendar quota (period 1 hour, 2 day, 3 month: UTC windows) is the same decision on
+-- a virtual clock in whole units (gateway/core/calendar.py): window i is the instant
+-- i * quota, each request advances the TAT by its cost, and the key expires when its
+-- window ends.
+--
 -- KEYS     the keys to decide, one request each, in order (a key may repeat: it is
 --          read and written once, its requests decided in order)
 -- ARGV[1]  "1": consume the budget of allowed requests; "0": only answer (peek)
 -- ARGV[2]  for each key, the 1-based index of its rate, space-separated ("1 1 2")
--- ARGV[3], ARGV[4], ...  the rates: emission interval T in microseconds (integer
---          >= 1) then burst (integer >= 1), for rate 1, rate 2, ...
+-- ARGV[3]  for each key, its cost (the budget units it takes, integer >= 1),
+--          space-separated; "" when every key costs 1
+-- ARGV[4], ARGV[5], ...  the rates, three values each: emission interval T in
+--          microseconds (integer >= 1; 1 for a calendar quota), burst (integer >= 1;
+--          the quota), period (0 rolling, 1 hour, 2 day, 3 month)
 -- Returns a flat array, four integers per key:
 --   allowed (1 | 0), remaining, retry_after_us, reset_us
 if redis.replicate_commands then
@@ -19,49 +27,147 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local consume = ARGV[1] == '1'
+local floor = math.floor
+
+-- days since 1970-01-01 of a civil date (proleptic Gregorian; H. Hinnant's algorithm)
+local function days_from_civil(y, m, d)
+  if m <= 2 then
+    y = y - 1
+  end
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m > 2) and (m - 3) or (m + 9)
+  local doy = floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+-- the current window of a period: its number since the epoch, its end (microseconds)
+local windows = {}
+local function window(period)
+  local w = windows[period]
+  if w == nil then
+    local sec = tonumber(t[1])
+    local index, ends
+    if period == 1 then
+      index = floor(sec / 3600)
+      ends = (index + 1) * 3600
+    elseif period == 2 then
+      index = floor(sec / 86400)
+      ends = (index + 1) * 86400
+    else
+      local z = floor(sec / 86400) + 719468
+      local era = floor(z / 146097)
+      local doe = z - era * 146097
+      local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+      local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+      local mp = floor((5 * doy + 2) / 153)
+      local m = (mp < 10) and (mp + 3) or (mp - 9)
+      local y = yoe + era * 400
+      if m <= 2 then
+        y = y + 1
+      end
+      index = y * 12 + m - 1
+      if m == 12 then
+        ends = days_from_civil(y + 1, 1, 1) * 86400
+      else
+        ends = days_from_civil(y, m + 1, 1) * 86400
+      end
+    end
+    w = {index, ends * 1000000}
+    windows[period] = w
+  end
+  return w[1], w[2]
+end
+
 local out = {}
 -- A key may come many times in one call (one client's concurrent requests): it is read
 -- once, decided in order in `tats`, and written once at the end with its last TAT.
 local tats = {}
 local dirty = {}
+local expires = {}  -- a calendar key's expiry (its window's end), microseconds
+local costs = {}
+local c = 0
+for cost in string.gmatch(ARGV[3], '%d+') do
+  c = c + 1
+  costs[c] = tonumber(cost)
+end
 local i = 0
 for index in string.gmatch(ARGV[2], '%d+') do
   i = i + 1
   local key = KEYS[i]
-  local a = 1 + 2 * tonumber(index)
+  local a = 1 + 3 * tonumber(index)
   local emission = tonumber(ARGV[a])
-  local tolerance = emission * tonumber(ARGV[a + 1])
-  local tat = tats[key]
-  if tat == nil then
-    tat = tonumber(redis.call('GET', key)) or now
-  end
-  if tat < now then
-    tat = now
-  end
-  local new_tat = tat + emission
-  local slack = tolerance - (new_tat - now)
+  local burst = tonumber(ARGV[a + 1])
+  local period = tonumber(ARGV[a + 2])
+  local cost = costs[i] or 1
   local n = #out
-  if slack < 0 then
-    tats[key] = tat
-    out[n + 1] = 0
-    out[n + 2] = 0
-    out[n + 3] = -slack
-    out[n + 4] = tat - now
-  else
-    if consume then
-      tats[key] = new_tat
-      dirty[key] = true
-    else
-      tats[key] = tat
+  if period == 0 then
+    local tolerance = emission * burst
+    local tat = tats[key]
+    if tat == nil then
+      tat = tonumber(redis.call('GET', key)) or now
     end
-    out[n + 1] = 1
-    out[n + 2] = math.floor(slack / emission)
-    out[n + 3] = 0
-    out[n + 4] = new_tat - now
+    if tat < now then
+      tat = now
+    end
+    -- a refused request takes nothing; one that costs more than is left is refused
+    local new_tat = tat + emission * cost
+    local slack = tolerance - (new_tat - now)
+    if slack < 0 then
+      tats[key] = tat
+      out[n + 1] = 0
+      out[n + 2] = 0
+      out[n + 3] = -slack
+      out[n + 4] = tat - now
+    else
+      if consume then
+        tats[key] = new_tat
+        dirty[key] = true
+      else
+        tats[key] = tat
+      end
+      out[n + 1] = 1
+      out[n + 2] = floor(slack / emission)
+      out[n + 3] = 0
+      out[n + 4] = new_tat - now
+    end
+  else
+    local index_now, ends = window(period)
+    local vnow = index_now * burst
+    local tat = tats[key]
+    if tat == nil then
+      tat = tonumber(redis.call('GET', key)) or vnow
+    end
+    if tat < vnow then
+      tat = vnow
+    end
+    local used = tat - vnow + cost
+    local left = ends - now
+    if used > burst then
+      tats[key] = tat
+      out[n + 1] = 0
+      out[n + 2] = 0
+      out[n + 3] = left
+      out[n + 4] = left
+    else
+      if consume then
+        tats[key] = tat + cost
+        dirty[key] = true
+        expires[key] = ends
+      else
+        tats[key] = tat
+      end
+      out[n + 1] = 1
+      out[n + 2] = burst - used
+      out[n + 3] = 0
+      out[n + 4] = left
+    end
   end
 end
 for key in pairs(dirty) do
   local tat = tats[key]
-  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+  local ends = expires[key] or tat
+  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((ends - now) / 1000))
 end
 return out
