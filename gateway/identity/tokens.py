@@ -12,8 +12,19 @@ Verification is PyJWT's, with the algorithm pinned by the key, never by the toke
 
 Verified tokens are cached by the SHA-256 of the token until their ``exp`` (bounded, the
 oldest entry goes first), so a client that sends the same token again costs a digest and
-a dict look-up instead of a signature check. Refused tokens are not cached: a refusal is
-cheap for malformed tokens, and caching them would let garbage push valid tokens out.
+a dict look-up instead of a signature check. Refused tokens are not cached: caching them
+would let garbage push valid tokens out.
+
+A signature check is the costly part (tens of microseconds for RS256, more on a busy
+machine), and a fresh forged token costs one before any rate limit applies. So:
+
+- what can be refused without one is refused first: a token over
+  :data:`MAX_TOKEN_CHARS`, a header that does not parse, an algorithm not allowed, a
+  ``kid`` with no key of the token's algorithm;
+- with a :class:`~gateway.core.failure_budget.FailureBudget` and the client's key, each
+  refusal after a signature check spends one failure of that client, and a client whose
+  budget is spent gets no check at all (``throttled``) until it refills. Its tokens
+  already verified (cached) still pass.
 
 Nothing here logs a token; refusals carry a short reason (``expired``, ``bad_signature``,
 ...) for logs and metrics.
@@ -25,14 +36,18 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 import orjson
 from jwt.api_jwk import PyJWK
 
+if TYPE_CHECKING:
+    from gateway.core.failure_budget import FailureBudget
+
 __all__ = [
     "ASYMMETRIC",
+    "MAX_TOKEN_CHARS",
     "JwksError",
     "Refused",
     "TokenVerifier",
@@ -43,6 +58,10 @@ __all__ = [
 
 ASYMMETRIC = frozenset({"RS256", "ES256", "EdDSA"})
 """The algorithms a JWKS key may verify (each key serves exactly one of them)."""
+
+MAX_TOKEN_CHARS = 8192
+"""Longer tokens are refused unread (``too_large``): real ones are a few hundred bytes
+to a few KiB, and every byte is base64- and JSON-decoded before the signature check."""
 
 _KTY = {"RS256": "RSA", "ES256": "EC", "EdDSA": "OKP"}
 _CURVE = {"ES256": "P-256", "EdDSA": "Ed25519"}
@@ -155,7 +174,12 @@ class TokenVerifier:
             "verify_iss": issuer is not None,
         }
 
-    def verify(self, token: str) -> Verified | Refused:
+    def verify(
+        self, token: str, *, client: str | None = None, failures: FailureBudget | None = None
+    ) -> Verified | Refused:
+        """The token's claims, or why it is refused. With ``failures`` and the ``client``'s
+        key, a refusal after a signature check spends one of that client's failures, and a
+        client with none left gets no check (``throttled``)."""
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         hit = self._cache.get(digest)
         if hit is not None:
@@ -163,22 +187,33 @@ class TokenVerifier:
                 return hit
             del self._cache[digest]
             return Refused("expired")
-        outcome = self._verify(token)
+        if len(token) > MAX_TOKEN_CHARS:
+            return Refused("too_large")
+        if (
+            failures is not None
+            and client is not None
+            and failures.exhausted(client, self._clock())
+        ):
+            return Refused("throttled")
+        outcome, checked = self._verify(token)
         if isinstance(outcome, Verified):
             if len(self._cache) >= self._cache_size:
                 del self._cache[next(iter(self._cache))]
             self._cache[digest] = outcome
+        elif checked and failures is not None and client is not None:
+            failures.spend(client, self._clock())
         return outcome
 
-    def _verify(self, token: str) -> Verified | Refused:
+    def _verify(self, token: str) -> tuple[Verified | Refused, bool]:
+        """The outcome, and whether a signature was checked to reach it."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            return Refused("malformed")
+            return Refused("malformed"), False
         alg = header.get("alg")
         candidates = self._candidates(alg, header.get("kid"))
         if isinstance(candidates, Refused):
-            return candidates
+            return candidates, False
         algorithms = [str(alg)]  # one of the known names: _candidates checked it
         reason = "bad_signature"
         for key in candidates:
@@ -196,12 +231,12 @@ class TokenVerifier:
                 reason = _reason(exc)
                 if reason in {"bad_signature", "malformed"}:
                     continue  # another key of the same kid may have signed it
-                return Refused(reason)
+                return Refused(reason), True
             exp = claims.get("exp")
             if not isinstance(exp, int | float) or isinstance(exp, bool):
-                return Refused("malformed")
-            return Verified(claims, float(exp))
-        return Refused(reason)
+                return Refused("malformed"), True
+            return Verified(claims, float(exp)), True
+        return Refused(reason), True
 
     def _candidates(self, alg: object, kid: object) -> list[Any] | Refused:
         """The keys that may verify a token of ``alg``: the key decides, never the token."""
