@@ -11,20 +11,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from gateway.core.gcra import Rate
 from gateway.identity.api_keys import ApiKeyError, ApiKeys
 from gateway.identity.tokens import JwksError, TokenVerifier, Verified, bearer_token, load_jwks
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from multidict import CIMultiDict, CIMultiDictProxy
 
     from gateway.config.errors import Problem
     from gateway.config.models import Config, Identity
+    from gateway.core.failure_budget import FailureBudget
 
     Fields = CIMultiDict[str] | CIMultiDictProxy[str]
 
-__all__ = ["NO_IDENTITY", "IdentityKeys", "RequestIdentity", "identity_files", "load_identity"]
+__all__ = [
+    "NO_IDENTITY",
+    "IdentityKeys",
+    "RequestIdentity",
+    "failure_rate",
+    "identity_files",
+    "load_identity",
+]
 
 MAX_FILE_BYTES = 1 << 20
 
@@ -69,19 +78,35 @@ class IdentityKeys:
         self.api_key_header = api_key_header
         self.plan_claim = plan_claim
 
-    def identify(self, headers: Fields) -> RequestIdentity:
-        """Verify the request's credentials (a bearer token, an API key)."""
+    def identify(
+        self,
+        headers: Fields,
+        *,
+        client: str | None = None,
+        failures: FailureBudget | None = None,
+        record: Callable[[str, str], None] | None = None,
+    ) -> RequestIdentity:
+        """Verify the request's credentials (a bearer token, an API key).
+
+        ``client`` and ``failures``: the client's key and the budget its failed token
+        checks spend (see :meth:`TokenVerifier.verify`); ``record(kind, result)`` is told
+        the outcome of each credential (``jwt``/``api_key``; ``valid`` or why not).
+        """
         claims: Mapping[str, Any] | None = None
         key_id = plan = None
         if self.verifier is not None:
             token = bearer_token(headers.get("Authorization"))
             if token is not None:
-                outcome = self.verifier.verify(token)
+                outcome = self.verifier.verify(token, client=client, failures=failures)
                 if isinstance(outcome, Verified):
                     claims = outcome.claims
                     if self.plan_claim is not None:
                         value = claims.get(self.plan_claim)
                         plan = value if isinstance(value, str) else None
+                    if record is not None:
+                        record("jwt", "valid")
+                elif record is not None:
+                    record("jwt", outcome.reason)
         if self.api_keys is not None and self.api_key_header is not None:
             raw = headers.get(self.api_key_header)
             if raw is not None:
@@ -90,6 +115,8 @@ class IdentityKeys:
                     key_id = found.id
                     if plan is None:
                         plan = found.plan
+                if record is not None:
+                    record("api_key", "valid" if found is not None else "unknown")
         if claims is None and key_id is None:
             return NO_IDENTITY
         return RequestIdentity(claims, key_id, plan)
@@ -113,6 +140,15 @@ def _read(path: str) -> str | None:
     except UnicodeDecodeError:
         msg = f"{path} is not UTF-8 text"
         raise ValueError(msg) from None
+
+
+def failure_rate(section: Identity) -> Rate | None:
+    """The budget of failed token checks per client address (None: no budget)."""
+    jwt_cfg = section.jwt
+    if jwt_cfg is None or jwt_cfg.max_failed_per_ip is None:
+        return None
+    most = jwt_cfg.max_failed_per_ip
+    return Rate(most, float(jwt_cfg.failed_window_s), most)
 
 
 def identity_files(cfg: Config) -> list[str]:

@@ -25,12 +25,13 @@ from gateway.pipeline.snapshot import ALLOW_ANY
 from gateway.stores.limiter import Check
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from multidict import CIMultiDict, CIMultiDictProxy
     from yarl import URL
 
     from gateway.core.client_ip import IPAddress
+    from gateway.core.failure_budget import FailureBudget
     from gateway.core.gcra import Decision
     from gateway.identity.resolver import RequestIdentity
     from gateway.pipeline.snapshot import CompiledInflight, CompiledPolicy, CompiledRoute, Snapshot
@@ -147,12 +148,22 @@ def guard_route(
         )
 
 
-def identify(snap: Snapshot, route: CompiledRoute, headers: Fields) -> RequestIdentity:
+def identify(
+    snap: Snapshot,
+    route: CompiledRoute,
+    headers: Fields,
+    *,
+    client: str | None = None,
+    failures: FailureBudget | None = None,
+    record: Callable[[str, str], None] | None = None,
+) -> RequestIdentity:
     """Who the request is, read only when its route needs it (``auth``, or a policy keyed
-    by identity): a config without identity keys costs nothing here."""
+    by identity): a config without identity keys costs nothing here. The proxy port
+    passes the client's key, its budget of failed token checks and the metric to count
+    outcomes in; ``/admin/explain`` passes none (it counts nothing)."""
     if not route.needs_identity or snap.identity is None:
         return NO_IDENTITY
-    return snap.identity.identify(headers)
+    return snap.identity.identify(headers, client=client, failures=failures, record=record)
 
 
 def check_auth(route: CompiledRoute, ident: RequestIdentity) -> None:
