@@ -1,13 +1,16 @@
 """Bearer tokens over real sockets (SPEC 11): each invalid-token case, ES256 and EdDSA keys
-from the JWKS file, a key rotation, the per-address budget of failed verifications and
-the verification metrics."""
+from the JWKS file, a key rotation, the per-address budget of failed verifications, the
+verification metrics, and per-user limits exact across three gateways on one Redis and
+two gateways on a Redis Cluster."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from gateway.app import Gateway
+from tests.conftest import free_port
 from tests.gw import admin_url, running_gateway
 from tests.integration.test_identity import (
     _RSA,
@@ -29,6 +33,7 @@ from tests.integration.test_identity import (
     _cfg,
     _get,
     _hs256_with_public_key,
+    _token,
 )
 
 pytestmark = pytest.mark.timeout(90)
@@ -222,3 +227,80 @@ async def test_api_keys_are_counted_without_the_key(upstream: str, tmp_path: Pat
         assert await _verifications(s, gw) == {("api_key", "valid"): 1, ("api_key", "unknown"): 1}
         async with s.get(admin_url(gw, "/metrics")) as r:
             assert API_KEY not in await r.text()
+
+
+# ------------------------------------------------------------ replicas
+
+
+def _replica(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        **cfg,
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+    }
+
+
+async def _exact_per_user(
+    replicas: tuple[Gateway, ...], s: aiohttp.ClientSession, burst: int, requests: int
+) -> list[int]:
+    tokens = [_token("frank") for _ in range(3)]  # one user, several tokens
+
+    async def hit(i: int) -> int:
+        gw = replicas[i % len(replicas)]
+        return (await _get(s, gw, "/x", _bearer(tokens[i % 3])))[0]
+
+    statuses = await asyncio.gather(*(hit(i) for i in range(requests)))
+    assert statuses.count(200) == burst
+    assert statuses.count(429) == requests - burst
+    return statuses
+
+
+def _redis_cfg(upstream: str, tmp_path: Path, burst: int) -> dict[str, Any]:
+    policy = f"u-{uuid.uuid4().hex[:8]}"
+    cfg = _cfg(
+        upstream,
+        tmp_path,
+        **{policy: {"requests": 1, "period_s": 60, "burst": burst, "key": "jwt:sub"}},
+    )
+    cfg["rate_limit"]["backend"] = "redis"
+    return cfg
+
+
+async def test_three_gateways_on_one_redis_are_exact_per_user(
+    redis_url: str, upstream: str, tmp_path: Path
+) -> None:
+    cfg = _redis_cfg(upstream, tmp_path, burst=7)
+    env = {"GATEWAY_REDIS_URL": redis_url}
+    async with (
+        running_gateway(cfg, env) as a,
+        running_gateway(_replica(cfg), env) as b,
+        running_gateway(_replica(cfg), env) as c,
+        aiohttp.ClientSession() as s,
+    ):
+        await _exact_per_user((a, b, c), s, burst=7, requests=30)
+        # another user has a budget of its own on every replica
+        for gw in (a, b, c):
+            assert (await _get(s, gw, "/x", _bearer(_token(f"other-{gw.proxy_port}"))))[0] == 200
+
+
+async def test_two_gateways_on_a_redis_cluster_are_exact_per_user(
+    cluster_url: str, upstream: str, tmp_path: Path
+) -> None:
+    cfg = _redis_cfg(upstream, tmp_path, burst=5)
+    env = {"GATEWAY_REDIS_URL": cluster_url}
+    async with (
+        running_gateway(cfg, env) as a,
+        running_gateway(_replica(cfg), env) as b,
+        aiohttp.ClientSession() as s,
+    ):
+        await _exact_per_user((a, b), s, burst=5, requests=20)
+        # many users spread over the cluster's slots: each exact
+        users = [f"user-{n}" for n in range(12)]
+        statuses: dict[str, list[int]] = {u: [] for u in users}
+        for _ in range(6):
+            for n, u in enumerate(users):
+                gw = (a, b)[n % 2]
+                statuses[u].append((await _get(s, gw, "/x", _bearer(_token(u))))[0])
+        assert all(v == [200] * 5 + [429] for v in statuses.values()), statuses
+        assert a.runtime.limiter.backend_ok
+        assert b.runtime.limiter.backend_ok
