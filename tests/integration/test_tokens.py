@@ -287,6 +287,7 @@ async def test_two_gateways_on_a_redis_cluster_are_exact_per_user(
     cluster_url: str, upstream: str, tmp_path: Path
 ) -> None:
     cfg = _redis_cfg(upstream, tmp_path, burst=5)
+    cfg["abuse"] = {"enabled": True}  # the ban store on the cluster too (no ban reached)
     env = {"GATEWAY_REDIS_URL": cluster_url}
     async with (
         running_gateway(cfg, env) as a,
