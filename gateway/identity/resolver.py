@@ -8,7 +8,7 @@ missing one a warning (its credentials then never verify).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.core.gcra import Rate
@@ -16,13 +16,17 @@ from gateway.identity.api_keys import ApiKeyError, ApiKeys
 from gateway.identity.tokens import JwksError, TokenVerifier, Verified, bearer_token, load_jwks
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
     from multidict import CIMultiDict, CIMultiDictProxy
 
     from gateway.config.errors import Problem
     from gateway.config.models import Config, Identity
     from gateway.core.failure_budget import FailureBudget
+    from gateway.pipeline.snapshot import CompiledPolicy
+    from gateway.stores.limiter import Check
+
+    RouteChecks = dict[str, tuple[Sequence[CompiledPolicy], list[Check]]]
 
     Fields = CIMultiDict[str] | CIMultiDictProxy[str]
 
@@ -46,16 +50,22 @@ class RequestIdentity:
     claims: Mapping[str, Any] | None = None
     api_key: str | None = None
     plan: str | None = None
+    # the rate-limit checks of each route whose policies are all keyed by this identity
+    # (decisions.policy_checks fills it): set on an identity kept with its verified token,
+    # so a repeated token finds them made; None on the others
+    # (read only: shared by the requests that carry the token)
+    route_checks: RouteChecks | None = field(default=None, compare=False)
+    # the access log's ``identity``: ``jwt:<sub>`` or ``api_key:<id>`` (made once)
+    label: str | None = field(init=False, compare=False)
 
-    @property
-    def label(self) -> str | None:
-        """The access log's ``identity``: ``jwt:<sub>`` or ``api_key:<id>``."""
+    def __post_init__(self) -> None:
+        label = None
         if self.claims is not None:
             sub = self.claims.get("sub")
-            return f"jwt:{sub}" if isinstance(sub, str) else "jwt:"
-        if self.api_key is not None:
-            return "api_key:" + self.api_key
-        return None
+            label = f"jwt:{sub}" if isinstance(sub, str) else "jwt:"
+        elif self.api_key is not None:
+            label = "api_key:" + self.api_key
+        object.__setattr__(self, "label", label)
 
 
 NO_IDENTITY = RequestIdentity()
@@ -92,34 +102,36 @@ class IdentityKeys:
         checks spend (see :meth:`TokenVerifier.verify`); ``record(kind, result)`` is told
         the outcome of each credential (``jwt``/``api_key``; ``valid`` or why not).
         """
-        claims: Mapping[str, Any] | None = None
-        key_id = plan = None
+        verified: Verified | None = None
         if self.verifier is not None:
             token = bearer_token(headers.get("Authorization"))
             if token is not None:
                 outcome = self.verifier.verify(token, client=client, failures=failures)
                 if isinstance(outcome, Verified):
-                    claims = outcome.claims
-                    if self.plan_claim is not None:
-                        value = claims.get(self.plan_claim)
-                        plan = value if isinstance(value, str) else None
+                    verified = outcome
                     if record is not None:
                         record("jwt", "valid")
                 elif record is not None:
                     record("jwt", outcome.reason)
+        found = None
         if self.api_keys is not None and self.api_key_header is not None:
             raw = headers.get(self.api_key_header)
             if raw is not None:
                 found = self.api_keys.lookup(raw)
-                if found is not None:
-                    key_id = found.id
-                    if plan is None:
-                        plan = found.plan
                 if record is not None:
                     record("api_key", "valid" if found is not None else "unknown")
-        if claims is None and key_id is None:
-            return NO_IDENTITY
-        return RequestIdentity(claims, key_id, plan)
+        if verified is None:
+            return NO_IDENTITY if found is None else RequestIdentity(None, found.id, found.plan)
+        ident: RequestIdentity | None = verified.memo
+        if ident is None:  # made once per verified token, then kept with it in the cache
+            plan = None
+            if self.plan_claim is not None:
+                value = verified.claims.get(self.plan_claim)
+                plan = value if isinstance(value, str) else None
+            ident = verified.memo = RequestIdentity(verified.claims, None, plan, {})
+        if found is None:
+            return ident
+        return RequestIdentity(ident.claims, found.id, ident.plan or found.plan)
 
 
 def _read(path: str) -> str | None:

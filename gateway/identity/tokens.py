@@ -10,10 +10,13 @@ Verification is PyJWT's, with the algorithm pinned by the key, never by the toke
 - ``exp`` is required; ``nbf``, and ``iss``/``aud`` when configured, are checked, each
   with ``leeway_s``.
 
-Verified tokens are cached by the SHA-256 of the token until their ``exp`` (bounded, the
-oldest entry goes first), so a client that sends the same token again costs a digest and
-a dict look-up instead of a signature check. Refused tokens are not cached: caching them
-would let garbage push valid tokens out.
+Verified tokens are cached by the token itself until their ``exp``, so a client that
+sends the same token again costs one dict look-up instead of a signature check (a
+SHA-256 of the token would cost more than the look-up and everything around it). The
+cache is bounded in entries and in characters (:data:`CACHE_CHARS`), the oldest entry
+going first; only verified tokens enter it, so only tokens the issuer signed take its
+room. Refused tokens are not cached: caching them would let garbage push valid tokens
+out.
 
 A signature check is the costly part (tens of microseconds for RS256, more on a busy
 machine), and a fresh forged token costs one before any rate limit applies. So:
@@ -32,7 +35,6 @@ Nothing here logs a token; refusals carry a short reason (``expired``, ``bad_sig
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -63,6 +65,9 @@ MAX_TOKEN_CHARS = 8192
 """Longer tokens are refused unread (``too_large``): real ones are a few hundred bytes
 to a few KiB, and every byte is base64- and JSON-decoded before the signature check."""
 
+CACHE_CHARS = 8 << 20
+"""At most this many characters of tokens are kept in the cache of verified tokens."""
+
 _KTY = {"RS256": "RSA", "ES256": "EC", "EdDSA": "OKP"}
 _CURVE = {"ES256": "P-256", "EdDSA": "Ed25519"}
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k"})
@@ -72,10 +77,15 @@ class JwksError(ValueError):
     """A JWKS document that cannot be used; the message names the key."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Verified:
+    """A verified token's claims; cached with the token until ``expires_at``."""
+
     claims: Mapping[str, Any]
     expires_at: float
+    # what the caller made of the claims, kept with the cache entry so that a repeated
+    # token costs no more than the look-up (the resolver keeps its RequestIdentity here)
+    memo: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +97,8 @@ def bearer_token(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` field (scheme in any case)."""
     if authorization is None or len(authorization) < 8:
         return None
+    if authorization[:7] == "Bearer ":  # the usual spelling: no split, no case fold
+        return authorization[7:].strip(" ") or None
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer":
         return None
@@ -139,6 +151,7 @@ class TokenVerifier:
         "_all_keys",
         "_audience",
         "_cache",
+        "_cache_chars",
         "_cache_size",
         "_clock",
         "_issuer",
@@ -165,8 +178,9 @@ class TokenVerifier:
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_s
-        self._cache: dict[bytes, Verified] = {}
+        self._cache: dict[str, Verified] = {}  # token -> outcome, oldest first
         self._cache_size = cache_size
+        self._cache_chars = 0
         self._clock = clock
         self._options: dict[str, Any] = {
             "require": ["exp"],
@@ -180,12 +194,13 @@ class TokenVerifier:
         """The token's claims, or why it is refused. With ``failures`` and the ``client``'s
         key, a refusal after a signature check spends one of that client's failures, and a
         client with none left gets no check (``throttled``)."""
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        hit = self._cache.get(digest)
+        cache = self._cache
+        hit = cache.get(token)
         if hit is not None:
             if self._clock() < hit.expires_at + self._leeway:
                 return hit
-            del self._cache[digest]
+            del cache[token]
+            self._cache_chars -= len(token)
             return Refused("expired")
         if len(token) > MAX_TOKEN_CHARS:
             return Refused("too_large")
@@ -197,9 +212,12 @@ class TokenVerifier:
             return Refused("throttled")
         outcome, checked = self._verify(token)
         if isinstance(outcome, Verified):
-            if len(self._cache) >= self._cache_size:
-                del self._cache[next(iter(self._cache))]
-            self._cache[digest] = outcome
+            self._cache_chars += len(token)
+            while cache and (len(cache) >= self._cache_size or self._cache_chars > CACHE_CHARS):
+                oldest = next(iter(cache))
+                del cache[oldest]
+                self._cache_chars -= len(oldest)
+            cache[token] = outcome
         elif checked and failures is not None and client is not None:
             failures.spend(client, self._clock())
         return outcome

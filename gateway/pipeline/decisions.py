@@ -240,16 +240,24 @@ def policy_checks(
             Check(p.name, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded))
             for p in route.policies
         ]
+    memo = ident.route_checks
+    if memo is not None:
+        made = memo.get(route.name)
+        if made is not None:
+            return made
     applied: list[CompiledPolicy] = []
     checks: list[Check] = []
+    by_identity_alone = True  # every key from the identity: the same for each request
     for p in route.policies:
         if not p.identity:
+            by_identity_alone = False
             key = policy_key_of(p, route, ip, headers, decoded=decoded)
         else:
             value = identity_value(p, ident)
             if value is not None:
                 key = value_key("j:" + p.claim if p.claim is not None else "k", value)
             elif p.fallback is not None:
+                by_identity_alone = False
                 fb = p.fallback
                 if fb in route.policies or fb in applied:
                     continue  # spent once, as the route's own or another's fallback
@@ -257,10 +265,14 @@ def policy_checks(
                 key = policy_key_of(p, route, ip, headers, decoded=decoded)
             else:
                 # rotating garbage credentials must not dodge the limit: the address's
+                by_identity_alone = False
                 key = ip
         applied.append(p)
         checks.append(Check(p.name, p.rate, key))
-    return applied, checks
+    made = (applied, checks)
+    if memo is not None and by_identity_alone:
+        memo[route.name] = made
+    return made
 
 
 def limit_outcome(

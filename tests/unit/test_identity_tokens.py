@@ -219,6 +219,16 @@ def test_the_cache_is_bounded() -> None:
     assert len(verifier._cache) == 3
 
 
+def test_the_cache_is_bounded_in_characters(monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = [rs256(_claims(sub=f"u{n}")) for n in range(5)]
+    monkeypatch.setattr("gateway.identity.tokens.CACHE_CHARS", 2 * len(tokens[0]) + 10)
+    verifier = _verifier()
+    for t in tokens:
+        assert isinstance(verifier.verify(t), Verified)
+    assert list(verifier._cache) == tokens[-2:]
+    assert verifier._cache_chars == sum(map(len, tokens[-2:]))
+
+
 @pytest.mark.parametrize(
     ("field", "token"),
     [
