@@ -85,6 +85,12 @@ class Metrics:
             ["policy", "decision"],
             r,
         )
+        self.identity_verifications = LoopCounter(
+            p + "identity_verifications_total",
+            "Credentials presented on routes that read identity, by kind and outcome.",
+            ["kind", "result"],
+            r,
+        )
         self.ratelimit_backend_errors = Counter(
             p + "ratelimit_backend_errors_total",
             "Rate-limit decisions the shared backend could not make.",

@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.core.failure_budget import FailureBudget
 from gateway.core.inflight import InflightCounts
 from gateway.core.window_stats import RouteSeries, TopKeys
 from gateway.core.wsguard import sweep_interval_s
 from gateway.health.monitor import HealthMonitor
+from gateway.identity.resolver import failure_rate
 from gateway.lifecycle import Lifecycle
 from gateway.logs import AccessLog, EventBudget, get_logger
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -55,6 +57,10 @@ class Runtime:
             cfg.rate_limit, settings.secrets.redis_url, metrics=self.metrics, redis=self.redis
         )
         self.bans = make_ban_store(cfg.abuse, metrics=self.metrics, redis=self.redis)
+        # failed token checks per client address: kept across reloads, like the bans
+        rate = failure_rate(cfg.identity)
+        self.verify_failures = FailureBudget(rate) if rate is not None else None
+        self._identity_counts: dict[tuple[str, str], Counter] = {}
         # where the process is in its drain: /readyz and the servers read this one object
         self.lifecycle = Lifecycle()
         self.monitor = HealthMonitor(
@@ -154,6 +160,13 @@ class Runtime:
         snapshot = Snapshot(settings, upstreams)
         self.limiter.reconfigure(rates_from_config(cfg.rate_limit))
         self.bans.reconfigure(cfg.abuse)
+        rate = failure_rate(cfg.identity)
+        if rate is None:
+            self.verify_failures = None
+        elif self.verify_failures is None:
+            self.verify_failures = FailureBudget(rate)
+        else:
+            self.verify_failures.reconfigure(rate)
         self.monitor.reconfigure(settings)
         # one assignment: a request that started keeps the snapshot (and upstreams) it read
         self.snapshot = snapshot
@@ -213,6 +226,17 @@ class Runtime:
         if series is None:
             series = self.route_series[route] = RouteSeries()
         series.record(time.time(), status, duration)
+
+    def count_identity(self, kind: str, result: str) -> None:
+        """One credential's outcome (``result`` is ``valid`` or a refusal's short reason:
+        a bounded set, never the credential)."""
+        key = (kind, result)
+        child = self._identity_counts.get(key)
+        if child is None:
+            child = self._identity_counts[key] = self.metrics.identity_verifications.labels(
+                kind, result
+            )
+        child.inc()
 
     def rl_counters(self, policy: str) -> tuple[Counter, Counter, Counter]:
         found = self._rl.get(policy)

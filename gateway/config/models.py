@@ -367,6 +367,10 @@ class Jwt(_Model):
     audience: str | None = None  # checked when set
     leeway_s: NonNegativeSeconds = 30
     plan_claim: str | None = None
+    # refusals after a signature check one client address may cause, refilled over
+    # failed_window_s; then its new tokens are refused unchecked (null: no limit)
+    max_failed_per_ip: Annotated[int, Field(ge=1)] | None = 20
+    failed_window_s: PositiveSeconds = 60
 
 
 class ApiKeysConfig(_Model):

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from yarl import URL
 
     from gateway.core.client_ip import IPAddress
+    from gateway.core.failure_budget import FailureBudget
     from gateway.core.gcra import Decision
     from gateway.identity.resolver import RequestIdentity
     from gateway.pipeline.snapshot import CompiledInflight, CompiledPolicy, CompiledRoute, Snapshot
@@ -149,12 +150,22 @@ def guard_route(
         )
 
 
-def identify(snap: Snapshot, route: CompiledRoute, headers: Fields) -> RequestIdentity:
+def identify(
+    snap: Snapshot,
+    route: CompiledRoute,
+    headers: Fields,
+    *,
+    client: str | None = None,
+    failures: FailureBudget | None = None,
+    record: Callable[[str, str], None] | None = None,
+) -> RequestIdentity:
     """Who the request is, read only when its route needs it (``auth``, or a policy keyed
-    by identity): a config without identity keys costs nothing here."""
+    by identity): a config without identity keys costs nothing here. The proxy port
+    passes the client's key, its budget of failed token checks and the metric to count
+    outcomes in; ``/admin/explain`` passes none (it counts nothing)."""
     if not route.needs_identity or snap.identity is None:
         return NO_IDENTITY
-    return snap.identity.identify(headers)
+    return snap.identity.identify(headers, client=client, failures=failures, record=record)
 
 
 def check_auth(route: CompiledRoute, ident: RequestIdentity) -> None:
@@ -236,16 +247,24 @@ def policy_checks(
             Check(p.store, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded), cost)
             for p in route.policies
         ]
+    memo = ident.route_checks
+    if memo is not None:
+        made = memo.get(route.name)
+        if made is not None:
+            return made
     applied: list[CompiledPolicy] = []
     checks: list[Check] = []
+    by_identity_alone = True  # every key from the identity: the same for each request
     plan = ident.plan
     for p in route.policies:
         if p.plans is not None and plan is not None:
             p = p.plans.get(plan, p)  # noqa: PLW2901 - the policy as in force for the plan
         if p.pointer is None and not p.identity:
+            by_identity_alone = False
             key = policy_key_of(p, route, ip, headers, decoded=decoded)
         else:
             if p.pointer is not None:
+                by_identity_alone = False  # the body's value: each request its own
                 value = p.pointer.value_text(body)
                 tag = "b"
             else:
@@ -254,6 +273,7 @@ def policy_checks(
             if value is not None:
                 key = value_key(tag, value)
             elif p.fallback is not None:
+                by_identity_alone = False
                 fb = p.fallback
                 if fb in route.policies or fb in applied:
                     continue  # spent once, as the route's own or another's fallback
@@ -261,10 +281,14 @@ def policy_checks(
                 key = policy_key_of(p, route, ip, headers, decoded=decoded)
             else:
                 # rotating garbage credentials must not dodge the limit: the address's
+                by_identity_alone = False
                 key = ip
         applied.append(p)
         checks.append(Check(p.store, p.rate, key, cost))
-    return applied, checks
+    made = (applied, checks)
+    if memo is not None and by_identity_alone:
+        memo[route.name] = made
+    return made
 
 
 def limit_outcome(

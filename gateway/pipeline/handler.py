@@ -216,7 +216,14 @@ class ProxyHandler:
         decisions.guard_route(route, method, client, headers)
         ident = NO_IDENTITY
         if route.needs_identity:
-            ident = decisions.identify(snap, route, headers)
+            ident = decisions.identify(
+                snap,
+                route,
+                headers,
+                client=ctx.ban_key if client is not None else None,
+                failures=rt.verify_failures,
+                record=rt.count_identity,
+            )
             ctx.identity = ident.label
             decisions.check_auth(route, ident)
 

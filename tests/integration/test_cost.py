@@ -19,9 +19,8 @@ from tests.gw import base_config, running_gateway, url
 from tests.integration import test_limiter_backends as backends
 from tests.integration.test_limiter_backends import Harness, delete_prefix, unique_prefix
 
-# the backends' fixtures: each backend (memory with a fake clock, Redis), a local Cluster
+# the backends' fixture (memory with a fake clock, Redis); Cluster: tests/conftest.py
 harness = backends.harness
-cluster_url = backends.cluster_url
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -111,8 +110,15 @@ async def test_costs_in_one_batch_and_peek(redis_url: str) -> None:
 
 
 async def test_cluster_costs_are_exact_across_replicas(cluster_url: str) -> None:
+    prefix = unique_prefix()  # the session's Cluster is shared by the tests
     limiters = [
-        RedisLimiter({"p": SLOW}, metrics=Metrics(), redis_url=cluster_url, announce_interval_s=0)
+        RedisLimiter(
+            {"p": SLOW},
+            metrics=Metrics(),
+            redis_url=cluster_url,
+            announce_interval_s=0,
+            key_prefix=prefix,
+        )
         for _ in range(2)
     ]
     keys = [f"192.0.2.{i}" for i in range(12)]
