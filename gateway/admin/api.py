@@ -152,7 +152,9 @@ async def config(request: web.Request) -> web.StreamResponse:
 
 
 async def bans(request: web.Request) -> web.StreamResponse:
-    items = await _rt(request).bans.list_bans()
+    store = _rt(request).bans
+    items = await store.list_bans()
+    evidence = await store.evidence([b.ip for b in items])
     return _json(
         {
             "bans": [
@@ -163,6 +165,8 @@ async def bans(request: web.Request) -> web.StreamResponse:
                     "expires_at": b.expires_at,
                     "expires_in_s": max(0.0, round(b.expires_at - time.time(), 3)),
                     "offences": b.offences,
+                    "banned_at": b.banned_at,
+                    "evidence": [e.as_dict() for e in evidence.get(b.ip, ())],
                 }
                 for b in items
             ]
@@ -212,6 +216,10 @@ async def stats(request: web.Request) -> web.StreamResponse:
     s = rt.settings
     last = rt.last_reload
     bans = await rt.bans.list_bans()
+    # the newest first, and only so many: under an attack the page is read every 2 s,
+    # and the store may hold many thousands
+    shown = sorted(bans, key=lambda b: b.banned_at, reverse=True)[:STATS_BANS]
+    evidence = await rt.bans.evidence([b.ip for b in shown])
     return _json(
         {
             "generated_at": round(now, 3),
@@ -249,11 +257,9 @@ async def stats(request: web.Request) -> web.StreamResponse:
                     "reason": b.reason,
                     "score": b.score,
                     "expires_in_s": max(0.0, round(b.expires_at - now, 3)),
-                    "evidence": [],
+                    "evidence": [e.as_dict() for e in evidence.get(b.ip, ())],
                 }
-                # the newest first, and only so many: under an attack the page is read
-                # every 2 s, and the store may hold many thousands
-                for b in sorted(bans, key=lambda b: b.banned_at, reverse=True)[:STATS_BANS]
+                for b in shown
             ],
             "config": {
                 "source": s.source,
