@@ -148,7 +148,12 @@ class Gateway:
         rt.count_request("none", "OTHER", status, 0.0)
         snap = rt.snapshot
         ip, text = protocol.peer_address()
-        if snap.abuse_enabled and ip is not None and not (snap.allow and ip in snap.allow):
+        if (
+            snap.abuse_enabled
+            and ip is not None
+            and not (snap.allow and ip in snap.allow)
+            and rt.allow.covers(ip) is None
+        ):
             rt.bans.report(snap.ip_key(ip, text), "bad_request", Seen(status=status))
 
     # ------------------------------------------------------------------ stop

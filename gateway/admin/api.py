@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 
 from gateway import __version__
 from gateway.admin.explain import explain_request
+from gateway.core.allowlist import MAX_TTL_S, EntryError, IPNetwork, check_request, parse_target
 from gateway.core.client_ip import parse_ip
 from gateway.core.health import aggregate
 from gateway.core.window_stats import RouteSeries, Summary
@@ -28,6 +29,7 @@ from gateway.pipeline.headers import ResponseHeaders
 from gateway.problem import problem_response, server_error_answer
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
+from gateway.stores.allow import AllowListFullError, AllowUnavailableError
 
 STATS_BANS = 100
 """Bans listed by ``/admin/stats`` (the newest; ``bans_total`` counts them all)."""
@@ -220,6 +222,7 @@ async def stats(request: web.Request) -> web.StreamResponse:
     # and the store may hold many thousands
     shown = sorted(bans, key=lambda b: b.banned_at, reverse=True)[:STATS_BANS]
     evidence = await rt.bans.evidence([b.ip for b in shown])
+    allowed = await rt.allow.entries()
     return _json(
         {
             "generated_at": round(now, 3),
@@ -261,6 +264,7 @@ async def stats(request: web.Request) -> web.StreamResponse:
                 }
                 for b in shown
             ],
+            "allow": [e.as_dict(now) for e in allowed],
             "config": {
                 "source": s.source,
                 "generation": rt.config_generation,
@@ -293,6 +297,69 @@ async def unban(request: web.Request) -> web.StreamResponse:
         if await rt.bans.unban(key):
             return _json({"unbanned": key})
     return problem_response(404, f"{keys[0]} is not banned", request_id=None)
+
+
+def _field_problem(exc: EntryError) -> web.Response:
+    return problem_response(
+        400,
+        str(exc),
+        request_id=None,
+        extra={"errors": [{"field": exc.field, "message": exc.message}]},
+    )
+
+
+def _caller(request: web.Request) -> str:
+    """Who made an admin change, for its log line: the token is shared, so the
+    caller's address (a trusted front proxy's, when there is one)."""
+    return request.remote or "-"
+
+
+_ALLOW_UNAVAILABLE = (
+    "the shared allow list (Redis) is unreachable: the change was not made on any "
+    "replica; try again"
+)
+
+
+async def allow_add(request: web.Request) -> web.StreamResponse:
+    rt = _rt(request)
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _field_problem(EntryError("body", "not valid JSON"))
+    try:
+        net, ttl_s, reason = check_request(body, rt.snapshot.ipv6_prefix)
+    except EntryError as exc:
+        return _field_problem(exc)
+    try:
+        entry = await rt.allow.add(net, ttl_s, reason, _caller(request))
+    except AllowListFullError:
+        return problem_response(
+            409, "the allow list is full: remove an entry first", request_id=None
+        )
+    except AllowUnavailableError:
+        return problem_response(503, _ALLOW_UNAVAILABLE, request_id=None)
+    return _json(entry.as_dict(time.time()), status=201)
+
+
+async def allow_list(request: web.Request) -> web.StreamResponse:
+    now = time.time()
+    entries = await _rt(request).allow.entries()
+    return _json({"allow": [e.as_dict(now) for e in entries], "max_ttl_s": MAX_TTL_S})
+
+
+async def allow_remove(request: web.Request) -> web.StreamResponse:
+    rt = _rt(request)
+    try:
+        net: IPNetwork = parse_target(request.match_info["ip"], rt.snapshot.ipv6_prefix)
+    except EntryError as exc:
+        return _field_problem(exc)
+    try:
+        entry = await rt.allow.remove(net, _caller(request))
+    except AllowUnavailableError:
+        return problem_response(503, _ALLOW_UNAVAILABLE, request_id=None)
+    if entry is None:
+        return problem_response(404, f"{net} has no allow entry", request_id=None)
+    return _json({"removed": entry.ip})
 
 
 async def reload(request: web.Request) -> web.StreamResponse:
@@ -403,6 +470,9 @@ def create_admin_app(runtime: Runtime, reloader: Reloader) -> web.Application:
     r.add_get("/admin/bans", bans)
     r.add_delete("/admin/bans/{ip:.+}", unban)  # an address, or a prefix as listed
     r.add_post("/admin/reload", reload)
+    r.add_get("/admin/allow", allow_list)
+    r.add_post("/admin/allow", allow_add)
+    r.add_delete("/admin/allow/{ip:.+}", allow_remove)  # an address, or a prefix
     r.add_get("/admin/explain", explain)
     r.add_get("/admin/stats", stats)
     for path in _UI_FILES:

@@ -25,7 +25,7 @@ from gateway.pipeline.snapshot import ALLOW_ANY
 from gateway.stores.limiter import Check
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from multidict import CIMultiDict, CIMultiDictProxy
     from yarl import URL
@@ -47,12 +47,17 @@ def client_key(snap: Snapshot, client: IPAddress | None, client_ip: str) -> str:
     return client_ip
 
 
-def check_lists(snap: Snapshot, client: IPAddress) -> bool:
+def check_lists(
+    snap: Snapshot, client: IPAddress, allowed: Callable[[IPAddress], object] | None = None
+) -> bool:
     """403 for a denied address; True when the address is allow-listed (exempt from bans
-    and limits)."""
+    and limits): in ``allow_cidrs``, or, asked last, by ``allowed`` (the break-glass
+    list; ``deny_cidrs`` wins over it)."""
     if snap.has_deny and client in snap.deny:
         raise Reject(403, "the client address is denied", type_=problem.problem_type("denied"))
-    return snap.has_allow and client in snap.allow
+    if snap.has_allow and client in snap.allow:
+        return True
+    return allowed is not None and bool(allowed(client))
 
 
 def check_head(
