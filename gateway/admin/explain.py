@@ -65,7 +65,7 @@ async def explain_request(
 
     exempt = False
     try:
-        exempt = decisions.check_lists(snap, ip, rt.allow.covers)
+        exempt = decisions.check_lists(snap, ip, rt.allow, count=False)
     except Reject as rej:
         stop(rej)
     out["denied"] = snap.has_deny and ip in snap.deny

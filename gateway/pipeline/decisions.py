@@ -25,7 +25,7 @@ from gateway.pipeline.snapshot import ALLOW_ANY
 from gateway.stores.limiter import Check
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Iterable, Sequence
 
     from multidict import CIMultiDict, CIMultiDictProxy
     from yarl import URL
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from gateway.core.gcra import Decision
     from gateway.identity.resolver import RequestIdentity
     from gateway.pipeline.snapshot import CompiledInflight, CompiledPolicy, CompiledRoute, Snapshot
+    from gateway.stores.allow import AllowList
 
     Fields = CIMultiDict[str] | CIMultiDictProxy[str]
 
@@ -48,16 +49,19 @@ def client_key(snap: Snapshot, client: IPAddress | None, client_ip: str) -> str:
 
 
 def check_lists(
-    snap: Snapshot, client: IPAddress, allowed: Callable[[IPAddress], object] | None = None
+    snap: Snapshot, client: IPAddress, allow: AllowList | None = None, *, count: bool = True
 ) -> bool:
     """403 for a denied address; True when the address is allow-listed (exempt from bans
-    and limits): in ``allow_cidrs``, or, asked last, by ``allowed`` (the break-glass
-    list; ``deny_cidrs`` wins over it)."""
+    and limits): in ``allow_cidrs``, or, asked last, by an entry of the break-glass
+    ``allow`` list (``deny_cidrs`` wins over it; ``count``: a request let through by it
+    is counted, not so for ``/admin/explain``). An empty list costs one attribute read."""
     if snap.has_deny and client in snap.deny:
         raise Reject(403, "the client address is denied", type_=problem.problem_type("denied"))
     if snap.has_allow and client in snap.allow:
         return True
-    return allowed is not None and bool(allowed(client))
+    if allow is None or not allow.active:
+        return False
+    return allow.exempts(client) if count else allow.covers(client) is not None
 
 
 def check_head(

@@ -178,7 +178,7 @@ class ProxyHandler:
         rt = self.rt
         client = ctx.client
         if client is not None:
-            ctx.exempt = decisions.check_lists(snap, client, rt.allow.exempts)
+            ctx.exempt = decisions.check_lists(snap, client, rt.allow)
             if not ctx.exempt:
                 ban = rt.bans.banned(ctx.ban_key)
                 if ban is not None:

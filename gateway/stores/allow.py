@@ -53,12 +53,13 @@ class AllowList:
         self._log = get_logger()
         self._table = AllowTable()
         self._soonest = math.inf  # when the first entry ends
+        self.active = False  # entries are held (read on every request: a plain attribute)
 
     # -- hot path --------------------------------------------------------------------
 
     def exempts(self, ip: IPAddress) -> bool:
         """True when an entry in force covers ``ip`` (counted)."""
-        if not self._table:
+        if not self.active:
             return False
         now = self._clock()
         if now >= self._soonest:
@@ -70,7 +71,7 @@ class AllowList:
 
     def covers(self, ip: IPAddress) -> AllowEntry | None:
         """The entry that covers ``ip``, if any (not counted: ``/admin/explain``)."""
-        return self._table.match(ip, self._clock()) if self._table else None
+        return self._table.match(ip, self._clock()) if self.active else None
 
     # -- admin -----------------------------------------------------------------------
 
@@ -112,6 +113,7 @@ class AllowList:
     def _update(self) -> None:
         live = self._table.live(self._clock())
         self._soonest = live[0].expires_at if live else math.inf
+        self.active = bool(self._table)
         self._metrics.allow_entries.set(len(live))
 
     def _prune(self, now: float) -> None:
