@@ -117,8 +117,11 @@ async def _not_found(_: Any) -> Any:
 
 def _expected(ev: list[dict[str, Any]]) -> None:
     # /.env is scored for its path before it is answered (no status), then for the
-    # upstream's 404; /.git/config's path score bans it: its own answer is the ban's
-    assert [(e["request_id"], e["reason"], e["path"], e["status"]) for e in ev] == [
+    # upstream's 404; /.git/config's path score bans it. In memory the ban answers that
+    # request; through Redis the ban may come back after it went upstream (a 404 more).
+    found = [(e["request_id"], e["reason"], e["path"], e["status"]) for e in ev]
+    late = ("rid-3", "not_found", "/.git/config", 404)
+    assert [f for f in found if f != late] == [
         ("rid-0", "not_found", "/missing", 404),
         ("rid-1", "not_found", "/missing2", 404),
         ("rid-2", "suspicious_path", "/.env", None),
