@@ -98,6 +98,20 @@ class Metrics:
         )
         self.bans_total = Counter(p + "bans_total", "Bans made, by reason.", ["reason"], registry=r)
         self.active_bans = Gauge(p + "active_bans", "Bans in force.", registry=r)
+        self.allow_changes = Counter(
+            p + "allow_changes_total",
+            "Break-glass allow entries made (added) or lifted (removed) through the admin API.",
+            ["action"],
+            registry=r,
+        )
+        self.allow_entries = Gauge(
+            p + "allow_entries", "Break-glass allow entries in force.", registry=r
+        )
+        self.allowed_requests = Counter(
+            p + "allowed_requests_total",
+            "Requests exempt from bans and rate limits by a break-glass allow entry.",
+            registry=r,
+        )
         self.circuit_state = Gauge(
             p + "circuit_state",
             "Circuit breaker state (1 for the current state).",
@@ -142,6 +156,8 @@ class Metrics:
         self.build_info.labels(__version__, platform.python_version()).set(1)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+        for action in ("added", "removed"):
+            self.allow_changes.labels(action)
 
     def set_circuit_state(self, upstream: str, state: str) -> None:
         for s in CIRCUIT_STATES:

@@ -24,7 +24,7 @@ from gateway.logs import AccessLog, EventBudget, get_logger
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.pipeline.snapshot import Snapshot
 from gateway.pipeline.wsregistry import WebSocketRegistry
-from gateway.stores import make_ban_store, make_limiter
+from gateway.stores import make_allow_list, make_ban_store, make_limiter
 from gateway.stores.limiter import rates_from_config
 from gateway.upstream.state import UpstreamState
 
@@ -61,6 +61,8 @@ class Runtime:
         rate = failure_rate(cfg.identity)
         self.verify_failures = FailureBudget(rate) if rate is not None else None
         self._identity_counts: dict[tuple[str, str], Counter] = {}
+        # break-glass exemptions from bans and limits (POST /admin/allow)
+        self.allow = make_allow_list(metrics=self.metrics, redis=self.redis)
         # where the process is in its drain: /readyz and the servers read this one object
         self.lifecycle = Lifecycle()
         self.monitor = HealthMonitor(
@@ -103,12 +105,14 @@ class Runtime:
         self.access_log.start()
         await self.limiter.start()
         await self.bans.start()
+        await self.allow.start()
         await self.monitor.start()
         self.websockets.start(self._ws_sweep_interval, self._ws_sweep)
 
     async def close(self) -> None:
         await self.websockets.stop()
         await self.monitor.close()
+        await self.allow.close()
         await self.bans.close()
         await self.limiter.close()
         for up in self.upstreams.values():

@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 
 from gateway import __version__
 from gateway.admin.explain import explain_request
+from gateway.core.allowlist import MAX_TTL_S, EntryError, IPNetwork, check_request, parse_target
 from gateway.core.client_ip import parse_ip
 from gateway.core.health import aggregate
 from gateway.core.window_stats import RouteSeries, Summary
@@ -28,6 +29,7 @@ from gateway.pipeline.headers import ResponseHeaders
 from gateway.problem import CONTENT_TYPE, problem_body, problem_response, server_error_answer
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
+from gateway.stores.allow import AllowListFullError, AllowUnavailableError
 
 STATS_BANS = 100
 """Bans listed by ``/admin/stats`` (the newest; ``bans_total`` counts them all)."""
@@ -164,7 +166,9 @@ async def config(request: web.Request) -> web.StreamResponse:
 
 
 async def bans(request: web.Request) -> web.StreamResponse:
-    items = await _rt(request).bans.list_bans()
+    store = _rt(request).bans
+    items = await store.list_bans()
+    evidence = await store.evidence([b.ip for b in items])
     return _json(
         {
             "bans": [
@@ -175,6 +179,8 @@ async def bans(request: web.Request) -> web.StreamResponse:
                     "expires_at": b.expires_at,
                     "expires_in_s": max(0.0, round(b.expires_at - time.time(), 3)),
                     "offences": b.offences,
+                    "banned_at": b.banned_at,
+                    "evidence": [e.as_dict() for e in evidence.get(b.ip, ())],
                 }
                 for b in items
             ]
@@ -222,6 +228,11 @@ async def stats(request: web.Request) -> web.StreamResponse:
     s = rt.settings
     last = rt.last_reload
     bans = await rt.bans.list_bans()
+    # the newest first, and only so many: under an attack the page is read every 2 s,
+    # and the store may hold many thousands
+    shown = sorted(bans, key=lambda b: b.banned_at, reverse=True)[:STATS_BANS]
+    evidence = await rt.bans.evidence([b.ip for b in shown])
+    allowed = await rt.allow.entries()
     return _json(
         {
             "generated_at": round(now, 3),
@@ -259,12 +270,11 @@ async def stats(request: web.Request) -> web.StreamResponse:
                     "reason": b.reason,
                     "score": b.score,
                     "expires_in_s": max(0.0, round(b.expires_at - now, 3)),
-                    "evidence": [],
+                    "evidence": [e.as_dict() for e in evidence.get(b.ip, ())],
                 }
-                # the newest first, and only so many: under an attack the page is read
-                # every 2 s, and the store may hold many thousands
-                for b in sorted(bans, key=lambda b: b.banned_at, reverse=True)[:STATS_BANS]
+                for b in shown
             ],
+            "allow": [e.as_dict(now) for e in allowed],
             "config": {
                 "source": s.source,
                 "generation": rt.config_generation,
@@ -297,6 +307,69 @@ async def unban(request: web.Request) -> web.StreamResponse:
         if await rt.bans.unban(key):
             return _json({"unbanned": key})
     return problem_response(404, f"{keys[0]} is not banned", request_id=None)
+
+
+def _field_problem(exc: EntryError) -> web.Response:
+    return problem_response(
+        400,
+        str(exc),
+        request_id=None,
+        extra={"errors": [{"field": exc.field, "message": exc.message}]},
+    )
+
+
+def _caller(request: web.Request) -> str:
+    """Who made an admin change, for its log line: the token is shared, so the
+    caller's address (a trusted front proxy's, when there is one)."""
+    return request.remote or "-"
+
+
+_ALLOW_UNAVAILABLE = (
+    "the shared allow list (Redis) is unreachable: the change was not made on any "
+    "replica; try again"
+)
+
+
+async def allow_add(request: web.Request) -> web.StreamResponse:
+    rt = _rt(request)
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _field_problem(EntryError("body", "not valid JSON"))
+    try:
+        net, ttl_s, reason = check_request(body, rt.snapshot.ipv6_prefix)
+    except EntryError as exc:
+        return _field_problem(exc)
+    try:
+        entry = await rt.allow.add(net, ttl_s, reason, _caller(request))
+    except AllowListFullError:
+        return problem_response(
+            409, "the allow list is full: remove an entry first", request_id=None
+        )
+    except AllowUnavailableError:
+        return problem_response(503, _ALLOW_UNAVAILABLE, request_id=None)
+    return _json(entry.as_dict(time.time()), status=201)
+
+
+async def allow_list(request: web.Request) -> web.StreamResponse:
+    now = time.time()
+    entries = await _rt(request).allow.entries()
+    return _json({"allow": [e.as_dict(now) for e in entries], "max_ttl_s": MAX_TTL_S})
+
+
+async def allow_remove(request: web.Request) -> web.StreamResponse:
+    rt = _rt(request)
+    try:
+        net: IPNetwork = parse_target(request.match_info["ip"], rt.snapshot.ipv6_prefix)
+    except EntryError as exc:
+        return _field_problem(exc)
+    try:
+        entry = await rt.allow.remove(net, _caller(request))
+    except AllowUnavailableError:
+        return problem_response(503, _ALLOW_UNAVAILABLE, request_id=None)
+    if entry is None:
+        return problem_response(404, f"{net} has no allow entry", request_id=None)
+    return _json({"removed": entry.ip})
 
 
 async def reload(request: web.Request) -> web.StreamResponse:
@@ -426,6 +499,9 @@ def create_admin_app(runtime: Runtime, reloader: Reloader) -> web.Application:
     r.add_get("/admin/bans", bans)
     r.add_delete("/admin/bans/{ip:.+}", unban)  # an address, or a prefix as listed
     r.add_post("/admin/reload", reload)
+    r.add_get("/admin/allow", allow_list)
+    r.add_post("/admin/allow", allow_add)
+    r.add_delete("/admin/allow/{ip:.+}", allow_remove)  # an address, or a prefix
     r.add_get("/admin/explain", explain)
     r.add_get("/admin/stats", stats)
     for path in _UI_FILES:

@@ -32,6 +32,7 @@ class Ctx:
         "exempt",
         "held",
         "identity",
+        "path",
         "rid",
         "route",
         "start",
@@ -50,6 +51,7 @@ class Ctx:
         self.ban_key = ""  # the client's key for scores, bans and limits (IPv6: its prefix)
         self.exempt = False
         self.route: CompiledRoute | None = None
+        self.path: str | None = None  # the canonical path, once read (ban evidence)
         self.upstream: str | None = None
         self.status = 0
         self.bytes_out = 0

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from gateway.core.gcra import Decision
     from gateway.identity.resolver import RequestIdentity
     from gateway.pipeline.snapshot import CompiledInflight, CompiledPolicy, CompiledRoute, Snapshot
+    from gateway.stores.allow import AllowList
 
     Fields = CIMultiDict[str] | CIMultiDictProxy[str]
 
@@ -50,12 +51,20 @@ def client_key(snap: Snapshot, client: IPAddress | None, client_ip: str) -> str:
     return client_ip
 
 
-def check_lists(snap: Snapshot, client: IPAddress) -> bool:
+def check_lists(
+    snap: Snapshot, client: IPAddress, allow: AllowList | None = None, *, count: bool = True
+) -> bool:
     """403 for a denied address; True when the address is allow-listed (exempt from bans
-    and limits)."""
+    and limits): in ``allow_cidrs``, or, asked last, by an entry of the break-glass
+    ``allow`` list (``deny_cidrs`` wins over it; ``count``: a request let through by it
+    is counted, not so for ``/admin/explain``). An empty list costs one attribute read."""
     if snap.has_deny and client in snap.deny:
         raise Reject(403, "the client address is denied", type_=problem.problem_type("denied"))
-    return snap.has_allow and client in snap.allow
+    if snap.has_allow and client in snap.allow:
+        return True
+    if allow is None or not allow.active:
+        return False
+    return allow.exempts(client) if count else allow.covers(client) is not None
 
 
 def check_head(

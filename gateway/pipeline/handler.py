@@ -26,6 +26,7 @@ from aiohttp import hdrs
 
 from gateway import problem
 from gateway.core.client_ip import forwarded_proto, forwarded_values, resolve_client
+from gateway.core.evidence import Seen
 from gateway.health.probes import PROBE_PATHS, probe_answer
 from gateway.identity.body import NO_BODY
 from gateway.identity.resolver import NO_IDENTITY
@@ -184,7 +185,7 @@ class ProxyHandler:
         rt = self.rt
         client = ctx.client
         if client is not None:
-            ctx.exempt = decisions.check_lists(snap, client)
+            ctx.exempt = decisions.check_lists(snap, client, rt.allow)
             if not ctx.exempt:
                 ban = rt.bans.banned(ctx.ban_key)
                 if ban is not None:
@@ -203,10 +204,14 @@ class ProxyHandler:
         raw_path_qs = request.raw_path
         if not raw_path_qs.startswith("/"):
             raw_path_qs = decisions.origin_form(request.rel_url)
-        key = decisions.canonical_target(raw_path_qs).lower()
+        canonical = decisions.canonical_target(raw_path_qs)
+        ctx.path = canonical
+        key = canonical.lower()
 
         if snap.abuse_enabled and not ctx.exempt and snap.suspicious(key):
-            rt.bans.report(ctx.ban_key, "suspicious_path")
+            # scored before it is answered: its evidence has no status
+            seen = Seen(method, canonical, None, ctx.rid)
+            rt.bans.report(ctx.ban_key, "suspicious_path", seen)
             ban = rt.bans.banned(ctx.ban_key)
             if ban is not None:
                 raise banned(snap, ban.expires_at)
@@ -370,7 +375,8 @@ class ProxyHandler:
             and not ctx.exempt
             and ctx.client is not None
         ):
-            self.rt.bans.report(ctx.ban_key, rej.event)
+            seen = Seen(request.method, ctx.path, rej.status, ctx.rid)
+            self.rt.bans.report(ctx.ban_key, rej.event, seen)
         # what follows on this connection may be tunnel data, not a request
         resp = problem_answer(
             rej,

@@ -17,6 +17,7 @@ from aiohttp import hdrs
 
 from gateway.core.client_ip import forwarded_chain, forwarded_proto, forwarded_values
 from gateway.core.concurrency import Priority
+from gateway.core.evidence import Seen
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.downstream.messages import BodyError, Response
 from gateway.identity.body import MAX_BODY, NO_BODY, is_json_media_type, parse_body
@@ -414,7 +415,9 @@ class UpstreamLeg:
                 ctx.status = status
                 if not ctx.exempt and (status == 404 or status in (401, 403)):
                     self.rt.bans.report(
-                        ctx.ban_key, "not_found" if status == 404 else "auth_failure"
+                        ctx.ban_key,
+                        "not_found" if status == 404 else "auth_failure",
+                        Seen(request.method, ctx.path, status, ctx.rid),
                     )
                 body = (
                     up_resp.body_if_complete()
