@@ -459,6 +459,11 @@ class WebSocket(_Model):
     max_per_client: PositiveInt = 32  # open WebSockets of one client key; more -> 503
 
 
+class Tracing(_Model):
+    # the share of new traces (no valid traceparent) marked sampled; a caller's flag is kept
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 0.01
+
+
 class Config(_Model):
     """The whole configuration (SPEC section 3)."""
 
@@ -492,6 +497,7 @@ class Config(_Model):
     access_log: AccessLog = AccessLog()
     metrics: Metrics = Metrics()
     websocket: WebSocket = WebSocket()
+    tracing: Tracing = Tracing()
 
     @field_validator("trusted_proxies", "allow_cidrs", "deny_cidrs", mode="before")
     @classmethod

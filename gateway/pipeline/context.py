@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.core.client_ip import IPAddress
+    from gateway.core.tracecontext import TraceContext
     from gateway.pipeline.snapshot import CompiledRoute
 
 
@@ -34,6 +35,7 @@ class Ctx:
         "route",
         "start",
         "status",
+        "trace",
         "underscores",
         "upstream",
         "xff",
@@ -56,3 +58,4 @@ class Ctx:
         self.identity: str | None = None  # jwt:<sub> or api_key:<id>, for the access log
         self.held = 0  # body bytes read and kept before the upstream exchange
         self.body_open = False  # a streamed body still has bytes to come from the client
+        self.trace: TraceContext | None = None  # W3C trace context, sent upstream
