@@ -385,6 +385,8 @@ class ProxyHandler:
         method = request.method if request.method in KNOWN_METHODS else "OTHER"
         rt.count_request(route, method, status, duration)
         trace = ctx.trace
+        if trace is not None and trace.sampled and rt.spans is not None:
+            rt.spans.export(trace, method, route, status, ctx.upstream, duration_s=duration)
         ratio = snap.sample_ratio
         if status >= 500 or (ratio > 0 and (ratio >= 1 or random.random() < ratio)):
             rt.access_log.emit(
