@@ -87,7 +87,9 @@ class Runtime:
         if cfg.tracing.otlp_endpoint is not None:
             from gateway.tracing import SpanExport  # noqa: PLC0415 - the optional extra
 
-            self.spans = SpanExport(cfg.tracing.otlp_endpoint)
+            self.spans = SpanExport(
+                cfg.tracing.otlp_endpoint, max_per_s=cfg.tracing.max_spans_per_s
+            )
         self.config_generation = 1  # configs applied since start, the first one included
         # the last reload: (result "success" or "failure", unix time, first error or None)
         self.last_reload: tuple[str, float, str | None] | None = None
@@ -169,6 +171,8 @@ class Runtime:
         self.limiter.reconfigure({n: p.rate for n, p in snapshot.policies.items()})
         self.bans.reconfigure(cfg.abuse)
         self.monitor.reconfigure(settings)
+        if self.spans is not None:
+            self.spans.set_rate(cfg.tracing.max_spans_per_s)
         # one assignment: a request that started keeps the snapshot (and upstreams) it read
         self.snapshot = snapshot
         self.settings = settings

@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
+from gateway.logs import EventBudget
 
 if TYPE_CHECKING:
     from gateway.core.tracecontext import TraceContext
@@ -81,6 +82,7 @@ class SpanExport:
     """One OTLP span per sampled request, batched and sent off the request path."""
 
     __slots__ = (
+        "_budget",
         "_error",
         "_flags",
         "_kind",
@@ -92,7 +94,13 @@ class SpanExport:
         "_span_context",
     )
 
-    def __init__(self, endpoint: str, *, schedule_delay_s: float | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        max_per_s: float = 1000.0,
+        schedule_delay_s: float | None = None,
+    ) -> None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
             OTLPSpanExporter,
         )
@@ -104,6 +112,7 @@ class SpanExport:
         from opentelemetry.trace.status import Status, StatusCode  # noqa: PLC0415
 
         _quieten_sdk_logs()
+        self._budget = EventBudget(max_per_s)
         # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are honoured; the name defaults
         # to the gateway's own (the SDK's default would be "unknown_service")
         service = os.environ.get("OTEL_SERVICE_NAME") or "gateway"
@@ -130,7 +139,10 @@ class SpanExport:
         *,
         duration_s: float,
     ) -> None:
-        """Hand the finished span of one sampled request over (a queue append)."""
+        """Hand the finished span of one sampled request over (a queue append); past
+        the budget of spans a second it is not exported (its trace still goes upstream)."""
+        if self._budget.take(time.monotonic()) is None:
+            return
         end = time.time_ns()
         trace_id = int(trace.trace_id, 16)
         context = self._span_context(
@@ -162,6 +174,16 @@ class SpanExport:
                 instrumentation_scope=self._scope,
             )
         )
+
+    def set_rate(self, max_per_s: float) -> None:
+        """A reload's ``tracing.max_spans_per_s``."""
+        if max_per_s != self._budget.rate:
+            self._budget = EventBudget(max_per_s)
+
+    @property
+    def dropped(self) -> int:
+        """Sampled spans not exported since the last one was, for being over the budget."""
+        return self._budget.suppressed
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Send what is queued and stop the thread; blocks (up to the exporter's own

@@ -464,6 +464,8 @@ class Tracing(_Model):
     sample_ratio: Annotated[float, Field(ge=0, le=1)] = 0.01
     # OTLP/HTTP traces endpoint; needs the optional extra gateway[otel]. restart-only
     otlp_endpoint: str | None = None
+    # spans exported per second at most (a client may mark every request sampled)
+    max_spans_per_s: PositiveInt = 1000
 
     @field_validator("otlp_endpoint")
     @classmethod

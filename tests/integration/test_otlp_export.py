@@ -208,3 +208,22 @@ async def test_a_collector_that_is_down_does_not_hold_the_close() -> None:
     start = loop.time()
     await export.aclose(timeout_s=1.0)
     assert loop.time() - start < 2.0  # the exporter's retries go on for seconds
+
+
+async def test_spans_past_the_budget_are_not_exported_but_still_traced_upstream(
+    receiver: tuple[str, Receiver], upstream_seen: tuple[str, list[str]]
+) -> None:
+    base, rec = receiver
+    up, seen = upstream_seen
+    tracing = {"sample_ratio": 1.0, "otlp_endpoint": base, "max_spans_per_s": 3}
+    async with running_gateway(base_config(up, tracing=tracing)) as gw:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(20):
+                async with s.get(url(gw, "/x")) as resp:
+                    assert resp.status == 200
+        spans = gw.runtime.spans
+        assert spans is not None
+        assert spans.dropped >= 15
+    assert len(seen) == 20
+    assert all(value.endswith("-01") for value in seen)  # every one sampled upstream
+    assert 3 <= len(rec.spans) <= 5  # the burst, and what refilled meanwhile
