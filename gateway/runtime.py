@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from gateway.config import Settings
     from gateway.loopmetrics import CounterChild as Counter
     from gateway.loopmetrics import HistogramChild as Histogram
+    from gateway.tracing import SpanExport
 
 
 class Runtime:
@@ -89,6 +90,15 @@ class Runtime:
         # the operator page's figures (GET /admin/stats), by route; unix time
         self.route_series: dict[str, RouteSeries] = {}
         self.top_limited = TopKeys()
+        # spans of sampled requests, to an OTLP collector (restart-only: a thread and a
+        # connection of their own)
+        self.spans: SpanExport | None = None
+        if cfg.tracing.otlp_endpoint is not None:
+            from gateway.tracing import SpanExport  # noqa: PLC0415 - the optional extra
+
+            self.spans = SpanExport(
+                cfg.tracing.otlp_endpoint, max_per_s=cfg.tracing.max_spans_per_s
+            )
         self.config_generation = 1  # configs applied since start, the first one included
         # the last reload: (result "success" or "failure", unix time, first error or None)
         self.last_reload: tuple[str, float, str | None] | None = None
@@ -123,6 +133,8 @@ class Runtime:
         await asyncio.gather(*retired, return_exceptions=True)
         if self.redis is not None:
             await self.redis.aclose()
+        if self.spans is not None:  # what is queued is sent, on the SDK's thread
+            await self.spans.aclose()
         self.access_log.close()
 
     # ------------------------------------------------------------------ reload
@@ -146,6 +158,11 @@ class Runtime:
                     "request.max_header_bytes",
                     old.request.max_header_bytes,
                     cfg.request.max_header_bytes,
+                ),
+                (
+                    "tracing.otlp_endpoint",
+                    old.tracing.otlp_endpoint,
+                    cfg.tracing.otlp_endpoint,
                 ),
             )
             if a != b
@@ -172,6 +189,8 @@ class Runtime:
         else:
             self.verify_failures.reconfigure(rate)
         self.monitor.reconfigure(settings)
+        if self.spans is not None:
+            self.spans.set_rate(cfg.tracing.max_spans_per_s)
         # one assignment: a request that started keeps the snapshot (and upstreams) it read
         self.snapshot = snapshot
         self.settings = settings

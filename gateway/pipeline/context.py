@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.core.client_ip import IPAddress
+    from gateway.core.tracecontext import TraceContext
     from gateway.pipeline.snapshot import CompiledRoute
 
 
@@ -37,6 +38,7 @@ class Ctx:
         "route",
         "start",
         "status",
+        "trace",
         "underscores",
         "upstream",
         "xff",
@@ -63,3 +65,4 @@ class Ctx:
         # a body read before the rate limits (a JSON key): its start, and whether it is all
         self.body_held: list[bytes] | None = None
         self.body_eof = True
+        self.trace: TraceContext | None = None  # W3C trace context, sent upstream

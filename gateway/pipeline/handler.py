@@ -1,6 +1,7 @@
 """The request pipeline of the proxy port, as plain calls in SPEC order.
 
-    client IP -> request id -> probes -> deny/allow lists and bans -> head limits
+    client IP -> request id -> probes -> trace context -> deny/allow lists and bans
+      -> head limits
       -> route match -> route guards -> rate limits -> body size
       -> upstream leg (breaker / bulkhead, send, answer) or WebSocket leg
       -> (headers in the prepare hook) -> metrics + access log
@@ -27,6 +28,7 @@ from aiohttp import hdrs
 from gateway import problem
 from gateway.core.client_ip import forwarded_proto, forwarded_values, resolve_client
 from gateway.core.evidence import Seen
+from gateway.core.tracecontext import start_or_continue
 from gateway.health.probes import PROBE_PATHS, probe_answer
 from gateway.identity.body import NO_BODY
 from gateway.identity.resolver import NO_IDENTITY
@@ -56,7 +58,7 @@ _PROBES = frozenset(PROBE_PATHS)
 class ProxyHandler:
     """Callable handed to the proxy port's server; one per gateway process."""
 
-    __slots__ = ("_loop", "_rid_prefix", "_rid_seq", "leg", "rt")
+    __slots__ = ("_loop", "_rid_prefix", "_rid_seq", "leg", "rt", "tracing")
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
@@ -65,6 +67,8 @@ class ProxyHandler:
         self._rid_prefix = secrets.token_hex(8)
         self._rid_seq = itertools.count()
         self.leg = UpstreamLeg(runtime, self._loop)
+        # False only in bench/inprocess.py: the cost of trace context against none
+        self.tracing = True
 
     # ------------------------------------------------------------------ entry
 
@@ -89,6 +93,14 @@ class ProxyHandler:
         local = self.local_answer(request, snap)
         if local is not None:
             return local
+        if self.tracing:  # before any refusal: the access log of a refusal carries it too
+            headers = request.headers
+            parent = headers.getall("traceparent", None)
+            ctx.trace = start_or_continue(
+                parent,
+                headers.getall("tracestate", None) if parent is not None else None,
+                snap.trace_ratio,
+            )
 
         resp: AnyResponse | web.StreamResponse
         try:
@@ -404,6 +416,9 @@ class ProxyHandler:
         route = ctx.route.name if ctx.route is not None else "none"
         method = request.method if request.method in KNOWN_METHODS else "OTHER"
         rt.count_request(route, method, status, duration)
+        trace = ctx.trace
+        if trace is not None and trace.sampled and rt.spans is not None:
+            rt.spans.export(trace, method, route, status, ctx.upstream, duration_s=duration)
         ratio = snap.sample_ratio
         if status >= 500 or (ratio > 0 and (ratio >= 1 or random.random() < ratio)):
             rt.access_log.emit(
@@ -417,6 +432,7 @@ class ProxyHandler:
                     "duration_ms": round(duration * 1000, 3),
                     "bytes": ctx.bytes_out,
                     "upstream": ctx.upstream,
+                    "trace_id": trace.trace_id if trace is not None else None,
                     **({"identity": ctx.identity} if ctx.identity is not None else {}),
                 }
             )

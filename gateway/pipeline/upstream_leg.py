@@ -46,8 +46,8 @@ def upstream_fields(
     request: PipelineRequest, snap: Snapshot, ctx: Ctx, up: UpstreamState, *, via_proxy: bool
 ) -> str:
     r"""The header fields sent upstream, as ``Name: value\r\n`` lines: the client's
-    end-to-end fields, then Host, X-Forwarded-*, X-Real-IP and the request id (the
-    upstream's own Host last when the client sent none)."""
+    end-to-end fields, then Host, X-Forwarded-*, X-Real-IP, the request id and the trace
+    context (the upstream's own Host last when the client sent none)."""
     headers = request.headers
     kept = filter_header_lines(headers, snap.drop_upstream, ctx.underscores)
     host = headers.get(hdrs.HOST)
@@ -67,9 +67,15 @@ def upstream_fields(
     if host is not None:
         kept.append(f"Host: {host}\r\n")
     xfh = f"X-Forwarded-Host: {fwd_host}\r\n" if fwd_host is not None else ""
+    trace = ctx.trace
+    tp = ""
+    if trace is not None:
+        tp = f"traceparent: {trace.traceparent}\r\n"
+        if trace.tracestate is not None:
+            tp += f"tracestate: {trace.tracestate}\r\n"
     kept.append(  # one string for the fields the gateway sets
         f"X-Forwarded-For: {chain}\r\nX-Forwarded-Proto: {proto}\r\n{xfh}"
-        f"X-Real-IP: {ctx.client_ip}\r\n{snap.rid_header}: {ctx.rid}\r\n"
+        f"X-Real-IP: {ctx.client_ip}\r\n{snap.rid_header}: {ctx.rid}\r\n{tp}"
     )
     if host is None:
         kept.append(f"Host: {up.client.host_header}\r\n")
