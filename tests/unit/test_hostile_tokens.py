@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from gateway.identity.api_keys import ApiKey, ApiKeyError, ApiKeys
 from gateway.identity.tokens import JwksError, Refused, TokenVerifier, Verified, load_jwks
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -115,3 +117,18 @@ def test_a_jwks_with_a_short_rsa_key_is_refused() -> None:
     with pytest.raises(JwksError, match="1024 bits"):
         load_jwks(json.dumps({"keys": [_public_jwk(weak, "weak")]}))
     load_jwks(json.dumps({"keys": [_public_jwk(KEY, "k1")]}))  # 2048: fine
+
+
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+def test_the_digest_of_the_empty_key_is_refused_in_a_key_file() -> None:
+    """``echo -n "$KEY" | sha256sum`` with ``KEY`` unset lists the empty key's digest:
+    then a request with an empty key field would pass as that team."""
+    with pytest.raises(ApiKeyError, match=r"keys\[0\]\.sha256: .*empty"):
+        ApiKeys.from_text(f"keys:\n  - {{id: team-a, sha256: {EMPTY_SHA256.upper()}}}\n")
+
+
+def test_an_empty_key_field_is_no_key() -> None:
+    keys = ApiKeys([ApiKey("t", None, hashlib.sha256(b"").digest())])
+    assert keys.lookup("") is None
