@@ -202,6 +202,30 @@ async def test_fresh_forged_tokens_get_a_bounded_number_of_signature_checks(
         assert counts[("jwt", "valid")] == 2.0
 
 
+async def test_the_budget_of_failed_checks_outlives_a_reload(upstream: str, tmp_path: Path) -> None:
+    cfg = _config(upstream, tmp_path, max_failed_per_ip=3, failed_window_s=3600)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    forged = _forged(6)
+    async with running_gateway(cfg, path=str(path)) as gw, aiohttp.ClientSession() as s:
+        for t in forged[:4]:
+            await _get(s, gw, "/me", _from("198.51.100.11", t))
+        cfg["routes"][0]["methods"] = ["GET"]  # another config, the same budget
+        path.write_text(yaml.safe_dump(cfg))
+        ok, errors = await gw.reloader.reload("test")
+        assert ok, errors
+        await _get(s, gw, "/me", _from("198.51.100.11", forged[4]))
+        counts = await _verifications(s, gw)
+        assert counts == {("jwt", "bad_signature"): 3.0, ("jwt", "throttled"): 2.0}
+        # a new budget (another rate) starts afresh
+        cfg["identity"]["jwt"]["max_failed_per_ip"] = 4
+        path.write_text(yaml.safe_dump(cfg))
+        ok, errors = await gw.reloader.reload("test")
+        assert ok, errors
+        await _get(s, gw, "/me", _from("198.51.100.11", forged[5]))
+        assert (await _verifications(s, gw))[("jwt", "bad_signature")] == 4.0
+
+
 async def test_failed_verifications_are_scored_where_the_route_needs_a_token(
     upstream: str, tmp_path: Path
 ) -> None:
