@@ -94,19 +94,21 @@ class IdentityKeys:
         *,
         client: str | None = None,
         failures: FailureBudget | None = None,
+        spend: bool = True,
         record: Callable[[str, str], None] | None = None,
     ) -> RequestIdentity:
         """Verify the request's credentials (a bearer token, an API key).
 
         ``client`` and ``failures``: the client's key and the budget its failed token
-        checks spend (see :meth:`TokenVerifier.verify`); ``record(kind, result)`` is told
-        the outcome of each credential (``jwt``/``api_key``; ``valid`` or why not).
+        checks spend (``spend``; see :meth:`TokenVerifier.verify`); ``record(kind,
+        result)`` is told the outcome of each credential (``jwt``/``api_key``; ``valid``
+        or why not).
         """
         verified: Verified | None = None
         if self.verifier is not None:
             token = bearer_token(headers.get("Authorization"))
             if token is not None:
-                outcome = self.verifier.verify(token, client=client, failures=failures)
+                outcome = self.verifier.verify(token, client=client, failures=failures, spend=spend)
                 if isinstance(outcome, Verified):
                     verified = outcome
                     if record is not None:
