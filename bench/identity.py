@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import gc
 import json
 import statistics
 import sys
@@ -48,9 +47,8 @@ from jwt.algorithms import RSAAlgorithm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inprocess import Rig, serving  # noqa: E402 - bench/ is the script's directory
+from inprocess import Rig, measure, serving  # noqa: E402 - bench/ is the script's directory
 
-from gateway.app import YOUNG_GC_THRESHOLD  # noqa: E402
 from gateway.config import load_file  # noqa: E402
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -147,16 +145,7 @@ async def main(args: argparse.Namespace) -> None:
         "forged, budget": FreshRig(server_for(handler), n, forged),
         "forged, no budget": FreshRig(free_server_for(free_handler), n, forged_free),
     }
-    for rig in rigs.values():  # warm-up: pools, caches, the budget spent
-        for _ in range(args.batches):
-            await rig.round()
-    gc.collect()
-    gc.freeze()  # as `gateway serve` does
-    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
-    results: dict[str, list[float]] = {k: [] for k in rigs}
-    for _ in range(args.samples):
-        for key, rig in rigs.items():
-            results[key].append(await rig.sample(args.batches))
+    results = await measure(rigs, args.batches, args.samples)  # the warm-up spends the budget
     print(
         f"GET, {args.connections} connections, {args.samples} samples of {args.batches} rounds;"
         f" {per_row} RS256 tokens signed in {signing_s:.1f} s before the run"

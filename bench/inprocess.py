@@ -216,6 +216,22 @@ def serving(
     return server_for, handler
 
 
+async def measure(rigs: dict[str, Rig], batches: int, samples: int) -> dict[str, list[float]]:
+    """A warm-up round of ``batches`` on each rig, then ``samples`` samples of each,
+    interleaved; CPU µs per request of each sample, by rig."""
+    for rig in rigs.values():  # warm-up: pools, caches, the interpreter's specialisation
+        for _ in range(batches):
+            await rig.round()
+    gc.collect()
+    gc.freeze()  # as `gateway serve` does
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+    results: dict[str, list[float]] = {k: [] for k in rigs}
+    for _ in range(samples):
+        for key, rig in rigs.items():
+            results[key].append(await rig.sample(batches))
+    return results
+
+
 async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     settings = load_file(args.config)
@@ -233,16 +249,7 @@ async def main(args: argparse.Namespace) -> None:
         "pipeline": Rig(server_for(handler), args.connections, request),
         "floor": Rig(server_for(floor_handler(floor_pool)), args.connections, request),
     }
-    for rig in rigs.values():  # warm-up: pools, caches, the interpreter's specialisation
-        for _ in range(args.batches):
-            await rig.round()
-    gc.collect()
-    gc.freeze()  # as `gateway serve` does
-    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
-    results: dict[str, list[float]] = {k: [] for k in rigs}
-    for _ in range(args.samples):
-        for key, rig in rigs.items():
-            results[key].append(await rig.sample(args.batches))
+    results = await measure(rigs, args.batches, args.samples)
     what = "POST, 200-byte body" if args.post else "GET"
     print(f"config {args.config}; {what}; {args.connections} connections; {args.samples} samples")
     print("| handler | min µs/req | median µs/req |")

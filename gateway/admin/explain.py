@@ -138,7 +138,9 @@ async def explain_request(
         decisions.guard_route(route, method, ip, headers)
     except Reject as rej:
         stop(rej)
-    ident = decisions.identify(snap, route, headers)
+    ident = decisions.identify(
+        snap, route, headers, client=client_key, failures=rt.verify_failures, spend=False
+    )
     if route.needs_identity:
         out["identity"] = ident.label
         out["plan"] = ident.plan

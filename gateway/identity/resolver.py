@@ -96,20 +96,22 @@ class IdentityKeys:
         *,
         client: str | None = None,
         failures: FailureBudget | None = None,
+        spend: bool = True,
         record: Callable[[str, str], None] | None = None,
     ) -> RequestIdentity:
         """Verify the request's credentials (a bearer token, an API key).
 
         ``client`` and ``failures``: the client's key and the budget its failed token
-        checks spend (see :meth:`TokenVerifier.verify`); ``record(kind, result)`` is told
-        the outcome of each credential (``jwt``/``api_key``; ``valid`` or why not).
+        checks spend (``spend``; see :meth:`TokenVerifier.verify`); ``record(kind,
+        result)`` is told the outcome of each credential (``jwt``/``api_key``; ``valid``
+        or why not).
         """
         verified: Verified | None = None
         refused = False
         if self.verifier is not None:
             token = bearer_token(_single(headers, "Authorization"))
             if token is not None:
-                outcome = self.verifier.verify(token, client=client, failures=failures)
+                outcome = self.verifier.verify(token, client=client, failures=failures, spend=spend)
                 refused = not isinstance(outcome, Verified)
                 if isinstance(outcome, Verified):
                     verified = outcome

@@ -194,11 +194,17 @@ class TokenVerifier:
         }
 
     def verify(
-        self, token: str, *, client: str | None = None, failures: FailureBudget | None = None
+        self,
+        token: str,
+        *,
+        client: str | None = None,
+        failures: FailureBudget | None = None,
+        spend: bool = True,
     ) -> Verified | Refused:
         """The token's claims, or why it is refused. With ``failures`` and the ``client``'s
-        key, a refusal after a signature check spends one of that client's failures, and a
-        client with none left gets no check (``throttled``)."""
+        key, a refusal after a signature check spends one of that client's failures
+        (unless ``spend`` is false: a question, not a request), and a client with none
+        left gets no check (``throttled``)."""
         cache = self._cache
         hit = cache.get(token)
         if hit is not None:
@@ -223,7 +229,7 @@ class TokenVerifier:
                 del cache[oldest]
                 self._cache_chars -= len(oldest)
             cache[token] = outcome
-        elif checked and failures is not None and client is not None:
+        elif checked and spend and failures is not None and client is not None:
             failures.spend(client, self._clock())
         return outcome
 

@@ -166,15 +166,19 @@ def identify(
     *,
     client: str | None = None,
     failures: FailureBudget | None = None,
+    spend: bool = True,
     record: Callable[[str, str], None] | None = None,
 ) -> RequestIdentity:
     """Who the request is, read only when its route needs it (``auth``, or a policy keyed
     by identity): a config without identity keys costs nothing here. The proxy port
     passes the client's key, its budget of failed token checks and the metric to count
-    outcomes in; ``/admin/explain`` passes none (it counts nothing)."""
+    outcomes in; ``/admin/explain`` passes the key and the budget with ``spend=False``
+    (a client whose budget is spent is refused there too, and nothing is counted)."""
     if not route.needs_identity or snap.identity is None:
         return NO_IDENTITY
-    return snap.identity.identify(headers, client=client, failures=failures, record=record)
+    return snap.identity.identify(
+        headers, client=client, failures=failures, spend=spend, record=record
+    )
 
 
 def check_auth(route: CompiledRoute, ident: RequestIdentity) -> None:

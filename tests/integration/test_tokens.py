@@ -202,6 +202,64 @@ async def test_fresh_forged_tokens_get_a_bounded_number_of_signature_checks(
         assert counts[("jwt", "valid")] == 2.0
 
 
+async def test_the_budget_of_failed_checks_outlives_a_reload(upstream: str, tmp_path: Path) -> None:
+    cfg = _config(upstream, tmp_path, max_failed_per_ip=3, failed_window_s=3600)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    forged = _forged(6)
+    async with running_gateway(cfg, path=str(path)) as gw, aiohttp.ClientSession() as s:
+        for t in forged[:4]:
+            await _get(s, gw, "/me", _from("198.51.100.11", t))
+        cfg["routes"][0]["methods"] = ["GET"]  # another config, the same budget
+        path.write_text(yaml.safe_dump(cfg))
+        ok, errors = await gw.reloader.reload("test")
+        assert ok, errors
+        await _get(s, gw, "/me", _from("198.51.100.11", forged[4]))
+        counts = await _verifications(s, gw)
+        assert counts == {("jwt", "bad_signature"): 3.0, ("jwt", "throttled"): 2.0}
+        # a new budget (another rate) starts afresh
+        cfg["identity"]["jwt"]["max_failed_per_ip"] = 4
+        path.write_text(yaml.safe_dump(cfg))
+        ok, errors = await gw.reloader.reload("test")
+        assert ok, errors
+        await _get(s, gw, "/me", _from("198.51.100.11", forged[5]))
+        assert (await _verifications(s, gw))[("jwt", "bad_signature")] == 4.0
+
+
+async def test_explain_answers_as_the_budget_stands_and_spends_none(
+    upstream: str, tmp_path: Path
+) -> None:
+    cfg = _config(upstream, tmp_path, max_failed_per_ip=2, failed_window_s=3600)
+    admin = "explain-admin-token-0123456789"
+    forged = _forged(8)
+    fresh = _signed(sub="fresh")
+
+    async def explain(s: aiohttp.ClientSession, gw: Gateway, ip: str, token: str) -> Any:
+        query = {"ip": ip, "path": "/me", "header": f"Authorization:Bearer {token}"}
+        auth = {"Authorization": f"Bearer {admin}"}
+        async with s.get(admin_url(gw, "/admin/explain"), params=query, headers=auth) as r:
+            assert r.status == 200
+            return await r.json()
+
+    async with (
+        running_gateway(cfg, {"GATEWAY_ADMIN_TOKEN": admin}) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+        for t in forged[:3]:
+            await _get(s, gw, "/me", _from("198.51.100.12", t))
+        # the spent address: its new token would be refused unchecked
+        body = await explain(s, gw, "198.51.100.12", fresh)
+        assert body["identity"] is None
+        assert body["verdict"].startswith("401")
+        assert (await explain(s, gw, "198.51.100.13", fresh))["identity"] == "jwt:fresh"
+        # explaining forged tokens spends nothing: the address still gets its checks
+        for t in forged[3:7]:
+            assert (await explain(s, gw, "198.51.100.14", t))["identity"] is None
+        await _get(s, gw, "/me", _from("198.51.100.14", forged[7]))
+        counts = await _verifications(s, gw)
+        assert counts == {("jwt", "bad_signature"): 3.0, ("jwt", "throttled"): 1.0}
+
+
 async def test_failed_verifications_are_scored_where_the_route_needs_a_token(
     upstream: str, tmp_path: Path
 ) -> None:

@@ -93,6 +93,15 @@ def test_check_auth(route: str, ident: RequestIdentity, status: int | None, bear
     assert ("WWW-Authenticate" in (info.value.headers or {})) is bearer
 
 
+def _checks(route: str, ip: str, ident: RequestIdentity) -> list[str]:
+    return [
+        c.key
+        for c in decisions.policy_checks(
+            ROUTES[route], ip, CIMultiDict(), decoded=False, ident=ident
+        )[1]
+    ]
+
+
 def test_checks_keyed_by_the_identity_alone_are_made_once_per_verified_token() -> None:
     kept = RequestIdentity(claims={"sub": "alice", "tenant": 7}, route_checks={})
     first = decisions.policy_checks(
@@ -103,24 +112,12 @@ def test_checks_keyed_by_the_identity_alone_are_made_once_per_verified_token() -
     )
     assert again is first
     # a route with a policy keyed by the address: made for each request
-    own = decisions.policy_checks(
-        ROUTES["own"], "10.0.0.1", CIMultiDict(), decoded=False, ident=kept
-    )
-    other = decisions.policy_checks(
-        ROUTES["own"], "10.0.0.2", CIMultiDict(), decoded=False, ident=kept
-    )
-    assert [c.key for c in own[1]] == ["j:sub:alice", "10.0.0.1"]
-    assert [c.key for c in other[1]] == ["j:sub:alice", "10.0.0.2"]
+    assert _checks("own", "10.0.0.1", kept) == ["j:sub:alice", "10.0.0.1"]
+    assert _checks("own", "10.0.0.2", kept) == ["j:sub:alice", "10.0.0.2"]
     # a claim the token lacks: the fallback, by the address, each time
     lacking = RequestIdentity(claims={"sub": "bob"}, route_checks={})
-    a = decisions.policy_checks(
-        ROUTES["u"], "10.0.0.1", CIMultiDict(), decoded=False, ident=lacking
-    )
-    b = decisions.policy_checks(
-        ROUTES["u"], "10.0.0.2", CIMultiDict(), decoded=False, ident=lacking
-    )
-    assert [c.key for c in a[1]] == ["j:sub:bob", "10.0.0.1"]
-    assert [c.key for c in b[1]] == ["j:sub:bob", "10.0.0.2"]
+    assert _checks("u", "10.0.0.1", lacking) == ["j:sub:bob", "10.0.0.1"]
+    assert _checks("u", "10.0.0.2", lacking) == ["j:sub:bob", "10.0.0.2"]
     assert set(kept.route_checks or {}) == {"u"}
     assert lacking.route_checks == {}
 
