@@ -112,6 +112,14 @@ async def test_allow_on_one_gateway(upstream: str) -> None:
         assert await _get(s, gw, denied) == 403  # deny_cidrs wins
         assert sorted(await _listed(s, gw)) == sorted([banned, limited, denied])
         assert _metric(gw, "gateway_allowed_requests_total") == 6
+        # explain says why, and counts nothing
+        explain = admin_url(gw, f"/admin/explain?ip={banned}&path=/x")
+        async with s.get(explain, headers=AUTH) as r:
+            answer = await r.json()
+        assert answer["break_glass"]["reason"] == "t-1"
+        assert answer["ban"] is not None
+        assert answer["verdict"] is None or not answer["verdict"].startswith("403")
+        assert _metric(gw, "gateway_allowed_requests_total") == 6
         assert _metric(gw, "gateway_allow_changes_total", action="added") == 3
 
         async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
