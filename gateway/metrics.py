@@ -112,6 +112,13 @@ class Metrics:
             "Requests exempt from bans and rate limits by a break-glass allow entry.",
             registry=r,
         )
+        self.admin_auth_failures = Counter(
+            p + "admin_auth_failures_total",
+            "Admin calls refused for their token: a wrong or missing one (unauthorized), or"
+            " any once the client's budget of failures is spent (throttled).",
+            ["result"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             p + "circuit_state",
             "Circuit breaker state (1 for the current state).",
@@ -158,6 +165,8 @@ class Metrics:
             self.config_reloads.labels(result)
         for action in ("added", "removed"):
             self.allow_changes.labels(action)
+        for result in ("unauthorized", "throttled"):
+            self.admin_auth_failures.labels(result)
 
     def set_circuit_state(self, upstream: str, state: str) -> None:
         for s in CIRCUIT_STATES:

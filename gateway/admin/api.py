@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hmac
 import ipaddress
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ from multidict import CIMultiDict
 
 from gateway import __version__
 from gateway.admin.explain import explain_request
+from gateway.admin.guard import AdminAuthGuard
 from gateway.core.allowlist import MAX_TTL_S, EntryError, IPNetwork, check_request, parse_target
 from gateway.core.client_ip import parse_ip
 from gateway.core.health import aggregate
@@ -36,6 +38,7 @@ STATS_BANS = 100
 
 RUNTIME = web.AppKey("runtime", Runtime)
 RELOADER = web.AppKey("reloader", Reloader)
+GUARD = web.AppKey("guard", AdminAuthGuard)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -124,7 +127,18 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             "no admin token is configured (admin.token_env): the admin API is disabled",
             request_id=None,
         )
+    # guessing is bounded per address: past its failures, even the right token waits
+    guard, client, now = request.app[GUARD], _client_key(request), time.monotonic()
+    wait = guard.wait_s(client, now)
+    if wait > 0.0:
+        return problem_response(
+            429,
+            "too many failed admin authentications from this address: wait for Retry-After",
+            request_id=None,
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
     if not _bearer_ok(request, token.encode()):
+        guard.failed(client, now)
         return problem_response(
             401,
             "a valid bearer token is required",
@@ -132,6 +146,12 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             headers={"WWW-Authenticate": 'Bearer realm="gateway-admin"'},
         )
     return await handler(request)
+
+
+def _client_key(request: web.Request) -> str:
+    """The address the failures are counted for: an IPv6 client by its prefix."""
+    ip = parse_ip(request.remote or "")
+    return "-" if ip is None else _rt(request).snapshot.ip_key(ip)
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -490,6 +510,7 @@ def create_admin_app(runtime: Runtime, reloader: Reloader) -> web.Application:
     app = web.Application(middlewares=[_problems, _auth])
     app[RUNTIME] = runtime
     app[RELOADER] = reloader
+    app[GUARD] = AdminAuthGuard(runtime.metrics, runtime.log)
     app.on_response_prepare.append(_on_prepare)
     r = app.router
     r.add_get("/metrics", metrics)

@@ -37,6 +37,10 @@ __all__ = [
 ]
 
 
+MIN_ADMIN_TOKEN_BYTES = 16
+"""A shorter admin token is a risky setting (``check-config --strict`` refuses it)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Secrets:
     """Values of the ``*_env`` fields, read from the environment at load time."""
@@ -67,6 +71,17 @@ def resolve_secrets(cfg: Config, environ: Mapping[str, str]) -> tuple[Secrets, l
             Problem(
                 "admin.token_env",
                 f"{where}: /admin/* endpoints refuse every call (403)",
+                risky=True,
+            )
+        )
+    elif len(admin_token.encode()) < MIN_ADMIN_TOKEN_BYTES:
+        # guessing is bounded per address (the admin port's failure budget), not across
+        # a spray of addresses: the token's length is what keeps it out of reach
+        warnings.append(
+            Problem(
+                "admin.token_env",
+                f"the admin token is {len(admin_token.encode())} bytes:"
+                f" {MIN_ADMIN_TOKEN_BYTES} or more are needed (e.g. openssl rand -hex 32)",
                 risky=True,
             )
         )

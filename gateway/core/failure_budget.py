@@ -4,8 +4,9 @@ Pure: no I/O, no clock; the caller passes ``now``.
 
 Each client key has a GCRA bucket (:mod:`gateway.core.gcra`) of ``rate``: ``burst``
 failures at once, then one more every ``period_s / requests`` seconds.  The caller asks
-:meth:`FailureBudget.exhausted` before the costly work and calls
-:meth:`FailureBudget.spend` when it failed; success costs nothing.
+:meth:`FailureBudget.exhausted` (or :meth:`FailureBudget.wait_s`, for a Retry-After)
+before the costly work and calls :meth:`FailureBudget.spend` when it failed; success
+costs nothing.
 
 Memory is bounded by ``max_keys``: the table is kept in order of the last failure, so
 the client that failed least recently is forgotten first (it comes back with a full
@@ -43,13 +44,17 @@ class FailureBudget:
 
     def exhausted(self, key: str, now: float) -> bool:
         """Whether ``key`` has no failure left to spend at ``now``."""
+        return self.wait_s(key, now) > 0.0
+
+    def wait_s(self, key: str, now: float) -> float:
+        """Seconds until ``key`` may fail once more; 0.0 while it has a failure left."""
         tat = self._tats.get(key)
         if tat is None:
-            return False
+            return 0.0
         if tat <= now:  # full again: as good as unknown
             del self._tats[key]
-            return False
-        return not decide(tat, now, self.rate)[0].allowed
+            return 0.0
+        return decide(tat, now, self.rate)[0].retry_after_s
 
     def spend(self, key: str, now: float) -> None:
         """Count one failure of ``key`` (nothing when its budget is already spent)."""

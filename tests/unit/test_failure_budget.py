@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.core.failure_budget import FailureBudget
 from gateway.core.gcra import Rate
 
@@ -55,3 +57,17 @@ def test_a_new_rate_starts_afresh_and_the_same_rate_keeps_the_state() -> None:
     assert budget.exhausted("a", 0.0)
     budget.reconfigure(Rate(10, 10.0, 10))  # a TAT means nothing under another rate
     assert not budget.exhausted("a", 0.0)
+
+
+def test_wait_is_zero_while_failures_are_left_then_the_time_to_the_next_one() -> None:
+    budget = FailureBudget(Rate(10, 60.0, 10))  # 10 at once, then one every 6 s
+    assert budget.wait_s("a", 0.0) == 0.0  # never seen
+    for _ in range(9):
+        budget.spend("a", 0.0)
+    assert budget.wait_s("a", 0.0) == 0.0  # one left
+    budget.spend("a", 0.0)
+    assert budget.wait_s("a", 0.0) == pytest.approx(6.0)
+    assert budget.wait_s("a", 4.5) == pytest.approx(1.5)
+    assert budget.wait_s("a", 6.0) == 0.0
+    assert budget.exhausted("a", 5.9)
+    assert not budget.exhausted("a", 6.0)
