@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 
 __all__ = ["FAILURE_RATE", "MAX_CLIENTS", "AdminAuthGuard"]
 
-FAILURE_RATE = Rate(10, 60.0, 10)
-"""Failed admin authentications a client address may make: 10 at once, 10 a minute."""
+FAILURE_RATE = Rate(60, 60.0, 100)
+"""Failed admin authentications a client address may make: 100 at once, then one a
+second. Enough for a script or a test suite that checks its 401s, and 86,400 guesses a
+day at most, nothing against a token of 16 random bytes or more."""
 
 MAX_CLIENTS = 10_000
 """Addresses remembered at most (the least recent failure is forgotten first)."""
