@@ -16,7 +16,7 @@ limited by a policy keyed by the client address, and ``/user/``, limited by one 
   request: each one a signature check (on a second pipeline, without the budget: the
   forged row spends the budget of the one client address all rows share);
 * ``forged, budget``: a new well-formed RS256 token with a wrong signature on every
-  request, one client address, ``identity.jwt.max_failed_per_ip`` at its default (20):
+  request, one client address, ``identity.jwt.max_failed_per_ip`` 20:
   after 20 checks the address's tokens are refused without one;
 * ``forged, no budget``: the same with ``max_failed_per_ip: null``: a check each.
 

@@ -369,8 +369,8 @@ class Jwt(_Model):
     plan_claim: str | None = None
     # refusals after a signature check one client address may cause, refilled over
     # failed_window_s; then its new tokens are refused unchecked (null: no limit)
-    max_failed_per_ip: Annotated[int, Field(ge=1)] | None = 20
-    failed_window_s: PositiveSeconds = 60
+    max_failed_per_ip: Annotated[int, Field(ge=1)] | None = 100
+    failed_window_s: PositiveSeconds = 10
 
 
 class ApiKeysConfig(_Model):
