@@ -29,7 +29,15 @@ concurrency filter:
   a square root above the real concurrency is below it, which is all the probe needs,
   and the flood loses a few per cent of one probe's moment instead of almost all of it.
   An idle or lightly loaded upstream is never probed: its windows already show its
-  no-load latency, and nothing is ever refused for a probe.
+  no-load latency, and nothing is ever refused for a probe.  The first loaded window
+  after a light spell probes at once: a figure learned while the gateway was quiet
+  leaves out the gateway's own delay under load (its loop busy with a flood reads every
+  answer later), which would read as a queue in the upstream and sink the limit until
+  the next periodic probe.
+- A request over the limit waits once, the no-load latency at most
+  (:attr:`GradientLimit.refusal_wait_s`), and is checked again before it is refused:
+  a closed-loop flood refused at once sends again at once, and its refusals take the
+  CPU whose delay the limit would then learn.
 
 Netflix's Gradient2 follows a long average of the latency instead of a minimum and
 reacts to changes of it, not to its level: a flood that grows slowly drives it to its
@@ -110,6 +118,7 @@ class GradientLimit:
         "_probe_limit",
         "_probe_sum",
         "_sum",
+        "_was_loaded",
         "_window_end",
         "limit",
         "maximum",
@@ -129,6 +138,8 @@ class GradientLimit:
     PROBE_TIMEOUT_S = 2.0
     """A probe that has not got its samples by then gives up (the old figure stays)."""
     INITIAL = 20
+    MAX_REFUSAL_WAIT_S = 0.25
+    """A slow upstream's refusals still come within this (a client waits for its 503)."""
 
     def __init__(
         self,
@@ -151,6 +162,7 @@ class GradientLimit:
         self._sum = 0.0
         self._count = 0
         self._loaded = False
+        self._was_loaded = False
         self._window_end = math.inf
         self._probe_due = now + probe_interval_s
         self._phase_started = math.inf  # when the probe in progress began
@@ -162,6 +174,15 @@ class GradientLimit:
     def no_load_s(self) -> float:
         """The no-load latency in force (``inf`` before the first window)."""
         return self._no_load
+
+    @property
+    def refusal_wait_s(self) -> float:
+        """How long a request over the limit may wait for room before it is refused: the
+        no-load latency (SPEC section 10 allows no longer), at most ``MAX_REFUSAL_WAIT_S``;
+        0 before the first window has measured it."""
+        if self._no_load == math.inf:
+            return 0.0
+        return min(self._no_load, self.MAX_REFUSAL_WAIT_S)
 
     @property
     def probing(self) -> bool:
@@ -203,8 +224,9 @@ class GradientLimit:
             # about a higher one (Netflix's "app-limited" rule), so the limit may only fall.
             estimate = min(estimate, self._estimate)
         self._set(estimate)
-        if loaded and now >= self._probe_due:
+        if loaded and (now >= self._probe_due or not self._was_loaded):
             self._begin_probe(now)
+        self._was_loaded = loaded
 
     def _set(self, estimate: float) -> None:
         self._estimate = min(float(self.maximum), max(float(self.minimum), estimate))

@@ -104,6 +104,11 @@ class UpstreamState:
         """The concurrency limit in force: ``max_inflight`` (fixed) or the learned one."""
         return self.gradient.limit if self.gradient is not None else self.max_inflight
 
+    @property
+    def refusal_wait_s(self) -> float:
+        """How long a request over the limit waits before it is refused (adaptive only)."""
+        return self.gradient.refusal_wait_s if self.gradient is not None else 0.0
+
     def admits(self, priority: Priority, *, reserved: bool) -> bool:
         """Whether a request of ``priority`` may start now (SPEC section 10); ``reserved``:
         a critical route uses this upstream, so normal leaves it a reserve."""

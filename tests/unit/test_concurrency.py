@@ -137,9 +137,12 @@ def simulate(
     think_s: float = 0.0,
     seed: int = 7,
     changes: dict[float, tuple[int, float]] | None = None,
+    lag_s: float = 0.0,
 ) -> Run:
     """Closed-loop clients (each sends again when answered, or ``retry_s`` after a refusal)
-    in front of an upstream of ``workers`` x ``service_s``; the limiter admits ``normal``."""
+    in front of an upstream of ``workers`` x ``service_s``; the limiter admits ``normal``.
+    ``lag_s`` is the gateway's own delay, added to every latency it measures (a busy
+    event loop reads an answer late)."""
     rng = random.Random(seed)
     run = Run()
     seq = itertools.count()
@@ -179,7 +182,7 @@ def simulate(
                 upstream.queue.append((now, inflight))
         else:  # done
             inflight -= 1
-            latency = now - admitted_at
+            latency = now - admitted_at + lag_s
             limiter.on_sample(latency, now, at_admission)
             if now >= since:
                 run.completions += 1
@@ -251,6 +254,34 @@ def test_the_limit_follows_an_upstream_that_gets_slower_for_good() -> None:
     assert run.completions / 8.0 >= 0.9 * 8 / 0.060
     assert run.mean_latency <= 1.6 * 0.060
     assert limiter.no_load_s == pytest.approx(0.060, rel=0.15)
+
+
+def test_load_that_begins_with_the_gateway_busier_does_not_sink_the_limit() -> None:
+    """The no-load latency is learned while the upstream is lightly used; then a flood
+    comes and the gateway's own delay (its loop busy with it) adds 12 ms to every latency
+    it measures, with no queue in the upstream.  Measured against the quiet figure, that
+    reads as a queue and the limit would sink to its minimum until the next periodic
+    probe, 10 s on; the first loaded window measures the no-load latency again instead."""
+    limiter = GradientLimit(minimum=4, maximum=500, now=0.0, probe_interval_s=10.0)
+    simulate(limiter, Upstream(8, 0.020), clients=2, until=3.0, since=0.0)
+    assert limiter.no_load_s == pytest.approx(0.020, rel=0.15)
+    run = simulate(
+        limiter, Upstream(8, 0.020), clients=64, start=3.0, until=9.0, since=4.0, lag_s=0.012
+    )
+    assert run.completions / 5.0 >= 0.9 * 400
+    assert sorted(run.limits)[len(run.limits) // 10] >= 8  # 90 % of the time
+
+
+def test_a_refused_request_waits_at_most_the_no_load_latency() -> None:
+    limiter = GradientLimit(minimum=4, maximum=500, now=0.0)
+    assert limiter.refusal_wait_s == 0.0  # nothing measured yet: refused at once
+    simulate(limiter, Upstream(8, 0.020), clients=2, until=1.0, since=0.0)
+    assert limiter.refusal_wait_s == pytest.approx(limiter.no_load_s)
+    assert limiter.refusal_wait_s == pytest.approx(0.020, rel=0.15)
+    slow = GradientLimit(minimum=4, maximum=500, now=0.0)
+    simulate(slow, Upstream(8, 2.0), clients=2, until=30.0, since=0.0)
+    assert slow.no_load_s > 1.0
+    assert slow.refusal_wait_s == GradientLimit.MAX_REFUSAL_WAIT_S
 
 
 def test_the_limit_never_passes_its_bounds() -> None:
