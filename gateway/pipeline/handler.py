@@ -37,7 +37,7 @@ from gateway.pipeline.websocket import relay_websocket, websocket_handshake
 from gateway.stores.limiter import BackendUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Sequence
 
     from aiohttp import web
 
@@ -91,41 +91,49 @@ class ProxyHandler:
         resp: AnyResponse | web.StreamResponse
         try:
             up, raw_path_qs = await self.admit(request, snap, ctx)
-            # the leg it takes: a WebSocket's, or the plain exchange
-            if request.method == "GET" and request.headers.get(hdrs.UPGRADE, "").lower() == (
-                "websocket"
-            ):
-                resp = await relay_websocket(
-                    self.rt,
-                    request,
-                    websocket_handshake(request),
-                    snap,
-                    ctx,
-                    up,
-                    raw_path_qs,
-                    via_proxy=via_proxy,
-                )
+            route = ctx.route
+            if route is not None and route.inflight and not ctx.exempt:
+                # the route's concurrency policies: held until the exchange is over; a
+                # WebSocket's until it closes (an open socket is a request in flight, as
+                # NGINX's limit_conn and Traefik's inFlightReq count it)
+                held = self.take_inflight(request, ctx, route)
+                try:
+                    resp = await self.leg_for(request, snap, ctx, up, raw_path_qs, via_proxy)
+                finally:
+                    counts = self.rt.inflight_keys
+                    for name, key in held:
+                        counts.release(name, key)
             else:
-                route = ctx.route
-                if route is not None and route.inflight and not ctx.exempt:
-                    # the route's concurrency policies: held until the exchange is over
-                    held = self.take_inflight(request, ctx, route)
-                    try:
-                        resp = await self.leg.forward(
-                            request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy
-                        )
-                    finally:
-                        counts = self.rt.inflight_keys
-                        for name, key in held:
-                            counts.release(name, key)
-                else:
-                    resp = await self.leg.forward(
-                        request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy
-                    )
+                resp = await self.leg_for(request, snap, ctx, up, raw_path_qs, via_proxy)
         except Reject as rej:
             resp = self.reject(request, snap, ctx, rej)
         self.record(request, snap, ctx, resp, start)
         return resp
+
+    def leg_for(
+        self,
+        request: PipelineRequest,
+        snap: Snapshot,
+        ctx: Ctx,
+        up: UpstreamState,
+        raw_path_qs: str,
+        via_proxy: bool,
+    ) -> Awaitable[AnyResponse | web.StreamResponse]:
+        """The leg the request takes (a WebSocket's, or the plain exchange), to await."""
+        if request.method == "GET" and request.headers.get(hdrs.UPGRADE, "").lower() == (
+            "websocket"
+        ):
+            return relay_websocket(
+                self.rt,
+                request,
+                websocket_handshake(request),
+                snap,
+                ctx,
+                up,
+                raw_path_qs,
+                via_proxy=via_proxy,
+            )
+        return self.leg.forward(request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy)
 
     # ------------------------------------------------------------------ steps
 

@@ -314,3 +314,81 @@ async def test_a_concurrency_policy_refuses_the_keys_n_plus_first_and_frees_it(
             )
             == 4
         )
+
+
+class Echo:
+    """An upstream with WebSockets on /ws (echo) and a plain answer elsewhere."""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path != "/ws":
+            return web.Response(text="up")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str("echo:" + msg.data)
+        return ws
+
+
+async def _ws_open(s: aiohttp.ClientSession, gw: Any) -> Any:
+    ws = await s.ws_connect(url(gw, "/ws"))
+    await ws.send_str("hi")
+    assert await ws.receive_str(timeout=5) == "echo:hi"
+    return ws
+
+
+async def _ws_refused(s: aiohttp.ClientSession, gw: Any) -> tuple[int, str]:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+        await s.ws_connect(url(gw, "/ws"))
+    return err.value.status, err.value.headers.get("Content-Type", "") if err.value.headers else ""
+
+
+async def test_an_open_websocket_counts_for_the_routes_concurrency_policy() -> None:
+    """A socket is in flight while it is open: with max_inflight 1, an open WebSocket
+    leaves its key no room for a request on the policy's routes, until it closes."""
+    async with serve(Echo().handle) as u:
+        cfg = base_config(
+            u,
+            rate_limit={"policies": {"one": {"max_inflight": 1, "key": "ip"}}},
+            routes=[{"name": "api", "path_prefix": "/", "upstream": "api", "rate_limits": ["one"]}],
+        )
+        async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+            ws = await _ws_open(s, gw)
+            assert gw.runtime.inflight_keys.count("one", "127.0.0.1") == 1
+            async with s.get(url(gw, "/x")) as r:
+                assert r.status == 429
+                assert r.headers["Retry-After"] == "1"
+            status, _ = await _ws_refused(s, gw)
+            assert status == 429  # a second socket too
+            await ws.close()
+            assert await wait_for(lambda: len(gw.runtime.inflight_keys) == 0)
+            async with s.get(url(gw, "/x")) as r:
+                assert r.status == 200
+            m = gw.runtime.metrics.registry.get_sample_value
+            limited = {"policy": "one", "decision": "limited"}
+            assert m("gateway_ratelimit_decisions_total", limited) == 2
+
+
+async def test_shed_total_counts_the_upstreams_websocket_cap_not_one_clients() -> None:
+    """Both refusals are 503; the upstream's cap (max_connections) is load shed, like the
+    limit's; one client past websocket.max_per_client is that client's excess."""
+    async with serve(Echo().handle) as u:
+        cfg = base_config(
+            u,
+            upstreams={"api": {"url": u, "max_connections": 1}},
+            routes=[{"name": "chat", "path_prefix": "/", "upstream": "api", "priority": "bulk"}],
+        )
+        async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+            m = gw.runtime.metrics.registry.get_sample_value
+            ws = await _ws_open(s, gw)
+            assert await _ws_refused(s, gw) == (503, "application/problem+json")
+            assert m("gateway_shed_total", {"route": "chat", "priority": "bulk"}) == 1
+            await ws.close()
+        cfg["upstreams"]["api"]["max_connections"] = 100
+        cfg["websocket"] = {"max_per_client": 1}
+        async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+            m = gw.runtime.metrics.registry.get_sample_value
+            ws = await _ws_open(s, gw)
+            assert await _ws_refused(s, gw) == (503, "application/problem+json")
+            assert m("gateway_shed_total", {"route": "chat", "priority": "bulk"}) is None
+            await ws.close()
