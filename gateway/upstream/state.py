@@ -99,6 +99,19 @@ class UpstreamState:
             self.gradient = None
         self.limit_gauge.set(self.limit)
 
+    def keep_learned(self, old: UpstreamState) -> None:
+        """Take over the adaptive limit learned by the state this one replaces (a reload
+        that rebuilt the pool): same URL, same mode, ``min`` and ``max_inflight``."""
+        if (
+            old.gradient is not None
+            and self.gradient is not None
+            and old.config.url == self.config.url
+            and old.config.concurrency == self.config.concurrency
+            and old.config.max_inflight == self.config.max_inflight
+        ):
+            self.gradient = old.gradient
+            self.limit_gauge.set(self.limit)
+
     @property
     def limit(self) -> int:
         """The concurrency limit in force: ``max_inflight`` (fixed) or the learned one."""

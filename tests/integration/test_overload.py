@@ -392,3 +392,107 @@ async def test_shed_total_counts_the_upstreams_websocket_cap_not_one_clients() -
             assert await _ws_refused(s, gw) == (503, "application/problem+json")
             assert m("gateway_shed_total", {"route": "chat", "priority": "bulk"}) is None
             await ws.close()
+
+
+def _adaptive(u: str, **concurrency: Any) -> dict[str, Any]:
+    cfg = _prioritised(u, concurrency={"mode": "adaptive", "min": 2, **concurrency})
+    cfg["upstreams"]["api"]["max_inflight"] = 40
+    return cfg
+
+
+async def _learn(gw: Any, s: aiohttp.ClientSession, t: Timed) -> int:
+    """Load the upstream until its limit has left the initial figure; return it."""
+    m = gw.runtime.metrics.registry.get_sample_value
+    stop = asyncio.Event()
+
+    async def flood() -> None:
+        while not stop.is_set():
+            async with s.get(url(gw, "/x")) as r:
+                await r.read()
+
+    tasks = [asyncio.create_task(flood()) for _ in range(12)]
+    try:
+        t.delay = 0.05  # slow: latency well over what was learned first
+        await asyncio.sleep(0.3)
+        t.delay = 0.01
+        assert await wait_for(
+            lambda: m("gateway_upstream_concurrency_limit", {"upstream": "api"}) not in (None, 20),
+            timeout=20,
+        )
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    return gw.runtime.upstreams["api"].limit  # type: ignore[no-any-return]
+
+
+async def _reload(s: aiohttp.ClientSession, gw: Any, path: Any, cfg: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(cfg))
+    auth = {"Authorization": "Bearer t0ken-for-the-admin-port"}
+    async with s.post(admin_url(gw, "/admin/reload"), headers=auth) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_a_reload_keeps_the_learned_limit_unless_the_upstreams_limits_change(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Priorities, the pool's settings: the learned limit is kept (the same figure, and
+    still learning); mode, min or max_inflight: it starts again from the initial one."""
+    t = Timed()
+    env = {"GATEWAY_ADMIN_TOKEN": "t0ken-for-the-admin-port"}
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", env["GATEWAY_ADMIN_TOKEN"])  # read on reload
+    path = tmp_path / "gateway.yaml"
+    async with serve(t.app) as u:
+        cfg = _adaptive(u)
+        path.write_text(yaml.safe_dump(cfg))
+        async with (
+            running_gateway(cfg, env, path=str(path)) as gw,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+        ):
+            learned = await _learn(gw, s, t)
+            gradient = gw.runtime.upstreams["api"].gradient
+            assert learned != 20
+            cfg["routes"][0]["priority"] = "normal"  # priorities only
+            await _reload(s, gw, path, cfg)
+            assert gw.runtime.upstreams["api"].gradient is gradient
+            cfg["upstreams"]["api"]["connect_timeout_s"] = 1.5  # rebuilds the pool
+            await _reload(s, gw, path, cfg)
+            assert gw.runtime.upstreams["api"].gradient is gradient
+            m = gw.runtime.metrics.registry.get_sample_value
+            limit = m("gateway_upstream_concurrency_limit", {"upstream": "api"})
+            assert limit == gw.runtime.upstreams["api"].limit
+            async with s.get(url(gw, "/x")) as r:
+                assert r.status == 200
+            cfg["upstreams"]["api"]["concurrency"]["min"] = 3  # the limit's own settings
+            await _reload(s, gw, path, cfg)
+            fresh = gw.runtime.upstreams["api"]
+            assert fresh.gradient is not gradient
+            assert fresh.limit == 20
+            assert m("gateway_upstream_concurrency_limit", {"upstream": "api"}) == 20
+
+
+async def test_a_reload_over_the_admin_port_that_changes_priorities(
+    held: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the file and POST /admin/reload: bulk becomes critical, and a request of
+    that route, refused before at half the limit, is admitted up to the cap after."""
+    h, u = held
+    env = {"GATEWAY_ADMIN_TOKEN": "t0ken-for-the-admin-port"}
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", env["GATEWAY_ADMIN_TOKEN"])  # read on reload
+    path = tmp_path / "gateway.yaml"
+    cfg = _prioritised(u)
+    path.write_text(yaml.safe_dump(cfg))
+    async with (
+        running_gateway(cfg, env, path=str(path)) as gw,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+    ):
+        c = Client(s, url(gw, ""), h)
+        await c.hold("/x", 9)  # normal: up to the limit less critical's reserve
+        await c.refused("/bulk/a")
+        cfg["routes"][1]["priority"] = "critical"
+        await _reload(s, gw, path, cfg)
+        await c.hold("/bulk/a", 1)  # critical now: up to max_inflight
+        await c.refused("/bulk/a")  # the cap binds it too
+        assert await c.end() == [200] * 10
+        m = gw.runtime.metrics.registry.get_sample_value
+        assert m("gateway_shed_total", {"route": "export", "priority": "bulk"}) == 1
+        assert m("gateway_shed_total", {"route": "export", "priority": "critical"}) == 1
