@@ -30,7 +30,7 @@ from gateway.health.probes import PROBE_PATHS, probe_answer
 from gateway.identity.resolver import NO_IDENTITY
 from gateway.pipeline import decisions
 from gateway.pipeline.context import Ctx
-from gateway.pipeline.reject import Reject, banned, problem_answer
+from gateway.pipeline.reject import Reject, banned, problem_answer, too_many_in_flight
 from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
 from gateway.pipeline.upstream_leg import UpstreamLeg
 from gateway.pipeline.websocket import relay_websocket, websocket_handshake
@@ -284,14 +284,7 @@ class ProxyHandler:
                 for name, k in held:
                     counts.release(name, k)
                 request.extra_headers = None  # no RateLimit fields on this refusal
-                raise Reject(
-                    429,
-                    f"too many requests in flight: {pol.name}",
-                    type_=problem.QUOTA_EXCEEDED,
-                    headers={"Retry-After": "1"},
-                    extra={"violated_policies": [pol.name]},
-                    event="rate_limited",
-                )
+                raise too_many_in_flight(pol.name)
         return held
 
     def _count_limits(

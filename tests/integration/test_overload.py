@@ -496,3 +496,72 @@ async def test_a_reload_over_the_admin_port_that_changes_priorities(
         m = gw.runtime.metrics.registry.get_sample_value
         assert m("gateway_shed_total", {"route": "export", "priority": "bulk"}) == 1
         assert m("gateway_shed_total", {"route": "export", "priority": "critical"}) == 1
+
+
+async def test_explain_shows_each_concurrency_policy_its_key_count_and_verdict(
+    held: Any,
+) -> None:
+    h, u = held
+    env = {"GATEWAY_ADMIN_TOKEN": "t0ken-for-the-admin-port"}
+    auth = {"Authorization": "Bearer t0ken-for-the-admin-port"}
+    cfg = base_config(
+        u,
+        rate_limit={
+            "policies": {
+                "per-ip-inflight": {"max_inflight": 2, "key": "ip"},
+                "per-route-inflight": {"max_inflight": 50, "key": "route", "mode": "shadow"},
+            }
+        },
+        routes=[
+            {
+                "name": "api",
+                "path_prefix": "/",
+                "upstream": "api",
+                "rate_limits": ["per-ip-inflight", "per-route-inflight"],
+            }
+        ],
+    )
+    async with (
+        running_gateway(cfg, env) as gw,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+    ):
+
+        async def explain(ip: str) -> dict[str, Any]:
+            params = {"ip": ip, "path": "/x", "method": "GET"}
+            async with s.get(admin_url(gw, "/admin/explain"), params=params, headers=auth) as r:
+                assert r.status == 200
+                out: dict[str, Any] = await r.json()
+                return out
+
+        c = Client(s, url(gw, ""), h)
+        await c.hold("/x", 2)
+        mine = await explain("127.0.0.1")
+        assert mine["concurrency_policies"] == [
+            {
+                "policy": "per-ip-inflight",
+                "key": "127.0.0.1",
+                "mode": "enforce",
+                "max_inflight": 2,
+                "inflight": 2,
+                "would_refuse": True,
+                "exempt": False,
+            },
+            {
+                "policy": "per-route-inflight",
+                "key": "route:api",
+                "mode": "shadow",
+                "max_inflight": 50,
+                "inflight": 2,
+                "would_refuse": False,
+                "exempt": False,
+            },
+        ]
+        assert mine["verdict"] == "429: too many requests in flight: per-ip-inflight"
+        other = await explain("10.9.8.7")
+        assert other["concurrency_policies"][0]["inflight"] == 0
+        assert other["concurrency_policies"][0]["would_refuse"] is False
+        assert other["verdict"] == "proxied to upstream 'api'"
+        async with s.get(url(gw, "/x")) as r:  # the pipeline agrees
+            assert r.status == 429
+        assert h.hits == 2, "explain sends nothing upstream"
+        assert await c.end() == [200, 200]
