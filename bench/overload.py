@@ -351,14 +351,14 @@ class Row:
         return statistics.median(self.limits) if self.limits else float("nan")
 
 
-def start_flood(wrk: str, cpu: int, url: str, seconds: float) -> subprocess.Popen[str]:
+def start_flood(wrk: str, cpu: int, url: str, seconds: float, conns: int) -> subprocess.Popen[str]:
     setup = _child_setup(cpu)
 
     def niced() -> None:
         setup()
         os.nice(10)
 
-    argv = [wrk, "-t1", f"-c{FLOOD_CONNECTIONS}", f"-d{max(1, round(seconds))}s", url]
+    argv = [wrk, "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", url]
     popen = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -387,10 +387,12 @@ def run_variant(
     gw = spawn_gateway(children, f"gw-{v.key}{tag}", cfg, port=port, cpu=proxy_cpu, redis_url=None)
     try:
         wait_http(gw, port, "/readyz", 20)
-        asyncio.run(callers(port, 1.0))  # warm-up: connections, first samples
+        asyncio.run(callers(port, min(1.0, args.alone)))  # warm-up: connections, samples
         alone, probes_alone = asyncio.run(callers(port, args.alone))
         total = args.settle + args.duration + 1
-        flood = start_flood(args.wrk, load_cpu, f"http://127.0.0.1:{port}/bulk/x", total)
+        flood = start_flood(
+            args.wrk, load_cpu, f"http://127.0.0.1:{port}/bulk/x", total, args.connections
+        )
         time.sleep(args.settle)
         limits: list[float] = []
 
@@ -572,6 +574,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--alone", type=float, help="seconds measured without the flood (default 6)")
     p.add_argument("--settle", type=float, help="seconds of flood before measuring (default 3)")
     p.add_argument("--capacity", type=int, default=8, help="requests the upstream works at once")
+    p.add_argument("--connections", type=int, default=FLOOD_CONNECTIONS, help="the flood's")
+    p.add_argument("--capacity-s", type=float, default=3.0, help="upstream measured alone")
     p.add_argument("--service-ms", type=float, default=20.0, help="each request's work")
     p.add_argument(
         "--only", choices=[v.key for v in VARIANTS], action="append", help="run these configs"
@@ -596,7 +600,7 @@ def scenario(args: argparse.Namespace, children: Children, tmp: Path) -> list[st
     sizes = [args.capacity] if args.no_double else [args.capacity, args.capacity * 2]
     for size in sizes:
         up = spawn_upstream(children, capacity=size, service_ms=args.service_ms, cpu=load_cpu)
-        capacity[size] = upstream_capacity(args.wrk, load_cpu, up.port, 3)
+        capacity[size] = upstream_capacity(args.wrk, load_cpu, up.port, args.capacity_s)
         print(f"upstream {size} x {args.service_ms:g} ms: {capacity[size]:,.0f} req/s measured")
         chosen = [v for v in VARIANTS if not args.only or v.key in args.only]
         if size != args.capacity:
@@ -610,7 +614,7 @@ def scenario(args: argparse.Namespace, children: Children, tmp: Path) -> list[st
         children.stop(up)
     return [
         (
-            f"Flood: wrk -c{FLOOD_CONNECTIONS} closed loop on /bulk/ ({args.settle:g} s before"
+            f"Flood: wrk -c{args.connections} closed loop on /bulk/ ({args.settle:g} s before"
             f" measuring, {args.duration:g} s measured); critical caller {CRITICAL_RATE:g} req/s"
             f" on /login/; probe GET /readyz every {PROBE_INTERVAL_S * 1000:g} ms (new connection)."
             f" Alone: {args.alone:g} s without the flood."
