@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -564,6 +565,57 @@ def measure_c1(args: argparse.Namespace, children: Children, tmp: Path) -> list[
     return out
 
 
+# --------------------------------------------------------------------------- refusal cost
+
+
+def measure_refusal_cost(args: argparse.Namespace, children: Children, tmp: Path) -> list[str]:
+    """The gateway's CPU per refused request: a 503 at the upstream's limit (fixed mode:
+    refused at once) against a 429 of a rate-limit policy, same pipeline otherwise (abuse
+    scoring off, or the 429s would end in a ban); wrk -c50, rounds interleaved."""
+    import yaml  # noqa: PLC0415 - a dependency of the gateway, present in its venv
+
+    load_cpu, proxy_cpu = cpus()
+    up = spawn_upstream(children, capacity=1, service_ms=600_000, cpu=load_cpu, name="slow")
+    gws: dict[str, tuple[Proc, int]] = {}
+    for key in ("503", "429"):
+        port, admin_port = free_port(), free_port()
+        v = Variant(key, key, {"max_inflight": 1} if key == "503" else {}, priorities=False)
+        path = scenario_config(tmp, v, port=port, admin_port=admin_port, up_port=up.port)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["abuse"] = {"enabled": False}
+        if key == "429":
+            cfg["rate_limit"]["policies"]["per-ip-burst"] = {"requests": 1, "period_s": 3600}
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        gw = spawn_gateway(children, f"gw-{key}", path, port=port, cpu=proxy_cpu, redis_url=None)
+        wait_http(gw, port, "/readyz", 20)
+        gws[key] = (gw, port)
+    # a request the upstream never answers: the 503 gateway's one slot, and the 429
+    # gateway's one request of the hour
+    holds = [socket.create_connection(("127.0.0.1", port)) for _, port in gws.values()]
+    for hold in holds:
+        hold.sendall(b"GET /x HTTP/1.1\r\nHost: bench\r\n\r\n")
+    time.sleep(0.5)
+    for key, (_, port) in gws.items():
+        if (status := http_get(port, "/x")[0]) != int(key):
+            raise BenchError(f"the {key} gateway answered {status}")
+    wrk = Wrk(args.wrk, load_cpu, proxy_cpu)
+    per: dict[str, list[float]] = {"503": [], "429": []}
+    try:
+        for rnd in range(args.c1_rounds):
+            for key in ("503", "429") if rnd % 2 == 0 else ("429", "503"):
+                gw, port = gws[key]
+                res = wrk.run(f"http://127.0.0.1:{port}/x", 50, args.c1_duration, proc=gw)
+                per[key].append(res.cpu_us_per_req)
+    finally:
+        for hold in holds:
+            hold.close()
+    out = ["| refusal | gateway CPU µs/request (median) | rounds |", "|---|--:|---|"]
+    for key, what in (("503", "503 at the limit (fixed)"), ("429", "429 of a rate policy")):
+        rounds = ", ".join(f"{x:.1f}" for x in per[key])
+        out.append(f"| {what} | {statistics.median(per[key]):.1f} | {rounds} |")
+    return out
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -582,6 +634,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-double", action="store_true", help="skip the 2x-capacity run")
     p.add_argument("--c1", action="store_true", help="measure c=1 added p50 (fixed/adaptive)")
+    p.add_argument("--refusal-cost", action="store_true", help="CPU of a 503 against a 429")
     p.add_argument("--c1-rounds", type=int, default=5)
     p.add_argument("--c1-duration", type=float, default=4.0)
     p.add_argument("--out", type=Path, help="also write the markdown report here")
@@ -657,6 +710,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.c1:
                 report = lambda: measure_c1(args, children, tmp)  # noqa: E731
+            elif args.refusal_cost:
+                report = lambda: measure_refusal_cost(args, children, tmp)  # noqa: E731
             else:
                 report = lambda: scenario(args, children, tmp)  # noqa: E731
             lines = report()
