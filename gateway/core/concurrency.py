@@ -33,7 +33,11 @@ concurrency filter:
   after a light spell probes at once: a figure learned while the gateway was quiet
   leaves out the gateway's own delay under load (its loop busy with a flood reads every
   answer later), which would read as a queue in the upstream and sink the limit until
-  the next periodic probe.
+  the next periodic probe.  For the same reason a limit that has halved since the last
+  probe probes again (``REBASE_GAP_S`` after it at the soonest): either the upstream
+  got slower, and its no-load latency is to be measured anew anyway, or the gateway's
+  own delay grew (its CPU taken by a flood, by its neighbours, by a throttling quota),
+  and the figure to compare with must include it.
 - A request over the limit waits once, the no-load latency at most
   (:attr:`GradientLimit.refusal_wait_s`), and is checked again before it is refused:
   a closed-loop flood refused at once sends again at once, and its refusals take the
@@ -115,8 +119,10 @@ class GradientLimit:
         "_phase_started",
         "_probe_count",
         "_probe_due",
+        "_probe_ended",
         "_probe_limit",
         "_probe_sum",
+        "_rebase_from",
         "_sum",
         "_was_loaded",
         "_window_end",
@@ -138,6 +144,8 @@ class GradientLimit:
     PROBE_TIMEOUT_S = 2.0
     """A probe that has not got its samples by then gives up (the old figure stays)."""
     INITIAL = 20
+    REBASE_GAP_S = 1.0
+    """A limit halved since the last probe probes again, this long after it at the soonest."""
     MAX_REFUSAL_WAIT_S = 0.25
     """A slow upstream's refusals still come within this (a client waits for its 503)."""
 
@@ -169,6 +177,8 @@ class GradientLimit:
         self._probe_limit = 0
         self._probe_sum = 0.0
         self._probe_count = 0
+        self._probe_ended = -math.inf
+        self._rebase_from = self._estimate
 
     @property
     def no_load_s(self) -> float:
@@ -224,7 +234,14 @@ class GradientLimit:
             # about a higher one (Netflix's "app-limited" rule), so the limit may only fall.
             estimate = min(estimate, self._estimate)
         self._set(estimate)
-        if loaded and (now >= self._probe_due or not self._was_loaded):
+        if loaded and (
+            now >= self._probe_due
+            or not self._was_loaded
+            or (
+                self._estimate * 2 <= self._rebase_from
+                and now - self._probe_ended >= self.REBASE_GAP_S
+            )
+        ):
             self._begin_probe(now)
         self._was_loaded = loaded
 
@@ -254,6 +271,8 @@ class GradientLimit:
 
     def _end_probe(self, now: float) -> None:
         self._phase_started = math.inf
+        self._probe_ended = now
+        self._rebase_from = self._estimate
         self._probe_due = now + self.probe_interval_s
         self.limit = int(self._estimate)
         self._sum = 0.0

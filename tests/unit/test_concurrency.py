@@ -273,6 +273,20 @@ def test_load_that_begins_with_the_gateway_busier_does_not_sink_the_limit() -> N
     assert sorted(run.limits)[len(run.limits) // 10] >= 8  # 90 % of the time
 
 
+def test_a_limit_halved_by_the_gateways_own_delay_measures_again_without_waiting() -> None:
+    """Under load, the gateway's own delay grows (its CPU taken by other work) and adds
+    30 ms to every latency it measures, with no queue in the upstream: the limit falls,
+    and once it has halved since the last probe it probes again (rather than 10 s on),
+    so it is back near where it was within a couple of seconds."""
+    limiter = GradientLimit(minimum=4, maximum=500, now=0.0, probe_interval_s=10.0)
+    simulate(limiter, Upstream(8, 0.020), clients=64, until=3.0, since=0.0)
+    run = simulate(
+        limiter, Upstream(8, 0.020), clients=64, start=3.0, until=9.0, since=5.0, lag_s=0.030
+    )
+    assert run.completions / 4.0 >= 0.9 * 400
+    assert sorted(run.limits)[len(run.limits) // 10] >= 8  # 90 % of the time
+
+
 def test_a_refused_request_waits_at_most_the_no_load_latency() -> None:
     limiter = GradientLimit(minimum=4, maximum=500, now=0.0)
     assert limiter.refusal_wait_s == 0.0  # nothing measured yet: refused at once
