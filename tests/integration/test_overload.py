@@ -157,16 +157,26 @@ async def test_a_reload_that_changes_priorities_applies_to_the_next_request(held
 
 
 class Timed:
-    """An upstream whose latency the test sets."""
+    """An upstream whose latency the test sets; with ``workers``, it works that many
+    requests at once and queues the others (an application server's worker pool)."""
 
     def __init__(self) -> None:
         self.delay = 0.005
+        self.pool: asyncio.Semaphore | None = None
         self.app = web.Application()
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
 
+    def workers(self, n: int, delay: float) -> None:
+        self.pool = asyncio.Semaphore(n)
+        self.delay = delay
+
     async def handle(self, request: web.Request) -> web.Response:
         if request.path != "/health":
-            await asyncio.sleep(self.delay)
+            if self.pool is None:
+                await asyncio.sleep(self.delay)
+            else:
+                async with self.pool:
+                    await asyncio.sleep(self.delay)
         return web.Response(text="up")
 
 
@@ -204,13 +214,17 @@ async def test_the_adaptive_limit_falls_when_the_upstream_slows_and_recovers() -
                     if r.status == 503:
                         await asyncio.sleep(0.01)
 
+            t.workers(16, 0.02)  # as many workers as clients: no queue
             tasks = [asyncio.create_task(flood()) for _ in range(16)]
             try:
-                await asyncio.sleep(0.5)  # fast: it stays at the top
-                assert limit() >= 15
-                t.delay = 0.05  # the upstream slows down: its latency grows tenfold
-                assert await wait_for(lambda: limit() <= 6, timeout=20)
-                t.delay = 0.005  # and speeds up again
+                # it goes (back) to the top once the probe at the start of the load (half
+                # the limit for a moment) has measured the no-load latency
+                assert await wait_for(lambda: limit() >= 15, timeout=10)
+                # the upstream slows down: 4 workers, each twice as slow; the 16 clients
+                # now queue inside it, and the limit falls to a few over 4
+                t.workers(4, 0.04)
+                assert await wait_for(lambda: limit() <= 8, timeout=20)
+                t.workers(16, 0.02)  # and speeds up again
                 assert await wait_for(lambda: limit() >= 15, timeout=20)
             finally:
                 stop.set()
