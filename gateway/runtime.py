@@ -171,9 +171,11 @@ class Runtime:
         for name, up_cfg in cfg.upstreams.items():
             state = self.upstreams.get(name)
             if state is None or not state.reconfigure(up_cfg):
-                if state is not None:
-                    self._retire(state, up_cfg.timeout_s)
+                old_state = state
                 state = UpstreamState(name, up_cfg, self.metrics, self.log)
+                if old_state is not None:
+                    self._retire(old_state, up_cfg.timeout_s)
+                    state.keep_learned(old_state)
             upstreams[name] = state
         for name, state in self.upstreams.items():
             if name not in upstreams:

@@ -16,7 +16,13 @@ from aiohttp import hdrs
 from gateway.core.framing import FramingError, request_host
 from gateway.identity.body import NO_BODY, is_json_media_type, parse_body
 from gateway.pipeline import decisions
-from gateway.pipeline.reject import Reject, banned, bulkhead_full, circuit_open
+from gateway.pipeline.reject import (
+    Reject,
+    banned,
+    bulkhead_full,
+    circuit_open,
+    too_many_in_flight,
+)
 
 if TYPE_CHECKING:
     from multidict import CIMultiDict
@@ -160,6 +166,10 @@ async def explain_request(
         decisions.check_size(snap, _content_length(headers))
     except Reject as rej:
         stop(rej)
+    if route.inflight:  # counted after the checks above, as the pipeline does
+        out["concurrency_policies"] = _inflight_policies(
+            rt, route, client_key, headers, exempt=exempt, stop=stop
+        )
     up = snap.upstreams.get(route.upstream)
     if up is not None:
         now = asyncio.get_running_loop().time()
@@ -181,6 +191,42 @@ async def explain_request(
         if str(state) == "open":
             stop(circuit_open(up, now))
     out["verdict"] = verdict or f"proxied to upstream {route.upstream!r}"
+    return out
+
+
+def _inflight_policies(
+    rt: Runtime,
+    route: CompiledRoute,
+    client_key: str,
+    headers: CIMultiDict[str],
+    *,
+    exempt: bool,
+    stop: Any,
+) -> list[dict[str, Any]]:
+    """Each concurrency policy of the route: the key, its requests in flight (open
+    WebSockets included) and whether the next one would be refused."""
+    out: list[dict[str, Any]] = []
+    for pol in route.inflight:
+        try:
+            key = decisions.policy_key_of(pol, route, client_key, headers, decoded=True)
+        except Reject as rej:
+            stop(rej)
+            continue
+        inflight = rt.inflight_keys.count(pol.name, key)
+        full = inflight >= pol.limit
+        if full and not pol.shadow and not exempt:
+            stop(too_many_in_flight(pol.name))
+        out.append(
+            {
+                "policy": pol.name,
+                "key": key,
+                "mode": "shadow" if pol.shadow else "enforce",
+                "max_inflight": pol.limit,
+                "inflight": inflight,
+                "would_refuse": full and not pol.shadow and not exempt,
+                "exempt": exempt,
+            }
+        )
     return out
 
 

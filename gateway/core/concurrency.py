@@ -32,7 +32,17 @@ concurrency filter:
   a square root above the real concurrency is below it, which is all the probe needs,
   and the flood loses a few per cent of one probe's moment instead of almost all of it.
   An idle or lightly loaded upstream is never probed: its windows already show its
-  no-load latency, and nothing is ever refused for a probe.
+  no-load latency, and nothing is ever refused for a probe.  A figure learned while the
+  gateway was quiet leaves out the gateway's own delay under load (its loop busy with a
+  flood reads every answer later), which reads as a queue in the upstream; so a limit
+  that has halved since the last probe probes again (``REBASE_GAP_S`` after it at the
+  soonest): either the upstream got slower, and its no-load latency is to be measured
+  anew anyway, or the gateway's own delay grew (its CPU taken by a flood, by its
+  neighbours, by a throttling quota), and the figure to compare with must include it.
+- A request over the limit waits once, the no-load latency at most
+  (:attr:`GradientLimit.refusal_wait_s`), and is checked again before it is refused:
+  a closed-loop flood refused at once sends again at once, and its refusals take the
+  CPU whose delay the limit would then learn.
 
 Netflix's Gradient2 follows a long average of the latency instead of a minimum and
 reacts to changes of it, not to its level: a flood that grows slowly drives it to its
@@ -110,8 +120,10 @@ class GradientLimit:
         "_phase_started",
         "_probe_count",
         "_probe_due",
+        "_probe_ended",
         "_probe_limit",
         "_probe_sum",
+        "_rebase_from",
         "_sum",
         "_window_end",
         "limit",
@@ -134,6 +146,10 @@ class GradientLimit:
     INITIAL = 20
     SAMPLE_CAP = 2.0
     """A sample counts for at most this many no-load latencies (1 / the gradient's floor)."""
+    REBASE_GAP_S = 1.0
+    """A limit halved since the last probe probes again, this long after it at the soonest."""
+    MAX_REFUSAL_WAIT_S = 0.25
+    """A slow upstream's refusals still come within this (a client waits for its 503)."""
 
     def __init__(
         self,
@@ -162,11 +178,22 @@ class GradientLimit:
         self._probe_limit = 0
         self._probe_sum = 0.0
         self._probe_count = 0
+        self._probe_ended = -math.inf
+        self._rebase_from = self._estimate
 
     @property
     def no_load_s(self) -> float:
         """The no-load latency in force (``inf`` before the first window)."""
         return self._no_load
+
+    @property
+    def refusal_wait_s(self) -> float:
+        """How long a request over the limit may wait for room before it is refused: the
+        no-load latency (SPEC section 10 allows no longer), at most ``MAX_REFUSAL_WAIT_S``;
+        0 before the first window has measured it."""
+        if self._no_load == math.inf:
+            return 0.0
+        return min(self._no_load, self.MAX_REFUSAL_WAIT_S)
 
     @property
     def probing(self) -> bool:
@@ -212,7 +239,13 @@ class GradientLimit:
             # about a higher one (Netflix's "app-limited" rule), so the limit may only fall.
             estimate = min(estimate, self._estimate)
         self._set(estimate)
-        if loaded and now >= self._probe_due:
+        if loaded and (
+            now >= self._probe_due
+            or (
+                self._estimate * 2 <= self._rebase_from
+                and now - self._probe_ended >= self.REBASE_GAP_S
+            )
+        ):
             self._begin_probe(now)
 
     def _set(self, estimate: float) -> None:
@@ -241,6 +274,8 @@ class GradientLimit:
 
     def _end_probe(self, now: float) -> None:
         self._phase_started = math.inf
+        self._probe_ended = now
+        self._rebase_from = self._estimate
         self._probe_due = now + self.probe_interval_s
         self.limit = int(self._estimate)
         self._sum = 0.0

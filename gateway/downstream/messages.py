@@ -98,7 +98,12 @@ class ServerSide(Writer, Protocol[C]):
     def on_parser_error(self, protocol: C, status: int) -> None: ...
     def internal_error(self, req: Request) -> Response: ...
     def write_response(
-        self, req: Request, resp: AnyResponse, transport: asyncio.Transport
+        self,
+        req: Request,
+        resp: AnyResponse,
+        transport: asyncio.Transport,
+        *,
+        at_once: bool = False,
     ) -> bool: ...
 
 

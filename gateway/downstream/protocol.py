@@ -386,7 +386,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        keep = self.server.write_response(req, resp, transport)
+        keep = self.server.write_response(req, resp, transport, at_once=True)
         self.idle_since = self.loop.time()
         if not keep:
             self._to(Event.CLOSE)  # whatever follows in this packet is not served

@@ -193,8 +193,17 @@ class HttpServer:
             parts.append(b"\r\n")
         return b"".join(parts)
 
-    def write_response(self, req: Request, resp: AnyResponse, transport: asyncio.Transport) -> bool:
-        """Write a whole answer; True when the connection stays open."""
+    def write_response(
+        self,
+        req: Request,
+        resp: AnyResponse,
+        transport: asyncio.Transport,
+        *,
+        at_once: bool = False,
+    ) -> bool:
+        """Write a whole answer; True when the connection stays open.  ``at_once``: sent
+        now rather than at the end of the loop's round (a probe answered from the parser:
+        queued, it would wait for the whole round's work, every request parsed in it)."""
         # the exact type first: isinstance() on aiohttp's class (an ABC) is slow, and
         # most answers are this module's own
         if type(resp) is not Response and isinstance(resp, web.Response):
@@ -205,7 +214,13 @@ class HttpServer:
         head = self.render_head(req, resp, None if no_body else len(body))
         req.head_sent = True
         batcher = self.batcher
-        if no_body or req.method == "HEAD" or not body:
+        if at_once:
+            batcher.flush()  # what is queued goes first (this transport's earlier answers)
+            if no_body or req.method == "HEAD" or not body:
+                transport.write(head)
+            else:
+                transport.write(head + body)
+        elif no_body or req.method == "HEAD" or not body:
             batcher.write(transport, head)
         elif len(body) <= _ONE_WRITE:
             batcher.write(transport, head + body)

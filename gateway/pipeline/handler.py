@@ -34,14 +34,14 @@ from gateway.identity.body import NO_BODY
 from gateway.identity.resolver import NO_IDENTITY
 from gateway.pipeline import decisions
 from gateway.pipeline.context import Ctx
-from gateway.pipeline.reject import Reject, banned, problem_answer
+from gateway.pipeline.reject import Reject, banned, problem_answer, too_many_in_flight
 from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
 from gateway.pipeline.upstream_leg import UpstreamLeg
 from gateway.pipeline.websocket import relay_websocket, websocket_handshake
 from gateway.stores.limiter import BackendUnavailable
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Sequence
 
     from aiohttp import web
 
@@ -105,37 +105,20 @@ class ProxyHandler:
         resp: AnyResponse | web.StreamResponse
         try:
             up, raw_path_qs = await self.admit(request, snap, ctx)
-            # the leg it takes: a WebSocket's, or the plain exchange
-            if request.method == "GET" and request.headers.get(hdrs.UPGRADE, "").lower() == (
-                "websocket"
-            ):
-                resp = await relay_websocket(
-                    self.rt,
-                    request,
-                    websocket_handshake(request),
-                    snap,
-                    ctx,
-                    up,
-                    raw_path_qs,
-                    via_proxy=via_proxy,
-                )
+            route = ctx.route
+            if route is not None and route.inflight and not ctx.exempt:
+                # the route's concurrency policies: held until the exchange is over; a
+                # WebSocket's until it closes (an open socket is a request in flight, as
+                # NGINX's limit_conn and Traefik's inFlightReq count it)
+                held = self.take_inflight(request, ctx, route)
+                try:
+                    resp = await self.leg_for(request, snap, ctx, up, raw_path_qs, via_proxy)
+                finally:
+                    counts = self.rt.inflight_keys
+                    for name, key in held:
+                        counts.release(name, key)
             else:
-                route = ctx.route
-                if route is not None and route.inflight and not ctx.exempt:
-                    # the route's concurrency policies: held until the exchange is over
-                    held = self.take_inflight(request, ctx, route)
-                    try:
-                        resp = await self.leg.forward(
-                            request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy
-                        )
-                    finally:
-                        counts = self.rt.inflight_keys
-                        for name, key in held:
-                            counts.release(name, key)
-                else:
-                    resp = await self.leg.forward(
-                        request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy
-                    )
+                resp = await self.leg_for(request, snap, ctx, up, raw_path_qs, via_proxy)
         except Reject as rej:
             if ctx.body_held is not None:
                 self.leg.release_body(ctx)
@@ -146,6 +129,31 @@ class ProxyHandler:
             raise
         self.record(request, snap, ctx, resp, start)
         return resp
+
+    def leg_for(
+        self,
+        request: PipelineRequest,
+        snap: Snapshot,
+        ctx: Ctx,
+        up: UpstreamState,
+        raw_path_qs: str,
+        via_proxy: bool,
+    ) -> Awaitable[AnyResponse | web.StreamResponse]:
+        """The leg the request takes (a WebSocket's, or the plain exchange), to await."""
+        if request.method == "GET" and request.headers.get(hdrs.UPGRADE, "").lower() == (
+            "websocket"
+        ):
+            return relay_websocket(
+                self.rt,
+                request,
+                websocket_handshake(request),
+                snap,
+                ctx,
+                up,
+                raw_path_qs,
+                via_proxy=via_proxy,
+            )
+        return self.leg.forward(request, snap, ctx, up, raw_path_qs, via_proxy=via_proxy)
 
     # ------------------------------------------------------------------ steps
 
@@ -319,14 +327,7 @@ class ProxyHandler:
                 for name, k in held:
                     counts.release(name, k)
                 request.extra_headers = None  # no RateLimit fields on this refusal
-                raise Reject(
-                    429,
-                    f"too many requests in flight: {pol.name}",
-                    type_=problem.QUOTA_EXCEEDED,
-                    headers={"Retry-After": "1"},
-                    extra={"violated_policies": [pol.name]},
-                    event="rate_limited",
-                )
+                raise too_many_in_flight(pol.name)
         return held
 
     def _count_limits(

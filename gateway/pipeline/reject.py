@@ -88,6 +88,18 @@ def banned(snap: Snapshot, expires_at: float) -> Reject:
     )
 
 
+def too_many_in_flight(policy: str) -> Reject:
+    """A concurrency policy's refusal (SPEC section 10): 429, no RateLimit fields."""
+    return Reject(
+        429,
+        f"too many requests in flight: {policy}",
+        type_=problem.QUOTA_EXCEEDED,
+        headers={"Retry-After": "1"},
+        extra={"violated_policies": [policy]},
+        event="rate_limited",
+    )
+
+
 def bulkhead_full(up: UpstreamState, what: str) -> Reject:
     return Reject(
         503,

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from gateway.pipeline.context import Ctx
     from gateway.pipeline.request import PipelineRequest
-    from gateway.pipeline.snapshot import Snapshot
+    from gateway.pipeline.snapshot import CompiledRoute, Snapshot
     from gateway.runtime import Runtime
     from gateway.upstream.pool import LeanResponse
     from gateway.upstream.state import UpstreamState
@@ -369,6 +369,20 @@ class UpstreamLeg:
                 ) from None
             return resp, t0
 
+    @staticmethod
+    async def _admitted_after_wait(up: UpstreamState, route: CompiledRoute) -> bool:
+        """In adaptive mode a request over the limit waits once, the upstream's no-load
+        latency at most, and is checked again.  Refused at once, a closed-loop flood sends
+        again at once: the refusals then take the gateway's CPU, its own delay inflates
+        the latency the limit learns from, and the limit falls for a queue that is the
+        gateway's, not the upstream's.  The wait paces such a client to one refusal a
+        no-load latency, and a slot that frees meanwhile is taken."""
+        wait = up.refusal_wait_s
+        if not wait:
+            return False
+        await asyncio.sleep(wait)
+        return up.admits(route.priority, reserved=route.reserved)
+
     async def forward(
         self,
         request: PipelineRequest,
@@ -391,7 +405,9 @@ class UpstreamLeg:
                 raise
         route = ctx.route
         assert route is not None  # noqa: S101 - the leg runs for a matched route
-        if not up.admits(route.priority, reserved=route.reserved):
+        if not up.admits(route.priority, reserved=route.reserved) and not (
+            await self._admitted_after_wait(up, route)
+        ):
             if ctx.held:
                 self._unhold(ctx)
             self.rt.metrics.shed_total.labels(route.name, route.priority_name).inc()

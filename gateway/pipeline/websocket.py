@@ -81,6 +81,11 @@ async def relay_websocket(
             headers={"Retry-After": "1"},
         )
     if refused == "upstream":
+        # the upstream is full: shed like the limit's refusals (the per-client cap above
+        # is one client's excess, not load shed, and is not counted there)
+        route = ctx.route
+        if route is not None:
+            rt.metrics.shed_total.labels(route.name, route.priority_name).inc()
         raise bulkhead_full(up, "WebSockets open")
     up_headers = header_pairs(upstream_fields(request, snap, ctx, up, via_proxy=via_proxy))
     up_headers = [h for h in up_headers if not h[0].lower().startswith("sec-websocket-")]

@@ -99,10 +99,28 @@ class UpstreamState:
             self.gradient = None
         self.limit_gauge.set(self.limit)
 
+    def keep_learned(self, old: UpstreamState) -> None:
+        """Take over the adaptive limit learned by the state this one replaces (a reload
+        that rebuilt the pool): same URL, same mode, ``min`` and ``max_inflight``."""
+        if (
+            old.gradient is not None
+            and self.gradient is not None
+            and old.config.url == self.config.url
+            and old.config.concurrency == self.config.concurrency
+            and old.config.max_inflight == self.config.max_inflight
+        ):
+            self.gradient = old.gradient
+            self.limit_gauge.set(self.limit)
+
     @property
     def limit(self) -> int:
         """The concurrency limit in force: ``max_inflight`` (fixed) or the learned one."""
         return self.gradient.limit if self.gradient is not None else self.max_inflight
+
+    @property
+    def refusal_wait_s(self) -> float:
+        """How long a request over the limit waits before it is refused (adaptive only)."""
+        return self.gradient.refusal_wait_s if self.gradient is not None else 0.0
 
     def admits(self, priority: Priority, *, reserved: bool) -> bool:
         """Whether a request of ``priority`` may start now (SPEC section 10); ``reserved``:

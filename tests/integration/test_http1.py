@@ -8,6 +8,8 @@ import gc
 import io
 import json
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -51,6 +53,8 @@ async def _handler(request: Request) -> Response | web.Response:
         return Response(200, None, [("Content-Type", "text/plain")], str(size).encode())
     if path == "/slow":
         await asyncio.sleep(0.3)
+    if path == "/busy":  # CPU work that holds the loop
+        time.sleep(0.1)
     if path == "/slow-big":  # an answer that stays in the send buffer of a slow reader
         await asyncio.sleep(0.3)
         return Response(200, None, [("Content-Type", "text/plain")], BIG * 32)
@@ -624,3 +628,40 @@ async def test_a_closed_connection_is_freed_without_the_cycle_collector() -> Non
     finally:
         gc.enable()
     assert after == before
+
+
+async def test_an_answer_from_the_parser_does_not_wait_for_the_rounds_other_work() -> None:
+    """A probe parsed in the same round as requests whose handlers are busy is answered
+    in that round, not after their work (the kubelet's probe of a saturated proxy)."""
+    async with serving() as (_server, port, _):
+        loop = asyncio.get_running_loop()
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+        arrived: dict[str, float] = {}
+        blocked = threading.Event()
+
+        def client() -> None:
+            blocked.wait(5)
+            for s in socks[:3]:
+                s.sendall(b"GET /busy HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks[3].sendall(b"GET /now HTTP/1.1\r\nHost: x\r\n\r\n")
+            for name, s in (("probe", socks[3]), ("busy", socks[0])):
+                s.settimeout(5)
+                s.recv(4096)
+                arrived[name] = time.monotonic()
+
+        def hold_the_loop() -> None:  # all four requests then arrive in one round
+            blocked.set()
+            time.sleep(0.2)
+            arrived["unblocked"] = time.monotonic()
+
+        await asyncio.sleep(0.05)  # the connections are accepted
+        thread = threading.Thread(target=client)
+        thread.start()
+        loop.call_soon(hold_the_loop)
+        while thread.is_alive():
+            await asyncio.sleep(0.01)
+        for s in socks:
+            s.close()
+        # sent before the first busy handler's 0.1 s (queued, after all three: 0.3 s)
+        assert arrived["probe"] - arrived["unblocked"] < 0.1
+        assert arrived["busy"] - arrived["unblocked"] >= 0.1

@@ -157,16 +157,26 @@ async def test_a_reload_that_changes_priorities_applies_to_the_next_request(held
 
 
 class Timed:
-    """An upstream whose latency the test sets."""
+    """An upstream whose latency the test sets; with ``workers``, it works that many
+    requests at once and queues the others (an application server's worker pool)."""
 
     def __init__(self) -> None:
         self.delay = 0.005
+        self.pool: asyncio.Semaphore | None = None
         self.app = web.Application()
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
 
+    def workers(self, n: int, delay: float) -> None:
+        self.pool = asyncio.Semaphore(n)
+        self.delay = delay
+
     async def handle(self, request: web.Request) -> web.Response:
         if request.path != "/health":
-            await asyncio.sleep(self.delay)
+            if self.pool is None:
+                await asyncio.sleep(self.delay)
+            else:
+                async with self.pool:
+                    await asyncio.sleep(self.delay)
         return web.Response(text="up")
 
 
@@ -204,13 +214,17 @@ async def test_the_adaptive_limit_falls_when_the_upstream_slows_and_recovers() -
                     if r.status == 503:
                         await asyncio.sleep(0.01)
 
+            t.workers(16, 0.02)  # as many workers as clients: no queue
             tasks = [asyncio.create_task(flood()) for _ in range(16)]
             try:
-                await asyncio.sleep(0.5)  # fast: it stays at the top
-                assert limit() >= 15
-                t.delay = 0.05  # the upstream slows down: its latency grows tenfold
-                assert await wait_for(lambda: limit() <= 6, timeout=20)
-                t.delay = 0.005  # and speeds up again
+                # it goes (back) to the top once the probe at the start of the load (half
+                # the limit for a moment) has measured the no-load latency
+                assert await wait_for(lambda: limit() >= 15, timeout=10)
+                # the upstream slows down: 4 workers, each twice as slow; the 16 clients
+                # now queue inside it, and the limit falls to a few over 4
+                t.workers(4, 0.04)
+                assert await wait_for(lambda: limit() <= 8, timeout=20)
+                t.workers(16, 0.02)  # and speeds up again
                 assert await wait_for(lambda: limit() >= 15, timeout=20)
             finally:
                 stop.set()
@@ -314,3 +328,254 @@ async def test_a_concurrency_policy_refuses_the_keys_n_plus_first_and_frees_it(
             )
             == 4
         )
+
+
+class Echo:
+    """An upstream with WebSockets on /ws (echo) and a plain answer elsewhere."""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path != "/ws":
+            return web.Response(text="up")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str("echo:" + msg.data)
+        return ws
+
+
+async def _ws_open(s: aiohttp.ClientSession, gw: Any) -> Any:
+    ws = await s.ws_connect(url(gw, "/ws"))
+    await ws.send_str("hi")
+    assert await ws.receive_str(timeout=5) == "echo:hi"
+    return ws
+
+
+async def _ws_refused(s: aiohttp.ClientSession, gw: Any) -> tuple[int, str]:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+        await s.ws_connect(url(gw, "/ws"))
+    return err.value.status, err.value.headers.get("Content-Type", "") if err.value.headers else ""
+
+
+async def test_an_open_websocket_counts_for_the_routes_concurrency_policy() -> None:
+    """A socket is in flight while it is open: with max_inflight 1, an open WebSocket
+    leaves its key no room for a request on the policy's routes, until it closes."""
+    async with serve(Echo().handle) as u:
+        cfg = base_config(
+            u,
+            rate_limit={"policies": {"one": {"max_inflight": 1, "key": "ip"}}},
+            routes=[{"name": "api", "path_prefix": "/", "upstream": "api", "rate_limits": ["one"]}],
+        )
+        async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+            ws = await _ws_open(s, gw)
+            assert gw.runtime.inflight_keys.count("one", "127.0.0.1") == 1
+            async with s.get(url(gw, "/x")) as r:
+                assert r.status == 429
+                assert r.headers["Retry-After"] == "1"
+            status, _ = await _ws_refused(s, gw)
+            assert status == 429  # a second socket too
+            await ws.close()
+            assert await wait_for(lambda: len(gw.runtime.inflight_keys) == 0)
+            async with s.get(url(gw, "/x")) as r:
+                assert r.status == 200
+            m = gw.runtime.metrics.registry.get_sample_value
+            limited = {"policy": "one", "decision": "limited"}
+            assert m("gateway_ratelimit_decisions_total", limited) == 2
+
+
+async def test_shed_total_counts_the_upstreams_websocket_cap_not_one_clients() -> None:
+    """Both refusals are 503; the upstream's cap (max_connections) is load shed, like the
+    limit's; one client past websocket.max_per_client is that client's excess."""
+    async with serve(Echo().handle) as u:
+        cfg = base_config(
+            u,
+            upstreams={"api": {"url": u, "max_connections": 1}},
+            routes=[{"name": "chat", "path_prefix": "/", "upstream": "api", "priority": "bulk"}],
+        )
+        async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+            m = gw.runtime.metrics.registry.get_sample_value
+            ws = await _ws_open(s, gw)
+            assert await _ws_refused(s, gw) == (503, "application/problem+json")
+            assert m("gateway_shed_total", {"route": "chat", "priority": "bulk"}) == 1
+            await ws.close()
+        cfg["upstreams"]["api"]["max_connections"] = 100
+        cfg["websocket"] = {"max_per_client": 1}
+        async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+            m = gw.runtime.metrics.registry.get_sample_value
+            ws = await _ws_open(s, gw)
+            assert await _ws_refused(s, gw) == (503, "application/problem+json")
+            assert m("gateway_shed_total", {"route": "chat", "priority": "bulk"}) is None
+            await ws.close()
+
+
+def _adaptive(u: str, **concurrency: Any) -> dict[str, Any]:
+    cfg = _prioritised(u, concurrency={"mode": "adaptive", "min": 2, **concurrency})
+    cfg["upstreams"]["api"]["max_inflight"] = 40
+    return cfg
+
+
+async def _learn(gw: Any, s: aiohttp.ClientSession, t: Timed) -> int:
+    """Load the upstream until its limit has left the initial figure; return it."""
+    m = gw.runtime.metrics.registry.get_sample_value
+    stop = asyncio.Event()
+
+    async def flood() -> None:
+        while not stop.is_set():
+            async with s.get(url(gw, "/x")) as r:
+                await r.read()
+
+    tasks = [asyncio.create_task(flood()) for _ in range(12)]
+    try:
+        t.delay = 0.05  # slow: latency well over what was learned first
+        await asyncio.sleep(0.3)
+        t.delay = 0.01
+        assert await wait_for(
+            lambda: m("gateway_upstream_concurrency_limit", {"upstream": "api"}) not in (None, 20),
+            timeout=20,
+        )
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    return gw.runtime.upstreams["api"].limit  # type: ignore[no-any-return]
+
+
+async def _reload(s: aiohttp.ClientSession, gw: Any, path: Any, cfg: dict[str, Any]) -> None:
+    path.write_text(yaml.safe_dump(cfg))
+    auth = {"Authorization": "Bearer t0ken-for-the-admin-port"}
+    async with s.post(admin_url(gw, "/admin/reload"), headers=auth) as r:
+        assert r.status == 200, await r.text()
+
+
+async def test_a_reload_keeps_the_learned_limit_unless_the_upstreams_limits_change(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Priorities, the pool's settings: the learned limit is kept (the same figure, and
+    still learning); mode, min or max_inflight: it starts again from the initial one."""
+    t = Timed()
+    env = {"GATEWAY_ADMIN_TOKEN": "t0ken-for-the-admin-port"}
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", env["GATEWAY_ADMIN_TOKEN"])  # read on reload
+    path = tmp_path / "gateway.yaml"
+    async with serve(t.app) as u:
+        cfg = _adaptive(u)
+        path.write_text(yaml.safe_dump(cfg))
+        async with (
+            running_gateway(cfg, env, path=str(path)) as gw,
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+        ):
+            learned = await _learn(gw, s, t)
+            gradient = gw.runtime.upstreams["api"].gradient
+            assert learned != 20
+            cfg["routes"][0]["priority"] = "normal"  # priorities only
+            await _reload(s, gw, path, cfg)
+            assert gw.runtime.upstreams["api"].gradient is gradient
+            cfg["upstreams"]["api"]["connect_timeout_s"] = 1.5  # rebuilds the pool
+            await _reload(s, gw, path, cfg)
+            assert gw.runtime.upstreams["api"].gradient is gradient
+            m = gw.runtime.metrics.registry.get_sample_value
+            limit = m("gateway_upstream_concurrency_limit", {"upstream": "api"})
+            assert limit == gw.runtime.upstreams["api"].limit
+            async with s.get(url(gw, "/x")) as r:
+                assert r.status == 200
+            cfg["upstreams"]["api"]["concurrency"]["min"] = 3  # the limit's own settings
+            await _reload(s, gw, path, cfg)
+            fresh = gw.runtime.upstreams["api"]
+            assert fresh.gradient is not gradient
+            assert fresh.limit == 20
+            assert m("gateway_upstream_concurrency_limit", {"upstream": "api"}) == 20
+
+
+async def test_a_reload_over_the_admin_port_that_changes_priorities(
+    held: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the file and POST /admin/reload: bulk becomes critical, and a request of
+    that route, refused before at half the limit, is admitted up to the cap after."""
+    h, u = held
+    env = {"GATEWAY_ADMIN_TOKEN": "t0ken-for-the-admin-port"}
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", env["GATEWAY_ADMIN_TOKEN"])  # read on reload
+    path = tmp_path / "gateway.yaml"
+    cfg = _prioritised(u)
+    path.write_text(yaml.safe_dump(cfg))
+    async with (
+        running_gateway(cfg, env, path=str(path)) as gw,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+    ):
+        c = Client(s, url(gw, ""), h)
+        await c.hold("/x", 9)  # normal: up to the limit less critical's reserve
+        await c.refused("/bulk/a")
+        cfg["routes"][1]["priority"] = "critical"
+        await _reload(s, gw, path, cfg)
+        await c.hold("/bulk/a", 1)  # critical now: up to max_inflight
+        await c.refused("/bulk/a")  # the cap binds it too
+        assert await c.end() == [200] * 10
+        m = gw.runtime.metrics.registry.get_sample_value
+        assert m("gateway_shed_total", {"route": "export", "priority": "bulk"}) == 1
+        assert m("gateway_shed_total", {"route": "export", "priority": "critical"}) == 1
+
+
+async def test_explain_shows_each_concurrency_policy_its_key_count_and_verdict(
+    held: Any,
+) -> None:
+    h, u = held
+    env = {"GATEWAY_ADMIN_TOKEN": "t0ken-for-the-admin-port"}
+    auth = {"Authorization": "Bearer t0ken-for-the-admin-port"}
+    cfg = base_config(
+        u,
+        rate_limit={
+            "policies": {
+                "per-ip-inflight": {"max_inflight": 2, "key": "ip"},
+                "per-route-inflight": {"max_inflight": 50, "key": "route", "mode": "shadow"},
+            }
+        },
+        routes=[
+            {
+                "name": "api",
+                "path_prefix": "/",
+                "upstream": "api",
+                "rate_limits": ["per-ip-inflight", "per-route-inflight"],
+            }
+        ],
+    )
+    async with (
+        running_gateway(cfg, env) as gw,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s,
+    ):
+
+        async def explain(ip: str) -> dict[str, Any]:
+            params = {"ip": ip, "path": "/x", "method": "GET"}
+            async with s.get(admin_url(gw, "/admin/explain"), params=params, headers=auth) as r:
+                assert r.status == 200
+                out: dict[str, Any] = await r.json()
+                return out
+
+        c = Client(s, url(gw, ""), h)
+        await c.hold("/x", 2)
+        mine = await explain("127.0.0.1")
+        assert mine["concurrency_policies"] == [
+            {
+                "policy": "per-ip-inflight",
+                "key": "127.0.0.1",
+                "mode": "enforce",
+                "max_inflight": 2,
+                "inflight": 2,
+                "would_refuse": True,
+                "exempt": False,
+            },
+            {
+                "policy": "per-route-inflight",
+                "key": "route:api",
+                "mode": "shadow",
+                "max_inflight": 50,
+                "inflight": 2,
+                "would_refuse": False,
+                "exempt": False,
+            },
+        ]
+        assert mine["verdict"] == "429: too many requests in flight: per-ip-inflight"
+        other = await explain("10.9.8.7")
+        assert other["concurrency_policies"][0]["inflight"] == 0
+        assert other["concurrency_policies"][0]["would_refuse"] is False
+        assert other["verdict"] == "proxied to upstream 'api'"
+        async with s.get(url(gw, "/x")) as r:  # the pipeline agrees
+            assert r.status == 429
+        assert h.hits == 2, "explain sends nothing upstream"
+        assert await c.end() == [200, 200]
