@@ -112,7 +112,14 @@ async def test_costs_in_one_batch_and_peek(redis_url: str) -> None:
 
 async def test_cluster_costs_are_exact_across_replicas(cluster_url: str) -> None:
     limiters = [
-        RedisLimiter({"p": SLOW}, metrics=Metrics(), redis_url=cluster_url, announce_interval_s=0)
+        # a generous timeout: a loaded machine must not turn this into the local fallback
+        RedisLimiter(
+            {"p": SLOW},
+            metrics=Metrics(),
+            redis_url=cluster_url,
+            announce_interval_s=0,
+            timeout_s=5.0,
+        )
         for _ in range(2)
     ]
     keys = [f"192.0.2.{i}" for i in range(12)]
@@ -128,7 +135,25 @@ async def test_cluster_costs_are_exact_across_replicas(cluster_url: str) -> None
         allowed: dict[str, int] = {}
         for k, r in zip([k for k in keys for _ in range(4)], results, strict=True):
             allowed[k] = allowed.get(k, 0) + r[0].allowed
+        assert all(lim.backend_ok for lim in limiters)
         assert allowed == dict.fromkeys(keys, 2)  # 2 x 2 units of 5
+        # a daily quota of 5 on the same nodes: 2 x 2 units, then 1 of cost 1
+        daily = Rate.quota(5, "day")
+        results = await asyncio.gather(
+            *[
+                lim.decide([Check("d", daily, k, 2)])
+                for k in keys
+                for lim in limiters
+                for _ in range(2)
+            ]
+        )
+        assert sum(r[0].allowed for r in results) == 2 * len(keys)
+        ones = await asyncio.gather(
+            *[lim.decide([Check("d", daily, k)]) for k in keys for lim in limiters]
+        )
+        assert sum(r[0].allowed for r in ones) == len(keys)
+        assert all(0 < r[0].reset_s <= 86400 for r in ones)
+        assert all(lim.backend_ok for lim in limiters)
     finally:
         for lim in limiters:
             await lim.close()
