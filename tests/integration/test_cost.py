@@ -14,8 +14,7 @@ from gateway.core.gcra import Rate
 from gateway.metrics import Metrics
 from gateway.stores.limiter import Check
 from gateway.stores.redis.limiter import RedisLimiter
-from tests.conftest import free_port
-from tests.gw import base_config, running_gateway, url
+from tests.gw import base_config, running_gateway, running_replicas, url
 from tests.integration import test_limiter_backends as backends
 from tests.integration.test_limiter_backends import Harness, delete_prefix, unique_prefix
 
@@ -203,16 +202,7 @@ async def test_two_gateways_on_redis_spend_costs_exactly(upstream: str, redis_ur
     policy = f"cost-{uuid.uuid4().hex[:8]}"
     cfg = _cfg(upstream, policy, backend="redis")
     env = {"GATEWAY_REDIS_URL": redis_url}
-    cfg_b = {
-        **cfg,
-        "listen": {"host": "127.0.0.1", "port": free_port()},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
-    }
-    async with (
-        running_gateway(cfg, env) as a,
-        running_gateway(cfg_b, env) as b,
-        aiohttp.ClientSession() as s,
-    ):
+    async with running_replicas(cfg, env) as (a, b), aiohttp.ClientSession() as s:
 
         async def hit(i: int, path: str) -> int:
             async with s.get(url((a, b)[i % 2], path)) as r:

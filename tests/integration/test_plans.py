@@ -17,8 +17,7 @@ import yaml
 
 from gateway.app import Gateway
 from gateway.config import ConfigError, load_text
-from tests.conftest import free_port
-from tests.gw import base_config, running_gateway, url
+from tests.gw import base_config, running_gateway, running_replicas, url
 from tests.integration.test_identity import _RSA, _jwks, _token
 
 pytestmark = pytest.mark.timeout(60)
@@ -128,16 +127,7 @@ async def test_a_pro_plan_is_exact_across_two_gateways_on_redis(
     cfg = _cfg(upstream, tmp_path, policy, name)
     cfg["rate_limit"]["backend"] = "redis"
     env = {"GATEWAY_REDIS_URL": redis_url}
-    cfg_b = {
-        **cfg,
-        "listen": {"host": "127.0.0.1", "port": free_port()},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
-    }
-    async with (
-        running_gateway(cfg, env) as a,
-        running_gateway(cfg_b, env) as b,
-        aiohttp.ClientSession() as s,
-    ):
+    async with running_replicas(cfg, env) as (a, b), aiohttp.ClientSession() as s:
         tokens = [_bearer("gus", "pro") for _ in range(3)]
 
         async def hit(i: int) -> int:
