@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import yaml
@@ -44,6 +44,24 @@ async def running_gateway(
         yield gw
     finally:
         await gw.drain()
+
+
+@asynccontextmanager
+async def running_replicas(
+    cfg: Mapping[str, Any], env: Mapping[str, str] | None = None, *, count: int = 2
+) -> AsyncIterator[list[Gateway]]:
+    """``count`` gateways of one config, each on ports of its own (replicas sharing a
+    Redis when the config's backend is redis)."""
+    async with AsyncExitStack() as stack:
+        gateways = []
+        for i in range(count):
+            ports = {
+                "listen": {"host": "127.0.0.1", "port": free_port()},
+                "admin": {"host": "127.0.0.1", "port": free_port()},
+            }
+            replica = cfg if i == 0 else {**cfg, **ports}
+            gateways.append(await stack.enter_async_context(running_gateway(replica, env)))
+        yield gateways
 
 
 def url(gw: Gateway, path: str = "/") -> str:

@@ -37,6 +37,8 @@ def is_json_media_type(content_type: str | None) -> bool:
     """``application/json`` or any ``*/*+json``, parameters and case aside."""
     if not content_type:
         return False
+    if content_type == "application/json":  # the usual spelling: no parsing
+        return True
     media = content_type.split(";", 1)[0].strip().lower()
     kind, slash, subtype = media.partition("/")
     if not slash or not kind or "/" in subtype:

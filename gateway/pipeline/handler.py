@@ -143,6 +143,8 @@ class ProxyHandler:
         if request.method == "GET" and request.headers.get(hdrs.UPGRADE, "").lower() == (
             "websocket"
         ):
+            if ctx.body_held is not None:  # a body read for a key: not relayed
+                self.leg.release_body(ctx)
             return relay_websocket(
                 self.rt,
                 request,

@@ -274,7 +274,7 @@ class UpstreamLeg:
                 self._unhold(ctx)
             raise
         ctx.body_held, ctx.body_eof = held, eof
-        if not eof:
+        if not eof or ctx.held > MAX_BODY:  # larger than a key is read from: no join
             return NO_BODY
         return parse_body(held[0] if len(held) == 1 else b"".join(held))
 

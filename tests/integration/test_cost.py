@@ -14,8 +14,7 @@ from gateway.core.gcra import Rate
 from gateway.metrics import Metrics
 from gateway.stores.limiter import Check
 from gateway.stores.redis.limiter import RedisLimiter
-from tests.conftest import free_port
-from tests.gw import base_config, running_gateway, url
+from tests.gw import base_config, running_gateway, running_replicas, url
 from tests.integration import test_limiter_backends as backends
 from tests.integration.test_limiter_backends import Harness, delete_prefix, unique_prefix
 
@@ -112,12 +111,14 @@ async def test_costs_in_one_batch_and_peek(redis_url: str) -> None:
 async def test_cluster_costs_are_exact_across_replicas(cluster_url: str) -> None:
     prefix = unique_prefix()  # the session's Cluster is shared by the tests
     limiters = [
+        # a generous timeout: a loaded machine must not turn this into the local fallback
         RedisLimiter(
             {"p": SLOW},
             metrics=Metrics(),
             redis_url=cluster_url,
             announce_interval_s=0,
             key_prefix=prefix,
+            timeout_s=5.0,
         )
         for _ in range(2)
     ]
@@ -134,7 +135,25 @@ async def test_cluster_costs_are_exact_across_replicas(cluster_url: str) -> None
         allowed: dict[str, int] = {}
         for k, r in zip([k for k in keys for _ in range(4)], results, strict=True):
             allowed[k] = allowed.get(k, 0) + r[0].allowed
+        assert all(lim.backend_ok for lim in limiters)
         assert allowed == dict.fromkeys(keys, 2)  # 2 x 2 units of 5
+        # a daily quota of 5 on the same nodes: 2 x 2 units, then 1 of cost 1
+        daily = Rate.quota(5, "day")
+        results = await asyncio.gather(
+            *[
+                lim.decide([Check("d", daily, k, 2)])
+                for k in keys
+                for lim in limiters
+                for _ in range(2)
+            ]
+        )
+        assert sum(r[0].allowed for r in results) == 2 * len(keys)
+        ones = await asyncio.gather(
+            *[lim.decide([Check("d", daily, k)]) for k in keys for lim in limiters]
+        )
+        assert sum(r[0].allowed for r in ones) == len(keys)
+        assert all(0 < r[0].reset_s <= 86400 for r in ones)
+        assert all(lim.backend_ok for lim in limiters)
     finally:
         for lim in limiters:
             await lim.close()
@@ -184,16 +203,7 @@ async def test_two_gateways_on_redis_spend_costs_exactly(upstream: str, redis_ur
     policy = f"cost-{uuid.uuid4().hex[:8]}"
     cfg = _cfg(upstream, policy, backend="redis")
     env = {"GATEWAY_REDIS_URL": redis_url}
-    cfg_b = {
-        **cfg,
-        "listen": {"host": "127.0.0.1", "port": free_port()},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
-    }
-    async with (
-        running_gateway(cfg, env) as a,
-        running_gateway(cfg_b, env) as b,
-        aiohttp.ClientSession() as s,
-    ):
+    async with running_replicas(cfg, env) as (a, b), aiohttp.ClientSession() as s:
 
         async def hit(i: int, path: str) -> int:
             async with s.get(url((a, b)[i % 2], path)) as r:

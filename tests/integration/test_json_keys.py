@@ -235,3 +235,20 @@ def test_a_fallback_keyed_by_a_body_value_is_refused() -> None:
     with pytest.raises(ConfigError) as info:
         load_text(yaml.safe_dump(cfg), environ={})
     assert "rate_limit.policies.per-chat.fallback" in {p.path for p in info.value.problems}
+
+
+async def test_expect_100_continue_bodies_are_keyed(digest_upstream: str) -> None:
+    async with running_gateway(_cfg(digest_upstream)) as gw, aiohttp.ClientSession() as s:
+        body = _update(31)
+        statuses = []
+        for _ in range(3):
+            async with s.post(
+                url(gw, "/bot/hook"),
+                data=body,
+                headers={"Content-Type": "application/json"},
+                expect100=True,
+            ) as r:
+                statuses.append(r.status)
+                if r.status == 200:
+                    assert (await r.json())["sha256"] == hashlib.sha256(body).hexdigest()
+        assert statuses == [200, 200, 429]

@@ -17,8 +17,7 @@ import yaml
 
 from gateway.app import Gateway
 from gateway.config import ConfigError, load_text
-from tests.conftest import free_port
-from tests.gw import base_config, running_gateway, url
+from tests.gw import base_config, running_gateway, running_replicas, url
 from tests.integration.test_identity import _RSA, _jwks, _token
 
 pytestmark = pytest.mark.timeout(60)
@@ -128,16 +127,7 @@ async def test_a_pro_plan_is_exact_across_two_gateways_on_redis(
     cfg = _cfg(upstream, tmp_path, policy, name)
     cfg["rate_limit"]["backend"] = "redis"
     env = {"GATEWAY_REDIS_URL": redis_url}
-    cfg_b = {
-        **cfg,
-        "listen": {"host": "127.0.0.1", "port": free_port()},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
-    }
-    async with (
-        running_gateway(cfg, env) as a,
-        running_gateway(cfg_b, env) as b,
-        aiohttp.ClientSession() as s,
-    ):
+    async with running_replicas(cfg, env) as (a, b), aiohttp.ClientSession() as s:
         tokens = [_bearer("gus", "pro") for _ in range(3)]
 
         async def hit(i: int) -> int:
@@ -173,3 +163,27 @@ def test_plans_need_a_plan_source(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_text(yaml.safe_dump(cfg), environ={})
     assert "rate_limit.policies.per-user.requests_by_plan" in {p.path for p in info.value.problems}
+
+
+async def test_explain_shows_the_plan_the_cost_and_the_plans_budget(
+    upstream: str, tmp_path: Path
+) -> None:
+    policy = {"requests": 2, "period_s": 3600, "key": "jwt:sub", "requests_by_plan": {"pro": 5}}
+    cfg = _cfg(upstream, tmp_path, policy)
+    cfg["routes"][0]["cost"] = 2
+    admin = "plans-admin-token-0123456789"
+    async with (
+        running_gateway(cfg, {"GATEWAY_ADMIN_TOKEN": admin}) as gw,
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as s,
+    ):
+        token = _bearer("ivy", "pro")["Authorization"]
+        query = {"ip": "10.0.0.9", "path": "/x", "header": f"Authorization:{token}"}
+        async with s.get(f"http://127.0.0.1:{gw.admin_port}/admin/explain", params=query) as r:
+            out = await r.json()
+        assert out["identity"] == "jwt:ivy"
+        assert out["plan"] == "pro"
+        assert out["cost"] == 2
+        [pol] = out["policies"]
+        assert pol["policy"] == "per-user"
+        assert pol["key"] == "j:sub:ivy"
+        assert pol["remaining"] == 3  # 5 of the pro plan, less this request's 2

@@ -25,8 +25,7 @@ from gateway.config import ConfigError, load_text
 from gateway.core.calendar import PERIOD_CODES, month_length_s, window_at
 from gateway.stores.memory.limiter import MemoryLimiter
 from gateway.stores.redis.scripts import load_script
-from tests.conftest import free_port
-from tests.gw import base_config, running_gateway, url
+from tests.gw import base_config, running_gateway, running_replicas, url
 from tests.integration.test_limiter_backends import delete_prefix, unique_prefix
 
 pytestmark = pytest.mark.timeout(90)
@@ -173,16 +172,7 @@ async def test_two_gateways_on_redis_share_a_daily_quota(upstream: str, redis_ur
     cfg = _cfg(upstream, policy, "day", backend="redis")
     cfg["rate_limit"]["policies"][policy]["requests"] = 5
     env = {"GATEWAY_REDIS_URL": redis_url}
-    cfg_b = {
-        **cfg,
-        "listen": {"host": "127.0.0.1", "port": free_port()},
-        "admin": {"host": "127.0.0.1", "port": free_port()},
-    }
-    async with (
-        running_gateway(cfg, env) as a,
-        running_gateway(cfg_b, env) as b,
-        aiohttp.ClientSession() as s,
-    ):
+    async with running_replicas(cfg, env) as (a, b), aiohttp.ClientSession() as s:
 
         async def hit(i: int) -> tuple[int, dict[str, str]]:
             async with s.get(url((a, b)[i % 2], "/x")) as r:

@@ -159,3 +159,21 @@ def test_memory_limiter_decide_key_and_eviction_for_quotas() -> None:
         lim.decide_key((("q", rate),), f"k{i}", 3)
     assert lim.key_count <= 1000
     assert not lim.decide_key((("q", rate),), "k5", 1)[0].allowed
+
+
+def test_a_request_of_the_previous_config_does_not_touch_a_quota_made_by_a_reload() -> None:
+    clocks = Clocks(ts(2026, 12, 7, 12))
+    rolling, daily = Rate(1, 3600.0, 1), Rate.quota(1, "day")
+    lim = MemoryLimiter(
+        {"q": daily}, clock=lambda: clocks.mono, wall_clock=lambda: clocks.wall, max_keys=1000
+    )
+    assert lim.decide_key((("q", daily),), "k")[0].allowed
+    # a request that read the config before the reload: allowed, nothing spent or dropped
+    assert lim.decide_key((("q", rolling),), "k")[0].allowed
+    assert lim.decide_local([Check("q", rolling, "k")])[0].allowed
+    assert lim.key_count == 1
+    assert not lim.decide_key((("q", daily),), "k")[0].allowed
+    lim.reconfigure({"q": rolling})
+    assert lim.decide_key((("q", rolling),), "k")[0].allowed
+    assert lim.decide_key((("q", daily),), "k")[0].allowed  # the old config's, again
+    assert not lim.decide_key((("q", rolling),), "k")[0].allowed

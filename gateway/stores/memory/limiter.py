@@ -72,7 +72,7 @@ from collections.abc import Mapping, Sequence
 
 from gateway.core.calendar import WindowClock, decide_quota
 from gateway.core.gcra import Decision, Rate, decide
-from gateway.stores.limiter import Check, Clock, Limiter, bounded_key
+from gateway.stores.limiter import Check, Clock, Limiter, bounded_key, unlimited
 from gateway.tasks import stop_task
 
 __all__ = ["MemoryLimiter", "compact_key"]
@@ -194,7 +194,7 @@ class MemoryLimiter(Limiter):
         out: list[Decision] = []
         for name, rate in policies:
             table = tables.get(name)
-            if table is not None and rate.calendar is None:
+            if table is not None and table.windows is None and rate.calendar is None:
                 tats = table.tats
                 tat = tats.get(compact)
                 if tat is not None:  # a known key, decided inline
@@ -269,12 +269,14 @@ class MemoryLimiter(Limiter):
     ) -> Decision:
         """One request of ``key`` (in its compact form) under ``policy``."""
         table = self._tables.get(policy)
-        if table is None or table.rate.calendar != rate.calendar:
-            # A policy not (yet) announced by reconfigure() (or announced with another
-            # kind of period): start a table for it.
-            if table is not None:
-                self._count -= len(table.tats)
+        if table is None:
+            # A policy not (yet) announced by reconfigure(): start a table for it.
             table = self._tables[policy] = _Table(rate)
+        elif table.rate.calendar != rate.calendar:
+            # a request still holding the config before a reload that turned the policy
+            # into a calendar quota or back: its state is not this rate's; let it pass
+            # without touching the state of the config in force
+            return unlimited(rate, cost)
         if table.windows is not None:
             return self._decide_quota(table, rate, key, cost, commit=commit)
         tats = table.tats
