@@ -90,6 +90,8 @@ class Runtime:
             self.spans = SpanExport(
                 cfg.tracing.otlp_endpoint, max_per_s=cfg.tracing.max_spans_per_s
             )
+        # a switch for bench/inprocess.py alone: the cost of the per-route figures
+        self.window_stats = True
         self.config_generation = 1  # configs applied since start, the first one included
         # the last reload: (result "success" or "failure", unix time, first error or None)
         self.last_reload: tuple[str, float, str | None] | None = None
@@ -227,10 +229,11 @@ class Runtime:
         if hist is None:
             hist = self._durations[route] = self.metrics.request_duration.labels(route)
         hist.observe(duration)
-        series = self.route_series.get(route)
-        if series is None:
-            series = self.route_series[route] = RouteSeries()
-        series.record(time.time(), status, duration)
+        if self.window_stats:
+            series = self.route_series.get(route)
+            if series is None:
+                series = self.route_series[route] = RouteSeries()
+            series.record(time.time(), status, duration)
 
     def rl_counters(self, policy: str) -> tuple[Counter, Counter, Counter]:
         found = self._rl.get(policy)
