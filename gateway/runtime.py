@@ -99,6 +99,8 @@ class Runtime:
             self.spans = SpanExport(
                 cfg.tracing.otlp_endpoint, max_per_s=cfg.tracing.max_spans_per_s
             )
+        # a switch for bench/inprocess.py alone: the cost of the per-route figures
+        self.window_stats = True
         self.config_generation = 1  # configs applied since start, the first one included
         # the last reload: (result "success" or "failure", unix time, first error or None)
         self.last_reload: tuple[str, float, str | None] | None = None
@@ -247,10 +249,11 @@ class Runtime:
         if hist is None:
             hist = self._durations[route] = self.metrics.request_duration.labels(route)
         hist.observe(duration)
-        series = self.route_series.get(route)
-        if series is None:
-            series = self.route_series[route] = RouteSeries()
-        series.record(time.time(), status, duration)
+        if self.window_stats:
+            series = self.route_series.get(route)
+            if series is None:
+                series = self.route_series[route] = RouteSeries()
+            series.record(time.time(), status, duration)
 
     def count_identity(self, kind: str, result: str) -> None:
         """One credential's outcome (``result`` is ``valid`` or a refusal's short reason:

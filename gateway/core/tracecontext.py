@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -62,60 +62,66 @@ class TraceIds:
     """Random trace and span ids as lower-case hex, cut from a batch of random bytes.
 
     Ids must be unique, not secret (the recommendation asks for randomness, not
-    unpredictability), and one ``os.urandom`` call for ``batch`` requests costs far less
-    than formatting a fresh integer for each.
+    unpredictability). One ``random_bytes`` call (``os.urandom``) makes ``batch`` pairs of
+    ids at once, all-zero ones left out; a request then takes the next pair, with no
+    integer formatted and no slicing of its own.
     """
 
-    __slots__ = ("_batch", "_hex", "_pos", "_random_bytes")
+    __slots__ = ("_batch", "_random_bytes", "take")
 
     def __init__(
         self, random_bytes: Callable[[int], bytes] = os.urandom, *, batch: int = 256
     ) -> None:
         self._random_bytes = random_bytes
-        self._batch = batch * 24  # a new trace takes 24 bytes: a trace id and a span id
-        self._hex = ""
-        self._pos = 0
+        self._batch = batch * 24  # a pair is 24 bytes: a trace id and a span id
+        self.take: Callable[[], tuple[str, str]] = iter(()).__next__
+        """The next ``(trace_id, span_id)``; StopIteration when the batch is spent."""
 
-    def take(self, chars: int) -> str:
-        """``chars`` hex characters, never all zeros."""
-        while True:
-            pos = self._pos
-            end = pos + chars
-            if end > len(self._hex):
-                self._hex = self._random_bytes(self._batch).hex()
-                pos, end = 0, chars
-            self._pos = end
-            value = self._hex[pos:end]
-            if value.strip("0"):
-                return value
+    def refill(self) -> None:
+        hx = self._random_bytes(self._batch).hex()
+        pairs = [
+            (trace_id, span_id)
+            for i in range(0, len(hx) - 47, 48)
+            if (trace_id := hx[i : i + 32]) != _ZERO_TRACE
+            and (span_id := hx[i + 32 : i + 48]) != _ZERO_SPAN
+        ]
+        self.take = iter(pairs).__next__
 
-
-class TraceContext:
-    """The trace a request belongs to, as the gateway passes it upstream."""
-
-    __slots__ = ("parent_id", "sampled", "span_id", "trace_id", "tracestate")
-
-    def __init__(
-        self,
-        trace_id: str,
-        span_id: str,
-        parent_id: str | None,
-        sampled: bool,
-        tracestate: str | None,
-    ) -> None:
-        self.trace_id = trace_id
-        self.span_id = span_id
-        """The gateway's own span: the upstream's parent."""
-        self.parent_id = parent_id
-        """The client's span, when the request continued a trace."""
-        self.sampled = sampled
-        self.tracestate = tracestate
-
-    @property
-    def traceparent(self) -> str:
-        return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
+    def pair(self) -> tuple[str, str]:
+        """The next ``(trace_id, span_id)``, drawing a new batch when one is spent."""
+        try:
+            return self.take()
+        except StopIteration:
+            self.refill()
+            return self.pair()
 
 
+class TraceContext(NamedTuple):
+    """The trace a request belongs to, as the gateway passes it upstream.
+
+    A tuple, made without a Python-level constructor and read through C-level getters:
+    every request has one.
+    """
+
+    trace_id: str
+    span_id: str
+    """The gateway's own span: the upstream's parent."""
+    parent_id: str | None
+    """The client's span, when the request continued a trace."""
+    sampled: bool
+    tracestate: str | None
+    traceparent: str
+    """The value sent upstream: always version 00, the gateway's span as parent."""
+
+
+def _context(
+    trace_id: str, span_id: str, parent_id: str | None, sampled: bool, tracestate: str | None
+) -> TraceContext:
+    traceparent = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
+    return _new(TraceContext, (trace_id, span_id, parent_id, sampled, tracestate, traceparent))
+
+
+_new = tuple.__new__
 _IDS = TraceIds()
 
 
@@ -131,7 +137,14 @@ def start_or_continue(
     parsed = parse_traceparent(traceparent[0]) if traceparent and len(traceparent) == 1 else None
     if parsed is None:
         sampled = sample_ratio >= 1.0 or (sample_ratio > 0.0 and chance() < sample_ratio)
-        return TraceContext(ids.take(32), ids.take(16), None, sampled, None)
+        # every request's path: the batch's next pair without a call of ours
+        try:
+            trace_id, span_id = ids.take()
+        except StopIteration:
+            trace_id, span_id = ids.pair()
+        # as _context() makes it, without its call
+        traceparent_ = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
+        return _new(TraceContext, (trace_id, span_id, None, sampled, None, traceparent_))
     trace_id, parent_id, flags = parsed
     state = None
     if tracestate:
@@ -140,4 +153,4 @@ def start_or_continue(
         printable = state.isascii() and state.isprintable() and state.strip()
         if not printable or len(state) > MAX_TRACESTATE:
             state = None
-    return TraceContext(trace_id, ids.take(16), parent_id, bool(flags & _SAMPLED), state)
+    return _context(trace_id, ids.pair()[1], parent_id, bool(flags & _SAMPLED), state)

@@ -30,7 +30,7 @@ def _declared(group: list[str]) -> dict[str, Requirement]:
 
 DEPENDENCIES = _declared(PYPROJECT["project"]["dependencies"])
 TEST_TOOLS = _declared(PYPROJECT["project"]["optional-dependencies"]["test"])
-# the optional span export: the tests exercise it, the image does not carry it
+# the optional OTLP export: not in the image, in the tests' lock so that CI exercises it
 OTEL = _declared(PYPROJECT["project"]["optional-dependencies"]["otel"])
 BUILD_TOOLS = _declared(
     [
@@ -52,8 +52,14 @@ def test_every_pin_is_exact_and_hashed(lock: str) -> None:
 
 @pytest.mark.parametrize(
     ("declared", "lock"),
-    [(DEPENDENCIES, RUNTIME), (DEPENDENCIES, DEV), (TEST_TOOLS, DEV), (BUILD_TOOLS, BUILD)],
-    ids=["runtime", "runtime-in-dev", "test-in-dev", "build"],
+    [
+        (DEPENDENCIES, RUNTIME),
+        (DEPENDENCIES, DEV),
+        (TEST_TOOLS, DEV),
+        (OTEL, DEV),
+        (BUILD_TOOLS, BUILD),
+    ],
+    ids=["runtime", "runtime-in-dev", "test-in-dev", "otel-in-dev", "build"],
 )
 def test_every_declared_dependency_is_locked_within_its_range(
     declared: dict[str, Requirement], lock: dict[str, Pin]
@@ -95,7 +101,7 @@ def test_the_runtime_lock_holds_nothing_the_declared_dependencies_do_not_need() 
 
 
 def test_the_dev_lock_holds_nothing_stray() -> None:
-    needed = _closure(DEPENDENCIES | OTEL | TEST_TOOLS | BUILD_TOOLS)
+    needed = _closure(DEPENDENCIES | TEST_TOOLS | OTEL | BUILD_TOOLS)
     locked_here = {name for name, pin in DEV.items() if pin.applies}
     assert locked_here == needed, (
         f"stray: {sorted(locked_here - needed)}; missing: {sorted(needed - locked_here)}"

@@ -124,18 +124,27 @@ def test_ids_come_from_one_batch_of_random_bytes_at_a_time() -> None:
         return bytes(range(1, 49))  # 48 bytes: 96 hex characters
 
     ids = TraceIds(fake_urandom, batch=2)
-    assert [ids.take(32), ids.take(16), ids.take(32), ids.take(16)] == [
-        "0102030405060708090a0b0c0d0e0f10",
-        "1112131415161718",
-        "191a1b1c1d1e1f202122232425262728",
-        "292a2b2c2d2e2f30",
+
+    def new_trace() -> tuple[str, str]:
+        ctx = start_or_continue(None, None, 0.0, ids)
+        return ctx.trace_id, ctx.span_id
+
+    assert [new_trace(), new_trace()] == [
+        ("0102030405060708090a0b0c0d0e0f10", "1112131415161718"),
+        ("191a1b1c1d1e1f202122232425262728", "292a2b2c2d2e2f30"),
     ]
     assert calls == [48]
-    ids.take(16)  # past the batch: the next one is drawn
+    ids.pair()  # past the batch: the next one is drawn
     assert calls == [48, 48]
+    assert ids.pair() == ("191a1b1c1d1e1f202122232425262728", "292a2b2c2d2e2f30")
 
 
 def test_an_all_zero_id_is_never_handed_out() -> None:
-    batches = iter([bytes(24), bytes(8) + bytes(range(1, 17))])
+    batches = iter([bytes(24), bytes(15) + b"\x01" + bytes(range(1, 9))])
     ids = TraceIds(lambda _: next(batches), batch=1)
-    assert ids.take(16) == "0102030405060708"
+    assert ids.pair() == ("0" * 30 + "01", "0102030405060708")
+    zero_span = bytes(range(1, 17)) + bytes(8)
+    batches = iter([zero_span, bytes(range(1, 25))])
+    ctx = start_or_continue(None, None, 1.0, TraceIds(lambda _: next(batches), batch=1))
+    assert (ctx.trace_id, ctx.span_id) == ("0102030405060708090a0b0c0d0e0f10", "1112131415161718")
+    assert ctx.traceparent == f"00-{ctx.trace_id}-{ctx.span_id}-01"
