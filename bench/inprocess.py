@@ -34,15 +34,19 @@ import gc
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from yarl import URL
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_identity import fill_config, make_identity  # noqa: E402
 
 from gateway.app import YOUNG_GC_THRESHOLD  # noqa: E402
 from gateway.config import load_file  # noqa: E402
@@ -60,11 +64,25 @@ UPSTREAM_ANSWER = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sat, 28 Nov 2026 17:35:29 GMT\r\n"
     b"Content-Type: text/plain\r\nContent-Length: 200\r\nConnection: keep-alive\r\n\r\n" + BODY
 )
-REQUEST = b"GET /api/items?id=42 HTTP/1.1\r\nHost: 127.0.0.1:18000\r\nUser-Agent: bench\r\n\r\n"
+REQUEST = b"GET /api/items?id=42 HTTP/1.1\r\nHost: 127.0.0.1:18000\r\nUser-Agent: bench\r\n"
 POST = (
     b"POST /api/items HTTP/1.1\r\nHost: 127.0.0.1:18000\r\nUser-Agent: bench\r\n"
-    b"Content-Type: application/json\r\nContent-Length: 200\r\n\r\n" + b"p" * 200
+    b"Content-Type: application/json\r\nContent-Length: 200\r\n"
 )
+
+
+def load_bench_config(path: str, tmp: Path) -> tuple[Any, bytes]:
+    """The config at ``path`` (with the run's JWKS when it has an ``identity.jwt``) and
+    the header lines every request carries (its bearer token then)."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    extra = b""
+    if (cfg.get("identity") or {}).get("jwt") is not None:
+        jwks, token = make_identity(tmp)
+        fill_config(cfg, jwks)
+        extra = f"Authorization: Bearer {token}\r\n".encode()
+    filled = tmp / "gateway.yaml"
+    filled.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return load_file(str(filled)), extra
 
 
 class ClientTransport(asyncio.Transport):
@@ -178,7 +196,8 @@ class Rig:
 
 async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    settings = load_file(args.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings, extra = load_bench_config(args.config, Path(tmp))
     rt = Runtime(settings)
     devnull = Path(os.devnull).open("wb")  # noqa: SIM115 - open for the whole run
     rt.access_log = AccessLog(devnull)
@@ -214,7 +233,9 @@ async def main(args: argparse.Namespace) -> None:
         timeout_s=30,
     )
     _fill_pool(floor_pool, args.connections, loop)
-    request = POST if args.post else REQUEST
+    request = (POST if args.post else REQUEST) + extra + b"\r\n"
+    if args.post:
+        request += b"p" * 200
     rigs = {
         "pipeline": Rig(server_for(handler), args.connections, request),
         "floor": Rig(server_for(floor_handler(floor_pool)), args.connections, request),
