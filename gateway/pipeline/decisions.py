@@ -24,6 +24,8 @@ from gateway.pipeline.reject import Reject, quota_reject
 from gateway.pipeline.snapshot import ALLOW_ANY
 from gateway.stores.limiter import Check
 
+_tuple_new = tuple.__new__  # a Check without its keyword-argument __new__ (per request)
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
@@ -226,13 +228,17 @@ def policy_checks(
     fallback, or is keyed by the client address) and one check for each."""
     if not route.needs_identity:
         return route.policies, [
-            Check(p.name, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded))
+            _tuple_new(
+                Check, (p.name, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded))
+            )
             for p in route.policies
         ]
     applied: list[CompiledPolicy] = []
     checks: list[Check] = []
     for p in route.policies:
-        if not p.identity:
+        if p.key == "ip":  # the common case, as policy_key_of keys it
+            key = ip
+        elif not p.identity:
             key = policy_key_of(p, route, ip, headers, decoded=decoded)
         else:
             value = identity_value(p, ident)
@@ -248,7 +254,7 @@ def policy_checks(
                 # rotating garbage credentials must not dodge the limit: the address's
                 key = ip
         applied.append(p)
-        checks.append(Check(p.name, p.rate, key))
+        checks.append(_tuple_new(Check, (p.name, p.rate, key)))
     return applied, checks
 
 
