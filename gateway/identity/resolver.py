@@ -51,11 +51,13 @@ class RequestIdentity:
 
 NO_IDENTITY = RequestIdentity()
 
+_TOKEN_IDENTITIES = 10_000  # identities of verified tokens kept (cleared when full)
+
 
 class IdentityKeys:
     """The verifier and the API keys of one loaded config."""
 
-    __slots__ = ("api_key_header", "api_keys", "plan_claim", "verifier")
+    __slots__ = ("_by_token", "api_key_header", "api_keys", "plan_claim", "verifier")
 
     def __init__(
         self,
@@ -68,16 +70,22 @@ class IdentityKeys:
         self.api_keys = api_keys
         self.api_key_header = api_key_header
         self.plan_claim = plan_claim
+        # the identity of a token alone is a function of its verified outcome (the same
+        # object for every cache hit of the verifier): made once, not on every request;
+        # the outcome is held beside it, so its id is not reused while the entry lives
+        self._by_token: dict[int, tuple[Verified, RequestIdentity]] = {}
 
     def identify(self, headers: Fields) -> RequestIdentity:
         """Verify the request's credentials (a bearer token, an API key)."""
         claims: Mapping[str, Any] | None = None
         key_id = plan = None
+        verified: Verified | None = None
         if self.verifier is not None:
             token = bearer_token(headers.get("Authorization"))
             if token is not None:
                 outcome = self.verifier.verify(token)
                 if isinstance(outcome, Verified):
+                    verified = outcome
                     claims = outcome.claims
                     if self.plan_claim is not None:
                         value = claims.get(self.plan_claim)
@@ -92,7 +100,16 @@ class IdentityKeys:
                         plan = found.plan
         if claims is None and key_id is None:
             return NO_IDENTITY
-        return RequestIdentity(claims, key_id, plan)
+        if verified is None or key_id is not None:
+            return RequestIdentity(claims, key_id, plan)
+        known = self._by_token.get(id(verified))
+        if known is not None and known[0] is verified:
+            return known[1]
+        ident = RequestIdentity(claims, None, plan)
+        if len(self._by_token) >= _TOKEN_IDENTITIES:
+            self._by_token.clear()
+        self._by_token[id(verified)] = (verified, ident)
+        return ident
 
 
 def _read(path: str) -> str | None:
