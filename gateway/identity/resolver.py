@@ -8,7 +8,7 @@ missing one a warning (its credentials then never verify).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway.identity.api_keys import ApiKeyError, ApiKeys
@@ -37,16 +37,18 @@ class RequestIdentity:
     claims: Mapping[str, Any] | None = None
     api_key: str | None = None
     plan: str | None = None
+    # the access log's ``identity``: ``jwt:<sub>`` or ``api_key:<id>`` (made once: an
+    # identity is read from its token's cache entry on every request)
+    label: str | None = field(init=False, default=None, compare=False, repr=False)
 
-    @property
-    def label(self) -> str | None:
-        """The access log's ``identity``: ``jwt:<sub>`` or ``api_key:<id>``."""
+    def __post_init__(self) -> None:
+        label = None
         if self.claims is not None:
             sub = self.claims.get("sub")
-            return f"jwt:{sub}" if isinstance(sub, str) else "jwt:"
-        if self.api_key is not None:
-            return "api_key:" + self.api_key
-        return None
+            label = f"jwt:{sub}" if isinstance(sub, str) else "jwt:"
+        elif self.api_key is not None:
+            label = "api_key:" + self.api_key
+        object.__setattr__(self, "label", label)
 
 
 NO_IDENTITY = RequestIdentity()

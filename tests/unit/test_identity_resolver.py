@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from jwt.algorithms import OKPAlgorithm
 from multidict import CIMultiDict
 
-from gateway.identity.resolver import NO_IDENTITY, IdentityKeys
+from gateway.identity.resolver import NO_IDENTITY, IdentityKeys, RequestIdentity
 from gateway.identity.tokens import TokenVerifier, load_jwks
 
 KEY = ed25519.Ed25519PrivateKey.generate()
@@ -52,3 +52,12 @@ def test_two_tokens_two_identities() -> None:
     for _ in range(2):
         assert keys.identify(_fields(a)).label == "jwt:alice"
         assert keys.identify(_fields(b)).label == "jwt:bob"
+
+
+def test_labels() -> None:
+    assert RequestIdentity(claims={"sub": "alice"}).label == "jwt:alice"
+    assert RequestIdentity(claims={"sub": 7}).label == "jwt:"  # not a string: no subject
+    assert RequestIdentity(claims={}, api_key="team-a").label == "jwt:"
+    assert RequestIdentity(api_key="team-a").label == "api_key:team-a"
+    assert NO_IDENTITY.label is None
+    assert RequestIdentity(api_key="a") == RequestIdentity(api_key="a")
