@@ -44,7 +44,8 @@ import yaml
 from yarl import URL
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# another checkout's gateway package (bench/instructions.py --source), else this one's
+sys.path.insert(0, os.environ.get("BENCH_GATEWAY_SOURCE") or str(ROOT))
 
 from bench_identity import fill_config, make_identity  # noqa: E402
 
@@ -71,13 +72,16 @@ POST = (
 )
 
 
-def load_bench_config(path: str, tmp: Path) -> tuple[Any, bytes]:
+def load_bench_config(
+    path: str, tmp: Path, key: Any = None, exp: int | None = None
+) -> tuple[Any, bytes]:
     """The config at ``path`` (with the run's JWKS when it has an ``identity.jwt``) and
-    the header lines every request carries (its bearer token then)."""
+    the header lines every request carries (its bearer token then; ``key`` and ``exp``
+    as for :func:`bench_identity.make_identity`)."""
     cfg = yaml.safe_load(Path(path).read_text())
     extra = b""
     if (cfg.get("identity") or {}).get("jwt") is not None:
-        jwks, token = make_identity(tmp)
+        jwks, token = make_identity(tmp, key, exp)
         fill_config(cfg, jwks)
         extra = f"Authorization: Bearer {token}\r\n".encode()
     filled = tmp / "gateway.yaml"
@@ -194,12 +198,15 @@ class Rig:
         return (time.process_time() - t0) / (batches * len(self.clients)) * 1e6
 
 
-async def main(args: argparse.Namespace) -> None:
+async def make_rigs(
+    args: argparse.Namespace, devnull: Any, key: Any = None, exp: int | None = None
+) -> dict[str, Rig]:
+    """The two rigs, ``pipeline`` and ``floor``, on one server config (``args``: config,
+    connections, post); the access log goes to ``devnull``."""
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
-        settings, extra = load_bench_config(args.config, Path(tmp))
+        settings, extra = load_bench_config(args.config, Path(tmp), key, exp)
     rt = Runtime(settings)
-    devnull = Path(os.devnull).open("wb")  # noqa: SIM115 - open for the whole run
     rt.access_log = AccessLog(devnull)
     handler = ProxyHandler(rt)
     req = settings.config.request
@@ -236,10 +243,15 @@ async def main(args: argparse.Namespace) -> None:
     request = (POST if args.post else REQUEST) + extra + b"\r\n"
     if args.post:
         request += b"p" * 200
-    rigs = {
+    return {
         "pipeline": Rig(server_for(handler), args.connections, request),
         "floor": Rig(server_for(floor_handler(floor_pool)), args.connections, request),
     }
+
+
+async def main(args: argparse.Namespace) -> None:
+    devnull = Path(os.devnull).open("wb")  # noqa: SIM115 - open for the whole run
+    rigs = await make_rigs(args, devnull)
     for rig in rigs.values():  # warm-up: pools, caches, the interpreter's specialisation
         for _ in range(args.batches):
             await rig.round()
