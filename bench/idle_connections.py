@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_identity import fill_config, make_identity
+
 BENCH = Path(__file__).resolve().parent
 _PROBE = b"GET /livez HTTP/1.1\r\nHost: bench\r\n\r\n"
 _PROXIED = b"GET /idle HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -96,6 +98,8 @@ def write_config(tmp: Path, port: int, admin_port: int, up_port: int) -> Path:
     import yaml  # noqa: PLC0415 - a dependency of the gateway, present in its venv
 
     cfg: dict[str, Any] = yaml.safe_load((BENCH / "gateway-memory.yaml").read_text())
+    if (cfg.get("identity") or {}).get("jwt") is not None:
+        fill_config(cfg, make_identity(tmp)[0])
     cfg["listen"]["port"] = port
     cfg["admin"]["port"] = admin_port
     cfg["upstreams"]["api"]["url"] = f"http://127.0.0.1:{up_port}"

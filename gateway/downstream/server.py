@@ -31,6 +31,7 @@ from gateway.downstream.messages import (
 )
 from gateway.downstream.protocol import HttpProtocol
 from gateway.lifecycle import Lifecycle
+from gateway.memtrim import ReleaseAfterBurst
 from gateway.problem import CONTENT_TYPE, problem_body
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class HttpServer:
         self.batcher = WriteBatcher(self.loop)  # whole answers, sent at the end of a round
         self.date = b""
         self._tick: asyncio.TimerHandle | None = None
+        self.memory = ReleaseAfterBurst()
         self._tick_date()
 
     def __call__(self) -> HttpProtocol:
@@ -113,6 +115,7 @@ class HttpServer:
                 conn.close()
             else:
                 conn.shed_idle()
+        self.memory.sample(len(self.connections))
         self._tick = self.loop.call_later(1.0, self._tick_date)
 
     def close(self) -> None:

@@ -26,6 +26,8 @@ from gateway.pipeline.reject import Reject, quota_reject
 from gateway.pipeline.snapshot import ALLOW_ANY
 from gateway.stores.limiter import Check
 
+_tuple_new = tuple.__new__  # a Check without its keyword-argument __new__ (per request)
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
@@ -257,7 +259,10 @@ def policy_checks(
     cost = route.cost
     if not (route.needs_identity or route.needs_body):
         return route.policies, [
-            Check(p.store, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded), cost)
+            _tuple_new(
+                Check,
+                (p.store, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded), cost),
+            )
             for p in route.policies
         ]
     memo = ident.route_checks
@@ -272,7 +277,10 @@ def policy_checks(
     for p in route.policies:
         if p.plans is not None and plan is not None:
             p = p.plans.get(plan, p)  # noqa: PLW2901 - the policy as in force for the plan
-        if p.pointer is None and not p.identity:
+        if p.key == "ip":  # the common case, as policy_key_of keys it
+            by_identity_alone = False
+            key = ip
+        elif p.pointer is None and not p.identity:
             by_identity_alone = False
             key = policy_key_of(p, route, ip, headers, decoded=decoded)
         else:
@@ -297,7 +305,7 @@ def policy_checks(
                 by_identity_alone = False
                 key = ip
         applied.append(p)
-        checks.append(Check(p.store, p.rate, key, cost))
+        checks.append(_tuple_new(Check, (p.store, p.rate, key, cost)))
     made = (applied, checks)
     if memo is not None and by_identity_alone:
         memo[route.name] = made

@@ -665,3 +665,34 @@ async def test_an_answer_from_the_parser_does_not_wait_for_the_rounds_other_work
         # sent before the first busy handler's 0.1 s (queued, after all three: 0.3 s)
         assert arrived["probe"] - arrived["unblocked"] < 0.1
         assert arrived["busy"] - arrived["unblocked"] >= 0.1
+
+
+async def test_heap_memory_is_given_back_after_a_burst_of_closed_connections() -> None:
+    """1,200 idle connections, then all closed: the next housekeeping tick gives the
+    freed heap back to the OS once (malloc_trim, where the C library has it)."""
+    async with serving() as (server, port, _errors):
+        released: list[int] = []
+
+        def release() -> bool:  # counts, trims nothing
+            released.append(1)
+            return True
+
+        server.memory._release = release
+        loop = asyncio.get_running_loop()
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(1200):
+                s = socket.socket()
+                s.setblocking(False)  # noqa: FBT003
+                socks.append(s)
+                await loop.sock_connect(s, ("127.0.0.1", port))
+            assert await wait_for(lambda: len(server.connections) == 1200, timeout=10)
+            await asyncio.sleep(1.1)  # a tick sees the peak
+            assert released == []
+        finally:
+            for s in socks:
+                s.close()
+        assert await wait_for(lambda: not server.connections, timeout=10)
+        assert await wait_for(lambda: server.memory.releases == 1, timeout=3)
+        await asyncio.sleep(1.1)
+        assert released == [1]  # once for the burst, not on every tick

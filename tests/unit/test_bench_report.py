@@ -67,8 +67,20 @@ def test_the_one_cpu_placement_is_judged_and_two_cpus_reported() -> None:
     one = rows["gw-memory c=1 added p50, one CPU"]
     assert one[1].startswith("100.0 µs")
     assert "nginx: 20.0 µs" in one[1]
-    assert one[2] == "PASS"
+    assert one[0] == "<= 2x nginx's"
+    assert one[2] == "FAIL"  # 5x nginx's 20 µs
     assert rows["gw-redis c=1 added p50, one CPU"][2] == "FAIL"  # 165 µs
+
+
+def test_c1_added_p50_passes_within_twice_nginxs() -> None:
+    extra = run.Extra()
+    extra.direct_c1.append(_wrk(10.0))
+    targets = [
+        _target("nginx", two_cpus=170.0, one_cpu=30.0),
+        _target("gw-memory", two_cpus=280.0, one_cpu=50.0),
+    ]
+    rows = _rows(run.checks(targets, extra, 10.0))
+    assert rows["gw-memory c=1 added p50, one CPU"][2] == "PASS"  # 40 µs, nginx 20 µs
 
 
 def test_the_table_shows_both_placements() -> None:

@@ -168,20 +168,30 @@ class MemoryLimiter(Limiter):
 
     def decide_local(self, checks: Sequence[Check]) -> list[Decision]:
         now = self._clock()
+        tables = self._tables
         out: list[Decision] = []
-        last_key = ""
-        key: int | str = ""
+        last_key = None
+        compact: int | str = ""
         for c in checks:  # policies keyed alike (two on the client address) share one key
-            if c.key != last_key or not out:
+            if c.key != last_key:
                 last_key = c.key
-                key = compact_key(last_key)
-            out.append(self._decide(c.policy, c.rate, key, now, c.cost, commit=True))
+                compact = self._compact(last_key)
+            table = tables.get(c.policy)
+            rate = c.rate
+            if table is not None and table.windows is None and rate.calendar is None:
+                tats = table.tats
+                tat = tats.get(compact)
+                if tat is not None:  # a known key, decided inline (as in decide_key)
+                    decision, new_tat = decide(tat, now, rate, c.cost)
+                    if decision[0]:
+                        tats[compact] = new_tat
+                    out.append(decision)
+                    continue
+            out.append(self._decide(c.policy, rate, compact, now, c.cost, commit=True))
         return out
 
-    def decide_key(
-        self, policies: Sequence[tuple[str, Rate]], key: str, cost: int = 1
-    ) -> list[Decision]:
-        now = self._clock()
+    def _compact(self, key: str) -> int | str:
+        """:func:`compact_key`, remembered for short keys (a dict hit, not a parse)."""
         recent = self._recent
         compact = recent.get(key)
         if compact is None:
@@ -190,6 +200,15 @@ class MemoryLimiter(Limiter):
                 if len(recent) >= _RECENT_KEYS:
                     recent.clear()
                 recent[key] = compact
+        return compact
+
+    def decide_key(
+        self, policies: Sequence[tuple[str, Rate]], key: str, cost: int = 1
+    ) -> list[Decision]:
+        now = self._clock()
+        compact = self._recent.get(key)
+        if compact is None:
+            compact = self._compact(key)
         tables = self._tables
         out: list[Decision] = []
         for name, rate in policies:

@@ -1,0 +1,138 @@
+"""Instructions per request of the proxy port's Python work, counted by valgrind.
+
+    .venv/bin/python bench/instructions.py [--config bench/gateway-memory.yaml]
+        [--requests 2000] [--floor] [--post] [--source OTHER_CHECKOUT]
+
+Wall-clock figures on a shared VM move by 10-20 % between identical runs; an
+instruction count of the same work moves by well under 1 %, whatever else the machine
+does. This runs the pipeline rig of ``bench/inprocess.py`` (the real server, pipeline
+and upstream pool over in-memory transports) under ``valgrind --tool=callgrind`` with
+collection off, warms it up, switches collection on (``callgrind_control -i on``) for
+``--requests`` requests and off again, and prints the instructions per request. The
+bench token is made from one RSA key and a fixed ``exp`` for the whole invocation and
+``PYTHONHASHSEED`` is fixed, so two checkouts measured one after the other
+(``--source``: the other checkout's ``gateway`` package runs, with this virtualenv's
+dependencies) do exactly the same work. ``--floor``: the forwarding-only handler.
+
+Valgrind runs OpenSSL without the CPU's SHA extensions: SHA-256 (the token cache's key)
+weighs more here than natively. It takes about a minute (most of it the imports, at
+valgrind's pace); it needs ``valgrind`` (with ``callgrind_control``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+_EXP = 4_102_444_800  # 2100-01-01: the token never expires during a count
+_WARM_ROUNDS = 100
+_CONNECTIONS = 50
+
+
+def _control(what: str) -> None:
+    subprocess.run(
+        ["callgrind_control", "-i", what, str(os.getpid())], capture_output=True, check=False
+    )
+
+
+async def _child(args: argparse.Namespace) -> None:
+    if args.source:
+        os.environ["BENCH_GATEWAY_SOURCE"] = str(Path(args.source).resolve())
+    sys.path.insert(0, str(BENCH))
+    import inprocess  # noqa: PLC0415 - after the gateway package is chosen
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
+    from gateway.app import YOUNG_GC_THRESHOLD  # noqa: PLC0415
+
+    key = serialization.load_pem_private_key(Path(args.key_file).read_bytes(), None)
+    args.connections = _CONNECTIONS
+    with Path(os.devnull).open("wb") as devnull:
+        rig = (await inprocess.make_rigs(args, devnull, key, _EXP))[
+            "floor" if args.floor else "pipeline"
+        ]
+        for _ in range(_WARM_ROUNDS):
+            await rig.round()
+        gc.collect()
+        gc.freeze()  # as `gateway serve` does
+        gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+        _control("on")
+        for _ in range(args.requests // _CONNECTIONS):
+            await rig.round()
+        _control("off")
+
+
+def _count(args: argparse.Namespace, tmp: Path) -> int:
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+
+    key_file = tmp / "key.pem"
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    argv = [
+        "valgrind", "--tool=callgrind", "--instr-atstart=no",
+        f"--callgrind-out-file={tmp / 'callgrind.out'}",
+        sys.executable, str(Path(__file__).resolve()), "--child", "--key-file", str(key_file),
+        "--config", args.config, "--requests", str(args.requests),
+    ]  # fmt: skip
+    if args.floor:
+        argv.append("--floor")
+    if args.post:
+        argv.append("--post")
+    if args.source:
+        argv += ["--source", args.source]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        sys.exit(f"the counted run failed:\n{done.stderr[-3000:]}")
+    return int(found.group(1))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(BENCH / "gateway-memory.yaml"))
+    p.add_argument("--requests", type=int, default=2000, help="counted (a multiple of 50)")
+    p.add_argument("--floor", action="store_true", help="the forwarding-only handler")
+    p.add_argument("--post", action="store_true", help="a POST with a 200-byte body")
+    p.add_argument("--source", help="another checkout whose gateway package runs")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--key-file", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.child:
+        import uvloop  # noqa: PLC0415
+
+        uvloop.run(_child(args))
+        return 0
+    missing = [t for t in ("valgrind", "callgrind_control") if shutil.which(t) is None]
+    if missing:
+        print(f"needs {' and '.join(missing)} (Debian: apt-get install valgrind)")
+        return 2
+    args.requests -= args.requests % _CONNECTIONS
+    with tempfile.TemporaryDirectory() as tmp:
+        total = _count(args, Path(tmp))
+    what = "floor (forwarding only)" if args.floor else "pipeline"
+    source = args.source or str(BENCH.parent)
+    print(f"{what}, {source}, {args.config}: {total / args.requests:,.0f} instructions a request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
