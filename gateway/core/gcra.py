@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
-
-if TYPE_CHECKING:
-    from gateway.config import Policy
+from typing import NamedTuple
 
 __all__ = ["EPSILON_S", "Decision", "Rate", "decide"]
 
@@ -76,19 +73,6 @@ class Rate:
     def quota(cls, requests: int, period: str) -> Rate:
         """A calendar quota of ``requests`` a ``period``."""
         return cls(requests, float(requests), requests, period)
-
-    @classmethod
-    def from_policy(cls, policy: Policy, requests: int | None = None) -> Rate:
-        """The rate of a policy; ``requests`` (a plan's) in place of its own, with its
-        burst when the policy gives none."""
-        if policy.requests is None or (policy.period_s is None and policy.period is None):
-            msg = "a concurrency policy has no rate"
-            raise ValueError(msg)
-        n = policy.requests if requests is None else requests
-        if policy.period is not None:
-            return cls.quota(n, policy.period)
-        burst = policy.burst if policy.burst is not None else n
-        return cls(n, float(policy.period_s or 1), burst)
 
 
 class Decision(NamedTuple):

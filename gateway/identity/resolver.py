@@ -16,17 +16,13 @@ from gateway.identity.api_keys import ApiKeyError, ApiKeys
 from gateway.identity.tokens import JwksError, TokenVerifier, Verified, bearer_token, load_jwks
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Mapping
 
     from multidict import CIMultiDict, CIMultiDictProxy
 
     from gateway.config.errors import Problem
     from gateway.config.models import Config, Identity
     from gateway.core.failure_budget import FailureBudget
-    from gateway.pipeline.snapshot import CompiledPolicy
-    from gateway.stores.limiter import Check
-
-    RouteChecks = dict[str, tuple[Sequence[CompiledPolicy], list[Check]]]
 
     Fields = CIMultiDict[str] | CIMultiDictProxy[str]
 
@@ -56,7 +52,8 @@ class RequestIdentity:
     # (decisions.policy_checks fills it): set on an identity kept with its verified token,
     # so a repeated token finds them made; None on the others
     # (read only: shared by the requests that carry the token)
-    route_checks: RouteChecks | None = field(default=None, compare=False)
+    # (typed by decisions.RouteChecks: identity sits below the pipeline and knows no route)
+    route_checks: dict[str, Any] | None = field(default=None, compare=False)
     # the access log's ``identity``: ``jwt:<sub>`` or ``api_key:<id>`` (made once)
     label: str | None = field(init=False, compare=False)
 

@@ -28,6 +28,9 @@ from gateway.stores.limiter import Check
 
 _tuple_new = tuple.__new__  # a Check without its keyword-argument __new__ (per request)
 
+RouteChecks = dict[str, "tuple[Sequence[CompiledPolicy], list[Check]]"]
+"""A verified identity's rate-limit checks by route (``RequestIdentity.route_checks``)."""
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
@@ -265,7 +268,7 @@ def policy_checks(
             )
             for p in route.policies
         ]
-    memo = ident.route_checks
+    memo: RouteChecks | None = ident.route_checks
     if memo is not None:
         made = memo.get(route.name)
         if made is not None:

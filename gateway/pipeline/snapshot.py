@@ -19,7 +19,7 @@ from gateway.core.concurrency import Priority
 from gateway.core.gcra import Rate
 from gateway.identity.body import JsonPointer
 from gateway.pipeline.headers import ResponseHeaders
-from gateway.stores.limiter import plan_store
+from gateway.stores.limiter import plan_store, policy_rate
 from gateway.upstream.hop_by_hop import DROP_UPSTREAM, HOP_BY_HOP
 
 # W3C Trace Context's request fields: the gateway sends its own
@@ -87,7 +87,7 @@ class CompiledPolicy:
         w_text = str(w) if p.period is None else _CALENDAR_W.get(p.period, "")
         return cls(
             name=name,
-            rate=Rate.from_policy(p, requests),
+            rate=policy_rate(p, requests),
             key=kind,
             header=header,
             shadow=p.mode == "shadow",

@@ -26,7 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import NamedTuple
 
-from gateway.config import RateLimit
+from gateway.config import Policy, RateLimit
 from gateway.core.gcra import Decision, Rate
 from gateway.core.keys import digest
 
@@ -137,15 +137,28 @@ def plan_store(policy: str, plan: str) -> str:
     return f"{policy}@{plan}"
 
 
+def policy_rate(policy: Policy, requests: int | None = None) -> Rate:
+    """The rate of a policy; ``requests`` (a plan's) in place of its own, with its burst
+    when the policy gives none."""
+    if policy.requests is None or (policy.period_s is None and policy.period is None):
+        msg = "a concurrency policy has no rate"
+        raise ValueError(msg)
+    n = policy.requests if requests is None else requests
+    if policy.period is not None:
+        return Rate.quota(n, policy.period)
+    burst = policy.burst if policy.burst is not None else n
+    return Rate(n, float(policy.period_s or 1), burst)
+
+
 def rates_from_config(cfg: RateLimit) -> dict[str, Rate]:
     """The rate of each rate policy, and of each of its plans (:func:`plan_store`)."""
     rates = {}
     for name, p in cfg.policies.items():
         if p.concurrency:
             continue
-        rates[name] = Rate.from_policy(p)
+        rates[name] = policy_rate(p)
         for plan, requests in p.requests_by_plan.items():
-            rates[plan_store(name, plan)] = Rate.from_policy(p, requests)
+            rates[plan_store(name, plan)] = policy_rate(p, requests)
     return rates
 
 

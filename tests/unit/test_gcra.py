@@ -8,6 +8,7 @@ import pytest
 
 from gateway.config import Policy
 from gateway.core.gcra import EPSILON_S, Decision, Rate, decide
+from gateway.stores.limiter import policy_rate
 
 T0 = 1000.0
 
@@ -245,8 +246,8 @@ def test_invalid_rate(kwargs: dict[str, float], field: str) -> None:
         (Policy(requests=30, period_s=0.5, key="route"), Rate(30, 0.5, 30)),
     ],
 )
-def test_from_policy(policy: Policy, expected: Rate) -> None:
-    rate = Rate.from_policy(policy)
+def test_policy_rate(policy: Policy, expected: Rate) -> None:
+    rate = policy_rate(policy)
     assert rate == expected
     assert isinstance(rate.period_s, float)
 
