@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.app import YOUNG_GC_THRESHOLD  # noqa: E402
-from gateway.config import load_file  # noqa: E402
+from gateway.config import Settings, load_file  # noqa: E402
 from gateway.downstream.messages import Request, Response  # noqa: E402
 from gateway.downstream.server import HttpServer  # noqa: E402
 from gateway.downstream.upgrade import GatewayServer  # noqa: E402
@@ -157,11 +157,15 @@ class Rig:
             protocol.connection_made(transport)
             self.clients.append((protocol, transport))
 
+    def next_request(self) -> bytes:
+        """The bytes of the next request (the same each time here)."""
+        return self.request
+
     async def round(self) -> None:
         wanted = []
         for protocol, transport in self.clients:
             wanted.append(transport.writes + 1)
-            protocol.data_received(self.request)
+            protocol.data_received(self.next_request())
         for _ in range(50):
             await asyncio.sleep(0)
             if all(t.writes >= w for (_, t), w in zip(self.clients, wanted, strict=True)):
@@ -176,9 +180,12 @@ class Rig:
         return (time.process_time() - t0) / (batches * len(self.clients)) * 1e6
 
 
-async def main(args: argparse.Namespace) -> None:
-    loop = asyncio.get_running_loop()
-    settings = load_file(args.config)
+def serving(
+    settings: Settings, connections: int, loop: asyncio.AbstractEventLoop
+) -> tuple[Callable[[Any], HttpServer], ProxyHandler]:
+    """The real pipeline of ``settings`` (access log to /dev/null, ``connections`` idle
+    upstream connections on in-memory transports), and a maker of servers around it or
+    around another handler."""
     rt = Runtime(settings)
     devnull = Path(os.devnull).open("wb")  # noqa: SIM115 - open for the whole run
     rt.access_log = AccessLog(devnull)
@@ -205,8 +212,31 @@ async def main(args: argparse.Namespace) -> None:
             response_headers=lambda: rt.snapshot.response_headers,
         )
 
-    name = next(iter(rt.upstreams))
-    _fill_pool(rt.upstreams[name].client._pool, args.connections, loop)
+    _fill_pool(next(iter(rt.upstreams.values())).client._pool, connections, loop)
+    return server_for, handler
+
+
+async def measure(rigs: dict[str, Rig], batches: int, samples: int) -> dict[str, list[float]]:
+    """A warm-up round of ``batches`` on each rig, then ``samples`` samples of each,
+    interleaved; CPU µs per request of each sample, by rig."""
+    for rig in rigs.values():  # warm-up: pools, caches, the interpreter's specialisation
+        for _ in range(batches):
+            await rig.round()
+    gc.collect()
+    gc.freeze()  # as `gateway serve` does
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+    results: dict[str, list[float]] = {k: [] for k in rigs}
+    for _ in range(samples):
+        for key, rig in rigs.items():
+            results[key].append(await rig.sample(batches))
+    return results
+
+
+async def main(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    settings = load_file(args.config)
+    server_for, handler = serving(settings, args.connections, loop)
+    name = next(iter(settings.config.upstreams))
     floor_pool = LeanPool(
         URL(settings.config.upstreams[name].url),
         limit=args.connections,
@@ -219,16 +249,7 @@ async def main(args: argparse.Namespace) -> None:
         "pipeline": Rig(server_for(handler), args.connections, request),
         "floor": Rig(server_for(floor_handler(floor_pool)), args.connections, request),
     }
-    for rig in rigs.values():  # warm-up: pools, caches, the interpreter's specialisation
-        for _ in range(args.batches):
-            await rig.round()
-    gc.collect()
-    gc.freeze()  # as `gateway serve` does
-    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
-    results: dict[str, list[float]] = {k: [] for k in rigs}
-    for _ in range(args.samples):
-        for key, rig in rigs.items():
-            results[key].append(await rig.sample(args.batches))
+    results = await measure(rigs, args.batches, args.samples)
     what = "POST, 200-byte body" if args.post else "GET"
     print(f"config {args.config}; {what}; {args.connections} connections; {args.samples} samples")
     print("| handler | min µs/req | median µs/req |")
@@ -237,7 +258,7 @@ async def main(args: argparse.Namespace) -> None:
         print(f"| {key} | {min(values):.2f} | {statistics.median(values):.2f} |")
     ratio = min(results["pipeline"]) / min(results["floor"])
     print(f"\npipeline / floor (min): {ratio:.2f}x")
-    devnull.close()
+    handler.rt.access_log.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

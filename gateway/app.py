@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from aiohttp import WSCloseCode, web
 
 from gateway.admin.api import AdminRunner, create_admin_app
+from gateway.core.evidence import Seen
 from gateway.downstream.listen import dual_stack_socket, is_any_ipv6
 from gateway.downstream.protocol import HttpProtocol
 from gateway.downstream.server import HttpServer
@@ -147,8 +148,13 @@ class Gateway:
         rt.count_request("none", "OTHER", status, 0.0)
         snap = rt.snapshot
         ip, text = protocol.peer_address()
-        if snap.abuse_enabled and ip is not None and not (snap.allow and ip in snap.allow):
-            rt.bans.report(snap.ip_key(ip, text), "bad_request")
+        if (
+            snap.abuse_enabled
+            and ip is not None
+            and not (snap.allow and ip in snap.allow)
+            and rt.allow.covers(ip) is None
+        ):
+            rt.bans.report(snap.ip_key(ip, text), "bad_request", Seen(status=status))
 
     # ------------------------------------------------------------------ stop
 

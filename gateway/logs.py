@@ -105,9 +105,10 @@ class EventBudget:
     dropped and counted, and the next line that passes says how many were dropped.
     """
 
-    __slots__ = ("_last", "_rate", "_tokens", "suppressed")
+    __slots__ = ("_last", "_rate", "_tokens", "rate", "suppressed")
 
     def __init__(self, rate: float = 50.0) -> None:
+        self.rate = rate
         self._rate = rate
         self._tokens = rate
         self._last = 0.0

@@ -85,6 +85,12 @@ class Metrics:
             ["policy", "decision"],
             r,
         )
+        self.identity_verifications = LoopCounter(
+            p + "identity_verifications_total",
+            "Credentials presented on routes that read identity, by kind and outcome.",
+            ["kind", "result"],
+            r,
+        )
         self.ratelimit_backend_errors = Counter(
             p + "ratelimit_backend_errors_total",
             "Rate-limit decisions the shared backend could not make.",
@@ -92,6 +98,27 @@ class Metrics:
         )
         self.bans_total = Counter(p + "bans_total", "Bans made, by reason.", ["reason"], registry=r)
         self.active_bans = Gauge(p + "active_bans", "Bans in force.", registry=r)
+        self.allow_changes = Counter(
+            p + "allow_changes_total",
+            "Break-glass allow entries made (added) or lifted (removed) through the admin API.",
+            ["action"],
+            registry=r,
+        )
+        self.allow_entries = Gauge(
+            p + "allow_entries", "Break-glass allow entries in force.", registry=r
+        )
+        self.allowed_requests = Counter(
+            p + "allowed_requests_total",
+            "Requests exempt from bans and rate limits by a break-glass allow entry.",
+            registry=r,
+        )
+        self.admin_auth_failures = Counter(
+            p + "admin_auth_failures_total",
+            "Admin calls refused for their token: a wrong or missing one (unauthorized), or"
+            " any once the client's budget of failures is spent (throttled).",
+            ["result"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             p + "circuit_state",
             "Circuit breaker state (1 for the current state).",
@@ -136,6 +163,10 @@ class Metrics:
         self.build_info.labels(__version__, platform.python_version()).set(1)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+        for action in ("added", "removed"):
+            self.allow_changes.labels(action)
+        for result in ("unauthorized", "throttled"):
+            self.admin_auth_failures.labels(result)
 
     def set_circuit_state(self, upstream: str, state: str) -> None:
         for s in CIRCUIT_STATES:

@@ -13,16 +13,18 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from gateway.core.failure_budget import FailureBudget
 from gateway.core.inflight import InflightCounts
 from gateway.core.window_stats import RouteSeries, TopKeys
 from gateway.core.wsguard import sweep_interval_s
 from gateway.health.monitor import HealthMonitor
+from gateway.identity.resolver import failure_rate
 from gateway.lifecycle import Lifecycle
 from gateway.logs import AccessLog, EventBudget, get_logger
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.pipeline.snapshot import Snapshot
 from gateway.pipeline.wsregistry import WebSocketRegistry
-from gateway.stores import make_ban_store, make_limiter
+from gateway.stores import make_allow_list, make_ban_store, make_limiter
 from gateway.stores.limiter import rates_from_config
 from gateway.upstream.state import UpstreamState
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from gateway.config import Settings
     from gateway.loopmetrics import CounterChild as Counter
     from gateway.loopmetrics import HistogramChild as Histogram
+    from gateway.tracing import SpanExport
 
 
 class Runtime:
@@ -55,6 +58,12 @@ class Runtime:
             cfg.rate_limit, settings.secrets.redis_url, metrics=self.metrics, redis=self.redis
         )
         self.bans = make_ban_store(cfg.abuse, metrics=self.metrics, redis=self.redis)
+        # failed token checks per client address: kept across reloads, like the bans
+        rate = failure_rate(cfg.identity)
+        self.verify_failures = FailureBudget(rate) if rate is not None else None
+        self._identity_counts: dict[tuple[str, str], Counter] = {}
+        # break-glass exemptions from bans and limits (POST /admin/allow)
+        self.allow = make_allow_list(metrics=self.metrics, redis=self.redis)
         # where the process is in its drain: /readyz and the servers read this one object
         self.lifecycle = Lifecycle()
         self.monitor = HealthMonitor(
@@ -81,6 +90,15 @@ class Runtime:
         # the operator page's figures (GET /admin/stats), by route; unix time
         self.route_series: dict[str, RouteSeries] = {}
         self.top_limited = TopKeys()
+        # spans of sampled requests, to an OTLP collector (restart-only: a thread and a
+        # connection of their own)
+        self.spans: SpanExport | None = None
+        if cfg.tracing.otlp_endpoint is not None:
+            from gateway.tracing import SpanExport  # noqa: PLC0415 - the optional extra
+
+            self.spans = SpanExport(
+                cfg.tracing.otlp_endpoint, max_per_s=cfg.tracing.max_spans_per_s
+            )
         self.config_generation = 1  # configs applied since start, the first one included
         # the last reload: (result "success" or "failure", unix time, first error or None)
         self.last_reload: tuple[str, float, str | None] | None = None
@@ -97,12 +115,14 @@ class Runtime:
         self.access_log.start()
         await self.limiter.start()
         await self.bans.start()
+        await self.allow.start()
         await self.monitor.start()
         self.websockets.start(self._ws_sweep_interval, self._ws_sweep)
 
     async def close(self) -> None:
         await self.websockets.stop()
         await self.monitor.close()
+        await self.allow.close()
         await self.bans.close()
         await self.limiter.close()
         for up in self.upstreams.values():
@@ -113,6 +133,8 @@ class Runtime:
         await asyncio.gather(*retired, return_exceptions=True)
         if self.redis is not None:
             await self.redis.aclose()
+        if self.spans is not None:  # what is queued is sent, on the SDK's thread
+            await self.spans.aclose()
         self.access_log.close()
 
     # ------------------------------------------------------------------ reload
@@ -137,6 +159,11 @@ class Runtime:
                     old.request.max_header_bytes,
                     cfg.request.max_header_bytes,
                 ),
+                (
+                    "tracing.otlp_endpoint",
+                    old.tracing.otlp_endpoint,
+                    cfg.tracing.otlp_endpoint,
+                ),
             )
             if a != b
         ]
@@ -154,7 +181,16 @@ class Runtime:
         snapshot = Snapshot(settings, upstreams)
         self.limiter.reconfigure(rates_from_config(cfg.rate_limit))
         self.bans.reconfigure(cfg.abuse)
+        rate = failure_rate(cfg.identity)
+        if rate is None:
+            self.verify_failures = None
+        elif self.verify_failures is None:
+            self.verify_failures = FailureBudget(rate)
+        else:
+            self.verify_failures.reconfigure(rate)
         self.monitor.reconfigure(settings)
+        if self.spans is not None:
+            self.spans.set_rate(cfg.tracing.max_spans_per_s)
         # one assignment: a request that started keeps the snapshot (and upstreams) it read
         self.snapshot = snapshot
         self.settings = settings
@@ -213,6 +249,17 @@ class Runtime:
         if series is None:
             series = self.route_series[route] = RouteSeries()
         series.record(time.time(), status, duration)
+
+    def count_identity(self, kind: str, result: str) -> None:
+        """One credential's outcome (``result`` is ``valid`` or a refusal's short reason:
+        a bounded set, never the credential)."""
+        key = (kind, result)
+        child = self._identity_counts.get(key)
+        if child is None:
+            child = self._identity_counts[key] = self.metrics.identity_verifications.labels(
+                kind, result
+            )
+        child.inc()
 
     def rl_counters(self, policy: str) -> tuple[Counter, Counter, Counter]:
         found = self._rl.get(policy)

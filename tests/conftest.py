@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -129,3 +130,76 @@ def private_redis() -> Iterator[RedisServer]:
     finally:
         server.stop()
         shutil.rmtree(server.dir, ignore_errors=True)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 45_000)
+        if port not in taken and _bindable(port) and _bindable(port + 10_000):
+            taken.add(port)
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+@pytest.fixture(scope="session")
+def cluster_url() -> Iterator[str]:
+    """A Redis Cluster of three primaries (no replicas) of the test run's own, as a
+    ``redis+cluster://`` URL of its first node."""
+    cli = shutil.which("redis-cli")
+    if cli is None or shutil.which("redis-server") is None:
+        pytest.skip("redis-cli / redis-server are not installed: no local Redis Cluster test")
+    servers = []
+    taken: set[int] = set()
+    try:
+        for _ in range(3):
+            port = cluster_port(taken)
+            server = RedisServer(
+                port,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--cluster-node-timeout",
+                "2000",
+            )
+            server.start()
+            servers.append(server)
+        nodes = [f"127.0.0.1:{s.port}" for s in servers]
+        subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            states = [
+                subprocess.run(
+                    [cli, "-p", str(s.port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                ).stdout
+                for s in servers
+            ]
+            if all("cluster_state:ok" in st for st in states):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the local Redis Cluster did not reach cluster_state:ok: {states}")
+            time.sleep(0.1)
+        yield f"redis+cluster://127.0.0.1:{servers[0].port}"
+    finally:
+        for server in servers:
+            server.stop()
+            shutil.rmtree(server.dir, ignore_errors=True)

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import hmac
 import ipaddress
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -20,20 +21,24 @@ from multidict import CIMultiDict
 
 from gateway import __version__
 from gateway.admin.explain import explain_request
+from gateway.admin.guard import AdminAuthGuard
+from gateway.core.allowlist import MAX_TTL_S, EntryError, IPNetwork, check_request, parse_target
 from gateway.core.client_ip import parse_ip
 from gateway.core.health import aggregate
 from gateway.core.window_stats import RouteSeries, Summary
 from gateway.health.probes import probe_response
 from gateway.pipeline.headers import ResponseHeaders
-from gateway.problem import problem_response, server_error_answer
+from gateway.problem import CONTENT_TYPE, problem_body, problem_response, server_error_answer
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
+from gateway.stores.allow import AllowListFullError, AllowUnavailableError
 
 STATS_BANS = 100
 """Bans listed by ``/admin/stats`` (the newest; ``bans_total`` counts them all)."""
 
 RUNTIME = web.AppKey("runtime", Runtime)
 RELOADER = web.AppKey("reloader", Reloader)
+GUARD = web.AppKey("guard", AdminAuthGuard)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -96,6 +101,18 @@ _UI_CSP = (
     "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
     "frame-ancestors 'none'"
 )
+_ADMIN_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+def _harden(headers: CIMultiDict[str], *, ui: bool) -> None:
+    """The admin port's own floor on every answer, errors included, whatever
+    ``security_headers`` says for the proxy port (off, or another CSP that ``override``
+    would put on the operator page and so block its script): no sniffing, no framing, no
+    caching, no server software named; ``ui``: one of the operator page's files."""
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Content-Security-Policy"] = _UI_CSP if ui else _ADMIN_CSP
+    headers.setdefault("Cache-Control", "no-store")
+    headers.popall("Server", None)
 
 
 @web.middleware
@@ -110,7 +127,18 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             "no admin token is configured (admin.token_env): the admin API is disabled",
             request_id=None,
         )
+    # guessing is bounded per address: past its failures, even the right token waits
+    guard, client, now = request.app[GUARD], _client_key(request), time.monotonic()
+    wait = guard.wait_s(client, now)
+    if wait > 0.0:
+        return problem_response(
+            429,
+            "too many failed admin authentications from this address: wait for Retry-After",
+            request_id=None,
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
     if not _bearer_ok(request, token.encode()):
+        guard.failed(client, now)
         return problem_response(
             401,
             "a valid bearer token is required",
@@ -120,11 +148,17 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     return await handler(request)
 
 
+def _client_key(request: web.Request) -> str:
+    """The address the failures are counted for: an IPv6 client by its prefix."""
+    ip = parse_ip(request.remote or "")
+    return "-" if ip is None else _rt(request).snapshot.ip_key(ip)
+
+
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     rt = _rt(request)
     headers: ResponseHeaders = rt.snapshot.response_headers
     headers.apply(response.headers, None, secure=False)
-    response.headers.setdefault("Cache-Control", "no-store")
+    _harden(response.headers, ui=response.status == 200 and request.path in _UI_FILES)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
@@ -152,7 +186,9 @@ async def config(request: web.Request) -> web.StreamResponse:
 
 
 async def bans(request: web.Request) -> web.StreamResponse:
-    items = await _rt(request).bans.list_bans()
+    store = _rt(request).bans
+    items = await store.list_bans()
+    evidence = await store.evidence([b.ip for b in items])
     return _json(
         {
             "bans": [
@@ -163,6 +199,8 @@ async def bans(request: web.Request) -> web.StreamResponse:
                     "expires_at": b.expires_at,
                     "expires_in_s": max(0.0, round(b.expires_at - time.time(), 3)),
                     "offences": b.offences,
+                    "banned_at": b.banned_at,
+                    "evidence": [e.as_dict() for e in evidence.get(b.ip, ())],
                 }
                 for b in items
             ]
@@ -197,8 +235,6 @@ async def ui_file(request: web.Request) -> web.StreamResponse:
     name, content_type = _UI_FILES[request.path]
     body = _ui_body(name)
     resp = web.Response(body=body, content_type=content_type, charset="utf-8")
-    resp.headers["Content-Security-Policy"] = _UI_CSP
-    resp.headers["X-Content-Type-Options"] = "nosniff"
     resp.headers["Referrer-Policy"] = "no-referrer"
     return resp
 
@@ -212,6 +248,11 @@ async def stats(request: web.Request) -> web.StreamResponse:
     s = rt.settings
     last = rt.last_reload
     bans = await rt.bans.list_bans()
+    # the newest first, and only so many: under an attack the page is read every 2 s,
+    # and the store may hold many thousands
+    shown = sorted(bans, key=lambda b: b.banned_at, reverse=True)[:STATS_BANS]
+    evidence = await rt.bans.evidence([b.ip for b in shown])
+    allowed = await rt.allow.entries()
     return _json(
         {
             "generated_at": round(now, 3),
@@ -249,12 +290,11 @@ async def stats(request: web.Request) -> web.StreamResponse:
                     "reason": b.reason,
                     "score": b.score,
                     "expires_in_s": max(0.0, round(b.expires_at - now, 3)),
-                    "evidence": [],
+                    "evidence": [e.as_dict() for e in evidence.get(b.ip, ())],
                 }
-                # the newest first, and only so many: under an attack the page is read
-                # every 2 s, and the store may hold many thousands
-                for b in sorted(bans, key=lambda b: b.banned_at, reverse=True)[:STATS_BANS]
+                for b in shown
             ],
+            "allow": [e.as_dict(now) for e in allowed],
             "config": {
                 "source": s.source,
                 "generation": rt.config_generation,
@@ -287,6 +327,69 @@ async def unban(request: web.Request) -> web.StreamResponse:
         if await rt.bans.unban(key):
             return _json({"unbanned": key})
     return problem_response(404, f"{keys[0]} is not banned", request_id=None)
+
+
+def _field_problem(exc: EntryError) -> web.Response:
+    return problem_response(
+        400,
+        str(exc),
+        request_id=None,
+        extra={"errors": [{"field": exc.field, "message": exc.message}]},
+    )
+
+
+def _caller(request: web.Request) -> str:
+    """Who made an admin change, for its log line: the token is shared, so the
+    caller's address (a trusted front proxy's, when there is one)."""
+    return request.remote or "-"
+
+
+_ALLOW_UNAVAILABLE = (
+    "the shared allow list (Redis) is unreachable: the change was not made on any "
+    "replica; try again"
+)
+
+
+async def allow_add(request: web.Request) -> web.StreamResponse:
+    rt = _rt(request)
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _field_problem(EntryError("body", "not valid JSON"))
+    try:
+        net, ttl_s, reason = check_request(body, rt.snapshot.ipv6_prefix)
+    except EntryError as exc:
+        return _field_problem(exc)
+    try:
+        entry = await rt.allow.add(net, ttl_s, reason, _caller(request))
+    except AllowListFullError:
+        return problem_response(
+            409, "the allow list is full: remove an entry first", request_id=None
+        )
+    except AllowUnavailableError:
+        return problem_response(503, _ALLOW_UNAVAILABLE, request_id=None)
+    return _json(entry.as_dict(time.time()), status=201)
+
+
+async def allow_list(request: web.Request) -> web.StreamResponse:
+    now = time.time()
+    entries = await _rt(request).allow.entries()
+    return _json({"allow": [e.as_dict(now) for e in entries], "max_ttl_s": MAX_TTL_S})
+
+
+async def allow_remove(request: web.Request) -> web.StreamResponse:
+    rt = _rt(request)
+    try:
+        net: IPNetwork = parse_target(request.match_info["ip"], rt.snapshot.ipv6_prefix)
+    except EntryError as exc:
+        return _field_problem(exc)
+    try:
+        entry = await rt.allow.remove(net, _caller(request))
+    except AllowUnavailableError:
+        return problem_response(503, _ALLOW_UNAVAILABLE, request_id=None)
+    if entry is None:
+        return problem_response(404, f"{net} has no allow entry", request_id=None)
+    return _json({"removed": entry.ip})
 
 
 async def reload(request: web.Request) -> web.StreamResponse:
@@ -347,6 +450,15 @@ async def explain(request: web.Request) -> web.StreamResponse:
     return _json(result)
 
 
+class _ErrorAnswer(web.Response):
+    """An answer of the connection handler itself: it goes out without the app's
+    on_response_prepare, so it is hardened here, after aiohttp has added its fields."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        _harden(self.headers, ui=False)
+
+
 class _AdminProtocol(RequestHandler):
     """aiohttp's connection handler whose own errors (a request the parser refuses, a
     handler that failed) are problem+json without the request echoed, and whose parse
@@ -365,7 +477,11 @@ class _AdminProtocol(RequestHandler):
         status, detail = server_error_answer(status, exc)
         if status >= 500:  # a bug of ours: worth its traceback
             self.log_exception("Error handling request", exc_info=exc)
-        resp = problem_response(status, detail, request_id=None)
+        resp = _ErrorAnswer(
+            status=status,
+            body=problem_body(status, detail, request_id=None),
+            content_type=CONTENT_TYPE,
+        )
         resp.force_close()
         return resp
 
@@ -394,6 +510,7 @@ def create_admin_app(runtime: Runtime, reloader: Reloader) -> web.Application:
     app = web.Application(middlewares=[_problems, _auth])
     app[RUNTIME] = runtime
     app[RELOADER] = reloader
+    app[GUARD] = AdminAuthGuard(runtime.metrics, runtime.log)
     app.on_response_prepare.append(_on_prepare)
     r = app.router
     r.add_get("/metrics", metrics)
@@ -403,6 +520,9 @@ def create_admin_app(runtime: Runtime, reloader: Reloader) -> web.Application:
     r.add_get("/admin/bans", bans)
     r.add_delete("/admin/bans/{ip:.+}", unban)  # an address, or a prefix as listed
     r.add_post("/admin/reload", reload)
+    r.add_get("/admin/allow", allow_list)
+    r.add_post("/admin/allow", allow_add)
+    r.add_delete("/admin/allow/{ip:.+}", allow_remove)  # an address, or a prefix
     r.add_get("/admin/explain", explain)
     r.add_get("/admin/stats", stats)
     for path in _UI_FILES:

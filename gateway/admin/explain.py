@@ -8,6 +8,7 @@ first refusal to report what else it finds.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import hdrs
@@ -83,11 +84,13 @@ async def explain_request(
 
     exempt = False
     try:
-        exempt = decisions.check_lists(snap, ip)
+        exempt = decisions.check_lists(snap, ip, rt.allow, count=False)
     except Reject as rej:
         stop(rej)
     out["denied"] = snap.has_deny and ip in snap.deny
     out["allow_listed"] = snap.has_allow and ip in snap.allow
+    entry = rt.allow.covers(ip)
+    out["break_glass"] = None if entry is None else entry.as_dict(time.time())
     ban = rt.bans.banned(client_key)
     out["ban"] = (
         None
@@ -95,7 +98,7 @@ async def explain_request(
         else {"reason": ban.reason, "expires_at": ban.expires_at, "offences": ban.offences}
     )
     out["abuse_score"] = rt.bans.score(client_key)
-    if ban is not None and not out["allow_listed"]:
+    if ban is not None and not out["allow_listed"] and entry is None:
         stop(banned(snap, ban.expires_at))
     underscored = [name for name in headers if "_" in name]
     if underscored:
@@ -135,7 +138,9 @@ async def explain_request(
         decisions.guard_route(route, method, ip, headers)
     except Reject as rej:
         stop(rej)
-    ident = decisions.identify(snap, route, headers)
+    ident = decisions.identify(
+        snap, route, headers, client=client_key, failures=rt.verify_failures, spend=False
+    )
     if route.needs_identity:
         out["identity"] = ident.label
         out["plan"] = ident.plan

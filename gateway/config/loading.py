@@ -37,6 +37,12 @@ __all__ = [
 ]
 
 
+MIN_ADMIN_TOKEN_BYTES = 16
+"""A shorter admin token is warned about. It does not fail ``check-config --strict``:
+SPEC section 2 lists the settings that do, and a token is a secret that the config file
+does not hold (it may differ between the environment that checks and the one that runs)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Secrets:
     """Values of the ``*_env`` fields, read from the environment at load time."""
@@ -68,6 +74,16 @@ def resolve_secrets(cfg: Config, environ: Mapping[str, str]) -> tuple[Secrets, l
                 "admin.token_env",
                 f"{where}: /admin/* endpoints refuse every call (403)",
                 risky=True,
+            )
+        )
+    elif len(admin_token.encode()) < MIN_ADMIN_TOKEN_BYTES:
+        # guessing is bounded per address (the admin port's failure budget), not across
+        # a spray of addresses: the token's length is what keeps it out of reach
+        warnings.append(
+            Problem(
+                "admin.token_env",
+                f"the admin token is {len(admin_token.encode())} bytes:"
+                f" {MIN_ADMIN_TOKEN_BYTES} or more are needed (e.g. openssl rand -hex 32)",
             )
         )
     redis_url = _env(environ, cfg.rate_limit.redis_url_env)

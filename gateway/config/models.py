@@ -367,6 +367,10 @@ class Jwt(_Model):
     audience: str | None = None  # checked when set
     leeway_s: NonNegativeSeconds = 30
     plan_claim: str | None = None
+    # refusals after a signature check one client address may cause, refilled over
+    # failed_window_s; then its new tokens are refused unchecked (null: no limit)
+    max_failed_per_ip: Annotated[int, Field(ge=1)] | None = 100
+    failed_window_s: PositiveSeconds = 10
 
 
 class ApiKeysConfig(_Model):
@@ -508,6 +512,46 @@ class WebSocket(_Model):
     max_per_client: PositiveInt = 32  # open WebSockets of one client key; more -> 503
 
 
+class Tracing(_Model):
+    # the share of new traces (no valid traceparent) marked sampled; a caller's flag is kept
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 0.01
+    # OTLP/HTTP traces endpoint; needs the optional extra gateway[otel]. restart-only
+    otlp_endpoint: str | None = None
+    # spans exported per second at most (a client may mark every request sampled)
+    max_spans_per_s: PositiveInt = 1000
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from yarl import URL  # noqa: PLC0415 - only needed while validating
+
+        from gateway.tracing import otel_missing  # noqa: PLC0415 - the SDK's import is lazy
+
+        try:
+            url = URL(v)
+        except (ValueError, TypeError) as exc:
+            msg = f"invalid URL {v!r}: {exc}"
+            raise ValueError(msg) from None
+        if url.scheme not in ("http", "https") or not url.host:
+            msg = f"must be an http:// or https:// URL with a host, got {v!r}"
+            raise ValueError(msg)
+        if url.query_string or url.fragment:
+            msg = "must have no query or fragment"
+            raise ValueError(msg)
+        missing = otel_missing()
+        if missing is not None:
+            msg = (
+                f"OTLP export needs the optional extra gateway[otel] "
+                f"(pip install 'gateway[otel]'): {missing}"
+            )
+            raise ValueError(msg)
+        if url.path in ("", "/"):  # a collector's base URL: its OTLP/HTTP traces path
+            url = url.with_path("/v1/traces")
+        return str(url)
+
+
 class Config(_Model):
     """The whole configuration (SPEC section 3)."""
 
@@ -541,6 +585,7 @@ class Config(_Model):
     access_log: AccessLog = AccessLog()
     metrics: Metrics = Metrics()
     websocket: WebSocket = WebSocket()
+    tracing: Tracing = Tracing()
 
     @field_validator("trusted_proxies", "allow_cidrs", "deny_cidrs", mode="before")
     @classmethod

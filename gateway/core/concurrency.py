@@ -17,7 +17,10 @@ concurrency filter:
   ``min`` to a few hundred); as soon as requests queue inside the upstream, its latency
   grows with the queue and the limit falls in proportion.  The fixed point sits a square
   root above the upstream's real concurrency: a short queue that keeps it busy, and
-  requests that wait about ``sqrt(limit) / limit`` of a service time.
+  requests that wait about ``sqrt(limit) / limit`` of a service time.  A sample counts
+  for at most twice the no-load latency (where the gradient reaches its floor), so a
+  few requests slow by nature cannot pass for a queue: under a real queue every
+  request is slower, and the average still reaches the floor.
 - The no-load latency is the lowest window average seen, so an upstream that gets faster
   is followed at once.  Under a steady load no window is ever free of the queue the
   limit keeps, so that minimum would go stale, and it could not follow an upstream that
@@ -129,6 +132,8 @@ class GradientLimit:
     PROBE_TIMEOUT_S = 2.0
     """A probe that has not got its samples by then gives up (the old figure stays)."""
     INITIAL = 20
+    SAMPLE_CAP = 2.0
+    """A sample counts for at most this many no-load latencies (1 / the gradient's floor)."""
 
     def __init__(
         self,
@@ -173,7 +178,10 @@ class GradientLimit:
         if self._phase_started != math.inf:
             self._probe(latency_s, now, inflight)
             return
-        self._sum += latency_s
+        # a sample weighs at most twice the no-load latency: past that the gradient is at
+        # its floor anyway, and a few requests slow by nature (an export among searches,
+        # a client's deliberately costly ones) must not outweigh the many that are not
+        self._sum += min(latency_s, self.SAMPLE_CAP * self._no_load)
         self._count += 1
         if inflight * 2 >= self.limit:
             self._loaded = True
@@ -196,7 +204,8 @@ class GradientLimit:
         self._loaded = False
         self._window_end = now + self._window_s()
         self._no_load = min(self._no_load, average)
-        gradient = min(1.0, max(0.5, self._no_load / average)) if average > 0 else 1.0
+        floor = 1 / self.SAMPLE_CAP
+        gradient = min(1.0, max(floor, self._no_load / average)) if average > 0 else 1.0
         estimate = self._estimate * gradient + math.sqrt(self._estimate)
         if not loaded:
             # The upstream was not asked for half the limit: its latency says nothing

@@ -25,6 +25,7 @@ __all__ = ["ApiKey", "ApiKeyError", "ApiKeys"]
 
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+_EMPTY = hashlib.sha256(b"").digest()
 
 
 class ApiKeyError(ValueError):
@@ -68,6 +69,8 @@ class ApiKeys:
         return cls(keys)
 
     def lookup(self, raw: str) -> ApiKey | None:
+        if not raw:  # an empty field is no key, whatever the file lists
+            return None
         digest = hashlib.sha256(raw.encode("utf-8", "surrogateescape")).digest()
         found = self._by_digest.get(digest)
         if found is None or not hmac.compare_digest(found.digest, digest):
@@ -90,6 +93,9 @@ def _entry(n: int, entry: object, ids: set[str], digests: set[bytes]) -> ApiKey:
     if plan is not None and (not isinstance(plan, str) or not plan):
         raise ApiKeyError(f"{where}.plan: a non-empty string")
     raw = bytes.fromhex(digest)
+    if raw == _EMPTY:
+        # what `echo -n "$KEY" | sha256sum` gives with KEY unset
+        raise ApiKeyError(f"{where}.sha256: the SHA-256 of the empty key (an unset variable?)")
     if key_id in ids:
         raise ApiKeyError(f"{where}.id: {key_id!r} is listed twice")
     if raw in digests:

@@ -8,23 +8,36 @@ missing one a warning (its credentials then never verify).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gateway.core.gcra import Rate
 from gateway.identity.api_keys import ApiKeyError, ApiKeys
 from gateway.identity.tokens import JwksError, TokenVerifier, Verified, bearer_token, load_jwks
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping, Sequence
 
     from multidict import CIMultiDict, CIMultiDictProxy
 
     from gateway.config.errors import Problem
     from gateway.config.models import Config, Identity
+    from gateway.core.failure_budget import FailureBudget
+    from gateway.pipeline.snapshot import CompiledPolicy
+    from gateway.stores.limiter import Check
+
+    RouteChecks = dict[str, tuple[Sequence[CompiledPolicy], list[Check]]]
 
     Fields = CIMultiDict[str] | CIMultiDictProxy[str]
 
-__all__ = ["NO_IDENTITY", "IdentityKeys", "RequestIdentity", "identity_files", "load_identity"]
+__all__ = [
+    "NO_IDENTITY",
+    "IdentityKeys",
+    "RequestIdentity",
+    "failure_rate",
+    "identity_files",
+    "load_identity",
+]
 
 MAX_FILE_BYTES = 1 << 20
 
@@ -37,16 +50,24 @@ class RequestIdentity:
     claims: Mapping[str, Any] | None = None
     api_key: str | None = None
     plan: str | None = None
+    # a credential was sent that did not verify (beside the valid one, if any)
+    refused: bool = False
+    # the rate-limit checks of each route whose policies are all keyed by this identity
+    # (decisions.policy_checks fills it): set on an identity kept with its verified token,
+    # so a repeated token finds them made; None on the others
+    # (read only: shared by the requests that carry the token)
+    route_checks: RouteChecks | None = field(default=None, compare=False)
+    # the access log's ``identity``: ``jwt:<sub>`` or ``api_key:<id>`` (made once)
+    label: str | None = field(init=False, compare=False)
 
-    @property
-    def label(self) -> str | None:
-        """The access log's ``identity``: ``jwt:<sub>`` or ``api_key:<id>``."""
+    def __post_init__(self) -> None:
+        label = None
         if self.claims is not None:
             sub = self.claims.get("sub")
-            return f"jwt:{sub}" if isinstance(sub, str) else "jwt:"
-        if self.api_key is not None:
-            return "api_key:" + self.api_key
-        return None
+            label = f"jwt:{sub}" if isinstance(sub, str) else "jwt:"
+        elif self.api_key is not None:
+            label = "api_key:" + self.api_key
+        object.__setattr__(self, "label", label)
 
 
 NO_IDENTITY = RequestIdentity()
@@ -69,30 +90,70 @@ class IdentityKeys:
         self.api_key_header = api_key_header
         self.plan_claim = plan_claim
 
-    def identify(self, headers: Fields) -> RequestIdentity:
-        """Verify the request's credentials (a bearer token, an API key)."""
-        claims: Mapping[str, Any] | None = None
-        key_id = plan = None
+    def identify(
+        self,
+        headers: Fields,
+        *,
+        client: str | None = None,
+        failures: FailureBudget | None = None,
+        spend: bool = True,
+        record: Callable[[str, str], None] | None = None,
+    ) -> RequestIdentity:
+        """Verify the request's credentials (a bearer token, an API key).
+
+        ``client`` and ``failures``: the client's key and the budget its failed token
+        checks spend (``spend``; see :meth:`TokenVerifier.verify`); ``record(kind,
+        result)`` is told the outcome of each credential (``jwt``/``api_key``; ``valid``
+        or why not).
+        """
+        verified: Verified | None = None
+        refused = False
         if self.verifier is not None:
-            token = bearer_token(headers.get("Authorization"))
+            token = bearer_token(_single(headers, "Authorization"))
             if token is not None:
-                outcome = self.verifier.verify(token)
+                outcome = self.verifier.verify(token, client=client, failures=failures, spend=spend)
+                refused = not isinstance(outcome, Verified)
                 if isinstance(outcome, Verified):
-                    claims = outcome.claims
-                    if self.plan_claim is not None:
-                        value = claims.get(self.plan_claim)
-                        plan = value if isinstance(value, str) else None
+                    verified = outcome
+                    if record is not None:
+                        record("jwt", "valid")
+                elif record is not None:
+                    record("jwt", outcome.reason)
+        found = None
         if self.api_keys is not None and self.api_key_header is not None:
-            raw = headers.get(self.api_key_header)
+            raw = _single(headers, self.api_key_header)
             if raw is not None:
                 found = self.api_keys.lookup(raw)
-                if found is not None:
-                    key_id = found.id
-                    if plan is None:
-                        plan = found.plan
-        if claims is None and key_id is None:
-            return NO_IDENTITY
-        return RequestIdentity(claims, key_id, plan)
+                refused = refused or found is None
+                if record is not None:
+                    record("api_key", "valid" if found is not None else "unknown")
+        if verified is None:
+            if found is None:
+                return NO_IDENTITY
+            return RequestIdentity(None, found.id, found.plan, refused=refused)
+        ident: RequestIdentity | None = verified.memo
+        if ident is None:  # made once per verified token, then kept with it in the cache
+            plan = None
+            if self.plan_claim is not None:
+                value = verified.claims.get(self.plan_claim)
+                plan = value if isinstance(value, str) else None
+            ident = verified.memo = RequestIdentity(verified.claims, None, plan, route_checks={})
+        if found is None and not refused:
+            return ident
+        return RequestIdentity(
+            ident.claims,
+            None if found is None else found.id,
+            ident.plan or (None if found is None else found.plan),
+            refused=refused,
+        )
+
+
+def _single(headers: Fields, name: str) -> str | None:
+    """The field's value when it is given once; None when absent or given more than once:
+    the upstream may read another one than the gateway verified (the last, or all joined),
+    so a valid credential of one's own would carry a forged one past ``auth``."""
+    values = headers.getall(name, ())
+    return values[0] if len(values) == 1 else None
 
 
 def _read(path: str) -> str | None:
@@ -113,6 +174,15 @@ def _read(path: str) -> str | None:
     except UnicodeDecodeError:
         msg = f"{path} is not UTF-8 text"
         raise ValueError(msg) from None
+
+
+def failure_rate(section: Identity) -> Rate | None:
+    """The budget of failed token checks per client address (None: no budget)."""
+    jwt_cfg = section.jwt
+    if jwt_cfg is None or jwt_cfg.max_failed_per_ip is None:
+        return None
+    most = jwt_cfg.max_failed_per_ip
+    return Rate(most, float(jwt_cfg.failed_window_s), most)
 
 
 def identity_files(cfg: Config) -> list[str]:

@@ -10,10 +10,24 @@ Verification is PyJWT's, with the algorithm pinned by the key, never by the toke
 - ``exp`` is required; ``nbf``, and ``iss``/``aud`` when configured, are checked, each
   with ``leeway_s``.
 
-Verified tokens are cached by the SHA-256 of the token until their ``exp`` (bounded, the
-oldest entry goes first), so a client that sends the same token again costs a digest and
-a dict look-up instead of a signature check. Refused tokens are not cached: a refusal is
-cheap for malformed tokens, and caching them would let garbage push valid tokens out.
+Verified tokens are cached by the token itself until their ``exp``, so a client that
+sends the same token again costs one dict look-up instead of a signature check (a
+SHA-256 of the token would cost more than the look-up and everything around it). The
+cache is bounded in entries and in characters (:data:`CACHE_CHARS`), the oldest entry
+going first; only verified tokens enter it, so only tokens the issuer signed take its
+room. Refused tokens are not cached: caching them would let garbage push valid tokens
+out.
+
+A signature check is the costly part (tens of microseconds for RS256, more on a busy
+machine), and a fresh forged token costs one before any rate limit applies. So:
+
+- what can be refused without one is refused first: a token over
+  :data:`MAX_TOKEN_CHARS`, a header that does not parse, an algorithm not allowed, a
+  ``kid`` with no key of the token's algorithm;
+- with a :class:`~gateway.core.failure_budget.FailureBudget` and the client's key, each
+  refusal after a signature check spends one failure of that client, and a client whose
+  budget is spent gets no check at all (``throttled``) until it refills. Its tokens
+  already verified (cached) still pass.
 
 Nothing here logs a token; refusals carry a short reason (``expired``, ``bad_signature``,
 ...) for logs and metrics.
@@ -21,18 +35,21 @@ Nothing here logs a token; refusals carry a short reason (``expired``, ``bad_sig
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 import orjson
 from jwt.api_jwk import PyJWK
 
+if TYPE_CHECKING:
+    from gateway.core.failure_budget import FailureBudget
+
 __all__ = [
     "ASYMMETRIC",
+    "MAX_TOKEN_CHARS",
     "JwksError",
     "Refused",
     "TokenVerifier",
@@ -44,8 +61,16 @@ __all__ = [
 ASYMMETRIC = frozenset({"RS256", "ES256", "EdDSA"})
 """The algorithms a JWKS key may verify (each key serves exactly one of them)."""
 
+MAX_TOKEN_CHARS = 8192
+"""Longer tokens are refused unread (``too_large``): real ones are a few hundred bytes
+to a few KiB, and every byte is base64- and JSON-decoded before the signature check."""
+
+CACHE_CHARS = 8 << 20
+"""At most this many characters of tokens are kept in the cache of verified tokens."""
+
 _KTY = {"RS256": "RSA", "ES256": "EC", "EdDSA": "OKP"}
 _CURVE = {"ES256": "P-256", "EdDSA": "Ed25519"}
+_MIN_RSA_BITS = 2048
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "k"})
 
 
@@ -53,10 +78,15 @@ class JwksError(ValueError):
     """A JWKS document that cannot be used; the message names the key."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Verified:
+    """A verified token's claims; cached with the token until ``expires_at``."""
+
     claims: Mapping[str, Any]
     expires_at: float
+    # what the caller made of the claims, kept with the cache entry so that a repeated
+    # token costs no more than the look-up (the resolver keeps its RequestIdentity here)
+    memo: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +98,8 @@ def bearer_token(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` field (scheme in any case)."""
     if authorization is None or len(authorization) < 8:
         return None
+    if authorization[:7] == "Bearer ":  # the usual spelling: no split, no case fold
+        return authorization[7:].strip(" ") or None
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer":
         return None
@@ -108,6 +140,10 @@ def load_jwks(text: str) -> dict[str | None, list[PyJWK]]:
             raise JwksError(f"{where}: {entry.get('kty')} keys for {name} are not supported")
         if name in _CURVE and entry.get("crv") != _CURVE[name]:
             raise JwksError(f"{where}: curve {entry.get('crv')!r} is not {_CURVE[name]}")
+        bits = getattr(key.key, "key_size", _MIN_RSA_BITS) if name == "RS256" else _MIN_RSA_BITS
+        if bits < _MIN_RSA_BITS:
+            # a short modulus can be factored, and then anyone signs any token
+            raise JwksError(f"{where}: RSA key of {bits} bits; RFC 7518 3.3 requires 2048 or more")
         kid = entry.get("kid")
         keys.setdefault(kid if isinstance(kid, str) else None, []).append(key)
     return keys
@@ -120,6 +156,7 @@ class TokenVerifier:
         "_all_keys",
         "_audience",
         "_cache",
+        "_cache_chars",
         "_cache_size",
         "_clock",
         "_issuer",
@@ -146,8 +183,9 @@ class TokenVerifier:
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_s
-        self._cache: dict[bytes, Verified] = {}
+        self._cache: dict[str, Verified] = {}  # token -> outcome, oldest first
         self._cache_size = cache_size
+        self._cache_chars = 0
         self._clock = clock
         self._options: dict[str, Any] = {
             "require": ["exp"],
@@ -155,30 +193,60 @@ class TokenVerifier:
             "verify_iss": issuer is not None,
         }
 
-    def verify(self, token: str) -> Verified | Refused:
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        hit = self._cache.get(digest)
+    def verify(
+        self,
+        token: str,
+        *,
+        client: str | None = None,
+        failures: FailureBudget | None = None,
+        spend: bool = True,
+    ) -> Verified | Refused:
+        """The token's claims, or why it is refused. With ``failures`` and the ``client``'s
+        key, a refusal after a signature check spends one of that client's failures
+        (unless ``spend`` is false: a question, not a request), and a client with none
+        left gets no check (``throttled``)."""
+        cache = self._cache
+        hit = cache.get(token)
         if hit is not None:
             if self._clock() < hit.expires_at + self._leeway:
                 return hit
-            del self._cache[digest]
+            del cache[token]
+            self._cache_chars -= len(token)
             return Refused("expired")
-        outcome = self._verify(token)
+        if len(token) > MAX_TOKEN_CHARS:
+            return Refused("too_large")
+        if (
+            failures is not None
+            and client is not None
+            and failures.exhausted(client, self._clock())
+        ):
+            return Refused("throttled")
+        outcome, checked = self._verify(token)
         if isinstance(outcome, Verified):
-            if len(self._cache) >= self._cache_size:
-                del self._cache[next(iter(self._cache))]
-            self._cache[digest] = outcome
+            self._cache_chars += len(token)
+            while cache and (len(cache) >= self._cache_size or self._cache_chars > CACHE_CHARS):
+                oldest = next(iter(cache))
+                del cache[oldest]
+                self._cache_chars -= len(oldest)
+            cache[token] = outcome
+        elif checked and spend and failures is not None and client is not None:
+            failures.spend(client, self._clock())
         return outcome
 
-    def _verify(self, token: str) -> Verified | Refused:
+    def _verify(self, token: str) -> tuple[Verified | Refused, bool]:
+        """The outcome, and whether a signature was checked to reach it."""
         try:
-            header = jwt.get_unverified_header(token)
+            # a JWT is ASCII; aiohttp (the upgrade path) leaves bytes that are not UTF-8
+            # as lone surrogates, which the parser would fail to encode
+            header = jwt.get_unverified_header(token) if token.isascii() else None
         except jwt.PyJWTError:
-            return Refused("malformed")
+            header = None
+        if header is None:
+            return Refused("malformed"), False
         alg = header.get("alg")
         candidates = self._candidates(alg, header.get("kid"))
         if isinstance(candidates, Refused):
-            return candidates
+            return candidates, False
         algorithms = [str(alg)]  # one of the known names: _candidates checked it
         reason = "bad_signature"
         for key in candidates:
@@ -196,12 +264,12 @@ class TokenVerifier:
                 reason = _reason(exc)
                 if reason in {"bad_signature", "malformed"}:
                     continue  # another key of the same kid may have signed it
-                return Refused(reason)
+                return Refused(reason), True
             exp = claims.get("exp")
-            if not isinstance(exp, int | float) or isinstance(exp, bool):
-                return Refused("malformed")
-            return Verified(claims, float(exp))
-        return Refused(reason)
+            if not isinstance(exp, int | float) or isinstance(exp, bool) or not _writable(claims):
+                return Refused("malformed"), True
+            return Verified(claims, float(exp)), True
+        return Refused(reason), True
 
     def _candidates(self, alg: object, kid: object) -> list[Any] | Refused:
         """The keys that may verify a token of ``alg``: the key decides, never the token."""
@@ -212,6 +280,16 @@ class TokenVerifier:
         pool = self._keys.get(kid, []) if isinstance(kid, str) else self._all_keys
         keys = [k.key for k in pool if k.algorithm_name == alg]
         return keys or Refused("unknown_key")
+
+
+def _writable(claims: Mapping[str, Any]) -> bool:
+    """Whether what the gateway writes of the claims (keys, the access log) can be
+    written: JSON allows a lone surrogate (``\\ud800``) and integers of any size."""
+    try:
+        orjson.dumps(claims)
+    except TypeError:
+        return False
+    return True
 
 
 _REASONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (

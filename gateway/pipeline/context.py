@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.core.client_ip import IPAddress
+    from gateway.core.tracecontext import TraceContext
     from gateway.pipeline.snapshot import CompiledRoute
 
 
@@ -32,10 +33,12 @@ class Ctx:
         "exempt",
         "held",
         "identity",
+        "path",
         "rid",
         "route",
         "start",
         "status",
+        "trace",
         "underscores",
         "upstream",
         "xff",
@@ -50,6 +53,7 @@ class Ctx:
         self.ban_key = ""  # the client's key for scores, bans and limits (IPv6: its prefix)
         self.exempt = False
         self.route: CompiledRoute | None = None
+        self.path: str | None = None  # the canonical path, once read (ban evidence)
         self.upstream: str | None = None
         self.status = 0
         self.bytes_out = 0
@@ -61,3 +65,4 @@ class Ctx:
         # a body read before the rate limits (a JSON key): its start, and whether it is all
         self.body_held: list[bytes] | None = None
         self.body_eof = True
+        self.trace: TraceContext | None = None  # W3C trace context, sent upstream

@@ -33,9 +33,11 @@ if TYPE_CHECKING:
     from yarl import URL
 
     from gateway.core.client_ip import IPAddress
+    from gateway.core.failure_budget import FailureBudget
     from gateway.core.gcra import Decision
     from gateway.identity.resolver import RequestIdentity
     from gateway.pipeline.snapshot import CompiledInflight, CompiledPolicy, CompiledRoute, Snapshot
+    from gateway.stores.allow import AllowList
 
     Fields = CIMultiDict[str] | CIMultiDictProxy[str]
 
@@ -49,12 +51,20 @@ def client_key(snap: Snapshot, client: IPAddress | None, client_ip: str) -> str:
     return client_ip
 
 
-def check_lists(snap: Snapshot, client: IPAddress) -> bool:
+def check_lists(
+    snap: Snapshot, client: IPAddress, allow: AllowList | None = None, *, count: bool = True
+) -> bool:
     """403 for a denied address; True when the address is allow-listed (exempt from bans
-    and limits)."""
+    and limits): in ``allow_cidrs``, or, asked last, by an entry of the break-glass
+    ``allow`` list (``deny_cidrs`` wins over it; ``count``: a request let through by it
+    is counted, not so for ``/admin/explain``). An empty list costs one attribute read."""
     if snap.has_deny and client in snap.deny:
         raise Reject(403, "the client address is denied", type_=problem.problem_type("denied"))
-    return snap.has_allow and client in snap.allow
+    if snap.has_allow and client in snap.allow:
+        return True
+    if allow is None or not allow.active:
+        return False
+    return allow.exempts(client) if count else allow.covers(client) is not None
 
 
 def check_head(
@@ -149,12 +159,26 @@ def guard_route(
         )
 
 
-def identify(snap: Snapshot, route: CompiledRoute, headers: Fields) -> RequestIdentity:
+def identify(
+    snap: Snapshot,
+    route: CompiledRoute,
+    headers: Fields,
+    *,
+    client: str | None = None,
+    failures: FailureBudget | None = None,
+    spend: bool = True,
+    record: Callable[[str, str], None] | None = None,
+) -> RequestIdentity:
     """Who the request is, read only when its route needs it (``auth``, or a policy keyed
-    by identity): a config without identity keys costs nothing here."""
+    by identity): a config without identity keys costs nothing here. The proxy port
+    passes the client's key, its budget of failed token checks and the metric to count
+    outcomes in; ``/admin/explain`` passes the key and the budget with ``spend=False``
+    (a client whose budget is spent is refused there too, and nothing is counted)."""
     if not route.needs_identity or snap.identity is None:
         return NO_IDENTITY
-    return snap.identity.identify(headers)
+    return snap.identity.identify(
+        headers, client=client, failures=failures, spend=spend, record=record
+    )
 
 
 def check_auth(route: CompiledRoute, ident: RequestIdentity) -> None:
@@ -167,7 +191,9 @@ def check_auth(route: CompiledRoute, ident: RequestIdentity) -> None:
     elif auth == "api_key":
         ok = ident.api_key is not None
     else:
-        ok = ident.claims is not None or ident.api_key is not None
+        # the upstream learns that a credential was verified, not which: one sent beside
+        # it that did not verify (a forged token beside one's own key) must not pass
+        ok = (ident.claims is not None or ident.api_key is not None) and not ident.refused
     if not ok:
         raise Reject(
             401,
@@ -234,16 +260,24 @@ def policy_checks(
             Check(p.store, p.rate, policy_key_of(p, route, ip, headers, decoded=decoded), cost)
             for p in route.policies
         ]
+    memo = ident.route_checks
+    if memo is not None:
+        made = memo.get(route.name)
+        if made is not None:
+            return made
     applied: list[CompiledPolicy] = []
     checks: list[Check] = []
+    by_identity_alone = True  # every key from the identity: the same for each request
     plan = ident.plan
     for p in route.policies:
         if p.plans is not None and plan is not None:
             p = p.plans.get(plan, p)  # noqa: PLW2901 - the policy as in force for the plan
         if p.pointer is None and not p.identity:
+            by_identity_alone = False
             key = policy_key_of(p, route, ip, headers, decoded=decoded)
         else:
             if p.pointer is not None:
+                by_identity_alone = False  # the body's value: each request its own
                 value = p.pointer.value_text(body)
                 tag = "b"
             else:
@@ -252,6 +286,7 @@ def policy_checks(
             if value is not None:
                 key = value_key(tag, value)
             elif p.fallback is not None:
+                by_identity_alone = False
                 fb = p.fallback
                 if fb in route.policies or fb in applied:
                     continue  # spent once, as the route's own or another's fallback
@@ -259,10 +294,14 @@ def policy_checks(
                 key = policy_key_of(p, route, ip, headers, decoded=decoded)
             else:
                 # rotating garbage credentials must not dodge the limit: the address's
+                by_identity_alone = False
                 key = ip
         applied.append(p)
         checks.append(Check(p.store, p.rate, key, cost))
-    return applied, checks
+    made = (applied, checks)
+    if memo is not None and by_identity_alone:
+        memo[route.name] = made
+    return made
 
 
 def limit_outcome(

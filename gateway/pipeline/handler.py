@@ -1,6 +1,7 @@
 """The request pipeline of the proxy port, as plain calls in SPEC order.
 
-    client IP -> request id -> probes -> deny/allow lists and bans -> head limits
+    client IP -> request id -> probes -> trace context -> deny/allow lists and bans
+      -> head limits
       -> route match -> route guards -> rate limits -> body size
       -> upstream leg (breaker / bulkhead, send, answer) or WebSocket leg
       -> (headers in the prepare hook) -> metrics + access log
@@ -26,6 +27,8 @@ from aiohttp import hdrs
 
 from gateway import problem
 from gateway.core.client_ip import forwarded_proto, forwarded_values, resolve_client
+from gateway.core.evidence import Seen
+from gateway.core.tracecontext import start_or_continue
 from gateway.health.probes import PROBE_PATHS, probe_answer
 from gateway.identity.body import NO_BODY
 from gateway.identity.resolver import NO_IDENTITY
@@ -55,7 +58,7 @@ _PROBES = frozenset(PROBE_PATHS)
 class ProxyHandler:
     """Callable handed to the proxy port's server; one per gateway process."""
 
-    __slots__ = ("_loop", "_rid_prefix", "_rid_seq", "leg", "rt")
+    __slots__ = ("_loop", "_rid_prefix", "_rid_seq", "leg", "rt", "tracing")
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
@@ -64,6 +67,8 @@ class ProxyHandler:
         self._rid_prefix = secrets.token_hex(8)
         self._rid_seq = itertools.count()
         self.leg = UpstreamLeg(runtime, self._loop)
+        # False only in bench/inprocess.py: the cost of trace context against none
+        self.tracing = True
 
     # ------------------------------------------------------------------ entry
 
@@ -88,6 +93,14 @@ class ProxyHandler:
         local = self.local_answer(request, snap)
         if local is not None:
             return local
+        if self.tracing:  # before any refusal: the access log of a refusal carries it too
+            headers = request.headers
+            parent = headers.getall("traceparent", None)
+            ctx.trace = start_or_continue(
+                parent,
+                headers.getall("tracestate", None) if parent is not None else None,
+                snap.trace_ratio,
+            )
 
         resp: AnyResponse | web.StreamResponse
         try:
@@ -186,7 +199,7 @@ class ProxyHandler:
         rt = self.rt
         client = ctx.client
         if client is not None:
-            ctx.exempt = decisions.check_lists(snap, client)
+            ctx.exempt = decisions.check_lists(snap, client, rt.allow)
             if not ctx.exempt:
                 ban = rt.bans.banned(ctx.ban_key)
                 if ban is not None:
@@ -205,10 +218,14 @@ class ProxyHandler:
         raw_path_qs = request.raw_path
         if not raw_path_qs.startswith("/"):
             raw_path_qs = decisions.origin_form(request.rel_url)
-        key = decisions.canonical_target(raw_path_qs).lower()
+        canonical = decisions.canonical_target(raw_path_qs)
+        ctx.path = canonical
+        key = canonical.lower()
 
         if snap.abuse_enabled and not ctx.exempt and snap.suspicious(key):
-            rt.bans.report(ctx.ban_key, "suspicious_path")
+            # scored before it is answered: its evidence has no status
+            seen = Seen(method, canonical, None, ctx.rid)
+            rt.bans.report(ctx.ban_key, "suspicious_path", seen)
             ban = rt.bans.banned(ctx.ban_key)
             if ban is not None:
                 raise banned(snap, ban.expires_at)
@@ -218,7 +235,14 @@ class ProxyHandler:
         decisions.guard_route(route, method, client, headers)
         ident = NO_IDENTITY
         if route.needs_identity:
-            ident = decisions.identify(snap, route, headers)
+            ident = decisions.identify(
+                snap,
+                route,
+                headers,
+                client=ctx.ban_key if client is not None else None,
+                failures=rt.verify_failures,
+                record=rt.count_identity,
+            )
             ctx.identity = ident.label
             decisions.check_auth(route, ident)
 
@@ -280,10 +304,13 @@ class ProxyHandler:
         counts = rt.inflight_keys
         ip = ctx.ban_key if ctx.client is not None else "-"
         held: list[tuple[str, str]] = []
-        for pol in route.inflight:
-            key = decisions.policy_key_of(
-                pol, route, ip, request.headers, decoded=request.fields_decoded
-            )
+        # every key first: one that cannot be computed (a 400) must not leave the slots of
+        # the policies before it taken for good
+        keys = [
+            decisions.policy_key_of(pol, route, ip, request.headers, decoded=request.fields_decoded)
+            for pol in route.inflight
+        ]
+        for pol, key in zip(route.inflight, keys, strict=True):
             if counts.take(pol.name, key, pol.limit):
                 held.append((pol.name, key))
                 rt.rl_counters(pol.name)[0].inc()
@@ -362,7 +389,8 @@ class ProxyHandler:
             and not ctx.exempt
             and ctx.client is not None
         ):
-            self.rt.bans.report(ctx.ban_key, rej.event)
+            seen = Seen(request.method, ctx.path, rej.status, ctx.rid)
+            self.rt.bans.report(ctx.ban_key, rej.event, seen)
         # what follows on this connection may be tunnel data, not a request
         resp = problem_answer(
             rej,
@@ -390,6 +418,9 @@ class ProxyHandler:
         route = ctx.route.name if ctx.route is not None else "none"
         method = request.method if request.method in KNOWN_METHODS else "OTHER"
         rt.count_request(route, method, status, duration)
+        trace = ctx.trace
+        if trace is not None and trace.sampled and rt.spans is not None:
+            rt.spans.export(trace, method, route, status, ctx.upstream, duration_s=duration)
         ratio = snap.sample_ratio
         if status >= 500 or (ratio > 0 and (ratio >= 1 or random.random() < ratio)):
             rt.access_log.emit(
@@ -403,6 +434,7 @@ class ProxyHandler:
                     "duration_ms": round(duration * 1000, 3),
                     "bytes": ctx.bytes_out,
                     "upstream": ctx.upstream,
+                    "trace_id": trace.trace_id if trace is not None else None,
                     **({"identity": ctx.identity} if ctx.identity is not None else {}),
                 }
             )

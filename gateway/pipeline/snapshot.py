@@ -22,6 +22,9 @@ from gateway.pipeline.headers import ResponseHeaders
 from gateway.stores.limiter import plan_store
 from gateway.upstream.hop_by_hop import DROP_UPSTREAM, HOP_BY_HOP
 
+# W3C Trace Context's request fields: the gateway sends its own
+TRACE_FIELDS = frozenset(("traceparent", "tracestate"))
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -216,6 +219,7 @@ class Snapshot:
         "sample_ratio",
         "settings",
         "suspicious",
+        "trace_ratio",
         "trusted",
         "underscores",
         "upstreams",
@@ -261,9 +265,9 @@ class Snapshot:
         )
         self.response_headers = ResponseHeaders(cfg)
         self.rid_header = cfg.request.request_id_header
-        # request fields not sent upstream (the request id is set anew)
-        # the request fields not passed upstream as they are, hop-by-hop ones included
-        self.drop_upstream = DROP_UPSTREAM | HOP_BY_HOP | {self.rid_header.lower()}
+        # the request fields not passed upstream as they are, hop-by-hop ones included (the
+        # request id and the trace context are set anew)
+        self.drop_upstream = DROP_UPSTREAM | HOP_BY_HOP | TRACE_FIELDS | {self.rid_header.lower()}
         self.underscores = cfg.request.headers_with_underscores
         self.max_body_bytes = cfg.request.max_body_bytes
         self.max_header_bytes = cfg.request.max_header_bytes
@@ -277,6 +281,7 @@ class Snapshot:
         self.ban_status = cfg.abuse.ban_status
         self.sample_ratio = cfg.access_log.sample_ratio if cfg.access_log.enabled else 0.0
         self.metrics_on_proxy = cfg.metrics.on_proxy_port
+        self.trace_ratio = cfg.tracing.sample_ratio
 
     def match(self, key: str) -> CompiledRoute | None:
         """The first route whose prefix ``key`` has: ``key`` is the request's canonical path

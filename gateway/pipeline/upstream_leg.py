@@ -17,6 +17,7 @@ from aiohttp import hdrs
 
 from gateway.core.client_ip import forwarded_chain, forwarded_proto, forwarded_values
 from gateway.core.concurrency import Priority
+from gateway.core.evidence import Seen
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.downstream.messages import BodyError, Response
 from gateway.identity.body import MAX_BODY, NO_BODY, is_json_media_type, parse_body
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from gateway.upstream.state import UpstreamState
 
 _DROP_FAST = frozenset(("content-length",))  # the server sets its own
+_GONE = "the client closed the connection before the end of the request body"
 _NO_DROP: frozenset[str] = frozenset()
 
 
@@ -44,8 +46,8 @@ def upstream_fields(
     request: PipelineRequest, snap: Snapshot, ctx: Ctx, up: UpstreamState, *, via_proxy: bool
 ) -> str:
     r"""The header fields sent upstream, as ``Name: value\r\n`` lines: the client's
-    end-to-end fields, then Host, X-Forwarded-*, X-Real-IP and the request id (the
-    upstream's own Host last when the client sent none)."""
+    end-to-end fields, then Host, X-Forwarded-*, X-Real-IP, the request id and the trace
+    context (the upstream's own Host last when the client sent none)."""
     headers = request.headers
     kept = filter_header_lines(headers, snap.drop_upstream, ctx.underscores)
     host = headers.get(hdrs.HOST)
@@ -65,9 +67,15 @@ def upstream_fields(
     if host is not None:
         kept.append(f"Host: {host}\r\n")
     xfh = f"X-Forwarded-Host: {fwd_host}\r\n" if fwd_host is not None else ""
+    trace = ctx.trace
+    tp = ""
+    if trace is not None:
+        tp = f"traceparent: {trace.traceparent}\r\n"
+        if trace.tracestate is not None:
+            tp += f"tracestate: {trace.tracestate}\r\n"
     kept.append(  # one string for the fields the gateway sets
         f"X-Forwarded-For: {chain}\r\nX-Forwarded-Proto: {proto}\r\n{xfh}"
-        f"X-Real-IP: {ctx.client_ip}\r\n{snap.rid_header}: {ctx.rid}\r\n"
+        f"X-Real-IP: {ctx.client_ip}\r\n{snap.rid_header}: {ctx.rid}\r\n{tp}"
     )
     if host is None:
         kept.append(f"Host: {up.client.host_header}\r\n")
@@ -172,6 +180,8 @@ class UpstreamLeg:
             ctx.body_error = ClientBodyError(408, "the request body was not received in time")
         except (aiohttp.ClientPayloadError, BodyError) as exc:
             ctx.body_error = ClientBodyError(400, f"malformed request body: {exc}")
+        except ConnectionResetError:  # aiohttp's reader: the client went mid-body
+            ctx.body_error = ClientBodyError(400, _GONE)
         raise ctx.body_error
 
     async def _stream(
@@ -206,6 +216,9 @@ class UpstreamLeg:
                 raise ctx.body_error from None
             except (aiohttp.ClientPayloadError, BodyError) as exc:
                 ctx.body_error = ClientBodyError(400, f"malformed request body: {exc}")
+                raise ctx.body_error from None
+            except ConnectionResetError:
+                ctx.body_error = ClientBodyError(400, _GONE)
                 raise ctx.body_error from None
             if not chunk:
                 ctx.body_open = False
@@ -408,7 +421,9 @@ class UpstreamLeg:
                 ctx.status = status
                 if not ctx.exempt and (status == 404 or status in (401, 403)):
                     self.rt.bans.report(
-                        ctx.ban_key, "not_found" if status == 404 else "auth_failure"
+                        ctx.ban_key,
+                        "not_found" if status == 404 else "auth_failure",
+                        Seen(request.method, ctx.path, status, ctx.rid),
                     )
                 body = (
                     up_resp.body_if_complete()

@@ -56,8 +56,10 @@ async def relay_websocket(
     protocols = [
         p.strip() for p in headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, "").split(",") if p.strip()
     ]
-    # the handshake prepare() will check (version, key), before the upstream is bothered
-    if not web.WebSocketResponse().can_prepare(ws_request).ok:
+    # the handshake prepare() will check (version, key), before the upstream is bothered;
+    # and no body: it would not be sent on, and an upstream told of it by Content-Length
+    # would wait for it, or read the first WebSocket frames as that body
+    if request.body_exists or not web.WebSocketResponse().can_prepare(ws_request).ok:
         raise Reject(
             400,
             "not a valid WebSocket handshake",

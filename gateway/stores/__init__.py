@@ -16,13 +16,14 @@ from typing import Any
 
 from gateway.config import Abuse, RateLimit
 from gateway.metrics import Metrics
+from gateway.stores.allow import AllowList
 from gateway.stores.bans import BanStore
 from gateway.stores.limiter import Clock, Limiter, rates_from_config
 from gateway.stores.memory.bans import MemoryBanStore
 from gateway.stores.memory.limiter import MemoryLimiter
 from gateway.stores.noredis import NoRedisLimiter
 
-__all__ = ["make_ban_store", "make_limiter"]
+__all__ = ["make_allow_list", "make_ban_store", "make_limiter"]
 
 
 def make_limiter(
@@ -80,3 +81,15 @@ def make_ban_store(
     from gateway.stores.redis.bans import RedisBanStore  # noqa: PLC0415 - redis only
 
     return RedisBanStore(cfg, metrics=metrics, redis=redis, clock=clock, key_prefix=key_prefix)
+
+
+def make_allow_list(
+    *, metrics: Metrics, redis: Any | None = None, key_prefix: str = "gw:"
+) -> AllowList:
+    """The break-glass allow list: shared through ``redis`` when given (as bans are),
+    else of this process only."""
+    if redis is None:
+        return AllowList(metrics=metrics)
+    from gateway.stores.redis.allow import RedisAllowList  # noqa: PLC0415 - redis only
+
+    return RedisAllowList(metrics=metrics, redis=redis, key_prefix=key_prefix)

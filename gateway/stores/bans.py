@@ -22,12 +22,13 @@ still escalates.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import Abuse
 from gateway.core.abuse import EVENTS
+from gateway.core.evidence import NOTHING_SEEN, Evidence, Seen
 from gateway.metrics import Metrics
 
 __all__ = ["Ban", "BanStore", "by_banned_at", "event_points", "unknown_event"]
@@ -81,10 +82,12 @@ class BanStore(ABC):
         in shadow mode and when abuse detection is disabled.  O(1), no I/O."""
 
     @abstractmethod
-    def report(self, ip: str, event: str) -> None:
+    def report(self, ip: str, event: str, seen: Seen = NOTHING_SEEN) -> None:
         """Score one abuse ``event`` (one of ``EVENTS``) of ``ip``; may ban it.
-        Never blocks and never raises for backend trouble; an unknown event is a
-        ``ValueError``."""
+        ``seen`` is the request's facts, kept as evidence (the last
+        :data:`~gateway.core.evidence.MAX_EVIDENCE` scored events of a client go with
+        its ban).  Never blocks and never raises for backend trouble; an unknown event
+        is a ``ValueError``."""
 
     @abstractmethod
     def score(self, ip: str) -> float:
@@ -93,6 +96,11 @@ class BanStore(ABC):
     @abstractmethod
     async def list_bans(self) -> list[Ban]:
         """The bans in force, oldest first."""
+
+    @abstractmethod
+    async def evidence(self, ips: Sequence[str]) -> dict[str, list[Evidence]]:
+        """The evidence of the bans of ``ips`` (oldest event first); an IP without a ban
+        or whose evidence is no longer held is left out."""
 
     @abstractmethod
     async def unban(self, ip: str) -> bool:

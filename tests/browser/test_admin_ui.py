@@ -24,8 +24,9 @@ import aiohttp
 import pytest
 
 from tests.conftest import free_port
-from tests.gw import admin_url, running_gateway, serve
+from tests.gw import admin_url, base_config, running_gateway, serve
 from tests.integration.test_admin_stats import (
+    AUTH,
     ENV,
     TOKEN,
     send_traffic,
@@ -59,6 +60,7 @@ READ_PAGE = """(() => {
     routes: text("routes"),
     limited: text("limited"),
     bans: text("bans"),
+    allow: text("allow"),
     config: text("config"),
     rows: document.querySelectorAll("main tbody tr").length,
     body: document.body.innerText,
@@ -215,6 +217,9 @@ async def test_operator_page_shows_the_pod_in_a_real_browser(up_url: str) -> Non
     async with running_gateway(traffic_config(up_url), ENV) as gw, chromium() as browser:
         async with aiohttp.ClientSession() as s:
             await send_traffic(s, gw)
+            entry = {"ip": "10.0.0.99", "ttl_s": 3600, "reason": "ticket 1234: false positive"}
+            async with s.post(admin_url(gw, "/admin/allow"), json=entry, headers=AUTH) as r:
+                assert r.status == 201
 
         page = await browser.new_page()
         await page.size(1366, 900)
@@ -228,6 +233,11 @@ async def test_operator_page_shows_the_pod_in_a_real_browser(up_url: str) -> Non
         assert "site" in state["routes"]
         assert "10.0.0.66" in state["bans"]
         assert "suspicious_path" in state["bans"]
+        # the ban's evidence: its scored requests, shown unasked while bans are few
+        assert "GET /.env" in state["bans"]
+        assert "scored events" in state["bans"]
+        assert "ticket 1234" in state["allow"]
+        assert "10.0.0.99" in state["allow"]
         assert "10.0.0.7" in state["limited"]
         assert "generation" in state["config"]
         assert not state["login"]
@@ -254,3 +264,15 @@ async def test_operator_page_shows_the_pod_in_a_real_browser(up_url: str) -> Non
         assert "site" not in state["body"]
         await wrong.screenshot("admin-ui-wrong-token.png")
         await wrong.close()
+
+
+async def test_a_link_with_a_bad_fragment_still_asks_for_a_token(up_url: str) -> None:
+    """``#token=`` that is not valid percent-encoding: the page shows the form (it used to
+    stop at the exception, blank) and drops the fragment."""
+    async with running_gateway(base_config(up_url), ENV) as gw, chromium() as browser:
+        page = await browser.new_page()
+        await page.send("Page.navigate", url=admin_url(gw, "/admin/ui#token=%E0%A4%A"))
+        state = await settle(page, "s.login")
+        assert not state["dashboard"]
+        assert "%E0" not in await page.evaluate("location.href")
+        await page.close()

@@ -132,7 +132,12 @@ async def test_stats_reports_traffic_limits_bans_and_config(up_url: str) -> None
     assert ban["reason"] == "suspicious_path"
     assert ban["score"] >= 50
     assert 590 < ban["expires_in_s"] <= 600
-    assert ban["evidence"] == []
+    # the two probes: the first was answered by the upstream, the second banned it
+    assert [(e["reason"], e["method"], e["path"]) for e in ban["evidence"]] == [
+        ("suspicious_path", "GET", "/.env"),
+        ("suspicious_path", "GET", "/.env"),
+    ]
+    assert all(e["request_id"] and before - 60 < e["at"] <= before for e in ban["evidence"])
     c = d["config"]
     assert c["generation"] == 1
     assert c["digest"] == gw.runtime.settings.digest

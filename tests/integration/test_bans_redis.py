@@ -356,7 +356,7 @@ async def test_a_ban_whose_reply_was_lost_is_published_at_the_next_event(
     metrics = Metrics()
     a, b = await replicas.store(metrics), await replicas.store()
     client = replicas.client()
-    store_args = [*a._score_args, "suspicious_path", "25", "suspicious_path", "25"]
+    store_args = [*a._score_args, "", "suspicious_path", "25", "suspicious_path", "25"]
     answer = await client.eval(
         a._score_script.text, 1, a._score_key(IP), *store_args
     )  # the reply that was lost

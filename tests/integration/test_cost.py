@@ -18,9 +18,8 @@ from tests.gw import base_config, running_gateway, running_replicas, url
 from tests.integration import test_limiter_backends as backends
 from tests.integration.test_limiter_backends import Harness, delete_prefix, unique_prefix
 
-# the backends' fixtures: each backend (memory with a fake clock, Redis), a local Cluster
+# the backends' fixture (memory with a fake clock, Redis); Cluster: tests/conftest.py
 harness = backends.harness
-cluster_url = backends.cluster_url
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -110,6 +109,7 @@ async def test_costs_in_one_batch_and_peek(redis_url: str) -> None:
 
 
 async def test_cluster_costs_are_exact_across_replicas(cluster_url: str) -> None:
+    prefix = unique_prefix()  # the session's Cluster is shared by the tests
     limiters = [
         # a generous timeout: a loaded machine must not turn this into the local fallback
         RedisLimiter(
@@ -118,6 +118,7 @@ async def test_cluster_costs_are_exact_across_replicas(cluster_url: str) -> None
             redis_url=cluster_url,
             announce_interval_s=0,
             timeout_s=5.0,
+            key_prefix=prefix,
         )
         for _ in range(2)
     ]

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -477,82 +475,21 @@ async def test_replicas_in_one_process_with_separate_clients_admit_exactly_burst
 # ---------------------------------------------------------------- Redis Cluster
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-def cluster_port(taken: set[int]) -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20_000, 45_000)
-        if port not in taken and _bindable(port) and _bindable(port + 10_000):
-            taken.add(port)
-            return port
-    raise RuntimeError("no free port pair for a Redis Cluster node")
-
-
-@pytest.fixture(scope="module")
-def cluster_url() -> Iterator[str]:
-    cli = shutil.which("redis-cli")
-    if cli is None or shutil.which("redis-server") is None:
-        pytest.skip("redis-cli / redis-server are not installed: no local Redis Cluster test")
-    servers = []
-    taken: set[int] = set()
-    try:
-        for _ in range(3):
-            port = cluster_port(taken)
-            server = RedisServer(
-                port,
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                f"nodes-{port}.conf",
-                "--cluster-node-timeout",
-                "2000",
-            )
-            server.start()
-            servers.append(server)
-        nodes = [f"127.0.0.1:{s.port}" for s in servers]
-        subprocess.run(
-            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        deadline = time.monotonic() + 15
-        while True:
-            states = [
-                subprocess.run(
-                    [cli, "-p", str(s.port), "cluster", "info"],
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                ).stdout
-                for s in servers
-            ]
-            if all("cluster_state:ok" in st for st in states):
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"the local Redis Cluster did not reach cluster_state:ok: {states}")
-            time.sleep(0.1)
-        yield f"redis+cluster://127.0.0.1:{servers[0].port}"
-    finally:
-        for server in servers:
-            server.stop()
-            shutil.rmtree(server.dir, ignore_errors=True)
+# the cluster_url fixture: tests/conftest.py
 
 
 async def test_cluster_limits_are_exact_across_slots_and_replicas(cluster_url: str) -> None:
+    prefix = unique_prefix()  # the session's Cluster is shared by the tests
     rate = Rate(1, 3600.0, 5)
     keys = [f"192.0.2.{i}" for i in range(40)]  # spread over the three masters
     limiters = [
-        RedisLimiter({"p": rate}, metrics=Metrics(), redis_url=cluster_url, announce_interval_s=0)
+        RedisLimiter(
+            {"p": rate},
+            metrics=Metrics(),
+            redis_url=cluster_url,
+            announce_interval_s=0,
+            key_prefix=prefix,
+        )
         for _ in range(2)
     ]
     try:
@@ -580,9 +517,16 @@ async def test_cluster_limits_are_exact_across_slots_and_replicas(cluster_url: s
 
 
 async def test_cluster_recovers_from_noscript(cluster_url: str) -> None:
+    prefix = unique_prefix()  # the session's Cluster is shared by the tests
     rate = Rate(1, 3600.0, 3)
     metrics = Metrics()
-    lim = RedisLimiter({"p": rate}, metrics=metrics, redis_url=cluster_url, announce_interval_s=0)
+    lim = RedisLimiter(
+        {"p": rate},
+        metrics=metrics,
+        redis_url=cluster_url,
+        announce_interval_s=0,
+        key_prefix=prefix,
+    )
     client = make_redis(cluster_url)
     try:
         keys = [f"noscript-{i}" for i in range(10)]

@@ -17,6 +17,7 @@ from tests.files import NOT_A_CONFIG, ONE_MIB, make_not_a_config, unblock_fifos
 DATA = Path(__file__).parent.parent / "data" / "config"
 CASES = sorted(DATA.glob("*.yaml"))
 ROOT = Path(__file__).parent.parent.parent
+TOKEN = "tok-of-the-admin-port"  # long enough for --strict (16 bytes or more)
 
 
 def _expected(path: Path) -> list[str]:
@@ -88,13 +89,13 @@ def test_env_fields_are_resolved_and_kept_out_of_the_config() -> None:
     )
     env = {
         "BOT_S": "s3cret",
-        "GATEWAY_ADMIN_TOKEN": "tok",
+        "GATEWAY_ADMIN_TOKEN": TOKEN,
         "GATEWAY_REDIS_URL": "redis://127.0.0.1:6379/0",
         "GATEWAY_DATABASE_URL": "postgresql://x@127.0.0.1/test",
     }
     s = load_text(text, environ=env)
     assert s.secrets.route_secrets == {"bot": b"s3cret"}
-    assert s.secrets.admin_token == "tok"
+    assert s.secrets.admin_token == TOKEN
     assert s.secrets.redis_url == "redis://127.0.0.1:6379/0"
     assert s.secrets.database_dsn == "postgresql://x@127.0.0.1/test"
     dumped = json.dumps(s.config.model_dump(mode="json"))
@@ -122,8 +123,22 @@ def test_missing_env_values_are_warnings_not_errors() -> None:
     ],
 )
 def test_risky_settings_are_flagged(text: str, path: str) -> None:
-    s = load_text(text, environ={"GATEWAY_ADMIN_TOKEN": "t"})
+    s = load_text(text, environ={"GATEWAY_ADMIN_TOKEN": TOKEN})
     assert [w.path for w in s.warnings if w.risky] == [path]
+
+
+@pytest.mark.parametrize(
+    ("token", "short"),
+    [("t", True), ("x" * 15, True), ("x" * 16, False), ("\u00e9" * 8, False)],  # bytes count
+)
+def test_a_short_admin_token_is_warned_about(token: str, short: bool) -> None:
+    s = load_text("", environ={"GATEWAY_ADMIN_TOKEN": token})
+    flagged = [w for w in s.warnings if w.path == "admin.token_env"]
+    assert [w.risky for w in flagged] == ([False] if short else [])
+    if short:
+        assert f"{len(token.encode())} bytes" in str(flagged[0])
+        assert "16" in str(flagged[0])
+        assert len(token) == 1 or token not in str(flagged[0])  # never the token itself
 
 
 def test_durations_may_be_fractions() -> None:
@@ -188,7 +203,7 @@ def test_check_config_missing_file_exits_2(tmp_path: Path) -> None:
 def test_check_config_strict_refuses_risky_settings(tmp_path: Path) -> None:
     cfg = tmp_path / "risky.yaml"
     cfg.write_text("trusted_proxies: [0.0.0.0/0]\n")
-    env = {"GATEWAY_ADMIN_TOKEN": "t", "PATH": "/usr/bin:/bin"}
+    env = {"GATEWAY_ADMIN_TOKEN": TOKEN, "PATH": "/usr/bin:/bin"}
     assert _cli("check-config", str(cfg), env=env).returncode == 0
     r = _cli("check-config", "--strict", str(cfg), env=env)
     assert r.returncode == 2
@@ -198,6 +213,17 @@ def test_check_config_strict_refuses_risky_settings(tmp_path: Path) -> None:
     assert _cli("check-config", "--strict", str(ok), env=env).returncode == 0
     # no admin token is risky too
     assert _cli("check-config", "--strict", str(ok), env={"PATH": "/usr/bin:/bin"}).returncode == 2
+    # a short one warns, without failing --strict (not one of SPEC's risky settings)
+    short = {"GATEWAY_ADMIN_TOKEN": "t" * 15, "PATH": "/usr/bin:/bin"}
+    r = _cli("check-config", str(ok), env=short)
+    assert r.returncode == 0
+    assert "admin.token_env" in r.stderr
+    assert "15 bytes" in r.stderr
+    r = _cli("check-config", "--strict", str(ok), env=short)
+    assert r.returncode == 0
+    assert "admin.token_env" in r.stderr
+    long_ = {"GATEWAY_ADMIN_TOKEN": "t" * 16, "PATH": "/usr/bin:/bin"}
+    assert _cli("check-config", "--strict", str(ok), env=long_).returncode == 0
 
 
 def test_version() -> None:

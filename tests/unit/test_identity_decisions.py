@@ -91,3 +91,39 @@ def test_check_auth(route: str, ident: RequestIdentity, status: int | None, bear
     assert info.value.status == status
     assert info.value.event == "auth_failure"
     assert ("WWW-Authenticate" in (info.value.headers or {})) is bearer
+
+
+def _checks(route: str, ip: str, ident: RequestIdentity) -> list[str]:
+    return [
+        c.key
+        for c in decisions.policy_checks(
+            ROUTES[route], ip, CIMultiDict(), decoded=False, ident=ident
+        )[1]
+    ]
+
+
+def test_checks_keyed_by_the_identity_alone_are_made_once_per_verified_token() -> None:
+    kept = RequestIdentity(claims={"sub": "alice", "tenant": 7}, route_checks={})
+    first = decisions.policy_checks(
+        ROUTES["u"], "10.0.0.1", CIMultiDict(), decoded=False, ident=kept
+    )
+    again = decisions.policy_checks(
+        ROUTES["u"], "10.0.0.2", CIMultiDict(), decoded=False, ident=kept
+    )
+    assert again is first
+    # a route with a policy keyed by the address: made for each request
+    assert _checks("own", "10.0.0.1", kept) == ["j:sub:alice", "10.0.0.1"]
+    assert _checks("own", "10.0.0.2", kept) == ["j:sub:alice", "10.0.0.2"]
+    # a claim the token lacks: the fallback, by the address, each time
+    lacking = RequestIdentity(claims={"sub": "bob"}, route_checks={})
+    assert _checks("u", "10.0.0.1", lacking) == ["j:sub:bob", "10.0.0.1"]
+    assert _checks("u", "10.0.0.2", lacking) == ["j:sub:bob", "10.0.0.2"]
+    assert set(kept.route_checks or {}) == {"u"}
+    assert lacking.route_checks == {}
+
+
+def test_the_access_log_label() -> None:
+    assert ALICE.label == "jwt:alice"
+    assert TEAM.label == "api_key:team-a"
+    assert NO_IDENTITY.label is None
+    assert RequestIdentity(claims={"sub": 5}).label == "jwt:"

@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from gateway.core.failure_budget import FailureBudget
+from gateway.core.gcra import Rate
 from gateway.identity.tokens import (
     JwksError,
     Refused,
@@ -217,6 +219,16 @@ def test_the_cache_is_bounded() -> None:
     assert len(verifier._cache) == 3
 
 
+def test_the_cache_is_bounded_in_characters(monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = [rs256(_claims(sub=f"u{n}")) for n in range(5)]
+    monkeypatch.setattr("gateway.identity.tokens.CACHE_CHARS", 2 * len(tokens[0]) + 10)
+    verifier = _verifier()
+    for t in tokens:
+        assert isinstance(verifier.verify(t), Verified)
+    assert list(verifier._cache) == tokens[-2:]
+    assert verifier._cache_chars == sum(map(len, tokens[-2:]))
+
+
 @pytest.mark.parametrize(
     ("field", "token"),
     [
@@ -282,3 +294,105 @@ def test_encryption_keys_are_skipped() -> None:
     enc = _jwk(OTHER_RSA.public_key(), RSAAlgorithm, "enc", use="enc")
     keys = load_jwks(json.dumps({"keys": [enc, JWKS["keys"][0]]}))
     assert list(keys) == ["rsa-1"]
+
+
+# ------------------------------------------------------------ failed verifications
+
+
+def _fresh_forgeries(n: int) -> list[str]:
+    """``n`` distinct well-formed RS256 tokens of a known kid with a wrong signature: each
+    costs a signature check unless the gateway refuses it before."""
+    signature = rs256(_claims()).rsplit(".", 1)[1]
+    out = []
+    for i in range(n):
+        head, body, _ = rs256(_claims(sub=f"forged-{i}")).split(".")
+        out.append(f"{head}.{body}.{signature}")
+    return out
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times PyJWT is asked to check a signature."""
+    count = [0]
+    real = jwt.decode
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    return count
+
+
+def test_fresh_forged_tokens_cost_a_bounded_number_of_signature_checks(
+    decodes: list[int],
+) -> None:
+    clock = [1000.0 + time.time()]
+    verifier = _verifier(clock=lambda: clock[0])
+    budget = FailureBudget(Rate(10, 60.0, 10))
+    forged = _fresh_forgeries(200)
+    outcomes = [verifier.verify(t, client="198.51.100.7", failures=budget) for t in forged]
+    assert decodes[0] == 10
+    assert outcomes[:10] == [Refused("bad_signature")] * 10
+    assert outcomes[10:] == [Refused("throttled")] * 190
+    # another client is verified as before
+    assert verifier.verify(forged[0], client="198.51.100.8", failures=budget) == Refused(
+        "bad_signature"
+    )
+    # the budget refills: one more check every 6 s
+    clock[0] += 6
+    assert verifier.verify(forged[1], client="198.51.100.7", failures=budget) == Refused(
+        "bad_signature"
+    )
+    assert verifier.verify(forged[2], client="198.51.100.7", failures=budget) == Refused(
+        "throttled"
+    )
+
+
+def test_a_throttled_client_keeps_its_verified_tokens_and_explain_is_not_throttled(
+    decodes: list[int],
+) -> None:
+    verifier = _verifier()
+    budget = FailureBudget(Rate(2, 60.0, 2))
+    good = rs256(_claims(sub="nat-user"))
+    assert isinstance(verifier.verify(good, client="203.0.113.1", failures=budget), Verified)
+    for t in _fresh_forgeries(5):
+        verifier.verify(t, client="203.0.113.1", failures=budget)
+    assert isinstance(verifier.verify(good, client="203.0.113.1", failures=budget), Verified)
+    # a new token from that address waits for the refill, like a forged one
+    fresh = rs256(_claims(sub="nat-user-2"))
+    assert verifier.verify(fresh, client="203.0.113.1", failures=budget) == Refused("throttled")
+    # without a budget (/admin/explain), a token is always checked
+    assert isinstance(verifier.verify(fresh), Verified)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "x" * 9000,
+        rs256(_claims(pad="p" * 9000)),
+        _none_token(_claims()),
+        rs256(_claims(), kid="nope"),
+        jwt.encode(_claims(), RSA_KEY, algorithm="RS512"),
+        "a.b.c",
+    ],
+    ids=["huge-garbage", "huge-token", "alg-none", "unknown-kid", "rs512", "garbage"],
+)
+def test_cheap_refusals_check_no_signature_and_spend_no_budget(
+    decodes: list[int], token: str
+) -> None:
+    budget = FailureBudget(Rate(1, 60.0, 1))
+    verifier = _verifier()
+    for _ in range(3):
+        assert isinstance(verifier.verify(token, client="c", failures=budget), Refused)
+    assert decodes[0] == 0
+    assert len(budget) == 0
+
+
+def test_every_refusal_after_a_signature_check_spends_the_budget(decodes: list[int]) -> None:
+    budget = FailureBudget(Rate(1, 60.0, 1))
+    verifier = _verifier()
+    expired = rs256(_claims(exp=int(time.time()) - 3600))
+    assert verifier.verify(expired, client="c", failures=budget) == Refused("expired")
+    assert verifier.verify(rs256(_claims()), client="c", failures=budget) == Refused("throttled")
+    assert decodes[0] == 1

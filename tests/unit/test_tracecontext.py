@@ -6,7 +6,12 @@ import random
 
 import pytest
 
-from gateway.core.tracecontext import MAX_TRACESTATE, parse_traceparent, start_or_continue
+from gateway.core.tracecontext import (
+    MAX_TRACESTATE,
+    TraceIds,
+    parse_traceparent,
+    start_or_continue,
+)
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -84,19 +89,53 @@ def test_a_missing_or_invalid_traceparent_starts_a_new_trace_and_drops_tracestat
     assert parse_traceparent(ctx.traceparent) == (ctx.trace_id, ctx.span_id, 1)
 
 
-@pytest.mark.parametrize("state", [" ", "x" * (MAX_TRACESTATE + 1)])
-def test_an_empty_or_oversized_tracestate_is_dropped(state: str) -> None:
+@pytest.mark.parametrize(
+    "state", [" ", "x" * (MAX_TRACESTATE + 1), "rojo=caf\u00e9", "rojo=a\x00b", "rojo=a\x7fb"]
+)
+def test_an_empty_oversized_or_unprintable_tracestate_is_dropped(state: str) -> None:
     assert start_or_continue([VALID], [state], 0.0).tracestate is None
 
 
+def test_several_tracestate_fields_are_one_list() -> None:
+    ctx = start_or_continue([VALID], ["congo=t61rcWkgMzE", "rojo=00f067aa0ba902b7"], 0.0)
+    assert ctx.tracestate == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+    state = "x" * MAX_TRACESTATE
+    assert start_or_continue([VALID], [state], 0.0).tracestate == state
+
+
 def test_new_traces_are_sampled_at_the_configured_ratio() -> None:
-    rng = random.Random(1)
-    assert not any(start_or_continue(None, None, 0.0, rng).sampled for _ in range(1000))
-    assert all(start_or_continue(None, None, 1.0, rng).sampled for _ in range(1000))
-    share = sum(start_or_continue(None, None, 0.25, rng).sampled for _ in range(4000)) / 4000
-    assert 0.22 < share < 0.28
+    chance = random.Random(1).random
+    assert not any(start_or_continue(None, None, 0.0, chance=chance).sampled for _ in range(1000))
+    assert all(start_or_continue(None, None, 1.0, chance=chance).sampled for _ in range(1000))
+    share = sum(start_or_continue(None, None, 0.25, chance=chance).sampled for _ in range(4000))
+    assert 0.22 < share / 4000 < 0.28
 
 
 def test_ids_do_not_repeat() -> None:
     ids = {start_or_continue(None, None, 0.0).trace_id for _ in range(10_000)}
     assert len(ids) == 10_000
+
+
+def test_ids_come_from_one_batch_of_random_bytes_at_a_time() -> None:
+    calls: list[int] = []
+
+    def fake_urandom(n: int) -> bytes:
+        calls.append(n)
+        return bytes(range(1, 49))  # 48 bytes: 96 hex characters
+
+    ids = TraceIds(fake_urandom, batch=2)
+    assert [ids.take(32), ids.take(16), ids.take(32), ids.take(16)] == [
+        "0102030405060708090a0b0c0d0e0f10",
+        "1112131415161718",
+        "191a1b1c1d1e1f202122232425262728",
+        "292a2b2c2d2e2f30",
+    ]
+    assert calls == [48]
+    ids.take(16)  # past the batch: the next one is drawn
+    assert calls == [48, 48]
+
+
+def test_an_all_zero_id_is_never_handed_out() -> None:
+    batches = iter([bytes(24), bytes(8) + bytes(range(1, 17))])
+    ids = TraceIds(lambda _: next(batches), batch=1)
+    assert ids.take(16) == "0102030405060708"

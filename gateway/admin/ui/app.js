@@ -8,11 +8,17 @@
   const PERIOD_MS = 2000;
   const $ = (id) => document.getElementById(id);
   let timer = null;
+  // evidence shown or folded by the operator, by banned address: kept across redraws
+  const unfolded = new Map();
+  const UNFOLD_UP_TO = 3; // with this many bans or fewer, evidence is shown unasked
 
   function takeTokenFromFragment() {
     const m = /(?:^#|&)token=([^&]*)/.exec(location.hash);
     if (m) {
-      sessionStorage.setItem(KEY, decodeURIComponent(m[1]));
+      // a link with bad percent-encoding (a token cut short) must not stop the page
+      let token = null;
+      try { token = decodeURIComponent(m[1]); } catch (e) { token = null; }
+      if (token) sessionStorage.setItem(KEY, token);
       history.replaceState(null, "", location.pathname + location.search);
     }
   }
@@ -48,6 +54,15 @@
     if (s < 90) return s + " s";
     if (s < 5400) return Math.round(s / 60) + " min";
     return (s / 3600).toFixed(1) + " h";
+  }
+
+  // an evidence record's status: none when the request was scored on its path, before
+  // it was answered
+  function answered(status) {
+    if (status !== null && status !== undefined) return el("td", String(status), "num");
+    const td = el("td", "not yet", "num muted");
+    td.title = "scored on its path, before it was answered";
+    return td;
   }
 
   function statusCell(status) {
@@ -139,23 +154,43 @@
     fill("limited", d.limited.map((k) => row([el("td", k.key, "key"), num(k.count, 0)])), "limited-empty");
 
     const banRows = [];
+    const evidence = d.bans.filter((b) => b.evidence && b.evidence.length);
     for (const b of d.bans) {
-      banRows.push(row([el("td", b.ip, "key"), el("td", b.reason), num(b.score, 0), el("td", duration(b.expires_in_s))]));
-      if (b.evidence && b.evidence.length) {
-        const details = el("details");
-        details.appendChild(el("summary", `evidence (${b.evidence.length})`));
+      const ev = b.evidence || [];
+      const last = ev.length ? ev[ev.length - 1] : null;
+      const lastCell = el("td", last ? `${last.method || ""} ${last.path || "(no path)"}`.trim() : "–", "key");
+      banRows.push(row([el("td", b.ip, "key"), el("td", b.reason), num(b.score, 0),
+        el("td", duration(b.expires_in_s)), lastCell]));
+      if (ev.length) {
+        const details = el("details", null, "evidence");
+        const auto = evidence.length <= UNFOLD_UP_TO;
+        const wanted = unfolded.get(b.ip);
+        details.open = wanted === undefined ? auto : wanted;
+        // setting .open fires "toggle" too: only the operator's own choice is kept
+        details.addEventListener("toggle", () => {
+          if (details.open === auto) unfolded.delete(b.ip);
+          else unfolded.set(b.ip, details.open);
+        });
+        details.appendChild(el("summary", `why: the last ${ev.length} scored events`));
         const t = el("table");
-        t.appendChild(row(["when", "reason", "method", "path", "status", "request id"].map((h) => el("th", h))));
-        for (const e of b.evidence) {
-          t.appendChild(row([el("td", ago(e.time, now)), el("td", e.reason), el("td", e.method),
-            el("td", e.path, "key"), num(e.status, 0), el("td", e.request_id, "key")]));
+        t.appendChild(row(["when", "event", "request", "status", "request id"].map((h) => el("th", h))));
+        for (const e of ev.slice().reverse()) { // the newest first
+          t.appendChild(row([el("td", ago(e.at, now)), el("td", e.reason),
+            el("td", `${e.method || ""} ${e.path || "(no path)"}`.trim(), "key"),
+            answered(e.status),
+            el("td", e.request_id || "–", "key rid")]));
         }
         details.appendChild(t);
-        const td = el("td"); td.colSpan = 4; td.appendChild(details);
+        const td = el("td"); td.colSpan = 5; td.appendChild(details);
         banRows.push(row([td]));
       }
     }
     fill("bans", banRows, "bans-empty");
+    $("bans-count").textContent = d.bans_total > d.bans.length
+      ? `the newest ${d.bans.length} of ${d.bans_total}` : (d.bans_total ? `${d.bans_total} in force` : "");
+
+    fill("allow", (d.allow || []).map((a) => row([el("td", a.ip, "key"), el("td", a.reason, "msg"),
+      el("td", a.by, "key"), el("td", duration(a.expires_in_s))])), "allow-empty");
 
     const c = d.config;
     const items = [

@@ -13,6 +13,12 @@ spray of distinct addresses:
   :meth:`start` ran); a lookup never returns an expired ban.
 - offence counts (for escalation): at most ``max_bans`` IPs, each forgotten
   ``2 * max_ban_s`` after its last ban ends (:func:`gateway.core.abuse.offences_forget_at`).
+- evidence (:mod:`gateway.core.evidence`): the last ten scored events of at most
+  ``max_evidence`` scored clients (default 10,000) in least-recently-scored order, and
+  those of at most ``max_evidence`` bans, the newest.  A record is a few hundred bytes
+  (the path is clipped), so these tables, not the score table, would dominate memory
+  were they as large: a ban whose evidence made room for newer ones is listed with
+  none.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
 
 from gateway.config import Abuse
 from gateway.core.abuse import (
@@ -32,6 +38,7 @@ from gateway.core.abuse import (
     offences_forget_at,
     score_at,
 )
+from gateway.core.evidence import NOTHING_SEEN, Evidence, Seen, keep_last
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.stores.bans import Ban, BanStore, by_banned_at, unknown_event
@@ -64,9 +71,10 @@ class MemoryBanStore(BanStore):
         publish_gauge: bool = True,
         on_ban: Callable[[Ban], None] | None = None,
         sweep_interval_s: float = 1.0,
+        max_evidence: int = 10_000,
     ) -> None:
-        if max_entries < 1 or max_bans < 1:
-            raise ValueError("max_entries and max_bans must be >= 1")
+        if max_entries < 1 or max_bans < 1 or max_evidence < 1:
+            raise ValueError("max_entries, max_bans and max_evidence must be >= 1")
         self._metrics = metrics
         self._clock = clock
         self._max_entries = max_entries
@@ -80,6 +88,9 @@ class MemoryBanStore(BanStore):
         self._shadow: dict[str, float] = {}  # ip -> end of a shadow ban
         self._offences: OrderedDict[str, tuple[int, float]] = OrderedDict()  # (n, forget_at)
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, ip), may be stale
+        self._max_evidence = max_evidence
+        self._evidence: OrderedDict[str, deque[Evidence]] = OrderedDict()  # scored, not banned
+        self._ban_evidence: OrderedDict[str, tuple[Evidence, ...]] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self.reconfigure(cfg)
 
@@ -105,16 +116,19 @@ class MemoryBanStore(BanStore):
         self._expire(ip, ban)
         return None
 
-    def report(self, ip: str, event: str) -> None:
+    def report(self, ip: str, event: str, seen: Seen = NOTHING_SEEN) -> None:
         points = self._points.get(event)
         if points is None:
             raise unknown_event(event)
         if self._enabled and points > 0:
-            self.add_points(ip, event, points)
+            self.add_points(ip, event, points, (Evidence.of(self._clock(), event, seen),))
 
-    def add_points(self, ip: str, event: str, points: float) -> Ban | None:
-        """Score ``points`` for ``event`` of ``ip`` now; returns the ban it caused
-        (enforced or shadow), if any."""
+    def add_points(
+        self, ip: str, event: str, points: float, evidence: Sequence[Evidence] = ()
+    ) -> Ban | None:
+        """Score ``points`` for ``event`` of ``ip`` now, with the ``evidence`` records of
+        the events they stand for; returns the ban it caused (enforced or shadow), if
+        any."""
         now = self._clock()
         self._sweep(now)
         ban = self._bans.get(ip)
@@ -135,12 +149,37 @@ class MemoryBanStore(BanStore):
             state = scores[ip] = ScoreState()
         else:
             scores.move_to_end(ip)
+        if evidence:
+            self._note(ip, evidence)
         cfg = self._cfg
         score = add_event(state, points, now, cfg.window_s)
         if score < cfg.ban_score:
             return None
         del scores[ip]  # a ban resets the score
         return self._ban(ip, event, score, now)
+
+    def _note(self, ip: str, evidence: Sequence[Evidence]) -> None:
+        """Keep ``evidence`` as the newest scored events of ``ip``."""
+        table = self._evidence
+        held = table.get(ip)
+        if held is None:
+            if len(table) >= self._max_evidence:
+                table.popitem(last=False)
+            table[ip] = keep_last(evidence)
+        else:
+            table.move_to_end(ip)
+            held.extend(evidence)
+
+    def _keep_ban_evidence(self, ip: str, since: float) -> None:
+        """Move the scored events of ``ip`` (those of its score's window) to its ban."""
+        held = self._evidence.pop(ip, None)
+        table = self._ban_evidence
+        table.pop(ip, None)
+        if held is None:
+            return
+        if len(table) >= self._max_evidence:
+            table.popitem(last=False)
+        table[ip] = tuple(e for e in held if e.at >= since)
 
     def score(self, ip: str) -> float:
         state = self._scores.get(ip)
@@ -158,6 +197,7 @@ class MemoryBanStore(BanStore):
         if len(self._offences) > self._max_bans:
             self._offences.popitem(last=False)
         self._announce(ban, duration)
+        self._keep_ban_evidence(ip, now - 2 * cfg.window_s)
         if self._enforce:
             self.install(ban)
             if self._on_ban is not None:
@@ -204,6 +244,8 @@ class MemoryBanStore(BanStore):
             "shadow_bans": len(self._shadow),
             "offences": len(self._offences),
             "expiry_heap": len(self._expiry),
+            "evidence": len(self._evidence),
+            "ban_evidence": len(self._ban_evidence),
         }
 
     def _push_expiry(self, expires_at: float, ip: str) -> None:
@@ -271,6 +313,19 @@ class MemoryBanStore(BanStore):
         now = self._clock()
         self._sweep(now, limit=len(self._expiry) + 1)
         return sorted((b for b in self._bans.values() if b.expires_at > now), key=by_banned_at)
+
+    def evidence_of(self, ip: str) -> list[Evidence] | None:
+        """The evidence of the ban of ``ip`` held here, if any."""
+        found = self._ban_evidence.get(ip)
+        return None if found is None else list(found)
+
+    async def evidence(self, ips: Sequence[str]) -> dict[str, list[Evidence]]:
+        found: dict[str, list[Evidence]] = {}
+        for ip in ips:
+            records = self.evidence_of(ip)
+            if records is not None and ip in self._bans:
+                found[ip] = records
+        return found
 
     async def unban(self, ip: str) -> bool:
         ban = self.discard(ip)

@@ -6,7 +6,10 @@ What lives in Redis (``P`` = the key prefix, ``gw:`` by default):
   force and its offence count (with a TTL: ``2 * window_s``, or until its offences are
   forgotten).  ``lua/bans_score.lua`` adds an IP's events and decides its ban atomically
   with Redis TIME, so a scanner spread over the replicas is scored as one, and exactly
-  one replica makes the ban.
+  one replica makes the ban.  The hash also keeps the client's last ten scored events
+  (``ev``), sent with its points; the ban moves them to ``bev``, its evidence, which
+  every replica reads from there (:meth:`RedisBanStore.evidence`): the synced view of
+  the bans stays small.
 - ``{P bans}`` and its companions: the shared list of bans in force, with a change log
   that lets each replica fetch only what changed (:mod:`gateway.stores.redis.ban_registry`).
 
@@ -47,6 +50,7 @@ from redis.exceptions import RedisError
 
 from gateway.config import Abuse
 from gateway.core.abuse import OFFENCE_MEMORY_FACTOR
+from gateway.core.evidence import NOTHING_SEEN, Evidence, Seen, decode_many, keep_last
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
 from gateway.stores.bans import Ban, BanStore, by_banned_at, unknown_event
@@ -59,6 +63,19 @@ __all__ = ["RedisBanStore"]
 
 _ERRORS = (RedisError, OSError, TimeoutError)
 """What a Redis outage looks like (connection refused or reset, timeouts)."""
+
+
+class _Pending:
+    """One IP's events not yet sent: points by event, and their evidence (bounded)."""
+
+    __slots__ = ("evidence", "points")
+
+    def __init__(self, event: str, points: float, evidence: Evidence) -> None:
+        self.points = {event: points}
+        self.evidence = keep_last((evidence,))
+
+
+_Chunk = list[tuple[str, _Pending]]
 
 
 class RedisBanStore(BanStore):
@@ -116,7 +133,7 @@ class RedisBanStore(BanStore):
         self._unsynced: deque[Ban] = deque(maxlen=max_pending)  # local bans to write
         self._unbans: dict[str, None] = {}  # unbans to replay once Redis is back
         self._lifted: dict[str, float] = {}  # ip -> when an admin lifted its ban (bounded)
-        self._pending: dict[str, dict[str, float]] = {}  # ip -> event -> points, to send
+        self._pending: dict[str, _Pending] = {}  # ip -> its events to send
         self._scores: OrderedDict[str, tuple[float, float]] = OrderedDict()  # (score, at)
         self._degraded = False
         self._running = False
@@ -160,33 +177,37 @@ class RedisBanStore(BanStore):
             return self._local.banned(ip)
         return None
 
-    def report(self, ip: str, event: str) -> None:
+    def report(self, ip: str, event: str, seen: Seen = NOTHING_SEEN) -> None:
         points = self._points.get(event)
         if points is None:
             raise unknown_event(event)
         if not self._enabled or points <= 0:
             return
+        now = self._clock()
+        evidence = Evidence.of(now, event, seen)
         if self._degraded or not self._running:
-            self._local.add_points(ip, event, points)
+            self._local.add_points(ip, event, points, (evidence,))
             return
         pending = self._pending.get(ip)
         if pending is not None:
-            pending[event] = pending.get(event, 0.0) + points
+            pending.points[event] = pending.points.get(event, 0.0) + points
+            pending.evidence.append(evidence)
             return
         ban = self._view.get(ip)
-        if ban is not None and ban.expires_at > self._clock():
+        if ban is not None and ban.expires_at > now:
             return  # already banned everywhere
         if len(self._pending) >= self._max_pending:
-            self._local.add_points(ip, event, points)  # Redis is behind: score here
+            self._local.add_points(ip, event, points, (evidence,))  # Redis is behind
             return
-        self._pending[ip] = {event: points}
+        self._pending[ip] = _Pending(event, points, evidence)
         self._wake.set()
 
     def score(self, ip: str) -> float:
         now = self._clock()
         seen = self._scores.get(ip)
         shared = seen[0] if seen is not None and now - seen[1] < self._cfg.window_s else 0.0
-        pending = sum(self._pending.get(ip, {}).values())
+        waiting = self._pending.get(ip)
+        pending = 0.0 if waiting is None else sum(waiting.points.values())
         return shared + pending + self._local.score(ip)
 
     # -- Redis calls -----------------------------------------------------------------
@@ -222,14 +243,15 @@ class RedisBanStore(BanStore):
             for i in range(0, len(batch), self._batch_size):
                 await self._send(batch[i : i + self._batch_size])
 
-    async def _send(self, chunk: list[tuple[str, dict[str, float]]]) -> None:
+    async def _send(self, chunk: _Chunk) -> None:
         if self._degraded:
             self._score_locally(chunk)
             return
         calls: list[Call] = []
         for ip, events in chunk:
             args: list[Any] = list(self._score_args)
-            for event, points in events.items():
+            args.append("\n".join(e.encode() for e in events.evidence))
+            for event, points in events.points.items():
                 args += (event, repr(points))
             calls.append(([self._score_key(ip)], args))
         sent_at = self._clock()
@@ -264,10 +286,12 @@ class RedisBanStore(BanStore):
                 # its log line and count with it
                 self._announce(ban, ban.ban_s)
 
-    def _score_locally(self, chunk: Iterable[tuple[str, dict[str, float]]]) -> None:
+    def _score_locally(self, chunk: Iterable[tuple[str, _Pending]]) -> None:
         for ip, events in chunk:
-            for event, points in events.items():
-                self._local.add_points(ip, event, points)
+            evidence: Sequence[Evidence] = events.evidence
+            for event, points in events.points.items():
+                self._local.add_points(ip, event, points, evidence)
+                evidence = ()  # kept once, with the first
 
     def _scored(self, ip: str, result: Sequence[Any], now: float) -> Ban | None:
         """Note the score Redis computed; log and count the ban it made, if any."""
@@ -373,7 +397,7 @@ class RedisBanStore(BanStore):
     async def _lift(self, ip: str) -> int:
         """Lift the shared ban of ``ip``; the change's sequence number, 0 if none."""
         change = await self._registry.lift(ip)
-        await self._redis.hdel(self._score_key(ip), "bu")
+        await self._redis.hdel(self._score_key(ip), "bu", "bev")
         if change > 0:
             self._own[ip] = (change, None)
         return change
@@ -396,6 +420,7 @@ class RedisBanStore(BanStore):
         now = self._clock()
         bans = list(self._unsynced)
         await self._registry.write_back(bans, self._clock())
+        await self._write_evidence(b.ip for b in bans if b.expires_at > now)
         for ban in bans:
             self._unsynced.popleft()
             if ban.expires_at <= now:
@@ -430,6 +455,45 @@ class RedisBanStore(BanStore):
             if ip not in bans or bans[ip].expires_at < ban.expires_at:
                 bans[ip] = ban
         return sorted((b for b in bans.values() if b.expires_at > now), key=by_banned_at)
+
+    async def evidence(self, ips: Sequence[str]) -> dict[str, list[Evidence]]:
+        found: dict[str, list[Evidence]] = {}
+        shared: list[str] = []
+        local = self._local
+        for ip in ips:
+            held = local.evidence_of(ip) if ip in local.bans else None
+            if held is not None:
+                found[ip] = held
+            else:
+                shared.append(ip)
+        try:
+            async with asyncio.timeout(self._io_timeout_s):
+                for i in range(0, len(shared), self._batch_size):
+                    part = shared[i : i + self._batch_size]
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for ip in part:
+                            pipe.hget(self._score_key(ip), "bev")
+                        values = await pipe.execute()
+                    for ip, value in zip(part, values, strict=True):
+                        if value:
+                            found[ip] = decode_many(reply_text(value))
+        except _ERRORS as exc:
+            self._set_degraded(exc)
+        return found
+
+    async def _write_evidence(self, ips: Iterable[str]) -> None:
+        """Write the evidence of bans made here while Redis was away to their hashes."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for ip in ips:
+                held = self._local.evidence_of(ip)
+                if held:
+                    key = self._score_key(ip)
+                    pipe.hset(key, "bev", "\n".join(e.encode() for e in held))
+                    # kept (at least) as long as the ban is remembered
+                    keep = int(OFFENCE_MEMORY_FACTOR * self._cfg.max_ban_s) + 1
+                    pipe.expire(key, keep, nx=True)
+                    pipe.expire(key, keep, gt=True)
+            await pipe.execute()
 
     async def unban(self, ip: str) -> bool:
         now = self._clock()
