@@ -519,9 +519,7 @@ class Wrk:
 
     running: ClassVar[set[subprocess.Popen[str]]] = set()
 
-    def __init__(
-        self, wrk: str, cpu: int, proxy_cpu: int, headers: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, wrk: str, cpu: int, proxy_cpu: int, headers: Sequence[str] = ()) -> None:
         self.wrk = wrk
         self.cpu = cpu
         self.proxy_cpu = proxy_cpu
