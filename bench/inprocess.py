@@ -429,7 +429,7 @@ async def main(args: argparse.Namespace) -> None:
             args.connections,
             stack,
             post=args.post,
-            observability=args.observability,
+            observability=args.observability or args.only in OBSERVABILITY,
             spans_per_flush=args.batches * args.connections * 2,
         )
         if args.only is not None and args.only not in rigs:
@@ -471,7 +471,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only",
         metavar="HANDLER",
         help="warm every handler up, then sample this one alone and print no figures: a "
-        "run for a profiler",
+        "run for a profiler (one of --observability's implies it)",
     )
     return p.parse_args(argv)
 
