@@ -42,12 +42,12 @@ from typing import Any
 import jwt
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inprocess import Rig, measure, serving  # noqa: E402 - bench/ is the script's directory
+from bench_identity import KID, make_identity  # noqa: E402 - bench/ is the script's directory
+from inprocess import Rig, measure, serving  # noqa: E402
 
 from gateway.config import load_file  # noqa: E402
 
@@ -62,7 +62,7 @@ def request(path: str, token: str | None = None) -> bytes:
 
 def valid_token(jti: int) -> str:
     claims = {"sub": "user-42", "exp": int(time.time()) + 3600, "jti": str(jti), "plan": "pro"}
-    return jwt.encode(claims, KEY, algorithm="RS256", headers={"kid": "k0"})
+    return jwt.encode(claims, KEY, algorithm="RS256", headers={"kid": KID})
 
 
 def forged_tokens(n: int) -> Iterator[str]:
@@ -86,14 +86,12 @@ class FreshRig(Rig):
 
 
 def write_config(tmp: Path, *, budget: int | None) -> Path:
-    jwk = json.loads(RSAAlgorithm.to_jwk(KEY.public_key()))
-    jwk.update(kid="k0", alg="RS256", use="sig")
-    (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    jwks, _ = make_identity(tmp, KEY)  # the JWKS of KEY
     cfg = {
         "listen": {"host": "127.0.0.1", "port": 18000},
         "admin": {"host": "127.0.0.1", "port": 19901},
         "upstreams": {"api": {"url": "http://127.0.0.1:18080"}},
-        "identity": {"jwt": {"jwks_file": str(tmp / "jwks.json"), "max_failed_per_ip": budget}},
+        "identity": {"jwt": {"jwks_file": str(jwks), "max_failed_per_ip": budget}},
         "routes": [
             {"name": "ip", "path_prefix": "/ip/", "upstream": "api", "rate_limits": ["per-ip"]},
             {

@@ -1,28 +1,37 @@
 """Instructions per request of the proxy port's Python work, counted by valgrind.
 
     .venv/bin/python bench/instructions.py [--config bench/gateway-memory.yaml]
-        [--requests 2000] [--floor] [--post] [--source OTHER_CHECKOUT]
+        [--requests 2000] [--post] [--source OTHER_CHECKOUT]
+        [--handler NAME | --floor | --observability]
 
 Wall-clock figures on a shared VM move by 10-20 % between identical runs; an
 instruction count of the same work moves by well under 1 %, whatever else the machine
-does. This runs the pipeline rig of ``bench/inprocess.py`` (the real server, pipeline
-and upstream pool over in-memory transports) under ``valgrind --tool=callgrind`` with
+does. This runs one rig of ``bench/inprocess.py`` (the real server, pipeline and
+upstream pool over in-memory transports) under ``valgrind --tool=callgrind`` with
 collection off, warms it up, switches collection on (``callgrind_control -i on``) for
 ``--requests`` requests and off again, and prints the instructions per request. The
 bench token is made from one RSA key and a fixed ``exp`` for the whole invocation and
 ``PYTHONHASHSEED`` is fixed, so two checkouts measured one after the other
 (``--source``: the other checkout's ``gateway`` package runs, with this virtualenv's
-dependencies) do exactly the same work. ``--floor``: the forwarding-only handler.
+dependencies) do exactly the same work.
+
+``--handler``: the rig counted, ``pipeline`` by default, ``floor`` (also ``--floor``:
+the forwarding-only handler) or one of ``inprocess.py --observability``'s pipelines
+(``no-tracing``, ``trace-0``, ``trace-1``, ``trace-1-export``, ``no-window-stats``).
+``--observability``: each of those rigs in turn, a process each, as a table. Every
+thread is counted while collection is on: the span queue is flushed before it is
+switched off, so ``trace-1-export`` includes the SDK thread's encoding and sending of
+the counted requests' spans (the local OTLP sink is a child process, not counted).
 
 Valgrind runs OpenSSL without the CPU's SHA extensions: SHA-256 (the token cache's key)
-weighs more here than natively. It takes about a minute (most of it the imports, at
-valgrind's pace); it needs ``valgrind`` (with ``callgrind_control``).
+weighs more here than natively. It takes about a minute a rig (most of it the imports,
+at valgrind's pace); it needs ``valgrind`` (with ``callgrind_control``).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import contextlib
 import os
 import re
 import shutil
@@ -50,30 +59,33 @@ async def _child(args: argparse.Namespace) -> None:
     import inprocess  # noqa: PLC0415 - after the gateway package is chosen
     from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
 
-    from gateway.app import YOUNG_GC_THRESHOLD  # noqa: PLC0415
-
     key = serialization.load_pem_private_key(Path(args.key_file).read_bytes(), None)
-    args.connections = _CONNECTIONS
-    with Path(os.devnull).open("wb") as devnull:
-        rig = (await inprocess.make_rigs(args, devnull, key, _EXP))[
-            "floor" if args.floor else "pipeline"
-        ]
-        for _ in range(_WARM_ROUNDS):
-            await rig.round()
-        gc.collect()
-        gc.freeze()  # as `gateway serve` does
-        gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+    async with contextlib.AsyncExitStack() as stack:
+        rigs = await inprocess.make_rigs(
+            args.config,
+            _CONNECTIONS,
+            stack,
+            post=args.post,
+            observability=args.handler in inprocess.OBSERVABILITY,
+            # the warm-up's spans are flushed at its end, the counted ones at theirs
+            spans_per_flush=max(args.requests, _WARM_ROUNDS * _CONNECTIONS),
+            key=key,
+            exp=_EXP,
+        )
+        rig = rigs[args.handler]
+        await inprocess.warm_up([rig], _WARM_ROUNDS)
         _control("on")
         for _ in range(args.requests // _CONNECTIONS):
             await rig.round()
+        rig.drain()
         _control("off")
 
 
-def _count(args: argparse.Namespace, tmp: Path) -> int:
+def _write_key(key_file: Path) -> None:
+    """The invocation's RSA key: every rig counted signs its token with it."""
     from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
     from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
 
-    key_file = tmp / "key.pem"
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     key_file.write_bytes(
         key.private_bytes(
@@ -82,14 +94,16 @@ def _count(args: argparse.Namespace, tmp: Path) -> int:
             serialization.NoEncryption(),
         )
     )
+
+
+def _count(args: argparse.Namespace, handler: str, key_file: Path) -> int:
+    out = key_file.with_name(f"callgrind-{handler}.out")
     argv = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no",
-        f"--callgrind-out-file={tmp / 'callgrind.out'}",
+        f"--callgrind-out-file={out}",
         sys.executable, str(Path(__file__).resolve()), "--child", "--key-file", str(key_file),
-        "--config", args.config, "--requests", str(args.requests),
+        "--config", args.config, "--requests", str(args.requests), "--handler", handler,
     ]  # fmt: skip
-    if args.floor:
-        argv.append("--floor")
     if args.post:
         argv.append("--post")
     if args.source:
@@ -98,7 +112,7 @@ def _count(args: argparse.Namespace, tmp: Path) -> int:
     done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
-        sys.exit(f"the counted run failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"the counted run of {handler} failed:\n{done.stderr[-3000:]}")
     return int(found.group(1))
 
 
@@ -106,7 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(BENCH / "gateway-memory.yaml"))
     p.add_argument("--requests", type=int, default=2000, help="counted (a multiple of 50)")
+    p.add_argument("--handler", default="pipeline", help="the rig counted (see above)")
     p.add_argument("--floor", action="store_true", help="the forwarding-only handler")
+    p.add_argument(
+        "--observability", action="store_true", help="every rig of inprocess.py --observability"
+    )
     p.add_argument("--post", action="store_true", help="a POST with a 200-byte body")
     p.add_argument("--source", help="another checkout whose gateway package runs")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -126,11 +144,29 @@ def main() -> int:
         print(f"needs {' and '.join(missing)} (Debian: apt-get install valgrind)")
         return 2
     args.requests -= args.requests % _CONNECTIONS
-    with tempfile.TemporaryDirectory() as tmp:
-        total = _count(args, Path(tmp))
-    what = "floor (forwarding only)" if args.floor else "pipeline"
+    sys.path.insert(0, str(BENCH))
+    from inprocess import OBSERVABILITY  # noqa: PLC0415 - beside this script
+
+    names = ("pipeline", *OBSERVABILITY, "floor")
+    handlers = list(names) if args.observability else ["floor" if args.floor else args.handler]
+    if not set(handlers) <= set(names):
+        print(f"--handler: one of {', '.join(names)}")
+        return 2
     source = args.source or str(BENCH.parent)
-    print(f"{what}, {source}, {args.config}: {total / args.requests:,.0f} instructions a request")
+    if len(handlers) > 1:
+        print(f"{source}, {args.config}, {args.requests} requests a rig")
+        print("| handler | instructions / request |")
+        print("|---|--:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file = Path(tmp) / "key.pem"
+        _write_key(key_file)
+        for handler in handlers:
+            per_request = _count(args, handler, key_file) / args.requests
+            if len(handlers) > 1:
+                print(f"| {handler} | {per_request:,.0f} |", flush=True)
+            else:
+                what = "floor (forwarding only)" if handler == "floor" else handler
+                print(f"{what}, {source}, {args.config}: {per_request:,.0f} instructions a request")
     return 0
 
 
