@@ -87,9 +87,11 @@
     const w = 240, h = 36;
     const svg = document.createElementNS(NS, "svg");
     svg.setAttribute("class", "spark");
-    svg.setAttribute("width", w);
+    // drawn in a 240 x 36 box, stretched to the cell's width (the strokes keep their width)
+    svg.setAttribute("width", "100%");
     svg.setAttribute("height", h);
     svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+    svg.setAttribute("preserveAspectRatio", "none");
     svg.setAttribute("role", "img");
     const base = document.createElementNS(NS, "line");
     base.setAttribute("class", "base");
