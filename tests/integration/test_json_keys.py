@@ -252,3 +252,19 @@ async def test_expect_100_continue_bodies_are_keyed(digest_upstream: str) -> Non
                 if r.status == 200:
                     assert (await r.json())["sha256"] == hashlib.sha256(body).hexdigest()
         assert statuses == [200, 200, 429]
+
+
+async def test_integers_past_64_bits_are_two_chats(digest_upstream: str) -> None:
+    async with running_gateway(_cfg(digest_upstream)) as gw, aiohttp.ClientSession() as s:
+        first = b'{"message":{"chat":{"id":123456789012345678901}}}'
+        neighbour = b'{"message":{"chat":{"id":123456789012345678902}}}'
+        assert (await _post(s, gw, first))[0] == 200
+        assert (await _post(s, gw, first))[0] == 200
+        assert (await _post(s, gw, first))[0] == 429
+        # a neighbour's budget cannot be spent by naming a number that rounds to it
+        assert (await _post(s, gw, neighbour))[0] == 200
+        assert (await _post(s, gw, neighbour))[0] == 200
+        assert (await _post(s, gw, neighbour))[0] == 429
+        # the fraction of the same value is a key of its own, as 123.0 is beside 123
+        fraction = b'{"message":{"chat":{"id":123456789012345678901.0}}}'
+        assert (await _post(s, gw, fraction))[0] == 200

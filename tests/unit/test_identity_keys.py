@@ -91,6 +91,7 @@ def test_bad_key_files_name_the_field(text: str, message: str) -> None:
         ("/a", b"not json", None),
         ("/a", b'{"a": 1', None),
         ("/a", b"", None),
+        ("/a", b'{"a": 1e400}', None),  # past a double: not JSON to orjson
         ("/a", b'{"a": 1}' + b" " * MAX_BODY, None),  # over the size read
     ],
 )
@@ -122,3 +123,62 @@ def test_bad_pointers_are_refused(pointer: str) -> None:
 )
 def test_json_media_types(content_type: str | None, json: bool) -> None:
     assert is_json_media_type(content_type) is json
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        # integers past 64 bits are parsed as floats by a fast parser: still two chats
+        (b"123456789012345678901", b"123456789012345678902"),
+        (b"18446744073709551616", b"18446744073709551617"),
+        (b"-9223372036854775809", b"-9223372036854775810"),
+        (b"1" * 300, b"1" * 299 + b"2"),
+        # numbers a float cannot tell apart are two keys too
+        (b"0.1", b"0.10000000000000001"),
+        (b"1e-400", b"2e-400"),
+        (b"1e-400", b"0"),
+        (b"123456789012345678901.0", b"123456789012345678902.0"),
+        # an integer and a fraction of the same value stay two keys
+        (b"123456789012345678901", b"123456789012345678901.0"),
+        (b"100", b"1e2"),
+    ],
+)
+def test_different_numbers_are_different_keys(first: bytes, second: bytes) -> None:
+    pointer = JsonPointer("/chat/id")
+    a = pointer.key(b'{"chat": {"id": ' + first + b"}}")
+    b = pointer.key(b'{"chat": {"id": ' + second + b"}}")
+    assert a is not None
+    assert b is not None
+    assert a != b
+    # inside an object too
+    whole = JsonPointer("/chat")
+    assert whole.key(b'{"chat": {"id": ' + first + b"}}") != whole.key(
+        b'{"chat": {"id": ' + second + b"}}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("literal", "key"),
+    [
+        (b"123", "123"),
+        (b"-0", "0"),
+        (b"123456789012345678901", "123456789012345678901"),
+        (b"-123456789012345678901", "-123456789012345678901"),
+        # a fraction: the shortest text of its float when that is its exact value ...
+        (b"1e2", "100.0"),
+        (b"100.0", "100.0"),
+        (b"1.23e2", "123.0"),
+        (b"0.1", "0.1"),
+        (b"-0.0", "0.0"),
+        (b"0e5", "0.0"),
+        # ... else its exact value in scientific notation
+        (b"0.10000000000000001", "1.0000000000000001e-1"),
+        (b"123456789012345678901.0", "1.23456789012345678901e20"),
+        (b"12345678901234567890100e-2", "1.23456789012345678901e20"),
+        (b"1e-400", "1e-400"),
+        (b"-25E-401", "-2.5e-400"),
+    ],
+)
+def test_numbers_have_one_exact_text(literal: bytes, key: str) -> None:
+    assert JsonPointer("/n").key(b'{"n": ' + literal + b"}") == key
+    assert JsonPointer("/n").key(b'{"n": [' + literal + b"]}") == f"[{key}]"
