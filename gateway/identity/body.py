@@ -8,8 +8,21 @@ webhook's update limits one chat. Only small bodies with a JSON media type are r
 The body is parsed with orjson. Where that parse cannot tell two values apart (a number
 it read as a float: an integer past 64 bits, a fraction with more digits than a double
 holds), the body is parsed again, keeping each number's exact value
-(:class:`JsonBody`); a usual body, whose key is a string or a 64-bit integer, is parsed
-once.
+(:class:`JsonBody`).
+
+A member name twice gives no key (the fallback applies) when it is the name the pointer
+takes in an object on its way, or anywhere in the value: orjson keeps the last one, an
+upstream may read the first, and the budget spent must be the one of the value the
+upstream serves. RFC 8259 says names SHOULD be unique and I-JSON (RFC 7493) that they
+MUST; the body still goes upstream as it came (the gateway does not refuse what the
+upstream may accept). orjson drops a repeated name silently, so a body is proven free
+of them by counting colons: in the body, one for each member and one for each ``:`` in
+a string; in orjson's document written out again, the same less those of each dropped
+member. When no string spells a colon as ``\\u003a`` (the one way a colon can be in the
+document and not in the body), as many in both proves that none was dropped. A body
+where they differ (a repeated name) or with such an escape is parsed again, as above,
+to see where the repetition is. A usual body (a key that is a string or a 64-bit
+integer) is parsed once and written out once more.
 """
 
 from __future__ import annotations
@@ -31,22 +44,40 @@ NO_BODY: Any = object()
 class JsonBody:
     """A parsed body: orjson's document, and the exact one when a key needs it."""
 
-    __slots__ = ("_exact", "document", "raw")
+    __slots__ = ("_exact", "_unique", "document", "raw")
 
     def __init__(self, raw: bytes, document: Any) -> None:
         self.raw = raw
         self.document = document
         self._exact: Any = None
+        self._unique: bool | None = None
+
+    def unique_names(self) -> bool:
+        """True when no object of the body has a member name twice (a proof, not a
+        guess: False may also be a ``\\u003a`` escape)."""
+        if self._unique is None:
+            raw = self.raw
+            self._unique = (
+                b"\\u003a" not in raw
+                and b"\\u003A" not in raw
+                and raw.count(b":") == orjson.dumps(self.document).count(b":")
+            )
+        return self._unique
 
     def exact(self) -> Any:
-        """The document with each number a :class:`_Number` of its exact value (parsed
-        once, on the first call), or :data:`NO_BODY` when that parse fails."""
+        """The document with each integer a Python ``int``, each other number an
+        ``orjson.Fragment`` of its canonical text (:func:`_fraction`) and each object with
+        a member name twice a :class:`_Repeated` (parsed once, on the first call), or
+        :data:`NO_BODY` when that parse fails."""
         if self._exact is None:
             try:
                 self._exact = json.loads(
-                    self.raw, parse_int=_integer, parse_float=_fraction, parse_constant=_refuse
+                    self.raw,
+                    object_pairs_hook=_object,
+                    parse_float=_fraction,
+                    parse_constant=_refuse,
                 )
-            except (ValueError, RecursionError):  # an exponent too long for an int
+            except (ValueError, RecursionError):  # a number too long for an int
                 self._exact = NO_BODY
         return self._exact
 
@@ -64,30 +95,42 @@ def parse_body(body: bytes) -> Any:
         return NO_BODY
 
 
-class _Number:
-    """A number of the exact parse, by its canonical JSON text."""
+class _Repeated(dict[str, Any]):
+    """An object of the exact parse with a member name twice: no pointer goes through
+    one of its repeated ``names``, and no key is made of a value holding it."""
 
-    __slots__ = ("text",)
+    __slots__ = ("names",)
 
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-
-def _integer(literal: str) -> _Number:
-    # the literal is its canonical text (JSON has no leading zeros, no '+'), as orjson
-    # writes a 64-bit integer; only minus zero has another spelling
-    return _Number("0" if literal == "-0" else literal)
+    def __init__(self, members: dict[str, Any], names: frozenset[str]) -> None:
+        super().__init__(members)
+        self.names = names
 
 
-def _fraction(literal: str) -> _Number:
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members = dict(pairs)
+    if len(members) == len(pairs):
+        return members
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for name, _ in pairs:
+        (repeated if name in seen else seen).add(name)
+    return _Repeated(members, frozenset(repeated))
+
+
+def _fraction(literal: str) -> orjson.Fragment:
     """A number with a fraction or an exponent: the shortest text of its double when
     that text is its exact value (``1e2`` and ``100.0`` are ``100.0``), else its exact
     value as ``D.DDDeN`` (which no double's text of another value can be)."""
     exact = _scientific(literal)
     if exact == "0":
-        return _Number("0.0")  # -0.0, 0e5: one zero
+        return _ZERO  # -0.0, 0e5: one zero
     shortest = orjson.dumps(float(literal)).decode()
-    return _Number(shortest if _scientific(shortest) == exact else exact)
+    return orjson.Fragment(shortest if _scientific(shortest) == exact else exact)
+
+
+_ZERO = orjson.Fragment("0.0")
+_I64_MIN = -(2**63)
+_U64_END = 2**64  # orjson writes the integers from _I64_MIN up to here, not beyond
 
 
 def _scientific(literal: str) -> str:
@@ -110,10 +153,23 @@ def _refuse(literal: str) -> Any:
     raise ValueError(literal)  # NaN, Infinity: not JSON (orjson refused them already)
 
 
-def _exact_text(value: object) -> Any:
-    if isinstance(value, _Number):
-        return orjson.Fragment(value.text)
-    raise TypeError
+class _RepeatedNameError(Exception):
+    """A value of the exact parse holds a :class:`_Repeated`: it makes no key."""
+
+
+def _writable(value: Any) -> Any:
+    """``value`` of the exact parse as orjson can write it: an integer past 64 bits as
+    its digits (integers are JSON's canonical text of themselves)."""
+    kind = type(value)
+    if kind is int:
+        return value if _I64_MIN <= value < _U64_END else orjson.Fragment(str(value))
+    if kind is dict:
+        return {name: _writable(member) for name, member in value.items()}
+    if kind is list:
+        return [_writable(item) for item in value]
+    if kind is _Repeated:
+        raise _RepeatedNameError
+    return value
 
 
 def _has_float(value: Any) -> bool:
@@ -162,7 +218,7 @@ class JsonPointer:
         node = document
         for token in self._tokens:
             if isinstance(node, dict):
-                if token not in node:
+                if token not in node or (type(node) is _Repeated and token in node.names):
                     return False, None
                 node = node[token]
             elif isinstance(node, list):
@@ -182,21 +238,30 @@ class JsonPointer:
         no spaces, escapes resolved): spelling a value another way (``1e2`` for
         ``100.0``, ``"\\u0061"`` for ``"a"``) does not give a client another budget,
         while ``123`` and ``"123"`` stay two keys. Numbers are exact: two numbers a
-        double cannot tell apart are two keys."""
+        double cannot tell apart are two keys. A member name twice on the way or in the
+        value: ``None``."""
         if document is NO_BODY:
             return None
         found, value = self.resolve(document.document)
         if not found:
             return None
-        if not _has_float(value):  # strings, 64-bit integers: orjson's text is exact
+        # strings, 64-bit integers, each name once: orjson's document is the body's
+        if not _has_float(value) and document.unique_names():
             return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-        exact = document.exact()
+        return self._exact_value_text(document.exact())
+
+    def _exact_value_text(self, exact: Any) -> str | None:
+        """:meth:`value_text` in the document of :meth:`JsonBody.exact`."""
         if exact is NO_BODY:
             return None
         found, value = self.resolve(exact)
         if not found:
             return None
-        return orjson.dumps(value, default=_exact_text, option=orjson.OPT_SORT_KEYS).decode()
+        try:
+            value = _writable(value)
+        except _RepeatedNameError:
+            return None
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
     def key(self, body: bytes) -> str | None:
         """The JSON text of the value in ``body``, or ``None`` (not JSON, no such value)."""

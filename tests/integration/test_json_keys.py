@@ -268,3 +268,29 @@ async def test_integers_past_64_bits_are_two_chats(digest_upstream: str) -> None
         # the fraction of the same value is a key of its own, as 123.0 is beside 123
         fraction = b'{"message":{"chat":{"id":123456789012345678901.0}}}'
         assert (await _post(s, gw, fraction))[0] == 200
+
+
+async def test_a_member_name_twice_on_the_path_spends_the_fallback(digest_upstream: str) -> None:
+    cfg = _cfg(digest_upstream, fallback="anon")
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        # a chat's budget (2) is spent by requests naming only it
+        assert (await _post(s, gw, _update(1)))[0] == 200
+        assert (await _post(s, gw, _update(1)))[0] == 200
+        assert (await _post(s, gw, _update(1)))[0] == 429
+        # naming another chat first (which a first-wins upstream serves) and the spent one
+        # last, or twice over, gives no chat's budget: the fallback's (1), then refused by it
+        twice = b'{"message":{"chat":{"id":2},"chat":{"id":1}}}'
+        status, answer = await _post(s, gw, twice)
+        assert status == 200
+        assert isinstance(answer, Mapping)
+        assert answer["sha256"] == hashlib.sha256(twice).hexdigest()  # still byte for byte
+        for body in (
+            b'{"message":{"chat":{"id":3,"id":4}}}',
+            b'{"message":{"chat":{"id":5}},"message":{"chat":{"id":5}}}',
+        ):
+            status, text = await _post(s, gw, body)
+            assert status == 429
+            assert "anon" in str(text)
+        # chat 2's own budget is untouched
+        assert (await _post(s, gw, _update(2)))[0] == 200
+        assert (await _post(s, gw, _update(2)))[0] == 200

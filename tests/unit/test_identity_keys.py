@@ -182,3 +182,44 @@ def test_different_numbers_are_different_keys(first: bytes, second: bytes) -> No
 def test_numbers_have_one_exact_text(literal: bytes, key: str) -> None:
     assert JsonPointer("/n").key(b'{"n": ' + literal + b"}") == key
     assert JsonPointer("/n").key(b'{"n": [' + literal + b"]}") == f"[{key}]"
+
+
+@pytest.mark.parametrize(
+    ("pointer", "body"),
+    [
+        # a member name twice on the pointer's path: no key, whichever one the upstream reads
+        ("/message/chat/id", b'{"message": {"chat": {"id": 1}, "chat": {"id": 2}}}'),
+        ("/message/chat/id", b'{"message": {"chat": {"id": 1, "id": 2}}}'),
+        ("/message/chat/id", b'{"message": {"chat": {"id": 1, "id": 1}}}'),
+        ("/message/chat/id", b'{"message": {"chat": {"id": 1}}, "message": {}}'),
+        ("/message/chat/id", b'{"message": {"chat": {"id": 1}}, "message": {"chat": {"id": 2}}}'),
+        ("/message/chat/id", b'{"message": {"chat": {"id": 1}, "\\u0063hat": {"id": 2}}}'),
+        ("/message/chat/id", b'{"message" :{"chat": {"id": 1}}, "message": {"chat": {"id": 2}}}'),
+        ("/a/0/b", b'{"a": [{"b": 1, "b": 2}]}'),
+        # a colon spelled as an escape makes up for the colons of the dropped member
+        ("/m/chat/id", b'{"m": {"chat": {"id": 1}, "chat": {"id": 2}, "t": "\\u003a\\u003a"}}'),
+        ("/m/chat/id", b'{"m": {"chat": {"id": 1}, "chat": {"id": 2}, "t": "\\u003A\\u003A"}}'),
+        # or inside the value the key is made of
+        ("/chat", b'{"chat": {"id": 1, "id": 2}}'),
+        ("/chat", b'{"chat": {"x": [{"id": 1, "id": 2}]}}'),
+        ("/chat/id", b'{"chat": {"id": 1, "id": 2.5}}'),
+    ],
+)
+def test_a_member_name_twice_on_the_path_is_no_key(pointer: str, body: bytes) -> None:
+    assert JsonPointer(pointer).key(body) is None
+
+
+@pytest.mark.parametrize(
+    ("pointer", "body", "key"),
+    [
+        # a name twice away from the path does not matter
+        ("/message/chat/id", b'{"message": {"chat": {"id": 1}, "x": 1, "x": 2}}', "1"),
+        ("/message/chat/id", b'{"x": 1, "x": 2, "message": {"chat": {"id": 1}}}', "1"),
+        # colons inside strings, spaces before a colon: read exactly
+        ("/message/chat/id", b'{"message": {"text": "12:30 http://x", "chat": {"id": 7}}}', "7"),
+        ("/message/chat/id", b'{"message" : {"chat" : {"id" : 7.5}}}', "7.5"),
+        ("/a", b'{"a": {"b": ":", "c": "\\":"}}', '{"b":":","c":"\\":"}'),
+    ],
+)
+def test_names_twice_elsewhere_and_colons_in_strings(pointer: str, body: bytes, key: str) -> None:
+    assert JsonPointer(pointer).key(body) == key
