@@ -57,11 +57,14 @@ class JsonBody:
         guess: False may also be a ``\\u003a`` escape)."""
         if self._unique is None:
             raw = self.raw
-            self._unique = (
-                b"\\u003a" not in raw
-                and b"\\u003A" not in raw
-                and raw.count(b":") == orjson.dumps(self.document).count(b":")
-            )
+            try:
+                self._unique = (
+                    b"\\u003a" not in raw
+                    and b"\\u003A" not in raw
+                    and raw.count(b":") == orjson.dumps(self.document).count(b":")
+                )
+            except orjson.JSONEncodeError:  # nested deeper than orjson writes
+                self._unique = False
         return self._unique
 
     def exact(self) -> Any:
@@ -173,13 +176,21 @@ def _writable(value: Any) -> Any:
 
 
 def _has_float(value: Any) -> bool:
-    """Whether orjson's ``value`` holds a float (a number it may not have read exactly)."""
-    if type(value) is float:
-        return True
-    if type(value) is dict:
-        return any(_has_float(v) for v in value.values())
-    if type(value) is list:
-        return any(_has_float(v) for v in value)
+    """Whether orjson's ``value`` holds a float (a number it may not have read exactly).
+    Without recursion: orjson reads 1024 levels, more than Python's stack allows."""
+    kind = type(value)
+    if kind is not dict and kind is not list:  # the usual key: a scalar
+        return kind is float
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is float:
+            return True
+        if kind is dict:
+            stack.extend(node.values())
+        elif kind is list:
+            stack.extend(node)
     return False
 
 
@@ -246,22 +257,27 @@ class JsonPointer:
         if not found:
             return None
         # strings, 64-bit integers, each name once: orjson's document is the body's
-        if not _has_float(value) and document.unique_names():
+        if _has_float(value) or not document.unique_names():
+            found, value = self._exact_value(document.exact())
+            if not found:
+                return None
+        try:
             return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-        return self._exact_value_text(document.exact())
-
-    def _exact_value_text(self, exact: Any) -> str | None:
-        """:meth:`value_text` in the document of :meth:`JsonBody.exact`."""
-        if exact is NO_BODY:
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes: no key
             return None
+
+    def _exact_value(self, exact: Any) -> tuple[bool, Any]:
+        """:meth:`resolve` in the document of :meth:`JsonBody.exact`, the value as
+        orjson writes it; not found through or with a repeated name."""
+        if exact is NO_BODY:
+            return False, None
         found, value = self.resolve(exact)
         if not found:
-            return None
+            return False, None
         try:
-            value = _writable(value)
-        except _RepeatedNameError:
-            return None
-        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+            return True, _writable(value)
+        except (_RepeatedNameError, RecursionError):
+            return False, None
 
     def key(self, body: bytes) -> str | None:
         """The JSON text of the value in ``body``, or ``None`` (not JSON, no such value)."""

@@ -294,3 +294,17 @@ async def test_a_member_name_twice_on_the_path_spends_the_fallback(digest_upstre
         # chat 2's own budget is untouched
         assert (await _post(s, gw, _update(2)))[0] == 200
         assert (await _post(s, gw, _update(2)))[0] == 200
+
+
+async def test_a_value_nested_deeper_than_a_key_is_written_spends_the_fallback(
+    digest_upstream: str,
+) -> None:
+    cfg = _cfg(digest_upstream, fallback="anon")
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        for depth in (300, 1000):
+            deep = b'{"message":{"chat":{"id":' + b"[" * depth + b"]" * depth + b"}}}"
+            status, text = await _post(s, gw, deep)
+            # the first spends the fallback's budget (1), the second is refused by it
+            assert status == (200 if depth == 300 else 429), text
+            if status == 429:
+                assert "anon" in str(text)

@@ -253,3 +253,11 @@ def test_number_keys_are_equal_exactly_when_the_values_are(first: str, second: s
     assert (a == b) is same
     # the second parse gives the same key as the first
     assert _number_key(first, slow=True) == a
+
+
+@pytest.mark.parametrize(("depth", "found"), [(200, True), (300, False), (1000, False)])
+def test_a_value_nested_deeper_than_a_key_is_written_is_no_key(depth: int, *, found: bool) -> None:
+    for inner in (b"", b"1.5"):  # the first parse's document, and the second's
+        body = b'{"n": ' + b"[" * depth + inner + b"]" * depth + b', "s": "\\u003a"}'
+        assert (JsonPointer("/n").key(body) is not None) is found
+        assert (JsonPointer("/n").key(body.replace(b"\\u003a", b"")) is not None) is found
