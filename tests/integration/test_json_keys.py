@@ -252,3 +252,59 @@ async def test_expect_100_continue_bodies_are_keyed(digest_upstream: str) -> Non
                 if r.status == 200:
                     assert (await r.json())["sha256"] == hashlib.sha256(body).hexdigest()
         assert statuses == [200, 200, 429]
+
+
+async def test_integers_past_64_bits_are_two_chats(digest_upstream: str) -> None:
+    async with running_gateway(_cfg(digest_upstream)) as gw, aiohttp.ClientSession() as s:
+        first = b'{"message":{"chat":{"id":123456789012345678901}}}'
+        neighbour = b'{"message":{"chat":{"id":123456789012345678902}}}'
+        assert (await _post(s, gw, first))[0] == 200
+        assert (await _post(s, gw, first))[0] == 200
+        assert (await _post(s, gw, first))[0] == 429
+        # a neighbour's budget cannot be spent by naming a number that rounds to it
+        assert (await _post(s, gw, neighbour))[0] == 200
+        assert (await _post(s, gw, neighbour))[0] == 200
+        assert (await _post(s, gw, neighbour))[0] == 429
+        # the fraction of the same value is a key of its own, as 123.0 is beside 123
+        fraction = b'{"message":{"chat":{"id":123456789012345678901.0}}}'
+        assert (await _post(s, gw, fraction))[0] == 200
+
+
+async def test_a_member_name_twice_on_the_path_spends_the_fallback(digest_upstream: str) -> None:
+    cfg = _cfg(digest_upstream, fallback="anon")
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        # a chat's budget (2) is spent by requests naming only it
+        assert (await _post(s, gw, _update(1)))[0] == 200
+        assert (await _post(s, gw, _update(1)))[0] == 200
+        assert (await _post(s, gw, _update(1)))[0] == 429
+        # naming another chat first (which a first-wins upstream serves) and the spent one
+        # last, or twice over, gives no chat's budget: the fallback's (1), then refused by it
+        twice = b'{"message":{"chat":{"id":2},"chat":{"id":1}}}'
+        status, answer = await _post(s, gw, twice)
+        assert status == 200
+        assert isinstance(answer, Mapping)
+        assert answer["sha256"] == hashlib.sha256(twice).hexdigest()  # still byte for byte
+        for body in (
+            b'{"message":{"chat":{"id":3,"id":4}}}',
+            b'{"message":{"chat":{"id":5}},"message":{"chat":{"id":5}}}',
+        ):
+            status, text = await _post(s, gw, body)
+            assert status == 429
+            assert "anon" in str(text)
+        # chat 2's own budget is untouched
+        assert (await _post(s, gw, _update(2)))[0] == 200
+        assert (await _post(s, gw, _update(2)))[0] == 200
+
+
+async def test_a_value_nested_deeper_than_a_key_is_written_spends_the_fallback(
+    digest_upstream: str,
+) -> None:
+    cfg = _cfg(digest_upstream, fallback="anon")
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        for depth in (300, 1000):
+            deep = b'{"message":{"chat":{"id":' + b"[" * depth + b"]" * depth + b"}}}"
+            status, text = await _post(s, gw, deep)
+            # the first spends the fallback's budget (1), the second is refused by it
+            assert status == (200 if depth == 300 else 429), text
+            if status == 429:
+                assert "anon" in str(text)
