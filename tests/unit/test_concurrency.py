@@ -139,11 +139,13 @@ def simulate(
     seed: int = 7,
     changes: dict[float, tuple[int, float]] | None = None,
     lag_s: float = 0.0,
+    lag_seen: bool = False,
 ) -> Run:
     """Closed-loop clients (each sends again when answered, or ``retry_s`` after a refusal)
     in front of an upstream of ``workers`` x ``service_s``; the limiter admits ``normal``.
     ``lag_s`` is the gateway's own delay, added to every latency it measures (a busy
-    event loop reads an answer late)."""
+    event loop reads an answer late); with ``lag_seen`` each sample also tells the
+    limiter that delay (the event loop's lag, as the gateway passes it)."""
     rng = random.Random(seed)
     run = Run()
     seq = itertools.count()
@@ -184,7 +186,10 @@ def simulate(
         else:  # done
             inflight -= 1
             latency = now - admitted_at + lag_s
-            limiter.on_sample(latency, now, at_admission)
+            if lag_seen:
+                limiter.on_sample(latency, now, at_admission, delay_s=lag_s)
+            else:
+                limiter.on_sample(latency, now, at_admission)
             if now >= since:
                 run.completions += 1
                 run.latency_sum += latency
@@ -286,6 +291,31 @@ def test_a_limit_halved_by_the_gateways_own_delay_measures_again_without_waiting
     )
     assert run.completions / 4.0 >= 0.9 * 400
     assert sorted(run.limits)[len(run.limits) // 10] >= 8  # 90 % of the time
+
+
+@pytest.mark.parametrize("lag_s", [0.003, 0.006, 0.012])
+def test_a_gateway_busy_with_its_own_cpu_does_not_shed_a_fast_upstream(lag_s: float) -> None:
+    """A fast upstream (2 ms, room for everyone) learned while quiet; then 50 greedy
+    clients keep the gateway's CPU busy and its loop reads every answer ``lag_s`` late,
+    with no queue in the upstream.  Refusing would not make the gateway faster (a 503
+    costs about the CPU of a forwarded request), so the limit must stay above the 50 the
+    clients ask for: nothing is refused.  The limiter is told the loop's lag with each
+    sample, and a rise it explains is not a queue in the upstream."""
+    limiter = GradientLimit(minimum=4, maximum=500, now=0.0, probe_interval_s=10.0)
+    simulate(limiter, Upstream(256, 0.002), clients=2, until=2.0, since=0.0)
+    assert limiter.no_load_s == pytest.approx(0.002, rel=0.15)
+    run = simulate(
+        limiter,
+        Upstream(256, 0.002),
+        clients=50,
+        start=2.0,
+        until=14.0,
+        since=2.0,
+        lag_s=lag_s,
+        lag_seen=True,
+    )
+    assert run.refused == 0
+    assert min(run.limits) >= 50
 
 
 def test_a_refused_request_waits_at_most_the_no_load_latency() -> None:
