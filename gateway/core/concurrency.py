@@ -199,16 +199,18 @@ class GradientLimit:
     def probing(self) -> bool:
         return self._phase_started != math.inf
 
-    def on_sample(self, latency_s: float, now: float, inflight: int) -> None:
-        """One completed request: its latency, when it ended, and the in-flight count when
-        it was admitted (itself included)."""
+    def on_sample(self, latency_s: float, now: float, inflight: int, delay_s: float = 0.0) -> None:
+        """One completed request: its latency, when it ended, the in-flight count when
+        it was admitted (itself included), and the gateway's own delay at the time (its
+        event loop's lag: how late it reads an answer that has come).  What is learned
+        from is the latency less that delay: the upstream's share of it."""
         if self._phase_started != math.inf:
-            self._probe(latency_s, now, inflight)
+            self._probe(latency_s, now, inflight, delay_s)
             return
         # a sample weighs at most twice the no-load latency: past that the gradient is at
         # its floor anyway, and a few requests slow by nature (an export among searches,
         # a client's deliberately costly ones) must not outweigh the many that are not
-        self._sum += min(latency_s, self.SAMPLE_CAP * self._no_load)
+        self._sum += min(latency_s - delay_s, self.SAMPLE_CAP * self._no_load)
         self._count += 1
         if inflight * 2 >= self.limit:
             self._loaded = True
@@ -230,6 +232,10 @@ class GradientLimit:
         self._count = 0
         self._loaded = False
         self._window_end = now + self._window_s()
+        if average <= 0:
+            # the delay passed exceeded the latencies (a lag measured between a stall and
+            # the answers it held up): nothing to learn from this window
+            return
         self._no_load = min(self._no_load, average)
         floor = 1 / self.SAMPLE_CAP
         gradient = min(1.0, max(floor, self._no_load / average)) if average > 0 else 1.0
@@ -259,15 +265,16 @@ class GradientLimit:
         self._probe_count = 0
         self.limit = self._probe_limit
 
-    def _probe(self, latency_s: float, now: float, inflight: int) -> None:
+    def _probe(self, latency_s: float, now: float, inflight: int, delay_s: float) -> None:
         # A request admitted during the probe with at most the probe's limit in flight
         # (everything counted, what was admitted before the probe included) found the
         # upstream below its real concurrency: its latency is the no-load latency.
         if now - latency_s >= self._phase_started and inflight <= self._probe_limit:
-            self._probe_sum += latency_s
+            self._probe_sum += latency_s - delay_s
             self._probe_count += 1
         if self._probe_count >= self.PROBE_SAMPLES:
-            self._no_load = self._probe_sum / self._probe_count
+            if self._probe_sum > 0:
+                self._no_load = self._probe_sum / self._probe_count
             self._end_probe(now)
         elif now - self._phase_started >= self.PROBE_TIMEOUT_S:
             self._end_probe(now)

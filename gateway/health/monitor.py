@@ -86,6 +86,11 @@ class HealthMonitor:
     # ------------------------------------------------------------------ public API
 
     @property
+    def loop_lag(self) -> LoopLag:
+        """The event loop's lag, as the ``event_loop`` check last measured it."""
+        return self._lag
+
+    @property
     def draining(self) -> bool:
         """The drain was announced (``/readyz`` answers 503): the process's one flag."""
         return self.lifecycle.stopping

@@ -100,11 +100,12 @@ class UpstreamLeg:
     """Sends requests upstream and their answers back; one per handler (it counts the
     body bytes held by all requests)."""
 
-    __slots__ = ("_loop", "buffered", "rt")
+    __slots__ = ("_lag", "_loop", "buffered", "rt")
 
     def __init__(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
         self.rt = runtime
         self._loop = loop
+        self._lag = runtime.monitor.loop_lag
         # request body bytes held by all requests before their upstream exchange
         self.buffered = 0
 
@@ -431,7 +432,9 @@ class UpstreamLeg:
                 elapsed = now - t0
                 up.duration.observe(elapsed)
                 if up.gradient is not None:
-                    up.on_sample(elapsed, now, admitted_with)
+                    # the loop's lag is the gateway's own share of elapsed (a busy
+                    # loop reads the answer late), not a queue in the upstream
+                    up.on_sample(elapsed, now, admitted_with, self._lag.last_s)
                 status = up_resp.status
                 up.breaker.record(now, failure=up.breaker.is_failure(status, elapsed))
                 ctx.status = status

@@ -140,12 +140,13 @@ class UpstreamState:
             reserve=critical_reserve(limit) if reserved else 0,
         )
 
-    def on_sample(self, latency_s: float, now: float, inflight: int) -> None:
-        """A completed exchange (adaptive mode learns from it)."""
+    def on_sample(self, latency_s: float, now: float, inflight: int, delay_s: float) -> None:
+        """A completed exchange (adaptive mode learns from it); ``delay_s`` is the
+        gateway's own delay (its event loop's lag), a part of ``latency_s``."""
         g = self.gradient
         if g is not None:
             before = g.limit
-            g.on_sample(latency_s, now, inflight)
+            g.on_sample(latency_s, now, inflight, delay_s)
             if g.limit != before:
                 self.limit_gauge.set(g.limit)
 

@@ -140,12 +140,15 @@ def simulate(
     changes: dict[float, tuple[int, float]] | None = None,
     lag_s: float = 0.0,
     lag_seen: bool = False,
+    lag_swing: float = 0.0,
 ) -> Run:
     """Closed-loop clients (each sends again when answered, or ``retry_s`` after a refusal)
     in front of an upstream of ``workers`` x ``service_s``; the limiter admits ``normal``.
     ``lag_s`` is the gateway's own delay, added to every latency it measures (a busy
-    event loop reads an answer late); with ``lag_seen`` each sample also tells the
-    limiter that delay (the event loop's lag, as the gateway passes it)."""
+    event loop reads an answer late), swinging by ``lag_swing`` of itself up and down
+    over a second and a half (a busy loop's lag is not steady); with ``lag_seen`` each
+    sample also tells the limiter that delay (the event loop's lag, as the gateway
+    passes it)."""
     rng = random.Random(seed)
     run = Run()
     seq = itertools.count()
@@ -185,9 +188,10 @@ def simulate(
                 upstream.queue.append((now, inflight))
         else:  # done
             inflight -= 1
-            latency = now - admitted_at + lag_s
+            lag = lag_s * (1 + lag_swing * math.sin(now * 2 * math.pi / 1.5))
+            latency = now - admitted_at + lag
             if lag_seen:
-                limiter.on_sample(latency, now, at_admission, delay_s=lag_s)
+                limiter.on_sample(latency, now, at_admission, delay_s=lag)
             else:
                 limiter.on_sample(latency, now, at_admission)
             if now >= since:
@@ -296,11 +300,14 @@ def test_a_limit_halved_by_the_gateways_own_delay_measures_again_without_waiting
 @pytest.mark.parametrize("lag_s", [0.003, 0.006, 0.012])
 def test_a_gateway_busy_with_its_own_cpu_does_not_shed_a_fast_upstream(lag_s: float) -> None:
     """A fast upstream (2 ms, room for everyone) learned while quiet; then 50 greedy
-    clients keep the gateway's CPU busy and its loop reads every answer ``lag_s`` late,
-    with no queue in the upstream.  Refusing would not make the gateway faster (a 503
-    costs about the CPU of a forwarded request), so the limit must stay above the 50 the
-    clients ask for: nothing is refused.  The limiter is told the loop's lag with each
-    sample, and a rise it explains is not a queue in the upstream."""
+    clients keep the gateway's CPU busy and its loop reads every answer late, by 0 to
+    twice ``lag_s`` as its lag swings, with no queue in the upstream.  Refusing would
+    not make the gateway faster (a 503 costs about the CPU of a forwarded request), so
+    once the limit has grown to the load it must stay above the 50 the clients ask for:
+    nothing is refused.  The limiter is told the loop's lag with each sample, and a rise
+    that lag explains is not a queue in the upstream (without it, most of the clients'
+    requests are refused: the no-load figure is learned while the lag is low, and every
+    window where it is higher reads as a queue)."""
     limiter = GradientLimit(minimum=4, maximum=500, now=0.0, probe_interval_s=10.0)
     simulate(limiter, Upstream(256, 0.002), clients=2, until=2.0, since=0.0)
     assert limiter.no_load_s == pytest.approx(0.002, rel=0.15)
@@ -310,12 +317,34 @@ def test_a_gateway_busy_with_its_own_cpu_does_not_shed_a_fast_upstream(lag_s: fl
         clients=50,
         start=2.0,
         until=14.0,
-        since=2.0,
+        since=3.0,
         lag_s=lag_s,
         lag_seen=True,
+        lag_swing=1.0,
     )
     assert run.refused == 0
     assert min(run.limits) >= 50
+
+
+def test_a_busy_gateway_still_lowers_the_limit_when_the_upstream_queues() -> None:
+    """The gateway's own delay is taken off, not the upstream's queue: 8 workers x 20 ms
+    and 64 greedy clients while the loop's lag swings between 0 and 24 ms, the limit
+    still settles just above the upstream's real concurrency, and what the upstream
+    itself takes (the latency less the lag) stays near its no-load 20 ms."""
+    limiter = _limiter()
+    run = simulate(
+        limiter,
+        Upstream(8, 0.020),
+        clients=64,
+        until=20.0,
+        since=5.0,
+        lag_s=0.012,
+        lag_seen=True,
+        lag_swing=1.0,
+    )
+    assert run.completions / 15.0 >= 0.9 * 400
+    assert run.mean_latency - 0.012 <= 1.6 * 0.020
+    assert 8 <= statistics.median(run.limits) <= 16
 
 
 def test_a_refused_request_waits_at_most_the_no_load_latency() -> None:
@@ -480,3 +509,20 @@ def test_a_bulk_flood_leaves_the_critical_route_its_latency_and_the_upstream_bus
     assert large.bulk_done / 8.0 >= 0.9 * 800
     ratio = statistics.median(large.limits) / statistics.median(small.limits)
     assert 1.5 <= ratio <= 2.5
+
+
+def test_a_delay_larger_than_the_latencies_teaches_nothing() -> None:
+    """The loop's lag is measured apart from the answers: one taken over a stall may be
+    passed with answers the stall did not hold up.  A window whose latencies less that
+    delay come to nothing leaves the no-load latency and the limit as they were."""
+    limiter = GradientLimit(minimum=4, maximum=100, now=0.0)
+    t = 0.0
+    for _ in range(2 * GradientLimit.MIN_SAMPLES):
+        t += 0.01
+        limiter.on_sample(0.02, t, 1)
+    no_load, limit = limiter.no_load_s, limiter.limit
+    assert no_load == pytest.approx(0.02)
+    for _ in range(4 * GradientLimit.MIN_SAMPLES):
+        t += 0.01
+        limiter.on_sample(0.02, t, 1, delay_s=0.5)
+    assert (limiter.no_load_s, limiter.limit) == (no_load, limit)

@@ -20,23 +20,25 @@ __all__ = ["LoopLag"]
 class LoopLag:
     """The event loop's lag, measured by a task that sleeps one tick at a time."""
 
-    __slots__ = ("_due", "_lag_s")
+    __slots__ = ("_due", "last_s")
 
     def __init__(self) -> None:
-        self._lag_s = 0.0
+        # the last lag measured: the gateway's own delay in reading what has come, read
+        # by the adaptive concurrency limit with each upstream answer (one float read)
+        self.last_s = 0.0
         self._due: float | None = None  # loop time the lag task should wake at
 
     def current(self) -> float:
         """The last lag measured, or more when the tick is overdue right now."""
         due = self._due
         if due is None:
-            return self._lag_s
+            return self.last_s
         try:
             now = asyncio.get_running_loop().time()
         except RuntimeError:
-            return self._lag_s
+            return self.last_s
         # a loop blocked right now shows as a tick that is overdue
-        return max(self._lag_s, now - due)
+        return max(self.last_s, now - due)
 
     async def run(
         self, cfg: Liveness, tick: float, report: Report, round_done: Callable[[], None]
@@ -50,7 +52,7 @@ class LoopLag:
                 self._due = due
                 await asyncio.sleep(tick)
                 lag = max(0.0, loop.time() - due)
-                self._lag_s = lag
+                self.last_s = lag
                 status = threshold_status(lag, limit / 2, limit)
                 message = f"lag {lag * 1000:.1f} ms"
                 if status is not Status.HEALTHY:
