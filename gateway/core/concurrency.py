@@ -32,13 +32,29 @@ concurrency filter:
   a square root above the real concurrency is below it, which is all the probe needs,
   and the flood loses a few per cent of one probe's moment instead of almost all of it.
   An idle or lightly loaded upstream is never probed: its windows already show its
-  no-load latency, and nothing is ever refused for a probe.  A figure learned while the
-  gateway was quiet leaves out the gateway's own delay under load (its loop busy with a
-  flood reads every answer later), which reads as a queue in the upstream; so a limit
-  that has halved since the last probe probes again (``REBASE_GAP_S`` after it at the
-  soonest): either the upstream got slower, and its no-load latency is to be measured
-  anew anyway, or the gateway's own delay grew (its CPU taken by a flood, by its
-  neighbours, by a throttling quota), and the figure to compare with must include it.
+  no-load latency, and nothing is ever refused for a probe.  A limit that has halved
+  since the last probe probes again (``REBASE_GAP_S`` after it at the soonest): either
+  the upstream got slower, and its no-load latency is to be measured anew anyway, or
+  the figure in force is wrong for another reason (a delay of the gateway's own that
+  the lag below does not show), and a probe measures it again.
+- The latencies the gateway measures include its own delay: a loop busy with a flood
+  (its CPU taken by the flood, by its neighbours, by a throttling quota) reads every
+  answer late, by about its lag, and a no-load figure learned while it was quiet would
+  read that as a queue in the upstream.  Refusing then does not help: the gateway is
+  the bottleneck, and a 503 costs it about the CPU of a forwarded request.  So each
+  sample comes with the event loop's lag at the time (``delay_s``), and everything here
+  is learned from the latency less that lag, the upstream's share of it: the windows,
+  the no-load minimum and the probes alike, so the gradient compares the upstream with
+  itself and a rise the lag explains moves nothing.  A real queue in the upstream still
+  lowers the limit as before, however busy the gateway.  Freezing decreases while the
+  lag is high (the other way to read a busy gateway) would leave the upstream
+  unprotected exactly when a flood both saturates the gateway and queues in the
+  upstream; comparing the raw average less the lag with a no-load figure that still
+  holds the lag of its own moment dilutes the gradient by that lag.  The lag is one
+  measure a quarter of a second, not the delay of each answer: a window where it
+  exceeds the latencies (taken over a stall the answers did not see) teaches nothing;
+  one that overstates the delay for longer makes the limit more cautious, not bolder
+  (the no-load figure sinks with it), and a limit halved that way probes again.
 - A request over the limit waits once, the no-load latency at most
   (:attr:`GradientLimit.refusal_wait_s`), and is checked again before it is refused:
   a closed-loop flood refused at once sends again at once, and its refusals take the
