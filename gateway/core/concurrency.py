@@ -39,22 +39,22 @@ concurrency filter:
   the lag below does not show), and a probe measures it again.
 - The latencies the gateway measures include its own delay: a loop busy with a flood
   (its CPU taken by the flood, by its neighbours, by a throttling quota) reads every
-  answer late, by about its lag, and a no-load figure learned while it was quiet would
-  read that as a queue in the upstream.  Refusing then does not help: the gateway is
-  the bottleneck, and a 503 costs it about the CPU of a forwarded request.  So each
-  sample comes with the event loop's lag at the time (``delay_s``), and everything here
-  is learned from the latency less that lag, the upstream's share of it: the windows,
-  the no-load minimum and the probes alike, so the gradient compares the upstream with
-  itself and a rise the lag explains moves nothing.  A real queue in the upstream still
-  lowers the limit as before, however busy the gateway.  Freezing decreases while the
-  lag is high (the other way to read a busy gateway) would leave the upstream
-  unprotected exactly when a flood both saturates the gateway and queues in the
-  upstream; comparing the raw average less the lag with a no-load figure that still
-  holds the lag of its own moment dilutes the gradient by that lag.  The lag is one
-  measure a quarter of a second, not the delay of each answer: a window where it
-  exceeds the latencies (taken over a stall the answers did not see) teaches nothing;
-  one that overstates the delay for longer makes the limit more cautious, not bolder
-  (the no-load figure sinks with it), and a limit halved that way probes again.
+  answer late, by about its lag, and a no-load figure learned while it was quieter
+  would read that as a queue in the upstream.  Refusing then does not help: the gateway
+  is the bottleneck, and a 503 costs it about the CPU of a forwarded request.  So each
+  sample comes with the event loop's lag at the time (``delay_s``); the no-load latency
+  is kept with the average lag of the moment it was measured, and a window's samples
+  are compared with it less the lag's growth since: a rise that growth explains moves
+  nothing, a real queue in the upstream still lowers the limit, however busy the
+  gateway.  The no-load figure itself is learned from the latencies as measured, not
+  less the lag: the lag is one reading a quarter of a second, not each answer's delay,
+  and a minimum over windows less a noisy reading keeps the reading that overstated
+  the delay most (over real sockets, that shed more than not knowing the lag at all).
+  For the same reason a lag lower than at the no-load moment is not added back: the
+  noise then only ever errs towards a higher limit, by at most the lag's growth.
+  Freezing decreases while the lag is high (the other way to read a busy gateway) would
+  leave the upstream unprotected exactly when a flood both saturates the gateway and
+  queues in the upstream.
 - A request over the limit waits once, the no-load latency at most
   (:attr:`GradientLimit.refusal_wait_s`), and is checked again before it is refused:
   a closed-loop flood refused at once sends again at once, and its refusals take the
@@ -130,15 +130,19 @@ class GradientLimit:
 
     __slots__ = (
         "_count",
+        "_delay_sum",
         "_estimate",
         "_loaded",
         "_no_load",
+        "_no_load_delay",
         "_phase_started",
         "_probe_count",
+        "_probe_delay_sum",
         "_probe_due",
         "_probe_ended",
         "_probe_limit",
         "_probe_sum",
+        "_raw_sum",
         "_rebase_from",
         "_sum",
         "_window_end",
@@ -185,7 +189,10 @@ class GradientLimit:
         self._estimate = float(min(maximum, max(minimum, self.INITIAL)))
         self.limit = int(self._estimate)
         self._no_load = math.inf
-        self._sum = 0.0
+        self._no_load_delay = 0.0  # the gateway's own delay when no_load was measured
+        self._sum = 0.0  # latencies less the growth of the gateway's own delay (capped)
+        self._raw_sum = 0.0  # latencies as measured (capped): the no-load figure's
+        self._delay_sum = 0.0
         self._count = 0
         self._loaded = False
         self._window_end = math.inf
@@ -193,6 +200,7 @@ class GradientLimit:
         self._phase_started = math.inf  # when the probe in progress began
         self._probe_limit = 0
         self._probe_sum = 0.0
+        self._probe_delay_sum = 0.0
         self._probe_count = 0
         self._probe_ended = -math.inf
         self._rebase_from = self._estimate
@@ -218,15 +226,19 @@ class GradientLimit:
     def on_sample(self, latency_s: float, now: float, inflight: int, delay_s: float = 0.0) -> None:
         """One completed request: its latency, when it ended, the in-flight count when
         it was admitted (itself included), and the gateway's own delay at the time (its
-        event loop's lag: how late it reads an answer that has come).  What is learned
-        from is the latency less that delay: the upstream's share of it."""
+        event loop's lag: how late it reads an answer that has come).  Only the growth of
+        that delay since the no-load latency was measured is taken off the latency."""
         if self._phase_started != math.inf:
             self._probe(latency_s, now, inflight, delay_s)
             return
         # a sample weighs at most twice the no-load latency: past that the gradient is at
         # its floor anyway, and a few requests slow by nature (an export among searches,
         # a client's deliberately costly ones) must not outweigh the many that are not
-        self._sum += min(latency_s - delay_s, self.SAMPLE_CAP * self._no_load)
+        cap = self.SAMPLE_CAP * self._no_load
+        own = delay_s - self._no_load_delay
+        self._sum += min(latency_s - own if own > 0 else latency_s, cap)
+        self._raw_sum += min(latency_s, cap)
+        self._delay_sum += delay_s
         self._count += 1
         if inflight * 2 >= self.limit:
             self._loaded = True
@@ -243,16 +255,16 @@ class GradientLimit:
 
     def _end_window(self, now: float) -> None:
         average = self._sum / self._count
+        raw = self._raw_sum / self._count
+        delay = self._delay_sum / self._count
         loaded = self._loaded
-        self._sum = 0.0
+        self._sum = self._raw_sum = self._delay_sum = 0.0
         self._count = 0
         self._loaded = False
         self._window_end = now + self._window_s()
-        if average <= 0:
-            # the delay passed exceeded the latencies (a lag measured between a stall and
-            # the answers it held up): nothing to learn from this window
-            return
-        self._no_load = min(self._no_load, average)
+        if raw < self._no_load:
+            self._no_load = raw
+            self._no_load_delay = delay
         floor = 1 / self.SAMPLE_CAP
         gradient = min(1.0, max(floor, self._no_load / average)) if average > 0 else 1.0
         estimate = self._estimate * gradient + math.sqrt(self._estimate)
@@ -277,7 +289,7 @@ class GradientLimit:
     def _begin_probe(self, now: float) -> None:
         self._phase_started = now
         self._probe_limit = max(self.minimum, self.limit // 2)
-        self._probe_sum = 0.0
+        self._probe_sum = self._probe_delay_sum = 0.0
         self._probe_count = 0
         self.limit = self._probe_limit
 
@@ -286,11 +298,12 @@ class GradientLimit:
         # (everything counted, what was admitted before the probe included) found the
         # upstream below its real concurrency: its latency is the no-load latency.
         if now - latency_s >= self._phase_started and inflight <= self._probe_limit:
-            self._probe_sum += latency_s - delay_s
+            self._probe_sum += latency_s
+            self._probe_delay_sum += delay_s
             self._probe_count += 1
         if self._probe_count >= self.PROBE_SAMPLES:
-            if self._probe_sum > 0:
-                self._no_load = self._probe_sum / self._probe_count
+            self._no_load = self._probe_sum / self._probe_count
+            self._no_load_delay = self._probe_delay_sum / self._probe_count
             self._end_probe(now)
         elif now - self._phase_started >= self.PROBE_TIMEOUT_S:
             self._end_probe(now)
@@ -301,7 +314,7 @@ class GradientLimit:
         self._rebase_from = self._estimate
         self._probe_due = now + self.probe_interval_s
         self.limit = int(self._estimate)
-        self._sum = 0.0
+        self._sum = self._raw_sum = self._delay_sum = 0.0
         self._count = 0
         self._loaded = False
         self._window_end = now + self._window_s()

