@@ -87,19 +87,26 @@ local tats = {}
 local dirty = {}
 local expires = {}  -- a calendar key's expiry (its window's end), microseconds
 local costs = {}
-local c = 0
-for cost in string.gmatch(ARGV[3], '%d+') do
-  c = c + 1
-  costs[c] = tonumber(cost)
+if ARGV[3] ~= '' then
+  local c = 0
+  for cost in string.gmatch(ARGV[3], '%d+') do
+    c = c + 1
+    costs[c] = tonumber(cost)
+  end
 end
+-- each rate's three values, read once per call (keys of one rate repeat in a batch)
+local rates = {}
 local i = 0
 for index in string.gmatch(ARGV[2], '%d+') do
   i = i + 1
   local key = KEYS[i]
-  local a = 1 + 3 * tonumber(index)
-  local emission = tonumber(ARGV[a])
-  local burst = tonumber(ARGV[a + 1])
-  local period = tonumber(ARGV[a + 2])
+  local rate = rates[index]
+  if rate == nil then
+    local a = 1 + 3 * tonumber(index)
+    rate = {tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])}
+    rates[index] = rate
+  end
+  local emission, burst, period = rate[1], rate[2], rate[3]
   local cost = costs[i] or 1
   local n = #out
   if period == 0 then
