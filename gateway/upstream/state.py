@@ -130,6 +130,8 @@ class UpstreamState:
                 return self.inflight < self.max_inflight  # version 1: the bulkhead alone
             limit = self.max_inflight
         else:
+            if not self.inflight:
+                return True  # admits' first rule, without its call: the idle upstream's case
             limit = self.gradient.limit
         return admits(
             priority,
