@@ -45,6 +45,7 @@ MAX_TTL_S = 7 * 86400
 MAX_REASON_CHARS = 200
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _Key = tuple[int, int, int]  # version, network as an int, prefix length
 
 
@@ -70,10 +71,17 @@ def parse_target(text: str, ipv6_prefix: int, *, field: str = "ip") -> IPNetwork
             net = ipaddress.ip_network(text, strict=False)
         else:
             ip = ipaddress.ip_address(text)
-            bits = ipv6_prefix if ip.version == 6 else 32
+            mapped = ip.version == 6 and ip.ipv4_mapped is not None
+            bits = ipv6_prefix if ip.version == 6 and not mapped else ip.max_prefixlen
             net = ipaddress.ip_network((int(ip), bits), strict=False)
     except ValueError:
         raise EntryError(field, f"{text!r} is not an IP address or prefix") from None
+    if net.version == 6 and net.subnet_of(_IPV4_MAPPED):
+        # Client addresses (and so bans) turn ::ffff:a.b.c.d into a.b.c.d: an entry does
+        # too, or it would name ::/64 and leave the IPv4 client banned.
+        if net.prefixlen != 128:
+            raise EntryError(field, "an IPv4-mapped entry is one address")
+        net = ipaddress.ip_network((int(net.network_address) & 0xFFFFFFFF, 32))
     if net.version == 4 and net.prefixlen != 32:
         raise EntryError(field, "an IPv4 entry is one address (use allow_cidrs for networks)")
     if net.version == 6 and net.prefixlen < MIN_IPV6_PREFIX:

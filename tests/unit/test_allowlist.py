@@ -178,3 +178,28 @@ async def test_memory_list_remove() -> None:
     assert removed.ip == "2001:db8::/64"
     assert not allow.exempts(ip("2001:db8::99"))
     assert sample(metrics, "gateway_allow_changes_total", action="removed") == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        ("::ffff:203.0.113.5", "203.0.113.5"),  # clients and bans see it as IPv4
+        ("::ffff:203.0.113.5/128", "203.0.113.5"),
+        ("fe80::1%eth0", "fe80::/64"),  # a zone id names no other network
+    ],
+)
+def test_ipv4_mapped_and_zoned_targets_mean_what_a_client_address_means(
+    text: str, name: str
+) -> None:
+    net = parse_target(text, 64)
+    assert entry_name(net) == name
+    table = AllowTable([entry(name)])
+    assert table.match(ip("203.0.113.5"), T0) is not None or net.version == 6
+    assert table.match(ip("::1"), T0) is None
+
+
+@pytest.mark.parametrize("text", ["::ffff:0:0/96", "::ffff:203.0.113.0/120"])
+def test_ipv4_mapped_prefixes_are_refused(text: str) -> None:
+    with pytest.raises(EntryError) as err:
+        parse_target(text, 64)
+    assert err.value.field == "ip"
