@@ -69,6 +69,9 @@ def parse_target(text: str, ipv6_prefix: int, *, field: str = "ip") -> IPNetwork
     try:
         if "/" in text:
             net = ipaddress.ip_network(text, strict=False)
+            # rebuilt from its number: a zone id (``%eth0``) would stay in its name, one
+            # network under two names in the shared list
+            net = ipaddress.ip_network((int(net.network_address), net.prefixlen))
         else:
             ip = ipaddress.ip_address(text)
             mapped = ip.version == 6 and ip.ipv4_mapped is not None

@@ -203,3 +203,12 @@ def test_ipv4_mapped_prefixes_are_refused(text: str) -> None:
     with pytest.raises(EntryError) as err:
         parse_target(text, 64)
     assert err.value.field == "ip"
+
+
+@pytest.mark.parametrize(
+    "text", ["2001:db8::%eth0/64", "2001:db8::%a\nforged=1/64", "2001:db8::1%\u2028x/64"]
+)
+def test_a_zone_id_in_a_prefix_is_not_part_of_the_entry(text: str) -> None:
+    # one network, one name: else it is two entries in the shared list, and removing
+    # 2001:db8::/64 leaves the other in force (and the name carries a line break to logs)
+    assert entry_name(parse_target(text, 64)) == "2001:db8::/64"
