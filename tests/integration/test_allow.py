@@ -255,3 +255,44 @@ async def test_redis_down_keeps_entries_and_refuses_changes(
         status, _ = await _allow(s, gw, {"ip": client, "ttl_s": 60, "reason": "again"})
         assert status == 201
         assert await _get(s, gw, client) == 200
+
+
+async def test_an_ipv4_mapped_entry_lets_the_ipv4_client_through(upstream: str) -> None:
+    env = {"ALLOW_TOKEN": TOKEN}
+    banned = _fresh_ip(24)
+    async with (
+        running_gateway(_cfg(upstream, "memory", "two"), env) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+        await _ban(s, gw, banned)
+        assert await _get(s, gw, f"::ffff:{banned}") == 403  # the ban is the IPv4 client's
+        status, body = await _allow(s, gw, {"ip": f"::ffff:{banned}", "ttl_s": 60, "reason": "r"})
+        assert (status, body["ip"]) == (201, banned)
+        assert await _get(s, gw, banned) == 200
+        # the entry is not ::/64: an IPv6 client there keeps its limit
+        assert [await _get(s, gw, "::2") for _ in range(3)] == [200, 200, 429]
+        mapped = f"/admin/allow/::ffff:{banned}"
+        async with s.delete(admin_url(gw, mapped), headers=AUTH) as r:
+            assert (r.status, await r.json()) == (200, {"removed": banned})
+        assert await _get(s, gw, banned) == 403
+
+
+async def test_a_zoned_prefix_is_one_entry_on_redis(redis_url: str, upstream: str) -> None:
+    env = {"ALLOW_TOKEN": TOKEN, "GATEWAY_REDIS_URL": redis_url}
+    policy = f"p-{uuid.uuid4().hex[:8]}"
+    n = uuid.uuid4().int & 0xFFFF
+    prefix = f"2001:db8:{n:x}::/64"
+    async with (
+        running_gateway(_cfg(upstream, "redis", policy), env) as a,
+        aiohttp.ClientSession() as s,
+    ):
+        try:
+            for ip in (f"2001:db8:{n:x}::%eth0/64", prefix):
+                status, body = await _allow(s, a, {"ip": ip, "ttl_s": 30, "reason": "r"})
+                assert (status, body["ip"]) == (201, prefix)
+            async with s.delete(admin_url(a, f"/admin/allow/{prefix}"), headers=AUTH) as r:
+                assert r.status == 200
+            assert prefix not in await _listed(s, a)  # read from Redis
+        finally:
+            async with s.delete(admin_url(a, f"/admin/allow/{prefix}"), headers=AUTH):
+                pass
