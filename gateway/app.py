@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
 
+from gateway import build_name
 from gateway.admin.api import AdminRunner, create_admin_app
 from gateway.core.evidence import Seen
 from gateway.downstream.listen import dual_stack_socket, is_any_ipv6
@@ -138,7 +139,7 @@ class Gateway:
         await admin_site.start()
         self.admin_port = _bound_port(self._admin_runner, cfg.admin.port)
         await self.reloader.start()
-        rt.log.info("config_summary", **self.settings.summary())
+        rt.log.info("config_summary", build=build_name(), **self.settings.summary())
 
     def _prepare_error_request(self, request: GatewayRequest) -> None:
         request.response_headers = self.runtime.snapshot.response_headers
