@@ -18,9 +18,9 @@ import os
 
 from setuptools import setup
 
-# Paths relative to this file. Not here: downstream/protocol.py and downstream/head.py (an
-# interpreted class inherits from HeadReader), pipeline/upstream_leg.py and upstream/pool.py
-# (async generators), upstream/client.py (a nested class).
+# Paths relative to this file. The async generators of the request path live in modules of
+# their own that stay interpreted (pipeline/body_stream.py, upstream/body_chunks.py);
+# upstream/client.py (the WebSocket client, a class made in a function) is not here.
 COMPILED = (
     # pure decisions
     "gateway/core/gcra.py",
@@ -46,10 +46,13 @@ COMPILED = (
     "gateway/pipeline/headers.py",
     "gateway/pipeline/decisions.py",
     "gateway/pipeline/handler.py",
+    "gateway/pipeline/upstream_leg.py",
     "gateway/problem.py",
     "gateway/logs.py",
     "gateway/loopmetrics.py",
     # the proxy port's server and the upstream connections
+    "gateway/downstream/head.py",
+    "gateway/downstream/protocol.py",
     "gateway/downstream/messages.py",
     "gateway/downstream/server.py",
     "gateway/downstream/flow.py",
@@ -57,6 +60,7 @@ COMPILED = (
     "gateway/upstream/hop_by_hop.py",
     "gateway/upstream/state.py",
     "gateway/upstream/connection.py",
+    "gateway/upstream/pool.py",
 )
 
 

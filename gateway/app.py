@@ -113,11 +113,15 @@ class Gateway:
         loop = asyncio.get_running_loop()
         if is_any_ipv6(cfg.listen.host):
             self._proxy_listener = await loop.create_server(
-                server, sock=dual_stack_socket(cfg.listen.port), backlog=1024
+                server.protocol_factory, sock=dual_stack_socket(cfg.listen.port), backlog=1024
             )
         else:
             self._proxy_listener = await loop.create_server(
-                server, cfg.listen.host, cfg.listen.port, reuse_address=True, backlog=1024
+                server.protocol_factory,
+                cfg.listen.host,
+                cfg.listen.port,
+                reuse_address=True,
+                backlog=1024,
             )
         sock = self._proxy_listener.sockets[0]
         self.proxy_port = int(sock.getsockname()[1])
