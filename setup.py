@@ -39,8 +39,11 @@ COMPILED = (
     "gateway/core/framing.py",
     "gateway/stores/memory/limiter.py",
     "gateway/identity/resolver.py",
+    "gateway/identity/tokens.py",
+    "gateway/stores/memory/bans.py",
     # the request pipeline
     "gateway/pipeline/context.py",
+    "gateway/pipeline/snapshot.py",
     "gateway/pipeline/reject.py",
     "gateway/pipeline/request.py",
     "gateway/pipeline/headers.py",
@@ -49,6 +52,7 @@ COMPILED = (
     "gateway/pipeline/upstream_leg.py",
     "gateway/problem.py",
     "gateway/logs.py",
+    "gateway/runtime.py",
     "gateway/loopmetrics.py",
     # the proxy port's server and the upstream connections
     "gateway/downstream/head.py",

@@ -79,6 +79,7 @@ class HeadReader:
         "_head_size",
         "_in_head",
         "_max_head",
+        "_parse_failure",
         "_parser",
         "_url",
     )
@@ -86,6 +87,7 @@ class HeadReader:
     def __init__(self, max_header_bytes: int) -> None:
         self._max_head = max_header_bytes
         self._parser: httptools.HttpRequestParser | None = None
+        self._parse_failure: Exception | None = None
         self._url = b""
         self._fields = _NO_FIELDS
         self._head_bytes = 0  # bytes read while in the head, whitespace included
@@ -101,6 +103,20 @@ class HeadReader:
         if parser is None:
             parser = self._parser = httptools.HttpRequestParser(self)
         return parser
+
+    def _failing(self, exc: Exception) -> Exception:
+        """``exc``, raised out of a parser callback, kept as the parser error's cause
+        (:meth:`_take_failure`). llhttp turns it into an error of its own; the implicit
+        chaining that would carry it along is not relied on: a compiled build can leave
+        another, already handled exception current there."""
+        self._parse_failure = exc
+        return exc
+
+    def _take_failure(self) -> Exception | None:
+        """What a callback raised to stop the parser (None: llhttp's own error)."""
+        exc = self._parse_failure
+        self._parse_failure = None
+        return exc
 
     def _shed(self) -> None:
         """Drop the parser and the last head (only between messages: the next bytes
@@ -122,14 +138,14 @@ class HeadReader:
     def on_url(self, url: bytes) -> None:
         self._url += url
         if len(self._url) > self._max_head:
-            raise HeadTooLarge
+            raise self._failing(HeadTooLarge())
 
     def on_header(self, name: bytes, value: bytes) -> None:
         fields = self._fields
         fields.append((name.decode("latin-1"), value.decode("latin-1")))
         self._head_size += len(name) + len(value) + 4
         if len(fields) > MAX_FIELDS:
-            raise HeadTooLarge
+            raise self._failing(HeadTooLarge())
 
     def on_chunk_header(self) -> None:
         self._chunked = True

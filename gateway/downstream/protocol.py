@@ -242,15 +242,16 @@ class HttpProtocol(HeadReader):
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(data[exc.args[0] :] + whole[end:])
             return False
-        except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, FramingError):
-                self._parse_error(exc.__context__.status, exc.__context__.detail)
-            elif isinstance(exc.__context__, _QueueFull):
+        except httptools.HttpParserError:
+            cause = self._take_failure()
+            if isinstance(cause, FramingError):
+                self._parse_error(cause.status, cause.detail)
+            elif isinstance(cause, _QueueFull):
                 # those queued are served, the last with Connection: close; nothing more
                 # is parsed, and what the client still sends is dropped
                 self._to(Event.QUEUE_FULL)
                 self._backlog = b""
-            elif isinstance(exc.__context__, HeadTooLarge):
+            elif isinstance(cause, HeadTooLarge):
                 self._parse_error(431, "request header fields too large")
             else:
                 self._parse_error(400, "the request could not be parsed")
@@ -277,15 +278,18 @@ class HttpProtocol(HeadReader):
         version = parser.get_http_version()
         target = self._url.decode("latin-1")
         headers = CIMultiDict(self._fields)
-        # raises FramingError (out of the parser: answered in _feed), upgrades included
-        host = self.server.hosts.host_of(version, headers, target)
-        if "Transfer-Encoding" in headers:
-            check_transfer_coding(headers.getall("Transfer-Encoding"))
+        # a FramingError goes out of the parser (answered in _feed), upgrades included
+        try:
+            host = self.server.hosts.host_of(version, headers, target)
+            if "Transfer-Encoding" in headers:
+                check_transfer_coding(headers.getall("Transfer-Encoding"))
+        except FramingError as exc:
+            raise self._failing(exc) from None
         if parser.should_upgrade():
             return  # handed over in data_received, with the bytes that follow the head
         size = len(self._url) + self._head_size  # (bounded inline: once per request)
         if size > self._max_head:
-            raise HeadTooLarge
+            raise self._failing(HeadTooLarge())
         req = Request(
             self,
             parser.get_method().decode("latin-1"),
@@ -329,7 +333,7 @@ class HttpProtocol(HeadReader):
             req.content.feed_eof()
         if len(pending) >= _MAX_QUEUED:  # checked once its body is in, if it has one
             pending[-1].keep_alive = False  # answered last, then the connection closes
-            raise _QueueFull
+            raise self._failing(_QueueFull())
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:

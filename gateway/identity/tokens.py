@@ -124,7 +124,7 @@ def load_jwks(text: str) -> dict[str | None, list[PyJWK]]:
         where = f"keys[{n}]"
         if not isinstance(entry, dict):
             raise JwksError(f"{where}: not an object")
-        if _PRIVATE_MEMBERS & entry.keys():
+        if not _PRIVATE_MEMBERS.isdisjoint(entry):
             raise JwksError(f"{where}: holds private key material; the JWKS takes public keys")
         if entry.get("use", "sig") != "sig":
             continue  # an encryption key: not ours to verify with

@@ -67,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_interim",
         "_loop",
         "_max_head",
+        "_parse_failure",
         "_parser",
         "_paused",
         "_reading_paused",
@@ -96,6 +97,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunks = 0
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
+        self._parse_failure: Exception | None = None  # what a callback raised
         self._renew = False  # the parser must be replaced before the next exchange
         self._interim = False  # the message being parsed is a 1xx, not the answer
         self._head_only = False  # the answer to HEAD: no body whatever its headers say
@@ -133,7 +135,10 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamError("protocol", "unexpected upgrade from upstream", sent=True))
         except httptools.HttpParserError as exc:
-            cause = exc.__context__
+            # the callback's exception, kept by it: llhttp raises its own, and implicit
+            # chaining would not carry it reliably (another handled exception may be
+            # current in a compiled build)
+            cause, self._parse_failure = self._parse_failure, None
             if isinstance(cause, _HeadTooLargeError):
                 self._fail(UpstreamError(HEAD_TOO_LARGE, str(cause), sent=True))
                 return
@@ -192,11 +197,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parser callbacks
 
+    def _failing(self, exc: Exception) -> Exception:
+        """``exc``, raised out of a parser callback, kept as the parser error's cause."""
+        self._parse_failure = exc
+        return exc
+
     def on_message_begin(self) -> None:
         if self.complete:
             # a second answer to one request, or bytes on an idle connection: the upstream
             # is out of step, and whatever it sends next would reach the wrong client
-            raise _OutOfStepError
+            raise self._failing(_OutOfStepError())
         self._status = b""
         self._headers = []
         self.listed = False
@@ -210,7 +220,9 @@ class UpstreamConnection(asyncio.Protocol):
         headers = self._headers
         headers.append((name.decode("latin-1"), value.decode("latin-1")))
         if len(headers) > MAX_RESPONSE_FIELDS:
-            raise _HeadTooLargeError(f"response head with over {MAX_RESPONSE_FIELDS} fields")
+            raise self._failing(
+                _HeadTooLargeError(f"response head with over {MAX_RESPONSE_FIELDS} fields")
+            )
         if len(name) == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
             self.listed = True  # Connection names other fields: they are hop-by-hop too
         elif (
@@ -221,7 +233,7 @@ class UpstreamConnection(asyncio.Protocol):
             # gzip, compress...: the gateway asks for none (it sends no TE field), and it
             # frames answers anew, so the coding would be lost: the body would reach the
             # client still coded with nothing saying so
-            raise _CodedError
+            raise self._failing(_CodedError())
 
     def on_headers_complete(self) -> None:
         interim = self._parser.get_status_code() < 200
@@ -233,7 +245,9 @@ class UpstreamConnection(asyncio.Protocol):
                 len(self._status) + 15 + sum(len(n) + len(v) + 4 for n, v in self._headers)
             )
             if self._head_size > self._max_head:
-                raise _HeadTooLargeError(f"response head over {self._max_head} bytes")
+                raise self._failing(
+                    _HeadTooLargeError(f"response head over {self._max_head} bytes")
+                )
         if interim:
             # 100 Continue, 102 Processing, 103 Early Hints: interim, the answer follows
             self._interim = True
