@@ -112,7 +112,10 @@ async def explain_request(
     header_bytes = sum(len(k) + len(v) + 4 for k, v in headers.items())
     try:
         decisions.check_head(
-            snap, header_bytes, _host(path, headers) if snap.allowed_hosts else None, headers
+            snap,
+            header_bytes,
+            _host(path, headers) if snap.allowed_hosts else None,
+            headers.items(),
         )
         decisions.check_method(method)
     except Reject as rej:

@@ -269,7 +269,8 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
             return
         version = parser.get_http_version()
         target = self._url.decode("latin-1")
-        headers = CIMultiDict(self._fields)
+        fields = self._fields
+        headers = CIMultiDict(fields)
         # raises FramingError (out of the parser: answered in _feed), upgrades included
         host = self.server.hosts.host_of(version, headers, target)
         if "Transfer-Encoding" in headers:
@@ -288,6 +289,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
             size,
             parser.should_keep_alive(),
             host,
+            fields,
         )
         if self._current is None:
             if not req.body_exists and not self.flow.write_paused and self._quick_ok:

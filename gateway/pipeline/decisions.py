@@ -73,22 +73,24 @@ def check_lists(
 
 
 def check_head(
-    snap: Snapshot, header_bytes: int, host: str | None, names: Iterable[str]
+    snap: Snapshot, header_bytes: int, host: str | None, fields: Iterable[tuple[str, str]]
 ) -> str | None:
     """The head's limits: its size (431), its host (``allowed_hosts``, 400) and field
     names holding "_"; returns how such fields go upstream (None: there are none).
 
-    ``host`` is read only when ``allowed_hosts`` is set (the caller may pass None else).
+    ``host`` is read only when ``allowed_hosts`` is set (the caller may pass None else);
+    ``fields``: the (name, value) pairs of the head.
     """
     if header_bytes > snap.max_header_bytes:
         raise Reject(431, "request header fields too large", event="bad_request")
     if snap.allowed_hosts and host not in snap.allowed_hosts:
         raise Reject(400, "the Host header is not one this gateway serves", event="bad_request")
-    if "_" in "".join(names):
-        # CGI and WSGI servers read X_Forwarded_For as X-Forwarded-For (SPEC 9)
-        if snap.underscores == "reject":
-            raise Reject(400, "a header field name holds an underscore", event="bad_request")
-        return snap.underscores
+    for name, _ in fields:
+        if "_" in name:
+            # CGI and WSGI servers read X_Forwarded_For as X-Forwarded-For (SPEC 9)
+            if snap.underscores == "reject":
+                raise Reject(400, "a header field name holds an underscore", event="bad_request")
+            return snap.underscores
     return None
 
 

@@ -213,13 +213,13 @@ class ProxyHandler:
                 if ban is not None:
                     raise banned(snap, ban.expires_at)
 
-        headers = request.headers
         ctx.underscores = decisions.check_head(
             snap,
             request.header_bytes,
             request.target_host() if snap.allowed_hosts else None,
-            headers,
+            request.header_fields,
         )
+        headers = request.headers
 
         method = request.method
         decisions.check_method(method)

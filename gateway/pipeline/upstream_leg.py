@@ -49,7 +49,7 @@ def upstream_fields(
     end-to-end fields, then Host, X-Forwarded-*, X-Real-IP, the request id and the trace
     context (the upstream's own Host last when the client sent none)."""
     headers = request.headers
-    kept = filter_header_lines(headers, snap.drop_upstream, ctx.underscores)
+    kept = filter_header_lines(request.header_fields, snap.drop_upstream, ctx.underscores)
     host = headers.get(hdrs.HOST)
     chain = ctx.client_ip
     proto = "http"
