@@ -329,7 +329,10 @@ def limit_outcome(
     tightest: CompiledPolicy | None = None
     least = 0
     reset = 0.0
-    for pol, dec in zip(policies, decisions, strict=True):
+    if len(policies) != len(decisions):  # (zip's strict=True costs a keyword parse a call)
+        msg = "one decision for each policy"
+        raise ValueError(msg)
+    for pol, dec in zip(policies, decisions):  # noqa: B905 - lengths checked above
         if pol.shadow:
             continue
         if dec.allowed:

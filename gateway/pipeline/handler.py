@@ -343,7 +343,10 @@ class ProxyHandler:
         rt = self.rt
         retry = -1.0
         names: list[str] = []
-        for pol, dec in zip(policies, found, strict=True):
+        if len(policies) != len(found):  # (zip's strict=True costs a keyword parse a call)
+            msg = "one decision for each policy"
+            raise ValueError(msg)
+        for pol, dec in zip(policies, found):  # noqa: B905 - lengths checked above
             if dec.allowed:
                 rt.rl_counters(pol.name)[0].inc()
             elif pol.shadow:
