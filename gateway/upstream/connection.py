@@ -342,7 +342,9 @@ class UpstreamConnection(asyncio.Protocol):
         body = self._body
         data = body[0] if len(body) == 1 else b"".join(body)
         body.clear()
-        self._emptied()
+        self.buffered = 0
+        if self._reading_paused:  # (as _emptied, without its call when not paused)
+            self._emptied()
         return data
 
     def take_rest(self) -> list[bytes]:
