@@ -263,7 +263,8 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._cancel_head_timer()
+        if self._head_timer is not None:  # (a head in one read has none: no call)
+            self._cancel_head_timer()
         parser = self._parser
         if parser is None or self._state.discarding:
             return
@@ -320,7 +321,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
             return
         pending = self._pending
         req = pending[-1] if pending else self._current
-        if req is not None:
+        if req is not None and req.body_exists:  # (NO_BODY has no end to be told of)
             req.content.feed_eof()
         if len(pending) >= _MAX_QUEUED:  # checked once its body is in, if it has one
             pending[-1].keep_alive = False  # answered last, then the connection closes

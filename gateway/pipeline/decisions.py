@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import math
 import time
+from ipaddress import IPv6Address
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -51,7 +52,8 @@ def client_key(snap: Snapshot, client: IPAddress | None, client_ip: str) -> str:
     """The client's key for scores, bans and limits: its address, an IPv6 one by its
     prefix (``rate_limit.ipv6_prefix``): rotating the rest of its address must not give
     it a clean score, a lifted ban or a fresh budget."""
-    if client is not None and client.version == 6:
+    # isinstance, not the ``version`` property: a call in Python on every request
+    if isinstance(client, IPv6Address):
         return snap.ip_key(client, client_ip)
     return client_ip
 

@@ -427,18 +427,18 @@ class ProxyHandler:
             rt.spans.export(trace, method, route, status, ctx.upstream, duration_s=duration)
         ratio = snap.sample_ratio
         if status >= 500 or (ratio > 0 and (ratio >= 1 or random.random() < ratio)):
-            rt.access_log.emit(
-                {
-                    "request_id": ctx.rid,
-                    "client_ip": ctx.client_ip,
-                    "method": request.method,
-                    "path": request.path,
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(duration * 1000, 3),
-                    "bytes": ctx.bytes_out,
-                    "upstream": ctx.upstream,
-                    "trace_id": trace.trace_id if trace is not None else None,
-                    **({"identity": ctx.identity} if ctx.identity is not None else {}),
-                }
-            )
+            line = {
+                "request_id": ctx.rid,
+                "client_ip": ctx.client_ip,
+                "method": request.method,
+                "path": request.path,
+                "route": route,
+                "status": status,
+                "duration_ms": round(duration * 1000, 3),
+                "bytes": ctx.bytes_out,
+                "upstream": ctx.upstream,
+                "trace_id": trace.trace_id if trace is not None else None,
+            }
+            if ctx.identity is not None:  # (set last: no merged dict for it)
+                line["identity"] = ctx.identity
+            rt.access_log.emit(line)

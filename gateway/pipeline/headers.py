@@ -123,7 +123,8 @@ class ResponseHeaders:
         if rid is not None:
             lines.append(f"{self._rid_header}: {rid}\r\n")
         if extra:
-            lines.extend([f"{n}: {v}\r\n" for n, v in extra])
+            for n, v in extra:
+                lines.append(f"{n}: {v}\r\n")
         return "".join(lines), "date" in lows and "date" not in drop
 
     def apply(self, headers: CIMultiDict[str], rid: str | None, *, secure: bool) -> None:

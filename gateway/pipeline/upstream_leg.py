@@ -309,10 +309,9 @@ class UpstreamLeg:
         up.budget.record_request(now)
         attempt = 0
         while True:
-            now = loop.time()
             if not up.breaker.acquire(now):
                 raise circuit_open(up, now)
-            t0 = loop.time()
+            t0 = now
             body: AsyncIterator[bytes] | list[bytes] | None = held
             if not eof:
                 assert held is not None  # noqa: S101 - a body was begun
@@ -358,6 +357,7 @@ class UpstreamLeg:
                 ):
                     up.budget.record_retry(t1)
                     await asyncio.sleep(backoff_s(attempt - 1, retries, random.random()))
+                    now = loop.time()
                     continue
                 if exc.kind == "timeout":
                     raise Reject(504, f"upstream {up.name!r} did not answer in time") from None

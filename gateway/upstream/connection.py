@@ -259,14 +259,16 @@ class UpstreamConnection(asyncio.Protocol):
         if self.buffered > _HIGH_WATER and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
-        self._wake_body()
+        if self._body_waiter is not None:  # (a body read as it comes: no call otherwise)
+            self._wake_body()
 
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
             return
         self.complete = True
-        self._wake_body()
+        if self._body_waiter is not None:
+            self._wake_body()
         if self.on_complete is not None:
             self.on_complete()
 
