@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import web
-from multidict import CIMultiDict, MultiDict, MultiDictProxy
+from multidict import CIMultiDict, MultiDict, MultiDictProxy, istr
 from yarl import URL
 
 from gateway.problem import PHRASES
@@ -46,6 +46,9 @@ __all__ = [
 _BODY_HIGH = 256 * 1024  # pause reading the client above this much unread body
 NO_BODY_STATUS = frozenset((204, 304))
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# field names looked up as istr: a plain str is case-folded anew on every lookup
+_CONTENT_LENGTH = istr("Content-Length")
+_TRANSFER_ENCODING = istr("Transfer-Encoding")
 
 _STATUS_LINES: dict[int, bytes] = {
     code: f"HTTP/1.1 {code} {phrase}\r\n".encode("latin-1") for code, phrase in PHRASES.items()
@@ -320,9 +323,9 @@ class Request:
             self._rel_url = URL(target, encoded=True).relative()
             self.path = self._rel_url.path
         self._query: MultiDictProxy[str] | None = None
-        cl = headers.get("Content-Length")
+        cl = headers.get(_CONTENT_LENGTH)
         self.content_length = int(cl) if cl is not None else None
-        te = headers.get("Transfer-Encoding")
+        te = headers.get(_TRANSFER_ENCODING)
         self.body_exists = bool(self.content_length) or te is not None
         if te is not None and version == "1.0":
             self.keep_alive = False  # its framing is faulty: close after it (RFC 9112 6.1)

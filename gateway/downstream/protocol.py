@@ -28,7 +28,7 @@ import asyncio
 import logging
 
 import httptools
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from gateway.core.client_ip import IPAddress, peer_of
 from gateway.core.framing import FramingError, check_transfer_coding
@@ -54,6 +54,8 @@ _MAX_QUEUED = _SLICE // 16
 # an enum's class attribute is looked up slowly
 _OPEN, _UPGRADING, _ERROR_PENDING = Conn.OPEN, Conn.UPGRADING, Conn.ERROR_PENDING
 _CUT, _LINGERING = Conn.CUT, Conn.LINGERING
+# field names looked up as istr: a plain str is case-folded anew on every lookup
+_TRANSFER_ENCODING = istr("Transfer-Encoding")
 
 
 class HttpProtocol(HeadReader, asyncio.Protocol):
@@ -274,8 +276,8 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
         headers = CIMultiDict(fields)
         # raises FramingError (out of the parser: answered in _feed), upgrades included
         host = self.server.hosts.host_of(version, headers, target)
-        if "Transfer-Encoding" in headers:
-            check_transfer_coding(headers.getall("Transfer-Encoding"))
+        if _TRANSFER_ENCODING in headers:
+            check_transfer_coding(headers.getall(_TRANSFER_ENCODING))
         if parser.should_upgrade():
             return  # handed over in data_received, with the bytes that follow the head
         size = len(self._url) + self._head_size  # (bounded inline: once per request)

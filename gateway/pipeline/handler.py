@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from aiohttp import hdrs
+from multidict import istr
 
 from gateway import problem
 from gateway.core.client_ip import forwarded_proto, forwarded_values, resolve_client
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
     from gateway.upstream.state import UpstreamState
 
 _PROBES = frozenset(PROBE_PATHS)
+# field names looked up as istr: a plain str is case-folded anew on every lookup
+_TRACEPARENT = istr("traceparent")
+_TRACESTATE = istr("tracestate")
 
 
 class ProxyHandler:
@@ -95,10 +99,10 @@ class ProxyHandler:
             return local
         if self.tracing:  # before any refusal: the access log of a refusal carries it too
             headers = request.headers
-            parent = headers.getall("traceparent", None)
+            parent = headers.getall(_TRACEPARENT, None)
             ctx.trace = start_or_continue(
                 parent,
-                headers.getall("tracestate", None) if parent is not None else None,
+                headers.getall(_TRACESTATE, None) if parent is not None else None,
                 snap.trace_ratio,
             )
 
@@ -189,7 +193,7 @@ class ProxyHandler:
         else:
             ctx.client_ip = str(client) if client is not None else "-"
         ctx.ban_key = decisions.client_key(snap, client, ctx.client_ip)
-        rid = headers.get(snap.rid_header)
+        rid = headers.get(snap.rid_field)
         if rid is None or not REQUEST_ID_RE.fullmatch(rid):
             rid = f"{self._rid_prefix}{next(self._rid_seq):016x}"
         ctx.rid = rid
