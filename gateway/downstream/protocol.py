@@ -482,7 +482,8 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
         if self._state is _UPGRADING and self._handoff is not None:
             self._do_handoff(self._handoff)
             return None
-        self.flow.resume_pipeline()
+        if self.flow.pipeline_paused:  # (most often not: no call)
+            self.flow.resume_pipeline()
         if self.server.lifecycle.draining:
             self.close()
             return None

@@ -211,10 +211,11 @@ class UpstreamConnection(asyncio.Protocol):
         headers.append((name.decode("latin-1"), value.decode("latin-1")))
         if len(headers) > MAX_RESPONSE_FIELDS:
             raise _HeadTooLargeError(f"response head with over {MAX_RESPONSE_FIELDS} fields")
-        if len(name) == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
+        size = len(name)
+        if size == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
             self.listed = True  # Connection names other fields: they are hop-by-hop too
         elif (
-            len(name) == 17
+            size == 17
             and name.lower() == b"transfer-encoding"
             and value.strip(b" \t").lower() != b"chunked"
         ):
