@@ -129,7 +129,7 @@ async def explain_request(
         return out
     out["canonical_path"] = canon
     key = canon.lower()
-    out["suspicious_path"] = snap.suspicious(key)
+    out["suspicious_path"] = snap.suspicious.matches(key)
     try:
         route = decisions.route_for(snap, key, path)
     except Reject as rej:

@@ -235,7 +235,7 @@ class ProxyHandler:
         ctx.path = canonical
         key = canonical.lower()
 
-        if snap.abuse_enabled and not ctx.exempt and snap.suspicious(key):
+        if snap.abuse_enabled and not ctx.exempt and snap.suspicious.matches(key):
             # scored before it is answered: its evidence has no status
             seen = Seen(method, canonical, None, ctx.rid)
             rt.bans.report(ctx.ban_key, "suspicious_path", seen)
