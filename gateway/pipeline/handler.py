@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     from gateway.upstream.state import UpstreamState
 
 _PROBES = frozenset(PROBE_PATHS)
+# the paths local_answer may answer: any other request is not asked (no call)
+_LOCAL = _PROBES | {"/metrics"}
+_LOCAL_PREFIX = "/readyz/"
 # field names looked up as istr: a plain str is case-folded anew on every lookup
 _TRACEPARENT = istr("traceparent")
 _TRACESTATE = istr("tracestate")
@@ -82,6 +85,9 @@ class ProxyHandler:
         They read cached state only, so the server writes them from its parsing callback:
         a probe never queues behind the requests of a saturated proxy.
         """
+        path = request.path
+        if path not in _LOCAL and not path.startswith(_LOCAL_PREFIX):
+            return None
         snap = self.rt.snapshot
         resp = self.local_answer(request, snap)
         if resp is not None:
@@ -94,9 +100,11 @@ class ProxyHandler:
         ctx = Ctx(start)
         via_proxy = self.identify(request, snap, ctx)
 
-        local = self.local_answer(request, snap)
-        if local is not None:
-            return local
+        path = request.path
+        if path in _LOCAL or path.startswith(_LOCAL_PREFIX):
+            local = self.local_answer(request, snap)
+            if local is not None:
+                return local
         if self.tracing:  # before any refusal: the access log of a refusal carries it too
             headers = request.headers
             parent = headers.getall(_TRACEPARENT, None)
@@ -166,7 +174,7 @@ class ProxyHandler:
     def local_answer(self, request: PipelineRequest, snap: Snapshot) -> AnyResponse | None:
         """A probe's or /metrics' answer (on this port), or None for the pipeline."""
         path = request.path
-        if path in _PROBES or path.startswith("/readyz/"):
+        if path in _PROBES or path.startswith(_LOCAL_PREFIX):
             return probe_answer(request, self.rt.monitor, public=True)
         if path == "/metrics" and snap.metrics_on_proxy:
             return self.rt.metrics_response()
