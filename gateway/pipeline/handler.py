@@ -359,9 +359,11 @@ class ProxyHandler:
         if len(policies) != len(found):  # (zip's strict=True costs a keyword parse a call)
             msg = "one decision for each policy"
             raise ValueError(msg)
+        made = rt.rl_by_policy
         for pol, dec in zip(policies, found):  # noqa: B905 - lengths checked above
             if dec.allowed:
-                rt.rl_counters(pol.name)[0].inc()
+                counters = made.get(pol.name)  # (made by rl_counters: no call once made)
+                (counters if counters is not None else rt.rl_counters(pol.name))[0].inc()
             elif pol.shadow:
                 rt.rl_counters(pol.name)[2].inc()
                 dropped = rt.shadow_log_budget.take(self._loop.time())
