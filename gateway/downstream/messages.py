@@ -72,6 +72,10 @@ class Connection(Protocol):
     def transport(self) -> asyncio.Transport | None: ...
     @property
     def server(self) -> Writer: ...
+    @property
+    def peer(self) -> tuple[IPAddress | None, str] | None:
+        """:meth:`peer_address` once it was asked (None before)."""
+        ...
 
     def pause_body(self) -> None: ...
     def resume_body(self) -> None: ...
@@ -345,7 +349,8 @@ class Request:
         return self.protocol.transport
 
     def peer_address(self) -> tuple[IPAddress | None, str]:
-        return self.protocol.peer_address()
+        peer = self.protocol.peer  # (known after a connection's first request: no call)
+        return peer if peer is not None else self.protocol.peer_address()
 
     def target_host(self) -> str | None:
         return self.host
