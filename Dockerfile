@@ -33,24 +33,42 @@ WORKDIR /src
 
 RUN python -m venv "${VIRTUAL_ENV}"
 
+# The hot modules are compiled (setup.py, GATEWAY_COMPILE=1): a C compiler and the Python
+# headers, in this stage only. The official python image has the headers (its Python is
+# in /usr/local); a base with Debian's python3 needs python3-dev. Installed only when
+# missing, from the distribution as it is: nothing of it reaches the runtime stage.
+# hadolint ignore=DL3008
+RUN if ! command -v gcc >/dev/null \
+        || ! python -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("include"), "Python.h")))'; then \
+        headers=$(python -c 'import sys; print("" if sys.base_prefix == "/usr/local" else "python3-dev")') \
+        && apt-get update \
+        && apt-get install -y --no-install-recommends gcc libc6-dev ${headers:+"$headers"} \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
 # Dependencies in a layer of their own, from the hashed lock (exact versions, every file
 # checked against its hash): the image built next month holds what CI tested today. The
 # layer is rebuilt when a lock changes, not on every change of the source. build.lock is
 # what pip needs to install the gateway itself (setuptools, wheel), also hashed.
-COPY requirements/runtime.lock requirements/build.lock ./requirements/
+COPY requirements/runtime.lock requirements/build.lock requirements/compile.lock ./requirements/
 RUN pip install --no-cache-dir --require-hashes \
-        --requirement requirements/runtime.lock --requirement requirements/build.lock
+        --requirement requirements/runtime.lock --requirement requirements/build.lock \
+        --requirement requirements/compile.lock
 
 # The gateway itself, without touching the dependencies again (pip compiles its .pyc
-# here, so the read-only runtime never needs to write one). README.md stays out: setuptools
-# only warns, and a documentation change does not rebuild this layer. Then the installers
-# leave the venv: it runs without pip, setuptools or wheel, and a package manager has no
-# business in a read-only container.
-COPY pyproject.toml ./
+# here, so the read-only runtime never needs to write one), its hot modules compiled
+# (`gateway --version` says "compiled"; the build fails rather than ship pure Python
+# unnoticed). README.md stays out: setuptools only warns, and a documentation change does
+# not rebuild this layer. Then the installers and the compiler leave the venv: it runs
+# without pip, setuptools, wheel or mypy, and a package manager has no business in a
+# read-only container.
+COPY pyproject.toml setup.py ./
 COPY gateway/ ./gateway/
-RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+RUN GATEWAY_COMPILE=1 pip install --no-cache-dir --no-deps --no-build-isolation . \
     && gateway --version \
-    && pip uninstall --yes --no-cache-dir setuptools wheel packaging pip
+    && python -I -c 'import gateway, sys; sys.exit(not gateway.compiled())' \
+    && pip uninstall --yes --no-cache-dir mypy mypy-extensions pathspec librt ast-serialize \
+        types-PyYAML setuptools wheel packaging pip
 
 # --------------------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime

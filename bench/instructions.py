@@ -113,6 +113,9 @@ def _count(args: argparse.Namespace, handler: str, key_file: Path) -> int:
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
         sys.exit(f"the counted run of {handler} failed:\n{done.stderr[-3000:]}")
+    if args.keep is not None:  # for callgrind_annotate
+        args.keep.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out, args.keep / out.name)
     return int(found.group(1))
 
 
@@ -122,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=2000, help="counted (a multiple of 50)")
     p.add_argument("--handler", default="pipeline", help="the rig counted (see above)")
     p.add_argument("--floor", action="store_true", help="the forwarding-only handler")
+    p.add_argument(
+        "--keep", type=Path, help="a directory to keep callgrind's output in (callgrind-RIG.out)"
+    )
     p.add_argument(
         "--observability", action="store_true", help="every rig of inprocess.py --observability"
     )

@@ -431,6 +431,22 @@ def spawn_gateway(
     return children.spawn(name, argv, cpu=cpu, port=port, env=env)
 
 
+def build_source(checkout: Path, build: str, out: Path) -> Path | None:
+    """What runs for ``checkout`` in ``build``: None (this checkout as installed), or a
+    compiled copy made in ``out`` (bench/compiled.py), built once per directory."""
+    if build == "pure":
+        return None if checkout == BENCH.parent else checkout
+    if (out / "gateway").is_dir():
+        return out
+    from compiled import compiled_copy  # noqa: PLC0415 - beside this script
+
+    print(f"building {checkout} compiled in {out} (~1 min)", file=sys.stderr)
+    try:
+        return compiled_copy(checkout, out)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
+
+
 def scrape_metric(admin_port: int, metric: str) -> float | None:
     """Sum of every sample of ``metric`` on the admin port's /metrics, or None."""
     try:
@@ -932,6 +948,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="another checkout of the gateway (e.g. a `git worktree` of an older commit) to run"
         " beside gw-memory as gw-base, rounds interleaved: an A/B of two commits in one run",
     )
+    p.add_argument(
+        "--build",
+        choices=("compiled", "pure"),
+        default="compiled",
+        help="the gateway's build for gw-memory and gw-redis: compiled as the image builds it"
+        " (bench/compiled.py, ~1 min; the default) or this checkout's pure Python",
+    )
+    p.add_argument(
+        "--base-build",
+        choices=("compiled", "pure"),
+        help="the build of --base (default: --build's; pure for a checkout without setup.py)",
+    )
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (4.0 if args.quick else 8.0)
@@ -1046,8 +1074,12 @@ def start_targets(
         backend="memory",
         jwks=args.jwks,
     )
-    proc = spawn_gateway(children, "gw-memory", cfg, port=port, cpu=proxy_cpu, redis_url=None)
-    targets.append(Target("gw-memory", "the gateway, full pipeline, memory backend", proc, admin))
+    own = build_source(BENCH.parent, args.build, tmp / "compiled-own")
+    proc = spawn_gateway(
+        children, "gw-memory", cfg, port=port, cpu=proxy_cpu, redis_url=None, source=own
+    )
+    what = f"the gateway ({args.build}), full pipeline, memory backend"
+    targets.append(Target("gw-memory", what, proc, admin))
 
     if args.base is not None:  # the same, from another checkout (its own bench config)
         port, admin = free_port(), free_port()
@@ -1062,10 +1094,12 @@ def start_targets(
             jwks=args.jwks,
             bench_dir=base / "bench",
         )
+        base_build = args.base_build or (args.build if (base / "setup.py").exists() else "pure")
+        source = build_source(base, base_build, tmp / "compiled-base") or base
         proc = spawn_gateway(
-            children, "gw-base", cfg, port=port, cpu=proxy_cpu, redis_url=None, source=base
+            children, "gw-base", cfg, port=port, cpu=proxy_cpu, redis_url=None, source=source
         )
-        what = f"the gateway of {base}, full pipeline, memory backend (A/B base)"
+        what = f"the gateway of {base} ({base_build}), full pipeline, memory backend (A/B base)"
         targets.append(Target("gw-base", what, proc, admin))
 
     if not args.skip_redis and args.redis_url is None:
@@ -1086,9 +1120,10 @@ def start_targets(
             jwks=args.jwks,
         )
         proc = spawn_gateway(
-            children, "gw-redis", cfg, port=port, cpu=proxy_cpu, redis_url=args.redis_url
-        )
-        what = "the gateway, full pipeline, redis backend"
+            children, "gw-redis", cfg, port=port, cpu=proxy_cpu, redis_url=args.redis_url,
+            source=own,
+        )  # fmt: skip
+        what = f"the gateway ({args.build}), full pipeline, redis backend"
         targets.append(Target("gw-redis", what, proc, admin))
 
     for t in list(targets):
@@ -1196,7 +1231,10 @@ def measure_cold_start(
             jwks=args.jwks,
         )
         t0 = time.monotonic()
-        proc = spawn_gateway(children, f"gw-cold{n}", cfg, port=port, cpu=proxy_cpu, redis_url=None)
+        proc = spawn_gateway(
+            children, f"gw-cold{n}", cfg, port=port, cpu=proxy_cpu, redis_url=None,
+            source=build_source(BENCH.parent, args.build, children.tmp / "compiled-own"),
+        )  # fmt: skip
         wait_http(proc, port, "/readyz", 20)
         extra.cold_starts.append(time.monotonic() - t0)
         children.stop(proc)
@@ -1275,6 +1313,7 @@ def run(args: argparse.Namespace, tmp: Path, children: Children) -> int:
         "pinning": f"proxy CPU {proxy_cpu}, wrk + upstream CPU {load_cpu}",
         "upstream": f"nginx return 200 ({len(BODY)}-byte body)",
         "path": PATH,
+        "gateway build": args.build,
         "total time": f"{time.monotonic() - started:.0f} s",
     }
     text = report(targets, extra, info, settings)

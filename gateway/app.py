@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
 
+from gateway import build_name
 from gateway.admin.api import AdminRunner, create_admin_app
 from gateway.core.evidence import Seen
 from gateway.downstream.listen import dual_stack_socket, is_any_ipv6
@@ -112,11 +113,15 @@ class Gateway:
         loop = asyncio.get_running_loop()
         if is_any_ipv6(cfg.listen.host):
             self._proxy_listener = await loop.create_server(
-                server, sock=dual_stack_socket(cfg.listen.port), backlog=1024
+                server.protocol_factory, sock=dual_stack_socket(cfg.listen.port), backlog=1024
             )
         else:
             self._proxy_listener = await loop.create_server(
-                server, cfg.listen.host, cfg.listen.port, reuse_address=True, backlog=1024
+                server.protocol_factory,
+                cfg.listen.host,
+                cfg.listen.port,
+                reuse_address=True,
+                backlog=1024,
             )
         sock = self._proxy_listener.sockets[0]
         self.proxy_port = int(sock.getsockname()[1])
@@ -138,7 +143,7 @@ class Gateway:
         await admin_site.start()
         self.admin_port = _bound_port(self._admin_runner, cfg.admin.port)
         await self.reloader.start()
-        rt.log.info("config_summary", **self.settings.summary())
+        rt.log.info("config_summary", build=build_name(), **self.settings.summary())
 
     def _prepare_error_request(self, request: GatewayRequest) -> None:
         request.response_headers = self.runtime.snapshot.response_headers

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gateway import __version__
+from gateway import build_name
 from gateway.config import ConfigError, Settings, json_schema, load_default, load_file
 
 EXIT_CONFIG = 2
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway", description="A sidecar reverse proxy that protects and observes its pod."
     )
-    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    parser.add_argument("--version", action="version", version=f"gateway {build_name()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the gateway")

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import structlog
@@ -51,7 +51,7 @@ class AccessLog:
 
     __slots__ = ("_buf", "_flush_s", "_handle", "_sec", "_stamp", "_stream")
 
-    LIMIT = 65536
+    LIMIT: Final = 65536
 
     def __init__(self, stream: Any = None, *, flush_s: float = 0.5) -> None:
         self._stream = stream if stream is not None else sys.stdout.buffer

@@ -203,3 +203,13 @@ def cluster_url() -> Iterator[str]:
         for server in servers:
             server.stop()
             shutil.rmtree(server.dir, ignore_errors=True)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """``scripts/test-compiled`` sets GATEWAY_EXPECT_COMPILED=1: a run that would test the
+    pure package instead (a path mix-up) stops before the first test."""
+    if os.environ.get("GATEWAY_EXPECT_COMPILED") == "1":
+        import gateway
+
+        if not gateway.compiled():
+            pytest.exit(f"expected the compiled build, imported {gateway.__file__}", returncode=3)

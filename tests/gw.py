@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import orjson
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
 from gateway.config import load_text
+from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from tests.conftest import free_port
 
@@ -125,3 +128,21 @@ def backend_errors(metrics: Metrics) -> float:
     """``gateway_ratelimit_backend_errors_total`` as exported."""
     value = metrics.registry.get_sample_value("gateway_ratelimit_backend_errors_total")
     return value or 0.0
+
+
+class AccessLines:
+    """The access log's lines of a running gateway, as the objects they are written as.
+
+    A real :class:`~gateway.logs.AccessLog` writing into memory replaces the runtime's (not
+    a stand-in object: a compiled build accepts only its own class there)."""
+
+    def __init__(self, runtime: Any, monkeypatch: Any) -> None:
+        runtime.access_log.close()  # what it holds is written, its timer stopped
+        self._sink = io.BytesIO()
+        self._log = AccessLog(self._sink)
+        monkeypatch.setattr(runtime, "access_log", self._log)
+
+    @property
+    def lines(self) -> list[dict[str, Any]]:
+        self._log.flush()
+        return [orjson.loads(line) for line in self._sink.getvalue().splitlines()]

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import math
 from enum import IntEnum
+from typing import Final
 
 __all__ = ["GradientLimit", "Priority", "admits", "critical_reserve"]
 
@@ -152,23 +153,23 @@ class GradientLimit:
         "probe_interval_s",
     )
 
-    WINDOW_ROUND_TRIPS = 4
+    WINDOW_ROUND_TRIPS: Final = 4
     """A window lasts this many no-load latencies ..."""
-    MIN_WINDOW_S = 0.05
-    MAX_WINDOW_S = 1.0
+    MIN_WINDOW_S: Final = 0.05
+    MAX_WINDOW_S: Final = 1.0
     """... within these bounds ..."""
-    MIN_SAMPLES = 8
+    MIN_SAMPLES: Final = 8
     """... and holds at least this many requests (a quiet upstream's window is longer)."""
-    PROBE_SAMPLES = 8
+    PROBE_SAMPLES: Final = 8
     """Requests whose average latency is the probe's no-load latency."""
-    PROBE_TIMEOUT_S = 2.0
+    PROBE_TIMEOUT_S: Final = 2.0
     """A probe that has not got its samples by then gives up (the old figure stays)."""
-    INITIAL = 20
-    SAMPLE_CAP = 2.0
+    INITIAL: Final = 20
+    SAMPLE_CAP: Final = 2.0
     """A sample counts for at most this many no-load latencies (1 / the gradient's floor)."""
-    REBASE_GAP_S = 1.0
+    REBASE_GAP_S: Final = 1.0
     """A limit halved since the last probe probes again, this long after it at the soonest."""
-    MAX_REFUSAL_WAIT_S = 0.25
+    MAX_REFUSAL_WAIT_S: Final = 0.25
     """A slow upstream's refusals still come within this (a client waits for its 503)."""
 
     def __init__(

@@ -58,8 +58,10 @@ _CUT, _LINGERING = Conn.CUT, Conn.LINGERING
 _TRANSFER_ENCODING = istr("Transfer-Encoding")
 
 
-class HttpProtocol(HeadReader, asyncio.Protocol):
-    """One client connection on the proxy port."""
+class HttpProtocol(HeadReader):
+    """One client connection on the proxy port (an :class:`asyncio.Protocol` by its
+    methods: the event loop calls them by name, and a compiled class cannot also derive
+    from an interpreted one)."""
 
     __slots__ = (
         "_backlog",
@@ -131,6 +133,11 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
             if not self._waiter.done():
                 self._waiter.set_result(None)
             self._waiter = None
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed: the transport closes (asyncio.Protocol's default; an
+        answer still being written is written first)."""
+        return None
 
     def peer_address(self) -> tuple[IPAddress | None, str]:
         peer = self.peer
@@ -405,16 +412,18 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
             self._waiter = None
             waiter.set_result(req)
         else:
-            self._task = self.loop.create_task(self._serve(req))
+            self._task = self.loop.create_task(self._serve())
 
-    async def _serve(self, req: Request) -> None:
-        """This connection's task: one request after the other, while the connection lives.
+    async def _serve(self) -> None:
+        """This connection's task: one request after the other (the first is
+        ``_current``), while the connection lives.
 
         One task a connection (not one a request) and plain awaits: the handler's answer
         is written synchronously as soon as it returns.
         """
         handler = self.server.handler
-        while True:
+        req = self._current
+        while req is not None:
             resp: AnyResponse | None = None
             try:
                 resp = await handler(req)
@@ -432,7 +441,7 @@ class HttpProtocol(HeadReader, asyncio.Protocol):
             if nxt is None:
                 if not self._keep_waiting:
                     return
-                del req, resp  # an idle connection holds neither (nor what they hold)
+                req = resp = None  # an idle connection holds neither (nor what they hold)
                 waiter = self._waiter = self.loop.create_future()
                 nxt = await waiter
                 if nxt is None:

@@ -14,7 +14,7 @@ import asyncio
 import email.utils
 import secrets
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
@@ -53,8 +53,8 @@ class HttpServer:
         handler: Handler,
         *,
         upgrade_server: GatewayServer,
-        answer_now: Callable[[Request], AnyResponse | None] | None = None,
         max_header_bytes: int,
+        answer_now: Callable[[Request], AnyResponse | None] | None = None,
         live: Callable[[], Live] | None = None,
         lifecycle: Lifecycle | None = None,
         client_timeout_s: float = 60.0,
@@ -99,6 +99,12 @@ class HttpServer:
 
     def __call__(self) -> HttpProtocol:
         return HttpProtocol(self)
+
+    @property
+    def protocol_factory(self) -> Callable[[], asyncio.BaseProtocol]:
+        """What ``loop.create_server`` takes: this server, whose connections are
+        protocols by their methods (:class:`HttpProtocol` derives from no asyncio class)."""
+        return cast("Callable[[], asyncio.BaseProtocol]", self)
 
     @property
     def draining(self) -> bool:

@@ -21,6 +21,7 @@ from gateway.core.evidence import Seen
 from gateway.core.retry import IDEMPOTENT_METHODS, backoff_s
 from gateway.downstream.messages import BodyError, Response
 from gateway.identity.body import MAX_BODY, NO_BODY, is_json_media_type, parse_body
+from gateway.pipeline.body_stream import GONE, stream_body
 from gateway.pipeline.context import ClientBodyError
 from gateway.pipeline.headers import UPSTREAM_SKIP
 from gateway.pipeline.reject import Reject, buffers_full, bulkhead_full, circuit_open
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from gateway.upstream.state import UpstreamState
 
 _DROP_FAST = frozenset(("content-length",))  # the server sets its own
-_GONE = "the client closed the connection before the end of the request body"
 _NO_DROP: frozenset[str] = frozenset()
 
 
@@ -108,7 +108,7 @@ class UpstreamLeg:
         # request body bytes held by all requests before their upstream exchange
         self.buffered = 0
 
-    def _too_large(self, ctx: Ctx, limit: int) -> ClientBodyError:
+    def too_large(self, ctx: Ctx, limit: int) -> ClientBodyError:
         ctx.body_error = ClientBodyError(413, f"the request body is larger than {limit} bytes")
         return ctx.body_error
 
@@ -119,7 +119,7 @@ class UpstreamLeg:
         if self.buffered > snap.max_buffered_bytes:
             raise buffers_full()
 
-    def _unhold(self, ctx: Ctx) -> None:
+    def unhold(self, ctx: Ctx) -> None:
         self.buffered -= ctx.held
         ctx.held = 0
 
@@ -158,7 +158,7 @@ class UpstreamLeg:
                         if n:
                             total += n
                             if total > max_body:
-                                raise self._too_large(ctx, max_body)
+                                raise self.too_large(ctx, max_body)
                             self._hold(snap, ctx, n)
                         if lean.complete:
                             return True
@@ -172,7 +172,7 @@ class UpstreamLeg:
                         return True
                     total += len(chunk)
                     if total > max_body:
-                        raise self._too_large(ctx, max_body)
+                        raise self.too_large(ctx, max_body)
                     held.append(chunk)
                     self._hold(snap, ctx, len(chunk))
                 return False
@@ -181,52 +181,8 @@ class UpstreamLeg:
         except (aiohttp.ClientPayloadError, BodyError) as exc:
             ctx.body_error = ClientBodyError(400, f"malformed request body: {exc}")
         except ConnectionResetError:  # aiohttp's reader: the client went mid-body
-            ctx.body_error = ClientBodyError(400, _GONE)
+            ctx.body_error = ClientBodyError(400, GONE)
         raise ctx.body_error
-
-    async def _stream(
-        self, request: PipelineRequest, snap: Snapshot, ctx: Ctx, held: list[bytes], end: float
-    ) -> AsyncIterator[bytes]:
-        """The buffered start of a large body, then the rest as it arrives: a pause of
-        ``body_idle_s``, or the exchange's end (``end``) reached, is a 408 (the upstream
-        connection is then closed at once, not reused)."""
-        ctx.body_open = True
-        total = 0
-        for chunk in held:
-            total += len(chunk)
-            yield chunk
-        held.clear()
-        self._unhold(ctx)  # with the upstream now: no longer held here
-        loop = self._loop
-        limit = snap.max_body_bytes
-        idle = snap.body_idle_s
-        content = request.content
-        while True:
-            by = loop.time() + idle
-            try:
-                async with asyncio.timeout_at(min(by, end)):
-                    chunk = await content.readany()
-            except TimeoutError:
-                detail = (
-                    f"the request body stalled for {idle:g} s"
-                    if by <= end
-                    else "the request body was not received in time"
-                )
-                ctx.body_error = ClientBodyError(408, detail)
-                raise ctx.body_error from None
-            except (aiohttp.ClientPayloadError, BodyError) as exc:
-                ctx.body_error = ClientBodyError(400, f"malformed request body: {exc}")
-                raise ctx.body_error from None
-            except ConnectionResetError:
-                ctx.body_error = ClientBodyError(400, _GONE)
-                raise ctx.body_error from None
-            if not chunk:
-                ctx.body_open = False
-                return
-            total += len(chunk)
-            if total > limit:
-                raise self._too_large(ctx, limit)
-            yield chunk
 
     async def _body_first(
         self, request: PipelineRequest, snap: Snapshot, ctx: Ctx, limit: int | None = None
@@ -271,7 +227,7 @@ class UpstreamLeg:
             )
         except BaseException:
             if ctx.held:
-                self._unhold(ctx)
+                self.unhold(ctx)
             raise
         ctx.body_held, ctx.body_eof = held, eof
         if not eof or ctx.held > MAX_BODY:  # larger than a key is read from: no join
@@ -282,7 +238,7 @@ class UpstreamLeg:
         """Let go of a body read for a key when the request ends before its upstream leg."""
         ctx.body_held = None
         if ctx.held:
-            self._unhold(ctx)
+            self.unhold(ctx)
 
     def _failed(self, ctx: Ctx, up: UpstreamState, exc: UpstreamError, retry: bool) -> None:
         """A send that failed: count it; return when another attempt follows (``retry``:
@@ -348,7 +304,7 @@ class UpstreamLeg:
                 held, eof = await self._body_first(request, snap, ctx)
             except BaseException:
                 if ctx.held:
-                    self._unhold(ctx)
+                    self.unhold(ctx)
                 raise
         route = ctx.route
         assert route is not None  # noqa: S101 - the leg runs for a matched route
@@ -356,7 +312,7 @@ class UpstreamLeg:
             await self._admitted_after_wait(up, route)
         ):
             if ctx.held:
-                self._unhold(ctx)
+                self.unhold(ctx)
             self.rt.metrics.shed_total.labels(route.name, route.priority_name).inc()
             raise bulkhead_full(up, "requests in flight")
         critical = route.priority is Priority.CRITICAL
@@ -384,7 +340,7 @@ class UpstreamLeg:
                 sent: AsyncIterator[bytes] | list[bytes] | None = held
                 if not eof:
                     assert held is not None  # noqa: S101 - a body was begun
-                    sent = self._stream(request, snap, ctx, held, t0 + up.config.timeout_s)
+                    sent = stream_body(self, request, snap, ctx, held, end=t0 + up.config.timeout_s)
                 try:
                     up_resp = await up.client.send(
                         method,
@@ -407,7 +363,7 @@ class UpstreamLeg:
                 now = loop.time()
             if held:  # sent: its bytes go now, not when the answer is over
                 held.clear()
-                self._unhold(ctx)
+                self.unhold(ctx)
             try:
                 now = self._loop.time()
                 elapsed = now - t0
@@ -466,4 +422,4 @@ class UpstreamLeg:
                 up.critical_inflight -= 1
             up.inflight_gauge.dec()
             if ctx.held:  # the send failed with the body still held
-                self._unhold(ctx)
+                self.unhold(ctx)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 from gateway.batchwrite import WriteBatcher
+from gateway.upstream.body_chunks import body_chunks
 from gateway.upstream.connection import (
     DEFAULT_MAX_HEAD_BYTES,
     HEAD_TOO_LARGE,
@@ -67,7 +68,7 @@ class LeanResponse:
         conn = self._conn
         return conn.take_all() if conn is not None else b""
 
-    def _detach(self) -> None:
+    def detach(self) -> None:
         """All of the answer is in (at most the read-ahead, 1 MiB): its connection goes
         back to the pool now, the rest is passed on from here, and a client slow to take
         it holds no upstream connection. Not while :meth:`iter_body` waits on the
@@ -78,28 +79,28 @@ class LeanResponse:
         self._rest = conn.take_rest()
         self.release()
 
-    async def iter_body(self) -> AsyncIterator[bytes]:
+    def iter_body(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (an async generator of :mod:`.body_chunks`, a module
+        that stays interpreted: the compiled build has no async generators)."""
+        return body_chunks(self)
+
+    def begin_read(self) -> UpstreamConnection | None:
+        """The connection the body is read from (None once it went back), told to let go
+        of itself when it completes while the consumer is busy."""
         conn = self._conn
-        if conn is None:
-            return
-        conn.on_complete = self._detach  # when it completes while the consumer is busy
-        while self._conn is not None:
-            if conn.complete and conn.error is None:
-                self._detach()
-                break
-            self._in_read = True
-            try:
-                chunk = await conn.next_chunk()
-            finally:
-                self._in_read = False
-            if not chunk:
-                return
-            yield chunk
-        rest = self._rest
-        if rest:
-            rest.reverse()
-            while rest:  # each piece let go of once passed on
-                yield rest.pop()
+        if conn is not None:
+            conn.on_complete = self.detach
+        return conn
+
+    def read_done(self) -> bool:
+        """True once the connection went back to the pool (the rest is in :meth:`rest`)."""
+        return self._conn is None
+
+    def set_in_read(self, waiting: bool) -> None:
+        self._in_read = waiting
+
+    def rest(self) -> list[bytes] | None:
+        return self._rest
 
     def release(self) -> None:
         """Give the connection back (kept alive only after a complete exchange)."""

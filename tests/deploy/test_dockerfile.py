@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,16 +168,23 @@ def test_dependencies_are_installed_from_the_hashed_lock_before_the_source_is_co
     source = next(n for n, (k, a) in enumerate(steps) if k == "COPY" and a.startswith("gateway"))
     assert deps < source
     copied_before = [a for k, a in steps[:deps] if k == "COPY"]
-    assert copied_before == ["requirements/runtime.lock requirements/build.lock ./requirements/"]
+    locks = "requirements/runtime.lock requirements/build.lock requirements/compile.lock"
+    assert copied_before == [f"{locks} ./requirements/"]
     install = steps[deps][1]
     assert "--require-hashes" in install
     assert "--requirement requirements/runtime.lock" in install
     assert "--requirement requirements/build.lock" in install
+    assert "--requirement requirements/compile.lock" in install
     final_install = next(a for k, a in steps[source:] if k == "RUN" and "pip install" in a)
     assert "--no-deps" in final_install
     # No build isolation: setuptools and wheel come from the hashed build.lock, not from
     # whatever the index serves that day.
     assert "--no-build-isolation" in final_install
+    # the image runs the compiled build, and says so; the compiler leaves with the installers
+    assert final_install.startswith("GATEWAY_COMPILE=1 pip install")
+    assert "python -I -c 'import gateway, sys; sys.exit(not gateway.compiled())'" in (final_install)
+    assert "pip uninstall" in final_install
+    assert "mypy" in final_install.split("pip uninstall", 1)[1]
     assert all("--no-cache-dir" in a for k, a in steps if k == "RUN" and "pip install" in a)
 
 
@@ -255,6 +263,7 @@ def test_dockerignore_keeps_what_copy_needs_and_nothing_else() -> None:
         ".env",
         "tests/conftest.py",
         "gateway/__pycache__/config.cpython-311.pyc",
+        "gateway/core/gcra.cpython-311-x86_64-linux-gnu.so",  # an in-place compiled build
         "k8s/secret.example.yaml",
     ):
         assert dockerignored(secret_or_junk, patterns), secret_or_junk
@@ -264,12 +273,14 @@ def test_dockerignore_keeps_what_copy_needs_and_nothing_else() -> None:
     assert "config/gateway.yaml" in context
     assert {f.split("/")[0] for f in context} == {
         "pyproject.toml",
+        "setup.py",
         "gateway",
         "config",
         "requirements",
     }
     assert sorted(f for f in context if f.startswith("requirements/")) == [
         "requirements/build.lock",
+        "requirements/compile.lock",
         "requirements/runtime.lock",
     ]
     assert [f for f in context if f.startswith("config/")] == ["config/gateway.yaml"]
@@ -298,10 +309,19 @@ def _expand(value: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), ""), value)
 
 
+def _can_compile() -> bool:
+    """A C compiler and this Python's headers: what the build stage's compiled install needs
+    (the image's build stage installs them when its base lacks them)."""
+    include = Path(sysconfig.get_path("include")) / "Python.h"
+    return shutil.which("gcc") is not None and include.exists()
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(420)
 def test_build_stage_installs_a_working_gateway(tmp_path: Path) -> None:
-    """Replays the build stage: the venv it makes must run `gateway --version`."""
+    """Replays the build stage: the venv it makes must run `gateway --version`, compiled."""
+    if not _can_compile():
+        pytest.skip("no C compiler or Python headers here (apt-get install gcc python3-dev)")
     root = tmp_path / "image"
     hostbin = tmp_path / "hostbin"
     hostbin.mkdir()
@@ -348,7 +368,7 @@ def test_build_stage_installs_a_working_gateway(tmp_path: Path) -> None:
                 env=env,
                 capture_output=True,
                 text=True,
-                timeout=200,
+                timeout=400,
                 check=False,
             )
             if proc.returncode != 0 and "No module named 'gateway.cli'" in proc.stderr:
@@ -372,6 +392,7 @@ def test_build_stage_installs_a_working_gateway(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert gateway.__version__ in proc.stdout
+    assert "(compiled)" in proc.stdout
     # The dependencies came from the runtime lock, at its versions, in the venv that the
     # runtime stage copies; the installers are gone from it.
     site = next((venv / "lib").glob("python3.*/site-packages"))
@@ -382,7 +403,15 @@ def test_build_stage_installs_a_working_gateway(tmp_path: Path) -> None:
         name: pin.version for name, pin in read_lock(LOCKS / "runtime.lock").items() if pin.applies
     }
     assert installed == locked
-    for installer in ("pip", "setuptools", "wheel", "pkg_resources", "_distutils_hack"):
+    for installer in (
+        "pip",
+        "setuptools",
+        "wheel",
+        "pkg_resources",
+        "_distutils_hack",
+        "mypy",
+        "mypyc",
+    ):
         assert not (site / installer).exists(), f"{installer} is left in the runtime venv"
     assert not list((venv / "bin").glob("pip*")), "a pip script is left in the runtime venv"
     assert not list((venv / "bin").glob("wheel*"))

@@ -107,7 +107,9 @@ async def serving(**kwargs: Any) -> AsyncIterator[tuple[HttpServer, int, list[in
         answer_now=_answer_now,
         **opts,
     )
-    listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
+    listener = await asyncio.get_running_loop().create_server(
+        server.protocol_factory, "127.0.0.1", 0
+    )
     port = int(listener.sockets[0].getsockname()[1])
     try:
         yield server, port, errors

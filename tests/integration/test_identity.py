@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gateway.app import Gateway
 from gateway.config import ConfigError, load_text
 from tests.conftest import free_port
-from tests.gw import base_config, running_gateway, serve, url
+from tests.gw import AccessLines, base_config, running_gateway, serve, url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -308,22 +308,13 @@ async def test_access_log_carries_identity_never_the_credential(
     upstream: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = _cfg(upstream, tmp_path, per_user={"requests": 100, "period_s": 1, "key": "jwt:sub"})
-    lines: list[dict[str, Any]] = []
     async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
-        real = gw.runtime.access_log
-
-        class Capture:
-            def emit(self, fields: dict[str, Any]) -> None:
-                lines.append(dict(fields))
-
-            def close(self) -> None:
-                real.close()
-
-        monkeypatch.setattr(gw.runtime, "access_log", Capture())
+        log = AccessLines(gw.runtime, monkeypatch)
         tok = _token("gina")
         await _get(s, gw, "/x", _bearer(tok))
         await _get(s, gw, "/keys", {"X-API-Key": API_KEY})
         await _get(s, gw, "/x", _bearer("garbage-token"))
+        lines = log.lines
     assert [line.get("identity") for line in lines] == ["jwt:gina", "api_key:team-a", None]
     text = json.dumps(lines)
     assert tok not in text

@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 
 from gateway.config import load_text
 from gateway.core.tracecontext import parse_traceparent
-from tests.gw import base_config, running_gateway, serve, url
+from tests.gw import AccessLines, base_config, running_gateway, serve, url
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -64,20 +64,6 @@ async def traced() -> AsyncIterator[tuple[str, Seen]]:
         yield up, seen
 
 
-class Lines:
-    """The access log's lines, captured."""
-
-    def __init__(self, real: Any) -> None:
-        self.real = real
-        self.lines: list[dict[str, Any]] = []
-
-    def emit(self, fields: dict[str, Any]) -> None:
-        self.lines.append(dict(fields))
-
-    def close(self) -> None:
-        self.real.close()
-
-
 async def _get(
     gw: Any, headers: CIMultiDict[str] | dict[str, str] | None = None, path: str = "/x"
 ) -> aiohttp.ClientResponse:
@@ -95,8 +81,7 @@ async def test_a_valid_traceparent_is_continued_with_the_gateways_span_as_parent
 ) -> None:
     up, seen = traced
     async with running_gateway(_config(up, 0.0)) as gw:
-        log = Lines(gw.runtime.access_log)
-        monkeypatch.setattr(gw.runtime, "access_log", log)
+        log = AccessLines(gw.runtime, monkeypatch)
         resp = await _get(gw, {"traceparent": VALID, "tracestate": STATE})
         assert resp.status == 200
         trace_id, parent_id, flags = seen.last
@@ -153,8 +138,7 @@ async def test_an_invalid_traceparent_starts_a_new_trace_and_drops_tracestate(
 ) -> None:
     up, seen = traced
     async with running_gateway(_config(up, 1.0)) as gw:
-        log = Lines(gw.runtime.access_log)
-        monkeypatch.setattr(gw.runtime, "access_log", log)
+        log = AccessLines(gw.runtime, monkeypatch)
         await _get(gw, {"traceparent": value, "tracestate": STATE})
         trace_id, parent_id, flags = seen.last
         assert trace_id != TRACE
@@ -181,8 +165,7 @@ async def test_a_missing_traceparent_starts_a_trace_sampled_at_the_ratio(
 ) -> None:
     up, seen = traced
     async with running_gateway(_config(up, ratio)) as gw:
-        log = Lines(gw.runtime.access_log)
-        monkeypatch.setattr(gw.runtime, "access_log", log)
+        log = AccessLines(gw.runtime, monkeypatch)
         for _ in range(20):
             await _get(gw, {"tracestate": STATE})
     assert len(seen.requests) == 20
@@ -220,8 +203,7 @@ async def test_a_refused_request_logs_its_trace_id(
     cfg = _config(up, 0.0)
     cfg["routes"] = [{"name": "api", "path_prefix": "/api/", "upstream": "api"}]
     async with running_gateway(cfg) as gw:
-        log = Lines(gw.runtime.access_log)
-        monkeypatch.setattr(gw.runtime, "access_log", log)
+        log = AccessLines(gw.runtime, monkeypatch)
         resp = await _get(gw, {"traceparent": VALID}, path="/elsewhere")
         assert resp.status == 404
         assert "traceparent" not in resp.headers

@@ -1,0 +1,79 @@
+"""Optional compiled build of the gateway's hot modules (mypyc); pyproject.toml holds the rest.
+
+``pip install .`` installs pure Python, as it always did. With ``GATEWAY_COMPILE=1`` in the
+environment (the image's build stage sets it), the modules of ``COMPILED`` are compiled
+with mypyc into C extensions that Python imports in place of their ``.py`` files: the same
+code, type-checked by mypy, run without the interpreter's dispatch. It needs mypy (the
+``compile`` lock), a C compiler and the Python headers at build time, nothing at run time.
+
+The modules are those the proxy port runs on every request and that compile as they are:
+plain functions and classes, no class an interpreted class inherits from, no async
+generator (``bench/README.md`` has what each set bought). An interpreted module imports a
+compiled one as any other; ``gateway.compiled()`` says which build is running.
+"""
+
+from __future__ import annotations
+
+import os
+
+from setuptools import setup
+
+# Paths relative to this file. The async generators of the request path live in modules of
+# their own that stay interpreted (pipeline/body_stream.py, upstream/body_chunks.py);
+# upstream/client.py (the WebSocket client, a class made in a function) is not here.
+COMPILED = (
+    # pure decisions
+    "gateway/core/gcra.py",
+    "gateway/core/keys.py",
+    "gateway/core/paths.py",
+    "gateway/core/client_ip.py",
+    "gateway/core/breaker.py",
+    "gateway/core/concurrency.py",
+    "gateway/core/window_stats.py",
+    "gateway/core/tracecontext.py",
+    "gateway/core/allowlist.py",
+    "gateway/core/abuse.py",
+    "gateway/core/inflight.py",
+    "gateway/core/evidence.py",
+    "gateway/core/retry.py",
+    "gateway/core/framing.py",
+    "gateway/stores/memory/limiter.py",
+    "gateway/identity/resolver.py",
+    # the request pipeline
+    "gateway/pipeline/context.py",
+    "gateway/pipeline/reject.py",
+    "gateway/pipeline/request.py",
+    "gateway/pipeline/headers.py",
+    "gateway/pipeline/decisions.py",
+    "gateway/pipeline/handler.py",
+    "gateway/pipeline/upstream_leg.py",
+    "gateway/problem.py",
+    "gateway/logs.py",
+    "gateway/loopmetrics.py",
+    # the proxy port's server and the upstream connections
+    "gateway/downstream/head.py",
+    "gateway/downstream/protocol.py",
+    "gateway/downstream/messages.py",
+    "gateway/downstream/server.py",
+    "gateway/downstream/flow.py",
+    "gateway/batchwrite.py",
+    "gateway/upstream/hop_by_hop.py",
+    "gateway/upstream/state.py",
+    "gateway/upstream/connection.py",
+    "gateway/upstream/pool.py",
+)
+
+
+def _ext_modules() -> list[object]:
+    if os.environ.get("GATEWAY_COMPILE", "") not in ("1", "true", "yes"):
+        return []
+    from mypyc.build import mypycify  # noqa: PLC0415 - only a compiled build needs mypy
+
+    # The project's mypy settings (the pydantic plugin) for the analysis. The strict check
+    # is CI's; here an optional extra that is not installed (the image has no
+    # OpenTelemetry SDK) must not stop the build: its imports are read as Any.
+    options = ["--config-file", "pyproject.toml", "--ignore-missing-imports"]
+    return list(mypycify([*options, "--no-warn-unused-ignores", *COMPILED], opt_level="3"))
+
+
+setup(ext_modules=_ext_modules())
