@@ -85,7 +85,8 @@ class Runtime:
         self.bans.add_ban_listener(self._banned)
         self._requests: dict[tuple[str, str, int], Counter] = {}
         self._durations: dict[str, Histogram] = {}
-        self._rl: dict[str, tuple[Counter, Counter, Counter]] = {}
+        # rl_counters' made ones, by policy (read directly on every allowed decision)
+        self.rl_by_policy: dict[str, tuple[Counter, Counter, Counter]] = {}
         self._retired: set[asyncio.Task[None]] = set()
         # the operator page's figures (GET /admin/stats), by route; unix time
         self.route_series: dict[str, RouteSeries] = {}
@@ -267,10 +268,10 @@ class Runtime:
         child.inc()
 
     def rl_counters(self, policy: str) -> tuple[Counter, Counter, Counter]:
-        found = self._rl.get(policy)
+        found = self.rl_by_policy.get(policy)
         if found is None:
             m = self.metrics.ratelimit_decisions
-            found = self._rl[policy] = (
+            found = self.rl_by_policy[policy] = (
                 m.labels(policy, "allowed"),
                 m.labels(policy, "limited"),
                 m.labels(policy, "shadow_limited"),

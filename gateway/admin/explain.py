@@ -112,7 +112,10 @@ async def explain_request(
     header_bytes = sum(len(k) + len(v) + 4 for k, v in headers.items())
     try:
         decisions.check_head(
-            snap, header_bytes, _host(path, headers) if snap.allowed_hosts else None, headers
+            snap,
+            header_bytes,
+            _host(path, headers) if snap.allowed_hosts else None,
+            headers.items(),
         )
         decisions.check_method(method)
     except Reject as rej:
@@ -126,7 +129,7 @@ async def explain_request(
         return out
     out["canonical_path"] = canon
     key = canon.lower()
-    out["suspicious_path"] = snap.suspicious(key)
+    out["suspicious_path"] = snap.suspicious.matches(key)
     try:
         route = decisions.route_for(snap, key, path)
     except Reject as rej:

@@ -47,7 +47,7 @@ def parse_ip(text: str) -> IPAddress | None:
 class Networks:
     """A set of CIDRs with a membership test (parsed once)."""
 
-    __slots__ = ("_nets4", "_nets6")
+    __slots__ = ("_nets4", "_nets6", "empty")
 
     def __init__(self, cidrs: Iterable[str | IPNetwork]) -> None:
         nets = [
@@ -56,9 +56,11 @@ class Networks:
         ]
         self._nets4 = tuple(n for n in nets if n.version == 4)
         self._nets6 = tuple(n for n in nets if n.version == 6)
+        # read on every request (trusted proxies): an attribute, not __bool__'s call
+        self.empty = not (self._nets4 or self._nets6)
 
     def __bool__(self) -> bool:
-        return bool(self._nets4 or self._nets6)
+        return not self.empty
 
     def __contains__(self, ip: object) -> bool:
         if isinstance(ip, ipaddress.IPv4Address):
@@ -72,7 +74,7 @@ def resolve_client(
     peer: IPAddress | None, forwarded_for: str | None, trusted: Networks
 ) -> tuple[IPAddress | None, bool]:
     """Return (client address, whether the peer is a trusted proxy)."""
-    if peer is None or not trusted or peer not in trusted:
+    if peer is None or trusted.empty or peer not in trusted:
         return peer, False
     if not forwarded_for:
         return peer, True

@@ -25,9 +25,9 @@ class FlowControl:
         "_drain_waiter",
         "_idle_s",
         "_loop",
-        "_pipeline_paused",
         "_stall_size",
         "_stall_timer",
+        "pipeline_paused",
         "released",
         "transport",
         "write_paused",
@@ -38,7 +38,8 @@ class FlowControl:
         self._idle_s = idle_s  # read when a stall starts: the current config's bound
         self.transport: asyncio.Transport | None = None
         self._body_paused = False
-        self._pipeline_paused = False
+        # requests queued behind the one served (read by the protocol before each resume)
+        self.pipeline_paused = False
         self.write_paused = False
         # once the connection ends (it drops what arrives), the holds no longer steer reading
         self.released = False
@@ -59,18 +60,18 @@ class FlowControl:
             self._set_reading()
 
     def pause_pipeline(self) -> None:
-        if not self._pipeline_paused:
-            self._pipeline_paused = True
+        if not self.pipeline_paused:
+            self.pipeline_paused = True
             self._set_reading()
 
     def resume_pipeline(self) -> None:
-        if self._pipeline_paused:
-            self._pipeline_paused = False
+        if self.pipeline_paused:
+            self.pipeline_paused = False
             self._set_reading()
 
     def read_all(self) -> None:
         """Drop the reading holds and read on, whatever comes (a linger, a hand-off)."""
-        self._body_paused = self._pipeline_paused = False
+        self._body_paused = self.pipeline_paused = False
         if self.transport is not None:
             self.transport.resume_reading()
 
@@ -78,7 +79,7 @@ class FlowControl:
         transport = self.transport
         if transport is None or self.released:
             return
-        if self._body_paused or self._pipeline_paused or self.write_paused:
+        if self._body_paused or self.pipeline_paused or self.write_paused:
             transport.pause_reading()
         else:
             transport.resume_reading()

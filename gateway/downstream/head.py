@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import httptools
+from multidict import istr
 
 from gateway.core.framing import request_host
 
@@ -29,6 +30,7 @@ _HOST_CACHE_MAX = 1024  # distinct Host values remembered with their parse (a fe
 _READ_MAX = 256 * 1024  # the most one read delivers (uvloop's buffer)
 # the fields of no head: shared, never appended to (each head gets its own list)
 _NO_FIELDS: list[tuple[str, str]] = []
+_HOST = istr("Host")  # (an istr is not case-folded again on every lookup)
 
 
 class HeadTooLarge(Exception):  # noqa: N818 - a signal out of a parser callback
@@ -47,7 +49,7 @@ class HostCache:
     def host_of(self, version: str, headers: CIMultiDict[str], target: str) -> str | None:
         """:func:`gateway.core.framing.request_host` of a request head (lower-case, no
         port or trailing dot, IPv6 unbracketed); raises ``FramingError``."""
-        hosts = headers.getall("Host", ())
+        hosts = headers.getall(_HOST, ())
         if len(hosts) != 1 or target[:1] != "/":
             return request_host(version, hosts, target)
         # the usual request (with a Host field it has a host: "" is never one)

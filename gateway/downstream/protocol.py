@@ -28,7 +28,7 @@ import asyncio
 import logging
 
 import httptools
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from gateway.core.client_ip import IPAddress, peer_of
 from gateway.core.framing import FramingError, check_transfer_coding
@@ -54,6 +54,8 @@ _MAX_QUEUED = _SLICE // 16
 # an enum's class attribute is looked up slowly
 _OPEN, _UPGRADING, _ERROR_PENDING = Conn.OPEN, Conn.UPGRADING, Conn.ERROR_PENDING
 _CUT, _LINGERING = Conn.CUT, Conn.LINGERING
+# field names looked up as istr: a plain str is case-folded anew on every lookup
+_TRANSFER_ENCODING = istr("Transfer-Encoding")
 
 
 class HttpProtocol(HeadReader):
@@ -271,18 +273,20 @@ class HttpProtocol(HeadReader):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._cancel_head_timer()
+        if self._head_timer is not None:  # (a head in one read has none: no call)
+            self._cancel_head_timer()
         parser = self._parser
         if parser is None or self._state.discarding:
             return
         version = parser.get_http_version()
         target = self._url.decode("latin-1")
-        headers = CIMultiDict(self._fields)
+        fields = self._fields
+        headers = CIMultiDict(fields)
         # a FramingError goes out of the parser (answered in _feed), upgrades included
         try:
             host = self.server.hosts.host_of(version, headers, target)
-            if "Transfer-Encoding" in headers:
-                check_transfer_coding(headers.getall("Transfer-Encoding"))
+            if _TRANSFER_ENCODING in headers:
+                check_transfer_coding(headers.getall(_TRANSFER_ENCODING))
         except FramingError as exc:
             raise self._failing(exc) from None
         if parser.should_upgrade():
@@ -299,6 +303,7 @@ class HttpProtocol(HeadReader):
             size,
             parser.should_keep_alive(),
             host,
+            fields,
         )
         if self._current is None:
             if not req.body_exists and not self.flow.write_paused and self._quick_ok:
@@ -329,7 +334,7 @@ class HttpProtocol(HeadReader):
             return
         pending = self._pending
         req = pending[-1] if pending else self._current
-        if req is not None:
+        if req is not None and req.body_exists:  # (NO_BODY has no end to be told of)
             req.content.feed_eof()
         if len(pending) >= _MAX_QUEUED:  # checked once its body is in, if it has one
             pending[-1].keep_alive = False  # answered last, then the connection closes
@@ -490,7 +495,8 @@ class HttpProtocol(HeadReader):
         if self._state is _UPGRADING and self._handoff is not None:
             self._do_handoff(self._handoff)
             return None
-        self.flow.resume_pipeline()
+        if self.flow.pipeline_paused:  # (most often not: no call)
+            self.flow.resume_pipeline()
         if self.server.lifecycle.draining:
             self.close()
             return None

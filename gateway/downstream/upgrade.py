@@ -58,6 +58,10 @@ class GatewayRequest(BaseRequest):
     # what the pipeline reads of a request (gateway.pipeline.request.PipelineRequest)
     fields_decoded = True  # aiohttp decoded the field values as UTF-8
 
+    @property
+    def header_fields(self) -> list[tuple[str, str]]:
+        return list(self.headers.items())
+
     def peer_address(self) -> tuple[IPAddress | None, str]:
         # the server makes GatewayProtocol connections only; it parsed the peer once
         return cast("GatewayProtocol", self.protocol).peer_address()

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from multidict import istr
+
 from gateway.core.gcra import Rate
 from gateway.identity.api_keys import ApiKeyError, ApiKeys
 from gateway.identity.tokens import JwksError, TokenVerifier, Verified, bearer_token, load_jwks
@@ -36,6 +38,7 @@ __all__ = [
 ]
 
 MAX_FILE_BYTES = 1 << 20
+_AUTHORIZATION = istr("Authorization")  # (an istr is not case-folded on every lookup)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +87,8 @@ class IdentityKeys:
     ) -> None:
         self.verifier = verifier
         self.api_keys = api_keys
-        self.api_key_header = api_key_header
+        # an istr: a plain str is case-folded anew on every lookup
+        self.api_key_header = istr(api_key_header) if api_key_header is not None else None
         self.plan_claim = plan_claim
 
     def identify(
@@ -106,7 +110,7 @@ class IdentityKeys:
         verified: Verified | None = None
         refused = False
         if self.verifier is not None:
-            token = bearer_token(_single(headers, "Authorization"))
+            token = bearer_token(_single(headers, _AUTHORIZATION))
             if token is not None:
                 outcome = self.verifier.verify(token, client=client, failures=failures, spend=spend)
                 refused = not isinstance(outcome, Verified)

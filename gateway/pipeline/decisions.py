@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import math
 import time
+from ipaddress import IPv6Address
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -51,7 +52,8 @@ def client_key(snap: Snapshot, client: IPAddress | None, client_ip: str) -> str:
     """The client's key for scores, bans and limits: its address, an IPv6 one by its
     prefix (``rate_limit.ipv6_prefix``): rotating the rest of its address must not give
     it a clean score, a lifted ban or a fresh budget."""
-    if client is not None and client.version == 6:
+    # isinstance, not the ``version`` property: a call in Python on every request
+    if isinstance(client, IPv6Address):
         return snap.ip_key(client, client_ip)
     return client_ip
 
@@ -73,22 +75,24 @@ def check_lists(
 
 
 def check_head(
-    snap: Snapshot, header_bytes: int, host: str | None, names: Iterable[str]
+    snap: Snapshot, header_bytes: int, host: str | None, fields: Iterable[tuple[str, str]]
 ) -> str | None:
     """The head's limits: its size (431), its host (``allowed_hosts``, 400) and field
     names holding "_"; returns how such fields go upstream (None: there are none).
 
-    ``host`` is read only when ``allowed_hosts`` is set (the caller may pass None else).
+    ``host`` is read only when ``allowed_hosts`` is set (the caller may pass None else);
+    ``fields``: the (name, value) pairs of the head.
     """
     if header_bytes > snap.max_header_bytes:
         raise Reject(431, "request header fields too large", event="bad_request")
     if snap.allowed_hosts and host not in snap.allowed_hosts:
         raise Reject(400, "the Host header is not one this gateway serves", event="bad_request")
-    if "_" in "".join(names):
-        # CGI and WSGI servers read X_Forwarded_For as X-Forwarded-For (SPEC 9)
-        if snap.underscores == "reject":
-            raise Reject(400, "a header field name holds an underscore", event="bad_request")
-        return snap.underscores
+    for name, _ in fields:
+        if "_" in name:
+            # CGI and WSGI servers read X_Forwarded_For as X-Forwarded-For (SPEC 9)
+            if snap.underscores == "reject":
+                raise Reject(400, "a header field name holds an underscore", event="bad_request")
+            return snap.underscores
     return None
 
 
@@ -327,7 +331,10 @@ def limit_outcome(
     tightest: CompiledPolicy | None = None
     least = 0
     reset = 0.0
-    for pol, dec in zip(policies, decisions, strict=True):
+    if len(policies) != len(decisions):  # (zip's strict=True costs a keyword parse a call)
+        msg = "one decision for each policy"
+        raise ValueError(msg)
+    for pol, dec in zip(policies, decisions):  # noqa: B905 - lengths checked above
         if pol.shadow:
             continue
         if dec.allowed:

@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from aiohttp import hdrs
+from multidict import istr
 
 from gateway import problem
 from gateway.core.client_ip import forwarded_proto, forwarded_values, resolve_client
@@ -53,6 +54,12 @@ if TYPE_CHECKING:
     from gateway.upstream.state import UpstreamState
 
 _PROBES = frozenset(PROBE_PATHS)
+# the paths local_answer may answer: any other request is not asked (no call)
+_LOCAL = _PROBES | {"/metrics"}
+_LOCAL_PREFIX = "/readyz/"
+# field names looked up as istr: a plain str is case-folded anew on every lookup
+_TRACEPARENT = istr("traceparent")
+_TRACESTATE = istr("tracestate")
 
 
 class ProxyHandler:
@@ -78,6 +85,9 @@ class ProxyHandler:
         They read cached state only, so the server writes them from its parsing callback:
         a probe never queues behind the requests of a saturated proxy.
         """
+        path = request.path
+        if path not in _LOCAL and not path.startswith(_LOCAL_PREFIX):
+            return None
         snap = self.rt.snapshot
         resp = self.local_answer(request, snap)
         if resp is not None:
@@ -90,15 +100,17 @@ class ProxyHandler:
         ctx = Ctx(start)
         via_proxy = self.identify(request, snap, ctx)
 
-        local = self.local_answer(request, snap)
-        if local is not None:
-            return local
+        path = request.path
+        if path in _LOCAL or path.startswith(_LOCAL_PREFIX):
+            local = self.local_answer(request, snap)
+            if local is not None:
+                return local
         if self.tracing:  # before any refusal: the access log of a refusal carries it too
             headers = request.headers
-            parent = headers.getall("traceparent", None)
+            parent = headers.getall(_TRACEPARENT, None)
             ctx.trace = start_or_continue(
                 parent,
-                headers.getall("tracestate", None) if parent is not None else None,
+                headers.getall(_TRACESTATE, None) if parent is not None else None,
                 snap.trace_ratio,
             )
 
@@ -162,7 +174,7 @@ class ProxyHandler:
     def local_answer(self, request: PipelineRequest, snap: Snapshot) -> AnyResponse | None:
         """A probe's or /metrics' answer (on this port), or None for the pipeline."""
         path = request.path
-        if path in _PROBES or path.startswith("/readyz/"):
+        if path in _PROBES or path.startswith(_LOCAL_PREFIX):
             return probe_answer(request, self.rt.monitor, public=True)
         if path == "/metrics" and snap.metrics_on_proxy:
             return self.rt.metrics_response()
@@ -189,9 +201,10 @@ class ProxyHandler:
         else:
             ctx.client_ip = str(client) if client is not None else "-"
         ctx.ban_key = decisions.client_key(snap, client, ctx.client_ip)
-        rid = headers.get(snap.rid_header)
+        rid = headers.get(snap.rid_field)
         if rid is None or not REQUEST_ID_RE.fullmatch(rid):
-            rid = f"{self._rid_prefix}{next(self._rid_seq):016x}"
+            # (%-formatting: an f-string's format spec costs a format() call here)
+            rid = self._rid_prefix + "%016x" % next(self._rid_seq)  # noqa: UP031
         ctx.rid = rid
         request.rid = rid
         request.response_headers = snap.response_headers
@@ -213,13 +226,13 @@ class ProxyHandler:
                 if ban is not None:
                     raise banned(snap, ban.expires_at)
 
-        headers = request.headers
         ctx.underscores = decisions.check_head(
             snap,
             request.header_bytes,
             request.target_host() if snap.allowed_hosts else None,
-            headers,
+            request.header_fields,
         )
+        headers = request.headers
 
         method = request.method
         decisions.check_method(method)
@@ -230,7 +243,7 @@ class ProxyHandler:
         ctx.path = canonical
         key = canonical.lower()
 
-        if snap.abuse_enabled and not ctx.exempt and snap.suspicious(key):
+        if snap.abuse_enabled and not ctx.exempt and snap.suspicious.matches(key):
             # scored before it is answered: its evidence has no status
             seen = Seen(method, canonical, None, ctx.rid)
             rt.bans.report(ctx.ban_key, "suspicious_path", seen)
@@ -343,9 +356,14 @@ class ProxyHandler:
         rt = self.rt
         retry = -1.0
         names: list[str] = []
-        for pol, dec in zip(policies, found, strict=True):
+        if len(policies) != len(found):  # (zip's strict=True costs a keyword parse a call)
+            msg = "one decision for each policy"
+            raise ValueError(msg)
+        made = rt.rl_by_policy
+        for pol, dec in zip(policies, found):  # noqa: B905 - lengths checked above
             if dec.allowed:
-                rt.rl_counters(pol.name)[0].inc()
+                counters = made.get(pol.name)  # (made by rl_counters: no call once made)
+                (counters if counters is not None else rt.rl_counters(pol.name))[0].inc()
             elif pol.shadow:
                 rt.rl_counters(pol.name)[2].inc()
                 dropped = rt.shadow_log_budget.take(self._loop.time())
@@ -424,18 +442,18 @@ class ProxyHandler:
             rt.spans.export(trace, method, route, status, ctx.upstream, duration_s=duration)
         ratio = snap.sample_ratio
         if status >= 500 or (ratio > 0 and (ratio >= 1 or random.random() < ratio)):
-            rt.access_log.emit(
-                {
-                    "request_id": ctx.rid,
-                    "client_ip": ctx.client_ip,
-                    "method": request.method,
-                    "path": request.path,
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(duration * 1000, 3),
-                    "bytes": ctx.bytes_out,
-                    "upstream": ctx.upstream,
-                    "trace_id": trace.trace_id if trace is not None else None,
-                    **({"identity": ctx.identity} if ctx.identity is not None else {}),
-                }
-            )
+            line = {
+                "request_id": ctx.rid,
+                "client_ip": ctx.client_ip,
+                "method": request.method,
+                "path": request.path,
+                "route": route,
+                "status": status,
+                "duration_ms": round(duration * 1000, 3),
+                "bytes": ctx.bytes_out,
+                "upstream": ctx.upstream,
+                "trace_id": trace.trace_id if trace is not None else None,
+            }
+            if ctx.identity is not None:  # (set last: no merged dict for it)
+                line["identity"] = ctx.identity
+            rt.access_log.emit(line)

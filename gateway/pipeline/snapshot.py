@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from multidict import istr
+
 from gateway.core.abuse import PathMatcher
 from gateway.core.calendar import month_length_s
 from gateway.core.client_ip import IPAddress, Networks
@@ -214,6 +216,7 @@ class Snapshot:
         "metrics_on_proxy",
         "policies",
         "response_headers",
+        "rid_field",
         "rid_header",
         "routes",
         "sample_ratio",
@@ -265,6 +268,7 @@ class Snapshot:
         )
         self.response_headers = ResponseHeaders(cfg)
         self.rid_header = cfg.request.request_id_header
+        self.rid_field = istr(self.rid_header)  # looked up as istr: not case-folded each time
         # the request fields not passed upstream as they are, hop-by-hop ones included (the
         # request id and the trace context are set anew)
         self.drop_upstream = DROP_UPSTREAM | HOP_BY_HOP | TRACE_FIELDS | {self.rid_header.lower()}

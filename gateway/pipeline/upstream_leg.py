@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from gateway.pipeline.request import PipelineRequest
     from gateway.pipeline.snapshot import CompiledRoute, Snapshot
     from gateway.runtime import Runtime
-    from gateway.upstream.pool import LeanResponse
     from gateway.upstream.state import UpstreamState
 
 _DROP_FAST = frozenset(("content-length",))  # the server sets its own
@@ -49,7 +48,7 @@ def upstream_fields(
     end-to-end fields, then Host, X-Forwarded-*, X-Real-IP, the request id and the trace
     context (the upstream's own Host last when the client sent none)."""
     headers = request.headers
-    kept = filter_header_lines(headers, snap.drop_upstream, ctx.underscores)
+    kept = filter_header_lines(request.header_fields, snap.drop_upstream, ctx.underscores)
     host = headers.get(hdrs.HOST)
     chain = ctx.client_ip
     proto = "http"
@@ -241,90 +240,37 @@ class UpstreamLeg:
         if ctx.held:
             self.unhold(ctx)
 
-    async def _send(
-        self,
-        request: PipelineRequest,
-        snap: Snapshot,
-        ctx: Ctx,
-        up: UpstreamState,
-        raw_path_qs: str,
-        up_fields: str,
-        held: list[bytes] | None,
-        eof: bool,
-    ) -> tuple[LeanResponse, float]:
-        """Send with breaker and bounded retries; return (response, start time).
-
-        ``held``: the body read before (all of it when ``eof``), None without a body.
-        """
-        loop = self._loop
-        method = request.method
-        retries = up.config.retries
-        # a body read whole before sending can be sent again
-        idempotent = method in IDEMPOTENT_METHODS and eof
-        now = loop.time()
-        up.budget.record_request(now)
-        attempt = 0
-        while True:
-            now = loop.time()
-            if not up.breaker.acquire(now):
-                raise circuit_open(up, now)
-            t0 = loop.time()
-            body: AsyncIterator[bytes] | list[bytes] | None = held
-            if not eof:
-                assert held is not None  # noqa: S101 - a body was begun
-                body = stream_body(self, request, snap, ctx, held, end=t0 + up.config.timeout_s)
-            try:
-                resp = await up.client.send(
-                    method,
-                    raw_path_qs,
-                    up_fields,
-                    body,
-                    has_length=request.content_length is not None,
-                )
-            except asyncio.CancelledError:
-                up.breaker.release(loop.time())  # the client went away: no outcome
-                raise
-            except ClientBodyError as body_err:
-                up.breaker.release(loop.time())  # the client's fault, not the upstream's
-                raise Reject(body_err.status, str(body_err), event="bad_request") from None
-            except UpstreamError as exc:
-                t1 = loop.time()
-                if ctx.body_error is not None:
-                    up.breaker.release(t1)
-                    err = ctx.body_error
-                    raise Reject(err.status, str(err), event="bad_request") from None
-                if exc.kind == "timeout" and ctx.body_open:
-                    # the client was still sending its body: its slowness, not the upstream's
-                    up.breaker.release(t1)
-                    raise Reject(
-                        408, "the request body was not received in time", event="bad_request"
-                    ) from None
-                count_error(self.rt, up, ctx, exc)
-                if exc.kind == "timeout" and not exc.sent:
-                    # no pool connection came free in time: the upstream never saw it
-                    up.breaker.release(t1)
-                    raise Reject(504, f"upstream {up.name!r} did not answer in time") from None
-                up.breaker.record(t1, failure=True)
-                attempt += 1
-                if (
-                    not exc.sent
-                    and idempotent
-                    and attempt < retries.attempts
-                    and up.budget.can_retry(t1)
-                ):
-                    up.budget.record_retry(t1)
-                    await asyncio.sleep(backoff_s(attempt - 1, retries, random.random()))
-                    continue
-                if exc.kind == "timeout":
-                    raise Reject(504, f"upstream {up.name!r} did not answer in time") from None
-                if exc.kind == HEAD_TOO_LARGE:
-                    raise Reject(
-                        502, f"upstream {up.name!r} answered with a response head too large"
-                    ) from None
-                raise Reject(
-                    502, f"upstream {up.name!r} is unreachable: {exc.kind} error"
-                ) from None
-            return resp, t0
+    def _failed(self, ctx: Ctx, up: UpstreamState, exc: UpstreamError, retry: bool) -> None:
+        """A send that failed: count it; return when another attempt follows (``retry``:
+        the method and the attempts left allow one; the error and the retry budget must
+        too), else raise the :class:`Reject` it makes."""
+        t1 = self._loop.time()
+        if ctx.body_error is not None:
+            up.breaker.release(t1)
+            err = ctx.body_error
+            raise Reject(err.status, str(err), event="bad_request") from None
+        if exc.kind == "timeout" and ctx.body_open:
+            # the client was still sending its body: its slowness, not the upstream's
+            up.breaker.release(t1)
+            raise Reject(
+                408, "the request body was not received in time", event="bad_request"
+            ) from None
+        count_error(self.rt, up, ctx, exc)
+        if exc.kind == "timeout" and not exc.sent:
+            # no pool connection came free in time: the upstream never saw it
+            up.breaker.release(t1)
+            raise Reject(504, f"upstream {up.name!r} did not answer in time") from None
+        up.breaker.record(t1, failure=True)
+        if not exc.sent and retry and up.budget.can_retry(t1):
+            up.budget.record_retry(t1)
+            return
+        if exc.kind == "timeout":
+            raise Reject(504, f"upstream {up.name!r} did not answer in time") from None
+        if exc.kind == HEAD_TOO_LARGE:
+            raise Reject(
+                502, f"upstream {up.name!r} answered with a response head too large"
+            ) from None
+        raise Reject(502, f"upstream {up.name!r} is unreachable: {exc.kind} error") from None
 
     @staticmethod
     async def _admitted_after_wait(up: UpstreamState, route: CompiledRoute) -> bool:
@@ -377,9 +323,44 @@ class UpstreamLeg:
         up.inflight_gauge.inc()
         try:
             up_fields = upstream_fields(request, snap, ctx, up, via_proxy=via_proxy)
-            up_resp, t0 = await self._send(
-                request, snap, ctx, up, raw_path_qs, up_fields, held, eof
-            )
+            # the send, with breaker and bounded retries (here, not in a coroutine of its
+            # own: one frame less to resume when the answer comes)
+            loop = self._loop
+            method = request.method
+            retries = up.config.retries
+            # a body read whole before sending can be sent again
+            idempotent = method in IDEMPOTENT_METHODS and eof
+            now = loop.time()
+            up.budget.record_request(now)
+            attempt = 0
+            while True:
+                if not up.breaker.acquire(now):
+                    raise circuit_open(up, now)
+                t0 = now
+                sent: AsyncIterator[bytes] | list[bytes] | None = held
+                if not eof:
+                    assert held is not None  # noqa: S101 - a body was begun
+                    sent = stream_body(self, request, snap, ctx, held, end=t0 + up.config.timeout_s)
+                try:
+                    up_resp = await up.client.send(
+                        method,
+                        raw_path_qs,
+                        up_fields,
+                        sent,
+                        has_length=request.content_length is not None,
+                    )
+                    break
+                except asyncio.CancelledError:
+                    up.breaker.release(loop.time())  # the client went away: no outcome
+                    raise
+                except ClientBodyError as body_err:
+                    up.breaker.release(loop.time())  # the client's fault, not the upstream's
+                    raise Reject(body_err.status, str(body_err), event="bad_request") from None
+                except UpstreamError as exc:
+                    attempt += 1
+                    self._failed(ctx, up, exc, idempotent and attempt < retries.attempts)
+                await asyncio.sleep(backoff_s(attempt - 1, retries, random.random()))
+                now = loop.time()
             if held:  # sent: its bytes go now, not when the answer is over
                 held.clear()
                 self.unhold(ctx)

@@ -223,10 +223,11 @@ class UpstreamConnection(asyncio.Protocol):
             raise self._failing(
                 _HeadTooLargeError(f"response head with over {MAX_RESPONSE_FIELDS} fields")
             )
-        if len(name) == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
+        size = len(name)
+        if size == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
             self.listed = True  # Connection names other fields: they are hop-by-hop too
         elif (
-            len(name) == 17
+            size == 17
             and name.lower() == b"transfer-encoding"
             and value.strip(b" \t").lower() != b"chunked"
         ):
@@ -273,14 +274,16 @@ class UpstreamConnection(asyncio.Protocol):
         if self.buffered > _HIGH_WATER and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
-        self._wake_body()
+        if self._body_waiter is not None:  # (a body read as it comes: no call otherwise)
+            self._wake_body()
 
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
             return
         self.complete = True
-        self._wake_body()
+        if self._body_waiter is not None:
+            self._wake_body()
         if self.on_complete is not None:
             self.on_complete()
 
@@ -356,7 +359,9 @@ class UpstreamConnection(asyncio.Protocol):
         body = self._body
         data = body[0] if len(body) == 1 else b"".join(body)
         body.clear()
-        self._emptied()
+        self.buffered = 0
+        if self._reading_paused:  # (as _emptied, without its call when not paused)
+            self._emptied()
         return data
 
     def take_rest(self) -> list[bytes]:

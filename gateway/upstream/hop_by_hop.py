@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from aiohttp import hdrs
-
 if TYPE_CHECKING:
-    from multidict import CIMultiDict, CIMultiDictProxy
+    from collections.abc import Iterable, Sequence
 
 # RFC 9110 7.6.1 and the de-facto ones; plus whatever Connection names.
 HOP_BY_HOP = frozenset(
@@ -43,22 +41,26 @@ DROP_UPSTREAM = FORWARDING | frozenset(("expect", "forwarded", "host"))
 _FRAMING = frozenset(("content-length",))
 
 
-def connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
+def connection_tokens(fields: Iterable[tuple[str, str]]) -> frozenset[str]:
     """Header names listed in ``Connection`` (they are hop-by-hop too), framing excepted."""
-    values = headers.getall(hdrs.CONNECTION, ())
-    if not values:
-        return frozenset()
-    tokens = frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+    tokens = frozenset(
+        t.strip().lower()
+        for name, value in fields
+        if name.lower() == "connection"
+        for t in value.split(",")
+        if t.strip()
+    )
     return tokens - _FRAMING
 
 
 def filter_header_lines(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+    fields: Sequence[tuple[str, str]],
     drop: frozenset[str],
     underscores: str | None = None,
 ) -> list[str]:
-    r"""``headers`` without those in ``drop`` (lower-case; it includes :data:`HOP_BY_HOP`)
-    and those the ``Connection`` field names, as ``Name: value\r\n`` lines.
+    r"""The header ``fields`` (in order) without those in ``drop`` (lower-case; it
+    includes :data:`HOP_BY_HOP`) and those the ``Connection`` field names, as
+    ``Name: value\r\n`` lines.
 
     A name holding ``_`` reads as its ``-`` spelling to CGI and WSGI servers
     (``X_Forwarded_For`` is ``HTTP_X_FORWARDED_FOR``): with ``underscores="drop"`` every
@@ -66,22 +68,32 @@ def filter_header_lines(
     (the fields the gateway sets itself are never doubled by an alias).  None: no field
     holds one (the common case, one test per name).
     """
-    listed = connection_tokens(headers)
-    if listed:
-        drop = drop | listed
     if underscores is None:
-        return [
-            f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() not in drop
-        ]
+        # one pass; Connection is in ``drop``: only when it is there is a second needed
+        lines: list[str] = []
+        listed = False
+        for name, value in fields:
+            low = name.lower()
+            if low not in drop:
+                lines.append(f"{name}: {value}\r\n")
+            elif low == "connection":
+                listed = True
+        if not listed:
+            return lines
+    tokens = connection_tokens(fields)
+    if tokens:
+        drop = drop | tokens
+    if underscores is None:
+        return [f"{name}: {value}\r\n" for name, value in fields if name.lower() not in drop]
     if underscores == "drop":
         return [
             f"{name}: {value}\r\n"
-            for name, value in headers.items()
+            for name, value in fields
             if "_" not in name and name.lower() not in drop
         ]
     return [
         f"{name}: {value}\r\n"
-        for name, value in headers.items()
+        for name, value in fields
         if name.lower().replace("_", "-") not in drop
     ]
 

@@ -180,16 +180,6 @@ class LeanPool:
             self._release_slot()
         self._sweeper = self._loop.call_later(self._sweep_s, self._sweep) if busy else None
 
-    def _idle_conn(self) -> UpstreamConnection | None:
-        """An idle kept-alive connection, without waiting (None when there is none)."""
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
-            if conn.transport is not None and not conn.transport.is_closing():
-                return conn
-            self._open -= 1
-        return None
-
     async def _acquire(self, deadline: float) -> tuple[UpstreamConnection, bool]:
         """A connection and whether it was reused; the wait for one ends at ``deadline``
         (the exchange's: waiting for a free connection counts against ``timeout_s``)."""
@@ -265,7 +255,8 @@ class LeanPool:
             self._release_slot()
             return
         self._idle.append(conn)
-        self._wake_one()
+        if self._waiters:  # (most often none: no call)
+            self._wake_one()
 
     async def request(
         self,
@@ -291,8 +282,16 @@ class LeanPool:
         deadline = self._loop.time() + self._timeout
         # A reused connection the upstream closed meanwhile fails before any answer: try once
         # more on a fresh one when nothing of a body has been consumed.
+        idle = self._idle
         for attempt in (0, 1):
-            conn = self._idle_conn()
+            # an idle kept-alive connection, without waiting (inline: every request)
+            conn = None
+            while idle:
+                conn = idle.pop()
+                if conn.transport is not None and not conn.transport.is_closing():
+                    break
+                conn = None
+                self._open -= 1
             reused = conn is not None
             if conn is None:
                 conn, reused = await self._acquire(deadline)

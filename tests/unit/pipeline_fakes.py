@@ -66,6 +66,10 @@ class FakeRequest:
         self.streamed: list[bytes] = []
 
     @property
+    def header_fields(self) -> list[tuple[str, str]]:
+        return list(self.headers.items())
+
+    @property
     def rel_url(self) -> URL:
         if self.raw_path.startswith("/"):
             return URL(self.raw_path, encoded=True)
