@@ -427,7 +427,20 @@ def spawn_gateway(
         env["GATEWAY_REDIS_URL"] = redis_url
     if source is not None:
         env["PYTHONPATH"] = str(source)
-    argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
+    # -P: `python -m` would put the working directory (this checkout) first on sys.path,
+    # ahead of PYTHONPATH, and run this checkout's package whatever `source` says
+    found = subprocess.run(
+        [sys.executable, "-P", "-c", "import gateway; print(gateway.__file__)"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    expected = (source or ROOT) / "gateway"
+    if not found or not Path(found).is_relative_to(expected):
+        raise BenchError(f"{name}: the gateway package imported is {found!r}, not {expected}'s")
+    argv = [sys.executable, "-P", "-m", "gateway", "serve", "--config", str(config)]
     return children.spawn(name, argv, cpu=cpu, port=port, env=env)
 
 
