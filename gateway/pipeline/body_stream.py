@@ -9,7 +9,7 @@ common one (a small body is read whole before the upstream is touched).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
@@ -22,13 +22,20 @@ if TYPE_CHECKING:
     from gateway.pipeline.context import Ctx
     from gateway.pipeline.request import PipelineRequest
     from gateway.pipeline.snapshot import Snapshot
-    from gateway.pipeline.upstream_leg import UpstreamLeg
 
 GONE = "the client closed the connection before the end of the request body"
 
 
+class BodyHolder(Protocol):
+    """What the stream needs of the upstream leg: the count of body bytes held."""
+
+    def unhold(self, ctx: Ctx) -> None: ...
+
+    def too_large(self, ctx: Ctx, limit: int) -> ClientBodyError: ...
+
+
 async def stream_body(
-    leg: UpstreamLeg,
+    leg: BodyHolder,
     request: PipelineRequest,
     snap: Snapshot,
     ctx: Ctx,

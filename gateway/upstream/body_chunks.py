@@ -8,15 +8,29 @@ the common one (a small answer is taken whole, ``body_if_complete``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from gateway.upstream.pool import LeanResponse
+    from gateway.upstream.connection import UpstreamConnection
 
 
-async def body_chunks(resp: LeanResponse) -> AsyncIterator[bytes]:
+class Answer(Protocol):
+    """What the reader needs of the answer (:class:`~gateway.upstream.pool.LeanResponse`)."""
+
+    def begin_read(self) -> UpstreamConnection | None: ...
+
+    def read_done(self) -> bool: ...
+
+    def set_in_read(self, waiting: bool) -> None: ...
+
+    def detach(self) -> None: ...
+
+    def rest(self) -> list[bytes] | None: ...
+
+
+async def body_chunks(resp: Answer) -> AsyncIterator[bytes]:
     conn = resp.begin_read()
     if conn is None:
         return
