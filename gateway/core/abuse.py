@@ -82,13 +82,9 @@ class PathMatcher:
         self._prefixes = tuple(prefixes)
 
     def matches(self, path: str) -> bool:
-        """True when ``path`` (lower case) is suspicious (a method: an instance's
-        ``__call__`` costs a slot lookup more on every request)."""
+        """True when ``path`` (lower case) is suspicious (a method, not ``__call__``: an
+        instance's call costs a slot lookup more on every request)."""
         return path in self._exact or (bool(self._prefixes) and path.startswith(self._prefixes))
-
-    def __call__(self, path: str) -> bool:
-        """:meth:`matches`."""
-        return self.matches(path)
 
     def __repr__(self) -> str:
         return f"PathMatcher(exact={sorted(self._exact)!r}, prefixes={self._prefixes!r})"

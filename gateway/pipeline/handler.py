@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from gateway.upstream.state import UpstreamState
 
 _PROBES = frozenset(PROBE_PATHS)
-# the paths local_answer may answer: any other request is not asked (no call)
+# the paths local_answer answers (with the probes' prefix)
 _LOCAL = _PROBES | {"/metrics"}
 _LOCAL_PREFIX = "/readyz/"
 # field names looked up as istr: a plain str is case-folded anew on every lookup
@@ -85,9 +85,6 @@ class ProxyHandler:
         They read cached state only, so the server writes them from its parsing callback:
         a probe never queues behind the requests of a saturated proxy.
         """
-        path = request.path
-        if path not in _LOCAL and not path.startswith(_LOCAL_PREFIX):
-            return None
         snap = self.rt.snapshot
         resp = self.local_answer(request, snap)
         if resp is not None:
@@ -100,11 +97,9 @@ class ProxyHandler:
         ctx = Ctx(start)
         via_proxy = self.identify(request, snap, ctx)
 
-        path = request.path
-        if path in _LOCAL or path.startswith(_LOCAL_PREFIX):
-            local = self.local_answer(request, snap)
-            if local is not None:
-                return local
+        local = self.local_answer(request, snap)
+        if local is not None:
+            return local
         if self.tracing:  # before any refusal: the access log of a refusal carries it too
             headers = request.headers
             parent = headers.getall(_TRACEPARENT, None)
@@ -174,11 +169,13 @@ class ProxyHandler:
     def local_answer(self, request: PipelineRequest, snap: Snapshot) -> AnyResponse | None:
         """A probe's or /metrics' answer (on this port), or None for the pipeline."""
         path = request.path
-        if path in _PROBES or path.startswith(_LOCAL_PREFIX):
+        if path not in _LOCAL:
+            if path.startswith(_LOCAL_PREFIX):
+                return probe_answer(request, self.rt.monitor, public=True)
+            return None  # the common case: one set lookup, one prefix test
+        if path != "/metrics":
             return probe_answer(request, self.rt.monitor, public=True)
-        if path == "/metrics" and snap.metrics_on_proxy:
-            return self.rt.metrics_response()
-        return None
+        return self.rt.metrics_response() if snap.metrics_on_proxy else None
 
     def identify(self, request: PipelineRequest, snap: Snapshot, ctx: Ctx) -> bool:
         """Client address (through trusted proxies) and request id; True when via a proxy."""
@@ -356,11 +353,9 @@ class ProxyHandler:
         rt = self.rt
         retry = -1.0
         names: list[str] = []
-        if len(policies) != len(found):  # (zip's strict=True costs a keyword parse a call)
-            msg = "one decision for each policy"
-            raise ValueError(msg)
         made = rt.rl_by_policy
-        for pol, dec in zip(policies, found):  # noqa: B905 - lengths checked above
+        # (lengths: limit_outcome, called next with the same lists, checks them)
+        for pol, dec in zip(policies, found):  # noqa: B905
             if dec.allowed:
                 counters = made.get(pol.name)  # (made by rl_counters: no call once made)
                 (counters if counters is not None else rt.rl_counters(pol.name))[0].inc()

@@ -51,7 +51,7 @@ def test_events_are_the_configurable_scores() -> None:
     ],
 )
 def test_path_matcher_defaults(path: str, expected: bool) -> None:
-    assert PathMatcher(DEFAULT_PATHS)(path) is expected
+    assert PathMatcher(DEFAULT_PATHS).matches(path) is expected
 
 
 @pytest.mark.parametrize(
@@ -70,7 +70,7 @@ def test_path_matcher_defaults(path: str, expected: bool) -> None:
     ],
 )
 def test_path_matcher_lists(paths: tuple[str, ...], path: str, expected: bool) -> None:
-    assert PathMatcher(paths)(path) is expected
+    assert PathMatcher(paths).matches(path) is expected
 
 
 @pytest.mark.parametrize("bad", ["", ".env", "wp-admin/", "*"])
