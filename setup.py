@@ -4,7 +4,10 @@
 environment (the image's build stage sets it), the modules of ``COMPILED`` are compiled
 with mypyc into C extensions that Python imports in place of their ``.py`` files: the same
 code, type-checked by mypy, run without the interpreter's dispatch. It needs mypy (the
-``compile`` lock), a C compiler and the Python headers at build time, nothing at run time.
+``compile`` lock), a C compiler and the Python headers at build time, nothing at run time;
+the build fails without them. ``GATEWAY_COMPILE=auto`` (the README's install command)
+compiles when all three are there and installs pure Python, with a warning, when one is
+missing, so that command works on any machine.
 
 The modules are those the proxy port runs on every request and that compile as they are:
 plain functions and classes, no class an interpreted class inherits from, no async
@@ -15,6 +18,10 @@ compiled one as any other; ``gateway.compiled()`` says which build is running.
 from __future__ import annotations
 
 import os
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
 
 from setuptools import setup
 
@@ -72,10 +79,43 @@ COMPILED = (
 )
 
 
+def _can_compile() -> str | None:
+    """None when a C compiler builds an extension here, else why not: a missing compiler or
+    missing Python headers are found now rather than halfway through the build."""
+    from setuptools._distutils import ccompiler  # noqa: PLC0415
+    from setuptools._distutils.sysconfig import customize_compiler  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.c"
+        src.write_text("#include <Python.h>\nint gateway_probe(void) { return 0; }\n")
+        cc = ccompiler.new_compiler()
+        customize_compiler(cc)
+        try:
+            cc.compile([str(src)], output_dir=tmp, include_dirs=[sysconfig.get_path("include")])
+        except Exception as exc:  # any failure means "build pure"
+            return f"no working C compiler with the Python headers ({exc})"
+    return None
+
+
 def _ext_modules() -> list[object]:
-    if os.environ.get("GATEWAY_COMPILE", "") not in ("1", "true", "yes"):
+    mode = os.environ.get("GATEWAY_COMPILE", "").lower()
+    if mode not in ("1", "true", "yes", "auto"):
         return []
-    from mypyc.build import mypycify  # noqa: PLC0415 - only a compiled build needs mypy
+    try:
+        from mypyc.build import mypycify  # noqa: PLC0415 - only a compiled build needs mypy
+    except ImportError:
+        if mode != "auto":
+            raise SystemExit(
+                "GATEWAY_COMPILE=1 needs mypy: "
+                "pip install --require-hashes -r requirements/compile.lock"
+            ) from None
+        sys.stderr.write("gateway: mypy is not installed: installing pure Python\n")
+        return []
+    if mode == "auto":
+        why = _can_compile()
+        if why is not None:
+            sys.stderr.write(f"gateway: {why}: installing pure Python\n")
+            return []
 
     modules: tuple[str, ...] = COMPILED
     # GATEWAY_COMPILE_ONLY=PATH[,PATH...]: a subset, for a quick check of the build's

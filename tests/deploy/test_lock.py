@@ -130,11 +130,17 @@ def test_the_readme_and_ci_install_from_the_locks_with_hashes() -> None:
     readme = _commands(ROOT / "README.md")
     block = readme.split("```sh", 1)[1].split("```", 1)[0]
     run, test = (ln for ln in block.splitlines() if ln.startswith("python3 -m venv"))
-    assert "--require-hashes -r requirements/runtime.lock -r requirements/build.lock" in run
+    assert (
+        "--require-hashes -r requirements/runtime.lock -r requirements/build.lock"
+        " -r requirements/compile.lock" in run
+    )
+    # the run command installs (compiled where it can), the test command installs in place
+    assert "GATEWAY_COMPILE=auto .venv/bin/pip install --no-deps --no-build-isolation . " in run
     assert "--require-hashes -r requirements/dev.lock" in test
     ci = _commands(ROOT / ".ci" / "run")
     assert "--require-hashes -r requirements/dev.lock" in ci
-    for text in (run, test, ci):
+    for text in (test, ci):
         assert "--no-deps --no-build-isolation -e ." in text
+    for text in (run, test, ci):
         assert "pip install -e" not in text
         assert "[test]" not in text
