@@ -7,6 +7,10 @@ and sent together at the end of the round, the first send wakes the reader and t
 others find it awake.  Each connection still gets one send per answer; the delay is at
 most the rest of the current round (nothing when the loop is idle).
 
+Alone, a request gains nothing from waiting: with one request in flight in the process
+(:data:`SERVING`, counted by the proxy port) and nothing queued, a write goes out at once,
+which spares the loop a round (its poll and callbacks) twice a request.
+
 Order on a connection is kept by one rule: whoever writes to, or closes, a transport
 directly calls :meth:`WriteBatcher.flush` first.
 """
@@ -14,21 +18,44 @@ directly calls :meth:`WriteBatcher.flush` first.
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
-__all__ = ["WriteBatcher"]
+__all__ = ["SERVING", "Load", "WriteBatcher"]
+
+
+class Load:
+    """Requests in flight: the proxy port counts each while its handler runs."""
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = 0
+
+
+# The process's one count, shared by the proxy port's batcher and the upstream pool's.
+SERVING: Final = Load()
 
 
 class WriteBatcher:
-    """Queued writes of one loop, flushed by a ``call_soon`` callback once per round."""
+    """Queued writes of one loop, flushed by a ``call_soon`` callback once per round.
 
-    __slots__ = ("_loop", "_pending", "_scheduled")
+    ``load``: write at once when it shows at most one request in flight and nothing is
+    queued; without it, every write waits for the round's end.
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    __slots__ = ("_load", "_loop", "_pending", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, load: Load | None = None) -> None:
         self._loop = loop
+        self._load = load
         self._pending: list[tuple[asyncio.Transport, bytes]] = []
         self._scheduled = False
 
     def write(self, transport: asyncio.Transport, data: bytes) -> None:
+        load = self._load
+        if load is not None and load.active <= 1 and not self._pending:
+            transport.write(data)
+            return
         self._pending.append((transport, data))
         if not self._scheduled:
             self._scheduled = True

@@ -30,6 +30,7 @@ import logging
 import httptools
 from multidict import CIMultiDict, istr
 
+from gateway.batchwrite import SERVING
 from gateway.core.client_ip import IPAddress, peer_of
 from gateway.core.framing import FramingError, check_transfer_coding
 from gateway.downstream.flow import FlowControl
@@ -429,6 +430,7 @@ class HttpProtocol(HeadReader):
         req = self._current
         while req is not None:
             resp: AnyResponse | None = None
+            SERVING.active += 1
             try:
                 resp = await handler(req)
             except (ConnectionError, BodyError):
@@ -441,6 +443,8 @@ class HttpProtocol(HeadReader):
                 req.keep_alive = False
                 if not req.head_sent:
                     resp = self.server.internal_error(req)
+            finally:
+                SERVING.active -= 1
             nxt = self._finish(req, resp)
             if nxt is None:
                 if not self._keep_waiting:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
-from gateway.batchwrite import WriteBatcher
+from gateway.batchwrite import SERVING, WriteBatcher
 from gateway.downstream.head import HostCache
 from gateway.downstream.live import Fixed, Live
 from gateway.downstream.messages import (
@@ -91,7 +91,8 @@ class HttpServer:
         self.keepalive_s = keepalive_s
         self.connections: set[HttpProtocol] = set()
         self.hosts = HostCache()  # the host of each Host value, shared by the connections
-        self.batcher = WriteBatcher(self.loop)  # whole answers, sent at the end of a round
+        # whole answers, sent at the end of a round (at once when alone)
+        self.batcher = WriteBatcher(self.loop, SERVING)
         self.date = b""
         self._tick: asyncio.TimerHandle | None = None
         self.memory = ReleaseAfterBurst()

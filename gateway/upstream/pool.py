@@ -15,7 +15,7 @@ import collections
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
-from gateway.batchwrite import WriteBatcher
+from gateway.batchwrite import SERVING, WriteBatcher
 from gateway.upstream.body_chunks import body_chunks
 from gateway.upstream.connection import (
     DEFAULT_MAX_HEAD_BYTES,
@@ -161,7 +161,7 @@ class LeanPool:
         self._open = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
-        self._batcher = WriteBatcher(self._loop)
+        self._batcher = WriteBatcher(self._loop, SERVING)
         # exchanges in progress, their deadlines checked every _sweep_s while there are any:
         # a deadline fires at most a tenth of the timeout (and at most 0.5 s) late
         self._busy: set[UpstreamConnection] = set()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.batchwrite import WriteBatcher
+from gateway.batchwrite import Load, WriteBatcher
 
 pytestmark = pytest.mark.asyncio
 
@@ -113,6 +113,61 @@ async def test_nothing_reaches_the_peer_before_the_round_ends() -> None:
             peer.recv(16)
         await asyncio.sleep(0.01)
         assert peer.recv(16) == b"late"
+    finally:
+        transport.close()
+        peer.close()
+
+
+async def _pair() -> tuple[asyncio.Transport, socket.socket]:
+    loop = asyncio.get_running_loop()
+    ours, peer = socket.socketpair()
+    peer.settimeout(0.0)  # non-blocking
+    transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=ours)
+    return transport, peer
+
+
+async def test_one_request_in_flight_writes_at_once() -> None:
+    """Alone, nothing is gained by waiting for the round's end: the answer goes now (and
+    the loop is spared a round)."""
+    transport, peer = await _pair()
+    try:
+        load = Load()
+        load.active = 1
+        WriteBatcher(asyncio.get_running_loop(), load).write(transport, b"now")
+        assert peer.recv(16) == b"now"
+    finally:
+        transport.close()
+        peer.close()
+
+
+async def test_several_requests_in_flight_are_batched() -> None:
+    transport, peer = await _pair()
+    try:
+        load = Load()
+        load.active = 2
+        WriteBatcher(asyncio.get_running_loop(), load).write(transport, b"late")
+        with pytest.raises(BlockingIOError):
+            peer.recv(16)
+        await asyncio.sleep(0.01)
+        assert peer.recv(16) == b"late"
+    finally:
+        transport.close()
+        peer.close()
+
+
+async def test_a_write_at_once_never_overtakes_a_queued_one() -> None:
+    transport, peer = await _pair()
+    try:
+        load = Load()
+        load.active = 2
+        batcher = WriteBatcher(asyncio.get_running_loop(), load)
+        batcher.write(transport, b"first;")
+        load.active = 1
+        batcher.write(transport, b"second")
+        with pytest.raises(BlockingIOError):
+            peer.recv(16)  # both wait for the round's end, in order
+        await asyncio.sleep(0.01)
+        assert peer.recv(32) == b"first;second"
     finally:
         transport.close()
         peer.close()

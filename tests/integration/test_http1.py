@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway.batchwrite import SERVING
 from gateway.downstream.messages import Request, Response
 from gateway.downstream.protocol import HttpProtocol
 from gateway.downstream.server import HttpServer
@@ -698,3 +699,22 @@ async def test_heap_memory_is_given_back_after_a_burst_of_closed_connections() -
         assert await wait_for(lambda: server.memory.releases == 1, timeout=3)
         await asyncio.sleep(1.1)
         assert released == [1]  # once for the burst, not on every tick
+
+
+async def test_the_in_flight_count_returns_to_zero_whatever_the_handler_did() -> None:
+    """The count that lets a lone request's answer leave at once (the batcher's) follows
+    every request out: answered, failed, or cancelled by shutdown."""
+    before = SERVING.active
+    async with serving() as (server, port, _errors):
+        raw = await raw_exchange(
+            port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\nGET /boom HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        assert [r[0] for r in _responses(raw)] == [200, 500]
+        assert SERVING.active == before
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /forever HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert await wait_for(lambda: SERVING.active == before + 1)
+        await asyncio.wait_for(server.shutdown(1.0), 5)
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    assert SERVING.active == before
