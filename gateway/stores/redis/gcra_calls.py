@@ -27,20 +27,48 @@ from gateway.core.gcra import Rate
 from gateway.stores.redis.resp import FutureWaiter, RespClient, Waiter, bulk_string
 from gateway.stores.redis.scripts import Script, is_noscript
 
-__all__ = ["Discard", "PolicyKeys", "evalsha_head", "evaluate", "pack_evalsha", "peek_lean"]
+__all__ = [
+    "Discard",
+    "PolicyKeys",
+    "evalsha_head",
+    "evaluate",
+    "pack_evalsha",
+    "peek_lean",
+    "raw_key",
+]
 
 
 class PolicyKeys:
-    """What a policy's checks share: its key's head and tail, its rate as script args."""
+    """What a policy's checks share: its key's head and tail, its rate as script args.
 
-    __slots__ = ("head", "params", "rate", "rate_args", "tail")
+    A key goes into a batch already as the RESP bulk string it is sent as
+    (``$<length>\\r\\n<key>\\r\\n``, :meth:`bulk`): two concatenations a check, no
+    formatting when its batch is packed; :func:`raw_key` gives the key back.
+    """
+
+    __slots__ = ("_prefixes", "head", "params", "rate", "rate_args", "tail", "tail_crlf")
 
     def __init__(self, rate: Rate, head: bytes, tail: bytes, params: tuple[int, int, int]) -> None:
         self.rate = rate
         self.head = head
         self.tail = tail
+        self.tail_crlf = tail + b"\r\n"
         self.params = params  # emission interval in microseconds, burst, period code
         self.rate_args = b"".join(bulk_string(p) for p in params)
+        # the length of a client key's bytes -> "$<length of the whole key>\r\n" + head
+        self._prefixes: dict[int, bytes] = {}
+
+    def bulk(self, raw: bytes) -> bytes:
+        """The key of client key ``raw`` (encoded, bounded) as a RESP bulk string."""
+        n = len(raw)
+        prefix = self._prefixes.get(n)
+        if prefix is None:
+            if len(self._prefixes) >= 512:
+                self._prefixes.clear()  # bounded_key bounds the lengths: a guard all the same
+            prefix = self._prefixes[n] = (
+                b"$%d\r\n" % (len(self.head) + n + len(self.tail)) + self.head
+            )
+        return prefix + raw + self.tail_crlf
 
     @classmethod
     def of(cls, prefix: str, policy: str, rate: Rate) -> PolicyKeys:
@@ -74,6 +102,11 @@ class Discard(Waiter):
         pass
 
 
+def raw_key(bulk: bytes) -> bytes:
+    """The key of a RESP bulk string made by :meth:`PolicyKeys.bulk`."""
+    return bulk[bulk.index(b"\n") + 1 : -2]
+
+
 def evalsha_head(script: Script) -> bytes:
     """The command name and SHA of a packed ``EVALSHA`` of ``script``."""
     return b"$7\r\nEVALSHA\r\n" + bulk_string(script.sha)
@@ -93,8 +126,9 @@ def pack_evalsha(
     flag: bytes,
     costs: Sequence[int] | None = None,
 ) -> bytes:
-    """``EVALSHA`` of the GCRA script over ``keys``, as RESP (``head``: :func:`evalsha_head`);
-    ``costs``: one per key (None: 1 each)."""
+    """``EVALSHA`` of the GCRA script over ``keys`` (RESP bulk strings,
+    :meth:`PolicyKeys.bulk`), as RESP (``head``: :func:`evalsha_head`); ``costs``: one per
+    key (None: 1 each)."""
     rates: dict[bytes, bytes] = {}
     indexes = []
     for pk in pks:
@@ -107,7 +141,7 @@ def pack_evalsha(
     n = len(keys)
     parts = [
         b"*%d\r\n%b%b" % (n + 6 + 3 * len(rates), head, bulk_string(n)),
-        *[b"$%d\r\n%b\r\n" % (len(key), key) for key in keys],
+        *keys,
         b"$1\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (flag, len(joined), joined, len(spent), spent),
         *rates,
     ]
