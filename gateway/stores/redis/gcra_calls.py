@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -24,6 +24,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.core.calendar import PERIOD_CODES
 from gateway.core.gcra import Rate
+from gateway.stores.limiter import MAX_KEY_CHARS, bounded_key
 from gateway.stores.redis.resp import FutureWaiter, RespClient, Waiter, bulk_string
 from gateway.stores.redis.scripts import Script, is_noscript
 
@@ -37,38 +38,43 @@ __all__ = [
     "raw_key",
 ]
 
+BULKS_KEPT: Final = 1024  # client keys whose bulk strings a policy keeps
+_MAX_KEY_CHARS: Final = MAX_KEY_CHARS  # a constant of this module: no lookup per use
+
 
 class PolicyKeys:
     """What a policy's checks share: its key's head and tail, its rate as script args.
 
     A key goes into a batch already as the RESP bulk string it is sent as
-    (``$<length>\\r\\n<key>\\r\\n``, :meth:`bulk`): two concatenations a check, no
-    formatting when its batch is packed; :func:`raw_key` gives the key back.
+    (``$<length>\\r\\n<key>\\r\\n``, :meth:`bulk_of`), so packing a batch formats
+    nothing per key; :func:`raw_key` gives the key back.  The bulk strings of the
+    client keys seen last are kept (a client sends many requests: its key is then one
+    dict lookup, not a bound, an encoding and a formatting each time).
     """
 
-    __slots__ = ("_prefixes", "head", "params", "rate", "rate_args", "tail", "tail_crlf")
+    __slots__ = ("_bulks", "head", "params", "rate", "rate_args", "tail")
 
     def __init__(self, rate: Rate, head: bytes, tail: bytes, params: tuple[int, int, int]) -> None:
         self.rate = rate
         self.head = head
         self.tail = tail
-        self.tail_crlf = tail + b"\r\n"
         self.params = params  # emission interval in microseconds, burst, period code
         self.rate_args = b"".join(bulk_string(p) for p in params)
-        # the length of a client key's bytes -> "$<length of the whole key>\r\n" + head
-        self._prefixes: dict[int, bytes] = {}
+        self._bulks: dict[str, bytes] = {}  # client key -> its key as a bulk string
 
-    def bulk(self, raw: bytes) -> bytes:
-        """The key of client key ``raw`` (encoded, bounded) as a RESP bulk string."""
-        n = len(raw)
-        prefix = self._prefixes.get(n)
-        if prefix is None:
-            if len(self._prefixes) >= 512:
-                self._prefixes.clear()  # bounded_key bounds the lengths: a guard all the same
-            prefix = self._prefixes[n] = (
-                b"$%d\r\n" % (len(self.head) + n + len(self.tail)) + self.head
-            )
-        return prefix + raw + self.tail_crlf
+    def bulk_of(self, key: str) -> bytes:
+        """The key of client ``key`` (:func:`bounded_key`) as a RESP bulk string."""
+        bulk = self._bulks.get(key)
+        if bulk is None:
+            if len(self._bulks) >= BULKS_KEPT:
+                self._bulks.clear()  # O(n) once per BULKS_KEPT new keys: amortised O(1)
+            if len(key) > _MAX_KEY_CHARS:
+                key_bytes = bounded_key(key).encode("utf-8", "surrogatepass")
+            else:
+                key_bytes = key.encode("utf-8", "surrogatepass")
+            whole = self.head + key_bytes + self.tail
+            bulk = self._bulks[key] = b"$%d\r\n%b\r\n" % (len(whole), whole)
+        return bulk
 
     @classmethod
     def of(cls, prefix: str, policy: str, rate: Rate) -> PolicyKeys:
@@ -103,7 +109,7 @@ class Discard(Waiter):
 
 
 def raw_key(bulk: bytes) -> bytes:
-    """The key of a RESP bulk string made by :meth:`PolicyKeys.bulk`."""
+    """The key of a RESP bulk string made by :meth:`PolicyKeys.bulk_of`."""
     return bulk[bulk.index(b"\n") + 1 : -2]
 
 
@@ -127,7 +133,7 @@ def pack_evalsha(
     costs: Sequence[int] | None = None,
 ) -> bytes:
     """``EVALSHA`` of the GCRA script over ``keys`` (RESP bulk strings,
-    :meth:`PolicyKeys.bulk`), as RESP (``head``: :func:`evalsha_head`); ``costs``: one per
+    :meth:`PolicyKeys.bulk_of`), as RESP (``head``: :func:`evalsha_head`); ``costs``: one per
     key (None: 1 each)."""
     rates: dict[bytes, bytes] = {}
     indexes = []

@@ -46,7 +46,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any
 
 from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -54,15 +54,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway.core.gcra import Decision, Rate
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.stores.limiter import (
-    MAX_KEY_CHARS,
-    BackendUnavailable,
-    Check,
-    Clock,
-    Limiter,
-    bounded_key,
-    unlimited,
-)
+from gateway.stores.limiter import BackendUnavailable, Check, Clock, Limiter, unlimited
 from gateway.stores.memory.limiter import MemoryLimiter
 from gateway.stores.redis.batch import Batch, Part
 from gateway.stores.redis.client import make_redis
@@ -84,14 +76,6 @@ from gateway.tasks import stop_task
 __all__ = ["RedisLimiter"]
 
 _tuple_new = tuple.__new__
-_MAX_KEY_CHARS: Final = MAX_KEY_CHARS  # a constant of this module: no lookup per use
-
-
-def _key_bytes(key: str) -> bytes:
-    """A client key as stored: :func:`bounded_key`, encoded (its call only for a long key)."""
-    if len(key) > _MAX_KEY_CHARS:
-        key = bounded_key(key)
-    return key.encode("utf-8", "surrogatepass")
 
 
 class RedisLimiter(OutageHandling, Limiter):
@@ -235,12 +219,11 @@ class RedisLimiter(OutageHandling, Limiter):
         future: asyncio.Future[list[Decision]] = loop.create_future()
         batch = self._batch(loop)
         start = len(batch.keys)
-        raw = _key_bytes(key)
         # list.append called on the list, never bound: a compiled build calls a bound
         # method as any Python callable, and list.append itself directly
         for policy, pk in zip(policies, entry[1], strict=True):
             batch.checks.append(_tuple_new(Check, (policy[0], policy[1], key, cost)))
-            batch.keys.append(pk.bulk(raw))
+            batch.keys.append(pk.bulk_of(key))
         batch.pks += entry[1]
         if cost != 1 or batch.costs is not None:
             batch.add_costs(start, [cost] * len(policies))
@@ -321,16 +304,11 @@ class RedisLimiter(OutageHandling, Limiter):
         """Every check of a decision into ``batch``, from ``start`` on."""
         batch.checks += checks
         keys, pks = batch.keys, batch.pks
-        last, raw = None, b""
         costly = False
         for check in checks:
             pk = self._policy(check)
             pks.append(pk)
-            key = check.key
-            if key is not last:  # policies on the client address share its key
-                last = key
-                raw = _key_bytes(key)
-            keys.append(pk.bulk(raw))
+            keys.append(pk.bulk_of(check.key))
             if check.cost != 1:
                 costly = True
         if costly or batch.costs is not None:  # no list of costs while each costs 1
@@ -430,7 +408,7 @@ class RedisLimiter(OutageHandling, Limiter):
 
     def _key(self, check: Check) -> bytes:
         """The check's key as a RESP bulk string (as a batch holds it)."""
-        return self._policy(check).bulk(_key_bytes(check.key))
+        return self._policy(check).bulk_of(check.key)
 
     def _still_blocked(self, now: float) -> bool:
         """Whether any refusal is still running (once all have ended, the cache empties,
