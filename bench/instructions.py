@@ -3,6 +3,7 @@
     .venv/bin/python bench/instructions.py [--config bench/gateway-memory.yaml]
         [--requests 2000] [--post] [--source OTHER_CHECKOUT]
         [--handler NAME | --floor | --observability]
+        [--backend redis [--redis-url URL]]
 
 Wall-clock figures on a shared VM move by 10-20 % between identical runs; an
 instruction count of the same work moves by well under 1 %, whatever else the machine
@@ -23,6 +24,12 @@ thread is counted while collection is on: the span queue is flushed before it is
 switched off, so ``trace-1-export`` includes the SDK thread's encoding and sending of
 the counted requests' spans (the local OTLP sink is a child process, not counted).
 
+``--backend redis``: the config with ``rate_limit.backend: redis`` and ``GATEWAY_REDIS_URL``
+set to ``--redis-url`` (``$GATEWAY_REDIS_URL``, else ``redis://127.0.0.1:6379/0``), as
+``bench/run.py`` runs its ``gw-redis`` variant: the decisions go to a real Redis over a
+socket. Only the gateway's instructions are counted (Redis is another process), not the
+kernel's work for the socket.
+
 Valgrind runs OpenSSL without the CPU's SHA extensions: SHA-256 (the token cache's key)
 weighs more here than natively. It takes about a minute a rig (most of it the imports,
 at valgrind's pace); it needs ``valgrind`` (with ``callgrind_control``).
@@ -39,6 +46,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 BENCH = Path(__file__).resolve().parent
 _EXP = 4_102_444_800  # 2100-01-01: the token never expires during a count
@@ -73,6 +82,7 @@ async def _child(args: argparse.Namespace) -> None:
             exp=_EXP,
         )
         rig = rigs[args.handler]
+        rig.wait_for_answers = args.backend != "memory"  # answers that wait on Redis
         await inprocess.warm_up([rig], _WARM_ROUNDS)
         _control("on")
         for _ in range(args.requests // _CONNECTIONS):
@@ -98,17 +108,27 @@ def _write_key(key_file: Path) -> None:
 
 def _count(args: argparse.Namespace, handler: str, key_file: Path) -> int:
     out = key_file.with_name(f"callgrind-{handler}.out")
+    config = args.config
+    if args.backend != "memory":  # the config with the backend switched, beside the key
+        cfg = yaml.safe_load(Path(config).read_text())
+        cfg.setdefault("rate_limit", {})["backend"] = args.backend
+        variant = key_file.with_name(f"{Path(config).stem}-{args.backend}.yaml")
+        variant.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        config = str(variant)
     argv = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no",
         f"--callgrind-out-file={out}",
         sys.executable, str(Path(__file__).resolve()), "--child", "--key-file", str(key_file),
-        "--config", args.config, "--requests", str(args.requests), "--handler", handler,
+        "--config", config, "--requests", str(args.requests), "--handler", handler,
+        "--backend", args.backend,
     ]  # fmt: skip
     if args.post:
         argv.append("--post")
     if args.source:
         argv += ["--source", args.source]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
+    if args.backend == "redis":
+        env["GATEWAY_REDIS_URL"] = args.redis_url
     done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
@@ -132,6 +152,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--observability", action="store_true", help="every rig of inprocess.py --observability"
     )
     p.add_argument("--post", action="store_true", help="a POST with a 200-byte body")
+    p.add_argument(
+        "--backend",
+        choices=("memory", "redis"),
+        default="memory",
+        help="the rate-limit backend (redis: --redis-url's Redis, as bench/run.py's gw-redis)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("GATEWAY_REDIS_URL") or "redis://127.0.0.1:6379/0",
+        help="the Redis of --backend redis (default $GATEWAY_REDIS_URL, else local 6379/0)",
+    )
     p.add_argument("--source", help="another checkout whose gateway package runs")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--key-file", help=argparse.SUPPRESS)
@@ -172,7 +203,10 @@ def main() -> int:
                 print(f"| {handler} | {per_request:,.0f} |", flush=True)
             else:
                 what = "floor (forwarding only)" if handler == "floor" else handler
-                print(f"{what}, {source}, {args.config}: {per_request:,.0f} instructions a request")
+                print(
+                    f"{what}, {source}, {args.config}, {args.backend} backend:"
+                    f" {per_request:,.0f} instructions a request"
+                )
     return 0
 
 

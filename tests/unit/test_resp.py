@@ -1,4 +1,4 @@
-"""The lean Redis connection's pure parts: command packing and endpoints read from URLs."""
+"""The lean Redis connection's pure parts: command packing, endpoints read from URLs, keys."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ from typing import Any, cast
 import pytest
 from redis.asyncio.sentinel import Sentinel
 
+from gateway.core.gcra import Rate
+from gateway.stores.limiter import MAX_KEY_CHARS, bounded_key
+from gateway.stores.redis import gcra_calls
 from gateway.stores.redis.client import make_redis
+from gateway.stores.redis.gcra_calls import PolicyKeys, raw_key
 from gateway.stores.redis.resp import Endpoint, RespClient, bulk_string, pack_command
 
 
@@ -73,3 +77,24 @@ def test_clients_it_does_not_speak_for_give_no_endpoint() -> None:
 def test_connect_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="connect_timeout_s"):
         RespClient(Endpoint(), connect_timeout_s=0)
+
+
+def test_policy_keys_are_bulk_strings_of_the_stored_keys() -> None:
+    pk = PolicyKeys.of("gw:", "per-ip", Rate(20, 1.0, 40))
+    key = b"gw:rl:{per-ip:203.0.113.7}:20:1.0:40"
+    assert pk.bulk_of("203.0.113.7") == bulk_string(key)
+    assert pk.bulk_of("203.0.113.7") is pk.bulk_of("203.0.113.7")  # kept
+    assert raw_key(pk.bulk_of("203.0.113.7")) == key
+    # a key with \r\n in it: the length prefix bounds it
+    assert raw_key(pk.bulk_of("a\r\nb")) == b"gw:rl:{per-ip:a\r\nb}:20:1.0:40"
+    # a long key is stored by its digest, as the memory backend stores it
+    long = "x" * (MAX_KEY_CHARS + 1)
+    assert raw_key(pk.bulk_of(long)) == f"gw:rl:{{per-ip:{bounded_key(long)}}}:20:1.0:40".encode()
+    # lone surrogates (undecodable header bytes) are kept as they are
+    assert raw_key(pk.bulk_of("\udcff")) == "gw:rl:{per-ip:\udcff}:20:1.0:40".encode(
+        "utf-8", "surrogatepass"
+    )
+    # the kept ones are bounded
+    for i in range(gcra_calls.BULKS_KEPT + 5):
+        assert raw_key(pk.bulk_of(f"k{i}")) == f"gw:rl:{{per-ip:k{i}}}:20:1.0:40".encode()
+    assert len(pk._bulks) <= gcra_calls.BULKS_KEPT

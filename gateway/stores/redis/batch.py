@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from gateway.core.gcra import Decision
 from gateway.stores.limiter import Check
@@ -22,13 +22,25 @@ from gateway.stores.redis.resp import Waiter
 __all__ = ["Batch", "Part"]
 
 
-class Part(NamedTuple):
-    """One decide() call in a batch: its checks are ``size`` from ``start`` on."""
+class Part:
+    """One decide() call in a batch: its checks are ``size`` from ``start`` on.
 
-    future: asyncio.Future[list[Decision]]
-    start: int
-    size: int
-    cached: list[Decision | None] | None  # answers known locally, None where Redis answers
+    A plain class, not a named tuple: one is made on every decision, and a compiled
+    build makes and reads it without the interpreter."""
+
+    __slots__ = ("cached", "future", "size", "start")
+
+    def __init__(
+        self,
+        future: asyncio.Future[list[Decision]],
+        start: int,
+        size: int,
+        cached: list[Decision | None] | None,  # answers known locally, None where Redis answers
+    ) -> None:
+        self.future = future
+        self.start = start
+        self.size = size
+        self.cached = cached
 
     def answer(self, decisions: list[Decision]) -> list[Decision]:
         """This call's decisions out of the batch's."""
@@ -58,7 +70,7 @@ class Batch(Waiter):
         self.on_reply = on_reply  # the limiter's handler of this batch's reply
         self.parts: list[Part] = []
         self.checks: list[Check] = []
-        self.keys: list[bytes] = []
+        self.keys: list[bytes] = []  # RESP bulk strings (PolicyKeys.bulk)
         self.pks: list[PolicyKeys] = []
         # one cost per key, once a key costs more than 1 (None until then: all cost 1)
         self.costs: list[int] | None = None
@@ -80,8 +92,10 @@ class Batch(Waiter):
 
     def settle(self, decisions: list[Decision]) -> None:
         for part in self.parts:
-            if not part.future.done():
+            try:  # noqa: SIM105 - no context manager's calls per decision
                 part.future.set_result(part.answer(decisions))
+            except asyncio.InvalidStateError:
+                pass  # cancelled: its caller went away (set only here, once)
 
     def cancel(self) -> None:
         for part in self.parts:

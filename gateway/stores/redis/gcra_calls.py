@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -24,16 +24,35 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.core.calendar import PERIOD_CODES
 from gateway.core.gcra import Rate
+from gateway.stores.limiter import MAX_KEY_CHARS, bounded_key
 from gateway.stores.redis.resp import FutureWaiter, RespClient, Waiter, bulk_string
 from gateway.stores.redis.scripts import Script, is_noscript
 
-__all__ = ["Discard", "PolicyKeys", "evalsha_head", "evaluate", "pack_evalsha", "peek_lean"]
+__all__ = [
+    "Discard",
+    "PolicyKeys",
+    "evalsha_head",
+    "evaluate",
+    "pack_evalsha",
+    "peek_lean",
+    "raw_key",
+]
+
+BULKS_KEPT: Final = 1024  # client keys whose bulk strings a policy keeps
+_MAX_KEY_CHARS: Final = MAX_KEY_CHARS  # a constant of this module: no lookup per use
 
 
 class PolicyKeys:
-    """What a policy's checks share: its key's head and tail, its rate as script args."""
+    """What a policy's checks share: its key's head and tail, its rate as script args.
 
-    __slots__ = ("head", "params", "rate", "rate_args", "tail")
+    A key goes into a batch already as the RESP bulk string it is sent as
+    (``$<length>\\r\\n<key>\\r\\n``, :meth:`bulk_of`), so packing a batch formats
+    nothing per key; :func:`raw_key` gives the key back.  The bulk strings of the
+    client keys seen last are kept (a client sends many requests: its key is then one
+    dict lookup, not a bound, an encoding and a formatting each time).
+    """
+
+    __slots__ = ("_bulks", "head", "params", "rate", "rate_args", "tail")
 
     def __init__(self, rate: Rate, head: bytes, tail: bytes, params: tuple[int, int, int]) -> None:
         self.rate = rate
@@ -41,6 +60,21 @@ class PolicyKeys:
         self.tail = tail
         self.params = params  # emission interval in microseconds, burst, period code
         self.rate_args = b"".join(bulk_string(p) for p in params)
+        self._bulks: dict[str, bytes] = {}  # client key -> its key as a bulk string
+
+    def bulk_of(self, key: str) -> bytes:
+        """The key of client ``key`` (:func:`bounded_key`) as a RESP bulk string."""
+        bulk = self._bulks.get(key)
+        if bulk is None:
+            if len(self._bulks) >= BULKS_KEPT:
+                self._bulks.clear()  # O(n) once per BULKS_KEPT new keys: amortised O(1)
+            if len(key) > _MAX_KEY_CHARS:
+                key_bytes = bounded_key(key).encode("utf-8", "surrogatepass")
+            else:
+                key_bytes = key.encode("utf-8", "surrogatepass")
+            whole = self.head + key_bytes + self.tail
+            bulk = self._bulks[key] = b"$%d\r\n%b\r\n" % (len(whole), whole)
+        return bulk
 
     @classmethod
     def of(cls, prefix: str, policy: str, rate: Rate) -> PolicyKeys:
@@ -74,6 +108,11 @@ class Discard(Waiter):
         pass
 
 
+def raw_key(bulk: bytes) -> bytes:
+    """The key of a RESP bulk string made by :meth:`PolicyKeys.bulk_of`."""
+    return bulk[bulk.index(b"\n") + 1 : -2]
+
+
 def evalsha_head(script: Script) -> bytes:
     """The command name and SHA of a packed ``EVALSHA`` of ``script``."""
     return b"$7\r\nEVALSHA\r\n" + bulk_string(script.sha)
@@ -93,8 +132,9 @@ def pack_evalsha(
     flag: bytes,
     costs: Sequence[int] | None = None,
 ) -> bytes:
-    """``EVALSHA`` of the GCRA script over ``keys``, as RESP (``head``: :func:`evalsha_head`);
-    ``costs``: one per key (None: 1 each)."""
+    """``EVALSHA`` of the GCRA script over ``keys`` (RESP bulk strings,
+    :meth:`PolicyKeys.bulk_of`), as RESP (``head``: :func:`evalsha_head`); ``costs``: one per
+    key (None: 1 each)."""
     rates: dict[bytes, bytes] = {}
     indexes = []
     for pk in pks:
@@ -107,7 +147,7 @@ def pack_evalsha(
     n = len(keys)
     parts = [
         b"*%d\r\n%b%b" % (n + 6 + 3 * len(rates), head, bulk_string(n)),
-        *[b"$%d\r\n%b\r\n" % (len(key), key) for key in keys],
+        *keys,
         b"$1\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (flag, len(joined), joined, len(spent), spent),
         *rates,
     ]

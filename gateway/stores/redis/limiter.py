@@ -54,7 +54,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway.core.gcra import Decision, Rate
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
-from gateway.stores.limiter import BackendUnavailable, Check, Clock, Limiter, bounded_key, unlimited
+from gateway.stores.limiter import BackendUnavailable, Check, Clock, Limiter, unlimited
 from gateway.stores.memory.limiter import MemoryLimiter
 from gateway.stores.redis.batch import Batch, Part
 from gateway.stores.redis.client import make_redis
@@ -65,6 +65,7 @@ from gateway.stores.redis.gcra_calls import (
     evaluate,
     pack_evalsha,
     peek_lean,
+    raw_key,
 )
 from gateway.stores.redis.outage import OnBackendError, OutageHandling
 from gateway.stores.redis.replicas import Replicas
@@ -132,7 +133,8 @@ class RedisLimiter(OutageHandling, Limiter):
         self._policy_keys: dict[str, PolicyKeys] = {}
         # id(a route's policies) -> (those policies, their key parts), for submit_key
         self._route_keys: dict[int, tuple[Sequence[tuple[str, Rate]], list[PolicyKeys]]] = {}
-        # key -> (refused until, full again at, the refused request's cost), limiter clock
+        # key (a RESP bulk string) -> (refused until, full again at, the refused request's
+        # cost), limiter clock
         self._blocked: dict[bytes, tuple[float, float, int]] = {}
         self._blocked_until = 0.0  # when the last refusal in the cache ends
 
@@ -217,17 +219,17 @@ class RedisLimiter(OutageHandling, Limiter):
         future: asyncio.Future[list[Decision]] = loop.create_future()
         batch = self._batch(loop)
         start = len(batch.keys)
-        raw = bounded_key(key).encode("utf-8", "surrogatepass")
-        add_check, add_key = batch.checks.append, batch.keys.append
+        # list.append called on the list, never bound: a compiled build calls a bound
+        # method as any Python callable, and list.append itself directly
         for policy, pk in zip(policies, entry[1], strict=True):
-            add_check(_tuple_new(Check, (policy[0], policy[1], key, cost)))
-            add_key(pk.head + raw + pk.tail)
+            batch.checks.append(_tuple_new(Check, (policy[0], policy[1], key, cost)))
+            batch.keys.append(pk.bulk_of(key))
         batch.pks += entry[1]
         if cost != 1 or batch.costs is not None:
             batch.add_costs(start, [cost] * len(policies))
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
-        batch.parts.append(_tuple_new(Part, (future, start, len(policies), None)))
+        batch.parts.append(Part(future, start, len(policies), None))
         return future
 
     def _route_entry(
@@ -282,17 +284,7 @@ class RedisLimiter(OutageHandling, Limiter):
         batch = self._batch(loop)
         start = len(batch.keys)
         if cached is None:
-            batch.checks += checks
-            add_key, add_pk = batch.keys.append, batch.pks.append
-            last, raw = None, b""
-            for check in checks:
-                pk = self._policy(check)
-                add_pk(pk)
-                if check.key is not last:  # policies on the client address share its key
-                    last = check.key
-                    raw = bounded_key(last).encode("utf-8", "surrogatepass")
-                add_key(pk.head + raw + pk.tail)
-            batch.add_costs(start, [check.cost for check in checks])
+            self._add_checks(batch, start, checks)
         else:
             assert keys is not None  # noqa: S101 - computed with cached
             spent = []
@@ -305,8 +297,22 @@ class RedisLimiter(OutageHandling, Limiter):
             batch.add_costs(start, spent)
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
-        batch.parts.append(_tuple_new(Part, (future, start, len(checks), cached)))
+        batch.parts.append(Part(future, start, len(checks), cached))
         return future
+
+    def _add_checks(self, batch: Batch, start: int, checks: Sequence[Check]) -> None:
+        """Every check of a decision into ``batch``, from ``start`` on."""
+        batch.checks += checks
+        keys, pks = batch.keys, batch.pks
+        costly = False
+        for check in checks:
+            pk = self._policy(check)
+            pks.append(pk)
+            keys.append(pk.bulk_of(check.key))
+            if check.cost != 1:
+                costly = True
+        if costly or batch.costs is not None:  # no list of costs while each costs 1
+            batch.add_costs(start, [check.cost for check in checks])
 
     async def peek(self, checks: Sequence[Check]) -> list[Decision]:
         """Ask Redis without consuming (not batched, not cached: for /admin/explain)."""
@@ -326,7 +332,7 @@ class RedisLimiter(OutageHandling, Limiter):
                     reply = await evaluate(
                         self._redis,
                         self._gcra,
-                        keys,
+                        [raw_key(k) for k in keys],
                         pks,
                         cluster=self._cluster,
                         consume=False,
@@ -401,8 +407,8 @@ class RedisLimiter(OutageHandling, Limiter):
         return pk
 
     def _key(self, check: Check) -> bytes:
-        pk = self._policy(check)
-        return pk.head + bounded_key(check.key).encode("utf-8", "surrogatepass") + pk.tail
+        """The check's key as a RESP bulk string (as a batch holds it)."""
+        return self._policy(check).bulk_of(check.key)
 
     def _still_blocked(self, now: float) -> bool:
         """Whether any refusal is still running (once all have ended, the cache empties,
@@ -456,7 +462,7 @@ class RedisLimiter(OutageHandling, Limiter):
                 reply: Any = await evaluate(
                     self._redis,
                     self._gcra,
-                    batch.keys,
+                    [raw_key(k) for k in batch.keys],
                     batch.pks,
                     cluster=self._cluster,
                     consume=True,
@@ -485,34 +491,40 @@ class RedisLimiter(OutageHandling, Limiter):
         if self._closed:
             batch.cancel()
             return
-        keys = batch.keys
-        if type(reply) is list and len(reply) == 4 * len(keys):
+        if type(reply) is list and len(reply) == 4 * len(batch.keys):
             self._on_success()
-            decisions: list[Decision] = []
-            append = decisions.append
-            blocked = self._blocked
-            costs = batch.costs
-            sent_at = batch.sent_at
-            it = iter(reply)
-            for allowed, remaining, retry_us, reset_us in zip(it, it, it, it, strict=True):
-                if allowed:  # a Decision without its keyword-argument __new__
-                    append(_tuple_new(Decision, (True, remaining, 0.0, reset_us / 1e6)))
-                    continue
-                retry, reset = retry_us / 1e6, reset_us / 1e6
-                if len(blocked) >= self._blocked_cap:
-                    blocked.clear()  # O(n) once per cap insertions: amortised O(1)
-                until = sent_at + retry
-                refused_cost = costs[len(decisions)] if costs is not None else 1
-                blocked[keys[len(decisions)]] = (until, sent_at + reset, refused_cost)
-                self._blocked_until = max(self._blocked_until, until)
-                append(_tuple_new(Decision, (False, 0, retry, reset)))
-            batch.settle(decisions)
+            batch.settle(self._decisions(batch, reply))
         else:
             if not isinstance(reply, Exception):
                 reply = RedisConnectionError(f"unexpected script reply: {reply!r:.200}")
             self._fail_batch(batch, reply)
         if self._queue and self._flush_handle is None and self._loop is not None:
             self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _decisions(self, batch: Batch, reply: list[Any]) -> list[Decision]:
+        """A batch's decisions out of the script's reply (four integers a key); refusals
+        go into the cache of refused keys."""
+        decisions: list[Decision] = []
+        new, decision = _tuple_new, Decision  # looked up once a batch, not once a key
+        keys = batch.keys
+        blocked = self._blocked
+        costs = batch.costs
+        sent_at = batch.sent_at
+        for i in range(0, len(reply), 4):
+            reset_us: int = reply[i + 3]  # an int: divided without the interpreter, compiled
+            if reply[i]:  # allowed; a Decision without its keyword-argument __new__
+                decisions.append(new(decision, (True, reply[i + 1], 0.0, reset_us / 1e6)))
+                continue
+            retry_us: int = reply[i + 2]
+            retry, reset = retry_us / 1e6, reset_us / 1e6
+            if len(blocked) >= self._blocked_cap:
+                blocked.clear()  # O(n) once per cap insertions: amortised O(1)
+            until = sent_at + retry
+            refused_cost = costs[len(decisions)] if costs is not None else 1
+            blocked[keys[len(decisions)]] = (until, sent_at + reset, refused_cost)
+            self._blocked_until = max(self._blocked_until, until)
+            decisions.append(new(decision, (False, 0, retry, reset)))
+        return decisions
 
     # ------------------------------------------------------------------ replicas
 
