@@ -8,8 +8,9 @@ others find it awake.  Each connection still gets one send per answer; the delay
 most the rest of the current round (nothing when the loop is idle).
 
 Alone, a request gains nothing from waiting: with one request in flight in the process
-(:data:`SERVING`, counted by the proxy port) and nothing queued, a write goes out at once,
-which spares the loop a round (its poll and callbacks) twice a request.
+(:data:`SERVING`, counted by the proxy port until its answer is written) and nothing
+queued, a write goes out at once, which spares the loop a round (its poll and
+callbacks) twice a request. Writes made outside a request (none in flight) are batched.
 
 Order on a connection is kept by one rule: whoever writes to, or closes, a transport
 directly calls :meth:`WriteBatcher.flush` first.
@@ -24,7 +25,8 @@ __all__ = ["SERVING", "Load", "WriteBatcher"]
 
 
 class Load:
-    """Requests in flight: the proxy port counts each while its handler runs."""
+    """Requests in flight: the proxy port counts each from its handler's start until its
+    answer is written."""
 
     __slots__ = ("active",)
 
@@ -39,7 +41,7 @@ SERVING: Final = Load()
 class WriteBatcher:
     """Queued writes of one loop, flushed by a ``call_soon`` callback once per round.
 
-    ``load``: write at once when it shows at most one request in flight and nothing is
+    ``load``: write at once when it shows exactly one request in flight and nothing is
     queued; without it, every write waits for the round's end.
     """
 
@@ -53,7 +55,7 @@ class WriteBatcher:
 
     def write(self, transport: asyncio.Transport, data: bytes) -> None:
         load = self._load
-        if load is not None and load.active <= 1 and not self._pending:
+        if load is not None and load.active == 1 and not self._pending:
             transport.write(data)
             return
         self._pending.append((transport, data))

@@ -430,22 +430,23 @@ class HttpProtocol(HeadReader):
         req = self._current
         while req is not None:
             resp: AnyResponse | None = None
-            SERVING.active += 1
+            SERVING.active += 1  # until its answer is written (the batchers read it)
             try:
-                resp = await handler(req)
-            except (ConnectionError, BodyError):
-                req.keep_alive = False
-            except asyncio.CancelledError:
-                self._current = None
-                raise
-            except Exception:
-                _log.exception("error handling a request")
-                req.keep_alive = False
-                if not req.head_sent:
-                    resp = self.server.internal_error(req)
+                try:
+                    resp = await handler(req)
+                except (ConnectionError, BodyError):
+                    req.keep_alive = False
+                except asyncio.CancelledError:
+                    self._current = None
+                    raise
+                except Exception:
+                    _log.exception("error handling a request")
+                    req.keep_alive = False
+                    if not req.head_sent:
+                        resp = self.server.internal_error(req)
+                nxt = self._finish(req, resp)
             finally:
                 SERVING.active -= 1
-            nxt = self._finish(req, resp)
             if nxt is None:
                 if not self._keep_waiting:
                     return

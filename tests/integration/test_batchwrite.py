@@ -140,11 +140,14 @@ async def test_one_request_in_flight_writes_at_once() -> None:
         peer.close()
 
 
-async def test_several_requests_in_flight_are_batched() -> None:
+@pytest.mark.parametrize("active", [2, 0])
+async def test_several_requests_in_flight_or_none_are_batched(active: int) -> None:
+    """Several: the others' answers go together. None: a write made outside a request
+    (an error answered from the parser) is batched as it always was."""
     transport, peer = await _pair()
     try:
         load = Load()
-        load.active = 2
+        load.active = active
         WriteBatcher(asyncio.get_running_loop(), load).write(transport, b"late")
         with pytest.raises(BlockingIOError):
             peer.recv(16)

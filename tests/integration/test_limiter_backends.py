@@ -22,6 +22,7 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from gateway.batchwrite import SERVING
 from gateway.config import RateLimit
 from gateway.core.gcra import Decision, Rate
 from gateway.metrics import Metrics
@@ -270,6 +271,28 @@ async def test_decisions_of_one_loop_turn_share_one_round_trip(private_redis: Re
         results = await asyncio.gather(*[lim.decide([check(key=f"k{i}")]) for i in range(200)])
         assert all(r[0].allowed for r in results)
         assert await evalsha_calls(private_redis.url) - before == 1
+    finally:
+        await lim.close()
+
+
+async def test_a_lone_request_sends_its_script_call_at_once(private_redis: RedisServer) -> None:
+    """With one request in flight there is nothing to batch with: the call leaves now,
+    not at the end of the loop's round (a round less for each request at c=1); with more,
+    or with none (a caller outside the proxy port's requests), it waits for the round's
+    end to take the others along."""
+    lim = redis_limiter(private_redis.url, unique_prefix(), announce_interval_s=0)
+    try:
+        await lim.decide([check()])  # connects and loads the script
+        for active, sent_now in ((1, True), (2, False), (0, False)):
+            saved, SERVING.active = SERVING.active, active
+            try:
+                answer = lim.submit([check(key=f"alone-{active}")])
+                assert (lim._inflight == 1) is sent_now
+                assert (len(lim._queue) == 0) is sent_now
+            finally:
+                SERVING.active = saved
+            assert (await answer)[0].allowed
+            assert lim._inflight == 0
     finally:
         await lim.close()
 

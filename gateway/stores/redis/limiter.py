@@ -51,6 +51,7 @@ from typing import Any
 from redis.asyncio import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from gateway.batchwrite import SERVING
 from gateway.core.gcra import Decision, Rate
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -230,7 +231,7 @@ class RedisLimiter(OutageHandling, Limiter):
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
         batch.parts.append(Part(future, start, len(policies), None))
-        return future
+        return self._sent(future)
 
     def _route_entry(
         self, policies: Sequence[tuple[str, Rate]]
@@ -248,9 +249,18 @@ class RedisLimiter(OutageHandling, Limiter):
         if batch is None:
             batch = self._open = Batch(self._on_batch_reply, loop.time() + self._timeout_s)
             self._queue.append(batch)
-            if self._flush_handle is None:
+            # the proxy port's one request in flight: sent by the caller once its checks
+            # are in (nothing would join it, and waiting costs a round of the loop); else
+            # at the round's end
+            if self._flush_handle is None and SERVING.active != 1:
                 self._flush_handle = loop.call_soon(self._flush)
         return batch
+
+    def _sent(self, future: asyncio.Future[list[Decision]]) -> asyncio.Future[list[Decision]]:
+        """``future``, its batch sent first when nothing is to wait for the round's end."""
+        if self._flush_handle is None:
+            self._flush()
+        return future
 
     def submit(self, checks: Sequence[Check]) -> Awaitable[list[Decision]]:
         """The decisions as a future: the caller awaits it, no coroutine in between."""
@@ -298,7 +308,7 @@ class RedisLimiter(OutageHandling, Limiter):
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
         batch.parts.append(Part(future, start, len(checks), cached))
-        return future
+        return self._sent(future)
 
     def _add_checks(self, batch: Batch, start: int, checks: Sequence[Check]) -> None:
         """Every check of a decision into ``batch``, from ``start`` on."""
