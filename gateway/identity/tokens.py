@@ -41,7 +41,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import jwt
 import orjson
@@ -72,8 +72,9 @@ CACHE_CHARS = 8 << 20
 """At most this many characters of tokens are kept in the cache of verified tokens."""
 
 # the cache's look-up key: the end of the signature (43 characters or more, whatever the
-# algorithm), which a client cannot choose for a token the issuer signed
-_TAIL_CHARS = 32
+# algorithm), which a client cannot choose for a token the issuer signed; 96 bits, so two
+# verified tokens practically never share one (if they do, each is verified again)
+_TAIL_CHARS: Final = 16
 
 _KTY = {"RS256": "RSA", "ES256": "EC", "EdDSA": "OKP"}
 _CURVE = {"ES256": "P-256", "EdDSA": "Ed25519"}
@@ -105,7 +106,7 @@ def bearer_token(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` field (scheme in any case)."""
     if authorization is None or len(authorization) < 8:
         return None
-    if authorization[:7] == "Bearer ":  # the usual spelling: no split, no case fold
+    if authorization.startswith("Bearer "):  # the usual spelling: no split, no case fold
         return authorization[7:].strip(" ") or None
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer":
