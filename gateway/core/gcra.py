@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 __all__ = ["EPSILON_S", "Decision", "Rate", "decide"]
 
 EPSILON_S = 1e-6
 _ULP = 2.0**-52  # relative spacing of doubles: |x| * _ULP bounds one rounding error
-_tuple_new = tuple.__new__  # a Decision without its keyword-argument __new__
+_tuple_new: Final = tuple.__new__  # a Decision without its keyword-argument __new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +84,10 @@ class Decision(NamedTuple):
     reset_s: float  # seconds until the bucket is full again
 
 
+# (a Final name: a compiled build reads it from a C static, not the module's dict)
+_DECISION: Final = Decision
+
+
 def decide(tat: float | None, now: float, rate: Rate, cost: int = 1) -> tuple[Decision, float]:
     """Decide one request of ``cost`` units; return the decision and the new TAT.
 
@@ -104,6 +108,6 @@ def decide(tat: float | None, now: float, rate: Rate, cost: int = 1) -> tuple[De
         remaining = int((slack + eps) / t)
         most = rate.burst - cost  # a full bucket after this request
         remaining = min(remaining, most)
-        return _tuple_new(Decision, (True, remaining, 0.0, new_tat - now)), new_tat
-    refused = _tuple_new(Decision, (False, 0, -slack, base - now))
+        return _tuple_new(_DECISION, (True, remaining, 0.0, new_tat - now)), new_tat
+    refused = _tuple_new(_DECISION, (False, 0, -slack, base - now))
     return refused, (now if tat is None else tat)

@@ -11,7 +11,7 @@ fields after a ``-``). ``ff`` is never a valid version; upper-case hex, an all-z
 or parent id, or a version ``00`` value with anything after the flags are invalid. A
 request with several ``traceparent`` fields is treated as having an invalid one.
 
-Every request passes here, so the common case (no ``traceparent``) is a few slices of a
+Every request passes here, so the common case (no ``traceparent``) is two slices of a
 batch of random hex and one small object; nothing is formatted until it is sent.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -39,8 +39,8 @@ much, and a longer one is dropped whole rather than cut in the middle of an entr
 
 # version, trace id, parent id, flags: lower-case hex only (the recommendation's rule)
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_ZERO_TRACE = "0" * 32
-_ZERO_SPAN = "0" * 16
+_ZERO_TRACE: Final = "0" * 32
+_ZERO_SPAN: Final = "0" * 16
 _SAMPLED = 0x01
 
 
@@ -62,38 +62,35 @@ class TraceIds:
     """Random trace and span ids as lower-case hex, cut from a batch of random bytes.
 
     Ids must be unique, not secret (the recommendation asks for randomness, not
-    unpredictability). One ``random_bytes`` call (``os.urandom``) makes ``batch`` pairs of
-    ids at once, all-zero ones left out; a request then takes the next pair, with no
-    integer formatted and no slicing of its own.
+    unpredictability). One ``random_bytes`` call (``os.urandom``) makes the hex of
+    ``batch`` pairs of ids at once; a request then cuts the next pair from it, all-zero
+    ones left out, with no integer formatted. (Cut when taken, not all at once when
+    drawn: a list of ready pairs costs more to make than the cuts it saves.)
     """
 
-    __slots__ = ("_batch", "_random_bytes", "take")
+    __slots__ = ("_at", "_batch", "_hex", "_random_bytes")
 
     def __init__(
         self, random_bytes: Callable[[int], bytes] = os.urandom, *, batch: int = 256
     ) -> None:
         self._random_bytes = random_bytes
         self._batch = batch * 24  # a pair is 24 bytes: a trace id and a span id
-        self.take: Callable[[], tuple[str, str]] = iter(()).__next__
-        """The next ``(trace_id, span_id)``; StopIteration when the batch is spent."""
-
-    def refill(self) -> None:
-        hx = self._random_bytes(self._batch).hex()
-        pairs = [
-            (trace_id, span_id)
-            for i in range(0, len(hx) - 47, 48)
-            if (trace_id := hx[i : i + 32]) != _ZERO_TRACE
-            and (span_id := hx[i + 32 : i + 48]) != _ZERO_SPAN
-        ]
-        self.take = iter(pairs).__next__
+        self._hex = ""  # the batch's hex: 48 characters a pair
+        self._at = 0  # where the next pair starts in it
 
     def pair(self) -> tuple[str, str]:
         """The next ``(trace_id, span_id)``, drawing a new batch when one is spent."""
-        try:
-            return self.take()
-        except StopIteration:
-            self.refill()
-            return self.pair()
+        while True:
+            hx = self._hex
+            at = self._at
+            if at + 48 > len(hx):
+                hx = self._hex = self._random_bytes(self._batch).hex()
+                at = 0
+            self._at = at + 48
+            trace_id = hx[at : at + 32]
+            span_id = hx[at + 32 : at + 48]
+            if trace_id != _ZERO_TRACE and span_id != _ZERO_SPAN:
+                return trace_id, span_id
 
 
 class TraceContext(NamedTuple):
@@ -121,8 +118,8 @@ def _context(
     return _new(TraceContext, (trace_id, span_id, parent_id, sampled, tracestate, traceparent))
 
 
-_new = tuple.__new__
-_IDS = TraceIds()
+_new: Final = tuple.__new__
+_IDS: Final = TraceIds()
 
 
 def start_or_continue(
@@ -137,11 +134,7 @@ def start_or_continue(
     parsed = parse_traceparent(traceparent[0]) if traceparent and len(traceparent) == 1 else None
     if parsed is None:
         sampled = sample_ratio >= 1.0 or (sample_ratio > 0.0 and chance() < sample_ratio)
-        # every request's path: the batch's next pair without a call of ours
-        try:
-            trace_id, span_id = ids.take()
-        except StopIteration:
-            trace_id, span_id = ids.pair()
+        trace_id, span_id = ids.pair()
         # as _context() makes it, without its call
         traceparent_ = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
         return _new(TraceContext, (trace_id, span_id, None, sampled, None, traceparent_))

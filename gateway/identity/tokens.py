@@ -10,13 +10,16 @@ Verification is PyJWT's, with the algorithm pinned by the key, never by the toke
 - ``exp`` is required; ``nbf``, and ``iss``/``aud`` when configured, are checked, each
   with ``leeway_s``.
 
-Verified tokens are cached by the token itself until their ``exp``, so a client that
-sends the same token again costs one dict look-up instead of a signature check (a
-SHA-256 of the token would cost more than the look-up and everything around it). The
-cache is bounded in entries and in characters (:data:`CACHE_CHARS`), the oldest entry
-going first; only verified tokens enter it, so only tokens the issuer signed take its
-room. Refused tokens are not cached: caching them would let garbage push valid tokens
-out.
+Verified tokens are cached until their ``exp``, so a client that sends the same token
+again costs one dict look-up instead of a signature check. The look-up is by the token's
+last :data:`_TAIL_CHARS` characters (its signature's), and an entry counts only when its
+whole token equals the one sent: a token's text is new on every request, so a dict keyed
+by the whole token would hash all of it every time (a SHA-256 of it, more again), where
+the tail is a short hash and the comparison one ``memcmp``. Two tokens that share a
+tail are two tokens: the one sent is verified as any unknown one. The cache is bounded in
+entries and in characters (:data:`CACHE_CHARS`), the oldest entry going first; only
+verified tokens enter it, so only tokens the issuer signed take its room. Refused tokens
+are not cached: caching them would let garbage push valid tokens out.
 
 A signature check is the costly part (tens of microseconds for RS256, more on a busy
 machine), and a fresh forged token costs one before any rate limit applies. So:
@@ -38,7 +41,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import jwt
 import orjson
@@ -67,6 +70,11 @@ to a few KiB, and every byte is base64- and JSON-decoded before the signature ch
 
 CACHE_CHARS = 8 << 20
 """At most this many characters of tokens are kept in the cache of verified tokens."""
+
+# the cache's look-up key: the end of the signature (43 characters or more, whatever the
+# algorithm), which a client cannot choose for a token the issuer signed; 96 bits, so two
+# verified tokens practically never share one (if they do, each is verified again)
+_TAIL_CHARS: Final = 16
 
 _KTY = {"RS256": "RSA", "ES256": "EC", "EdDSA": "OKP"}
 _CURVE = {"ES256": "P-256", "EdDSA": "Ed25519"}
@@ -98,7 +106,7 @@ def bearer_token(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` field (scheme in any case)."""
     if authorization is None or len(authorization) < 8:
         return None
-    if authorization[:7] == "Bearer ":  # the usual spelling: no split, no case fold
+    if authorization.startswith("Bearer "):  # the usual spelling: no split, no case fold
         return authorization[7:].strip(" ") or None
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer":
@@ -183,7 +191,8 @@ class TokenVerifier:
         self._issuer = issuer
         self._audience = audience
         self._leeway = leeway_s
-        self._cache: dict[str, Verified] = {}  # token -> outcome, oldest first
+        # the token's tail -> (token, outcome), oldest first
+        self._cache: dict[str, tuple[str, Verified]] = {}
         self._cache_size = cache_size
         self._cache_chars = 0
         self._clock = clock
@@ -206,11 +215,13 @@ class TokenVerifier:
         (unless ``spend`` is false: a question, not a request), and a client with none
         left gets no check (``throttled``)."""
         cache = self._cache
-        hit = cache.get(token)
-        if hit is not None:
+        tail = token[-_TAIL_CHARS:]
+        entry = cache.get(tail)
+        if entry is not None and entry[0] == token:  # this very token, verified before
+            hit = entry[1]
             if self._clock() < hit.expires_at + self._leeway:
                 return hit
-            del cache[token]
+            del cache[tail]
             self._cache_chars -= len(token)
             return Refused("expired")
         if len(token) > MAX_TOKEN_CHARS:
@@ -223,12 +234,14 @@ class TokenVerifier:
             return Refused("throttled")
         outcome, checked = self._verify(token)
         if isinstance(outcome, Verified):
+            if entry is not None:  # another token with this tail: this one takes its place
+                del cache[tail]
+                self._cache_chars -= len(entry[0])
             self._cache_chars += len(token)
             while cache and (len(cache) >= self._cache_size or self._cache_chars > CACHE_CHARS):
                 oldest = next(iter(cache))
-                del cache[oldest]
-                self._cache_chars -= len(oldest)
-            cache[token] = outcome
+                self._cache_chars -= len(cache.pop(oldest)[0])
+            cache[tail] = (token, outcome)
         elif checked and spend and failures is not None and client is not None:
             failures.spend(client, self._clock())
         return outcome

@@ -29,8 +29,9 @@ from gateway.stores.limiter import Check
 
 _tuple_new = tuple.__new__  # a Check without its keyword-argument __new__ (per request)
 
-RouteChecks = dict[str, "tuple[Sequence[CompiledPolicy], list[Check]]"]
-"""A verified identity's rate-limit checks by route (``RequestIdentity.route_checks``)."""
+RouteChecks = dict[str, "tuple[str | None, Sequence[CompiledPolicy], list[Check]]"]
+"""A verified identity's rate-limit checks by route (``RequestIdentity.route_checks``),
+with the client key they were made for (None: made from the identity alone)."""
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -274,25 +275,31 @@ def policy_checks(
         ]
     memo: RouteChecks | None = ident.route_checks
     if memo is not None:
-        made = memo.get(route.name)
-        if made is not None:
-            return made
+        kept = memo.get(route.name)
+        # made from the identity alone, or from it and this client key (the same
+        # client sending its token again: the common case)
+        if kept is not None and (kept[0] is None or kept[0] == ip):
+            return kept[1], kept[2]
     applied: list[CompiledPolicy] = []
     checks: list[Check] = []
-    by_identity_alone = True  # every key from the identity: the same for each request
+    by_ip = False  # a key is the client key (or made from it and the route alone)
+    by_request = False  # a key is made from the request's fields or body
     plan = ident.plan
     for p in route.policies:
         if p.plans is not None and plan is not None:
             p = p.plans.get(plan, p)  # noqa: PLW2901 - the policy as in force for the plan
         if p.key == "ip":  # the common case, as policy_key_of keys it
-            by_identity_alone = False
+            by_ip = True
             key = ip
         elif p.pointer is None and not p.identity:
-            by_identity_alone = False
+            if p.header is None:
+                by_ip = True
+            else:
+                by_request = True
             key = policy_key_of(p, route, ip, headers, decoded=decoded)
         else:
             if p.pointer is not None:
-                by_identity_alone = False  # the body's value: each request its own
+                by_request = True  # the body's value: each request its own
                 value = p.pointer.value_text(body)
                 tag = "b"
             else:
@@ -301,22 +308,25 @@ def policy_checks(
             if value is not None:
                 key = value_key(tag, value)
             elif p.fallback is not None:
-                by_identity_alone = False
                 fb = p.fallback
                 if fb in route.policies or fb in applied:
                     continue  # spent once, as the route's own or another's fallback
                 p = fb  # noqa: PLW2901 - the fallback stands in for the policy
+                if p.header is None:
+                    by_ip = True
+                else:
+                    by_request = True
                 key = policy_key_of(p, route, ip, headers, decoded=decoded)
             else:
                 # rotating garbage credentials must not dodge the limit: the address's
-                by_identity_alone = False
+                by_ip = True
                 key = ip
         applied.append(p)
         checks.append(_tuple_new(Check, (p.store, p.rate, key, cost)))
-    made = (applied, checks)
-    if memo is not None and by_identity_alone:
-        memo[route.name] = made
-    return made
+    if memo is not None and not by_request:
+        # kept with the verified token (bounded as its cache is: one entry a route)
+        memo[route.name] = (ip if by_ip else None, applied, checks)
+    return applied, checks
 
 
 def limit_outcome(

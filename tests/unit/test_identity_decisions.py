@@ -114,15 +114,78 @@ def test_checks_keyed_by_the_identity_alone_are_made_once_per_verified_token() -
     # tuple around them)
     assert again[0] is first[0]
     assert again[1] is first[1]
-    # a route with a policy keyed by the address: made for each request
+    # a route with a policy keyed by the address: made again for another address
     assert _checks("own", "10.0.0.1", kept) == ["j:sub:alice", "10.0.0.1"]
     assert _checks("own", "10.0.0.2", kept) == ["j:sub:alice", "10.0.0.2"]
     # a claim the token lacks: the fallback, by the address, each time
     lacking = RequestIdentity(claims={"sub": "bob"}, route_checks={})
     assert _checks("u", "10.0.0.1", lacking) == ["j:sub:bob", "10.0.0.1"]
     assert _checks("u", "10.0.0.2", lacking) == ["j:sub:bob", "10.0.0.2"]
-    assert set(kept.route_checks or {}) == {"u"}
-    assert lacking.route_checks == {}
+    assert _checks("u", "10.0.0.1", lacking) == ["j:sub:bob", "10.0.0.1"]
+    assert set(kept.route_checks or {}) == {"u", "own"}
+    assert set(lacking.route_checks or {}) == {"u"}
+
+
+def test_checks_keyed_by_the_identity_and_the_address_are_kept_for_that_address() -> None:
+    kept = RequestIdentity(claims={"sub": "alice"}, route_checks={})
+    first = decisions.policy_checks(
+        ROUTES["own"], "10.0.0.1", CIMultiDict(), decoded=False, ident=kept
+    )
+    again = decisions.policy_checks(
+        ROUTES["own"], "10.0.0.1", CIMultiDict(), decoded=False, ident=kept
+    )
+    assert again[1] is first[1]
+    other = decisions.policy_checks(
+        ROUTES["own"], "10.0.0.2", CIMultiDict(), decoded=False, ident=kept
+    )
+    assert other[1] is not first[1]
+    assert [c.key for c in other[1]] == ["j:sub:alice", "10.0.0.2"]
+    # the last address's are kept: the first address's are made anew
+    back = decisions.policy_checks(
+        ROUTES["own"], "10.0.0.1", CIMultiDict(), decoded=False, ident=kept
+    )
+    assert back[1] is not first[1]
+    assert [c.key for c in back[1]] == ["j:sub:alice", "10.0.0.1"]
+
+
+def test_checks_keyed_by_a_field_are_never_kept() -> None:
+    snap = Snapshot(
+        load_text(
+            yaml.safe_dump(
+                {
+                    "identity": {"jwt": {}},
+                    "rate_limit": {
+                        "policies": {
+                            "user": {"requests": 1, "period_s": 1, "key": "jwt:sub"},
+                            "tenant": {"requests": 1, "period_s": 1, "key": "header:X-Tenant"},
+                        }
+                    },
+                    "routes": [
+                        {
+                            "name": "t",
+                            "path_prefix": "/",
+                            "upstream": "api",
+                            "rate_limits": ["user", "tenant"],
+                        }
+                    ],
+                }
+            ),
+            environ={},
+        )
+    )
+    route = snap.routes[0]
+    kept = RequestIdentity(claims={"sub": "alice"}, route_checks={})
+    keys = [
+        [
+            c.key
+            for c in decisions.policy_checks(
+                route, "10.0.0.1", CIMultiDict({"X-Tenant": tenant}), decoded=False, ident=kept
+            )[1]
+        ]
+        for tenant in ("a", "b")
+    ]
+    assert keys == [["j:sub:alice", "h:a"], ["j:sub:alice", "h:b"]]
+    assert kept.route_checks == {}
 
 
 def test_the_access_log_label() -> None:

@@ -225,8 +225,28 @@ def test_the_cache_is_bounded_in_characters(monkeypatch: pytest.MonkeyPatch) -> 
     verifier = _verifier()
     for t in tokens:
         assert isinstance(verifier.verify(t), Verified)
-    assert list(verifier._cache) == tokens[-2:]
+    assert [token for token, _ in verifier._cache.values()] == tokens[-2:]
     assert verifier._cache_chars == sum(map(len, tokens[-2:]))
+
+
+def test_a_token_sharing_a_cached_tokens_tail_is_verified_as_any_other() -> None:
+    verifier = _verifier()
+    token = rs256(_claims(sub="alice"))
+    first = verifier.verify(token)
+    assert isinstance(first, Verified)
+    tail = token[-16:]
+    # another header and claims before the same signature: it does not verify
+    forged = rs256(_claims(sub="mallory")).rpartition(".")[0] + "." + token.rpartition(".")[2]
+    assert forged[-16:] == tail
+    assert verifier.verify(forged) == Refused("bad_signature")
+    assert verifier.verify(token) is first  # its entry is untouched
+    # a verified token sharing the tail takes the entry's place, counted once
+    other = rs256(_claims(sub="bob"))
+    verifier._cache[other[-16:]] = verifier._cache.pop(tail)
+    assert isinstance(verifier.verify(other), Verified)
+    assert verifier.verify(other) is verifier.verify(other)
+    assert [t for t, _ in verifier._cache.values()] == [other]
+    assert verifier._cache_chars == len(other)
 
 
 @pytest.mark.parametrize(

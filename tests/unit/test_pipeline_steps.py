@@ -53,6 +53,22 @@ def _identified(rt: Runtime, request: FakeRequest) -> tuple[Ctx, bool]:
     return ctx, via_proxy
 
 
+async def test_request_ids_are_a_prefix_and_a_counter_in_16_hex_digits(rt: Runtime) -> None:
+    handler = ProxyHandler(rt)
+    rids = []
+    for _ in range(600):  # across the counter's 256 and 512 boundaries
+        ctx = Ctx(0.0)
+        handler.identify(FakeRequest(), rt.snapshot, ctx)
+        rids.append(ctx.rid)
+    prefix = rids[0][:16]
+    assert rids == [prefix + "%016x" % n for n in range(600)]  # noqa: UP031
+    assert len(set(rids)) == 600
+    # a valid request id of the client's is kept
+    ctx = Ctx(0.0)
+    handler.identify(FakeRequest(headers=[("X-Request-Id", "abc-123")]), rt.snapshot, ctx)
+    assert ctx.rid == "abc-123"
+
+
 async def test_identify_a_direct_client(rt: Runtime) -> None:
     request = FakeRequest(headers=[("X-Forwarded-For", "1.2.3.4")], peer="10.1.2.3")
     ctx, via_proxy = _identified(rt, request)
