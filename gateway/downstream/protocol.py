@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Final
 
 import httptools
 from multidict import CIMultiDict, istr
@@ -40,22 +41,28 @@ from gateway.problem import raw_problem
 
 __all__ = ["HttpProtocol"]
 
-_log = logging.getLogger("gateway.downstream.protocol")
+_log: Final = logging.getLogger("gateway.downstream.protocol")
 
-_LINGER_S = 5.0  # how long an unread request body is drained after the answer
-_SLICE = 2048  # what is parsed at a time of a read that may hold pipelined requests
+_LINGER_S: Final = 5.0  # how long an unread request body is drained after the answer
+_SLICE: Final = 2048  # what is parsed at a time of a read that may hold pipelined requests
 # Requests queued behind the one being served, at most. A slice holds fewer (the shortest
 # request is 18 bytes); only bytes parsed whole with a body in progress can reach it:
 # then the last one queued is answered with Connection: close, the connection is
 # half-closed, and what the client still sends is dropped unread.
-_MAX_QUEUED = _SLICE // 16
+_MAX_QUEUED: Final = _SLICE // 16
 
 # the states by plain names: the hot path compares them on every read and request, and
 # an enum's class attribute is looked up slowly
-_OPEN, _UPGRADING, _ERROR_PENDING = Conn.OPEN, Conn.UPGRADING, Conn.ERROR_PENDING
-_CUT, _LINGERING = Conn.CUT, Conn.LINGERING
+_OPEN: Final = Conn.OPEN
+_UPGRADING: Final = Conn.UPGRADING
+_ERROR_PENDING: Final = Conn.ERROR_PENDING
+_CUT: Final = Conn.CUT
+_LINGERING: Final = Conn.LINGERING
 # field names looked up as istr: a plain str is case-folded anew on every lookup
-_TRANSFER_ENCODING = istr("Transfer-Encoding")
+_TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
+# the class, held as a constant: a Final name is read directly in the compiled build, an
+# imported one through the module's namespace on every use
+_CIMULTIDICT: Final = CIMultiDict
 
 
 class HttpProtocol(HeadReader):
@@ -281,7 +288,7 @@ class HttpProtocol(HeadReader):
         version = parser.get_http_version()
         target = self._url.decode("latin-1")
         fields = self._fields
-        headers = CIMultiDict(fields)
+        headers: CIMultiDict[str] = _CIMULTIDICT(fields)
         # a FramingError goes out of the parser (answered in _feed), upgrades included
         try:
             host = self.server.hosts.host_of(version, headers, target)

@@ -14,7 +14,7 @@ import asyncio
 import email.utils
 import secrets
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from aiohttp import web
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Handler", "HttpServer"]
 
-_ONE_WRITE = 16 * 1024  # bodies up to this size are joined to the head
+_ONE_WRITE: Final = 16 * 1024  # bodies up to this size are joined to the head
 
 Handler = Callable[[Request], Coroutine[Any, Any, AnyResponse]]
 

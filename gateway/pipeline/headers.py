@@ -5,7 +5,7 @@ Computed once per config; applying them is a handful of dict operations.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.upstream.hop_by_hop import HOP_BY_HOP, header_pairs
 
@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 
 
 # the fields the rate-limit step adds to an allowed request's answer (lower-case)
-RATE_LIMIT_FIELDS = frozenset(("ratelimit", "ratelimit-policy"))
+RATE_LIMIT_FIELDS: Final = frozenset(("ratelimit", "ratelimit-policy"))
 # an upstream's fields never passed on as they are: hop-by-hop ones and the length
-UPSTREAM_SKIP = HOP_BY_HOP | {"content-length"}
+UPSTREAM_SKIP: Final = HOP_BY_HOP | {"content-length"}
 
 
 class ResponseHeaders:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from aiohttp import hdrs
@@ -37,8 +37,14 @@ if TYPE_CHECKING:
     from gateway.runtime import Runtime
     from gateway.upstream.state import UpstreamState
 
-_DROP_FAST = frozenset(("content-length",))  # the server sets its own
-_NO_DROP: frozenset[str] = frozenset()
+_DROP_FAST: Final = frozenset(("content-length",))  # the server sets its own
+_NO_DROP: Final[frozenset[str]] = frozenset()
+# module attributes of other modules, held here as constants: the compiled build reads a
+# Final name directly, any other global through the module's namespace on every use
+_IDEMPOTENT: Final = IDEMPOTENT_METHODS
+_HOST: Final = hdrs.HOST
+_X_FORWARDED_HOST: Final = hdrs.X_FORWARDED_HOST
+_FORWARDED: Final = hdrs.FORWARDED
 
 
 def upstream_fields(
@@ -49,18 +55,18 @@ def upstream_fields(
     context (the upstream's own Host last when the client sent none)."""
     headers = request.headers
     kept = filter_header_lines(request.header_fields, snap.drop_upstream, ctx.underscores)
-    host = headers.get(hdrs.HOST)
+    host = headers.get(_HOST)
     chain = ctx.client_ip
     proto = "http"
     fwd_host = host
     if via_proxy:
         chain = forwarded_chain(ctx.xff, request.peer_address()[0], snap.trusted, ctx.client_ip)
         proto = forwarded_proto(headers) or "http"
-        h = headers.get(hdrs.X_FORWARDED_HOST)
+        h = headers.get(_X_FORWARDED_HOST)
         if h:
             fwd_host = h.split(",", 1)[0].strip()
-        elif hdrs.FORWARDED in headers:
-            hosts = forwarded_values(headers[hdrs.FORWARDED], "host")
+        elif _FORWARDED in headers:
+            hosts = forwarded_values(headers[_FORWARDED], "host")
             if hosts:
                 fwd_host = hosts[0]
     if host is not None:
@@ -329,7 +335,7 @@ class UpstreamLeg:
             method = request.method
             retries = up.config.retries
             # a body read whole before sending can be sent again
-            idempotent = method in IDEMPOTENT_METHODS and eof
+            idempotent = method in _IDEMPOTENT and eof
             now = loop.time()
             up.budget.record_request(now)
             attempt = 0

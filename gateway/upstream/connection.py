@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
+from typing import Final
 
 import httptools
 
-_HIGH_WATER = 1 << 20  # pause reading the upstream above this much unread body
-MAX_RESPONSE_FIELDS = 100  # as Envoy's default; a response head with more is refused
-DEFAULT_MAX_HEAD_BYTES = 65536
-HEAD_TOO_LARGE = "response_head_too_large"  # the UpstreamError kind
-_PLAIN = frozenset((b"keep-alive", b"close"))  # Connection values that name no other field
+_HIGH_WATER: Final = 1 << 20  # pause reading the upstream above this much unread body
+MAX_RESPONSE_FIELDS: Final = 100  # as Envoy's default; a response head with more is refused
+DEFAULT_MAX_HEAD_BYTES: Final = 65536
+HEAD_TOO_LARGE: Final = "response_head_too_large"  # the UpstreamError kind
+_PLAIN: Final = frozenset((b"keep-alive", b"close"))  # Connection values that name no other field
 
 
 class UpstreamError(Exception):
