@@ -69,19 +69,36 @@ def upstream_fields(
             hosts = forwarded_values(headers[_FORWARDED], "host")
             if hosts:
                 fwd_host = hosts[0]
+    # the fields the gateway sets, as pieces of the one string joined below (no line is
+    # made and freed on the way)
     if host is not None:
-        kept.append(f"Host: {host}\r\n")
-    xfh = f"X-Forwarded-Host: {fwd_host}\r\n" if fwd_host is not None else ""
+        kept.append("Host: ")
+        kept.append(host)
+        kept.append("\r\nX-Forwarded-For: ")
+    else:
+        kept.append("X-Forwarded-For: ")
+    kept.append(chain)
+    kept.append("\r\nX-Forwarded-Proto: ")
+    kept.append(proto)
+    if fwd_host is not None:
+        kept.append("\r\nX-Forwarded-Host: ")
+        kept.append(fwd_host)
+    kept.append("\r\nX-Real-IP: ")
+    kept.append(ctx.client_ip)
+    kept.append("\r\n")
+    kept.append(snap.rid_header)
+    kept.append(": ")
+    kept.append(ctx.rid)
+    kept.append("\r\n")
     trace = ctx.trace
-    tp = ""
     if trace is not None:
-        tp = f"traceparent: {trace.traceparent}\r\n"
+        kept.append("traceparent: ")
+        kept.append(trace.traceparent)
+        kept.append("\r\n")
         if trace.tracestate is not None:
-            tp += f"tracestate: {trace.tracestate}\r\n"
-    kept.append(  # one string for the fields the gateway sets
-        f"X-Forwarded-For: {chain}\r\nX-Forwarded-Proto: {proto}\r\n{xfh}"
-        f"X-Real-IP: {ctx.client_ip}\r\n{snap.rid_header}: {ctx.rid}\r\n{tp}"
-    )
+            kept.append("tracestate: ")
+            kept.append(trace.tracestate)
+            kept.append("\r\n")
     if host is None:
         kept.append(f"Host: {up.client.host_header}\r\n")
     return "".join(kept)
