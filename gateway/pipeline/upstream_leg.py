@@ -365,12 +365,13 @@ class UpstreamLeg:
                     assert held is not None  # noqa: S101 - a body was begun
                     sent = stream_body(self, request, snap, ctx, held, end=t0 + up.config.timeout_s)
                 try:
-                    up_resp = await up.client.send(
+                    # (the pool's own call: UpstreamClient.send without its frame)
+                    up_resp = await up.pool.request(
                         method,
                         raw_path_qs,
                         up_fields,
                         sent,
-                        has_length=request.content_length is not None,
+                        chunked=sent is not None and request.content_length is None,
                     )
                     break
                 except asyncio.CancelledError:
