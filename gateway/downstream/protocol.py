@@ -60,6 +60,8 @@ _CUT: Final = Conn.CUT
 _LINGERING: Final = Conn.LINGERING
 # field names looked up as istr: a plain str is case-folded anew on every lookup
 _TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
+_CONNECTION: Final = istr("Connection")
+_PROXY_CONNECTION: Final = istr("Proxy-Connection")
 # the class, held as a constant: a Final name is read directly in the compiled build, an
 # imported one through the module's namespace on every use
 _CIMULTIDICT: Final = CIMultiDict
@@ -285,10 +287,19 @@ class HttpProtocol(HeadReader):
         parser = self._parser
         if parser is None or self._state.discarding:
             return
-        version = parser.get_http_version()
         target = self._url.decode("latin-1")
         fields = self._fields
         headers: CIMultiDict[str] = _CIMULTIDICT(fields)
+        keep_alive = parser.should_keep_alive()
+        # httptools formats the version anew on every call, the dearest thing asked of the
+        # parser here. llhttp takes 0.9, 1.0, 1.1 and 2.0, and keeps a connection alive by
+        # default for 1.1 alone (its major and minor both above 0); for the others only a
+        # Connection or Proxy-Connection field can: kept alive without either, it is 1.1
+        # (tests/unit/test_downstream_head.py holds llhttp to it)
+        if keep_alive and _CONNECTION not in headers and _PROXY_CONNECTION not in headers:
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
         # a FramingError goes out of the parser (answered in _feed), upgrades included
         try:
             host = self.server.hosts.host_of(version, headers, target)
@@ -308,7 +319,7 @@ class HttpProtocol(HeadReader):
             version,
             headers,
             size,
-            parser.should_keep_alive(),
+            keep_alive,
             host,
             fields,
         )
