@@ -224,12 +224,15 @@ class UpstreamConnection(asyncio.Protocol):
             raise self._failing(
                 _HeadTooLargeError(f"response head with over {MAX_RESPONSE_FIELDS} fields")
             )
+        # (the usual spellings are compared as they are, before any lower-casing)
         size = len(name)
-        if size == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
-            self.listed = True  # Connection names other fields: they are hop-by-hop too
+        if size == 10 and (name == b"Connection" or name.lower() == b"connection"):
+            if value != b"keep-alive" and value.lower() not in _PLAIN:
+                self.listed = True  # Connection names other fields: they are hop-by-hop too
         elif (
             size == 17
-            and name.lower() == b"transfer-encoding"
+            and (name == b"Transfer-Encoding" or name.lower() == b"transfer-encoding")
+            and value != b"chunked"
             and value.strip(b" \t").lower() != b"chunked"
         ):
             # gzip, compress...: the gateway asks for none (it sends no TE field), and it
