@@ -13,7 +13,7 @@ of :mod:`gateway.core.framing`; a breach raises ``FramingError`` out of the pars
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 from multidict import istr
@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_FIELDS", "HeadReader", "HeadTooLarge", "HostCache"]
 
-MAX_FIELDS = 256
+MAX_FIELDS: Final = 256
 _HOST_CACHE_MAX = 1024  # distinct Host values remembered with their parse (a few in practice)
-_READ_MAX = 256 * 1024  # the most one read delivers (uvloop's buffer)
+_READ_MAX: Final = 256 * 1024  # the most one read delivers (uvloop's buffer)
 # the fields of no head: shared, never appended to (each head gets its own list)
-_NO_FIELDS: list[tuple[str, str]] = []
-_HOST = istr("Host")  # (an istr is not case-folded again on every lookup)
+_NO_FIELDS: Final[list[tuple[str, str]]] = []
+_HOST: Final = istr("Host")  # (an istr is not case-folded again on every lookup)
 
 
 class HeadTooLarge(Exception):  # noqa: N818 - a signal out of a parser callback

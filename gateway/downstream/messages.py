@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict, MultiDictProxy, istr
@@ -43,14 +43,15 @@ __all__ = [
     "to_web",
 ]
 
-_BODY_HIGH = 256 * 1024  # pause reading the client above this much unread body
-NO_BODY_STATUS = frozenset((204, 304))
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BODY_HIGH: Final = 256 * 1024  # pause reading the client above this much unread body
+NO_BODY_STATUS: Final = frozenset((204, 304))
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # field names looked up as istr: a plain str is case-folded anew on every lookup
-_CONTENT_LENGTH = istr("Content-Length")
-_TRANSFER_ENCODING = istr("Transfer-Encoding")
+_CONTENT_LENGTH: Final = istr("Content-Length")
+_TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
 
-_STATUS_LINES: dict[int, bytes] = {
+_PHRASES: Final = PHRASES  # (a Final name is read directly in the compiled build)
+_STATUS_LINES: Final[dict[int, bytes]] = {
     code: f"HTTP/1.1 {code} {phrase}\r\n".encode("latin-1") for code, phrase in PHRASES.items()
 }
 
@@ -115,12 +116,12 @@ class ServerSide(Writer, Protocol[C]):
 
 
 def _phrase(status: int) -> str:
-    return PHRASES.get(status, "Unknown")
+    return _PHRASES.get(status, "Unknown")
 
 
 def status_line(status: int, reason: str | None) -> bytes:
     line = _STATUS_LINES.get(status)
-    if line is not None and (not reason or reason == PHRASES[status]):
+    if line is not None and (not reason or reason == _PHRASES[status]):
         return line
     reason = (reason or _phrase(status)).replace("\r", " ").replace("\n", " ")
     return f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1", "replace")
@@ -263,7 +264,7 @@ class _NoBody:
         return b""
 
 
-NO_BODY = _NoBody()
+NO_BODY: Final = _NoBody()
 
 
 class Request:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Final
 
 import httptools
 from multidict import CIMultiDict, istr
@@ -41,22 +42,30 @@ from gateway.problem import raw_problem
 
 __all__ = ["HttpProtocol"]
 
-_log = logging.getLogger("gateway.downstream.protocol")
+_log: Final = logging.getLogger("gateway.downstream.protocol")
 
-_LINGER_S = 5.0  # how long an unread request body is drained after the answer
-_SLICE = 2048  # what is parsed at a time of a read that may hold pipelined requests
+_LINGER_S: Final = 5.0  # how long an unread request body is drained after the answer
+_SLICE: Final = 2048  # what is parsed at a time of a read that may hold pipelined requests
 # Requests queued behind the one being served, at most. A slice holds fewer (the shortest
 # request is 18 bytes); only bytes parsed whole with a body in progress can reach it:
 # then the last one queued is answered with Connection: close, the connection is
 # half-closed, and what the client still sends is dropped unread.
-_MAX_QUEUED = _SLICE // 16
+_MAX_QUEUED: Final = _SLICE // 16
 
 # the states by plain names: the hot path compares them on every read and request, and
 # an enum's class attribute is looked up slowly
-_OPEN, _UPGRADING, _ERROR_PENDING = Conn.OPEN, Conn.UPGRADING, Conn.ERROR_PENDING
-_CUT, _LINGERING = Conn.CUT, Conn.LINGERING
+_OPEN: Final = Conn.OPEN
+_UPGRADING: Final = Conn.UPGRADING
+_ERROR_PENDING: Final = Conn.ERROR_PENDING
+_CUT: Final = Conn.CUT
+_LINGERING: Final = Conn.LINGERING
 # field names looked up as istr: a plain str is case-folded anew on every lookup
-_TRANSFER_ENCODING = istr("Transfer-Encoding")
+_TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
+_CONNECTION: Final = istr("Connection")
+_PROXY_CONNECTION: Final = istr("Proxy-Connection")
+# the class, held as a constant: a Final name is read directly in the compiled build, an
+# imported one through the module's namespace on every use
+_CIMULTIDICT: Final = CIMultiDict
 
 
 class HttpProtocol(HeadReader):
@@ -279,10 +288,19 @@ class HttpProtocol(HeadReader):
         parser = self._parser
         if parser is None or self._state.discarding:
             return
-        version = parser.get_http_version()
         target = self._url.decode("latin-1")
         fields = self._fields
-        headers = CIMultiDict(fields)
+        headers: CIMultiDict[str] = _CIMULTIDICT(fields)
+        keep_alive = parser.should_keep_alive()
+        # httptools formats the version anew on every call, the dearest thing asked of the
+        # parser here. llhttp takes 0.9, 1.0, 1.1 and 2.0, and keeps a connection alive by
+        # default for 1.1 alone (its major and minor both above 0); for the others only a
+        # Connection or Proxy-Connection field can: kept alive without either, it is 1.1
+        # (tests/unit/test_downstream_head.py holds llhttp to it)
+        if keep_alive and _CONNECTION not in headers and _PROXY_CONNECTION not in headers:
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
         # a FramingError goes out of the parser (answered in _feed), upgrades included
         try:
             host = self.server.hosts.host_of(version, headers, target)
@@ -302,7 +320,7 @@ class HttpProtocol(HeadReader):
             version,
             headers,
             size,
-            parser.should_keep_alive(),
+            keep_alive,
             host,
             fields,
         )

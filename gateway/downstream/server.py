@@ -14,7 +14,7 @@ import asyncio
 import email.utils
 import secrets
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from aiohttp import web
 
@@ -32,6 +32,7 @@ from gateway.downstream.messages import (
 from gateway.downstream.protocol import HttpProtocol
 from gateway.lifecycle import Lifecycle
 from gateway.memtrim import ReleaseAfterBurst
+from gateway.pipeline.headers import ResponseHeaders
 from gateway.problem import CONTENT_TYPE, problem_body
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Handler", "HttpServer"]
 
-_ONE_WRITE = 16 * 1024  # bodies up to this size are joined to the head
+_ONE_WRITE: Final = 16 * 1024  # bodies up to this size are joined to the head
 
 Handler = Callable[[Request], Coroutine[Any, Any, AnyResponse]]
 
@@ -175,7 +176,13 @@ class HttpServer:
     def render_head(self, req: Request, resp: Response, body_len: int | None) -> bytes:
         """The status line and header block of ``resp`` with the gateway's headers."""
         rh = req.response_headers
-        if rh is not None:
+        if isinstance(rh, ResponseHeaders):
+            # the snapshot's own (every answer of the pipeline's): a direct call in the
+            # compiled build, not one through the protocol's method lookup and keywords
+            block, has_date = rh.render(
+                resp.headers, req.rid, secure=req.https, extra=req.extra_headers, skip=resp.skip
+            )
+        elif rh is not None:
             block, has_date = rh.render(
                 resp.headers, req.rid, secure=req.https, extra=req.extra_headers, skip=resp.skip
             )

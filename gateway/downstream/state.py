@@ -27,6 +27,7 @@ parser is in a message (in a head, in a chunked body) is the parser's own positi
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 __all__ = ["DISCARDING", "Conn", "Event", "IllegalMove", "move"]
 
@@ -56,7 +57,7 @@ class IllegalMove(RuntimeError):  # noqa: N818 - named as h11 names its protocol
     """A move the table does not allow: a bug in the protocol, not the client's fault."""
 
 
-_MOVES: dict[tuple[Conn, Event], Conn] = {
+_MOVES: Final[dict[tuple[Conn, Event], Conn]] = {
     (Conn.OPEN, Event.UPGRADE_WAITS): Conn.UPGRADING,
     (Conn.OPEN, Event.ERROR_WAITS): Conn.ERROR_PENDING,
     (Conn.OPEN, Event.QUEUE_FULL): Conn.CUT,
@@ -71,7 +72,7 @@ _MOVES: dict[tuple[Conn, Event], Conn] = {
 }
 
 # the states in which nothing that arrives is served
-DISCARDING = frozenset((Conn.CUT, Conn.LINGERING, Conn.CLOSING))
+DISCARDING: Final = frozenset((Conn.CUT, Conn.LINGERING, Conn.CLOSING))
 for _state in Conn:
     _state.discarding = _state in DISCARDING
 

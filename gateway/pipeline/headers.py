@@ -5,7 +5,7 @@ Computed once per config; applying them is a handful of dict operations.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.upstream.hop_by_hop import HOP_BY_HOP, header_pairs
 
@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 
 
 # the fields the rate-limit step adds to an allowed request's answer (lower-case)
-RATE_LIMIT_FIELDS = frozenset(("ratelimit", "ratelimit-policy"))
+RATE_LIMIT_FIELDS: Final = frozenset(("ratelimit", "ratelimit-policy"))
 # an upstream's fields never passed on as they are: hop-by-hop ones and the length
-UPSTREAM_SKIP = HOP_BY_HOP | {"content-length"}
+UPSTREAM_SKIP: Final = HOP_BY_HOP | {"content-length"}
 
 
 class ResponseHeaders:
@@ -33,6 +33,7 @@ class ResponseHeaders:
         "_override",
         "_rid_header",
         "_rid_lower",
+        "_rid_prefix",
         "_set",
         "_set_lower",
         "_set_names",
@@ -42,6 +43,7 @@ class ResponseHeaders:
         sh = cfg.security_headers
         self._rid_header = cfg.request.request_id_header
         self._rid_lower = self._rid_header.lower()
+        self._rid_prefix = f"{self._rid_header}: "
         remove: tuple[str, ...] = ()
         if sh.enabled:
             self._set: tuple[tuple[str, str], ...] = tuple(sh.set.items())
@@ -104,28 +106,41 @@ class ResponseHeaders:
         """
         drops = self._drops_rid if rid is not None else self._drops
         drop = drops[skip, secure, bool(extra)]
-        # one loop for both lists: a comprehension each and a zip cost more
-        lows: list[str] = []
         lines: list[str] = []
+        set_names = self._set_names
+        present: list[str] = []  # the gateway's fields the answer has and keeps
+        has_date = False
         for name, value in headers:
             low = name.lower()
-            lows.append(low)
             if low not in drop:
-                lines.append(f"{name}: {value}\r\n")
+                # pieces joined once below rather than a line made and freed first
+                lines.append(name)
+                lines.append(": ")
+                lines.append(value)
+                lines.append("\r\n")
+                if low in set_names:
+                    present.append(low)
+                if low == "date":
+                    has_date = True
         hsts = secure and self._hsts is not None
-        if self._override or self._set_names.isdisjoint(lows):
+        # (with none of them kept, adding only those not kept is adding them all)
+        if self._override or not present:
             lines.append(self._block_hsts if hsts else self._block)
         else:  # the upstream's own values win: add only what it did not send
-            present = self._set_names.intersection(lows).difference(drop)
             lines.extend([f"{n}: {v}\r\n" for low, (n, v) in self._set_lower if low not in present])
             if hsts and "strict-transport-security" not in present:
                 lines.append(f"Strict-Transport-Security: {self._hsts}\r\n")
         if rid is not None:
-            lines.append(f"{self._rid_header}: {rid}\r\n")
+            lines.append(self._rid_prefix)
+            lines.append(rid)
+            lines.append("\r\n")
         if extra:
             for n, v in extra:
-                lines.append(f"{n}: {v}\r\n")
-        return "".join(lines), "date" in lows and "date" not in drop
+                lines.append(n)
+                lines.append(": ")
+                lines.append(v)
+                lines.append("\r\n")
+        return "".join(lines), has_date
 
     def apply(self, headers: CIMultiDict[str], rid: str | None, *, secure: bool) -> None:
         """The same on a multidict in place (responses of the upgrade protocol, admin)."""

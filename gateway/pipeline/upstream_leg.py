@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from aiohttp import hdrs
@@ -37,8 +37,14 @@ if TYPE_CHECKING:
     from gateway.runtime import Runtime
     from gateway.upstream.state import UpstreamState
 
-_DROP_FAST = frozenset(("content-length",))  # the server sets its own
-_NO_DROP: frozenset[str] = frozenset()
+_DROP_FAST: Final = frozenset(("content-length",))  # the server sets its own
+_NO_DROP: Final[frozenset[str]] = frozenset()
+# module attributes of other modules, held here as constants: the compiled build reads a
+# Final name directly, any other global through the module's namespace on every use
+_IDEMPOTENT: Final = IDEMPOTENT_METHODS
+_HOST: Final = hdrs.HOST
+_X_FORWARDED_HOST: Final = hdrs.X_FORWARDED_HOST
+_FORWARDED: Final = hdrs.FORWARDED
 
 
 def upstream_fields(
@@ -49,33 +55,50 @@ def upstream_fields(
     context (the upstream's own Host last when the client sent none)."""
     headers = request.headers
     kept = filter_header_lines(request.header_fields, snap.drop_upstream, ctx.underscores)
-    host = headers.get(hdrs.HOST)
+    host = headers.get(_HOST)
     chain = ctx.client_ip
     proto = "http"
     fwd_host = host
     if via_proxy:
         chain = forwarded_chain(ctx.xff, request.peer_address()[0], snap.trusted, ctx.client_ip)
         proto = forwarded_proto(headers) or "http"
-        h = headers.get(hdrs.X_FORWARDED_HOST)
+        h = headers.get(_X_FORWARDED_HOST)
         if h:
             fwd_host = h.split(",", 1)[0].strip()
-        elif hdrs.FORWARDED in headers:
-            hosts = forwarded_values(headers[hdrs.FORWARDED], "host")
+        elif _FORWARDED in headers:
+            hosts = forwarded_values(headers[_FORWARDED], "host")
             if hosts:
                 fwd_host = hosts[0]
+    # the fields the gateway sets, as pieces of the one string joined below (no line is
+    # made and freed on the way)
     if host is not None:
-        kept.append(f"Host: {host}\r\n")
-    xfh = f"X-Forwarded-Host: {fwd_host}\r\n" if fwd_host is not None else ""
+        kept.append("Host: ")
+        kept.append(host)
+        kept.append("\r\nX-Forwarded-For: ")
+    else:
+        kept.append("X-Forwarded-For: ")
+    kept.append(chain)
+    kept.append("\r\nX-Forwarded-Proto: ")
+    kept.append(proto)
+    if fwd_host is not None:
+        kept.append("\r\nX-Forwarded-Host: ")
+        kept.append(fwd_host)
+    kept.append("\r\nX-Real-IP: ")
+    kept.append(ctx.client_ip)
+    kept.append("\r\n")
+    kept.append(snap.rid_header)
+    kept.append(": ")
+    kept.append(ctx.rid)
+    kept.append("\r\n")
     trace = ctx.trace
-    tp = ""
     if trace is not None:
-        tp = f"traceparent: {trace.traceparent}\r\n"
+        kept.append("traceparent: ")
+        kept.append(trace.traceparent)
+        kept.append("\r\n")
         if trace.tracestate is not None:
-            tp += f"tracestate: {trace.tracestate}\r\n"
-    kept.append(  # one string for the fields the gateway sets
-        f"X-Forwarded-For: {chain}\r\nX-Forwarded-Proto: {proto}\r\n{xfh}"
-        f"X-Real-IP: {ctx.client_ip}\r\n{snap.rid_header}: {ctx.rid}\r\n{tp}"
-    )
+            kept.append("tracestate: ")
+            kept.append(trace.tracestate)
+            kept.append("\r\n")
     if host is None:
         kept.append(f"Host: {up.client.host_header}\r\n")
     return "".join(kept)
@@ -329,7 +352,7 @@ class UpstreamLeg:
             method = request.method
             retries = up.config.retries
             # a body read whole before sending can be sent again
-            idempotent = method in IDEMPOTENT_METHODS and eof
+            idempotent = method in _IDEMPOTENT and eof
             now = loop.time()
             up.budget.record_request(now)
             attempt = 0
@@ -342,12 +365,13 @@ class UpstreamLeg:
                     assert held is not None  # noqa: S101 - a body was begun
                     sent = stream_body(self, request, snap, ctx, held, end=t0 + up.config.timeout_s)
                 try:
-                    up_resp = await up.client.send(
+                    # (the pool's own call: UpstreamClient.send without its frame)
+                    up_resp = await up.pool.request(
                         method,
                         raw_path_qs,
                         up_fields,
                         sent,
-                        has_length=request.content_length is not None,
+                        chunked=sent is not None and request.content_length is None,
                     )
                     break
                 except asyncio.CancelledError:

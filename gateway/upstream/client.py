@@ -143,6 +143,12 @@ class UpstreamClient:
     def host_header(self) -> str:
         return self._pool.host_header
 
+    @property
+    def pool(self) -> LeanPool:
+        """The HTTP leg's pool (:meth:`send` without this class's frame: the request path
+        calls it directly)."""
+        return self._pool
+
     def url(self, raw_path_qs: str) -> URL:
         return URL(self.settings.url + raw_path_qs, encoded=True)
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
+from typing import Final
 
 import httptools
 
-_HIGH_WATER = 1 << 20  # pause reading the upstream above this much unread body
-MAX_RESPONSE_FIELDS = 100  # as Envoy's default; a response head with more is refused
-DEFAULT_MAX_HEAD_BYTES = 65536
-HEAD_TOO_LARGE = "response_head_too_large"  # the UpstreamError kind
-_PLAIN = frozenset((b"keep-alive", b"close"))  # Connection values that name no other field
+_HIGH_WATER: Final = 1 << 20  # pause reading the upstream above this much unread body
+MAX_RESPONSE_FIELDS: Final = 100  # as Envoy's default; a response head with more is refused
+DEFAULT_MAX_HEAD_BYTES: Final = 65536
+HEAD_TOO_LARGE: Final = "response_head_too_large"  # the UpstreamError kind
+_PLAIN: Final = frozenset((b"keep-alive", b"close"))  # Connection values that name no other field
 
 
 class UpstreamError(Exception):
@@ -223,12 +224,15 @@ class UpstreamConnection(asyncio.Protocol):
             raise self._failing(
                 _HeadTooLargeError(f"response head with over {MAX_RESPONSE_FIELDS} fields")
             )
+        # (the usual spellings are compared as they are, before any lower-casing)
         size = len(name)
-        if size == 10 and name.lower() == b"connection" and value.lower() not in _PLAIN:
-            self.listed = True  # Connection names other fields: they are hop-by-hop too
+        if size == 10 and (name == b"Connection" or name.lower() == b"connection"):
+            if value != b"keep-alive" and value.lower() not in _PLAIN:
+                self.listed = True  # Connection names other fields: they are hop-by-hop too
         elif (
             size == 17
-            and name.lower() == b"transfer-encoding"
+            and (name == b"Transfer-Encoding" or name.lower() == b"transfer-encoding")
+            and value != b"chunked"
             and value.strip(b" \t").lower() != b"chunked"
         ):
             # gzip, compress...: the gateway asks for none (it sends no TE field), and it

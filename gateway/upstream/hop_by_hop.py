@@ -7,13 +7,13 @@ when it passes an answer on, the response headers when they render the gateway's
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
 # RFC 9110 7.6.1 and the de-facto ones; plus whatever Connection names.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     h.lower()
     for h in (
         "Connection",
@@ -28,17 +28,17 @@ HOP_BY_HOP = frozenset(
     )
 )
 # Never believed from an untrusted peer: the gateway sets its own.
-FORWARDING = frozenset(
+FORWARDING: Final = frozenset(
     h.lower() for h in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "X-Real-IP")
 )
 # Request fields not passed upstream as they are (the gateway sets its own or none).
-DROP_UPSTREAM = FORWARDING | frozenset(("expect", "forwarded", "host"))
+DROP_UPSTREAM: Final = FORWARDING | frozenset(("expect", "forwarded", "host"))
 
 
 # Never dropped because Connection lists it: the body sent upstream is framed by it
 # (without it, and without chunked coding, the upstream would read the body as the next
 # request on its keep-alive connection).
-_FRAMING = frozenset(("content-length",))
+_FRAMING: Final = frozenset(("content-length",))
 
 
 def connection_tokens(fields: Iterable[tuple[str, str]]) -> frozenset[str]:

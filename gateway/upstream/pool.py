@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from gateway.batchwrite import SERVING, WriteBatcher
 from gateway.upstream.body_chunks import body_chunks
@@ -28,7 +28,7 @@ from gateway.upstream.connection import (
 if TYPE_CHECKING:
     from yarl import URL
 
-_ONE_WRITE = 16 * 1024  # a request body up to this size is joined to its head
+_ONE_WRITE: Final = 16 * 1024  # a request body up to this size is joined to its head
 
 __all__ = [
     "DEFAULT_MAX_HEAD_BYTES",

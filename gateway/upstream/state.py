@@ -46,6 +46,7 @@ class UpstreamState:
         "limit_gauge",
         "max_inflight",
         "name",
+        "pool",
         "websockets",
     )
 
@@ -53,6 +54,8 @@ class UpstreamState:
         self.name = name
         self.config = cfg
         self.client = UpstreamClient(UpstreamSettings.of(cfg))
+        # the HTTP leg's pool, called without the (interpreted) client's frame in between
+        self.pool = self.client.pool
         self.breaker = Breaker(
             cfg.circuit_breaker, on_transition=breaker_observer(name, metrics, log)
         )
