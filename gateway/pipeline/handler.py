@@ -33,6 +33,7 @@ from gateway.core.tracecontext import start_or_continue
 from gateway.health.probes import PROBE_PATHS, probe_answer
 from gateway.identity.body import NO_BODY
 from gateway.identity.resolver import NO_IDENTITY
+from gateway.logs import milliseconds
 from gateway.pipeline import decisions
 from gateway.pipeline.context import Ctx
 from gateway.pipeline.reject import Reject, banned, problem_answer, too_many_in_flight
@@ -444,7 +445,7 @@ class ProxyHandler:
                 "path": request.path,
                 "route": route,
                 "status": status,
-                "duration_ms": round(duration * 1000, 3),
+                "duration_ms": milliseconds(duration),
                 "bytes": ctx.bytes_out,
                 "upstream": ctx.upstream,
                 "trace_id": trace.trace_id if trace is not None else None,

@@ -49,3 +49,23 @@ def test_event_budget_caps_lines_and_reports_what_it_dropped() -> None:
     assert b.take(100.1) is None  # half a token refilled
     assert b.take(100.3) == 4  # one token: the line passes and says 4 were dropped
     assert b.take(100.3) is None
+
+
+def test_milliseconds_is_round_to_three_places_of_the_product() -> None:
+    import math
+    import random
+
+    from gateway.logs import milliseconds
+
+    rng = random.Random(11)
+    values = [rng.uniform(0, 2.0) for _ in range(20000)]
+    values += [rng.expovariate(100.0) for _ in range(20000)]
+    values += [(k + 0.5) / 1e6 for k in range(2000)]  # ties (as near as a float gets)
+    values += [k / 1e6 for k in range(2000)]
+    values += [math.nextafter((k + 0.5) / 1e6, d) for k in range(500) for d in (0, 1)]
+    values += [0.0, -0.0, -0.001, 1e6, 999.9999995, 1e300, math.inf, -math.inf, 5e-324]
+    for v in values:
+        want = round(v * 1000, 3)
+        got = milliseconds(v)
+        assert repr(got) == repr(want), (v, got, want)
+    assert math.isnan(milliseconds(math.nan))
