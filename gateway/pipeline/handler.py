@@ -433,7 +433,8 @@ class ProxyHandler:
         route = ctx.route.name if ctx.route is not None else "none"
         method = request.method
         label = method if method in KNOWN_METHODS else "OTHER"
-        rt.count_request(route, label, status, duration)
+        now = time.time()  # one reading for the route's figures and the log line
+        rt.count_request(route, label, status, duration, now)
         trace = ctx.trace
         if trace is not None and trace.sampled and rt.spans is not None:
             rt.spans.export(trace, label, route, status, ctx.upstream, duration_s=duration)
@@ -451,5 +452,5 @@ class ProxyHandler:
                 upstream=ctx.upstream,
                 trace_id=trace.trace_id if trace is not None else None,
                 identity=ctx.identity,
-                now=time.time(),
+                now=now,
             )
