@@ -37,6 +37,7 @@ COMPILED = (
     "gateway/core/breaker.py",
     "gateway/core/concurrency.py",
     "gateway/core/window_stats.py",
+    "gateway/core/buckets.py",
     "gateway/core/tracecontext.py",
     "gateway/core/allowlist.py",
     "gateway/core/abuse.py",

@@ -3,15 +3,15 @@
 prometheus-client's metrics take a lock on every update (they may be updated from any
 thread), and a histogram looks for its bucket in a Python loop.  The request path updates
 its metrics only from the event loop, so these families keep plain numbers (a histogram
-finds its bucket with :func:`bisect.bisect_left`) and turn them into the same samples
+finds its bucket by bisection) and turn them into the same samples
 when the registry is scraped.  Names, help texts, labels and ``_created`` series are
 those prometheus-client would export.
 """
 
 from __future__ import annotations
 
-import bisect
 import time
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Generic, TypeVar
 
@@ -22,6 +22,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from gateway.core.buckets import COMPILED, bucket
 
 __all__ = ["LoopCounter", "LoopGauge", "LoopHistogram"]
 
@@ -63,7 +65,9 @@ class HistogramChild:
         self.created = time.time()
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        counts = self.counts
+        n = bucket(self.bounds, value) if COMPILED else bisect_left(self.bounds, value)
+        counts[n] = counts[n] + 1  # (compiled: an int addition, not a generic +=)
         self.sum += value
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
@@ -35,6 +35,24 @@ if TYPE_CHECKING:
     from gateway.loopmetrics import CounterChild as Counter
     from gateway.loopmetrics import HistogramChild as Histogram
     from gateway.tracing import SpanExport
+
+
+_time: Final = time.time
+
+
+class RouteFigures:
+    """What :meth:`Runtime.count_request` updates for one route, found with one lookup:
+    the route's duration histogram, its window series (made on first use), and the
+    ``requests_total`` child of the last method and status counted."""
+
+    __slots__ = ("duration", "method", "requests", "series", "status")
+
+    def __init__(self, duration: Histogram) -> None:
+        self.duration = duration
+        self.series: RouteSeries | None = None
+        self.method = ""
+        self.status = 0
+        self.requests: Counter | None = None  # (None: the first request looks it up)
 
 
 class Runtime:
@@ -84,7 +102,8 @@ class Runtime:
         self.inflight_keys = InflightCounts()
         self.bans.add_ban_listener(self._banned)
         self._requests: dict[tuple[str, str, int], Counter] = {}
-        self._durations: dict[str, Histogram] = {}
+        # by route: its duration histogram, window series and last requests_total child
+        self._figures: dict[str, RouteFigures] = {}
         # rl_counters' made ones, by policy (read directly on every allowed decision)
         self.rl_by_policy: dict[str, tuple[Counter, Counter, Counter]] = {}
         self._retired: set[asyncio.Task[None]] = set()
@@ -238,23 +257,38 @@ class Runtime:
 
     # ------------------------------------------------------------------ metrics
 
-    def count_request(self, route: str, method: str, status: int, duration: float) -> None:
-        key = (route, method, status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.metrics.requests_total.labels(
-                route, method, str(status)
+    def count_request(
+        self, route: str, method: str, status: int, duration: float, now: float = 0.0
+    ) -> None:
+        """One answered request in the metrics and the route's figures; ``now`` is the
+        unix time it ended (0: read the clock)."""
+        figures = self._figures.get(route)
+        if figures is None:
+            figures = self._figures[route] = RouteFigures(
+                self.metrics.request_duration.labels(route)
             )
+        # most requests of a route repeat its last method and status: no key to build
+        child = figures.requests
+        if child is None or status != figures.status or method != figures.method:
+            key = (route, method, status)
+            child = self._requests.get(key)
+            if child is None:
+                child = self._requests[key] = self.metrics.requests_total.labels(
+                    route, method, str(status)
+                )
+            figures.requests = child
+            figures.status = status
+            figures.method = method
         child.inc()
-        hist = self._durations.get(route)
-        if hist is None:
-            hist = self._durations[route] = self.metrics.request_duration.labels(route)
-        hist.observe(duration)
+        figures.duration.observe(duration)
         if self.window_stats:
-            series = self.route_series.get(route)
+            series = figures.series
             if series is None:
-                series = self.route_series[route] = RouteSeries()
-            series.record(time.time(), status, duration)
+                series = self.route_series.get(route)
+                if series is None:
+                    series = self.route_series[route] = RouteSeries()
+                figures.series = series
+            series.record(now or _time(), status, duration)
 
     def count_identity(self, kind: str, result: str) -> None:
         """One credential's outcome (``result`` is ``valid`` or a refusal's short reason:

@@ -32,6 +32,7 @@ from gateway.core.tracecontext import start_or_continue
 from gateway.health.probes import PROBE_PATHS, probe_answer
 from gateway.identity.body import NO_BODY
 from gateway.identity.resolver import NO_IDENTITY
+from gateway.logs import milliseconds
 from gateway.pipeline import decisions
 from gateway.pipeline.context import Ctx
 from gateway.pipeline.reject import Reject, banned, problem_answer, too_many_in_flight
@@ -441,25 +442,26 @@ class ProxyHandler:
         status = ctx.status or resp.status
         duration = self._loop.time() - start
         route = ctx.route.name if ctx.route is not None else "none"
-        method = request.method if request.method in KNOWN_METHODS else "OTHER"
-        rt.count_request(route, method, status, duration)
+        method = request.method
+        label = method if method in KNOWN_METHODS else "OTHER"
+        now = time.time()  # one reading for the route's figures and the log line
+        rt.count_request(route, label, status, duration, now)
         trace = ctx.trace
         if trace is not None and trace.sampled and rt.spans is not None:
-            rt.spans.export(trace, method, route, status, ctx.upstream, duration_s=duration)
+            rt.spans.export(trace, label, route, status, ctx.upstream, duration_s=duration)
         ratio = snap.sample_ratio
         if status >= 500 or (ratio > 0 and (ratio >= 1 or random.random() < ratio)):
-            line = {
-                "request_id": ctx.rid,
-                "client_ip": ctx.client_ip,
-                "method": request.method,
-                "path": request.path,
-                "route": route,
-                "status": status,
-                "duration_ms": round(duration * 1000, 3),
-                "bytes": ctx.bytes_out,
-                "upstream": ctx.upstream,
-                "trace_id": trace.trace_id if trace is not None else None,
-            }
-            if ctx.identity is not None:  # (set last: no merged dict for it)
-                line["identity"] = ctx.identity
-            rt.access_log.emit(line)
+            rt.access_log.request(
+                request_id=ctx.rid,
+                client_ip=ctx.client_ip,
+                method=method,
+                path=request.path,
+                route=route,
+                status=status,
+                duration_ms=milliseconds(duration),
+                size=ctx.bytes_out,
+                upstream=ctx.upstream,
+                trace_id=trace.trace_id if trace is not None else None,
+                identity=ctx.identity,
+                now=now,
+            )

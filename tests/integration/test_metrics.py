@@ -405,3 +405,42 @@ async def test_recording_a_request_costs_microseconds() -> None:
         assert per_request < 50e-6  # generous: a few microseconds are expected
     finally:
         await rt.close()
+
+
+async def test_request_counts_follow_every_change_of_route_method_and_status() -> None:
+    """count_request keeps each route's last child: counts land on the right series
+    whatever the order, and the route's figures see every request."""
+    rt = Runtime(load_text("", environ={}))
+    try:
+        seq = [
+            ("a", "GET", 200),
+            ("a", "GET", 200),
+            ("a", "POST", 200),
+            ("a", "GET", 404),
+            ("b", "GET", 200),
+            ("a", "GET", 200),
+            ("b", "GET", 500),
+            ("a", "POST", 200),
+            ("b", "GET", 500),
+        ]
+        for n, (route, method, status) in enumerate(seq):
+            rt.count_request(route, method, status, 0.001 * n, 1_000_000.5)
+        rt.count_request("b", "GET", 500, 0.5)  # no time given: the clock's
+        registry = rt.metrics.registry
+        want: dict[tuple[str, str, int], int] = {}
+        for key in [*seq, ("b", "GET", 500)]:
+            want[key] = want.get(key, 0) + 1
+        for (route, method, status), count in want.items():
+            labels = {"route": route, "method": method, "code": str(status)}
+            assert registry.get_sample_value("gateway_requests_total", labels) == count
+        for route in ("a", "b"):
+            seen = registry.get_sample_value(
+                "gateway_request_duration_seconds_count", {"route": route}
+            )
+            assert seen == sum(c for (r, _, _), c in want.items() if r == route)
+        a = rt.route_series["a"].summary(1_000_000.9)
+        assert (a.requests, a.errors) == (6, 0)
+        b = rt.route_series["b"].summary(1_000_000.9)
+        assert (b.requests, b.errors) == (3, 2)  # the clock's one is not in that second
+    finally:
+        await rt.close()

@@ -49,3 +49,99 @@ def test_event_budget_caps_lines_and_reports_what_it_dropped() -> None:
     assert b.take(100.1) is None  # half a token refilled
     assert b.take(100.3) == 4  # one token: the line passes and says 4 were dropped
     assert b.take(100.3) is None
+
+
+def test_milliseconds_is_round_to_three_places_of_the_product() -> None:
+    import math
+    import random
+
+    from gateway.logs import milliseconds
+
+    rng = random.Random(11)
+    values = [rng.uniform(0, 2.0) for _ in range(20000)]
+    values += [rng.expovariate(100.0) for _ in range(20000)]
+    values += [(k + 0.5) / 1e6 for k in range(2000)]  # ties (as near as a float gets)
+    values += [k / 1e6 for k in range(2000)]
+    values += [math.nextafter((k + 0.5) / 1e6, d) for k in range(500) for d in (0, 1)]
+    values += [0.0, -0.0, -0.001, 1e6, 999.9999995, 1e300, math.inf, -math.inf, 5e-324]
+    for v in values:
+        want = round(v * 1000, 3)
+        got = milliseconds(v)
+        assert repr(got) == repr(want), (v, got, want)
+    assert math.isnan(milliseconds(math.nan))
+
+
+_REQUEST_KEYS = [
+    "request_id",
+    "client_ip",
+    "method",
+    "path",
+    "route",
+    "status",
+    "duration_ms",
+    "bytes",
+    "upstream",
+    "trace_id",
+]
+
+
+def _request_line(log: AccessLog, buf: io.BytesIO, identity: str | None, now: float) -> bytes:
+    log.request(
+        request_id="r1",
+        client_ip="203.0.113.7",
+        method="GET",
+        path='/a"\u00e9',
+        route="default",
+        status=200,
+        duration_ms=1.25,
+        size=512,
+        upstream=None,
+        trace_id="0af7651916cd43dd8448eb211c80319c",
+        identity=identity,
+        now=now,
+    )
+    log.flush()
+    out = buf.getvalue()
+    buf.seek(0)
+    buf.truncate()
+    return out
+
+
+def test_request_line_is_the_emitted_line_of_the_same_fields() -> None:
+    buf = io.BytesIO()
+    log = AccessLog(buf)
+    now = 1_767_225_600.25
+    for identity in (None, "jwt:alice"):
+        line = _request_line(log, buf, identity, now)
+        assert line.endswith(b"}\n")
+        assert line.count(b"\n") == 1
+        fields = orjson.loads(line)
+        keys = _REQUEST_KEYS + (["identity"] if identity else []) + ["event", "level", "ts"]
+        assert list(fields) == keys
+        assert fields["ts"] == "2026-01-01T00:00:00.250000Z"
+        expected = {k: fields[k] for k in keys[:-3]}
+        log.emit(expected)
+        log.flush()
+        emitted = orjson.loads(buf.getvalue())
+        buf.seek(0)
+        buf.truncate()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", emitted.pop("ts"))
+        fields.pop("ts")
+        assert list(emitted.items()) == list(fields.items())
+        assert line.index(b'"path":"/a\\"\xc3\xa9"') > 0  # escaped and UTF-8, as before
+
+
+def test_timestamps_truncate_to_the_microsecond_as_the_percent_format_did() -> None:
+    import random
+    import time
+
+    buf = io.BytesIO()
+    log = AccessLog(buf)
+    rng = random.Random(5)
+    instants = [1_767_225_600 + rng.random() * 100_000 for _ in range(3000)]
+    instants += [1_767_225_600.0, 1_767_225_600.999999, 1_767_225_601.0000001]
+    for now in sorted(instants):
+        sec = int(now)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        want = "%s.%06dZ" % (stamp, (now - sec) * 1e6)  # noqa: UP031 - the old format
+        assert orjson.loads(_request_line(log, buf, None, now))["ts"] == want
