@@ -30,9 +30,10 @@ set to ``--redis-url`` (``$GATEWAY_REDIS_URL``, else ``redis://127.0.0.1:6379/0`
 socket. Only the gateway's instructions are counted (Redis is another process), not the
 kernel's work for the socket.
 
-Valgrind runs OpenSSL without the CPU's SHA extensions: SHA-256 (the token cache's key)
-weighs more here than natively. It takes about a minute a rig (most of it the imports,
-at valgrind's pace); it needs ``valgrind`` (with ``callgrind_control``).
+Valgrind runs OpenSSL without the CPU's SHA extensions: hashing and signature checks
+weigh more here than natively (the bench token is verified once, then found in the
+verifier's cache). It takes about a minute a rig (most of it the imports, at valgrind's
+pace); it needs ``valgrind`` (with ``callgrind_control``).
 """
 
 from __future__ import annotations
