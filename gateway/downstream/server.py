@@ -32,7 +32,6 @@ from gateway.downstream.messages import (
 from gateway.downstream.protocol import HttpProtocol
 from gateway.lifecycle import Lifecycle
 from gateway.memtrim import ReleaseAfterBurst
-from gateway.pipeline.headers import ResponseHeaders
 from gateway.problem import CONTENT_TYPE, problem_body
 
 if TYPE_CHECKING:
@@ -176,13 +175,10 @@ class HttpServer:
     def render_head(self, req: Request, resp: Response, body_len: int | None) -> bytes:
         """The status line and header block of ``resp`` with the gateway's headers."""
         rh = req.response_headers
-        if isinstance(rh, ResponseHeaders):
-            # the snapshot's own (every answer of the pipeline's): a direct call in the
-            # compiled build, not one through the protocol's method lookup and keywords
-            block, has_date = rh.render(
-                resp.headers, req.rid, secure=req.https, extra=req.extra_headers, skip=resp.skip
-            )
-        elif rh is not None:
+        # (through the AnswerHeaders protocol: the server knows no pipeline class; a direct
+        # call to the pipeline's ResponseHeaders would save a method look-up an answer at
+        # the price of an import from the floor above)
+        if rh is not None:
             block, has_date = rh.render(
                 resp.headers, req.rid, secure=req.https, extra=req.extra_headers, skip=resp.skip
             )
