@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import string
 import unicodedata
+from typing import Final
 from urllib.parse import unquote_to_bytes
 
 __all__ = ["PathError", "canonical_path", "reads_as_authority"]
@@ -63,7 +64,7 @@ _TAIL = (".", *_SPACES)
 
 # a path starting so is a network-path reference to URL parsers (RFC 3986 4.2; WHATWG
 # reads a backslash as a slash in http URLs)
-_AUTHORITY = ("//", "/\\")
+_AUTHORITY: Final = ("//", "/\\")
 
 
 def reads_as_authority(target: str) -> bool:

@@ -33,7 +33,7 @@ __all__ = [
     "start_or_continue",
 ]
 
-MAX_TRACESTATE = 512
+MAX_TRACESTATE: Final = 512
 """Longest ``tracestate`` passed on; the recommendation asks vendors to keep at least this
 much, and a longer one is dropped whole rather than cut in the middle of an entry."""
 
@@ -41,7 +41,7 @@ much, and a longer one is dropped whole rather than cut in the middle of an entr
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
-_SAMPLED = 0x01
+_SAMPLED: Final = 0x01
 
 
 def parse_traceparent(value: str) -> tuple[str, str, int] | None:
@@ -111,11 +111,16 @@ class TraceContext(NamedTuple):
     """The value sent upstream: always version 00, the gateway's span as parent."""
 
 
+# the class, held as a constant: a Final name is read directly in the compiled build, a
+# module-level one through the module's namespace on every use
+_TRACE_CONTEXT: Final = TraceContext
+
+
 def _context(
     trace_id: str, span_id: str, parent_id: str | None, sampled: bool, tracestate: str | None
 ) -> TraceContext:
     traceparent = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
-    return _new(TraceContext, (trace_id, span_id, parent_id, sampled, tracestate, traceparent))
+    return _new(_TRACE_CONTEXT, (trace_id, span_id, parent_id, sampled, tracestate, traceparent))
 
 
 _new: Final = tuple.__new__
@@ -137,7 +142,7 @@ def start_or_continue(
         trace_id, span_id = ids.pair()
         # as _context() makes it, without its call
         traceparent_ = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
-        return _new(TraceContext, (trace_id, span_id, None, sampled, None, traceparent_))
+        return _new(_TRACE_CONTEXT, (trace_id, span_id, None, sampled, None, traceparent_))
     trace_id, parent_id, flags = parsed
     state = None
     if tracestate:

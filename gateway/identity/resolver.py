@@ -9,7 +9,7 @@ missing one a warning (its credentials then never verify).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from multidict import istr
 
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 MAX_FILE_BYTES = 1 << 20
-_AUTHORIZATION = istr("Authorization")  # (an istr is not case-folded on every lookup)
+_AUTHORIZATION: Final = istr("Authorization")  # (an istr is not case-folded on every lookup)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,7 @@ class RequestIdentity:
         object.__setattr__(self, "label", label)
 
 
-NO_IDENTITY = RequestIdentity()
+NO_IDENTITY: Final = RequestIdentity()
 
 
 class IdentityKeys:

@@ -14,7 +14,7 @@ import hmac
 import math
 import time
 from ipaddress import IPv6Address
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -27,7 +27,10 @@ from gateway.pipeline.reject import Reject, quota_reject
 from gateway.pipeline.snapshot import ALLOW_ANY
 from gateway.stores.limiter import Check
 
-_tuple_new = tuple.__new__  # a Check without its keyword-argument __new__ (per request)
+_tuple_new: Final = tuple.__new__  # a Check without its keyword-argument __new__ (per request)
+# the class, held as a constant: a Final name is read directly in the compiled build, an
+# imported one through the module's namespace on every use
+_IPV6: Final = IPv6Address
 
 RouteChecks = dict[str, "tuple[str | None, Sequence[CompiledPolicy], list[Check]]"]
 """A verified identity's rate-limit checks by route (``RequestIdentity.route_checks``),
@@ -54,7 +57,7 @@ def client_key(snap: Snapshot, client: IPAddress | None, client_ip: str) -> str:
     prefix (``rate_limit.ipv6_prefix``): rotating the rest of its address must not give
     it a clean score, a lifted ban or a fresh budget."""
     # isinstance, not the ``version`` property: a call in Python on every request
-    if isinstance(client, IPv6Address):
+    if isinstance(client, _IPV6):
         return snap.ip_key(client, client_ip)
     return client_ip
 

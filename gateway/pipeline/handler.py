@@ -55,11 +55,19 @@ if TYPE_CHECKING:
 
 _PROBES = frozenset(PROBE_PATHS)
 # the paths local_answer answers (with the probes' prefix)
-_LOCAL = _PROBES | {"/metrics"}
-_LOCAL_PREFIX = "/readyz/"
+_LOCAL: Final = _PROBES | {"/metrics"}
+_LOCAL_PREFIX: Final = "/readyz/"
 # field names looked up as istr: a plain str is case-folded anew on every lookup
-_TRACEPARENT = istr("traceparent")
-_TRACESTATE = istr("tracestate")
+_TRACEPARENT: Final = istr("traceparent")
+_TRACESTATE: Final = istr("tracestate")
+# what every request reads, held as constants: a Final name is read directly in the
+# compiled build, an imported one (or a module's attribute) through a namespace on every use
+_X_FORWARDED_FOR: Final = hdrs.X_FORWARDED_FOR
+_FORWARDED: Final = hdrs.FORWARDED
+_UPGRADE: Final = hdrs.UPGRADE
+_NO_BODY: Final = NO_BODY
+_time: Final = time.time
+_random: Final = random.random
 # the last two hex digits of a request id's counter: the rest is formatted once in 256
 _HEX2: Final = tuple(f"{i:02x}" for i in range(256))
 
@@ -150,9 +158,7 @@ class ProxyHandler:
         via_proxy: bool,
     ) -> Awaitable[AnyResponse | web.StreamResponse]:
         """The leg the request takes (a WebSocket's, or the plain exchange), to await."""
-        if request.method == "GET" and request.headers.get(hdrs.UPGRADE, "").lower() == (
-            "websocket"
-        ):
+        if request.method == "GET" and request.headers.get(_UPGRADE, "").lower() == "websocket":
             if ctx.body_held is not None:  # a body read for a key: not relayed
                 self.leg.release_body(ctx)
             return relay_websocket(
@@ -184,14 +190,14 @@ class ProxyHandler:
         """Client address (through trusted proxies) and request id; True when via a proxy."""
         headers = request.headers
         peer, peer_text = request.peer_address()
-        xff = headers.get(hdrs.X_FORWARDED_FOR)
+        xff = headers.get(_X_FORWARDED_FOR)
         if xff is not None:
-            fields = headers.getall(hdrs.X_FORWARDED_FOR)
+            fields = headers.getall(_X_FORWARDED_FOR)
             if len(fields) > 1:  # several fields are one list, in order (RFC 9110 5.3)
                 xff = ", ".join(fields)
-        elif hdrs.FORWARDED in headers:
+        elif _FORWARDED in headers:
             # RFC 7239: its for= list is read like X-Forwarded-For
-            forwarded = ", ".join(headers.getall(hdrs.FORWARDED))
+            forwarded = ", ".join(headers.getall(_FORWARDED))
             xff = ", ".join(forwarded_values(forwarded, "for")) or None
         ctx.xff = xff
         client, via_proxy = resolve_client(peer, xff, snap.trusted)
@@ -276,7 +282,7 @@ class ProxyHandler:
             ctx.identity = ident.label
             decisions.check_auth(route, ident)
 
-        body = NO_BODY
+        body = _NO_BODY
         if route.needs_body and route.policies and not ctx.exempt:
             body = await self.leg.read_json(request, snap, ctx)
 
@@ -389,7 +395,7 @@ class ProxyHandler:
                 names.append(pol.name)
                 retry = max(retry, dec.retry_after_s)
         if names:
-            rt.top_limited.add(ctx.ban_key, time.time())
+            rt.top_limited.add(ctx.ban_key, _time())
             dropped = rt.limited_log_budget.take(self._loop.time())
             if dropped is not None:
                 rt.log.info(
@@ -421,7 +427,7 @@ class ProxyHandler:
         resp = problem_answer(
             rej,
             ctx.rid,
-            close=request.method == "CONNECT" or hdrs.UPGRADE in request.headers,
+            close=request.method == "CONNECT" or _UPGRADE in request.headers,
         )
         ctx.bytes_out = len(resp.body or b"")
         # RateLimit headers of an allowed request must not reach an error that came later
@@ -444,13 +450,13 @@ class ProxyHandler:
         route = ctx.route.name if ctx.route is not None else "none"
         method = request.method
         label = method if method in KNOWN_METHODS else "OTHER"
-        now = time.time()  # one reading for the route's figures and the log line
+        now = _time()  # one reading for the route's figures and the log line
         rt.count_request(route, label, status, duration, now)
         trace = ctx.trace
         if trace is not None and trace.sampled and rt.spans is not None:
             rt.spans.export(trace, label, route, status, ctx.upstream, duration_s=duration)
         ratio = snap.sample_ratio
-        if status >= 500 or (ratio > 0 and (ratio >= 1 or random.random() < ratio)):
+        if status >= 500 or (ratio > 0 and (ratio >= 1 or _random() < ratio)):
             rt.access_log.request(
                 request_id=ctx.rid,
                 client_ip=ctx.client_ip,

@@ -10,7 +10,7 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from multidict import istr
 
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from gateway.config import Policy, Route, Settings
     from gateway.upstream.state import UpstreamState
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
-KNOWN_METHODS = frozenset(
+REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+KNOWN_METHODS: Final = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 )
 # the Allow field of a 405 for a route that lists no methods (TRACE and CONNECT are refused)

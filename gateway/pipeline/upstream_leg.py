@@ -45,6 +45,14 @@ _IDEMPOTENT: Final = IDEMPOTENT_METHODS
 _HOST: Final = hdrs.HOST
 _X_FORWARDED_HOST: Final = hdrs.X_FORWARDED_HOST
 _FORWARDED: Final = hdrs.FORWARDED
+_EXPECT: Final = hdrs.EXPECT
+_CONTENT_TYPE: Final = hdrs.CONTENT_TYPE
+_NO_BODY: Final = NO_BODY
+_MAX_BODY: Final = MAX_BODY
+_is_json_media_type: Final = is_json_media_type
+_parse_body: Final = parse_body
+_stream_body: Final = stream_body
+_timeout_at: Final = asyncio.timeout_at
 
 
 def upstream_fields(
@@ -166,7 +174,7 @@ class UpstreamLeg:
             snap.max_buffered_bytes
         ):
             raise buffers_full()  # before a 100 Continue invites the body
-        if request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        if request.headers.get(_EXPECT, "").lower() == "100-continue":
             await request.send_continue()
         if limit is None:
             limit = snap.buffer_body_bytes
@@ -174,7 +182,7 @@ class UpstreamLeg:
         lean = request.lean_body()
         total = 0
         try:
-            async with asyncio.timeout_at(ctx.start + snap.client_timeout_s):
+            async with _timeout_at(ctx.start + snap.client_timeout_s):
                 if lean is not None:  # the proxy port's own server: no joined copies
                     while True:
                         n = lean.take_into(held)
@@ -238,24 +246,24 @@ class UpstreamLeg:
         came, followed by the rest of a larger body as it arrives. A larger or non-JSON
         body is not touched here: it streams as any other."""
         if not request.body_exists:
-            return NO_BODY
+            return _NO_BODY
         clen = request.content_length
-        if (clen is not None and clen > min(MAX_BODY, snap.max_body_bytes)) or not (
-            is_json_media_type(request.headers.get(hdrs.CONTENT_TYPE))
+        if (clen is not None and clen > min(_MAX_BODY, snap.max_body_bytes)) or not (
+            _is_json_media_type(request.headers.get(_CONTENT_TYPE))
         ):
-            return NO_BODY
+            return _NO_BODY
         try:
             held, eof = await self._body_first(
-                request, snap, ctx, max(snap.buffer_body_bytes, MAX_BODY + 1)
+                request, snap, ctx, max(snap.buffer_body_bytes, _MAX_BODY + 1)
             )
         except BaseException:
             if ctx.held:
                 self.unhold(ctx)
             raise
         ctx.body_held, ctx.body_eof = held, eof
-        if not eof or ctx.held > MAX_BODY:  # larger than a key is read from: no join
-            return NO_BODY
-        return parse_body(held[0] if len(held) == 1 else b"".join(held))
+        if not eof or ctx.held > _MAX_BODY:  # larger than a key is read from: no join
+            return _NO_BODY
+        return _parse_body(held[0] if len(held) == 1 else b"".join(held))
 
     def release_body(self, ctx: Ctx) -> None:
         """Let go of a body read for a key when the request ends before its upstream leg."""
@@ -363,7 +371,9 @@ class UpstreamLeg:
                 sent: AsyncIterator[bytes] | list[bytes] | None = held
                 if not eof:
                     assert held is not None  # noqa: S101 - a body was begun
-                    sent = stream_body(self, request, snap, ctx, held, end=t0 + up.config.timeout_s)
+                    sent = _stream_body(
+                        self, request, snap, ctx, held, end=t0 + up.config.timeout_s
+                    )
                 try:
                     # (the pool's own call: UpstreamClient.send without its frame)
                     up_resp = await up.pool.request(
