@@ -29,6 +29,7 @@ from gateway.downstream.protocol import HttpProtocol
 from gateway.downstream.server import HttpServer
 from gateway.downstream.upgrade import GatewayProtocol, GatewayRequest, GatewayServer
 from gateway.pipeline.handler import ProxyHandler
+from gateway.pipeline.snapshot import NO_ROUTE
 from gateway.reload import Reloader
 from gateway.runtime import Runtime
 
@@ -150,7 +151,7 @@ class Gateway:
 
     def _on_parser_error(self, protocol: GatewayProtocol | HttpProtocol, status: int) -> None:
         rt = self.runtime
-        rt.count_request("none", "OTHER", status, 0.0)
+        rt.count_request(NO_ROUTE, "OTHER", status, 0.0)
         snap = rt.snapshot
         ip, text = protocol.peer_address()
         if (

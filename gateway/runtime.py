@@ -22,7 +22,7 @@ from gateway.identity.resolver import failure_rate
 from gateway.lifecycle import Lifecycle
 from gateway.logs import AccessLog, EventBudget, get_logger
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
-from gateway.pipeline.snapshot import Snapshot
+from gateway.pipeline.snapshot import NO_ROUTE, Snapshot
 from gateway.pipeline.wsregistry import WebSocketRegistry
 from gateway.stores import make_allow_list, make_ban_store, make_limiter
 from gateway.stores.limiter import rates_from_config
@@ -217,6 +217,7 @@ class Runtime:
             self.spans.set_rate(cfg.tracing.max_spans_per_s)
         # one assignment: a request that started keeps the snapshot (and upstreams) it read
         self.snapshot = snapshot
+        self._forget_routes({r.name for r in cfg.routes})
         self.settings = settings
         self.config_generation += 1
         # a client the new lists deny loses its WebSockets now
@@ -227,6 +228,15 @@ class Runtime:
             except Exception:  # the config is applied: a listener's bug must not undo that
                 self.log.exception("config_listener_failed")
         return needs_restart
+
+    def _forget_routes(self, kept: set[str]) -> None:
+        """The figures of routes no longer configured leave the operator's page (requests
+        that matched no route, ``none``, stay). Their Prometheus series stay: counters
+        that vanish would read as resets."""
+        for name in [n for n in self.route_series if n not in kept and n != NO_ROUTE]:
+            del self.route_series[name]
+        for name in [n for n in self._figures if n not in kept and n != NO_ROUTE]:
+            del self._figures[name]
 
     # ------------------------------------------------------------------ websockets
 

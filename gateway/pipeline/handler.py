@@ -36,7 +36,7 @@ from gateway.logs import milliseconds
 from gateway.pipeline import decisions
 from gateway.pipeline.context import Ctx
 from gateway.pipeline.reject import Reject, banned, problem_answer, too_many_in_flight
-from gateway.pipeline.snapshot import KNOWN_METHODS, REQUEST_ID_RE
+from gateway.pipeline.snapshot import KNOWN_METHODS, NO_ROUTE, REQUEST_ID_RE
 from gateway.pipeline.upstream_leg import UpstreamLeg
 from gateway.pipeline.websocket import relay_websocket, websocket_handshake
 from gateway.stores.limiter import BackendUnavailable
@@ -447,7 +447,7 @@ class ProxyHandler:
         rt = self.rt
         status = ctx.status or resp.status
         duration = self._loop.time() - start
-        route = ctx.route.name if ctx.route is not None else "none"
+        route = ctx.route.name if ctx.route is not None else NO_ROUTE
         method = request.method
         label = method if method in KNOWN_METHODS else "OTHER"
         now = _time()  # one reading for the route's figures and the log line

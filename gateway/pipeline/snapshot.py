@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from gateway.upstream.state import UpstreamState
 
 REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+NO_ROUTE: Final = "none"  # the route label of a request that matched no route
 KNOWN_METHODS: Final = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
 )

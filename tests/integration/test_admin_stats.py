@@ -244,3 +244,42 @@ async def test_stats_shows_an_adaptive_limit_and_lists_the_newest_bans_only(
     assert up["limit"] != 500  # not max_inflight: the learned limit
     assert d["bans_total"] == 2
     assert [b["ip"] for b in d["bans"]] == ["10.0.0.82"]
+
+
+async def test_a_route_removed_by_a_reload_leaves_the_page(
+    tmp_path: Path, up_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page lists the routes being served: a route a reload removed does not stay on
+    it with the figures of its last minutes (requests that did not match are kept)."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
+    path = tmp_path / "gateway.yaml"
+    cfg = traffic_config(up_url)
+    cfg["reload"] = {"interval_s": 3600}
+    path.write_text(yaml.safe_dump(cfg))
+    async with (
+        running_gateway(cfg, ENV, path=str(path)) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+
+        async def routes() -> list[str]:
+            async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
+                return [row["name"] for row in (await r.json())["routes"]]
+
+        for path_ in ("/api/x", "/", "/y"):
+            async with s.get(url(gw, path_)) as r:
+                await r.read()
+        assert await routes() == ["api", "site"]
+
+        cfg["routes"] = [{"name": "api", "path_prefix": "/api", "upstream": "api"}]
+        path.write_text(yaml.safe_dump(cfg))
+        async with s.post(admin_url(gw, "/admin/reload"), headers=AUTH) as r:
+            assert r.status == 200, await r.text()
+        assert await routes() == ["api"]
+        async with s.get(url(gw, "/y")) as r:  # now matches no route
+            assert r.status == 404
+        assert await routes() == ["api", "none"]
+        async with s.get(url(gw, "/api/x")) as r:
+            await r.read()
+        async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
+            (api,) = [row for row in (await r.json())["routes"] if row["name"] == "api"]
+        assert api["rps"] == round(2 / 60, 3)  # the route kept its figures
