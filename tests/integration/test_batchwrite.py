@@ -100,14 +100,19 @@ async def test_the_batcher_itself_skips_a_closing_transport() -> None:
     batcher.flush()  # would fail the test if it wrote
 
 
-async def test_nothing_reaches_the_peer_before_the_round_ends() -> None:
-    """A direct write would be in the peer's socket at once; a queued one is not."""
+async def _pair() -> tuple[asyncio.Transport, socket.socket]:
     loop = asyncio.get_running_loop()
     ours, peer = socket.socketpair()
     peer.settimeout(0.0)  # non-blocking
     transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=ours)
+    return transport, peer
+
+
+async def test_nothing_reaches_the_peer_before_the_round_ends() -> None:
+    """A direct write would be in the peer's socket at once; a queued one is not."""
+    transport, peer = await _pair()
     try:
-        batcher = WriteBatcher(loop)
+        batcher = WriteBatcher(asyncio.get_running_loop())
         batcher.write(transport, b"late")
         with pytest.raises(BlockingIOError):
             peer.recv(16)
@@ -116,14 +121,6 @@ async def test_nothing_reaches_the_peer_before_the_round_ends() -> None:
     finally:
         transport.close()
         peer.close()
-
-
-async def _pair() -> tuple[asyncio.Transport, socket.socket]:
-    loop = asyncio.get_running_loop()
-    ours, peer = socket.socketpair()
-    peer.settimeout(0.0)  # non-blocking
-    transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=ours)
-    return transport, peer
 
 
 async def test_one_request_in_flight_writes_at_once() -> None:
