@@ -339,6 +339,7 @@ def serving(
         rid_header=req.request_id_header,
         prepare_error_request=lambda *_: None,
         on_parser_error=lambda *_: None,
+        finished=handler.finished,
     )
 
     def server_for(h: Any) -> HttpServer:
@@ -346,6 +347,7 @@ def serving(
             h,
             upgrade_server=upgrades,
             answer_now=handler.answer_now,
+            finished=handler.finished if h is handler else None,  # (not the floor's)
             client_timeout_s=req.client_timeout_s,
             max_header_bytes=req.max_header_bytes,
             rid_header=req.request_id_header,

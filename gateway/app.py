@@ -99,11 +99,13 @@ class Gateway:
             lifecycle=rt.lifecycle,
             prepare_error_request=self._prepare_error_request,
             on_parser_error=self._on_parser_error,
+            finished=handler.finished,
         )
         server = HttpServer(
             handler,  # type: ignore[arg-type]
             upgrade_server=upgrades,
             answer_now=handler.answer_now,
+            finished=handler.finished,
             max_header_bytes=max_header_bytes,
             live=lambda: rt.snapshot,
             lifecycle=rt.lifecycle,

@@ -94,6 +94,7 @@ class ServerSide(Writer, Protocol[C]):
     loop: asyncio.AbstractEventLoop
     handler: Callable[[Request], Coroutine[Any, Any, AnyResponse]]
     answer_now: Callable[[Request], AnyResponse | None]
+    finished: Callable[[Request, AnyResponse], None] | None
     max_header_bytes: int
     live: Callable[[], Live]
     body_idle_s: Callable[[], float]  # the current ``live().body_idle_s`` (one callable for all)
@@ -287,6 +288,7 @@ class Request:
         "keep_alive",
         "method",
         "path",
+        "pending_record",
         "protocol",
         "raw_path",
         "response_headers",
@@ -339,6 +341,8 @@ class Request:
         self.response_headers: AnswerHeaders | None = None
         self.https = False
         self.extra_headers: list[tuple[str, str]] | None = None
+        # what the pipeline keeps to record the request once its answer is written
+        self.pending_record: object | None = None
         self.head_sent = False
         self._stream_mode = 0  # 0 raw, 1 chunked, 2 no body (HEAD, 204, 304)
 

@@ -445,6 +445,7 @@ class HttpProtocol(HeadReader):
         is written synchronously as soon as it returns.
         """
         handler = self.server.handler
+        finished = self.server.finished
         req = self._current
         while req is not None:
             resp: AnyResponse | None = None
@@ -465,6 +466,11 @@ class HttpProtocol(HeadReader):
                 nxt = self._finish(req, resp)
             finally:
                 SERVING.active -= 1
+            if resp is not None and finished is not None:
+                try:
+                    finished(req, resp)
+                except Exception:  # the answer is out: a bug here must not end the connection
+                    _log.exception("error recording a request")
             if nxt is None:
                 if not self._keep_waiting:
                     return

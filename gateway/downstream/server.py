@@ -55,6 +55,7 @@ class HttpServer:
         upgrade_server: GatewayServer,
         max_header_bytes: int,
         answer_now: Callable[[Request], AnyResponse | None] | None = None,
+        finished: Callable[[Request, AnyResponse], None] | None = None,
         live: Callable[[], Live] | None = None,
         lifecycle: Lifecycle | None = None,
         client_timeout_s: float = 60.0,
@@ -67,10 +68,15 @@ class HttpServer:
     ) -> None:
         """``live`` gives the current snapshot (the runtime's); without it the server
         keeps ``client_timeout_s``, ``send_idle_s``, ``rid_header`` and ``static_headers``
-        as given. ``lifecycle`` holds the process's draining flag (its own without)."""
+        as given. ``lifecycle`` holds the process's draining flag (its own without).
+        ``finished``: called with each request and the answer its handler returned,
+        after that answer is written (or found unwritable: the client left)."""
         self.loop = asyncio.get_running_loop()
         self.handler = handler
         self.answer_now = answer_now or (lambda _r: None)
+        # called once the handler's answer is written (or could not be): the handler's
+        # bookkeeping that the client need not wait for
+        self.finished = finished
         self.upgrade_server = upgrade_server
         self.max_header_bytes = max_header_bytes
         if live is None:

@@ -42,9 +42,10 @@ class GatewayRequest(BaseRequest):
     """A request carrying the gateway's per-request state."""
 
     ATTRS = BaseRequest.ATTRS | frozenset(
-        ["rid", "response_headers", "https", "extra_headers", "stream"]
+        ["rid", "response_headers", "https", "extra_headers", "stream", "pending_record"]
     )
     rid: str | None
+    pending_record: object | None
     response_headers: AnswerHeaders | None
     https: bool
     extra_headers: list[tuple[str, str]] | None
@@ -124,6 +125,7 @@ def _init_state(req: GatewayRequest, server: GatewayServer) -> GatewayRequest:
     req.https = False
     req.extra_headers = None
     req.stream = None
+    req.pending_record = None
     return req
 
 
@@ -236,12 +238,15 @@ class GatewayServer(web.Server):
         rid_header: str = "X-Request-ID",
         prepare_error_request: Callable[[GatewayRequest], None] | None = None,
         on_parser_error: Callable[[GatewayProtocol, int], None] | None = None,
+        finished: Callable[[GatewayRequest, web.StreamResponse | Response], None] | None = None,
         **kwargs: Any,
     ) -> None:
         async def handle(request: GatewayRequest) -> web.StreamResponse:
             protocol: GatewayProtocol = request.protocol  # type: ignore[assignment]
             protocol.request_started()  # the head is in: its deadline is met
             resp = await handler(request)
+            if finished is not None:  # (aiohttp writes the answer once this returns)
+                finished(request, resp)
             if isinstance(resp, Response) and resp.body is None and request.stream is not None:
                 return request.stream  # streamed already
             return to_web(resp)

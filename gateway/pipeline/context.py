@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gateway.core.client_ip import IPAddress
     from gateway.core.tracecontext import TraceContext
-    from gateway.pipeline.snapshot import CompiledRoute
+    from gateway.pipeline.snapshot import CompiledRoute, Snapshot
 
 
 class ClientBodyError(Exception):
@@ -36,6 +36,7 @@ class Ctx:
         "path",
         "rid",
         "route",
+        "snap",
         "start",
         "status",
         "trace",
@@ -46,6 +47,7 @@ class Ctx:
 
     def __init__(self, start: float) -> None:
         self.start = start
+        self.snap: Snapshot | None = None  # the request's config, kept for its record
         self.xff: str | None = None
         self.rid = ""
         self.client: IPAddress | None = None

@@ -145,8 +145,20 @@ class ProxyHandler:
             if ctx.body_held is not None:  # the client left: the body read for a key goes
                 self.leg.release_body(ctx)
             raise
-        self.record(request, snap, ctx, resp, start)
+        # recorded once the answer is written (finished): its metrics and log line are
+        # not what the client waits for, as NGINX logs after the answer is sent
+        ctx.snap = snap
+        request.pending_record = ctx
         return resp
+
+    def finished(self, request: PipelineRequest, resp: AnyResponse | web.StreamResponse) -> None:
+        """The server's hook once it has written (or given up writing) the answer of a
+        request this handler answered: the request's metrics and access log line."""
+        ctx = request.pending_record
+        if type(ctx) is not Ctx or ctx.snap is None:
+            return  # not answered by __call__ (a local answer, a raised error)
+        request.pending_record = None
+        self.record(request, ctx.snap, ctx, resp, ctx.start)
 
     def leg_for(
         self,

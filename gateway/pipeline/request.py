@@ -38,6 +38,9 @@ class PipelineRequest(Protocol):
     response_headers: AnswerHeaders | None  # the snapshot's ResponseHeaders
     https: bool
     extra_headers: list[tuple[str, str]] | None
+    # what the pipeline keeps to record the request (metrics, access log) once the server
+    # has written its answer: handed back through the server's ``finished`` hook
+    pending_record: object | None
 
     @property
     def method(self) -> str: ...

@@ -718,3 +718,50 @@ async def test_the_in_flight_count_returns_to_zero_whatever_the_handler_did() ->
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
     assert SERVING.active == before
+
+
+async def test_finished_runs_once_the_answer_is_written() -> None:
+    """The handler's bookkeeping (``finished``: the gateway's metrics and access log)
+    runs after its answer is written, so the client does not wait for it; a fault in it
+    costs neither that answer nor the connection's next one."""
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setblocking(False)
+    seen: list[tuple[str, int, bytes]] = []
+
+    def finished(req: Request, resp: Any) -> None:
+        try:  # what the client has been sent already, by the time this runs
+            sent = client.recv(65536, socket.MSG_PEEK)
+        except BlockingIOError:
+            sent = b""
+        seen.append((req.path, resp.status, sent))
+        if req.path == "/fault":
+            msg = "a fault in the bookkeeping"
+            raise RuntimeError(msg)
+
+    async with serving() as (server, port, _errors):
+        server.finished = finished
+        try:
+            await loop.sock_connect(client, ("127.0.0.1", port))
+            await loop.sock_sendall(client, b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert await wait_for(lambda: len(seen) == 1)
+            await loop.sock_recv(client, 65536)  # the first answer, taken
+            await loop.sock_sendall(client, b"GET /fault HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert await wait_for(lambda: len(seen) == 2)
+            await loop.sock_sendall(
+                client, b"GET /three HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            )
+            raw = b""
+            while chunk := await asyncio.wait_for(loop.sock_recv(client, 65536), 5):
+                raw += chunk
+        finally:
+            client.close()
+    assert [(path, status) for path, status, _ in seen] == [
+        ("/one", 200),
+        ("/fault", 200),
+        ("/three", 200),
+    ]
+    for path, _, sent in seen:
+        assert sent.startswith(b"HTTP/1.1 200 OK\r\n"), path
+        assert sent.endswith(b"path=" + path.encode()), path
+    assert [body for _, _, body in _responses(raw)] == [b"path=/fault", b"path=/three"]

@@ -62,6 +62,7 @@ class FakeRequest:
         self.response_headers: AnswerHeaders | None = None
         self.https = False
         self.extra_headers: list[tuple[str, str]] | None = None
+        self.pending_record: object | None = None
         self._peer = parse_ip(peer)
         self.streamed: list[bytes] = []
 
