@@ -143,6 +143,11 @@ class HeadReader:
             raise self._failing(HeadTooLarge())
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # a trailer field (the parser calls this for those too): dropped. The head's
+            # list is the request's, passed on upstream, and every check was made
+            # before the trailer came (its bytes are bounded with the chunk lines)
+            return
         fields = self._fields
         fields.append((name.decode("latin-1"), value.decode("latin-1")))
         self._head_size += len(name) + len(value) + 4

@@ -166,6 +166,32 @@ async def test_fallback_policy_limits_anonymous_requests_and_names_itself(
         assert (await _get(s, gw, "/x", _bearer(_token("carol"))))[0] == 200
 
 
+async def test_one_token_from_two_addresses_spends_each_address_budget(
+    upstream: str, tmp_path: Path
+) -> None:
+    """The checks a verified token's request makes are kept with the token for the client
+    address they were made for: the same token from another address (behind a trusted
+    proxy, X-Forwarded-For) spends that address's budget, never the first one's."""
+    cfg = _cfg(
+        upstream,
+        tmp_path,
+        per_user={"requests": 1, "period_s": 60, "burst": 50, "key": "jwt:sub"},
+        per_ip={"requests": 1, "period_s": 60, "burst": 2, "key": "ip"},
+    )
+    cfg["routes"][-1]["rate_limits"] = ["per_user", "per_ip"]
+    cfg["trusted_proxies"] = ["127.0.0.1/32"]
+    token = _token("alice")
+
+    async def status(address: str) -> int:
+        headers = {**_bearer(token), "X-Forwarded-For": address}
+        return (await _get(s, gw, "/x", headers))[0]
+
+    async with running_gateway(cfg) as gw, aiohttp.ClientSession() as s:
+        order = ["10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.0.1", "10.0.0.2"]
+        assert [await status(a) for a in order] == [200, 200, 200, 200, 429, 429]
+        assert await status("10.0.0.3") == 200
+
+
 async def test_api_key_ids_are_the_key(upstream: str, tmp_path: Path) -> None:
     cfg = _cfg(
         upstream, tmp_path, per_key={"requests": 1, "period_s": 60, "burst": 1, "key": "api_key"}

@@ -401,6 +401,31 @@ async def test_a_trailer_without_end_is_refused_before_it_grows(upstream: Any) -
     assert b"trailer" in answer
 
 
+@pytest.mark.parametrize("size", [5, 300_000], ids=["held", "streamed"])
+async def test_trailer_fields_never_reach_the_upstream_as_header_fields(
+    upstream: Any, size: int
+) -> None:
+    """A request's trailer fields come after every check made on its head (credentials,
+    rules, the fields the gateway sets): were they passed on among the head's fields, a
+    client would hand the upstream fields the gateway never saw. They are dropped."""
+    up, server = upstream
+    async with running_gateway(base_config(_url(server))) as gw:
+        assert gw.proxy_port is not None
+        body = b"x" * size
+        raw = await raw_exchange(
+            gw.proxy_port,
+            b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+            b"\r\n%x\r\n%b\r\n0\r\nAuthorization: Bearer forged\r\nX-Trailed: 1\r\n"
+            b"X-Real-IP: 6.6.6.6\r\n\r\n" % (len(body), body),
+        )
+    assert raw.startswith(b"HTTP/1.1 200 "), raw[:80]
+    seen = up.seen[-1]
+    assert seen["size"] == size
+    assert "Authorization" not in seen["headers"]
+    assert "X-Trailed" not in seen["headers"]
+    assert seen["headers"].getall("X-Real-IP") == ["127.0.0.1"]
+
+
 async def test_connection_cannot_strip_the_body_length(upstream: Any) -> None:
     """``Connection: Content-Length`` must not drop the field that frames the body sent
     upstream: without it the upstream would read the body as its next request."""

@@ -122,6 +122,9 @@ async def test_pool_limit_queues_requests_on_one_connection() -> None:
         # chunked last: the framing is clear, but the body is still coded once unchunked
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "protocol"),
         (TWO_CODING_LINES, "protocol"),
+        # the field's name and value in other spellings than the usual ones
+        (b"HTTP/1.1 200 OK\r\nTRANSFER-ENCODING: Gzip\r\n\r\nx", "protocol"),
+        (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, identity\r\n\r\n0\r\n\r\n", "protocol"),
     ],
     ids=[
         "truncated-body",
@@ -130,6 +133,8 @@ async def test_pool_limit_queues_requests_on_one_connection() -> None:
         "transfer-coding-gzip",
         "gzip-then-chunked",
         "two-coding-lines",
+        "transfer-coding-upper-case",
+        "chunked-then-identity",
     ],
 )
 async def test_broken_answers_are_upstream_errors(answer: bytes, kind: str) -> None:
@@ -144,6 +149,59 @@ async def test_broken_answers_are_upstream_errors(answer: bytes, kind: str) -> N
         with pytest.raises(UpstreamError) as info:
             await _fetch(pool)
         assert info.value.kind == kind
+    finally:
+        await pool.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "listed", "body"),
+    [
+        (b"Connection: keep-alive\r\nContent-Length: 2", False, b"ok"),
+        (b"CONNECTION: Keep-Alive\r\nContent-Length: 2", False, b"ok"),
+        (b"connection: CLOSE\r\nContent-Length: 2", False, b"ok"),
+        (b"Connection: X-Hop\r\nX-Hop: 1\r\nContent-Length: 2", True, b"ok"),
+        (b"CONNECTION: x-hop\r\nX-Hop: 1\r\nContent-Length: 2", True, b"ok"),
+        (b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nContent-Length: 2", True, b"ok"),
+        (b"Connection: keep-alive\r\nConnection: X-Hop\r\nContent-Length: 2", True, b"ok"),
+        (b"transfer-encoding: Chunked\r\n\r\n2\r\nok\r\n0", False, b"ok"),
+        (b"TRANSFER-ENCODING: CHUNKED\r\n\r\n2\r\nok\r\n0", False, b"ok"),
+    ],
+    ids=[
+        "keep-alive",
+        "keep-alive-other-case",
+        "close-other-case",
+        "names-a-field",
+        "names-a-field-upper-case",
+        "keep-alive-and-a-field",
+        "two-connection-lines",
+        "chunked-other-case",
+        "chunked-upper-case",
+    ],
+)
+async def test_connection_and_coding_fields_in_any_spelling(
+    fields: bytes, listed: bool, body: bytes
+) -> None:
+    """Connection and Transfer-Encoding are read alike in whatever letter case the
+    upstream spells them: a Connection that names fields marks them hop-by-hop, chunked
+    is the only coding passed."""
+    answer = (
+        b"HTTP/1.1 200 OK\r\n" + fields + b"\r\n\r\n" + body * (b"chunked" not in fields.lower())
+    )
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(answer)
+        await w.drain()
+        await asyncio.sleep(0.5)
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port)
+    try:
+        resp = await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+        assert resp.listed is listed
+        assert await _body(resp.iter_body()) == body
+        resp.release()
     finally:
         await pool.close()
         server.close()
