@@ -726,7 +726,7 @@ async def test_finished_runs_once_the_answer_is_written() -> None:
     costs neither that answer nor the connection's next one."""
     loop = asyncio.get_running_loop()
     client = socket.socket()
-    client.setblocking(False)
+    client.settimeout(0.0)  # non-blocking
     seen: list[tuple[str, int, bytes]] = []
 
     def finished(req: Request, resp: Any) -> None:
