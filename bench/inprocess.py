@@ -331,6 +331,10 @@ def serving(
     rt.access_log = AccessLog(log)
     handler = ProxyHandler(rt)
     req = settings.config.request
+    # the record after the answer's write, where the checkout run has it (--source: an
+    # older one records inside the handler)
+    finished = getattr(handler, "finished", None)
+    after: dict[str, Any] = {"finished": finished} if finished is not None else {}
     upgrades = GatewayServer(
         handler,
         client_timeout_s=req.client_timeout_s,
@@ -339,7 +343,7 @@ def serving(
         rid_header=req.request_id_header,
         prepare_error_request=lambda *_: None,
         on_parser_error=lambda *_: None,
-        finished=handler.finished,
+        **after,
     )
 
     def server_for(h: Any) -> HttpServer:
@@ -347,7 +351,7 @@ def serving(
             h,
             upgrade_server=upgrades,
             answer_now=handler.answer_now,
-            finished=handler.finished if h is handler else None,  # (not the floor's)
+            **(after if h is handler else {}),  # (not the floor's)
             client_timeout_s=req.client_timeout_s,
             max_header_bytes=req.max_header_bytes,
             rid_header=req.request_id_header,
