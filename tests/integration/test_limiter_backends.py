@@ -622,6 +622,45 @@ async def test_outage_falls_back_locally_and_shared_limiting_resumes(
     assert events.index("redis_unavailable") < events.index("redis_recovered")
 
 
+async def test_a_failed_batch_answers_each_caller_from_the_fallback_with_its_own_checks(
+    private_redis: RedisServer,
+) -> None:
+    """One batch of both kinds of calls (a route's policies on one key, with a cost; a
+    list of checks): when Redis fails, each caller gets the local fallback's decisions
+    for its own policies, key and cost, in its order."""
+    metrics = Metrics()
+    two, one = Rate(2, 60.0, 2), Rate(1, 60.0, 1)
+    lim = redis_limiter(
+        private_redis.url,
+        unique_prefix(),
+        metrics=metrics,
+        rates={"two": two, "one": one},
+        breaker_failures=10,  # every round below goes to Redis (and fails)
+        announce_interval_s=0,
+    )
+    route = [("two", two), ("one", one)]
+    try:
+        assert (await lim.submit_key(route, "warm"))[0].allowed  # connected, script loaded
+        private_redis.stop()
+
+        async def round_() -> list[list[bool]]:
+            calls = [
+                lim.submit_key(route, "k1"),
+                lim.submit([check("one", one, "k2")]),
+                lim.submit_key([("two", two)], "k3", cost=2),
+            ]
+            return [[d.allowed for d in await c] for c in calls]
+
+        assert await round_() == [[True, True], [True], [True]]
+        assert backend_errors(metrics) == 4
+        # the fallback spent each caller's own budget: "one" is spent for k1 and k2,
+        # k3's cost of 2 emptied "two" for k3, and k1 has one of "two" left
+        assert await round_() == [[True, False], [False], [False]]
+        assert backend_errors(metrics) == 8
+    finally:
+        await lim.close()
+
+
 async def test_deny_raises_backend_unavailable(private_redis: RedisServer) -> None:
     metrics = Metrics()
     lim = redis_limiter(

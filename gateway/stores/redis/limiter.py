@@ -222,15 +222,15 @@ class RedisLimiter(OutageHandling, Limiter):
         start = len(batch.keys)
         # list.append called on the list, never bound: a compiled build calls a bound
         # method as any Python callable, and list.append itself directly
-        for policy, pk in zip(policies, entry[1], strict=True):
-            batch.checks.append(_tuple_new(Check, (policy[0], policy[1], key, cost)))
+        for pk in entry[1]:
             batch.keys.append(pk.bulk_of(key))
         batch.pks += entry[1]
         if cost != 1 or batch.costs is not None:
             batch.add_costs(start, [cost] * len(policies))
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
-        batch.parts.append(Part(future, start, len(policies), None))
+        # the Check objects only if the fallback needs them (Part.sent)
+        batch.parts.append(Part(future, start, len(policies), None, None, policies, key, cost))
         return self._sent(future)
 
     def _route_entry(
@@ -295,24 +295,23 @@ class RedisLimiter(OutageHandling, Limiter):
         start = len(batch.keys)
         if cached is None:
             self._add_checks(batch, start, checks)
+            sent: Sequence[Check] = checks
         else:
             assert keys is not None  # noqa: S101 - computed with cached
-            spent = []
+            sent = []
             for check, key, decision in zip(checks, keys, cached, strict=True):
                 if decision is None:
-                    batch.checks.append(check)
+                    sent.append(check)
                     batch.keys.append(key)
                     batch.pks.append(self._policy(check))
-                    spent.append(check.cost)
-            batch.add_costs(start, spent)
+            batch.add_costs(start, [check.cost for check in sent])
         if len(batch.keys) >= self._max_batch:
             self._open = None  # full: the next decision starts another batch
-        batch.parts.append(Part(future, start, len(checks), cached))
+        batch.parts.append(Part(future, start, len(checks), cached, sent))
         return self._sent(future)
 
     def _add_checks(self, batch: Batch, start: int, checks: Sequence[Check]) -> None:
         """Every check of a decision into ``batch``, from ``start`` on."""
-        batch.checks += checks
         keys, pks = batch.keys, batch.pks
         costly = False
         for check in checks:

@@ -71,12 +71,12 @@ class OutageHandling:
         if not futures:
             return
         if self._on_error == "deny":
-            self._metrics.ratelimit_backend_errors.inc(len(batch.checks))
+            self._metrics.ratelimit_backend_errors.inc(len(batch.keys))
             retry_after = self._retry_after(now)
             for future in futures:
                 future.set_exception(BackendUnavailable(retry_after))
             return
-        batch.settle(self._fallback_decisions(batch.checks))
+        batch.settle(self._fallback_decisions(batch.sent_checks()))
 
     def _may_try_redis(self, now: float) -> bool:
         """Whether a decision may go to Redis now (breaker closed, or a probe is due)."""
