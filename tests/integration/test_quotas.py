@@ -23,7 +23,9 @@ from redis.asyncio import Redis
 
 from gateway.config import ConfigError, load_text
 from gateway.core.calendar import PERIOD_CODES, month_length_s, window_at
+from gateway.core.gcra import Decision
 from gateway.stores.memory.limiter import MemoryLimiter
+from gateway.stores.redis.gcra_calls import REPLY_WIDTH, decision_of
 from gateway.stores.redis.scripts import load_script
 from tests.gw import base_config, running_gateway, running_replicas, url
 from tests.integration.test_limiter_backends import delete_prefix, unique_prefix
@@ -40,13 +42,16 @@ def ts(*when: int) -> float:
 # ---------------------------------------------------------------- the script, clock set
 
 
-async def _run_at(redis: Redis, at: float, keys: list[str], args: list[Any]) -> list[int]:
-    """The GCRA script with Redis's TIME replaced by ``at`` (the only change)."""
+async def _run_at(redis: Redis, at: float, keys: list[str], args: list[Any]) -> list[Decision]:
+    """The GCRA script with Redis's TIME replaced by ``at`` (the only change): one
+    decision a key."""
     source = load_script("gcra.lua")
     sec, usec = int(at), round((at - int(at)) * 1e6)
     clocked = source.replace("redis.call('TIME')", f"{{'{sec}', '{usec}'}}")
     assert clocked != source
-    return list(await redis.eval(clocked, len(keys), *keys, *args))
+    out = list(await redis.eval(clocked, len(keys), *keys, *args))
+    assert len(out) == REPLY_WIDTH * len(keys)
+    return [decision_of(out[i], out[i + 1]) for i in range(0, len(out), REPLY_WIDTH)]
 
 
 @pytest.mark.parametrize(
@@ -67,24 +72,24 @@ async def test_the_script_resets_a_quota_at_the_utc_boundary(
     rate = ["1", "3", str(PERIOD_CODES[period])]  # a quota of 3
     try:
         at = last_second + 0.25
-        first = [await _run_at(redis, at, [key], ["1", "1", "", *rate]) for _ in range(4)]
-        assert [o[0] for o in first] == [1, 1, 1, 0]
-        assert [o[1] for o in first] == [2, 1, 0, 0]
-        assert first[3][2] == first[3][3] == 750_000  # until the boundary, in microseconds
+        first = [(await _run_at(redis, at, [key], ["1", "1", "", *rate]))[0] for _ in range(4)]
+        assert [d.allowed for d in first] == [True, True, True, False]
+        assert [d.remaining for d in first] == [2, 1, 0, 0]
+        assert first[3].retry_after_s == first[3].reset_s == 0.75  # until the boundary
         # expires with its window
         assert 0 < await redis.pttl(key) <= 750
         # a cost that does not fit is refused and takes nothing
         out = await _run_at(redis, last_second + 0.5, [key], ["1", "1", "2", *rate])
-        assert out[0] == 0
+        assert not out[0].allowed
         # the next window: a fresh quota; t= the whole window
         nxt = last_second + 1
         w = window_at(period, nxt)
         out = await _run_at(redis, nxt, [key, key], ["1", "1 1", "2 2", *rate])
-        assert out[:4] == [1, 1, 0, int((w.end - w.start) * 1e6)]
-        assert out[4] == 0  # 2 + 2 > 3
+        assert out[0] == Decision(True, 1, 0.0, int((w.end - w.start) * 1e6) / 1e6)  # noqa: FBT003
+        assert not out[1].allowed  # 2 + 2 > 3
         # peek
         out = await _run_at(redis, nxt + 1, [key], ["0", "1", "", *rate])
-        assert out[:2] == [1, 0]
+        assert (out[0].allowed, out[0].remaining) == (True, 0)
     finally:
         await redis.delete(key)
         await redis.aclose()
@@ -104,7 +109,8 @@ async def test_the_script_month_windows_agree_with_python(redis_url: str) -> Non
         for i, at in enumerate(instants[::7]):
             out = await _run_at(redis, at, [f"{prefix}{i}"], ["0", "1", "", "1", "5", "3"])
             w = window_at("month", at)
-            assert out[3] == int((w.end - at) * 1e6), dt.datetime.fromtimestamp(at, dt.UTC)
+            want = int((w.end - at) * 1e6) / 1e6
+            assert out[0].reset_s == want, dt.datetime.fromtimestamp(at, dt.UTC)
     finally:
         await delete_prefix(redis_url, prefix)
         await redis.aclose()

@@ -4,8 +4,10 @@ Arguments stay few: the keys, a flag (``1`` consumes, ``0`` only peeks), one str
 rate indexes (one per key), one string of costs (one per key; empty when each costs 1,
 the common case), then each distinct rate once (emission interval in microseconds,
 burst, period: 0 for a rolling rate, 1 hour, 2 day, 3 month for a calendar quota, whose
-"emission interval" is one unit and burst the quota).  The reply is four integers per
-key, in order: allowed, remaining, retry after and reset, both in microseconds.
+"emission interval" is one unit and burst the quota).  The reply is two integers per
+key (:data:`REPLY_WIDTH`), in order: the remaining requests when allowed (>= 0), or
+``-(retry after + 1)`` when refused (<= -1); then the reset; both times in
+microseconds (:func:`decision_of`).
 
 Through redis-py, a Cluster's keys are grouped by hash slot: one script call per slot,
 all in one pipeline (redis-py splits it per node); a standalone Redis gets one call.
@@ -23,14 +25,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.core.calendar import PERIOD_CODES
-from gateway.core.gcra import Rate
+from gateway.core.gcra import Decision, Rate
 from gateway.stores.limiter import MAX_KEY_CHARS, bounded_key
 from gateway.stores.redis.resp import FutureWaiter, RespClient, Waiter, bulk_string
 from gateway.stores.redis.scripts import Script, is_noscript
 
 __all__ = [
+    "REPLY_WIDTH",
     "Discard",
     "PolicyKeys",
+    "decision_of",
     "evalsha_head",
     "evaluate",
     "pack_evalsha",
@@ -39,6 +43,18 @@ __all__ = [
 ]
 
 BULKS_KEPT: Final = 1024  # client keys whose bulk strings a policy keeps
+REPLY_WIDTH: Final = 2  # integers in the script's reply per key
+_DECISION: Final = Decision
+_tuple_new: Final = tuple.__new__
+
+
+def decision_of(first: int, reset_us: int) -> Decision:
+    """One key's decision out of its two integers in the script's reply."""
+    if first >= 0:  # allowed, with ``first`` requests left; no keyword __new__
+        return _tuple_new(_DECISION, (True, first, 0.0, reset_us / 1e6))
+    return _tuple_new(_DECISION, (False, 0, (-first - 1) / 1e6, reset_us / 1e6))
+
+
 _MAX_KEY_CHARS: Final = MAX_KEY_CHARS  # a constant of this module: no lookup per use
 
 
@@ -183,8 +199,8 @@ async def evaluate(
     consume: bool,
     costs: Sequence[int] | None = None,
 ) -> list[Any]:
-    """The GCRA script through redis-py: four integers per key, in order; ``costs``: one
-    per key (None: 1 each)."""
+    """The GCRA script through redis-py: :data:`REPLY_WIDTH` integers per key, in order;
+    ``costs``: one per key (None: 1 each)."""
     flag = "1" if consume else "0"
     if not cluster:
         groups = [list(range(len(keys)))]
@@ -194,12 +210,13 @@ async def evaluate(
             by_slot.setdefault(key_slot(key), []).append(i)
         groups = list(by_slot.values())
     replies = await _run_groups(redis, script, keys, pks, groups=groups, flag=flag, costs=costs)
-    flat: list[Any] = [0] * (4 * len(keys))
+    w = REPLY_WIDTH
+    flat: list[Any] = [0] * (w * len(keys))
     for group, reply in zip(groups, replies, strict=True):
-        if not isinstance(reply, list) or len(reply) != 4 * len(group):
+        if not isinstance(reply, list) or len(reply) != w * len(group):
             raise RedisConnectionError(f"unexpected script reply: {reply!r:.200}")
         for j, index in enumerate(group):
-            flat[4 * index : 4 * index + 4] = reply[4 * j : 4 * j + 4]
+            flat[w * index : w * index + w] = reply[w * j : w * j + w]
     return flat
 
 

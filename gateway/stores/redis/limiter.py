@@ -60,8 +60,10 @@ from gateway.stores.memory.limiter import MemoryLimiter
 from gateway.stores.redis.batch import Batch, Part
 from gateway.stores.redis.client import make_redis
 from gateway.stores.redis.gcra_calls import (
+    REPLY_WIDTH,
     Discard,
     PolicyKeys,
+    decision_of,
     evalsha_head,
     evaluate,
     pack_evalsha,
@@ -347,7 +349,7 @@ class RedisLimiter(OutageHandling, Limiter):
                         consume=False,
                         costs=costs,
                     )
-            if len(reply) != 4 * len(checks):
+            if len(reply) != REPLY_WIDTH * len(checks):
                 raise RedisConnectionError(f"unexpected script reply: {reply!r:.200}")  # noqa: TRY301
         except Exception:
             if self._on_error == "deny":
@@ -355,11 +357,7 @@ class RedisLimiter(OutageHandling, Limiter):
             if self._fallback is not None:
                 return self._fallback.peek_local(self._replicas.divided_checks(checks))
             return [unlimited(c.rate, c.cost) for c in checks]
-        it = iter(reply)
-        return [
-            Decision(bool(allowed), int(remaining), retry_us / 1e6, reset_us / 1e6)
-            for allowed, remaining, retry_us, reset_us in zip(it, it, it, it, strict=True)
-        ]
+        return [decision_of(int(reply[i]), int(reply[i + 1])) for i in range(0, len(reply), 2)]
 
     def reconfigure(self, rates: Mapping[str, Rate]) -> None:
         # Redis keys carry the rate: unchanged policies keep their keys, changed ones
@@ -500,7 +498,7 @@ class RedisLimiter(OutageHandling, Limiter):
         if self._closed:
             batch.cancel()
             return
-        if type(reply) is list and len(reply) == 4 * len(batch.keys):
+        if type(reply) is list and len(reply) == REPLY_WIDTH * len(batch.keys):
             self._on_success()
             batch.settle(self._decisions(batch, reply))
         else:
@@ -511,21 +509,22 @@ class RedisLimiter(OutageHandling, Limiter):
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _decisions(self, batch: Batch, reply: list[Any]) -> list[Decision]:
-        """A batch's decisions out of the script's reply (four integers a key); refusals
-        go into the cache of refused keys."""
+        """A batch's decisions out of the script's reply (two integers a key,
+        :func:`decision_of`); refusals go into the cache of refused keys."""
         decisions: list[Decision] = []
         new, decision = _tuple_new, Decision  # looked up once a batch, not once a key
         keys = batch.keys
         blocked = self._blocked
         costs = batch.costs
         sent_at = batch.sent_at
-        for i in range(0, len(reply), 4):
-            reset_us: int = reply[i + 3]  # an int: divided without the interpreter, compiled
-            if reply[i]:  # allowed; a Decision without its keyword-argument __new__
-                decisions.append(new(decision, (True, reply[i + 1], 0.0, reset_us / 1e6)))
+        for i in range(0, len(reply), 2):
+            # ints: compared and divided without the interpreter, compiled
+            first: int = reply[i]
+            reset_us: int = reply[i + 1]
+            if first >= 0:  # allowed; a Decision without its keyword-argument __new__
+                decisions.append(new(decision, (True, first, 0.0, reset_us / 1e6)))
                 continue
-            retry_us: int = reply[i + 2]
-            retry, reset = retry_us / 1e6, reset_us / 1e6
+            retry, reset = (-first - 1) / 1e6, reset_us / 1e6
             if len(blocked) >= self._blocked_cap:
                 blocked.clear()  # O(n) once per cap insertions: amortised O(1)
             until = sent_at + retry

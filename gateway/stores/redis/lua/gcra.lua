@@ -19,8 +19,9 @@
 -- ARGV[4], ARGV[5], ...  the rates, three values each: emission interval T in
 --          microseconds (integer >= 1; 1 for a calendar quota), burst (integer >= 1;
 --          the quota), period (0 rolling, 1 hour, 2 day, 3 month)
--- Returns a flat array, four integers per key:
---   allowed (1 | 0), remaining, retry_after_us, reset_us
+-- Returns a flat array, two integers per key (half the reply a caller parses):
+--   allowed: remaining (>= 0), reset_us
+--   refused: -(retry_after_us + 1) (<= -1), reset_us
 if redis.replicate_commands then
   redis.replicate_commands()  -- Redis < 5: replicate effects, so TIME may precede writes
 end
@@ -123,10 +124,8 @@ for index in string.gmatch(ARGV[2], '%d+') do
     local slack = tolerance - (new_tat - now)
     if slack < 0 then
       tats[key] = tat
-      out[n + 1] = 0
-      out[n + 2] = 0
-      out[n + 3] = -slack
-      out[n + 4] = tat - now
+      out[n + 1] = slack - 1
+      out[n + 2] = tat - now
     else
       if consume then
         tats[key] = new_tat
@@ -134,10 +133,8 @@ for index in string.gmatch(ARGV[2], '%d+') do
       else
         tats[key] = tat
       end
-      out[n + 1] = 1
-      out[n + 2] = floor(slack / emission)
-      out[n + 3] = 0
-      out[n + 4] = new_tat - now
+      out[n + 1] = floor(slack / emission)
+      out[n + 2] = new_tat - now
     end
   else
     local index_now, ends = window(period)
@@ -153,10 +150,8 @@ for index in string.gmatch(ARGV[2], '%d+') do
     local left = ends - now
     if used > burst then
       tats[key] = tat
-      out[n + 1] = 0
-      out[n + 2] = 0
-      out[n + 3] = left
-      out[n + 4] = left
+      out[n + 1] = -left - 1
+      out[n + 2] = left
     else
       if consume then
         tats[key] = tat + cost
@@ -165,10 +160,8 @@ for index in string.gmatch(ARGV[2], '%d+') do
       else
         tats[key] = tat
       end
-      out[n + 1] = 1
-      out[n + 2] = burst - used
-      out[n + 3] = 0
-      out[n + 4] = left
+      out[n + 1] = burst - used
+      out[n + 2] = left
     end
   end
 end
