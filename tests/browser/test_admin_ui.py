@@ -191,8 +191,10 @@ async def settle(page: Page, done: str, timeout: float = 15.0) -> dict[str, Any]
     """Poll the page until the JS expression ``done`` (on the page's state ``s``) holds."""
     state: dict[str, Any] = {}
     for _ in range(int(timeout / 0.1)):
-        state = await page.evaluate(READ_PAGE) or {}
-        if state and await page.evaluate(f"(s => {done})({READ_PAGE})"):
+        # one reading, judged and returned: two would let the page redraw in between
+        found = await page.evaluate(f"(s => ({{s, ok: Boolean({done})}}))({READ_PAGE})") or {}
+        state = found.get("s") or {}
+        if state and found.get("ok"):
             return state
         await asyncio.sleep(0.1)
     pytest.fail(f"the page never reached {done!r}: {state}")
