@@ -283,3 +283,62 @@ async def test_a_route_removed_by_a_reload_leaves_the_page(
         async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
             (api,) = [row for row in (await r.json())["routes"] if row["name"] == "api"]
         assert api["rps"] == round(2 / 60, 3)  # the route kept its figures
+
+
+async def test_a_request_in_flight_on_a_removed_route_does_not_bring_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request the old config routed, answered after the reload that removed its route,
+    is counted in the metrics but does not put the route back on the page."""
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKEN", TOKEN)
+    arrived = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        if request.path == "/old/slow":
+            arrived.set()
+            await release.wait()
+        return web.Response(text="ok")
+
+    async with serve(slow) as up:
+        path = tmp_path / "gateway.yaml"
+        cfg = base_config(
+            up,
+            routes=[
+                {"name": "old", "path_prefix": "/old", "upstream": "api"},
+                {"name": "api", "path_prefix": "/", "upstream": "api"},
+            ],
+        )
+        cfg["reload"] = {"interval_s": 3600}
+        path.write_text(yaml.safe_dump(cfg))
+        async with (
+            running_gateway(cfg, ENV, path=str(path)) as gw,
+            aiohttp.ClientSession() as s,
+        ):
+
+            async def routes() -> list[str]:
+                async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
+                    return [row["name"] for row in (await r.json())["routes"]]
+
+            async def slow_request() -> int:
+                async with s.get(url(gw, "/old/slow")) as r:
+                    await r.read()
+                    return r.status
+
+            async with s.get(url(gw, "/old/a")) as r:
+                await r.read()
+            in_flight = asyncio.create_task(slow_request())
+            await asyncio.wait_for(arrived.wait(), 5)
+            cfg["routes"] = [{"name": "api", "path_prefix": "/", "upstream": "api"}]
+            path.write_text(yaml.safe_dump(cfg))
+            async with s.post(admin_url(gw, "/admin/reload"), headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+            assert await routes() == []
+            release.set()
+            assert await in_flight == 200
+            async with s.get(url(gw, "/b")) as r:
+                await r.read()
+            assert await routes() == ["api"]
+            async with s.get(admin_url(gw, "/metrics"), headers=AUTH) as r:
+                text = await r.text()
+            assert 'gateway_requests_total{code="200",method="GET",route="old"} 2.0' in text
