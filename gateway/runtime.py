@@ -104,8 +104,9 @@ class Runtime:
         self._requests: dict[tuple[str, str, int], Counter] = {}
         # by route: its duration histogram, window series and last requests_total child
         self._figures: dict[str, RouteFigures] = {}
-        # the routes configured now, and ``none``: the only ones given figures anew
-        self._listed: set[str] = {r.name for r in cfg.routes} | {NO_ROUTE}
+        # the routes configured now, and those a reload removed (not configured again)
+        self._configured: set[str] = {r.name for r in cfg.routes}
+        self._removed: set[str] = set()
         # rl_counters' made ones, by policy (read directly on every allowed decision)
         self.rl_by_policy: dict[str, tuple[Counter, Counter, Counter]] = {}
         self._retired: set[asyncio.Task[None]] = set()
@@ -235,7 +236,8 @@ class Runtime:
         """The figures of routes no longer configured leave the operator's page (requests
         that matched no route, ``none``, stay). Their Prometheus series stay: counters
         that vanish would read as resets."""
-        self._listed = kept | {NO_ROUTE}
+        self._removed = (self._removed | self._configured) - kept
+        self._configured = kept
         for name in [n for n in self.route_series if n not in kept and n != NO_ROUTE]:
             del self.route_series[name]
         for name in [n for n in self._figures if n not in kept and n != NO_ROUTE]:
@@ -277,7 +279,7 @@ class Runtime:
         unix time it ended (0: read the clock)."""
         figures = self._figures.get(route)
         if figures is None:
-            if route not in self._listed:
+            if route in self._removed:
                 # answered after the reload that removed its route (it began before):
                 # counted, but the route does not come back to the operator's page
                 self.metrics.requests_total.labels(route, method, str(status)).inc()
