@@ -342,3 +342,14 @@ async def test_a_request_in_flight_on_a_removed_route_does_not_bring_it_back(
             async with s.get(admin_url(gw, "/metrics"), headers=AUTH) as r:
                 text = await r.text()
             assert 'gateway_requests_total{code="200",method="GET",route="old"} 2.0' in text
+
+            cfg["routes"] = [  # configured again: listed again
+                {"name": "old", "path_prefix": "/old", "upstream": "api"},
+                {"name": "api", "path_prefix": "/", "upstream": "api"},
+            ]
+            path.write_text(yaml.safe_dump(cfg))
+            async with s.post(admin_url(gw, "/admin/reload"), headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+            async with s.get(url(gw, "/old/c")) as r:
+                await r.read()
+            assert await routes() == ["api", "old"]
