@@ -246,6 +246,12 @@ async def test_stats_shows_an_adaptive_limit_and_lists_the_newest_bans_only(
     assert [b["ip"] for b in d["bans"]] == ["10.0.0.82"]
 
 
+async def page_routes(s: aiohttp.ClientSession, gw: Gateway) -> list[str]:
+    """The names of the routes the operator page lists."""
+    async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
+        return [row["name"] for row in (await r.json())["routes"]]
+
+
 async def test_a_route_removed_by_a_reload_leaves_the_page(
     tmp_path: Path, up_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -260,24 +266,19 @@ async def test_a_route_removed_by_a_reload_leaves_the_page(
         running_gateway(cfg, ENV, path=str(path)) as gw,
         aiohttp.ClientSession() as s,
     ):
-
-        async def routes() -> list[str]:
-            async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
-                return [row["name"] for row in (await r.json())["routes"]]
-
         for path_ in ("/api/x", "/", "/y"):
             async with s.get(url(gw, path_)) as r:
                 await r.read()
-        assert await routes() == ["api", "site"]
+        assert await page_routes(s, gw) == ["api", "site"]
 
         cfg["routes"] = [{"name": "api", "path_prefix": "/api", "upstream": "api"}]
         path.write_text(yaml.safe_dump(cfg))
         async with s.post(admin_url(gw, "/admin/reload"), headers=AUTH) as r:
             assert r.status == 200, await r.text()
-        assert await routes() == ["api"]
+        assert await page_routes(s, gw) == ["api"]
         async with s.get(url(gw, "/y")) as r:  # now matches no route
             assert r.status == 404
-        assert await routes() == ["api", "none"]
+        assert await page_routes(s, gw) == ["api", "none"]
         async with s.get(url(gw, "/api/x")) as r:
             await r.read()
         async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
@@ -316,10 +317,6 @@ async def test_a_request_in_flight_on_a_removed_route_does_not_bring_it_back(
             aiohttp.ClientSession() as s,
         ):
 
-            async def routes() -> list[str]:
-                async with s.get(admin_url(gw, "/admin/stats"), headers=AUTH) as r:
-                    return [row["name"] for row in (await r.json())["routes"]]
-
             async def slow_request() -> int:
                 async with s.get(url(gw, "/old/slow")) as r:
                     await r.read()
@@ -333,12 +330,12 @@ async def test_a_request_in_flight_on_a_removed_route_does_not_bring_it_back(
             path.write_text(yaml.safe_dump(cfg))
             async with s.post(admin_url(gw, "/admin/reload"), headers=AUTH) as r:
                 assert r.status == 200, await r.text()
-            assert await routes() == []
+            assert await page_routes(s, gw) == []
             release.set()
             assert await in_flight == 200
             async with s.get(url(gw, "/b")) as r:
                 await r.read()
-            assert await routes() == ["api"]
+            assert await page_routes(s, gw) == ["api"]
             async with s.get(admin_url(gw, "/metrics"), headers=AUTH) as r:
                 text = await r.text()
             assert 'gateway_requests_total{code="200",method="GET",route="old"} 2.0' in text
@@ -352,4 +349,4 @@ async def test_a_request_in_flight_on_a_removed_route_does_not_bring_it_back(
                 assert r.status == 200, await r.text()
             async with s.get(url(gw, "/old/c")) as r:
                 await r.read()
-            assert await routes() == ["api", "old"]
+            assert await page_routes(s, gw) == ["api", "old"]
