@@ -233,7 +233,8 @@ class UpstreamConnection(asyncio.Protocol):
             size == 17
             and (name == b"Transfer-Encoding" or name.lower() == b"transfer-encoding")
             and value != b"chunked"
-            and value.strip(b" \t").lower() != b"chunked"
+            # (llhttp reads trailing spaces as chunked, a trailing tab as another coding)
+            and value.rstrip(b" ").lower() != b"chunked"
         ):
             # gzip, compress...: the gateway asks for none (it sends no TE field), and it
             # frames answers anew, so the coding would be lost: the body would reach the

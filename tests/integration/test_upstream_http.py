@@ -154,6 +154,32 @@ async def test_broken_answers_are_upstream_errors(answer: bytes, kind: str) -> N
         server.close()
 
 
+@pytest.mark.parametrize("coding", [b"chunked\t", b"chunked \t"], ids=["tab", "space-and-tab"])
+async def test_a_coding_the_parser_does_not_read_as_chunked_is_refused_with_the_head(
+    coding: bytes,
+) -> None:
+    """llhttp reads ``chunked`` followed by a tab as no chunked coding (a body that ends at
+    the close): such an answer is refused with its head, before any of it is passed on,
+    never framed anew with its chunk lines as the body."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_head(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n5\r\nhello\r\n")
+        await w.drain()
+        await asyncio.sleep(5)  # the connection stays open: the body has not ended
+
+    server, port, _ = await _serve(handler)
+    pool = _pool(port)
+    try:
+        with pytest.raises(UpstreamError) as info:
+            async with asyncio.timeout(2):
+                await pool.request("GET", "/", [("Host", "x")], None, chunked=False)
+        assert info.value.kind == "protocol"
+    finally:
+        await pool.close()
+        server.close()
+
+
 @pytest.mark.parametrize(
     ("fields", "listed", "body"),
     [
@@ -166,6 +192,7 @@ async def test_broken_answers_are_upstream_errors(answer: bytes, kind: str) -> N
         (b"Connection: keep-alive\r\nConnection: X-Hop\r\nContent-Length: 2", True, b"ok"),
         (b"transfer-encoding: Chunked\r\n\r\n2\r\nok\r\n0", False, b"ok"),
         (b"TRANSFER-ENCODING: CHUNKED\r\n\r\n2\r\nok\r\n0", False, b"ok"),
+        (b"Transfer-Encoding: chunked  \r\n\r\n2\r\nok\r\n0", False, b"ok"),
     ],
     ids=[
         "keep-alive",
@@ -177,6 +204,7 @@ async def test_broken_answers_are_upstream_errors(answer: bytes, kind: str) -> N
         "two-connection-lines",
         "chunked-other-case",
         "chunked-upper-case",
+        "chunked-then-spaces",
     ],
 )
 async def test_connection_and_coding_fields_in_any_spelling(
