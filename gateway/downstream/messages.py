@@ -94,7 +94,7 @@ class ServerSide(Writer, Protocol[C]):
     loop: asyncio.AbstractEventLoop
     handler: Callable[[Request], Coroutine[Any, Any, AnyResponse]]
     answer_now: Callable[[Request], AnyResponse | None]
-    finished: Callable[[Request, AnyResponse], None] | None
+    finished: Callable[[Request, AnyResponse | None], None] | None
     max_header_bytes: int
     live: Callable[[], Live]
     body_idle_s: Callable[[], float]  # the current ``live().body_idle_s`` (one callable for all)

@@ -466,9 +466,9 @@ class HttpProtocol(HeadReader):
                 nxt = self._finish(req, resp)
             finally:
                 SERVING.active -= 1
-            if resp is not None and finished is not None:
-                try:
-                    finished(req, resp)
+            if finished is not None:
+                try:  # (None: no answer, or not all of it, went out)
+                    finished(req, resp if req.head_sent else None)
                 except Exception:  # the answer is out: a bug here must not end the connection
                     _log.exception("error recording a request")
             if nxt is None:

@@ -55,7 +55,7 @@ class HttpServer:
         upgrade_server: GatewayServer,
         max_header_bytes: int,
         answer_now: Callable[[Request], AnyResponse | None] | None = None,
-        finished: Callable[[Request, AnyResponse], None] | None = None,
+        finished: Callable[[Request, AnyResponse | None], None] | None = None,
         live: Callable[[], Live] | None = None,
         lifecycle: Lifecycle | None = None,
         client_timeout_s: float = 60.0,
@@ -69,8 +69,9 @@ class HttpServer:
         """``live`` gives the current snapshot (the runtime's); without it the server
         keeps ``client_timeout_s``, ``send_idle_s``, ``rid_header`` and ``static_headers``
         as given. ``lifecycle`` holds the process's draining flag (its own without).
-        ``finished``: called with each request and the answer its handler returned,
-        after that answer is written (or found unwritable: the client left)."""
+        ``finished``: called with each request once it is over: with the answer its
+        handler returned once that is written, or with None when it was not, or not
+        whole (the client left, the handler raised, a streamed answer was cut short)."""
         self.loop = asyncio.get_running_loop()
         self.handler = handler
         self.answer_now = answer_now or (lambda _r: None)

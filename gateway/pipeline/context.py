@@ -39,6 +39,7 @@ class Ctx:
         "snap",
         "start",
         "status",
+        "streamed",
         "trace",
         "underscores",
         "upstream",
@@ -59,6 +60,7 @@ class Ctx:
         self.upstream: str | None = None
         self.status = 0
         self.bytes_out = 0
+        self.streamed = False  # the answer's head went out before its body was all here
         self.body_error: ClientBodyError | None = None
         self.underscores: str | None = None  # how fields named with "_" go upstream
         self.identity: str | None = None  # jwt:<sub> or api_key:<id>, for the access log

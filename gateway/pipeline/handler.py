@@ -141,9 +141,13 @@ class ProxyHandler:
             if ctx.body_held is not None:
                 self.leg.release_body(ctx)
             resp = self.reject(request, snap, ctx, rej)
-        except BaseException:
+        except BaseException as exc:
             if ctx.body_held is not None:  # the client left: the body read for a key goes
                 self.leg.release_body(ctx)
+            if ctx.streamed or isinstance(exc, ConnectionError):
+                # an answer cut short (either side gone) is recorded all the same
+                ctx.snap = snap
+                request.pending_record = ctx
             raise
         # recorded once the answer is written (finished): its metrics and log line are
         # not what the client waits for, as NGINX logs after the answer is sent
@@ -151,14 +155,24 @@ class ProxyHandler:
         request.pending_record = ctx
         return resp
 
-    def finished(self, request: PipelineRequest, resp: AnyResponse | web.StreamResponse) -> None:
-        """The server's hook once it has written (or given up writing) the answer of a
-        request this handler answered: the request's metrics and access log line."""
+    def finished(
+        self, request: PipelineRequest, resp: AnyResponse | web.StreamResponse | None
+    ) -> None:
+        """The server's hook once it has written the answer of a request this handler
+        answered (``resp``), or once it could not (None): the request's metrics and
+        access log line."""
         ctx = request.pending_record
         if type(ctx) is not Ctx or ctx.snap is None:
             return  # not answered by __call__ (a local answer, a raised error)
         request.pending_record = None
-        self.record(request, ctx.snap, ctx, resp, ctx.start)
+        if resp is not None:
+            status = ctx.status or resp.status
+        elif ctx.streamed:  # cut short: the status the client was sent, the bytes written
+            status = ctx.status
+        else:  # the client left before its answer could go out (NGINX's 499)
+            status = 499
+            ctx.bytes_out = 0
+        self.record(request, ctx.snap, ctx, status)
 
     def leg_for(
         self,
@@ -454,13 +468,11 @@ class ProxyHandler:
         request: PipelineRequest,
         snap: Snapshot,
         ctx: Ctx,
-        resp: AnyResponse | web.StreamResponse,
-        start: float,
+        status: int,
     ) -> None:
         """The request's metrics and access log line."""
         rt = self.rt
-        status = ctx.status or resp.status
-        duration = self._loop.time() - start
+        duration = self._loop.time() - ctx.start
         route = ctx.route.name if ctx.route is not None else NO_ROUTE
         method = request.method
         label = method if method in KNOWN_METHODS else "OTHER"

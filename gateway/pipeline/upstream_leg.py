@@ -433,12 +433,15 @@ class UpstreamLeg:
                 resp = await request.start_stream(
                     status, up_resp.reason, filter_header_list(up_resp.header_list, _NO_DROP)
                 )
+                ctx.streamed = True
                 written = 0
-                async for chunk in up_resp.iter_body():
-                    await request.write(chunk)
-                    written += len(chunk)
-                ctx.bytes_out = written
-                await request.write_eof()
+                try:
+                    async for chunk in up_resp.iter_body():
+                        await request.write(chunk)
+                        written += len(chunk)
+                    await request.write_eof()
+                finally:  # (an answer cut short is recorded with what was written)
+                    ctx.bytes_out = written
             except UpstreamError as exc:
                 # the upstream failed mid-response: nothing sane can follow on this connection
                 count_error(self.rt, up, ctx, exc)
