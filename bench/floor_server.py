@@ -86,9 +86,17 @@ async def serve(port: int, upstream: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--upstream", required=True, help="the upstream's URL")
+    p.add_argument("--port", type=int)
+    p.add_argument("--upstream", help="the upstream's URL")
+    p.add_argument("--which", action="store_true", help="print the gateway package run")
     args = p.parse_args()
+    if args.which:
+        import gateway  # noqa: PLC0415 - the package inprocess.py put on sys.path
+
+        print(gateway.__file__)
+        return 0
+    if args.port is None or args.upstream is None:
+        p.error("--port and --upstream are required")
     with tempfile.TemporaryDirectory():
         uvloop.run(serve(args.port, args.upstream))
     return 0

@@ -409,6 +409,20 @@ def gateway_config(
     return path
 
 
+def gateway_env(source: Path | None, redis_url: str | None) -> dict[str, str]:
+    """The environment of a gateway process (or the floor's) running ``source``'s package."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["PYTHONUNBUFFERED"] = "1"  # as in the Dockerfile: stdout unbuffered, like production
+    if redis_url:
+        env["GATEWAY_REDIS_URL"] = redis_url
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+        # inprocess.py (which the floor imports) puts this, else this checkout, first on
+        # sys.path, ahead of PYTHONPATH
+        env["BENCH_GATEWAY_SOURCE"] = str(source)
+    return env
+
+
 def spawn_gateway(
     children: Children,
     name: str,
@@ -423,12 +437,7 @@ def spawn_gateway(
     """``source``: another checkout whose ``gateway`` package runs instead of this one
     (an A/B in one run; its dependencies are this virtualenv's). ``script``: a script and
     its arguments to run instead of ``gateway serve --config config`` (the floor)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    env["PYTHONUNBUFFERED"] = "1"  # as in the Dockerfile: stdout unbuffered, like production
-    if redis_url:
-        env["GATEWAY_REDIS_URL"] = redis_url
-    if source is not None:
-        env["PYTHONPATH"] = str(source)
+    env = gateway_env(source, redis_url)
     # -P: `python -m` would put the working directory (this checkout) first on sys.path,
     # ahead of PYTHONPATH, and run this checkout's package whatever `source` says
     found = subprocess.run(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import shutil
 import subprocess
 import sys
 import time
@@ -83,3 +85,22 @@ async def test_the_floor_forwards_with_one_framing() -> None:
     assert answers.count(BODY) == 2
     assert answers.lower().count(b"content-length: 200") == 2  # one a answer
     assert b"text/plain" in answers
+
+
+def test_the_floor_runs_the_gateway_package_it_is_given(tmp_path: Path) -> None:
+    """bench/run.py hands the floor the build it measures (a compiled copy): the floor
+    must run that copy, not this checkout's package (which the bench's helpers put first
+    on sys.path for in-process rigs), or the floor is measured in another build than the
+    pipeline beside it."""
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    assert spec is not None
+    assert spec.loader is not None
+    bench_run = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_run", bench_run)  # dataclasses look their module up by name
+    spec.loader.exec_module(bench_run)
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "gateway", copy / "gateway", ignore=shutil.ignore_patterns("*.pyc"))
+    env = bench_run.gateway_env(copy, None)
+    argv = [sys.executable, "-P", str(ROOT / "bench" / "floor_server.py"), "--which"]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert Path(out.stdout.strip()).is_relative_to(copy / "gateway"), out.stdout
