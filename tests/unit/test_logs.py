@@ -145,3 +145,67 @@ def test_timestamps_truncate_to_the_microsecond_as_the_percent_format_did() -> N
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         want = "%s.%06dZ" % (stamp, (now - sec) * 1e6)  # noqa: UP031 - the old format
         assert orjson.loads(_request_line(log, buf, None, now))["ts"] == want
+
+
+def _orjson_line(log: AccessLog, now: float, fields: dict[str, object]) -> bytes:
+    """The line as orjson writes it from the fields in the access log's order."""
+    identity = fields.pop("identity")
+    line = {**fields, **({"identity": identity} if identity is not None else {})}
+    line.update(event="access", level="info", ts=log._ts(now))
+    return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+
+
+_PIECES = [
+    "/", "/api/items", "a", "Z9", "-", "_", ".", "~", "%2F", " ", "'", "\x7f", '"', "\\",
+    "\n", "\t", "\x00", "\x1f", "\u00e9", "\u2028", "\U0001f600", "{", "}", ":", ",", "/*",
+]  # fmt: skip
+
+
+def test_every_request_line_is_the_bytes_orjson_makes_of_its_fields() -> None:
+    """The template (most lines) and orjson (the rest) write the same bytes for the same
+    fields: quotes, backslashes, controls, non-ASCII text and odd durations included."""
+    import random
+
+    rng = random.Random(11)
+    buf = io.BytesIO()
+    log = AccessLog(buf)
+
+    def text() -> str:
+        return "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 6)))
+
+    durations = [0.0, 0.001, 1.25, 12.0, 999.999, 1e15, 1e16, 123456789.123]
+    durations += [1e-05, 5e-324, 0.0001, -1.0, -0.0, float("inf"), float("nan")]
+    for i in range(4000):
+        fields: dict[str, object] = {
+            "request_id": rng.choice(["r1", "00ab12cd34ef5678", "a.b_c-D"]),
+            "client_ip": rng.choice(["203.0.113.7", "2001:db8::1", "-", text()]),
+            "method": rng.choice(["GET", "POST", "OTHER", text()]),
+            "path": text() if i % 2 else "/api/" + text(),
+            "route": rng.choice(["api", "none", text()]),
+            "status": rng.choice([200, 404, 499, 503]),
+            "duration_ms": rng.choice(durations) if i % 3 else round(rng.random() * 5000, 3),
+            "bytes": rng.choice([0, 200, 10**12]),
+            "upstream": rng.choice([None, "api", text()]),
+            "trace_id": rng.choice([None, "0af7651916cd43dd8448eb211c80319c"]),
+            "identity": rng.choice([None, "jwt:alice", "api_key:k1", "jwt:" + text()]),
+        }
+        now = 1_767_225_600 + rng.random() * 1000
+        want = _orjson_line(log, now, dict(fields))
+        log.request(
+            request_id=str(fields["request_id"]),
+            client_ip=str(fields["client_ip"]),
+            method=str(fields["method"]),
+            path=str(fields["path"]),
+            route=str(fields["route"]),
+            status=int(fields["status"]),  # type: ignore[call-overload]
+            duration_ms=float(fields["duration_ms"]),  # type: ignore[arg-type]
+            size=int(fields["bytes"]),  # type: ignore[call-overload]
+            upstream=fields["upstream"],  # type: ignore[arg-type]
+            trace_id=fields["trace_id"],  # type: ignore[arg-type]
+            identity=fields["identity"],  # type: ignore[arg-type]
+            now=now,
+        )
+        log.flush()
+        assert buf.getvalue() == want, fields
+        buf.seek(0)
+        buf.truncate()
