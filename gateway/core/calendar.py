@@ -36,7 +36,6 @@ PERIOD_CODES: dict[str, int] = {"hour": 1, "day": 2, "month": 3}
 
 _HOUR = 3600
 _DAY = 86400
-_tuple_new = tuple.__new__
 
 
 class Window(NamedTuple):
@@ -105,5 +104,5 @@ def decide_quota(
     used = base - vnow + cost
     left = window.end - now
     if used <= quota:
-        return _tuple_new(Decision, (True, int(quota - used), 0.0, left)), base + cost
-    return _tuple_new(Decision, (False, 0, left, left)), (vnow if tat is None else tat)
+        return Decision(True, int(quota - used), 0.0, left), base + cost  # noqa: FBT003
+    return Decision(False, 0, left, left), (vnow if tat is None else tat)  # noqa: FBT003

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Final, NamedTuple
+from typing import final
 
 __all__ = ["EPSILON_S", "Decision", "Rate", "decide"]
 
 EPSILON_S = 1e-6
 _ULP = 2.0**-52  # relative spacing of doubles: |x| * _ULP bounds one rounding error
-_tuple_new: Final = tuple.__new__  # a Decision without its keyword-argument __new__
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +74,37 @@ class Rate:
         return cls(requests, float(requests), requests, period)
 
 
-class Decision(NamedTuple):
-    """The answer for one key and one policy (a named tuple: made on every request)."""
+@final
+class Decision:
+    """The answer for one key and one policy, made for each policy of each request: a
+    plain class rather than a named tuple, which a compiled build makes in a native
+    call instead of a generic ``tuple.__new__`` (the fields are only ever read)."""
 
-    allowed: bool
-    remaining: int  # requests left after this one (0 when refused)
-    retry_after_s: float  # 0.0 when allowed; else seconds until the next request would pass
-    reset_s: float  # seconds until the bucket is full again
+    __slots__ = ("allowed", "remaining", "reset_s", "retry_after_s")
 
+    def __init__(self, allowed: bool, remaining: int, retry_after_s: float, reset_s: float) -> None:
+        self.allowed = allowed
+        self.remaining = remaining  # requests left after this one (0 when refused)
+        self.retry_after_s = retry_after_s  # 0.0 when allowed; else until one would pass
+        self.reset_s = reset_s  # seconds until the bucket is full again
 
-# (a Final name: a compiled build reads it from a C static, not the module's dict)
-_DECISION: Final = Decision
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return (
+            self.allowed == other.allowed
+            and self.remaining == other.remaining
+            and self.retry_after_s == other.retry_after_s
+            and self.reset_s == other.reset_s
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # (mutable, compared by value)
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision(allowed={self.allowed}, remaining={self.remaining}, "
+            f"retry_after_s={self.retry_after_s}, reset_s={self.reset_s})"
+        )
 
 
 def decide(tat: float | None, now: float, rate: Rate, cost: int = 1) -> tuple[Decision, float]:
@@ -108,6 +127,6 @@ def decide(tat: float | None, now: float, rate: Rate, cost: int = 1) -> tuple[De
         remaining = int((slack + eps) / t)
         most = rate.burst - cost  # a full bucket after this request
         remaining = min(remaining, most)
-        return _tuple_new(_DECISION, (True, remaining, 0.0, new_tat - now)), new_tat
-    refused = _tuple_new(_DECISION, (False, 0, -slack, base - now))
+        return Decision(True, remaining, 0.0, new_tat - now), new_tat  # noqa: FBT003
+    refused = Decision(False, 0, -slack, base - now)  # noqa: FBT003
     return refused, (now if tat is None else tat)

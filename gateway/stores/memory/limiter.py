@@ -183,7 +183,7 @@ class MemoryLimiter(Limiter):
                 tat = tats.get(compact)
                 if tat is not None:  # a known key, decided inline (as in decide_key)
                     decision, new_tat = decide(tat, now, rate, c.cost)
-                    if decision[0]:
+                    if decision.allowed:
                         tats[compact] = new_tat
                     out.append(decision)
                     continue
@@ -218,7 +218,7 @@ class MemoryLimiter(Limiter):
                 tat = tats.get(compact)
                 if tat is not None:  # a known key, decided inline
                     decision, new_tat = decide(tat, now, rate, cost)
-                    if decision[0]:
+                    if decision.allowed:
                         tats[compact] = new_tat
                     out.append(decision)
                     continue

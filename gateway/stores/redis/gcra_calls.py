@@ -44,15 +44,13 @@ __all__ = [
 
 BULKS_KEPT: Final = 1024  # client keys whose bulk strings a policy keeps
 REPLY_WIDTH: Final = 2  # integers in the script's reply per key
-_DECISION: Final = Decision
-_tuple_new: Final = tuple.__new__
 
 
 def decision_of(first: int, reset_us: int) -> Decision:
     """One key's decision out of its two integers in the script's reply."""
-    if first >= 0:  # allowed, with ``first`` requests left; no keyword __new__
-        return _tuple_new(_DECISION, (True, first, 0.0, reset_us / 1e6))
-    return _tuple_new(_DECISION, (False, 0, (-first - 1) / 1e6, reset_us / 1e6))
+    if first >= 0:  # allowed, with ``first`` requests left
+        return Decision(True, first, 0.0, reset_us / 1e6)  # noqa: FBT003
+    return Decision(False, 0, (-first - 1) / 1e6, reset_us / 1e6)  # noqa: FBT003
 
 
 _MAX_KEY_CHARS: Final = MAX_KEY_CHARS  # a constant of this module: no lookup per use

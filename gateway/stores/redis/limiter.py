@@ -512,7 +512,6 @@ class RedisLimiter(OutageHandling, Limiter):
         """A batch's decisions out of the script's reply (two integers a key,
         :func:`decision_of`); refusals go into the cache of refused keys."""
         decisions: list[Decision] = []
-        new, decision = _tuple_new, Decision  # looked up once a batch, not once a key
         keys = batch.keys
         blocked = self._blocked
         costs = batch.costs
@@ -521,8 +520,8 @@ class RedisLimiter(OutageHandling, Limiter):
             # ints: compared and divided without the interpreter, compiled
             first: int = reply[i]
             reset_us: int = reply[i + 1]
-            if first >= 0:  # allowed; a Decision without its keyword-argument __new__
-                decisions.append(new(decision, (True, first, 0.0, reset_us / 1e6)))
+            if first >= 0:  # allowed
+                decisions.append(Decision(True, first, 0.0, reset_us / 1e6))  # noqa: FBT003
                 continue
             retry, reset = (-first - 1) / 1e6, reset_us / 1e6
             if len(blocked) >= self._blocked_cap:
@@ -531,7 +530,7 @@ class RedisLimiter(OutageHandling, Limiter):
             refused_cost = costs[len(decisions)] if costs is not None else 1
             blocked[keys[len(decisions)]] = (until, sent_at + reset, refused_cost)
             self._blocked_until = max(self._blocked_until, until)
-            decisions.append(new(decision, (False, 0, retry, reset)))
+            decisions.append(Decision(False, 0, retry, reset))  # noqa: FBT003
         return decisions
 
     # ------------------------------------------------------------------ replicas
