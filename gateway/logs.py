@@ -51,10 +51,11 @@ _LINE_TAIL: Final = '"}\n'
 
 
 def _plain(text: str) -> bool:
-    """True when ``text`` is its own JSON string body: orjson writes it as it is."""
-    # (printable: no control, separator or surrogate; other non-ASCII text orjson writes
-    # as UTF-8, as encode() does)
-    return text.isprintable() and '"' not in text and "\\" not in text
+    """True when ``text`` is its own JSON string body: orjson writes it as it is. Only
+    ASCII text is taken (``isascii`` is a flag read, not a scan); any other goes to
+    orjson, which writes non-ASCII as UTF-8 and escapes what needs it."""
+    # (isascii reads a flag; isprintable on ASCII excludes the controls and DEL)
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
 
 def configure(level: int = logging.INFO) -> None:
@@ -168,7 +169,7 @@ class AccessLog:
         time).
 
         Most lines are written from a template: when every text field is its own JSON
-        string body (printable, no quote or backslash) and the duration prints
+        string body (ASCII, no control, quote or backslash) and the duration prints
         alike in Python and orjson, the line is the same bytes orjson would make (a test
         holds the two equal). Any other line is serialised by orjson from a dict made
         at once with every key (no growth, no second pass).
