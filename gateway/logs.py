@@ -183,9 +183,9 @@ class AccessLog:
         ):
             # (str pieces only, and no literal brace: compiled, one string built at once;
             # str() and repr() rather than conversion flags, which compile to format calls)
-            up = "null" if upstream is None else '"' + upstream + '"'
-            trace = "null" if trace_id is None else '"' + trace_id + '"'
-            who = "" if identity is None else ',"identity":"' + identity + '"'
+            up = "null" if upstream is None else f'"{upstream}"'
+            trace = "null" if trace_id is None else f'"{trace_id}"'
+            who = "" if identity is None else f',"identity":"{identity}"'
             self._write(
                 f'{_LINE_HEAD}{request_id}","client_ip":"{client_ip}",'
                 f'"method":"{method}","path":"{path}","route":"{route}",'
