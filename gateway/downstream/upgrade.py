@@ -238,15 +238,26 @@ class GatewayServer(web.Server):
         rid_header: str = "X-Request-ID",
         prepare_error_request: Callable[[GatewayRequest], None] | None = None,
         on_parser_error: Callable[[GatewayProtocol, int], None] | None = None,
-        finished: Callable[[GatewayRequest, web.StreamResponse | Response], None] | None = None,
+        finished: Callable[[GatewayRequest, web.StreamResponse | Response | None], None]
+        | None = None,
         **kwargs: Any,
     ) -> None:
         async def handle(request: GatewayRequest) -> web.StreamResponse:
             protocol: GatewayProtocol = request.protocol  # type: ignore[assignment]
             protocol.request_started()  # the head is in: its deadline is met
-            resp = await handler(request)
+            try:
+                resp = await handler(request)
+            except BaseException:
+                if finished is not None:  # an answer cut short (either side gone)
+                    finished(request, None)
+                raise
             if finished is not None:  # (aiohttp writes the answer once this returns)
-                finished(request, resp)
+                # None: the client left before its answer could go out (a WebSocket's
+                # is out, and its connection closed, once it returns)
+                gone = request.transport is None and not (
+                    isinstance(resp, web.StreamResponse) and resp.prepared
+                )
+                finished(request, None if gone else resp)
             if isinstance(resp, Response) and resp.body is None and request.stream is not None:
                 return request.stream  # streamed already
             return to_web(resp)

@@ -109,6 +109,11 @@ def upstream_fields(
             kept.append("\r\n")
     if host is None:
         kept.append(f"Host: {up.client.host_header}\r\n")
+    if request.fields_decoded:
+        # aiohttp's server decoded the values as UTF-8 (surrogates for what is not):
+        # back to the bytes as sent, for the pool's latin-1 encoding of the head, as
+        # the proxy port's own server keeps them (the gateway's own fields are ASCII)
+        return "".join(kept).encode("utf-8", "surrogateescape").decode("latin-1")
     return "".join(kept)
 
 

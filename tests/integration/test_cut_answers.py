@@ -1,7 +1,9 @@
 """Answers that did not reach the client whole are still recorded: an upstream that
 drops mid-answer, a client that leaves before its answer or in the middle of it. Each
 has its access-log line and its count, with the status the client saw (or 499, as NGINX
-logs a client gone before the answer) and the bytes that were written."""
+logs a client gone before the answer) and the bytes that were written. Each on both of
+the proxy port's servers: its own, and aiohttp's, which serves a connection once a
+request on it asks for an upgrade (any client can ask, with any token)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -33,6 +36,12 @@ async def _upstream(request: web.Request) -> web.StreamResponse:
     if request.path == "/slow":
         await asyncio.sleep(0.6)
         return web.Response(text="late")
+    if request.path == "/ws":
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str(msg.data)
+        return ws
     if request.path == "/big":
         resp = web.StreamResponse()
         await resp.prepare(request)
@@ -64,10 +73,16 @@ def _access_lines(out: str, path: str) -> list[dict[str, Any]]:
     return [x for x in lines if x["path"] == path]
 
 
-async def _exchange(port: int, path: str, *, read: int, wait_s: float) -> bytes:
+# the proxy port's own server; aiohttp's, to which an upgrade hands the connection over
+SERVERS = pytest.mark.parametrize(
+    "extra", ["", "Connection: Upgrade\r\nUpgrade: foo\r\n"], ids=["own", "upgrade-path"]
+)
+
+
+async def _exchange(port: int, path: str, *, read: int, wait_s: float, extra: str = "") -> bytes:
     """Send a GET, read up to ``read`` bytes within ``wait_s``, then reset the connection."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: a\r\n{extra}\r\n".encode())
     got = b""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait_s):
@@ -80,12 +95,13 @@ async def _exchange(port: int, path: str, *, read: int, wait_s: float) -> bytes:
     return got
 
 
+@SERVERS
 async def test_an_upstream_dropping_mid_answer_is_recorded_with_what_was_sent(
-    capsys: pytest.CaptureFixture[str],
+    extra: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with _gateway() as gw:
         before = _count(gw, "200")
-        got = await _exchange(gw.proxy_port or 0, "/drop", read=200_000, wait_s=3)
+        got = await _exchange(gw.proxy_port or 0, "/drop", read=200_000, wait_s=3, extra=extra)
         assert got.startswith(b"HTTP/1.1 200 "), got[:100]
         assert await wait_for(lambda: _count(gw, "200") == before + 1, timeout=3)
         gw.runtime.access_log.flush()
@@ -95,11 +111,12 @@ async def test_an_upstream_dropping_mid_answer_is_recorded_with_what_was_sent(
     assert lines[0]["bytes"] == 1000  # what reached the client, not the announced length
 
 
+@SERVERS
 async def test_a_client_gone_before_its_answer_is_recorded_as_499(
-    capsys: pytest.CaptureFixture[str],
+    extra: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with _gateway() as gw:
-        got = await _exchange(gw.proxy_port or 0, "/slow", read=1, wait_s=0.2)
+        got = await _exchange(gw.proxy_port or 0, "/slow", read=1, wait_s=0.2, extra=extra)
         assert got == b""
         assert await wait_for(lambda: _count(gw, "499") == 1, timeout=3)
         assert _count(gw, "200") == 0  # the upstream's answer never went out
@@ -110,11 +127,12 @@ async def test_a_client_gone_before_its_answer_is_recorded_as_499(
     assert lines[0]["bytes"] == 0
 
 
+@SERVERS
 async def test_a_client_gone_mid_answer_is_recorded_with_the_bytes_written(
-    capsys: pytest.CaptureFixture[str],
+    extra: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with _gateway() as gw:
-        got = await _exchange(gw.proxy_port or 0, "/big", read=100, wait_s=3)
+        got = await _exchange(gw.proxy_port or 0, "/big", read=100, wait_s=3, extra=extra)
         assert got.startswith(b"HTTP/1.1 200 "), got[:100]
         assert await wait_for(lambda: _count(gw, "200") == 1, timeout=5)
         gw.runtime.access_log.flush()
@@ -122,3 +140,41 @@ async def test_a_client_gone_mid_answer_is_recorded_with_the_bytes_written(
     assert len(lines) == 1, lines
     assert lines[0]["status"] == 200  # the status the client was sent
     assert lines[0]["bytes"] < BIG  # not the upstream's whole length
+
+
+async def test_a_field_value_outside_latin1_on_the_upgrade_path_goes_upstream_as_sent() -> None:
+    """aiohttp decodes field values as UTF-8: the bytes sent reach the upstream as they
+    came, as on the proxy port's own server, never a 500 for encoding them anew."""
+    seen: list[bytes] = []
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        if request.path == "/utf8":  # (not the health checks)
+            seen.append(request.headers["X-Foo"].encode("utf-8", "surrogateescape"))
+        return web.Response(text="ok")
+
+    async with serve(upstream) as u:
+        async with running_gateway(base_config(u, abuse={"enabled": False})) as gw:
+            for value in (b"\xe2\x82\xac", b"caf\xc3\xa9", b"\xff\xfe"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy_port or 0)
+                writer.write(
+                    b"GET /utf8 HTTP/1.1\r\nHost: a\r\nX-Foo: " + value
+                    + b"\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n"
+                )  # fmt: skip
+                status = await reader.readline()
+                writer.close()
+                assert status.startswith(b"HTTP/1.1 200 "), status
+    assert seen == [b"\xe2\x82\xac", b"caf\xc3\xa9", b"\xff\xfe"]
+
+
+async def test_a_websocket_closed_by_its_client_is_recorded_as_101(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its connection is gone once it is over, but its answer went out: 101, not 499."""
+    async with _gateway() as gw, aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"http://127.0.0.1:{gw.proxy_port}/ws") as ws:
+            await ws.send_str("hi")
+            assert (await ws.receive()).data == "hi"
+        assert await wait_for(lambda: _count(gw, "101") == 1, timeout=3)
+        assert _count(gw, "499") == 0
+        gw.runtime.access_log.flush()
+    assert [x["status"] for x in _access_lines(capsys.readouterr().out, "/ws")] == [101]
