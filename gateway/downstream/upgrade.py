@@ -15,6 +15,7 @@ response, streamed or not.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -36,6 +37,8 @@ if TYPE_CHECKING:
     from aiohttp.streams import StreamReader
 
     from gateway.downstream.live import AnswerHeaders
+
+_log = logging.getLogger("gateway.downstream.upgrade")
 
 
 class GatewayRequest(BaseRequest):
@@ -223,6 +226,19 @@ class GatewayProtocol(RequestHandler):
 Handler = Callable[[GatewayRequest], Awaitable[web.StreamResponse | Response]]
 
 
+def _record(
+    finished: Callable[[GatewayRequest, web.StreamResponse | Response | None], None],
+    request: GatewayRequest,
+    resp: web.StreamResponse | Response | None,
+) -> None:
+    """The handler's bookkeeping; a fault there costs neither the answer nor the
+    exception being handled, as on the proxy port's own server."""
+    try:
+        finished(request, resp)
+    except Exception:
+        _log.exception("error recording a request")
+
+
 class GatewayServer(web.Server):
     """Low-level server making :class:`GatewayProtocol` and :class:`GatewayRequest`."""
 
@@ -249,7 +265,7 @@ class GatewayServer(web.Server):
                 resp = await handler(request)
             except BaseException:
                 if finished is not None:  # an answer cut short (either side gone)
-                    finished(request, None)
+                    _record(finished, request, None)
                 raise
             if finished is not None:  # (aiohttp writes the answer once this returns)
                 # None: the client left before its answer could go out (a WebSocket's
@@ -257,7 +273,7 @@ class GatewayServer(web.Server):
                 gone = request.transport is None and not (
                     isinstance(resp, web.StreamResponse) and resp.prepared
                 )
-                finished(request, None if gone else resp)
+                _record(finished, request, None if gone else resp)
             if isinstance(resp, Response) and resp.body is None and request.stream is not None:
                 return request.stream  # streamed already
             return to_web(resp)

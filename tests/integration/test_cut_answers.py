@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from gateway import logs
 from gateway.app import Gateway
 from tests.gw import base_config, running_gateway, serve, wait_for
 
@@ -178,3 +180,24 @@ async def test_a_websocket_closed_by_its_client_is_recorded_as_101(
         assert _count(gw, "499") == 0
         gw.runtime.access_log.flush()
     assert [x["status"] for x in _access_lines(capsys.readouterr().out, "/ws")] == [101]
+
+
+@SERVERS
+async def test_a_fault_in_the_record_costs_neither_the_answer_nor_the_connection(
+    extra: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The record runs after the answer (or, on aiohttp's server, just before it is
+    written): a bug there is logged, and the client still gets its answer."""
+    if logs.__file__.endswith(".so"):
+        pytest.skip("a compiled runtime takes only an AccessLog")
+
+    class Broken(logs.AccessLog):
+        def request(self, **_fields: Any) -> None:
+            raise RuntimeError("a fault in the record")
+
+    async with _gateway() as gw:
+        monkeypatch.setattr(gw.runtime, "access_log", Broken(io.BytesIO()))
+        got = await _exchange(gw.proxy_port or 0, "/ok", read=2_000, wait_s=1, extra=extra)
+    assert got.startswith(b"HTTP/1.1 200 "), got[:100]
+    assert b"\r\n\r\nok" in got
+    assert "error recording a request" in caplog.text
