@@ -517,20 +517,15 @@ class RedisLimiter(OutageHandling, Limiter):
         costs = batch.costs
         sent_at = batch.sent_at
         for i in range(0, len(reply), 2):
-            # ints: compared and divided without the interpreter, compiled
-            first: int = reply[i]
-            reset_us: int = reply[i + 1]
-            if first >= 0:  # allowed
-                decisions.append(Decision(True, first, 0.0, reset_us / 1e6))  # noqa: FBT003
-                continue
-            retry, reset = (-first - 1) / 1e6, reset_us / 1e6
-            if len(blocked) >= self._blocked_cap:
-                blocked.clear()  # O(n) once per cap insertions: amortised O(1)
-            until = sent_at + retry
-            refused_cost = costs[len(decisions)] if costs is not None else 1
-            blocked[keys[len(decisions)]] = (until, sent_at + reset, refused_cost)
-            self._blocked_until = max(self._blocked_until, until)
-            decisions.append(Decision(False, 0, retry, reset))  # noqa: FBT003
+            decision = decision_of(reply[i], reply[i + 1])  # (ints, read as such compiled)
+            if not decision.allowed:
+                if len(blocked) >= self._blocked_cap:
+                    blocked.clear()  # O(n) once per cap insertions: amortised O(1)
+                until = sent_at + decision.retry_after_s
+                refused_cost = costs[len(decisions)] if costs is not None else 1
+                blocked[keys[len(decisions)]] = (until, sent_at + decision.reset_s, refused_cost)
+                self._blocked_until = max(self._blocked_until, until)
+            decisions.append(decision)
         return decisions
 
     # ------------------------------------------------------------------ replicas
