@@ -45,6 +45,7 @@ COMPILED = (
     "gateway/core/evidence.py",
     "gateway/core/retry.py",
     "gateway/core/framing.py",
+    "gateway/core/fieldnames.py",
     "gateway/stores/memory/limiter.py",
     "gateway/stores/redis/resp.py",
     "gateway/stores/redis/batch.py",

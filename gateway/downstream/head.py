@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final
 import httptools
 from multidict import istr
 
+from gateway.core.fieldnames import field_name
 from gateway.core.framing import request_host
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ class HeadReader:
             # before the trailer came (its bytes are bounded with the chunk lines)
             return
         fields = self._fields
-        fields.append((name.decode("latin-1"), value.decode("latin-1")))
+        fields.append((field_name(name), value.decode("latin-1")))
         self._head_size += len(name) + len(value) + 4
         if len(fields) > MAX_FIELDS:
             raise self._failing(HeadTooLarge())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from gateway.core.fieldnames import lower_name
 from gateway.upstream.hop_by_hop import HOP_BY_HOP, header_pairs
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ class ResponseHeaders:
         present: list[str] = []  # the gateway's fields the answer has and keeps
         has_date = False
         for name, value in headers:
-            low = name.lower()
+            low = lower_name(name)
             if low not in drop:
                 # pieces joined once below rather than a line made and freed first
                 lines.append(name)

@@ -21,6 +21,8 @@ from typing import Final
 
 import httptools
 
+from gateway.core.fieldnames import field_name
+
 _HIGH_WATER: Final = 1 << 20  # pause reading the upstream above this much unread body
 MAX_RESPONSE_FIELDS: Final = 100  # as Envoy's default; a response head with more is refused
 DEFAULT_MAX_HEAD_BYTES: Final = 65536
@@ -219,7 +221,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._awaiting_head:
             return  # a trailer field: dropped (its bytes are bounded with the chunk lines)
         headers = self._headers
-        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        headers.append((field_name(name), value.decode("latin-1")))
         if len(headers) > MAX_RESPONSE_FIELDS:
             raise self._failing(
                 _HeadTooLargeError(f"response head with over {MAX_RESPONSE_FIELDS} fields")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+from gateway.core.fieldnames import lower_name
+
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
@@ -60,7 +62,8 @@ def filter_header_lines(
 ) -> list[str]:
     r"""The header ``fields`` (in order) without those in ``drop`` (lower-case; it
     includes :data:`HOP_BY_HOP`) and those the ``Connection`` field names, as
-    ``Name: value\r\n`` lines.
+    ``Name: value\r\n`` lines: the strings of the list, joined, are the lines (the
+    usual case gives their pieces, joined once with the rest of the head).
 
     A name holding ``_`` reads as its ``-`` spelling to CGI and WSGI servers
     (``X_Forwarded_For`` is ``HTTP_X_FORWARDED_FOR``): with ``underscores="drop"`` every
@@ -73,9 +76,12 @@ def filter_header_lines(
         lines: list[str] = []
         listed = False
         for name, value in fields:
-            low = name.lower()
+            low = lower_name(name)
             if low not in drop:
-                lines.append(f"{name}: {value}\r\n")
+                lines.append(name)
+                lines.append(": ")
+                lines.append(value)
+                lines.append("\r\n")
             elif low == "connection":
                 listed = True
         if not listed:

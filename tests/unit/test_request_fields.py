@@ -32,8 +32,8 @@ FIELDS = CIMultiDict(
     ],
 )  # fmt: skip
 def test_underscored_names_upstream(underscores: str | None, kept: list[str]) -> None:
-    lines = filter_header_lines(list(FIELDS.items()), DROP, underscores)
-    assert [line.split(":", 1)[0] for line in lines] == kept
+    lines = "".join(filter_header_lines(list(FIELDS.items()), DROP, underscores))
+    assert [line.split(":", 1)[0] for line in lines.split("\r\n") if line] == kept
 
 
 def test_fields_named_by_connection_are_dropped_wherever_they_stand() -> None:
@@ -47,10 +47,10 @@ def test_fields_named_by_connection_are_dropped_wherever_they_stand() -> None:
         ("Keep-Alive", "timeout=5"),
     ]
     for underscores in (None, "drop", "allow"):
-        lines = filter_header_lines(fields, DROP, underscores)
-        assert lines == ["Accept: */*\r\n", "Content-Length: 3\r\n"]
+        lines = "".join(filter_header_lines(fields, DROP, underscores))
+        assert lines == "Accept: */*\r\nContent-Length: 3\r\n"
 
 
 def test_fields_pass_in_order_without_connection() -> None:
     fields = [("B", "2"), ("Host", "h"), ("A", "1"), ("b", "3"), ("TE", "trailers")]
-    assert filter_header_lines(fields, DROP) == ["B: 2\r\n", "A: 1\r\n", "b: 3\r\n"]
+    assert "".join(filter_header_lines(fields, DROP)) == "B: 2\r\nA: 1\r\nb: 3\r\n"

@@ -1,0 +1,45 @@
+"""Field names decoded once: the same answers as decoding afresh, within a bound."""
+
+from __future__ import annotations
+
+from gateway.core import fieldnames
+from gateway.core.fieldnames import LONGEST, MOST, field_name, lower_name
+
+
+def test_a_name_is_decoded_as_sent_and_handed_out_once() -> None:
+    first = field_name(b"X-Request-Thing")
+    again = field_name(bytes(bytearray(b"X-Request-Thing")))  # another bytes object
+    assert first == "X-Request-Thing"
+    assert again is first
+    assert lower_name(first) == "x-request-thing"
+
+
+def test_latin1_bytes_come_back_as_sent() -> None:
+    raw = bytes(range(0x21, 0x7F)) + b"\xe9\xff"
+    name = field_name(raw[:LONGEST])
+    assert name.encode("latin-1") == raw[:LONGEST]
+    assert lower_name(name) == name.lower()
+
+
+def test_a_long_name_is_decoded_each_time_and_not_remembered() -> None:
+    raw = b"X-" + b"a" * LONGEST
+    before = len(fieldnames._NAMES)
+    name = field_name(raw)
+    assert name == raw.decode("latin-1")
+    assert len(fieldnames._NAMES) == before
+    assert lower_name(name) == name.lower()  # (not remembered: lower-cased as it is)
+
+
+def test_a_name_never_seen_is_lower_cased_as_it_is() -> None:
+    assert lower_name("Not-From-The-Parser") == "not-from-the-parser"
+
+
+def test_names_a_peer_invents_stay_within_the_bound() -> None:
+    for i in range(3 * MOST):
+        name = field_name(f"X-Invented-{i}".encode())
+        assert name == f"X-Invented-{i}"
+        assert lower_name(name) == f"x-invented-{i}"
+        assert len(fieldnames._NAMES) <= MOST
+        assert len(fieldnames._LOWER) <= MOST
+    # what is remembered after a refill still answers alike
+    assert lower_name(field_name(b"Content-Type")) == "content-type"
