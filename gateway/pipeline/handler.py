@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from gateway.core.gcra import Decision
     from gateway.downstream.messages import AnyResponse, Response
-    from gateway.pipeline.request import PipelineRequest
+    from gateway.pipeline.request import AnyRequest
     from gateway.pipeline.snapshot import CompiledPolicy, CompiledRoute, Snapshot
     from gateway.runtime import Runtime
     from gateway.upstream.state import UpstreamState
@@ -90,7 +90,7 @@ class ProxyHandler:
 
     # ------------------------------------------------------------------ entry
 
-    def answer_now(self, request: PipelineRequest) -> AnyResponse | None:
+    def answer_now(self, request: AnyRequest) -> AnyResponse | None:
         """Probes (and /metrics when on this port), answered as soon as the head is parsed.
 
         They read cached state only, so the server writes them from its parsing callback:
@@ -102,7 +102,7 @@ class ProxyHandler:
             self.identify(request, snap, Ctx(self._loop.time()))
         return resp
 
-    async def __call__(self, request: PipelineRequest) -> AnyResponse | web.StreamResponse:
+    async def __call__(self, request: AnyRequest) -> AnyResponse | web.StreamResponse:
         snap = self.rt.snapshot
         start = self._loop.time()
         ctx = Ctx(start)
@@ -156,7 +156,7 @@ class ProxyHandler:
         return resp
 
     def finished(
-        self, request: PipelineRequest, resp: AnyResponse | web.StreamResponse | None
+        self, request: AnyRequest, resp: AnyResponse | web.StreamResponse | None
     ) -> None:
         """The server's hook once it has written the answer of a request this handler
         answered (``resp``), or once it could not (None): the request's metrics and
@@ -176,7 +176,7 @@ class ProxyHandler:
 
     def leg_for(
         self,
-        request: PipelineRequest,
+        request: AnyRequest,
         snap: Snapshot,
         ctx: Ctx,
         up: UpstreamState,
@@ -201,7 +201,7 @@ class ProxyHandler:
 
     # ------------------------------------------------------------------ steps
 
-    def local_answer(self, request: PipelineRequest, snap: Snapshot) -> AnyResponse | None:
+    def local_answer(self, request: AnyRequest, snap: Snapshot) -> AnyResponse | None:
         """A probe's or /metrics' answer (on this port), or None for the pipeline."""
         path = request.path
         if path not in _LOCAL:
@@ -212,7 +212,7 @@ class ProxyHandler:
             return probe_answer(request, self.rt.monitor, public=True)
         return self.rt.metrics_response() if snap.metrics_on_proxy else None
 
-    def identify(self, request: PipelineRequest, snap: Snapshot, ctx: Ctx) -> bool:
+    def identify(self, request: AnyRequest, snap: Snapshot, ctx: Ctx) -> bool:
         """Client address (through trusted proxies) and request id; True when via a proxy."""
         headers = request.headers
         peer, peer_text = request.peer_address()
@@ -253,7 +253,7 @@ class ProxyHandler:
         return self._rid_head + _HEX2[low]
 
     async def admit(
-        self, request: PipelineRequest, snap: Snapshot, ctx: Ctx
+        self, request: AnyRequest, snap: Snapshot, ctx: Ctx
     ) -> tuple[UpstreamState, str]:
         """Every decision before the upstream is touched: the upstream the request goes to
         and the target sent to it, or a :class:`Reject`. It counts what a request spends
@@ -357,7 +357,7 @@ class ProxyHandler:
         return up, raw_path_qs
 
     def take_inflight(
-        self, request: PipelineRequest, ctx: Ctx, route: CompiledRoute
+        self, request: AnyRequest, ctx: Ctx, route: CompiledRoute
     ) -> list[tuple[str, str]]:
         """Count the request for each concurrency policy of the route (SPEC section 10);
         a key with ``max_inflight`` requests in flight is refused (429, Retry-After: 1).
@@ -438,7 +438,7 @@ class ProxyHandler:
 
     # ------------------------------------------------------------------ outcome
 
-    def reject(self, request: PipelineRequest, snap: Snapshot, ctx: Ctx, rej: Reject) -> Response:
+    def reject(self, request: AnyRequest, snap: Snapshot, ctx: Ctx, rej: Reject) -> Response:
         """Count and score a refusal; its answer."""
         ctx.status = rej.status
         if rej.kind is not None and ctx.upstream is not None:
@@ -465,7 +465,7 @@ class ProxyHandler:
 
     def record(
         self,
-        request: PipelineRequest,
+        request: AnyRequest,
         snap: Snapshot,
         ctx: Ctx,
         status: int,

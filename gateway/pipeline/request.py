@@ -9,7 +9,7 @@ driven by any object that does (a test's fake included).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     import asyncio
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from gateway.core.client_ip import IPAddress
     from gateway.downstream.live import AnswerHeaders
-    from gateway.downstream.messages import Body, Response
+    from gateway.downstream.messages import Body, Request, Response
 
 
 class BodyReader(Protocol):
@@ -116,3 +116,9 @@ class PipelineRequest(Protocol):
     async def write(self, data: bytes) -> None: ...
 
     async def write_eof(self) -> None: ...
+
+
+# What the pipeline's steps take: the proxy port's own request named beside the Protocol.
+# The types are alike; the compiled build reads the fields of a ``Request`` directly (a
+# type check, then the field), and those of any other request by name, as before.
+AnyRequest: TypeAlias = "Request | PipelineRequest"

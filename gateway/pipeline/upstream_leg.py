@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from gateway.pipeline.context import Ctx
-    from gateway.pipeline.request import PipelineRequest
+    from gateway.pipeline.request import AnyRequest
     from gateway.pipeline.snapshot import CompiledRoute, Snapshot
     from gateway.runtime import Runtime
     from gateway.upstream.state import UpstreamState
@@ -56,7 +56,7 @@ _timeout_at: Final = asyncio.timeout_at
 
 
 def upstream_fields(
-    request: PipelineRequest, snap: Snapshot, ctx: Ctx, up: UpstreamState, *, via_proxy: bool
+    request: AnyRequest, snap: Snapshot, ctx: Ctx, up: UpstreamState, *, via_proxy: bool
 ) -> str:
     r"""The header fields sent upstream, as ``Name: value\r\n`` lines: the client's
     end-to-end fields, then Host, X-Forwarded-*, X-Real-IP, the request id and the trace
@@ -161,7 +161,7 @@ class UpstreamLeg:
 
     async def _buffer(
         self,
-        request: PipelineRequest,
+        request: AnyRequest,
         snap: Snapshot,
         ctx: Ctx,
         held: list[bytes],
@@ -221,7 +221,7 @@ class UpstreamLeg:
         raise ctx.body_error
 
     async def _body_first(
-        self, request: PipelineRequest, snap: Snapshot, ctx: Ctx, limit: int | None = None
+        self, request: AnyRequest, snap: Snapshot, ctx: Ctx, limit: int | None = None
     ) -> tuple[list[bytes], bool]:
         """The body read before anything of the upstream is taken (bulkhead, pool): all
         of it up to ``limit`` (``buffer_body_bytes`` when None: True), else that much
@@ -243,7 +243,7 @@ class UpstreamLeg:
         except ClientBodyError as body_err:
             raise Reject(body_err.status, str(body_err), event="bad_request") from None
 
-    async def read_json(self, request: PipelineRequest, snap: Snapshot, ctx: Ctx) -> Any:
+    async def read_json(self, request: AnyRequest, snap: Snapshot, ctx: Ctx) -> Any:
         """The parsed JSON body a ``json:`` key is read from (SPEC 11), or ``NO_BODY``.
 
         Only a body with a JSON media type, declared (or chunked) at most ``MAX_BODY``
@@ -324,7 +324,7 @@ class UpstreamLeg:
 
     async def forward(
         self,
-        request: PipelineRequest,
+        request: AnyRequest,
         snap: Snapshot,
         ctx: Ctx,
         up: UpstreamState,
