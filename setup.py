@@ -73,6 +73,7 @@ COMPILED = (
     "gateway/downstream/messages.py",
     "gateway/downstream/server.py",
     "gateway/downstream/flow.py",
+    "gateway/downstream/live.py",
     "gateway/batchwrite.py",
     "gateway/upstream/hop_by_hop.py",
     "gateway/upstream/state.py",

@@ -182,9 +182,9 @@ class HttpServer:
     def render_head(self, req: Request, resp: Response, body_len: int | None) -> bytes:
         """The status line and header block of ``resp`` with the gateway's headers."""
         rh = req.response_headers
-        # (through the AnswerHeaders protocol: the server knows no pipeline class; a direct
-        # call to the pipeline's ResponseHeaders would save a method look-up an answer at
-        # the price of an import from the floor above)
+        # (through the AnswerHeaders protocol: the server knows no pipeline class; the
+        # pipeline's ResponseHeaders names the protocol as its base, so that the compiled
+        # build calls it directly)
         if rh is not None:
             block, has_date = rh.render(
                 resp.headers, req.rid, secure=req.https, extra=req.extra_headers, skip=resp.skip

@@ -155,9 +155,7 @@ class ProxyHandler:
         request.pending_record = ctx
         return resp
 
-    def finished(
-        self, request: AnyRequest, resp: AnyResponse | web.StreamResponse | None
-    ) -> None:
+    def finished(self, request: AnyRequest, resp: AnyResponse | web.StreamResponse | None) -> None:
         """The server's hook once it has written the answer of a request this handler
         answered (``resp``), or once it could not (None): the request's metrics and
         access log line."""

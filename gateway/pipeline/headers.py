@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from gateway.core.fieldnames import lower_name
+from gateway.downstream.live import AnswerHeaders
 from gateway.upstream.hop_by_hop import HOP_BY_HOP, header_pairs
 
 if TYPE_CHECKING:
@@ -22,8 +23,11 @@ RATE_LIMIT_FIELDS: Final = frozenset(("ratelimit", "ratelimit-policy"))
 UPSTREAM_SKIP: Final = HOP_BY_HOP | {"content-length"}
 
 
-class ResponseHeaders:
-    """Applied to every response, streamed and error ones included."""
+class ResponseHeaders(AnswerHeaders):
+    """Applied to every response, streamed and error ones included.
+
+    It names the servers' :class:`~gateway.downstream.live.AnswerHeaders` as its base: the
+    compiled servers then call :meth:`render` directly, not by name."""
 
     __slots__ = (
         "_block",
