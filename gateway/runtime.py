@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from gateway.config import Settings
     from gateway.loopmetrics import CounterChild as Counter
     from gateway.loopmetrics import HistogramChild as Histogram
+    from gateway.stores.bans import BanStore
+    from gateway.stores.limiter import Limiter
+    from gateway.stores.memory.bans import MemoryBanStore
+    from gateway.stores.memory.limiter import MemoryLimiter
+    from gateway.stores.redis.limiter import RedisLimiter
     from gateway.tracing import SpanExport
 
 
@@ -72,10 +77,14 @@ class Runtime:
             from gateway.stores.redis.client import make_redis  # noqa: PLC0415 - redis only
 
             self.redis = make_redis(settings.secrets.redis_url)
-        self.limiter = make_limiter(
+        # (the backends' own classes named beside their base: the compiled pipeline calls
+        # theirs directly, any other's by name)
+        self.limiter: MemoryLimiter | RedisLimiter | Limiter = make_limiter(
             cfg.rate_limit, settings.secrets.redis_url, metrics=self.metrics, redis=self.redis
         )
-        self.bans = make_ban_store(cfg.abuse, metrics=self.metrics, redis=self.redis)
+        self.bans: MemoryBanStore | BanStore = make_ban_store(
+            cfg.abuse, metrics=self.metrics, redis=self.redis
+        )
         # failed token checks per client address: kept across reloads, like the bans
         rate = failure_rate(cfg.identity)
         self.verify_failures = FailureBudget(rate) if rate is not None else None
