@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 import httptools
 from multidict import istr
 
-from gateway.core.fieldnames import field_name
+from gateway.core.fieldnames import NameTable
 from gateway.core.framing import request_host
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ _READ_MAX: Final = 256 * 1024  # the most one read delivers (uvloop's buffer)
 # the fields of no head: shared, never appended to (each head gets its own list)
 _NO_FIELDS: Final[list[tuple[str, str]]] = []
 _HOST: Final = istr("Host")  # (an istr is not case-folded again on every lookup)
+_NAMES: Final = NameTable()  # the field names of the requests of every connection
 
 
 class HeadTooLarge(Exception):  # noqa: N818 - a signal out of a parser callback
@@ -150,7 +151,7 @@ class HeadReader:
             # before the trailer came (its bytes are bounded with the chunk lines)
             return
         fields = self._fields
-        fields.append((field_name(name), value.decode("latin-1")))
+        fields.append((_NAMES.name(name, len(fields)), value.decode("latin-1")))
         self._head_size += len(name) + len(value) + 4
         if len(fields) > MAX_FIELDS:
             raise self._failing(HeadTooLarge())

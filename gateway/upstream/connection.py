@@ -21,9 +21,10 @@ from typing import Final
 
 import httptools
 
-from gateway.core.fieldnames import field_name
+from gateway.core.fieldnames import NameTable
 
 _HIGH_WATER: Final = 1 << 20  # pause reading the upstream above this much unread body
+_NAMES: Final = NameTable()  # the field names of the answers of every upstream connection
 MAX_RESPONSE_FIELDS: Final = 100  # as Envoy's default; a response head with more is refused
 DEFAULT_MAX_HEAD_BYTES: Final = 65536
 HEAD_TOO_LARGE: Final = "response_head_too_large"  # the UpstreamError kind
@@ -221,7 +222,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._awaiting_head:
             return  # a trailer field: dropped (its bytes are bounded with the chunk lines)
         headers = self._headers
-        headers.append((field_name(name), value.decode("latin-1")))
+        headers.append((_NAMES.name(name, len(headers)), value.decode("latin-1")))
         if len(headers) > MAX_RESPONSE_FIELDS:
             raise self._failing(
                 _HeadTooLargeError(f"response head with over {MAX_RESPONSE_FIELDS} fields")
