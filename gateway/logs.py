@@ -46,6 +46,7 @@ def milliseconds(seconds: float) -> float:
     return round(ms, 3)
 
 
+_BUFFER_LIMIT: Final = 65536  # bytes of access lines held before they are written
 _LINE_HEAD: Final = '{"request_id":"'
 _LINE_TAIL: Final = '"}\n'
 
@@ -90,13 +91,14 @@ class AccessLog:
     access lines may reach stdout up to ``flush_s`` after other events.
     """
 
-    __slots__ = ("_buf", "_flush_s", "_handle", "_sec", "_stamp", "_stream")
-
-    LIMIT: Final = 65536
+    __slots__ = ("_flush_s", "_handle", "_lines", "_sec", "_size", "_stamp", "_stream")
 
     def __init__(self, stream: Any = None, *, flush_s: float = 0.5) -> None:
         self._stream = stream if stream is not None else sys.stdout.buffer
-        self._buf = bytearray()
+        # the lines written since the last flush, joined once then (an append a line,
+        # not a copy into a growing buffer)
+        self._lines: list[bytes] = []
+        self._size = 0
         self._flush_s = flush_s
         self._handle: asyncio.TimerHandle | None = None
         self._sec = -1
@@ -110,10 +112,11 @@ class AccessLog:
         self._handle = asyncio.get_running_loop().call_later(self._flush_s, self._tick)
 
     def flush(self) -> None:
-        if not self._buf:
+        if not self._lines:
             return
-        data = bytes(self._buf)
-        self._buf.clear()
+        data = b"".join(self._lines)
+        self._lines = []
+        self._size = 0
         with contextlib.suppress(OSError, ValueError):
             self._stream.write(data)
             self._stream.flush()
@@ -136,9 +139,9 @@ class AccessLog:
         return "%s%06dZ" % (self._stamp, micro)  # noqa: UP031 - before 1970 only
 
     def _write(self, line: bytes) -> None:
-        buf = self._buf
-        buf += line
-        if len(buf) > self.LIMIT:
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size > _BUFFER_LIMIT:
             self.flush()
 
     def emit(self, fields: dict[str, Any]) -> None:
@@ -182,16 +185,18 @@ class AccessLog:
             f"{client_ip}{method}{path}{route}{upstream or ''}{identity or ''}"
         ):
             # (str pieces only, and no literal brace: compiled, one string built at once;
-            # str() and repr() rather than conversion flags, which compile to format calls)
-            up = "null" if upstream is None else f'"{upstream}"'
-            trace = "null" if trace_id is None else f'"{trace_id}"'
-            who = "" if identity is None else f',"identity":"{identity}"'
+            # str() and repr() rather than conversion flags, which compile to format calls.
+            # A field that may be null is its quote, its text and its quote again: pieces
+            # of the one string, none built on its own)
+            uq, up = ("", "null") if upstream is None else ('"', upstream)
+            tq, trace = ("", "null") if trace_id is None else ('"', trace_id)
+            wq, who, wc = ("", "", "") if identity is None else (',"identity":"', identity, '"')
             self._write(
                 f'{_LINE_HEAD}{request_id}","client_ip":"{client_ip}",'
                 f'"method":"{method}","path":"{path}","route":"{route}",'
                 f'"status":{str(status)},"duration_ms":{repr(duration_ms)},'  # noqa: RUF010
-                f'"bytes":{str(size)},"upstream":{up},"trace_id":{trace}{who},'  # noqa: RUF010
-                f'"event":"access","level":"info","ts":"{ts}{_LINE_TAIL}'.encode()
+                f'"bytes":{str(size)},"upstream":{uq}{up}{uq},"trace_id":{tq}{trace}{tq}'  # noqa: RUF010
+                f'{wq}{who}{wc},"event":"access","level":"info","ts":"{ts}{_LINE_TAIL}'.encode()
             )
             return
         if identity is None:
