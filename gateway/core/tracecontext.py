@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import random
 import re
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Final, final
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -93,37 +93,67 @@ class TraceIds:
                 return trace_id, span_id
 
 
-class TraceContext(NamedTuple):
+@final
+class TraceContext:
     """The trace a request belongs to, as the gateway passes it upstream.
 
-    A tuple, made without a Python-level constructor and read through C-level getters:
-    every request has one.
+    A plain final class: every request has one, and a compiled build makes it in a
+    native call (a named tuple is made by a generic ``tuple.__new__``). Its fields are
+    only ever read.
     """
 
-    trace_id: str
-    span_id: str
-    """The gateway's own span: the upstream's parent."""
-    parent_id: str | None
-    """The client's span, when the request continued a trace."""
-    sampled: bool
-    tracestate: str | None
-    traceparent: str
-    """The value sent upstream: always version 00, the gateway's span as parent."""
+    __slots__ = ("parent_id", "sampled", "span_id", "trace_id", "traceparent", "tracestate")
 
+    def __init__(  # noqa: PLR0917 - the fields, in order
+        self,
+        trace_id: str,
+        span_id: str,
+        parent_id: str | None,
+        sampled: bool,
+        tracestate: str | None,
+        traceparent: str,
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = span_id  # the gateway's own span: the upstream's parent
+        self.parent_id = parent_id  # the client's span, when the request continued a trace
+        self.sampled = sampled
+        self.tracestate = tracestate
+        # the value sent upstream: always version 00, the gateway's span as parent
+        self.traceparent = traceparent
 
-# the class, held as a constant: a Final name is read directly in the compiled build, a
-# module-level one through the module's namespace on every use
-_TRACE_CONTEXT: Final = TraceContext
+    def _fields(self) -> tuple[str, str, str | None, bool, str | None, str]:
+        return (
+            self.trace_id,
+            self.span_id,
+            self.parent_id,
+            self.sampled,
+            self.tracestate,
+            self.traceparent,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TraceContext):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"TraceContext(trace_id={self.trace_id!r}, span_id={self.span_id!r}, "
+            f"parent_id={self.parent_id!r}, sampled={self.sampled}, "
+            f"tracestate={self.tracestate!r}, traceparent={self.traceparent!r})"
+        )
 
 
 def _context(
     trace_id: str, span_id: str, parent_id: str | None, sampled: bool, tracestate: str | None
 ) -> TraceContext:
     traceparent = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
-    return _new(_TRACE_CONTEXT, (trace_id, span_id, parent_id, sampled, tracestate, traceparent))
+    return TraceContext(trace_id, span_id, parent_id, sampled, tracestate, traceparent)
 
 
-_new: Final = tuple.__new__
 _IDS: Final = TraceIds()
 
 
@@ -142,7 +172,7 @@ def start_or_continue(
         trace_id, span_id = ids.pair()
         # as _context() makes it, without its call
         traceparent_ = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
-        return _new(_TRACE_CONTEXT, (trace_id, span_id, None, sampled, None, traceparent_))
+        return TraceContext(trace_id, span_id, None, sampled, None, traceparent_)
     trace_id, parent_id, flags = parsed
     state = None
     if tracestate:
