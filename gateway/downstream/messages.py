@@ -322,7 +322,8 @@ class Request:
         self.header_bytes = header_bytes
         self.keep_alive = keep_alive
         if target[:1] == "/":
-            path = target.partition("?")[0]
+            query_at = target.find("?")  # (no tuple and no third string, as partition makes)
+            path = target if query_at < 0 else target[:query_at]
             if "%" in path:
                 path = URL.build(path=path, encoded=True).path
             self.path = path
