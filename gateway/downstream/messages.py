@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from gateway.core.client_ip import IPAddress
     from gateway.downstream.head import HostCache
     from gateway.downstream.live import AnswerHeaders, Live
-    from gateway.downstream.protocol import HttpProtocol
     from gateway.lifecycle import Lifecycle
 
 __all__ = [
@@ -299,7 +298,7 @@ class Request:
 
     def __init__(  # noqa: PLR0917 - built in one place, by the protocol
         self,
-        protocol: HttpProtocol | Connection,  # (the first read directly when compiled)
+        protocol: Connection,
         method: str,
         target: str,
         version: str,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 import httptools
 from multidict import CIMultiDict, istr
@@ -39,9 +39,6 @@ from gateway.downstream.head import HeadReader, HeadTooLarge
 from gateway.downstream.messages import AnyResponse, BodyError, Request, ServerSide
 from gateway.downstream.state import Conn, Event, move
 from gateway.problem import raw_problem
-
-if TYPE_CHECKING:
-    from gateway.downstream.server import HttpServer
 
 __all__ = ["HttpProtocol"]
 
@@ -98,9 +95,7 @@ class HttpProtocol(HeadReader):
         "transport",
     )
 
-    # (the server's own class named beside the Protocol: the compiled build reads an
-    # HttpServer's fields directly, any other server's by name)
-    def __init__(self, server: HttpServer | ServerSide[HttpProtocol]) -> None:
+    def __init__(self, server: ServerSide[HttpProtocol]) -> None:
         super().__init__(server.max_header_bytes)
         self.server = server
         self.loop = server.loop
